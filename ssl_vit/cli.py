@@ -1,0 +1,138 @@
+"""The ``ssl-vit`` command.
+
+    ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_epochs 5 ...] [--ckpt_path last]
+    ssl-vit shards embedded OUT_DIR
+    ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N]
+
+``pretrain`` is Lightning's CLI (``fit``): every field of a recipe can be overridden on the command
+line, and ``--ckpt_path`` resumes (``last`` = the newest ``last.ckpt`` of the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from rich.console import Console
+
+from ssl_vit.data.pipeline import ShardDataModule
+from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, write_shards
+from ssl_vit.errors import UserError
+from ssl_vit.methods.base import SSLMethod
+from ssl_vit.progress import ImagesPerSecondBar
+
+COMMANDS = {
+    "pretrain": "pretrain an encoder from a YAML recipe (Lightning CLI: --config, overrides, --ckpt_path)",
+    "shards": "write WebDataset tar shards from an ImageFolder tree or the embedded dataset",
+}
+
+
+class PretrainCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Keep every periodic checkpoint (there is no metric to rank them by) plus last.ckpt.
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.filename": "{epoch:04d}"}
+        )
+        parser.add_lightning_class_args(ImagesPerSecondBar, "progress_bar")
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse wraps errors raised while building the model or data in its own ValueError;
+        # surface ours (which say what to fix) instead of the wrapper.
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            raise (cause or err) from None
+
+
+def pretrain(args: list[str]) -> None:
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # ShardDataset's length is exact per rank and per worker, which this generic warning cannot know.
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
+    # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
+    # "--weights_only" first so that a user's own value, later on the line, wins.
+    PretrainCLI(
+        SSLMethod,
+        ShardDataModule,
+        subclass_mode_model=True,
+        args=["fit", "--weights_only=true", *args],
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False, "fit": {"prog": "ssl-vit pretrain", "exit_on_error": False}},
+    )
+
+
+def shards(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ssl-vit shards", description=COMMANDS["shards"])
+    sub = parser.add_subparsers(dest="source", required=True)
+    emb = sub.add_parser("embedded", help="the embedded shapes dataset: writes OUT_DIR/train and OUT_DIR/val")
+    emb.add_argument("out_dir")
+    emb.add_argument("--seed", type=int, default=0)
+    folder = sub.add_parser("imagefolder", help="an ImageFolder tree (one sub-folder per class) -> OUT_DIR")
+    folder.add_argument("src_dir")
+    folder.add_argument("out_dir")
+    folder.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    for p in (emb, folder):
+        p.add_argument("--samples-per-shard", type=int, default=None)
+        p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    opts = parser.parse_args(args)
+    console = Console()
+    if opts.source == "embedded":
+        indexes = write_embedded_shards(
+            opts.out_dir,
+            samples_per_shard=opts.samples_per_shard or 250,
+            seed=opts.seed,
+            overwrite=opts.overwrite,
+        )
+    else:
+        classes, samples = image_folder_samples(opts.src_dir)
+        index = write_shards(
+            samples,
+            opts.out_dir,
+            classes=classes,
+            source=f"imagefolder {opts.src_dir}",
+            samples_per_shard=opts.samples_per_shard or 1000,
+            max_shard_bytes=opts.max_shard_bytes,
+            overwrite=opts.overwrite,
+        )
+        indexes = {"": index}
+    for split, index in indexes.items():
+        where = f"{opts.out_dir}/{split}" if split else opts.out_dir
+        n_classes, n_shards = len(index.classes), len(index.shards)
+        console.print(f"wrote {index.num_samples} samples of {n_classes} classes in {n_shards} shards to {where}")
+
+
+def recipe_error_message(err: argparse.ArgumentError) -> str:
+    """One line out of jsonargparse's nested report on a bad recipe or override."""
+    text = str(err)
+    unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --([^= ]+)", text)
+    if unknown:
+        key = unknown.group(1) or unknown.group(2)
+        return f"unknown recipe key '{key}'; `ssl-vit pretrain --help` lists the accepted keys"
+    noise = ("Does not validate", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
+    return " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {what}" for name, what in COMMANDS.items()]
+        print("usage: ssl-vit COMMAND ...\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    command, rest = argv[0], argv[1:]
+    try:
+        {"pretrain": pretrain, "shards": shards}[command](rest)
+    except (UserError, argparse.ArgumentError) as err:
+        message = recipe_error_message(err) if isinstance(err, argparse.ArgumentError) else str(err)
+        Console(stderr=True).print(f"[bold red]ssl-vit {command}: error:[/] {message}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

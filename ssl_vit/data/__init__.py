@@ -1,0 +1,23 @@
+"""Shards in, views out: the one input pipeline every objective shares."""
+
+from ssl_vit.data.pipeline import ShardDataModule, ShardDataset, decode_sample
+from ssl_vit.data.shards import (
+    ShardIndex,
+    image_folder_samples,
+    resolve_shards,
+    write_embedded_shards,
+    write_shards,
+)
+from ssl_vit.data.views import MAEView
+
+__all__ = [
+    "MAEView",
+    "ShardDataModule",
+    "ShardDataset",
+    "ShardIndex",
+    "decode_sample",
+    "image_folder_samples",
+    "resolve_shards",
+    "write_embedded_shards",
+    "write_shards",
+]

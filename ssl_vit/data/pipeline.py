@@ -1,0 +1,262 @@
+"""The streaming input pipeline: WebDataset tar shards -> decoded images and labels -> the
+objective's views, in DataLoader workers.
+
+Shards are split across (rank, worker) readers so no two readers open the same shard; shard order
+is a permutation keyed on (seed, epoch), identical on every rank. Only image, ``cls`` and ``json``
+members are ever read, and none is unpickled. A sample that does not decode is skipped and
+counted, not a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import multiprocessing as mp
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ssl_vit.data.shards import IMAGE_EXTENSIONS, resolve_shards, write_embedded_shards
+from ssl_vit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "cls", "json"))
+NO_LABEL = -1
+
+View = Callable[[Image.Image], Any]
+
+
+class CorruptSample(Exception):
+    """A shard member that cannot be decoded into an image (and label)."""
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
+    """An RGB image and its integer class (``NO_LABEL`` when the sample has no ``cls``)."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise CorruptSample(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as img:
+            image = img.convert("RGB")
+    except Exception as err:
+        raise CorruptSample(f"undecodable {ext}: {err}") from err
+    if "cls" not in sample:
+        return image, NO_LABEL
+    try:
+        return image, int(sample["cls"])
+    except ValueError as err:
+        raise CorruptSample(f"malformed cls {sample['cls'][:20]!r}") from err
+
+
+class ShardDataset(IterableDataset):
+    """Samples of a list of shard URLs, transformed by ``view``; yields ``(view(image), label)``.
+
+    With ``batches_per_epoch`` set, each rank yields exactly that many batches of ``batch_size``
+    per epoch (its readers cycle over their shards as needed), so every rank steps the same number
+    of times and no collective hangs at the end of an epoch. Without it, each shard is read once
+    (evaluation).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        view: View,
+        batch_size: int = 1,
+        batches_per_epoch: int | None = None,
+        shuffle_buffer: int = 0,
+        shuffle_shards: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.view = view
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_shards = shuffle_shards
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skipped = mp.Value("l", 0)  # shared with the workers, which count what they skip
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("a single-pass ShardDataset has no length")
+        return self.batches_per_epoch * self.batch_size
+
+    def reader_shards(self, worker: int, num_workers: int) -> list[str]:
+        """The shards one (rank, worker) reader owns this epoch: disjoint from every other reader's."""
+        shards = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
+        return shards[self.rank * num_workers + worker :: self.world_size * num_workers]
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        reader = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
+        shards = self.reader_shards(worker, num_workers)
+        samples = self._cycle(shards, reader) if self.batches_per_epoch is not None else self._read(shards)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(reader))(samples)
+        quota = None
+        if self.batches_per_epoch is not None:
+            n = self.batches_per_epoch
+            quota = (n // num_workers + (worker < n % num_workers)) * self.batch_size
+        for i, (image, label) in enumerate(samples):
+            if i == quota:
+                return
+            yield self.view(image), label
+
+    def _cycle(self, shards: list[str], reader: str) -> Iterator[tuple[Image.Image, int]]:
+        for n_pass in itertools.count():
+            order = list(shards)
+            random.Random(f"{reader}:{n_pass}").shuffle(order)
+            got_any = False
+            for sample in self._read(order):
+                got_any = True
+                yield sample
+            if not got_any:
+                raise UserError(f"no readable sample in shards {shards[:3]}...; check the shards' contents")
+
+    def _read(self, shards: list[str]) -> Iterator[tuple[Image.Image, int]]:
+        members = wds.tarfile_to_samples(handler=self._on_shard_error, select_files=_is_read_member)
+        for sample in members({"url": url} for url in shards):
+            try:
+                yield decode_sample(sample)
+            except CorruptSample as err:
+                self._count_skip(f"sample {sample.get('__key__')} of {sample.get('__url__')}: {err}")
+
+    def _on_shard_error(self, err: Exception) -> bool:
+        self._count_skip(f"unreadable shard data ({type(err).__name__}: {err}); the rest of that shard is lost")
+        return True
+
+    def _count_skip(self, what: str) -> None:
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+            total = self.skipped.value
+        log.warning("skipped %s (%d skipped so far)", what, total)
+
+
+def _is_read_member(name: str) -> bool:
+    """Read only image, class and JSON members; anything else (``.pyd``, ``.pickle``...) is never
+    read, so it can never be unpickled."""
+    return Path(name).name.split(".", 1)[-1].lower() in READ_EXTENSIONS
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its ShardDataset the epoch before the workers start, so shard order
+    is keyed on (seed, epoch) and a resumed run reads the same order (Lightning only calls
+    ``set_epoch`` on samplers, which iterable datasets do not have)."""
+
+    def __init__(self, dataset: ShardDataset, current_epoch: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.current_epoch = current_epoch
+
+    def __iter__(self):
+        self.dataset.epoch = self.current_epoch()
+        return super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Pretraining data: ``train_shards`` streamed through ``view``.
+
+    Args:
+        train_shards: a folder written by ``ssl-vit shards``, a brace pattern of tar files, or
+            ``pipe:``/remote URLs.
+        view: the objective's view transform (PIL image -> tensor or list of tensors).
+        batch_size: per device.
+        num_workers: loader processes per device; needs at least devices x workers shards.
+        shuffle_buffer: samples held for in-stream shuffling, per worker.
+        samples_per_epoch: defaults to the shard folder's ``dataset.json`` count.
+        seed: keys shard order and shuffling.
+        generate_embedded: if ``train_shards`` is a missing folder, write the embedded shapes
+            dataset's ``train`` and ``val`` splits into its parent folder first.
+    """
+
+    def __init__(
+        self,
+        train_shards: str,
+        view: View,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        shuffle_buffer: int = 2000,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        generate_embedded: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train_shards = train_shards
+        self.view = view
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.generate_embedded = generate_embedded
+        self.train_set: ShardDataset | None = None
+
+    def prepare_data(self) -> None:
+        train = Path(self.train_shards)
+        if not self.generate_embedded or train.exists():
+            return
+        if train.name != "train" or any(c in self.train_shards for c in "{}:*"):
+            raise UserError(
+                f"data.generate_embedded writes ROOT/train and ROOT/val, but data.train_shards is "
+                f"{self.train_shards!r}; set it to a folder named 'train', e.g. data/shapes/train"
+            )
+        log.warning("writing the embedded shapes dataset to %s", train.parent)
+        write_embedded_shards(train.parent)
+
+    def setup(self, stage: str) -> None:
+        urls, index = resolve_shards(self.train_shards)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        readers = world * max(1, self.num_workers)
+        if len(urls) < readers:
+            raise UserError(
+                f"{len(urls)} shards cannot feed {world} devices x {max(1, self.num_workers)} workers without "
+                "two readers sharing a shard; write more, smaller shards (`ssl-vit shards --samples-per-shard`) "
+                "or lower data.num_workers"
+            )
+        total = self.samples_per_epoch or (index.num_samples if index else None)
+        if total is None:
+            raise UserError(f"the number of samples in {self.train_shards!r} is unknown; set data.samples_per_epoch")
+        batches = total // (self.batch_size * world)
+        if batches == 0:
+            raise UserError(
+                f"{total} samples per epoch are fewer than one global batch ({self.batch_size} x {world} devices)"
+            )
+        self.train_set = ShardDataset(
+            urls,
+            self.view,
+            batch_size=self.batch_size,
+            batches_per_epoch=batches,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return EpochLoader(
+            self.train_set,
+            current_epoch=self._current_epoch,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _current_epoch(self) -> int:
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0

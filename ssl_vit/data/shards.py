@@ -1,0 +1,168 @@
+"""Writing WebDataset tar shards (from an ImageFolder tree or the embedded dataset) and resolving a
+recipe's shard specification into a list of shard URLs.
+
+A shard folder written here holds ``shard-000000.tar ...`` and ``dataset.json`` (sample count,
+class names by index, shard names, source), so a recipe can name just the folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+
+from ssl_vit.data import embedded
+from ssl_vit.errors import UserError
+
+INDEX_FILE = "dataset.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class ShardIndex:
+    num_samples: int
+    classes: list[str]
+    shards: list[str]
+    source: str
+
+    @classmethod
+    def read(cls, folder: Path) -> ShardIndex | None:
+        path = folder / INDEX_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def write_shards(
+    samples: Iterable[tuple[str, bytes, int]],
+    out_dir: str | Path,
+    classes: list[str],
+    source: str,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 1 << 30,
+    overwrite: bool = False,
+) -> ShardIndex:
+    """Write (extension, image bytes, label) samples as tar shards plus ``dataset.json``.
+
+    The shards are written into a temporary folder beside ``out_dir`` and renamed into place at the
+    end, so an interrupted run leaves no half-written shard folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"{out_dir} already exists; remove it or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the shards are meant to be shared
+    try:
+        count = 0
+        with wds.ShardWriter(
+            str(tmp / "shard-%06d.tar"),
+            maxcount=samples_per_shard,
+            maxsize=max_shard_bytes,
+            verbose=0,
+            encoder=False,
+        ) as sink:
+            for ext, data, label in samples:
+                sink.write({"__key__": f"{count:09d}", ext: data, "cls": str(label).encode()})
+                count += 1
+        shards = sorted(p.name for p in tmp.glob("shard-*.tar"))
+        index = ShardIndex(num_samples=count, classes=list(classes), shards=shards, source=source)
+        (tmp / INDEX_FILE).write_text(json.dumps(asdict(index), indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def image_folder_samples(root: str | Path, seed: int = 0) -> tuple[list[str], Iterator[tuple[str, bytes, int]]]:
+    """Class names and the samples of an ImageFolder tree (one sub-folder per class).
+
+    Files keep their original bytes (no re-encoding) and are written in a seeded random order so
+    that each shard mixes classes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+    ]
+    if not files:
+        raise UserError(
+            f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}/<class>/; expected one sub-folder per class"
+        )
+    random.Random(seed).shuffle(files)
+    samples = ((path.suffix.lower().lstrip("."), path.read_bytes(), label) for path, label in files)
+    return classes, samples
+
+
+def write_embedded_shards(
+    out_root: str | Path, samples_per_shard: int = 250, seed: int = 0, overwrite: bool = False
+) -> dict[str, ShardIndex]:
+    """Generate the embedded "shapes" dataset as ``out_root/train`` and ``out_root/val`` shards."""
+    return {
+        split: write_shards(
+            (("png", _png_bytes(img), label) for img, label in embedded.shapes_samples(split, seed)),
+            Path(out_root) / split,
+            classes=list(embedded.CLASSES),
+            source=f"ssl-vit embedded shapes (seed {seed}, split {split})",
+            samples_per_shard=samples_per_shard,
+            overwrite=overwrite,
+        )
+        for split in embedded.SPLITS
+    }
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def resolve_shards(spec: str) -> tuple[list[str], ShardIndex | None]:
+    """Shard URLs and the index (if one is found) for a recipe's shard specification.
+
+    ``spec`` is a folder written by ``ssl-vit shards``, a brace pattern of local tar files
+    (``/data/train-{000000..000127}.tar``), or remote/``pipe:`` URLs, used exactly as written
+    (``pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -``).
+    """
+    path = Path(spec)
+    if path.is_dir():
+        index = ShardIndex.read(path)
+        names = index.shards if index else sorted(p.name for p in path.glob("*.tar"))
+        urls = [str(path / name) for name in names]
+    else:
+        urls = list(braceexpand(spec))
+        index = None
+    if not urls:
+        raise UserError(f"no shards found at {spec!r}; write some with `ssl-vit shards`")
+    if _is_remote(urls[0]):
+        return urls, index
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(urls)} shards of {spec!r} are missing (first: {missing[0]}); "
+            "check the path, or write shards with `ssl-vit shards`"
+        )
+    index = ShardIndex.read(Path(urls[0]).parent)
+    if index and sorted(index.shards) != sorted(Path(u).name for u in urls):
+        index = None  # the pattern names a subset of the folder: its sample count is unknown
+    return urls, index
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url

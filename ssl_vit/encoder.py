@@ -1,0 +1,151 @@
+"""The one ViT encoder every objective trains: a timm ``VisionTransformer`` plus the token plumbing
+that self-supervised objectives need (visible-token subsets, mask tokens, other resolutions).
+
+The timm model is kept as it is (``ViTEncoder.vit``) so that its state dict is a plain timm state dict.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from typing_extensions import TypedDict
+
+from ssl_vit.errors import UserError
+
+
+class EncoderConfig(TypedDict, total=False):
+    """A timm ViT name plus the architecture arguments to override (as in a recipe's ``encoder:``)."""
+
+    name: str
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    qkv_bias: bool
+    drop_path_rate: float
+    class_token: bool
+    reg_tokens: int
+
+
+class EncoderOutput(NamedTuple):
+    """All tokens after the final norm; prefix (CLS, register) tokens first."""
+
+    tokens: Tensor
+    num_prefix_tokens: int
+
+    @property
+    def cls(self) -> Tensor:
+        return self.tokens[:, 0]
+
+    @property
+    def patches(self) -> Tensor:
+        return self.tokens[:, self.num_prefix_tokens :]
+
+
+class ViTEncoder(nn.Module):
+    """A timm ViT whose forward can drop or mask patch tokens and take any input resolution.
+
+    Position embeddings are resampled to the input's patch grid (timm's ``dynamic_img_size``), so
+    one encoder serves 224-px global crops and 96-px local crops alike.
+    """
+
+    def __init__(self, name: str = "vit_base_patch16_224", **overrides) -> None:
+        super().__init__()
+        if not timm.is_model(name):
+            raise UserError(f"unknown timm model {name!r}; use a ViT name such as vit_small_patch16_224")
+        try:
+            vit = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
+        except (RuntimeError, TypeError) as err:
+            raise UserError(f"cannot build encoder {name!r} with {overrides}: {err}") from err
+        if not isinstance(vit, VisionTransformer):
+            raise UserError(f"encoder {name!r} is a {type(vit).__name__}; ssl-vit needs a timm VisionTransformer")
+        img, patch = vit.patch_embed.img_size, vit.patch_embed.patch_size
+        if img[0] % patch[0] or img[1] % patch[1]:
+            raise UserError(f"encoder patch_size {patch} does not divide img_size {img}; pick sizes that divide")
+        self.name = name
+        self.vit = vit
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit.patch_embed.patch_size[0]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.vit.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    def no_weight_decay(self) -> set[str]:
+        return self.vit.no_weight_decay()
+
+    def fix_sincos_pos_embed(self) -> None:
+        """Replace the learned position embedding by a frozen 2-D sin-cos one (MAE, MoCo v3)."""
+        pos = sincos_pos_embed_2d(self.embed_dim, self.grid_size, self.vit.num_prefix_tokens)
+        self.vit.pos_embed.data.copy_(pos.unsqueeze(0))
+        self.vit.pos_embed.requires_grad_(False)
+
+    def forward(
+        self,
+        images: Tensor,
+        keep_idx: Tensor | None = None,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+    ) -> EncoderOutput:
+        """Encode a batch of images.
+
+        images: (B, C, H, W), any H, W divisible by the patch size.
+        keep_idx: (B, K) indices of the patches each sample keeps; the others never enter the
+            transformer (MAE). Applied after position embeddings, so kept tokens keep their position.
+        mask, mask_token: (B, N) bool/0-1 mask over patches and a (D,) learnable token that replaces
+            the embeddings of masked patches before position embeddings are added (SimMIM).
+        """
+        x = self.vit.patch_embed(images)  # (B, h, w, D): dynamic_img_size keeps the grid
+        if mask is not None:
+            w = mask.reshape(x.shape[:-1]).unsqueeze(-1).type_as(x)
+            x = x * (1 - w) + mask_token.to(x.dtype) * w
+        x = self.vit._pos_embed(x)  # prefix tokens + patches, position embeddings resampled to the grid
+        n_prefix = self.vit.num_prefix_tokens
+        if keep_idx is not None:
+            kept = torch.gather(x[:, n_prefix:], 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :n_prefix], kept], dim=1)
+        x = self.vit.norm_pre(x)
+        x = self.vit.blocks(x)
+        return EncoderOutput(self.vit.norm(x), n_prefix)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], num_prefix_tokens: int = 1) -> Tensor:
+    """MAE's fixed 2-D sin-cos position embedding, (num_prefix + h*w, D), prefix rows zero.
+
+    The first half of the channels encodes the column, the second half the row; each half is
+    [sin(pos * omega), cos(pos * omega)] with omega_i = 1 / 10000^(i / (D/4)).
+    """
+    if embed_dim % 4:
+        raise UserError(f"a 2-D sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}")
+    h, w = grid_size
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+
+    def embed_1d(pos: Tensor) -> Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    pos = torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)
+    return torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=torch.float64), pos]).float()

@@ -1,0 +1,68 @@
+"""What every objective shares, and nothing more: the encoder, AdamW with the usual no-decay
+groups, the per-step warm-up + cosine learning rate scaled by the global batch, and logging."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from timm.optim import param_groups_weight_decay
+
+from ssl_vit.encoder import EncoderConfig, ViTEncoder
+from ssl_vit.schedules import warmup_cosine
+
+# Parameters that are tokens or embeddings, not weights: no weight decay (besides biases and norms).
+NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_token"}
+
+
+class SSLMethod(L.LightningModule):
+    """Base class of the objectives. Subclasses build their heads in ``__init__`` and implement
+    ``training_step(batch, batch_idx) -> loss``; a batch is ``(views, labels)``.
+
+    Learning rate = ``base_lr * global_batch / 256`` (global batch = per-device batch x devices x
+    gradient-accumulation steps), linear warm-up for ``warmup_epochs`` then cosine to ``min_lr``,
+    set on every optimiser step from the global step, so resuming restores it exactly.
+    """
+
+    def __init__(
+        self,
+        encoder: EncoderConfig,
+        base_lr: float,
+        weight_decay: float,
+        warmup_epochs: float,
+        min_lr: float,
+        betas: tuple[float, float],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = ViTEncoder(**encoder)
+
+    def global_batch_size(self, per_device_batch: int) -> int:
+        return per_device_batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def learning_rate(self, step: int, per_device_batch: int) -> float:
+        hp = self.hparams
+        steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        peak = hp.base_lr * self.global_batch_size(per_device_batch) / 256
+        return warmup_cosine(
+            step,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            warmup_steps=round(hp.warmup_epochs * steps_per_epoch),
+            peak=peak,
+            final=hp.min_lr,
+        )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        no_decay = [n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in NO_DECAY_NAMES]
+        groups = param_groups_weight_decay(self, self.hparams.weight_decay, no_weight_decay_list=no_decay)
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(self.hparams.betas), fused=fused)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        _, labels = batch
+        lr = self.learning_rate(self.global_step, per_device_batch=len(labels))
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = lr
+        self.log("train/lr", lr, prog_bar=True)

@@ -1,0 +1,135 @@
+"""Masked Autoencoders (He et al., 2021), following facebookresearch/mae ``models_mae.py``.
+
+The encoder sees only the visible 25% of patches; a lightweight decoder gets the encoded visible
+tokens plus a shared mask token at every masked position and predicts the masked patches' pixels.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from ssl_vit.encoder import EncoderConfig, sincos_pos_embed_2d
+from ssl_vit.errors import UserError
+from ssl_vit.losses import masked_patch_mse, normalized_patch_targets
+from ssl_vit.masking import PatchMask, random_patch_mask
+from ssl_vit.methods.base import SSLMethod
+from ssl_vit.patches import patchify
+
+_layer_norm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class MAEOutput(NamedTuple):
+    loss: Tensor
+    pred: Tensor  # (B, N, p*p*C) predicted pixels of every patch (normalised if norm_pix_loss)
+    mask: PatchMask
+
+
+class MAEDecoder(nn.Module):
+    """Embed visible tokens, scatter them among mask tokens, add fixed sin-cos positions, and
+    predict every patch's pixels."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        grid_size: tuple[int, int],
+        num_prefix_tokens: int,
+        patch_pixels: int,
+    ) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        pos = sincos_pos_embed_2d(dim, grid_size, num_prefix_tokens).unsqueeze(0)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.blocks = nn.Sequential(
+            *[Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=_layer_norm) for _ in range(depth)]
+        )
+        self.norm = _layer_norm(dim)
+        self.pred = nn.Linear(dim, patch_pixels)
+
+    def forward(self, tokens: Tensor, restore_idx: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        b, n = restore_idx.shape
+        masked = self.mask_token.expand(b, n - visible.shape[1], -1)
+        patches = torch.cat([visible, masked], dim=1)
+        patches = torch.gather(patches, 1, restore_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([prefix, patches], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.pred(x[:, self.num_prefix_tokens :])
+
+
+class MAE(SSLMethod):
+    """MAE pretraining. Defaults are the paper's ViT-B/16 settings (mask 75%, decoder 512-d x 8
+    blocks, normalised-pixel targets, AdamW betas (0.9, 0.95), base lr 1.5e-4, wd 0.05,
+    40 warm-up epochs)."""
+
+    def __init__(
+        self,
+        encoder: EncoderConfig,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+        base_lr: float = 1.5e-4,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 40,
+        min_lr: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+    ) -> None:
+        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas)
+        if not 0 < mask_ratio < 1:
+            raise UserError(f"model.mask_ratio must be in (0, 1), got {mask_ratio}")
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        enc = self.encoder
+        self.encoder.fix_sincos_pos_embed()
+        self.decoder = MAEDecoder(
+            enc.embed_dim,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            enc.grid_size,
+            enc.num_prefix_tokens,
+            patch_pixels=enc.patch_size**2 * enc.vit.patch_embed.proj.in_channels,
+        )
+        self.apply(_init_mae_weights)
+        proj = enc.vit.patch_embed.proj.weight  # initialised like a Linear layer, as in MAE
+        nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))
+        for token in (enc.vit.cls_token, self.decoder.mask_token):
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
+
+    def forward(self, images: Tensor) -> MAEOutput:
+        mask = random_patch_mask(images.shape[0], self.encoder.num_patches, self.mask_ratio, images.device)
+        latent = self.encoder(images, keep_idx=mask.keep_idx)
+        pred = self.decoder(latent.tokens, mask.restore_idx)
+        target = patchify(images, self.encoder.patch_size)
+        if self.norm_pix_loss:
+            target = normalized_patch_targets(target)
+        return MAEOutput(masked_patch_mse(pred, target, mask.mask), pred, mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, _ = batch
+        loss = self(images).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+
+def _init_mae_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_vit.data import write_shards
+
+TINY_ENCODER = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def random_images(n: int, size: int = 16, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture
+def numbered_shards(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
+    """40 random PNGs in 8 shards of 5; each sample's label is its index."""
+    images = random_images(40)
+    samples = (("png", png_bytes(img), i) for i, img in enumerate(images))
+    write_shards(samples, tmp_path / "shards", classes=[str(i) for i in range(40)], source="test", samples_per_shard=5)
+    return tmp_path / "shards", images

@@ -1,0 +1,173 @@
+import io
+import logging
+import pickle
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ssl_vit.data import ShardDataset, ShardIndex, image_folder_samples, resolve_shards, write_shards
+from ssl_vit.data.embedded import CLASSES, shapes_samples
+from ssl_vit.errors import UserError
+from tests.conftest import png_bytes, random_images
+
+
+def as_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image)
+
+
+def read_all(urls, **kwargs):
+    return list(ShardDataset(urls, as_array, shuffle_shards=False, **kwargs))
+
+
+def test_imagefolder_shards_round_trip(tmp_path: Path):
+    images = random_images(12, seed=1)
+    for i, img in enumerate(images):
+        folder = tmp_path / "src" / ("cat" if i % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    classes, samples = image_folder_samples(tmp_path / "src")
+    index = write_shards(samples, tmp_path / "out", classes=classes, source="test", samples_per_shard=5)
+    assert index.classes == ["cat", "dog"] and index.num_samples == 12 and len(index.shards) == 3
+    assert ShardIndex.read(tmp_path / "out") == index
+    urls, _ = resolve_shards(str(tmp_path / "out"))
+    got = read_all(urls)
+    expected = {(img.tobytes(), 0 if i % 2 else 1) for i, img in enumerate(images)}
+    assert {(img.tobytes(), label) for img, label in got} == expected
+    assert len(got) == 12
+
+
+def test_readers_split_shards_disjointly_across_ranks_and_workers(numbered_shards):
+    folder, _ = numbered_shards
+    urls, _ = resolve_shards(str(folder))
+    seen = Counter()
+    for rank in range(2):  # a simulated 2-rank job, 2 loader workers per rank
+        ds = ShardDataset(urls, as_array, rank=rank, world_size=2, seed=3)
+        for _, labels in DataLoader(ds, batch_size=None, num_workers=2):
+            seen[int(labels)] += 1
+    assert seen == Counter(range(40))  # every sample exactly once: no shard read twice
+
+
+def test_every_rank_gets_the_same_number_of_batches(tmp_path: Path):
+    # 7 shards of unequal size over 2 ranks: rank 0 owns more samples than rank 1.
+    sizes = [9, 9, 9, 9, 2, 2, 2]
+    for i, n in enumerate(sizes):
+        write_shards(
+            (("png", png_bytes(img), i) for img in random_images(n, seed=i)),
+            tmp_path / f"s{i}",
+            classes=[],
+            source="test",
+        )
+    urls = [str(tmp_path / f"s{i}" / "shard-000000.tar") for i in range(len(sizes))]
+    counts = []
+    for rank in range(2):
+        ds = ShardDataset(urls, as_array, batch_size=4, batches_per_epoch=5, rank=rank, world_size=2)
+        loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=lambda batch: batch)
+        assert len(loader) == 5
+        counts.append(sum(1 for _ in loader))
+    assert counts == [5, 5]
+
+
+def test_shard_order_is_keyed_on_seed_and_epoch(numbered_shards):
+    urls, _ = resolve_shards(str(numbered_shards[0]))
+    ds = ShardDataset(urls, as_array, seed=0)
+    order0 = ds.reader_shards(0, 1)
+    ds.epoch = 1
+    assert ds.reader_shards(0, 1) != order0
+    ds.epoch = 0
+    assert ds.reader_shards(0, 1) == order0
+    assert sorted(order0) == sorted(urls)
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+class _WouldRunCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_corrupt_members_are_skipped_counted_and_never_unpickled(tmp_path: Path, caplog):
+    good = random_images(3, seed=5)
+    marker = tmp_path / "pwned"
+    payload = _WouldRunCode()
+    payload.marker = marker
+    valid_png = png_bytes(good[0])
+    write_tar(
+        tmp_path / "bad.tar",
+        {
+            "a.png": valid_png,
+            "a.cls": b"1",
+            "b.png": b"this is not an image",  # undecodable
+            "b.cls": b"2",
+            "c.png": valid_png[: len(valid_png) // 2],  # truncated
+            "d.cls": b"3",  # no image at all
+            "e.png": png_bytes(good[1]),
+            "e.cls": b"seven",  # malformed label
+            "f.png": png_bytes(good[2]),  # no label: fine, label -1
+            "f.pyd": pickle.dumps(payload),  # never read, let alone unpickled
+        },
+    )
+    ds = ShardDataset([str(tmp_path / "bad.tar")], as_array, shuffle_shards=False)
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.data.pipeline"):
+        got = list(ds)
+    assert [label for _, label in got] == [1, -1]
+    assert np.array_equal(got[0][0], good[0]) and np.array_equal(got[1][0], good[2])
+    assert ds.skipped.value == 4
+    assert "4 skipped so far" in caplog.text
+    assert not marker.exists()
+
+
+def test_truncated_shard_keeps_its_readable_head(numbered_shards, tmp_path: Path, caplog):
+    folder, _ = numbered_shards
+    shard = folder / "shard-000000.tar"
+    cut = tmp_path / "cut.tar"
+    data = shard.read_bytes()
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    with caplog.at_level(logging.WARNING):
+        got = read_all([str(cut), str(folder / "shard-000001.tar")])
+    assert 5 < len(got) < 10  # the head of the cut shard, then all of the next one
+    assert "unreadable shard data" in caplog.text
+
+
+def test_missing_shards_are_a_clear_error(tmp_path: Path):
+    with pytest.raises(UserError, match=r"2 of 2 shards .* are missing"):
+        resolve_shards(str(tmp_path / "train-{0..1}.tar"))
+    with pytest.raises(UserError, match="no shards found"):
+        resolve_shards(str(tmp_path))
+
+
+def test_pipe_urls_are_kept_as_written():
+    urls, index = resolve_shards("pipe:cat /data/train-{000..002}.tar")
+    assert urls == [f"pipe:cat /data/train-00{i}.tar" for i in range(3)] and index is None
+
+
+def test_embedded_dataset_is_deterministic_and_balanced():
+    first = list(shapes_samples("val", seed=0))
+    again = list(shapes_samples("val", seed=0))
+    assert len(first) == 100 * len(CLASSES)
+    assert Counter(label for _, label in first) == Counter({c: 100 for c in range(len(CLASSES))})
+    pairs = zip(first[:50], again[:50], strict=True)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in pairs)
+    other = next(shapes_samples("val", seed=1))[0]
+    assert not np.array_equal(np.asarray(first[0][0]), np.asarray(other))
+
+
+def test_mae_view_output():
+    from ssl_vit.data import MAEView
+
+    view = MAEView(size=32)
+    out = view(Image.fromarray(random_images(1, size=48)[0]))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+
+from ssl_vit.encoder import ViTEncoder, sincos_pos_embed_2d
+from ssl_vit.errors import UserError
+from ssl_vit.patches import patchify, unpatchify
+from tests.conftest import TINY_ENCODER
+
+
+def reference_sincos(embed_dim: int, grid: int) -> torch.Tensor:
+    """MAE's get_2d_sincos_pos_embed, written from its formulas with explicit loops."""
+    quarter = embed_dim // 4
+    rows = []
+    for r in range(grid):
+        for c in range(grid):
+            row = []
+            for pos in (c, r):  # first half encodes the column, second half the row
+                freqs = [1.0 / 10000 ** (i / quarter) for i in range(quarter)]
+                row += [math.sin(pos * f) for f in freqs] + [math.cos(pos * f) for f in freqs]
+            rows.append(row)
+    return torch.tensor([[0.0] * embed_dim, *rows])
+
+
+def test_sincos_pos_embed_matches_mae_formula():
+    torch.testing.assert_close(sincos_pos_embed_2d(16, (3, 3)), reference_sincos(16, 3), atol=1e-6, rtol=0)
+
+
+def test_output_has_cls_and_patch_tokens():
+    enc = ViTEncoder(**TINY_ENCODER).eval()
+    out = enc(torch.randn(2, 3, 32, 32))
+    assert out.cls.shape == (2, 64)
+    assert out.patches.shape == (2, 64, 64)
+    # With nothing dropped or masked, exactly timm's own forward_features.
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(enc(x).tokens, enc.vit.forward_features(x))
+
+
+def test_keep_idx_runs_only_the_visible_tokens():
+    enc = ViTEncoder(**TINY_ENCODER).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.stack([torch.randperm(64)[:16] for _ in range(2)])
+    out = enc(x, keep_idx=keep)
+    assert out.patches.shape == (2, 16, 64)
+    # Reference: embed, add positions, select the kept patches by hand, run the blocks.
+    for b in range(2):
+        tokens = enc.vit._pos_embed(enc.vit.patch_embed(x[b : b + 1]))
+        visible = torch.cat([tokens[:, :1], tokens[:, 1:][:, keep[b]]], dim=1)
+        expected = enc.vit.norm(enc.vit.blocks(visible))
+        torch.testing.assert_close(out.tokens[b : b + 1], expected)
+
+
+def test_mask_token_replaces_masked_patch_embeddings():
+    enc = ViTEncoder(**TINY_ENCODER).eval()
+    token = torch.randn(64)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, ::3] = True
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    # Make x2 equal to x1 on visible patches only: outputs must then agree exactly.
+    p1, p2 = patchify(x1, 4), patchify(x2, 4)
+    p2[~mask] = p1[~mask]
+    x2 = unpatchify(p2, 4, (8, 8))
+    out1 = enc(x1, mask=mask, mask_token=token)
+    out2 = enc(x2, mask=mask, mask_token=token)
+    torch.testing.assert_close(out1.tokens, out2.tokens)
+    # And masked positions really see the token: without the mask, outputs differ.
+    assert not torch.allclose(enc(x1).tokens, enc(x2).tokens)
+
+
+def test_other_resolution_interpolates_position_embeddings():
+    enc = ViTEncoder(**TINY_ENCODER).eval()
+    out = enc(torch.randn(2, 3, 16, 16))  # a 4x4 grid on an encoder built for 8x8
+    assert out.patches.shape == (2, 16, 64)
+    assert torch.isfinite(out.tokens).all()
+
+
+def test_fused_attention_is_used():
+    enc = ViTEncoder(**TINY_ENCODER)
+    assert all(block.attn.fused_attn for block in enc.vit.blocks)
+
+
+def test_bad_architecture_is_a_clear_error():
+    with pytest.raises(UserError, match="does not divide"):
+        ViTEncoder(**{**TINY_ENCODER, "patch_size": 5})
+    with pytest.raises(UserError, match="cannot build encoder 'resnet18'"):
+        ViTEncoder(name="resnet18")  # not a ViT: timm rejects the ViT-only arguments
+    with pytest.raises(UserError, match="unknown timm model"):
+        ViTEncoder(name="vit_nonexistent")
