@@ -1,6 +1,8 @@
 """The ``ssl-vit`` command.
 
     ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_epochs 5 ...] [--ckpt_path last]
+    ssl-vit knn CHECKPOINT --train_shards TRAIN --val_shards VAL [--pooling cls|mean|cls+mean ...]
+    ssl-vit probe CHECKPOINT --train_shards TRAIN --val_shards VAL [--probe_epochs 90 ...]
     ssl-vit shards embedded OUT_DIR
     ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N]
 
@@ -13,20 +15,28 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 import warnings
 
+import jsonargparse
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
+from ssl_vit.checkpoint import load_checkpoint_encoder
 from ssl_vit.data.pipeline import ShardDataModule
 from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, write_shards
 from ssl_vit.errors import UserError
+from ssl_vit.eval import Evaluator
+from ssl_vit.eval.report import print_results, write_records
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.progress import ImagesPerSecondBar
 
 COMMANDS = {
     "pretrain": "pretrain an encoder from a YAML recipe (Lightning CLI: --config, overrides, --ckpt_path)",
+    "knn": "k-NN accuracy of a checkpoint's frozen encoder on labelled shards (DINO's protocol)",
+    "probe": "linear-probe accuracy of a checkpoint's frozen encoder on labelled shards (MAE's protocol)",
     "shards": "write WebDataset tar shards from an ImageFolder tree or the embedded dataset",
 }
 
@@ -66,6 +76,29 @@ def pretrain(args: list[str]) -> None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False, "fit": {"prog": "ssl-vit pretrain", "exit_on_error": False}},
     )
+
+
+def evaluate(command: str, args: list[str]) -> None:
+    """``ssl-vit knn`` / ``ssl-vit probe``: print a table and write ``<checkpoint stem>.<command>.json``."""
+    parser = jsonargparse.ArgumentParser(prog=f"ssl-vit {command}", description=COMMANDS[command], exit_on_error=False)
+    parser.add_argument("checkpoint", help="a .ckpt written by `ssl-vit pretrain`")
+    parser.add_class_arguments(Evaluator)
+    cfg = parser.parse_args(args).as_dict()
+    checkpoint = cfg.pop("checkpoint")
+    evaluator = Evaluator(**cfg)
+    encoder, info = load_checkpoint_encoder(checkpoint)
+    if torch.cuda.is_available():
+        encoder = encoder.cuda()
+    start = time.perf_counter()
+    train, val = evaluator.features(encoder)
+    results = (
+        {"knn": evaluator.knn(train, val)} if command == "knn" else {"probe": evaluator.probe(encoder, train, val)}
+    )
+    seconds = time.perf_counter() - start
+    Console().print(f"{info['method']} encoder of {checkpoint} (step {info['step']})")
+    print_results(f"{command} evaluation", results)
+    for path in write_records(checkpoint, results, info, evaluator.settings(), seconds):
+        Console().print(f"wrote {path}")
 
 
 def shards(args: list[str]) -> None:
@@ -127,7 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, rest = argv[0], argv[1:]
     try:
-        {"pretrain": pretrain, "shards": shards}[command](rest)
+        if command in ("knn", "probe"):
+            evaluate(command, rest)
+        else:
+            {"pretrain": pretrain, "shards": shards}[command](rest)
     except (UserError, argparse.ArgumentError) as err:
         message = recipe_error_message(err) if isinstance(err, argparse.ArgumentError) else str(err)
         Console(stderr=True).print(f"[bold red]ssl-vit {command}: error:[/] {message}", highlight=False, soft_wrap=True)

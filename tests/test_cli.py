@@ -1,6 +1,7 @@
 """The ``ssl-vit`` command as a user runs it: bad recipes stop with one line, pretraining writes a
 checkpoint, and re-running with ``--ckpt_path last`` resumes at the saved step."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,12 +31,13 @@ def ssl_vit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "shapes"
-    result = ssl_vit("shards", "embedded", str(root), cwd=root.parent)
+def workdir(tmp_path_factory) -> Path:
+    """A folder with the embedded dataset at data/shapes, where the quickstart recipe looks."""
+    work = tmp_path_factory.mktemp("work")
+    result = ssl_vit("shards", "embedded", "data/shapes", cwd=work)
     assert result.returncode == 0, result.stderr
     assert "wrote 5000 samples of 10 classes in 20 shards" in result.stdout
-    return root
+    return work
 
 
 @pytest.mark.parametrize("where", ["recipe", "command line"])
@@ -67,24 +69,49 @@ def test_missing_shards_stop_with_one_message(tmp_path):
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
-def test_pretrain_writes_a_checkpoint_and_resumes_at_its_step(tmp_path, shapes):
-    args = ["pretrain", "--config", str(RECIPE), f"--data.train_shards={shapes / 'train'}", *TINY]
-    first = ssl_vit(*args, "--trainer.max_epochs=1", cwd=tmp_path)
+def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(workdir):
+    args = ["pretrain", "--config", str(RECIPE), *TINY]
+    first = ssl_vit(*args, "--trainer.max_epochs=1", cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
-    last = tmp_path / "runs/quickstart/mae/checkpoints/last.ckpt"
-    ckpt = torch.load(last, weights_only=True)
+    ckpt_dir = workdir / "runs/quickstart/mae/checkpoints"
+    ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # 128 samples / batch 32
 
-    second = ssl_vit(*args, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=tmp_path)
+    second = ssl_vit(*args, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Restoring states from the checkpoint" in second.stdout + second.stderr
-    resumed = torch.load(last, weights_only=True)
+    resumed = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 8 and resumed["epoch"] == ckpt["epoch"] + 1
     assert resumed["optimizer_states"][0]["state"]  # AdamW moments came along
 
+    # The end-of-run evaluation: a table, JSON records, and the random-init baseline kept across the resume.
+    assert "k-NN k=20" in second.stdout and "linear probe" in second.stdout
+    in_run = {kind: json.loads((ckpt_dir / f"last.{kind}.json").read_text()) for kind in ("knn", "probe")}
+    assert in_run["knn"]["step"] == 8 and in_run["knn"]["method"] == "MAE"
+    assert set(in_run["knn"]["results"]) == {"k=10", "k=20", "k=100", "k=200"}
+    assert "random_init_results" in in_run["probe"]
 
-def test_shards_refuses_to_overwrite(tmp_path, shapes):
-    result = ssl_vit("shards", "embedded", str(shapes), cwd=tmp_path)
+    # The same numbers from the standalone commands on the checkpoint.
+    for kind in ("knn", "probe"):
+        data = ["--train_shards=data/shapes/train", "--val_shards=data/shapes/val"]
+        result = ssl_vit(kind, str(ckpt_dir / "last.ckpt"), *data, cwd=workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        standalone = json.loads((ckpt_dir / f"last.{kind}.json").read_text())
+        assert standalone["results"] == in_run[kind]["results"]
+        assert standalone["protocol"] == in_run[kind]["protocol"]
+
+
+def test_evaluating_something_that_is_not_a_checkpoint_is_one_clear_message(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    (tmp_path / "notes.yaml").write_text("a: 1\n")
+    for path, message in (("other.pt", "is not an ssl-vit checkpoint"), ("notes.yaml", "is not an ssl-vit checkpoint")):
+        result = ssl_vit("knn", path, "--train_shards=x", "--val_shards=y", cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_shards_refuses_to_overwrite(workdir):
+    result = ssl_vit("shards", "embedded", "data/shapes", cwd=workdir)
     assert result.returncode == 2 and "already exists" in result.stderr
 
 

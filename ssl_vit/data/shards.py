@@ -42,7 +42,7 @@ class ShardIndex:
 
 
 def write_shards(
-    samples: Iterable[tuple[str, bytes, int]],
+    samples: Iterable[tuple[str, bytes, int | None]],
     out_dir: str | Path,
     classes: list[str],
     source: str,
@@ -50,7 +50,8 @@ def write_shards(
     max_shard_bytes: int = 1 << 30,
     overwrite: bool = False,
 ) -> ShardIndex:
-    """Write (extension, image bytes, label) samples as tar shards plus ``dataset.json``.
+    """Write (extension, image bytes, label) samples as tar shards plus ``dataset.json``; a
+    ``None`` label writes no ``cls`` member (unlabelled data).
 
     The shards are written into a temporary folder beside ``out_dir`` and renamed into place at the
     end, so an interrupted run leaves no half-written shard folder.
@@ -71,7 +72,10 @@ def write_shards(
             encoder=False,
         ) as sink:
             for ext, data, label in samples:
-                sink.write({"__key__": f"{count:09d}", ext: data, "cls": str(label).encode()})
+                sample = {"__key__": f"{count:09d}", ext: data}
+                if label is not None:
+                    sample["cls"] = str(label).encode()
+                sink.write(sample)
                 count += 1
         shards = sorted(p.name for p in tmp.glob("shard-*.tar"))
         index = ShardIndex(num_samples=count, classes=list(classes), shards=shards, source=source)
@@ -85,8 +89,9 @@ def write_shards(
     return index
 
 
-def image_folder_samples(root: str | Path, seed: int = 0) -> tuple[list[str], Iterator[tuple[str, bytes, int]]]:
-    """Class names and the samples of an ImageFolder tree (one sub-folder per class).
+def image_folder_samples(root: str | Path, seed: int = 0) -> tuple[list[str], Iterator[tuple[str, bytes, int | None]]]:
+    """Class names and the samples of an ImageFolder tree (one sub-folder per class), or of a
+    flat folder of images (unlabelled: no classes, no ``cls`` members).
 
     Files keep their original bytes (no re-encoding) and are written in a seeded random order so
     that each shard mixes classes.
@@ -95,16 +100,15 @@ def image_folder_samples(root: str | Path, seed: int = 0) -> tuple[list[str], It
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    folders = [(root / name, label) for label, name in enumerate(classes)] or [(root, None)]
     files = [
         (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
+        for folder, label in folders
+        for path in sorted(folder.rglob("*"))
         if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
     ]
     if not files:
-        raise UserError(
-            f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}/<class>/; expected one sub-folder per class"
-        )
+        raise UserError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}; expected one sub-folder per class")
     random.Random(seed).shuffle(files)
     samples = ((path.suffix.lower().lstrip("."), path.read_bytes(), label) for path, label in files)
     return classes, samples

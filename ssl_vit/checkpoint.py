@@ -1,0 +1,59 @@
+"""Reading encoders back out of ssl-vit checkpoints, safely (tensors and plain containers only)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_vit.encoder import ViTEncoder
+from ssl_vit.errors import UserError
+
+ENCODER_PREFIX = "encoder."
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint written by ``ssl-vit pretrain``, loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{path} is not an ssl-vit checkpoint: it holds more than tensors and plain containers, "
+            "and ssl-vit never unpickles arbitrary objects; pass a .ckpt written by `ssl-vit pretrain`"
+        ) from err
+    except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
+        raise UserError(
+            f"{path} is not an ssl-vit checkpoint: torch.load cannot read it ({type(err).__name__}); "
+            "is it truncated, or another kind of file?"
+        ) from err
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "state_dict" not in ckpt or "encoder" not in hparams:
+        raise UserError(
+            f"{path} is not an ssl-vit checkpoint (no encoder settings in it); "
+            "pass a .ckpt written by `ssl-vit pretrain`"
+        )
+    return ckpt
+
+
+def load_checkpoint_encoder(path: str | Path) -> tuple[ViTEncoder, dict[str, Any]]:
+    """The trained encoder of an ssl-vit checkpoint, and the checkpoint's hyper-parameters."""
+    ckpt = read_checkpoint(path)
+    hparams = ckpt["hyper_parameters"]
+    encoder = ViTEncoder(**hparams["encoder"])
+    weights = {k[len(ENCODER_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(ENCODER_PREFIX)}
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: encoder weights do not match its settings (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    info = {
+        "method": hparams.get("_class_path", "unknown").rsplit(".", 1)[-1],
+        "encoder": dict(hparams["encoder"]),
+        "step": ckpt.get("global_step"),
+    }
+    return encoder, info

@@ -1,0 +1,88 @@
+"""Evaluation built into pretraining: k-NN (and the linear probe) at the end of every run, k-NN
+every N epochs, and optionally both at the start for the random-initialisation baseline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ssl_vit.eval.evaluator import Evaluator, Results
+from ssl_vit.eval.report import metrics, print_results, write_records
+
+
+class EvaluationCallback(Evaluator, Callback):
+    """Runs the :class:`Evaluator` on the model's encoder during pretraining (on rank 0; the other
+    ranks wait) and logs ``eval/knn_k20_top1``-style metrics at the current step.
+
+    At the end it prints a table and writes ``last.knn.json`` / ``last.probe.json`` beside
+    ``last.ckpt``: the same records ``ssl-vit knn`` / ``ssl-vit probe`` write for that checkpoint.
+
+    Args:
+        every_n_epochs: also run k-NN after every n-th epoch (0 = only at the end).
+        at_start: evaluate the freshly initialised encoder before training (the baseline).
+        linear_probe: run the linear probe at the start and the end too (k-NN always runs).
+        **kwargs: the :class:`Evaluator` settings.
+    """
+
+    def __init__(
+        self, every_n_epochs: int = 0, at_start: bool = False, linear_probe: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.every_n_epochs = every_n_epochs
+        self.at_start = at_start
+        self.linear_probe = linear_probe
+        self.baseline: Results | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in super().settings().items()
+            if k not in ("every_n_epochs", "at_start", "linear_probe", "baseline")
+        }
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
+        results = None
+        if trainer.is_global_zero:
+            start = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
+                results = self.run(pl_module.encoder, probe=probe)
+            logged = {**metrics(results), "eval/seconds": time.perf_counter() - start}
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=trainer.global_step)
+        trainer.strategy.barrier("ssl_vit_evaluation")
+        return results
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_start and trainer.ckpt_path is None:  # a resumed run restores the baseline instead
+            self.baseline = self._evaluate(trainer, pl_module, probe=self.linear_probe)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.baseline = state_dict.get("baseline")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != trainer.max_epochs:
+            self._evaluate(trainer, pl_module, probe=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = time.perf_counter()
+        results = self._evaluate(trainer, pl_module, probe=self.linear_probe)
+        if results is None:
+            return
+        print_results(f"{type(pl_module).__name__} after {trainer.global_step} steps", results, self.baseline)
+        ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.log_dir)
+        info = {
+            "method": type(pl_module).__name__,
+            "encoder": dict(pl_module.hparams.get("encoder", {})),
+            "step": trainer.global_step,
+        }
+        seconds = time.perf_counter() - start
+        write_records(ckpt_dir / "last.ckpt", results, info, self.settings(), seconds, self.baseline)

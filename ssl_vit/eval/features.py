@@ -1,0 +1,114 @@
+"""Frozen-encoder features for evaluation: the evaluation view, pooling options, extraction from
+labelled shards, and a safetensors cache so several probes reuse one pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode, v2
+
+from ssl_vit.data.pipeline import NO_LABEL, ShardDataset
+from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
+from ssl_vit.encoder import ViTEncoder
+from ssl_vit.errors import UserError
+
+Pooling = Literal["cls", "mean", "cls+mean"]
+
+
+class FeatureSet(NamedTuple):
+    features: Tensor  # (N, D) float32
+    labels: Tensor  # (N,) int64
+
+
+class EvalView(v2.Compose):
+    """Resize the short side to ``size * 256/224`` (bicubic), then centre-crop ``size``: the
+    evaluation view of DINO / MAE (256 -> 224 at ImageNet scale), scaled down for small images."""
+
+    def __init__(
+        self,
+        size: int = 224,
+        resize_ratio: float = 256 / 224,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        super().__init__(
+            [
+                v2.Resize(round(size * resize_ratio), interpolation=InterpolationMode.BICUBIC),
+                v2.CenterCrop(size),
+                *to_normalized_tensor(mean, std),
+            ]
+        )
+
+
+def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: Pooling = "cls", last_blocks: int = 1) -> Tensor:
+    """One vector per image: the CLS token, the mean of the patch tokens, or both concatenated.
+
+    With ``last_blocks = n > 1`` the CLS part is the concatenation of the final-normed CLS tokens
+    of the last n blocks (DINO's ``n_last_blocks``); the mean is always over the last block.
+    """
+    if last_blocks == 1:
+        out = encoder(images)
+        cls, mean = out.cls, out.patches.mean(dim=1)
+    else:
+        per_block = encoder.vit.forward_intermediates(
+            images, indices=last_blocks, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+        )
+        cls = torch.cat([prefix[:, 0] for _, prefix in per_block], dim=-1)
+        mean = per_block[-1][0].mean(dim=1)
+    if pooling == "cls":
+        return cls
+    if pooling == "mean":
+        return mean
+    if pooling == "cls+mean":
+        return torch.cat([cls, mean], dim=-1)
+    raise UserError(f"unknown pooling {pooling!r}; use cls, mean or cls+mean")
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: ViTEncoder,
+    shards: str,
+    view: v2.Transform,
+    pooling: Pooling = "cls",
+    last_blocks: int = 1,
+    batch_size: int = 256,
+    num_workers: int = 2,
+) -> FeatureSet:
+    """Features and labels of every sample of labelled ``shards``, in a fixed order, on the
+    encoder's device (bf16 autocast on GPU)."""
+    urls, _ = resolve_shards(shards)
+    dataset = ShardDataset(urls, view, shuffle_shards=False)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    features, labels = [], []
+    try:
+        for images, batch_labels in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                f = pooled_features(encoder, images.to(device, non_blocking=True), pooling, last_blocks)
+            features.append(f.float().cpu())
+            labels.append(batch_labels)
+    finally:
+        encoder.train(was_training)
+    if not features:
+        raise UserError(f"no readable samples in {shards!r}; an evaluation split cannot be empty")
+    result = FeatureSet(torch.cat(features), torch.cat(labels).long())
+    if (result.labels == NO_LABEL).any():
+        raise UserError(f"{shards!r} has samples without a class label (cls); evaluation needs labelled shards")
+    return result
+
+
+def save_features(path: str | Path, features: FeatureSet) -> None:
+    save_file({"features": features.features.contiguous(), "labels": features.labels.contiguous()}, str(path))
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    tensors = load_file(str(path))
+    return FeatureSet(tensors["features"], tensors["labels"])

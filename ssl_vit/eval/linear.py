@@ -1,0 +1,130 @@
+"""Linear probe, MAE's protocol (``main_linprobe.py``): frozen features -> BatchNorm1d without
+affine parameters -> Linear, trained with SGD or LARS (momentum 0.9, no weight decay),
+lr = base_lr x batch / 256, per-step linear warm-up then cosine decay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssl_vit.eval.features import FeatureSet
+from ssl_vit.schedules import warmup_cosine
+
+ProbeOptimizer = Literal["sgd", "lars"]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MAE's ``util/lars.py``: for weight matrices the update (gradient + weight decay)
+    is rescaled by trust_coefficient x ||w|| / ||update||; 1-D parameters (biases, norms) are not."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(update)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(
+                        param_norm > 0,
+                        torch.where(update_norm > 0, group["trust_coefficient"] * param_norm / update_norm, one),
+                        one,
+                    )
+                    update = update.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(update)
+                p.add_(mu, alpha=-group["lr"])
+
+
+class LinearProbeHead(nn.Sequential):
+    def __init__(self, dim: int, num_classes: int) -> None:
+        linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+
+
+def train_linear_probe(
+    epoch_batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+    steps_per_epoch: int,
+    dim: int,
+    num_classes: int,
+    epochs: int = 90,
+    batch_size: int = 256,
+    base_lr: float = 0.1,
+    warmup_epochs: float = 10,
+    optimizer: ProbeOptimizer = "sgd",
+    device: torch.device | str = "cpu",
+) -> LinearProbeHead:
+    """Train a probe head on the (features, labels) batches that ``epoch_batches(epoch)`` yields."""
+    head = LinearProbeHead(dim, num_classes).to(device)
+    peak_lr = base_lr * batch_size / 256
+    if optimizer == "lars":
+        opt = LARS(head.parameters(), lr=peak_lr, weight_decay=0.0, momentum=0.9)
+    else:
+        opt = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
+    total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    step = 0
+    head.train()
+    for epoch in range(epochs):
+        for features, labels in epoch_batches(epoch):
+            for group in opt.param_groups:
+                group["lr"] = warmup_cosine(step, total, warmup, peak_lr, 0.0)
+            loss = nn.functional.cross_entropy(head(features.to(device)), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
+
+
+def cached_feature_batches(
+    train: FeatureSet, batch_size: int, seed: int = 0
+) -> Callable[[int], Iterable[tuple[Tensor, Tensor]]]:
+    """The fast path: shuffled mini-batches of cached features, a fixed permutation per (seed, epoch).
+    The last incomplete batch is dropped (BatchNorm needs more than one sample)."""
+
+    def batches(epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield train.features[idx], train.labels[idx]
+
+    return batches
+
+
+@torch.no_grad()
+def probe_accuracy(
+    head: LinearProbeHead, val: FeatureSet, num_classes: int, batch_size: int = 4096
+) -> dict[str, float]:
+    device = next(head.parameters()).device
+    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
+    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
+    for start in range(0, len(val.labels), batch_size):
+        logits = head(val.features[start : start + batch_size].to(device))
+        labels = val.labels[start : start + batch_size].to(device)
+        top1.update(logits, labels)
+        top5.update(logits, labels)
+    return {"top1": round(100 * top1.compute().item(), 3), "top5": round(100 * top5.compute().item(), 3)}

@@ -1,0 +1,87 @@
+"""Evaluation results as logger metrics, a rich table, and JSON records next to the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ssl_vit.eval.evaluator import Results
+
+
+def metrics(results: Results) -> dict[str, float]:
+    """Flat names for a logger: ``eval/knn_k20_top1``, ``eval/probe_top5``..."""
+    knn = results.get("knn", {})
+    flat = {f"eval/knn_{k.replace('=', '')}_{top}": v for k, acc in knn.items() for top, v in acc.items()}
+    flat.update({f"eval/probe_{top}": v for top, v in results.get("probe", {}).items()})
+    return flat
+
+
+def _rows(results: Results) -> dict[str, dict[str, float]]:
+    rows = {f"k-NN {k}": acc for k, acc in results.get("knn", {}).items()}
+    if "probe" in results:
+        rows["linear probe"] = results["probe"]
+    return rows
+
+
+def print_results(title: str, results: Results, baseline: Results | None = None) -> None:
+    """One row per protocol: top-1 and top-5 (%), and the random-initialisation top-1 if known."""
+    table = Table(title=title)
+    for name in ("protocol", "top-1 %", "top-5 %", *(["random init top-1 %"] if baseline else [])):
+        table.add_column(name, justify="left" if name == "protocol" else "right")
+    base_rows = _rows(baseline) if baseline else {}
+    for name, acc in _rows(results).items():
+        row = [name, f"{acc['top1']:.1f}", f"{acc['top5']:.1f}"]
+        if baseline:
+            row.append(f"{base_rows[name]['top1']:.1f}" if name in base_rows else "")
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_records(
+    checkpoint: str | Path,
+    results: Results,
+    info: dict[str, Any],
+    settings: dict[str, Any],
+    seconds: float,
+    baseline: Results | None = None,
+) -> list[Path]:
+    """``<checkpoint stem>.knn.json`` (and ``.probe.json``): method, encoder, data, protocol
+    settings, accuracies and time, each written atomically."""
+    checkpoint = Path(checkpoint)
+    written = []
+    for kind in ("knn", "probe"):
+        if kind not in results:
+            continue
+        record = {
+            "kind": kind,
+            **info,
+            "checkpoint": str(checkpoint),
+            "data": {"train_shards": settings["train_shards"], "val_shards": settings["val_shards"]},
+            "protocol": {k: v for k, v in settings.items() if k not in ("train_shards", "val_shards", "cache_dir")},
+            "results": results[kind],
+            "seconds": round(seconds, 2),
+        }
+        if baseline and kind in baseline:
+            record["random_init_results"] = baseline[kind]
+        written.append(write_json(checkpoint.with_name(f"{checkpoint.stem}.{kind}.json"), record))
+    return written
+
+
+def write_json(path: Path, record: dict[str, Any]) -> Path:
+    """Temporary file, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

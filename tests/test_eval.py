@@ -1,0 +1,129 @@
+"""Evaluators against brute-force references, on synthetic features and tiny shards."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_vit.data import write_shards
+from ssl_vit.encoder import ViTEncoder
+from ssl_vit.errors import UserError
+from ssl_vit.eval import Evaluator, EvalView, FeatureSet, extract_features, knn_classify, load_features, save_features
+from ssl_vit.eval.linear import cached_feature_batches, probe_accuracy, train_linear_probe
+from tests.conftest import TINY_ENCODER, png_bytes, random_images
+
+
+def brute_force_knn(train_x, train_y, test_x, test_y, num_classes, k, temperature):
+    """DINO's weighted vote, one test sample at a time over the full similarity matrix."""
+    train_x = train_x / train_x.norm(dim=1, keepdim=True)
+    test_x = test_x / test_x.norm(dim=1, keepdim=True)
+    sims = test_x @ train_x.T
+    top1 = top5 = 0
+    for i in range(len(test_x)):
+        order = sorted(range(len(train_x)), key=lambda j: -sims[i, j].item())[:k]
+        votes = [0.0] * num_classes
+        for j in order:
+            votes[int(train_y[j])] += torch.exp(sims[i, j] / temperature).item()
+        ranked = sorted(range(num_classes), key=lambda c: (-votes[c], c))  # equal votes: lower class first
+        top1 += ranked[0] == int(test_y[i])
+        top5 += int(test_y[i]) in ranked[: min(5, k)]  # DINO: top-5 among the first min(5, k)
+    return 100 * top1 / len(test_x), 100 * top5 / len(test_x)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_knn_equals_brute_force_reference(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(120, 16, generator=g), torch.randn(45, 16, generator=g)
+    train_y, test_y = torch.randint(0, 8, (120,), generator=g), torch.randint(0, 8, (45,), generator=g)
+    ks = [1, 5, 10, 20, 100]
+    got = knn_classify(train_x, train_y, test_x, test_y, 8, ks=ks, temperature=0.07, chunk_size=chunk_size)
+    for k in ks:
+        top1, top5 = brute_force_knn(train_x, train_y, test_x, test_y, 8, k, 0.07)
+        assert got[k]["top1"] == pytest.approx(top1, abs=1e-3), k
+        assert got[k]["top5"] == pytest.approx(top5, abs=1e-3), k
+
+
+def test_knn_tied_votes_go_to_the_lower_class():
+    # Each query sits exactly between two training points of different classes: equal votes.
+    train_x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    train_y = torch.tensor([3, 1, 0, 2])
+    test_x = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [-1.0, 1.0]])
+    test_y = torch.tensor([1, 0, 0])  # ties 3/1 -> 1, 0/2 -> 0, 1/0 -> 0
+    got = knn_classify(train_x, train_y, test_x, test_y, 4, ks=[2], chunk_size=2)
+    assert got[2]["top1"] == pytest.approx(100.0)
+    flipped = knn_classify(train_x, train_y, test_x, torch.tensor([3, 2, 1]), 4, ks=[2], chunk_size=2)
+    assert flipped[2]["top1"] == pytest.approx(0.0)
+
+
+def test_linear_probe_separates_linearly_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=g) * 4
+    labels = torch.randint(0, 5, (1000,), generator=g)
+    features = centres[labels] + torch.randn(1000, 32, generator=g)
+    train, val = FeatureSet(features[:800], labels[:800]), FeatureSet(features[800:], labels[800:])
+    head = train_linear_probe(cached_feature_batches(train, 100), 8, 32, 5, epochs=20, batch_size=100, warmup_epochs=2)
+    assert probe_accuracy(head, val, 5)["top1"] > 99.0
+
+
+def labelled_shards(folder: Path, n: int, num_classes: int, seed: int, with_labels: bool = True) -> str:
+    images = random_images(n, size=32, seed=seed)
+    samples = (("png", png_bytes(img), i % num_classes) for i, img in enumerate(images))
+    if not with_labels:
+        samples = (("png", png_bytes(img), None) for img in images)
+    write_shards(samples, folder, classes=[f"c{c}" for c in range(num_classes)], source="test", samples_per_shard=20)
+    return str(folder)
+
+
+def collapsed_encoder() -> ViTEncoder:
+    encoder = ViTEncoder(**TINY_ENCODER)
+    with torch.no_grad():  # the final norm maps every token to the same vector
+        encoder.vit.norm.weight.zero_()
+        encoder.vit.norm.bias.fill_(0.5)
+    return encoder
+
+
+def test_collapsed_encoder_scores_chance(tmp_path):
+    train = labelled_shards(tmp_path / "train", 100, 5, seed=0)
+    val = labelled_shards(tmp_path / "val", 50, 5, seed=1)
+    evaluator = Evaluator(train, val, knn_ks=[10, 20], probe_epochs=5, probe_batch_size=25, num_workers=0)
+    results = evaluator.run(collapsed_encoder())
+    for acc in results["knn"].values():
+        assert acc["top1"] == pytest.approx(20.0)  # every query gets the same vote: one class of 5
+    assert results["probe"]["top1"] == pytest.approx(20.0)
+
+
+def test_features_are_deterministic_and_cache_round_trips(tmp_path):
+    shards = labelled_shards(tmp_path / "val", 30, 3, seed=2)
+    encoder = ViTEncoder(**TINY_ENCODER)
+    first = extract_features(encoder, shards, EvalView(32), pooling="cls+mean", num_workers=0)
+    again = extract_features(encoder, shards, EvalView(32), pooling="cls+mean", num_workers=2)
+    assert first.features.shape == (30, 128)
+    assert torch.equal(first.labels, torch.arange(30) % 3)
+    torch.testing.assert_close(first.features, again.features)
+    save_features(tmp_path / "f.safetensors", first)
+    loaded = load_features(tmp_path / "f.safetensors")
+    assert torch.equal(loaded.features, first.features) and torch.equal(loaded.labels, first.labels)
+
+
+def test_last_blocks_concatenates_cls_of_each_block(tmp_path):
+    shards = labelled_shards(tmp_path / "val", 8, 2, seed=3)
+    encoder = ViTEncoder(**TINY_ENCODER)
+    feats = extract_features(encoder, shards, EvalView(32), pooling="cls", last_blocks=2, num_workers=0)
+    assert feats.features.shape == (8, 128)
+    last = extract_features(encoder, shards, EvalView(32), pooling="cls", num_workers=0)
+    torch.testing.assert_close(feats.features[:, 64:], last.features)  # the last block's CLS, final-normed
+
+
+def test_bad_evaluation_data_is_a_clear_error(tmp_path):
+    encoder = ViTEncoder(**TINY_ENCODER)
+    unlabelled = labelled_shards(tmp_path / "unlabelled", 10, 2, seed=4, with_labels=False)
+    with pytest.raises(UserError, match="without a class label"):
+        Evaluator(unlabelled, unlabelled, num_workers=0).features(encoder)
+    train = labelled_shards(tmp_path / "train", 20, 4, seed=5)
+    val = labelled_shards(tmp_path / "val", 20, 3, seed=6)
+    with pytest.raises(UserError, match="different classes"):
+        Evaluator(train, val, num_workers=0).run(encoder)
+    empty = tmp_path / "empty"
+    write_shards(iter(()), empty, classes=["a"], source="test")
+    with pytest.raises(UserError, match="cannot be empty"):
+        Evaluator(train, str(empty), num_workers=0).features(encoder)
