@@ -11,8 +11,6 @@ import torch
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 
-ENCODER_PREFIX = "encoder."
-
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint written by ``ssl-vit pretrain``, loaded with ``weights_only=True``."""
@@ -40,20 +38,43 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_checkpoint_encoder(path: str | Path) -> tuple[ViTEncoder, dict[str, Any]]:
-    """The trained encoder of an ssl-vit checkpoint, and the checkpoint's hyper-parameters."""
+def encoder_weights(ckpt: dict[str, Any], path: str | Path, role: str | None = None) -> tuple[dict[str, Any], str]:
+    """The ``ViTEncoder`` state dict of one of a checkpoint's encoders, and its role.
+
+    A method lists its encoders by role in the checkpoint (``ssl_vit.encoders``: role -> module
+    path), the one its paper evaluates first; ``role=None`` takes that one.
+    """
+    encoders = ckpt.get("ssl_vit", {}).get("encoders", {"student": "encoder"})
+    role = role or next(iter(encoders))
+    if role not in encoders:
+        raise UserError(f"{path} has no {role!r} encoder; it has {', '.join(encoders)}")
+    prefix = encoders[role] + "."
+    weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return weights, role
+
+
+def load_checkpoint_encoder(path: str | Path, role: str | None = None) -> tuple[ViTEncoder, dict[str, Any]]:
+    """The trained encoder of an ssl-vit checkpoint (by default the one its paper evaluates), and
+    a summary of the checkpoint (method, encoder settings, step)."""
     ckpt = read_checkpoint(path)
     hparams = ckpt["hyper_parameters"]
     encoder = ViTEncoder(**hparams["encoder"])
-    weights = {k[len(ENCODER_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(ENCODER_PREFIX)}
+    weights, role = encoder_weights(ckpt, path, role)
     missing, unexpected = encoder.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(
             f"{path}: encoder weights do not match its settings (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     info = {
-        "method": hparams.get("_class_path", "unknown").rsplit(".", 1)[-1],
+        "method": objective_name(ckpt),
         "encoder": dict(hparams["encoder"]),
+        "encoder_role": role,
         "step": ckpt.get("global_step"),
     }
     return encoder, info
+
+
+def objective_name(ckpt: dict[str, Any]) -> str:
+    return (
+        ckpt.get("ssl_vit", {}).get("objective") or ckpt["hyper_parameters"].get("_class_path", "?").rsplit(".", 1)[-1]
+    )

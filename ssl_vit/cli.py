@@ -3,6 +3,7 @@
     ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_epochs 5 ...] [--ckpt_path last]
     ssl-vit knn CHECKPOINT --train_shards TRAIN --val_shards VAL [--pooling cls|mean|cls+mean ...]
     ssl-vit probe CHECKPOINT --train_shards TRAIN --val_shards VAL [--probe_epochs 90 ...]
+    ssl-vit export CHECKPOINT OUT [--format timm|state_dict] [--role teacher|student] [--overwrite]
     ssl-vit shards embedded OUT_DIR
     ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N]
 
@@ -30,6 +31,7 @@ from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, wri
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.report import print_results, write_records
+from ssl_vit.export import export_encoder
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.progress import ImagesPerSecondBar
 
@@ -37,6 +39,7 @@ COMMANDS = {
     "pretrain": "pretrain an encoder from a YAML recipe (Lightning CLI: --config, overrides, --ckpt_path)",
     "knn": "k-NN accuracy of a checkpoint's frozen encoder on labelled shards (DINO's protocol)",
     "probe": "linear-probe accuracy of a checkpoint's frozen encoder on labelled shards (MAE's protocol)",
+    "export": "write a checkpoint's encoder as a timm model folder (config.json + model.safetensors)",
     "shards": "write WebDataset tar shards from an ImageFolder tree or the embedded dataset",
 }
 
@@ -66,6 +69,7 @@ def pretrain(args: list[str]) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # ShardDataset's length is exact per rank and per worker, which this generic warning cannot know.
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning internals
     # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
     # "--weights_only" first so that a user's own value, later on the line, wins.
     PretrainCLI(
@@ -99,6 +103,27 @@ def evaluate(command: str, args: list[str]) -> None:
     print_results(f"{command} evaluation", results)
     for path in write_records(checkpoint, results, info, evaluator.settings(), seconds):
         Console().print(f"wrote {path}")
+
+
+def export(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ssl-vit export", description=COMMANDS["export"])
+    parser.add_argument("checkpoint", help="a .ckpt written by `ssl-vit pretrain`")
+    parser.add_argument("out", help="the folder to write (a .safetensors file with --format state_dict)")
+    parser.add_argument(
+        "--format",
+        choices=["timm", "state_dict"],
+        default="timm",
+        help="timm: a folder timm.create_model('local-dir:OUT', pretrained=True) loads; state_dict: one file",
+    )
+    parser.add_argument(
+        "--role", default=None, help="which encoder (teacher/student); default: the one the paper evaluates"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    opts = parser.parse_args(args)
+    out = export_encoder(opts.checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite)
+    Console().print(f"wrote {out}")
+    if opts.format == "timm":
+        Console().print(f'load it with timm.create_model("local-dir:{out}", pretrained=True, num_classes=N)')
 
 
 def shards(args: list[str]) -> None:
@@ -163,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         if command in ("knn", "probe"):
             evaluate(command, rest)
         else:
-            {"pretrain": pretrain, "shards": shards}[command](rest)
+            {"pretrain": pretrain, "export": export, "shards": shards}[command](rest)
     except (UserError, argparse.ArgumentError) as err:
         message = recipe_error_message(err) if isinstance(err, argparse.ArgumentError) else str(err)
         Console(stderr=True).print(f"[bold red]ssl-vit {command}: error:[/] {message}", highlight=False, soft_wrap=True)

@@ -3,10 +3,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_vit.data import write_shards
 
@@ -36,3 +38,18 @@ def numbered_shards(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
     samples = (("png", png_bytes(img), i) for i, img in enumerate(images))
     write_shards(samples, tmp_path / "shards", classes=[str(i) for i in range(40)], source="test", samples_per_shard=5)
     return tmp_path / "shards", images
+
+
+def fit_briefly(method: L.LightningModule, steps: int = 2) -> L.Trainer:
+    """A couple of optimiser steps on random images: enough to make a real Lightning checkpoint."""
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    images = torch.randn(8, 3, 32, 32)
+    trainer.fit(method, DataLoader(TensorDataset(images, torch.zeros(8, dtype=torch.long)), batch_size=4))
+    return trainer

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,16 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
         standalone = json.loads((ckpt_dir / f"last.{kind}.json").read_text())
         assert standalone["results"] == in_run[kind]["results"]
         assert standalone["protocol"] == in_run[kind]["protocol"]
+
+    # Export: a folder timm loads by itself, with the run's evaluation in its provenance.
+    result = ssl_vit("export", str(ckpt_dir / "last.ckpt"), "export/mae", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = timm.create_model(f"local-dir:{workdir / 'export/mae'}", pretrained=True, num_classes=10)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    provenance = json.loads((workdir / "export/mae/config.json").read_text())["ssl_vit"]
+    assert provenance["knn"] == in_run["knn"]["results"] and provenance["step"] == 8
+    again = ssl_vit("export", str(ckpt_dir / "last.ckpt"), "export/mae", cwd=workdir)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
 def test_evaluating_something_that_is_not_a_checkpoint_is_one_clear_message(tmp_path):

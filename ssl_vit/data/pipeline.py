@@ -198,6 +198,7 @@ class ShardDataModule(L.LightningDataModule):
         generate_embedded: bool = False,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=["view"])  # plain values only: checkpoints load weights_only
         self.train_shards = train_shards
         self.view = view
         self.batch_size = batch_size

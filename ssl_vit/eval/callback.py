@@ -50,7 +50,7 @@ class EvaluationCallback(Evaluator, Callback):
         if trainer.is_global_zero:
             start = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
-                results = self.run(pl_module.encoder, probe=probe)
+                results = self.run(pl_module.evaluated_encoder, probe=probe)
             logged = {**metrics(results), "eval/seconds": time.perf_counter() - start}
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=trainer.global_step)

@@ -4,13 +4,16 @@ groups, the per-step warm-up + cosine learning rate scaled by the global batch, 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from timm.optim import param_groups_weight_decay
 
+from ssl_vit.checkpoint import read_checkpoint
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
+from ssl_vit.errors import UserError
+from ssl_vit.export import encoder_state_dict
 from ssl_vit.schedules import warmup_cosine
 
 # Parameters that are tokens or embeddings, not weights: no weight decay (besides biases and norms).
@@ -18,12 +21,20 @@ NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_tok
 
 
 class SSLMethod(L.LightningModule):
+    #: The encoders an export or evaluation can take: role -> module path, the one the paper
+    #: evaluates first (DINO and MoCo v3 list their EMA teacher / momentum encoder first).
+    encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
+
     """Base class of the objectives. Subclasses build their heads in ``__init__`` and implement
     ``training_step(batch, batch_idx) -> loss``; a batch is ``(views, labels)``.
 
     Learning rate = ``base_lr * global_batch / 256`` (global batch = per-device batch x devices x
     gradient-accumulation steps), linear warm-up for ``warmup_epochs`` then cosine to ``min_lr``,
     set on every optimiser step from the global step, so resuming restores it exactly.
+
+    ``init_from`` starts the encoder from existing weights (an ``ssl-vit export`` folder, a timm
+    ``local-dir`` folder, a timm ``.safetensors``/``.pth`` state dict, or an ssl-vit checkpoint, whose
+    heads are then loaded too), resampling position embeddings to this encoder's grid.
     """
 
     def __init__(
@@ -34,10 +45,44 @@ class SSLMethod(L.LightningModule):
         warmup_epochs: float,
         min_lr: float,
         betas: tuple[float, float],
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.encoder = ViTEncoder(**encoder)
+
+    @property
+    def evaluated_encoder(self) -> ViTEncoder:
+        return self.get_submodule(next(iter(self.encoders.values())))
+
+    def setup(self, stage: str) -> None:
+        # After every subclass has built and initialised its modules, and before a resumed run's
+        # checkpoint is restored over them.
+        if self.hparams.init_from:
+            self.load_initial_weights(self.hparams.init_from)
+
+    def load_initial_weights(self, path: str) -> None:
+        try:
+            missing, unexpected = self.encoder.vit.load_state_dict(encoder_state_dict(path, self.encoder), strict=False)
+            problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            fits = not unexpected and not [k for k in missing if not k.startswith("head.")]
+        except RuntimeError as err:  # shapes differ
+            problem, fits = str(err).strip().splitlines()[-1].strip(), False
+        if not fits:
+            raise UserError(
+                f"model.init_from {path}: the weights do not fit the encoder ({problem}); check model.encoder"
+            )
+        if path.endswith(".ckpt"):  # a full ssl-vit checkpoint: the objective's heads too, where they fit
+            own = self.state_dict()
+            heads = {
+                k: v
+                for k, v in read_checkpoint(path)["state_dict"].items()
+                if not k.startswith("encoder.") and k in own and own[k].shape == v.shape
+            }
+            self.load_state_dict(heads, strict=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ssl_vit"] = {"objective": type(self).__name__, "encoders": dict(self.encoders)}
 
     def global_batch_size(self, per_device_batch: int) -> int:
         return per_device_batch * self.trainer.world_size * self.trainer.accumulate_grad_batches

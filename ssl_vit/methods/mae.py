@@ -85,8 +85,9 @@ class MAE(SSLMethod):
         warmup_epochs: float = 40,
         min_lr: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
+        init_from: str | None = None,
     ) -> None:
-        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas)
+        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from)
         if not 0 < mask_ratio < 1:
             raise UserError(f"model.mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio

@@ -1,0 +1,160 @@
+"""The pretrained encoder out of ssl-vit, in timm's own format, and encoder weights back in.
+
+``export_encoder`` writes a folder that ``timm.create_model("local-dir:FOLDER", pretrained=True,
+num_classes=N)`` loads as it is (``config.json`` + ``model.safetensors``, pushable to a model hub),
+or a plain timm-keyed ``.safetensors`` state dict. ``load_encoder`` returns the timm model from a
+checkpoint or an export folder; ``encoder_state_dict`` reads timm-keyed weights from any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models import save_for_hf
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from ssl_vit.checkpoint import encoder_weights, objective_name, read_checkpoint
+from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
+from ssl_vit.encoder import ViTEncoder
+from ssl_vit.errors import UserError
+
+ExportFormat = Literal["timm", "state_dict"]
+
+
+def export_encoder(
+    checkpoint: str | Path,
+    out: str | Path,
+    role: str | None = None,
+    fmt: ExportFormat = "timm",
+    overwrite: bool = False,
+) -> Path:
+    """Write the encoder of an ssl-vit checkpoint (no decoder, heads, predictor or optimiser).
+
+    role: which encoder, for objectives with two (``teacher``/``student``); by default the one the
+        paper evaluates (the EMA teacher / momentum encoder for DINO and MoCo v3).
+    fmt: ``timm`` (a folder) or ``state_dict`` (one ``.safetensors`` file).
+    The result is written under a temporary name and renamed into place: nothing partial is left.
+    """
+    ckpt = read_checkpoint(checkpoint)
+    weights, role = encoder_weights(ckpt, checkpoint, role)
+    encoder = ViTEncoder(**ckpt["hyper_parameters"]["encoder"])
+    encoder.load_state_dict(weights)
+    out = Path(out)
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; choose another path or pass --overwrite")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:
+        raise UserError(f"cannot write to {out.parent}: {err.strerror}") from err
+    try:
+        if fmt == "state_dict":
+            written = tmp / "model.safetensors"
+            save_file(_contiguous(encoder.vit.state_dict()), str(written), metadata={"architecture": encoder.name})
+        else:
+            written = tmp
+            save_for_hf(
+                encoder.vit,
+                str(tmp),
+                model_config={
+                    "pretrained_cfg": _preprocessing(encoder),
+                    "ssl_vit": provenance(ckpt, checkpoint, role),
+                },
+                model_args=_model_args(ckpt["hyper_parameters"]["encoder"]),
+                safe_serialization=True,
+            )
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(written, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None) -> VisionTransformer:
+    """The timm model of an ssl-vit checkpoint or of an export folder (classifier head fresh when
+    ``num_classes`` > 0)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not an export folder (no config.json); pass one written by `ssl-vit export`")
+        return timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=num_classes)
+    ckpt = read_checkpoint(path)
+    weights, _ = encoder_weights(ckpt, path, role)
+    config = ckpt["hyper_parameters"]["encoder"]
+    vit = timm.create_model(config.get("name", "vit_base_patch16_224"), num_classes=num_classes, **_model_args(config))
+    missing, unexpected = vit.load_state_dict({k[len("vit.") :]: v for k, v in weights.items()}, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("head.")]:
+        raise UserError(
+            f"{path}: encoder weights do not fit {config} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return vit
+
+
+def encoder_state_dict(path: str | Path, encoder: ViTEncoder) -> dict[str, torch.Tensor]:
+    """timm-keyed encoder weights from an export folder, a timm ``local-dir`` folder, a
+    ``.safetensors`` / ``.pth`` state dict or an ssl-vit checkpoint, with position embeddings (and
+    patch embeddings) resampled to ``encoder``'s image and patch grid."""
+    path = Path(path)
+    if path.is_dir():
+        state = load_file(str(path / "model.safetensors"))
+    elif path.suffix == ".safetensors":
+        state = load_file(str(path))
+    elif path.suffix == ".ckpt":
+        ckpt = read_checkpoint(path)
+        state = {k[len("vit.") :]: v for k, v in encoder_weights(ckpt, path, None)[0].items()}
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state.get("state_dict", state))
+    else:
+        raise UserError(f"encoder weights {path} do not exist")
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return checkpoint_filter_fn(state, encoder.vit)
+
+
+def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[str, Any]:
+    """Where an export came from: objective, recipe settings, step, data, and the run's k-NN /
+    linear-probe results if they were written next to the checkpoint."""
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    record: dict[str, Any] = {
+        "objective": objective_name(ckpt),
+        "encoder_role": role,
+        "checkpoint": str(checkpoint),
+        "step": ckpt.get("global_step"),
+        "recipe": hparams,
+        "data": ckpt.get("datamodule_hyper_parameters", {}),
+    }
+    checkpoint = Path(checkpoint)
+    for kind in ("knn", "probe"):
+        results = checkpoint.with_name(f"{checkpoint.stem}.{kind}.json")
+        if results.is_file():
+            record[kind] = json.loads(results.read_text())["results"]
+    return record
+
+
+def _model_args(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "name"}
+
+
+def _preprocessing(encoder: ViTEncoder) -> dict[str, Any]:
+    size = encoder.vit.patch_embed.img_size
+    return {
+        "input_size": (3, *size),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bicubic",
+        "crop_pct": 224 / 256,
+        "classifier": "head",
+    }
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in state.items()}

@@ -1,0 +1,121 @@
+"""Exports load straight into timm with the in-framework encoder's features; continued
+pretraining starts from exactly the exported weights."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from ssl_vit import export_encoder, load_encoder
+from ssl_vit.checkpoint import load_checkpoint_encoder
+from ssl_vit.errors import UserError
+from ssl_vit.methods import MAE
+from tests.conftest import TINY_ENCODER, fit_briefly
+
+# One factory per objective: each new objective adds its tiny configuration here.
+OBJECTIVES = {
+    "mae": lambda **kw: MAE(TINY_ENCODER, decoder_dim=32, decoder_depth=1, decoder_heads=2, warmup_epochs=0, **kw),
+}
+
+
+@pytest.fixture(params=sorted(OBJECTIVES))
+def checkpoint(request, tmp_path) -> Path:
+    torch.manual_seed(0)
+    trainer = fit_briefly(OBJECTIVES[request.param]())
+    path = tmp_path / "run" / "last.ckpt"
+    trainer.save_checkpoint(path)
+    (tmp_path / "run" / "last.knn.json").write_text(json.dumps({"results": {"k=20": {"top1": 50.0, "top5": 90.0}}}))
+    return path
+
+
+def test_timm_loads_the_export_with_the_same_features(checkpoint, tmp_path):
+    out = export_encoder(checkpoint, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=7).eval()
+    assert isinstance(model.head, torch.nn.Linear) and model.head.out_features == 7
+    encoder, _ = load_checkpoint_encoder(checkpoint)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), encoder.eval()(x).tokens)
+    # and the Python API gives the same model, from the folder or the checkpoint
+    for source in (out, checkpoint):
+        with torch.no_grad():
+            torch.testing.assert_close(load_encoder(source).eval().forward_features(x), encoder(x).tokens)
+
+
+def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
+    out = export_encoder(checkpoint, tmp_path / "export")
+    keys = set(load_file(str(out / "model.safetensors")))
+    expected = set(timm.create_model("vit_tiny_patch16_224", num_classes=0, **_args()).state_dict())
+    assert keys == expected
+    assert not any(k.startswith(("decoder", "head", "mask_token", "encoder.")) for k in keys)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224"
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    prov = config["ssl_vit"]
+    assert prov["objective"] == "MAE" and prov["step"] == 2 and prov["encoder_role"] == "student"
+    assert prov["knn"] == {"k=20": {"top1": 50.0, "top5": 90.0}}
+    assert prov["recipe"]["encoder"] == TINY_ENCODER
+
+
+def test_state_dict_format_is_a_plain_timm_state_dict(checkpoint, tmp_path):
+    out = export_encoder(checkpoint, tmp_path / "encoder.safetensors", fmt="state_dict")
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **_args())
+    model.load_state_dict(load_file(str(out)))  # strict: every key, nothing extra
+
+
+def test_continued_pretraining_starts_from_the_exported_weights(checkpoint, tmp_path):
+    out = export_encoder(checkpoint, tmp_path / "export")
+    exported = load_file(str(out / "model.safetensors"))
+    method = OBJECTIVES["mae"](init_from=str(out))
+    method.setup("fit")
+    for key, value in method.encoder.vit.state_dict().items():
+        torch.testing.assert_close(value, exported[key], msg=key)
+
+
+def test_continued_pretraining_resizes_position_embeddings(checkpoint, tmp_path):
+    out = export_encoder(checkpoint, tmp_path / "export")
+    method = MAE({**TINY_ENCODER, "img_size": 48}, decoder_dim=32, decoder_depth=1, decoder_heads=2, init_from=str(out))
+    method.setup("fit")
+    assert method.encoder.vit.pos_embed.shape == (1, 1 + 12 * 12, 64)
+    exported = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(method.encoder.vit.blocks[0].attn.qkv.weight, exported["blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(method.encoder.vit.pos_embed[:, :1], exported["pos_embed"][:, :1])  # CLS position kept
+
+
+def test_continued_pretraining_from_a_checkpoint_takes_the_heads_too(checkpoint):
+    trained = torch.load(checkpoint, weights_only=True)["state_dict"]
+    method = OBJECTIVES["mae"](init_from=str(checkpoint))
+    method.setup("fit")
+    for key, value in method.state_dict().items():
+        torch.testing.assert_close(value, trained[key], msg=key)
+
+
+def test_bad_export_and_load_input_is_one_clear_error(checkpoint, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(UserError, match="not an ssl-vit checkpoint"):
+        export_encoder(other, tmp_path / "x")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export_encoder(checkpoint, busy)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        export_encoder(checkpoint, not_a_folder / "export")  # its parent cannot be created
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    out = export_encoder(checkpoint, tmp_path / "export")
+    wrong = MAE({**TINY_ENCODER, "embed_dim": 96, "num_heads": 2}, decoder_dim=32, decoder_depth=1, init_from=str(out))
+    with pytest.raises(UserError, match="do not fit the encoder"):
+        wrong.setup("fit")
+
+
+def _args() -> dict:
+    return {k: v for k, v in TINY_ENCODER.items() if k != "name"}
