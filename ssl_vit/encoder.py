@@ -31,6 +31,7 @@ class EncoderConfig(TypedDict, total=False):
     drop_path_rate: float
     class_token: bool
     reg_tokens: int
+    weight_init: str
 
 
 class EncoderOutput(NamedTuple):

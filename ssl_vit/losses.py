@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from ssl_vit.distributed import gather_no_grad, gather_with_grad, world
 
 
 def normalized_patch_targets(patches: Tensor, eps: float = 1e-6) -> Tensor:
@@ -20,3 +24,66 @@ def masked_patch_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """
     per_patch = (pred - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
+
+
+def masked_pixel_l1(pred: Tensor, images: Tensor, pixel_mask: Tensor) -> Tensor:
+    """SimMIM's loss: L1 between reconstructed and input pixels, on masked pixels only, averaged
+    over masked pixels and channels. pred, images: (B, C, H, W); pixel_mask: (B, 1, H, W), 1 = masked."""
+    per_pixel = (pred - images).abs() * pixel_mask
+    return per_pixel.sum() / (pixel_mask.sum() + 1e-5) / images.shape[1]
+
+
+def dino_loss(
+    student_out: Tensor,
+    teacher_out: Tensor,
+    center: Tensor,
+    num_crops: int,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> Tensor:
+    """DINO's cross-entropy between the centred, sharpened teacher softmax of each global crop and
+    the student log-softmax of every other crop, averaged over those (teacher, student) pairs.
+
+    student_out: (num_crops * B, K), crops stacked in order (2 global first);
+    teacher_out: (2 * B, K) for the 2 global crops; center: (1, K).
+    """
+    student = (student_out / student_temp).chunk(num_crops)
+    teacher = F.softmax((teacher_out - center) / teacher_temp, dim=-1).detach().chunk(2)
+    total, pairs = 0.0, 0
+    for t_idx, t in enumerate(teacher):
+        for s_idx, s in enumerate(student):
+            if s_idx == t_idx:  # the same view
+                continue
+            total = total + torch.sum(-t * F.log_softmax(s, dim=-1), dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2) -> Tensor:
+    """MoCo v3's contrastive loss: each query against the keys of the whole global batch (gathered
+    from every rank, without gradients), its own key the positive; scaled by 2 x temperature."""
+    q = F.normalize(query, dim=1)
+    k = gather_no_grad(F.normalize(key, dim=1))
+    logits = q @ k.T / temperature
+    return F.cross_entropy(logits, _global_index(q.shape[0], q.device)) * (2 * temperature)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """SimCLR's NT-Xent over the 2N views of the global batch: each view's positive is the other
+    view of its image, its negatives the other 2N - 2 views (gathered from every rank with
+    gradients); averaged over this rank's 2n anchors."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    candidates = torch.cat([gather_with_grad(z[:n]), gather_with_grad(z[n:])])  # (2N, d): all z1, all z2
+    total = candidates.shape[0] // 2
+    logits = z @ candidates.T / temperature
+    idx = _global_index(n, z.device)
+    own = torch.cat([idx, idx + total])
+    positive = torch.cat([idx + total, idx])
+    logits[torch.arange(2 * n, device=z.device), own] = float("-inf")
+    return F.cross_entropy(logits, positive)
+
+
+def _global_index(n: int, device: torch.device) -> Tensor:
+    """Indices of this rank's n samples in a batch gathered from every rank."""
+    return torch.arange(n, device=device) + world()[0] * n

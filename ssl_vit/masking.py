@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -30,3 +31,29 @@ def random_patch_mask(
     mask = torch.ones(batch_size, num_patches, device=device)
     mask[:, :num_keep] = 0
     return PatchMask(shuffle_idx[:, :num_keep], restore_idx, torch.gather(mask, 1, restore_idx))
+
+
+def block_patch_mask(
+    batch_size: int,
+    grid_size: tuple[int, int],
+    patch_size: int,
+    mask_patch_size: int = 32,
+    mask_ratio: float = 0.6,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """SimMIM's mask: a random ``ceil(ratio x count)`` of the (mask_patch_size)-pixel blocks, each
+    covering (mask_patch_size / patch_size)^2 model patches; (B, h, w) bool over the patch grid,
+    one independent mask per sample."""
+    scale = mask_patch_size // patch_size
+    if scale < 1 or grid_size[0] % scale or grid_size[1] % scale:
+        raise ValueError(
+            f"mask_patch_size {mask_patch_size} must be a multiple of patch_size {patch_size} dividing the grid"
+        )
+    rows, cols = grid_size[0] // scale, grid_size[1] // scale
+    count = rows * cols
+    num_masked = math.ceil(count * mask_ratio)
+    order = torch.rand(batch_size, count, device=device).argsort(dim=1)
+    blocks = torch.zeros(batch_size, count, dtype=torch.bool, device=device)
+    blocks.scatter_(1, order[:, :num_masked], True)
+    blocks = blocks.view(batch_size, rows, cols)
+    return blocks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)

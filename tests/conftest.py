@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ssl_vit.data import write_shards
 
@@ -40,7 +40,25 @@ def numbered_shards(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
     return tmp_path / "shards", images
 
 
-def fit_briefly(method: L.LightningModule, steps: int = 2) -> L.Trainer:
+VIEWS = {  # image tensor -> what each family of objectives takes as one sample's views
+    "single": lambda x: x,
+    "two": lambda x: [x, x.flip(-1)],
+    "multicrop": lambda x: [x, x.flip(-1), x[:, :16, :16], x[:, 16:, 16:]],
+}
+
+
+class _RandomViews(Dataset):
+    def __init__(self, view: str) -> None:
+        self.images, self.view = torch.randn(8, 3, 32, 32), VIEWS[view]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.view(self.images[i]), 0
+
+
+def fit_briefly(method: L.LightningModule, view: str = "single", steps: int = 2) -> L.Trainer:
     """A couple of optimiser steps on random images: enough to make a real Lightning checkpoint."""
     trainer = L.Trainer(
         max_steps=steps,
@@ -50,6 +68,5 @@ def fit_briefly(method: L.LightningModule, steps: int = 2) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    images = torch.randn(8, 3, 32, 32)
-    trainer.fit(method, DataLoader(TensorDataset(images, torch.zeros(8, dtype=torch.long)), batch_size=4))
+    trainer.fit(method, DataLoader(_RandomViews(view), batch_size=4))
     return trainer

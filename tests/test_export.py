@@ -12,22 +12,28 @@ from safetensors.torch import load_file
 from ssl_vit import export_encoder, load_encoder
 from ssl_vit.checkpoint import load_checkpoint_encoder
 from ssl_vit.errors import UserError
-from ssl_vit.methods import MAE
+from ssl_vit.methods import DINO, MAE, MoCoV3, SimCLR, SimMIM
 from tests.conftest import TINY_ENCODER, fit_briefly
 
-# One factory per objective: each new objective adds its tiny configuration here.
+# One (factory, views) per objective: each new objective adds its tiny configuration here.
 OBJECTIVES = {
-    "mae": lambda **kw: MAE(TINY_ENCODER, decoder_dim=32, decoder_depth=1, decoder_heads=2, warmup_epochs=0, **kw),
+    "mae": (lambda **kw: MAE(TINY_ENCODER, decoder_dim=32, decoder_depth=1, decoder_heads=2, **kw), "single"),
+    "simmim": (lambda **kw: SimMIM(TINY_ENCODER, mask_patch_size=8, **kw), "single"),
+    "dino": (lambda **kw: DINO(TINY_ENCODER, out_dim=64, hidden_dim=32, bottleneck_dim=16, **kw), "multicrop"),
+    "mocov3": (lambda **kw: MoCoV3(TINY_ENCODER, hidden_dim=32, out_dim=16, **kw), "two"),
+    "simclr": (lambda **kw: SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16, **kw), "two"),
 }
+EVALUATED_ROLE = {"dino": "teacher", "mocov3": "momentum"}
 
 
 @pytest.fixture(params=sorted(OBJECTIVES))
 def checkpoint(request, tmp_path) -> Path:
     torch.manual_seed(0)
-    trainer = fit_briefly(OBJECTIVES[request.param]())
-    path = tmp_path / "run" / "last.ckpt"
+    factory, view = OBJECTIVES[request.param]
+    trainer = fit_briefly(factory(), view)
+    path = tmp_path / f"{request.param}-run" / "last.ckpt"
     trainer.save_checkpoint(path)
-    (tmp_path / "run" / "last.knn.json").write_text(json.dumps({"results": {"k=20": {"top1": 50.0, "top5": 90.0}}}))
+    (path.parent / "last.knn.json").write_text(json.dumps({"results": {"k=20": {"top1": 50.0, "top5": 90.0}}}))
     return path
 
 
@@ -51,13 +57,17 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     keys = set(load_file(str(out / "model.safetensors")))
     expected = set(timm.create_model("vit_tiny_patch16_224", num_classes=0, **_args()).state_dict())
     assert keys == expected
-    assert not any(k.startswith(("decoder", "head", "mask_token", "encoder.")) for k in keys)
+    assert not any(
+        k.startswith(("decoder", "head", "mask_token", "encoder.", "teacher", "momentum", "proj")) for k in keys
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224"
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
     prov = config["ssl_vit"]
-    assert prov["objective"] == "MAE" and prov["step"] == 2 and prov["encoder_role"] == "student"
+    objective = checkpoint.parent.name.split("-")[0]
+    assert prov["objective"].lower() == objective and prov["step"] == 2
+    assert prov["encoder_role"] == EVALUATED_ROLE.get(objective, "student")
     assert prov["knn"] == {"k=20": {"top1": 50.0, "top5": 90.0}}
     assert prov["recipe"]["encoder"] == TINY_ENCODER
 
@@ -71,7 +81,7 @@ def test_state_dict_format_is_a_plain_timm_state_dict(checkpoint, tmp_path):
 def test_continued_pretraining_starts_from_the_exported_weights(checkpoint, tmp_path):
     out = export_encoder(checkpoint, tmp_path / "export")
     exported = load_file(str(out / "model.safetensors"))
-    method = OBJECTIVES["mae"](init_from=str(out))
+    method = OBJECTIVES["mae"][0](init_from=str(out))
     method.setup("fit")
     for key, value in method.encoder.vit.state_dict().items():
         torch.testing.assert_close(value, exported[key], msg=key)
@@ -89,7 +99,7 @@ def test_continued_pretraining_resizes_position_embeddings(checkpoint, tmp_path)
 
 def test_continued_pretraining_from_a_checkpoint_takes_the_heads_too(checkpoint):
     trained = torch.load(checkpoint, weights_only=True)["state_dict"]
-    method = OBJECTIVES["mae"](init_from=str(checkpoint))
+    method = OBJECTIVES[checkpoint.parent.name.split("-")[0]][0](init_from=str(checkpoint))
     method.setup("fit")
     for key, value in method.state_dict().items():
         torch.testing.assert_close(value, trained[key], msg=key)

@@ -8,13 +8,16 @@ from ssl_vit.data.shards import (
     write_embedded_shards,
     write_shards,
 )
-from ssl_vit.data.views import MAEView
+from ssl_vit.data.views import MAEView, MultiCropViews, SimMIMView, TwoViews
 
 __all__ = [
     "MAEView",
+    "MultiCropViews",
     "ShardDataModule",
     "ShardDataset",
     "ShardIndex",
+    "SimMIMView",
+    "TwoViews",
     "decode_sample",
     "image_folder_samples",
     "resolve_shards",

@@ -1,6 +1,10 @@
 """One file per objective; each is a LightningModule built on :class:`SSLMethod`."""
 
 from ssl_vit.methods.base import SSLMethod
+from ssl_vit.methods.dino import DINO
 from ssl_vit.methods.mae import MAE
+from ssl_vit.methods.mocov3 import MoCoV3
+from ssl_vit.methods.simclr import SimCLR
+from ssl_vit.methods.simmim import SimMIM
 
-__all__ = ["MAE", "SSLMethod"]
+__all__ = ["DINO", "MAE", "MoCoV3", "SSLMethod", "SimCLR", "SimMIM"]

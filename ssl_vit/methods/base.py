@@ -8,13 +8,16 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.optim import param_groups_weight_decay
+from torch import Tensor
 
 from ssl_vit.checkpoint import read_checkpoint
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
-from ssl_vit.schedules import warmup_cosine
+from ssl_vit.schedules import cosine_to, warmup_cosine
 
 # Parameters that are tokens or embeddings, not weights: no weight decay (besides biases and norms).
 NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_token"}
@@ -24,13 +27,16 @@ class SSLMethod(L.LightningModule):
     #: The encoders an export or evaluation can take: role -> module path, the one the paper
     #: evaluates first (DINO and MoCo v3 list their EMA teacher / momentum encoder first).
     encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
+    #: lr = base_lr x global batch / lr_batch_divisor (256 in MAE, DINO, MoCo v3; 512 in SimMIM).
+    lr_batch_divisor: ClassVar[int] = 256
 
     """Base class of the objectives. Subclasses build their heads in ``__init__`` and implement
     ``training_step(batch, batch_idx) -> loss``; a batch is ``(views, labels)``.
 
     Learning rate = ``base_lr * global_batch / 256`` (global batch = per-device batch x devices x
     gradient-accumulation steps), linear warm-up for ``warmup_epochs`` then cosine to ``min_lr``,
-    set on every optimiser step from the global step, so resuming restores it exactly.
+    set on every optimiser step from the global step, so resuming restores it exactly. With
+    ``weight_decay_end`` the weight decay follows a cosine from ``weight_decay`` to it (DINO).
 
     ``init_from`` starts the encoder from existing weights (an ``ssl-vit export`` folder, a timm
     ``local-dir`` folder, a timm ``.safetensors``/``.pth`` state dict, or an ssl-vit checkpoint, whose
@@ -46,10 +52,15 @@ class SSLMethod(L.LightningModule):
         min_lr: float,
         betas: tuple[float, float],
         init_from: str | None = None,
+        weight_decay_end: float | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # the subclass's arguments, for checkpoints and exports
         self.encoder = ViTEncoder(**encoder)
+        self.base_lr, self.min_lr, self.warmup_epochs = base_lr, min_lr, warmup_epochs
+        self.weight_decay, self.weight_decay_end, self.betas = weight_decay, weight_decay_end, tuple(betas)
+        self.init_from = init_from
+        self._collapsed = False
 
     @property
     def evaluated_encoder(self) -> ViTEncoder:
@@ -58,8 +69,8 @@ class SSLMethod(L.LightningModule):
     def setup(self, stage: str) -> None:
         # After every subclass has built and initialised its modules, and before a resumed run's
         # checkpoint is restored over them.
-        if self.hparams.init_from:
-            self.load_initial_weights(self.hparams.init_from)
+        if self.init_from:
+            self.load_initial_weights(self.init_from)
 
     def load_initial_weights(self, path: str) -> None:
         try:
@@ -72,7 +83,7 @@ class SSLMethod(L.LightningModule):
             raise UserError(
                 f"model.init_from {path}: the weights do not fit the encoder ({problem}); check model.encoder"
             )
-        if path.endswith(".ckpt"):  # a full ssl-vit checkpoint: the objective's heads too, where they fit
+        if path.endswith(".ckpt"):  # a full ssl-vit checkpoint: the objective's heads (and teacher) too
             own = self.state_dict()
             heads = {
                 k: v
@@ -80,6 +91,10 @@ class SSLMethod(L.LightningModule):
                 if not k.startswith("encoder.") and k in own and own[k].shape == v.shape
             }
             self.load_state_dict(heads, strict=False)
+            return
+        for module_path in self.encoders.values():  # a teacher / momentum encoder starts as a copy
+            if module_path != "encoder":
+                self.get_submodule(module_path).load_state_dict(self.encoder.state_dict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ssl_vit"] = {"objective": type(self).__name__, "encoders": dict(self.encoders)}
@@ -88,26 +103,47 @@ class SSLMethod(L.LightningModule):
         return per_device_batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def learning_rate(self, step: int, per_device_batch: int) -> float:
-        hp = self.hparams
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        peak = hp.base_lr * self.global_batch_size(per_device_batch) / 256
+        peak = self.base_lr * self.global_batch_size(per_device_batch) / self.lr_batch_divisor
         return warmup_cosine(
             step,
             total_steps=int(self.trainer.estimated_stepping_batches),
-            warmup_steps=round(hp.warmup_epochs * steps_per_epoch),
+            warmup_steps=round(self.warmup_epochs * steps_per_epoch),
             peak=peak,
-            final=hp.min_lr,
+            final=self.min_lr,
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         no_decay = [n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in NO_DECAY_NAMES]
-        groups = param_groups_weight_decay(self, self.hparams.weight_decay, no_weight_decay_list=no_decay)
+        groups = param_groups_weight_decay(self, self.weight_decay, no_weight_decay_list=no_decay)
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(self.hparams.betas), fused=fused)
+        return torch.optim.AdamW(groups, lr=0.0, betas=self.betas, fused=fused)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         _, labels = batch
         lr = self.learning_rate(self.global_step, per_device_batch=len(labels))
+        wd = self.weight_decay
+        if self.weight_decay_end is not None:
+            wd = cosine_to(self.global_step, int(self.trainer.estimated_stepping_batches), wd, self.weight_decay_end)
+            self.log("train/weight_decay", wd)
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = lr
+            if group["weight_decay"]:  # only the decayed group follows the schedule
+                group["weight_decay"] = wd
         self.log("train/lr", lr, prog_bar=True)
+
+    def watch_collapse(self, embeddings: Tensor, threshold: float = 0.05) -> None:
+        """Log the per-dimension std of L2-normalised embeddings, scaled by sqrt(dim) (about 1
+        for well-spread embeddings, 0 when all are identical), and warn when it falls below
+        ``threshold``: the run has collapsed."""
+        z = F.normalize(embeddings.detach().float(), dim=1)
+        spread = z.std(dim=0).mean().item() * z.shape[1] ** 0.5
+        self.log("train/embedding_spread", spread)
+        collapsed = spread < threshold
+        if collapsed and not self._collapsed:
+            rank_zero_warn(
+                f"{type(self).__name__} may have collapsed at step {self.global_step}: the embeddings' spread "
+                f"(per-dimension std x sqrt(dim)) is {spread:.4f} < {threshold}; every image maps to nearly "
+                "the same output. Check the learning rate, temperatures and augmentations."
+            )
+        self._collapsed = collapsed

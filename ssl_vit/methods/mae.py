@@ -87,7 +87,7 @@ class MAE(SSLMethod):
         betas: tuple[float, float] = (0.9, 0.95),
         init_from: str | None = None,
     ) -> None:
-        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from)
+        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from)
         if not 0 < mask_ratio < 1:
             raise UserError(f"model.mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio

@@ -1,0 +1,122 @@
+"""DINO (Caron et al., 2021), following facebookresearch/dino ``main_dino.py``.
+
+A student (encoder + DINO head) learns to match an EMA teacher's centred, sharpened output
+distribution across crops: the teacher sees the 2 global crops, the student every crop.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ssl_vit.distributed import mean_over_ranks
+from ssl_vit.ema import ema_update, frozen_copy
+from ssl_vit.encoder import EncoderConfig, ViTEncoder
+from ssl_vit.heads import DINOHead
+from ssl_vit.losses import dino_loss
+from ssl_vit.methods.base import SSLMethod
+from ssl_vit.schedules import cosine_to, linear_warmup_then_constant
+
+
+def embed_crops(encoder: ViTEncoder, head: nn.Module, crops: list[Tensor]) -> Tensor:
+    """Head outputs of the CLS tokens of every crop, crops in order: the encoder runs once per
+    run of equal-resolution crops (DINO's MultiCropWrapper), the head once on all of them."""
+    cls = [encoder(torch.cat(list(group))).cls for _, group in groupby(crops, key=lambda crop: tuple(crop.shape[-2:]))]
+    return head(torch.cat(cls))
+
+
+class DINO(SSLMethod):
+    """DINO pretraining. Defaults are the paper's ViT-S/16 settings: head 2048 / 256 / 65536 with a
+    normalised last layer frozen for the first epoch, student temperature 0.1, teacher 0.04 ->
+    0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine), AdamW with lr
+    5e-4 x batch / 256 (10 warm-up epochs, cosine to 1e-6) and weight decay 0.04 -> 0.4 (cosine),
+    per-parameter gradient clipping at 3.0."""
+
+    encoders: ClassVar[dict[str, str]] = {"teacher": "teacher_encoder", "student": "encoder"}
+
+    def __init__(
+        self,
+        encoder: EncoderConfig,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+        freeze_last_layer_epochs: int = 1,
+        student_temp: float = 0.1,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp_epochs: int = 30,
+        center_momentum: float = 0.9,
+        teacher_momentum: float = 0.996,
+        clip_grad: float = 3.0,
+        base_lr: float = 5e-4,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        warmup_epochs: float = 10,
+        min_lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(
+            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from, weight_decay_end=weight_decay_end
+        )
+        self.head = DINOHead(
+            self.encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer
+        )
+        # The teacher has the student's architecture without stochastic depth, and starts equal to it.
+        self.teacher_encoder = ViTEncoder(**{**encoder, "drop_path_rate": 0.0}).requires_grad_(False)
+        self.teacher_encoder.load_state_dict(self.encoder.state_dict())
+        self.teacher_head = frozen_copy(self.head)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_temperature(self) -> float:
+        hp = self.hparams
+        return linear_warmup_then_constant(
+            self.current_epoch, hp.warmup_teacher_temp_epochs, hp.warmup_teacher_temp, hp.teacher_temp
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        crops, _ = batch
+        with torch.no_grad():
+            teacher_out = embed_crops(self.teacher_encoder, self.teacher_head, crops[:2])
+        student_out = embed_crops(self.encoder, self.head, crops)
+        temp = self.teacher_temperature()
+        loss = dino_loss(student_out, teacher_out, self.center, len(crops), self.hparams.student_temp, temp)
+        self.update_center(teacher_out)
+        self.watch_collapse(teacher_out)
+        self.log_dict({"train/loss": loss, "train/teacher_temp": temp}, prog_bar=True)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:
+        """center <- m * center + (1 - m) * (mean teacher output over the global batch)."""
+        batch_center = mean_over_ranks(teacher_out.mean(dim=0, keepdim=True))
+        m = self.hparams.center_momentum
+        self.center.mul_(m).add_(batch_center, alpha=1 - m)
+
+    def on_after_backward(self) -> None:
+        if self.current_epoch < self.hparams.freeze_last_layer_epochs:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # DINO clips each parameter's gradient norm on its own, not the global norm.
+        clip = self.hparams.clip_grad
+        if not clip:
+            return
+        for p in self.parameters():
+            if p.grad is not None:
+                coef = clip / (p.grad.norm(2) + 1e-6)
+                p.grad.mul_(coef.clamp(max=1.0))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return  # no optimiser step on this micro-batch
+        step = self.global_step - 1  # the optimiser step just taken
+        m = cosine_to(step, int(self.trainer.estimated_stepping_batches), self.hparams.teacher_momentum, 1.0)
+        ema_update(self.teacher_encoder, self.encoder, m)
+        ema_update(self.teacher_head, self.head, m)
+        self.log("train/teacher_momentum", m)

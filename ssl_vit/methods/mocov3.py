@@ -1,0 +1,78 @@
+"""MoCo v3 (Chen et al., 2021), following facebookresearch/moco-v3 ``moco/builder.py`` (ViT).
+
+Queries (base encoder -> projector -> predictor) of each view are matched against keys (momentum
+encoder -> momentum projector) of the other view across the whole global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ssl_vit.ema import ema_update, frozen_copy
+from ssl_vit.encoder import EncoderConfig
+from ssl_vit.heads import projection_mlp
+from ssl_vit.losses import info_nce
+from ssl_vit.methods.base import SSLMethod
+from ssl_vit.schedules import cosine_to
+
+
+class MoCoV3(SSLMethod):
+    """MoCo v3 pretraining. Defaults are the paper's ViT-B/16 settings: projector 3 x 4096 -> 256
+    and predictor 2 x 4096 -> 256 (BatchNorm; use ``trainer.sync_batchnorm`` across GPUs),
+    temperature 0.2 with the loss scaled by 2T, momentum 0.99 -> 1 (cosine), a frozen random
+    patch projection, fixed sin-cos positions, AdamW with lr 1.5e-4 x batch / 256 and wd 0.1,
+    40 warm-up epochs. Set ``encoder.weight_init: moco`` for the paper's initialisation."""
+
+    encoders: ClassVar[dict[str, str]] = {"momentum": "momentum_encoder", "base": "encoder"}
+
+    def __init__(
+        self,
+        encoder: EncoderConfig,
+        hidden_dim: int = 4096,
+        out_dim: int = 256,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        freeze_patch_embed: bool = True,
+        base_lr: float = 1.5e-4,
+        weight_decay: float = 0.1,
+        warmup_epochs: float = 40,
+        min_lr: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from)
+        enc = self.encoder
+        enc.fix_sincos_pos_embed()
+        proj = enc.vit.patch_embed.proj
+        bound = math.sqrt(6.0 / float(3 * math.prod(proj.kernel_size) + enc.embed_dim))
+        nn.init.uniform_(proj.weight, -bound, bound)
+        nn.init.zeros_(proj.bias)
+        if freeze_patch_embed:  # the paper's fix for training instability: a random, frozen patch projection
+            proj.requires_grad_(False)
+        self.projector = projection_mlp(3, enc.embed_dim, hidden_dim, out_dim)
+        self.predictor = projection_mlp(2, out_dim, hidden_dim, out_dim)
+        self.momentum_encoder = frozen_copy(self.encoder)
+        self.momentum_projector = frozen_copy(self.projector)
+
+    def momentum(self) -> float:
+        return cosine_to(self.global_step, int(self.trainer.estimated_stepping_batches), self.hparams.momentum, 1.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (x1, x2), _ = batch
+        q1 = self.predictor(self.projector(self.encoder(x1).cls))
+        q2 = self.predictor(self.projector(self.encoder(x2).cls))
+        with torch.no_grad():  # as in the official code: update the momentum encoder, then compute keys
+            m = self.momentum()
+            ema_update(self.momentum_encoder, self.encoder, m)
+            ema_update(self.momentum_projector, self.projector, m)
+            k1 = self.momentum_projector(self.momentum_encoder(x1).cls)
+            k2 = self.momentum_projector(self.momentum_encoder(x2).cls)
+        t = self.hparams.temperature
+        loss = info_nce(q1, k2, t) + info_nce(q2, k1, t)
+        self.watch_collapse(q1)
+        self.log_dict({"train/loss": loss, "train/momentum": m}, prog_bar=True)
+        return loss

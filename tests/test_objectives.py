@@ -1,0 +1,196 @@
+"""SimMIM, DINO, MoCo v3 and SimCLR against short references written from the official formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_vit.data import MultiCropViews, TwoViews
+from ssl_vit.ema import ema_update
+from ssl_vit.encoder import ViTEncoder
+from ssl_vit.losses import dino_loss, info_nce, masked_pixel_l1, nt_xent
+from ssl_vit.masking import block_patch_mask
+from ssl_vit.methods import DINO, MoCoV3, SimCLR, SimMIM
+from ssl_vit.methods.dino import embed_crops
+from ssl_vit.schedules import cosine_to, linear_warmup_then_constant
+from tests.conftest import TINY_ENCODER, random_images
+
+# ----------------------------------------------------------------------------- SimMIM
+
+
+def test_block_mask_ratio_blocks_and_independence():
+    mask = block_patch_mask(16, (8, 8), patch_size=4, mask_patch_size=8, mask_ratio=0.6)
+    assert mask.shape == (16, 8, 8) and mask.dtype == torch.bool
+    blocks = mask.view(16, 4, 2, 4, 2)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()  # each 2x2 block is all masked or all visible
+    per_sample = blocks[:, :, 0, :, 0].flatten(1).sum(1)
+    assert (per_sample == math.ceil(16 * 0.6)).all()
+    assert len({tuple(m.flatten().tolist()) for m in mask}) > 1
+
+
+def test_masked_pixel_l1_matches_reference():
+    pred, images = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    mask = (torch.rand(2, 1, 8, 8) < 0.5).float()
+    terms = [
+        abs(pred[b, c, i, j] - images[b, c, i, j])
+        for b in range(2)
+        for c in range(3)
+        for i in range(8)
+        for j in range(8)
+        if mask[b, 0, i, j]
+    ]
+    torch.testing.assert_close(masked_pixel_l1(pred, images, mask), sum(terms) / len(terms), rtol=1e-4, atol=1e-6)
+    pred2 = pred + (1 - mask) * 50  # visible pixels do not count
+    torch.testing.assert_close(masked_pixel_l1(pred2, images, mask), masked_pixel_l1(pred, images, mask))
+
+
+def test_simmim_encoder_sees_all_positions_and_loss_is_on_masked_pixels():
+    model = SimMIM(TINY_ENCODER, mask_patch_size=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    out = model(x)
+    assert out.pred.shape == x.shape and out.mask.shape == (2, 8, 8)
+    pixel_mask = out.mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).float()
+    torch.testing.assert_close(out.loss, masked_pixel_l1(out.pred, x, pixel_mask))
+    tokens = model.encoder(x, mask=out.mask, mask_token=model.mask_token).patches
+    assert tokens.shape == (2, 64, 64)  # every position, masked ones as the mask token
+
+
+# ----------------------------------------------------------------------------- DINO
+
+
+def reference_dino_loss(student, teacher, center, n_crops, t_s, t_t):
+    s_chunks, t_chunks = student.chunk(n_crops), teacher.chunk(2)
+    losses = []
+    for i, t in enumerate(t_chunks):
+        p = torch.exp((t - center) / t_t) / torch.exp((t - center) / t_t).sum(-1, keepdim=True)
+        for v, s in enumerate(s_chunks):
+            if v != i:
+                log_q = s / t_s - torch.logsumexp(s / t_s, dim=-1, keepdim=True)
+                losses.append((-(p * log_q).sum(-1)).mean())
+    assert len(losses) == 2 * n_crops - 2
+    return sum(losses) / len(losses)
+
+
+def test_dino_loss_skips_same_view_pairs_and_averages_over_pairs():
+    b, k, n_crops = 4, 32, 6
+    student, teacher, center = torch.randn(n_crops * b, k), torch.randn(2 * b, k), torch.randn(1, k) * 0.1
+    got = dino_loss(student, teacher, center, n_crops, 0.1, 0.04)
+    torch.testing.assert_close(got, reference_dino_loss(student, teacher, center, n_crops, 0.1, 0.04))
+
+
+def test_dino_teacher_temperature_and_momentum_schedules():
+    warm = np.linspace(0.04, 0.07, 30)  # main_dino.py's teacher_temp_schedule
+    for epoch in range(40):
+        expected = warm[epoch] if epoch < 30 else 0.07
+        assert linear_warmup_then_constant(epoch, 30, 0.04, 0.07) == pytest.approx(expected)
+    total = 100
+    iters = np.arange(total)  # utils.cosine_scheduler(0.996, 1, ...) without warm-up
+    schedule = 1 + 0.5 * (0.996 - 1) * (1 + np.cos(np.pi * iters / len(iters)))
+    for step in range(total):
+        assert cosine_to(step, total, 0.996, 1.0) == pytest.approx(schedule[step])
+
+
+def tiny_dino(**kw) -> DINO:
+    return DINO(TINY_ENCODER, out_dim=64, hidden_dim=32, bottleneck_dim=16, **kw)
+
+
+def test_dino_centre_update_and_teacher_has_no_gradient():
+    model = tiny_dino()
+    teacher_out = torch.randn(8, 64)
+    before = model.center.clone()
+    model.update_center(teacher_out)
+    torch.testing.assert_close(model.center, before * 0.9 + teacher_out.mean(0, keepdim=True) * 0.1)
+    assert not any(p.requires_grad for p in model.teacher_encoder.parameters())
+    assert not any(p.requires_grad for p in model.teacher_head.parameters())
+    crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    with torch.no_grad():
+        t = embed_crops(model.teacher_encoder, model.teacher_head, crops[:2])
+    s = embed_crops(model.encoder, model.head, crops)
+    dino_loss(s, t, model.center, 4).backward()
+    assert all(p.grad is None for p in model.teacher_encoder.parameters())
+    assert model.encoder.vit.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_ema_update_follows_the_formula_exactly():
+    source, target = ViTEncoder(**TINY_ENCODER), ViTEncoder(**TINY_ENCODER)
+    expected = {k: 0.9 * v + 0.1 * source.state_dict()[k] for k, v in target.state_dict().items()}
+    ema_update(target, source, 0.9)
+    for k, v in target.state_dict().items():
+        torch.testing.assert_close(v, expected[k])
+
+
+def test_dino_head_last_layer_is_weight_normalised_with_fixed_norm():
+    model = tiny_dino()
+    param = model.head.last_layer.parametrizations.weight
+    assert not param.original0.requires_grad and torch.all(param.original0 == 1)
+    w = model.head.last_layer.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(64))
+
+
+def test_multicrop_views_and_one_encoder_pass_per_resolution():
+    from PIL import Image
+
+    views = MultiCropViews(global_size=32, local_size=16, num_local=3)(Image.fromarray(random_images(1, 48)[0]))
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    encoder = ViTEncoder(**TINY_ENCODER)
+    calls = []
+    encoder.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    batch = [v.unsqueeze(0).repeat(2, 1, 1, 1) for v in views]
+    out = embed_crops(encoder, torch.nn.Identity(), batch)
+    assert calls == [(4, 3, 32, 32), (6, 3, 16, 16)]
+    assert out.shape == (10, 64)
+    two = TwoViews(size=32)(Image.fromarray(random_images(1, 48)[0]))
+    assert [tuple(v.shape) for v in two] == [(3, 32, 32)] * 2
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+
+def reference_info_nce(q, k, t):
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    losses = []
+    for i in range(len(q)):
+        logits = torch.stack([q[i] @ k[j] / t for j in range(len(k))])
+        losses.append(-(logits[i] - torch.logsumexp(logits, 0)))
+    return torch.stack(losses).mean() * 2 * t
+
+
+def reference_nt_xent(z1, z2, t):
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n2 = len(z)
+    losses = []
+    for i in range(n2):
+        pos = (i + n2 // 2) % n2
+        others = torch.stack([z[i] @ z[j] / t for j in range(n2) if j != i])
+        losses.append(-(z[i] @ z[pos] / t - torch.logsumexp(others, 0)))
+    return torch.stack(losses).mean()
+
+
+def test_info_nce_with_the_2t_scale():
+    q, k = torch.randn(6, 8), torch.randn(6, 8)
+    torch.testing.assert_close(info_nce(q, k, 0.2), reference_info_nce(q, k, 0.2))
+
+
+def test_nt_xent_over_2n_views():
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    torch.testing.assert_close(nt_xent(z1, z2, 0.1), reference_nt_xent(z1, z2, 0.1))
+
+
+def test_mocov3_freezes_patch_projection_and_uses_fixed_positions():
+    model = MoCoV3(TINY_ENCODER, hidden_dim=32, out_dim=16)
+    assert not model.encoder.vit.patch_embed.proj.weight.requires_grad
+    assert not model.encoder.vit.pos_embed.requires_grad
+    assert not any(p.requires_grad for p in model.momentum_encoder.parameters())
+    assert len(model.projector) == 8 and isinstance(model.projector[-1], torch.nn.BatchNorm1d)
+    assert not model.projector[-1].affine and len(model.predictor) == 5
+
+
+def test_collapse_is_reported_with_the_step():
+    model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
+    model.log = lambda *args, **kwargs: None
+    model.watch_collapse(torch.randn(32, 16))  # healthy: no warning
+    with pytest.warns(UserWarning, match="may have collapsed at step 0"):
+        model.watch_collapse(torch.ones(32, 16) + 1e-7 * torch.randn(32, 16))
