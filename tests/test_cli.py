@@ -108,6 +108,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     provenance = json.loads((workdir / "export/mae/config.json").read_text())["ssl_vit"]
     assert provenance["knn"] == in_run["knn"]["results"] and provenance["step"] == 8
+    assert provenance["objective"] == "MAE" and provenance["data"]["train_shards"] == "data/shapes/train"
     again = ssl_vit("export", str(ckpt_dir / "last.ckpt"), "export/mae", cwd=workdir)
     assert again.returncode == 2 and "--overwrite" in again.stderr
 

@@ -24,16 +24,10 @@ NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_tok
 
 
 class SSLMethod(L.LightningModule):
-    #: The encoders an export or evaluation can take: role -> module path, the one the paper
-    #: evaluates first (DINO and MoCo v3 list their EMA teacher / momentum encoder first).
-    encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
-    #: lr = base_lr x global batch / lr_batch_divisor (256 in MAE, DINO, MoCo v3; 512 in SimMIM).
-    lr_batch_divisor: ClassVar[int] = 256
-
     """Base class of the objectives. Subclasses build their heads in ``__init__`` and implement
     ``training_step(batch, batch_idx) -> loss``; a batch is ``(views, labels)``.
 
-    Learning rate = ``base_lr * global_batch / 256`` (global batch = per-device batch x devices x
+    Learning rate = ``base_lr * global_batch / lr_batch_divisor`` (global batch = per-device batch x devices x
     gradient-accumulation steps), linear warm-up for ``warmup_epochs`` then cosine to ``min_lr``,
     set on every optimiser step from the global step, so resuming restores it exactly. With
     ``weight_decay_end`` the weight decay follows a cosine from ``weight_decay`` to it (DINO).
@@ -42,6 +36,12 @@ class SSLMethod(L.LightningModule):
     ``local-dir`` folder, a timm ``.safetensors``/``.pth`` state dict, or an ssl-vit checkpoint, whose
     heads are then loaded too), resampling position embeddings to this encoder's grid.
     """
+
+    #: The encoders an export or evaluation can take: role -> module path, the one the paper
+    #: evaluates first (DINO and MoCo v3 list their EMA teacher / momentum encoder first).
+    encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
+    #: lr = base_lr x global batch / lr_batch_divisor (256 in MAE, DINO, MoCo v3; 512 in SimMIM).
+    lr_batch_divisor: ClassVar[int] = 256
 
     def __init__(
         self,
