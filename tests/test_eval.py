@@ -55,13 +55,16 @@ def test_knn_tied_votes_go_to_the_lower_class():
     assert flipped[2]["top1"] == pytest.approx(0.0)
 
 
-def test_linear_probe_separates_linearly_separable_features():
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_linear_probe_separates_linearly_separable_features(optimizer):
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 32, generator=g) * 4
     labels = torch.randint(0, 5, (1000,), generator=g)
     features = centres[labels] + torch.randn(1000, 32, generator=g)
     train, val = FeatureSet(features[:800], labels[:800]), FeatureSet(features[800:], labels[800:])
-    head = train_linear_probe(cached_feature_batches(train, 100), 8, 32, 5, epochs=20, batch_size=100, warmup_epochs=2)
+    batches = cached_feature_batches(train, 100)
+    base_lr = 0.1 if optimizer == "sgd" else 20.0  # LARS rescales each step by 0.001 x |w| / |grad|
+    head = train_linear_probe(batches, 8, 32, 5, epochs=20, batch_size=100, base_lr=base_lr, optimizer=optimizer)
     assert probe_accuracy(head, val, 5)["top1"] > 99.0
 
 
@@ -90,6 +93,15 @@ def test_collapsed_encoder_scores_chance(tmp_path):
     for acc in results["knn"].values():
         assert acc["top1"] == pytest.approx(20.0)  # every query gets the same vote: one class of 5
     assert results["probe"]["top1"] == pytest.approx(20.0)
+
+
+def test_augmented_probe_path_runs_through_the_frozen_encoder(tmp_path):
+    train = labelled_shards(tmp_path / "train", 100, 5, seed=0)
+    val = labelled_shards(tmp_path / "val", 50, 5, seed=1)
+    evaluator = Evaluator(train, val, probe_augment=True, probe_epochs=2, probe_batch_size=25, num_workers=0)
+    encoder = collapsed_encoder()
+    results = evaluator.probe(encoder, *evaluator.features(encoder))
+    assert results["top1"] == pytest.approx(20.0)  # constant features: one class of 5, however trained
 
 
 def test_features_are_deterministic_and_cache_round_trips(tmp_path):

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode, v2
 
 from ssl_vit.data.pipeline import ShardDataset
 from ssl_vit.data.shards import resolve_shards
-from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
+from ssl_vit.data.views import MAEView
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval.features import (
@@ -180,14 +179,8 @@ class Evaluator:
     def _augmented_batches(self, encoder: ViTEncoder, batch_size: int):
         """The paper path: every epoch, fresh RandomResizedCrop + flip views through the frozen encoder."""
         urls, _ = resolve_shards(self.train_shards)
-        size = self.image_size or encoder.vit.patch_embed.img_size[0]
-        view = v2.Compose(
-            [
-                v2.RandomResizedCrop(size, interpolation=InterpolationMode.BICUBIC),
-                v2.RandomHorizontalFlip(),
-                *to_normalized_tensor(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
+        # MAE's linear-probe training view: RandomResizedCrop (default scale 0.08-1, bicubic) + flip.
+        view = MAEView(self.image_size or encoder.vit.patch_embed.img_size[0], scale=(0.08, 1.0))
         device = next(encoder.parameters()).device
 
         def batches(epoch: int):
