@@ -57,21 +57,26 @@ def load_checkpoint_encoder(path: str | Path, role: str | None = None) -> tuple[
     """The trained encoder of an ssl-vit checkpoint (by default the one its paper evaluates), and
     a summary of the checkpoint (method, encoder settings, step)."""
     ckpt = read_checkpoint(path)
-    hparams = ckpt["hyper_parameters"]
-    encoder = ViTEncoder(**hparams["encoder"])
+    encoder, role = checkpoint_encoder(ckpt, path, role)
+    info = {
+        "method": objective_name(ckpt),
+        "encoder": dict(ckpt["hyper_parameters"]["encoder"]),
+        "encoder_role": role,
+        "step": ckpt.get("global_step"),
+    }
+    return encoder, info
+
+
+def checkpoint_encoder(ckpt: dict[str, Any], path: str | Path, role: str | None = None) -> tuple[ViTEncoder, str]:
+    """Build a read checkpoint's encoder from its settings and load one of its encoders' weights."""
+    encoder = ViTEncoder(**ckpt["hyper_parameters"]["encoder"])
     weights, role = encoder_weights(ckpt, path, role)
     missing, unexpected = encoder.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(
             f"{path}: encoder weights do not match its settings (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    info = {
-        "method": objective_name(ckpt),
-        "encoder": dict(hparams["encoder"]),
-        "encoder_role": role,
-        "step": ckpt.get("global_step"),
-    }
-    return encoder, info
+    return encoder, role
 
 
 def objective_name(ckpt: dict[str, Any]) -> str:

@@ -21,7 +21,13 @@ from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ssl_vit.checkpoint import encoder_weights, objective_name, read_checkpoint
+from ssl_vit.checkpoint import (
+    checkpoint_encoder,
+    encoder_weights,
+    load_checkpoint_encoder,
+    objective_name,
+    read_checkpoint,
+)
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
@@ -44,9 +50,7 @@ def export_encoder(
     The result is written under a temporary name and renamed into place: nothing partial is left.
     """
     ckpt = read_checkpoint(checkpoint)
-    weights, role = encoder_weights(ckpt, checkpoint, role)
-    encoder = ViTEncoder(**ckpt["hyper_parameters"]["encoder"])
-    encoder.load_state_dict(weights)
+    encoder, role = checkpoint_encoder(ckpt, checkpoint, role)
     out = Path(out)
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another path or pass --overwrite")
@@ -87,16 +91,9 @@ def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not an export folder (no config.json); pass one written by `ssl-vit export`")
         return timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=num_classes)
-    ckpt = read_checkpoint(path)
-    weights, _ = encoder_weights(ckpt, path, role)
-    config = ckpt["hyper_parameters"]["encoder"]
-    vit = timm.create_model(config.get("name", "vit_base_patch16_224"), num_classes=num_classes, **_model_args(config))
-    missing, unexpected = vit.load_state_dict({k[len("vit.") :]: v for k, v in weights.items()}, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("head.")]:
-        raise UserError(
-            f"{path}: encoder weights do not fit {config} (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return vit
+    encoder, _ = load_checkpoint_encoder(path, role)
+    encoder.vit.reset_classifier(num_classes)
+    return encoder.vit
 
 
 def encoder_state_dict(path: str | Path, encoder: ViTEncoder) -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ from ssl_vit.eval.features import (
     FeatureSet,
     Pooling,
     extract_features,
+    frozen_features,
     load_features,
-    pooled_features,
     save_features,
 )
 from ssl_vit.eval.knn import knn_classify
@@ -107,8 +107,8 @@ class Evaluator:
             raise UserError(f"a label is >= the number of classes ({n}); train and val labels do not match")
         return n
 
-    def _view(self, encoder: ViTEncoder) -> EvalView:
-        return EvalView(self.image_size or encoder.vit.patch_embed.img_size[0])
+    def _image_size(self, encoder: ViTEncoder) -> int:
+        return self.image_size or encoder.vit.patch_embed.img_size[0]
 
     def features(self, encoder: ViTEncoder) -> tuple[FeatureSet, FeatureSet]:
         """Train and val features (from the cache when it has them)."""
@@ -123,7 +123,13 @@ class Evaluator:
                 result.append(load_features(cached))
                 continue
             feats = extract_features(
-                encoder, shards, self._view(encoder), self.pooling, self.last_blocks, self.batch_size, self.num_workers
+                encoder,
+                shards,
+                EvalView(self._image_size(encoder)),
+                self.pooling,
+                self.last_blocks,
+                self.batch_size,
+                self.num_workers,
             )
             if cached:
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +186,7 @@ class Evaluator:
         """The paper path: every epoch, fresh RandomResizedCrop + flip views through the frozen encoder."""
         urls, _ = resolve_shards(self.train_shards)
         # MAE's linear-probe training view: RandomResizedCrop (default scale 0.08-1, bicubic) + flip.
-        view = MAEView(self.image_size or encoder.vit.patch_embed.img_size[0], scale=(0.08, 1.0))
-        device = next(encoder.parameters()).device
+        view = MAEView(self._image_size(encoder), scale=(0.08, 1.0))
 
         def batches(epoch: int):
             dataset = ShardDataset(urls, view, shuffle_buffer=10 * batch_size, seed=self.seed)
@@ -191,8 +196,6 @@ class Evaluator:
             )
             encoder.eval()
             for images, labels in loader:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    features = pooled_features(encoder, images.to(device), self.pooling, self.last_blocks)
-                yield features.float(), labels
+                yield frozen_features(encoder, images, self.pooling, self.last_blocks), labels
 
         return batches

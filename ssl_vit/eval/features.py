@@ -71,6 +71,16 @@ def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: Pooling = "cls
 
 
 @torch.no_grad()
+def frozen_features(encoder: ViTEncoder, images: Tensor, pooling: Pooling = "cls", last_blocks: int = 1) -> Tensor:
+    """Pooled float32 features of a batch through the frozen encoder, on its device (bf16
+    autocast on GPU)."""
+    device = next(encoder.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        features = pooled_features(encoder, images.to(device, non_blocking=True), pooling, last_blocks)
+    return features.float()
+
+
+@torch.no_grad()
 def extract_features(
     encoder: ViTEncoder,
     shards: str,
@@ -85,15 +95,12 @@ def extract_features(
     urls, _ = resolve_shards(shards)
     dataset = ShardDataset(urls, view, shuffle_shards=False)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))
-    device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     features, labels = [], []
     try:
         for images, batch_labels in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                f = pooled_features(encoder, images.to(device, non_blocking=True), pooling, last_blocks)
-            features.append(f.float().cpu())
+            features.append(frozen_features(encoder, images, pooling, last_blocks).cpu())
             labels.append(batch_labels)
     finally:
         encoder.train(was_training)
