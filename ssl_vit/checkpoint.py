@@ -1,15 +1,115 @@
-"""Reading encoders back out of ssl-vit checkpoints, safely (tensors and plain containers only)."""
+"""Checkpoints: written whole or not at all, found again after a crash, read back safely
+(tensors and plain containers only), and the encoders read back out of them."""
 
 from __future__ import annotations
 
+import glob
+import os
 import pickle
+import random
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, except that a checkpoint appears under its name only when it is
+    complete: it is written to a temporary file in the same folder, flushed to disk and renamed
+    over the target. (Lightning's own local save goes through a temporary file in /tmp, which is
+    copied, not renamed, when /tmp is another filesystem, and is not flushed.) Loads use
+    ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction is the atomic unit there
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = True) -> Any:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def newest_complete_checkpoint(*patterns: str | Path) -> Path | None:
+    """The most recently written checkpoint matching any of the glob ``patterns`` that reads as a
+    whole checkpoint; newer ones that do not (truncated, half-copied) are passed over with a warning."""
+    candidates = {Path(p) for pattern in patterns for p in glob.glob(str(pattern))}
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:  # mmap reads the archive's index (at its end) without loading the tensors
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return path
+        except Exception as err:
+            rank_zero_warn(
+                f"skipping checkpoint {path}: it is incomplete or unreadable ({type(err).__name__}); "
+                "falling back to the previous one"
+            )
+    return None
+
+
+def rng_states() -> dict[str, Any]:
+    """The process's random number generator states, as tensors and plain values (so they load
+    with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus what a run needs to survive being stopped: checkpoints
+    hold the RNG states (a resumed run draws the same random numbers), and a SIGTERM (a scheduler
+    pre-empting the job, a SLURM requeue) saves ``last.ckpt`` after the step in flight, before
+    the process exits."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        rng = state.pop("rng", None)
+        super().load_state_dict(state)
+        if rng is not None:
+            set_rng_states(rng)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or self.dirpath is None:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        rank_zero_warn(
+            f"received SIGTERM at step {trainer.global_step}: saved {path}; run the same command again to resume"
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -8,30 +8,39 @@
     ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N]
 
 ``pretrain`` is Lightning's CLI (``fit``): every field of a recipe can be overridden on the command
-line, and ``--ckpt_path`` resumes (``last`` = the newest ``last.ckpt`` of the run).
+line. Running the same command again resumes from the run's newest complete checkpoint (after a
+crash, a kill or a pre-emption); ``--ckpt_path PATH`` resumes from another, ``--auto_resume false``
+starts afresh.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
+import signal
 import sys
 import time
 import warnings
+from pathlib import Path
+from typing import Any
 
 import jsonargparse
+import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
-from ssl_vit.checkpoint import load_checkpoint_encoder
+from ssl_vit.checkpoint import AtomicCheckpointIO, RunCheckpoint, load_checkpoint_encoder, newest_complete_checkpoint
 from ssl_vit.data.pipeline import ShardDataModule
 from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, write_shards
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.report import print_results, write_records
 from ssl_vit.export import export_encoder
+from ssl_vit.guards import NonFiniteGuard
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.progress import ImagesPerSecondBar
 
@@ -46,12 +55,40 @@ COMMANDS = {
 
 class PretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         # Keep every periodic checkpoint (there is no metric to rank them by) plus last.ckpt.
         parser.set_defaults(
-            {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.filename": "{epoch:04d}"}
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.filename": "{epoch:04d}-{step}"}
         )
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(ImagesPerSecondBar, "progress_bar")
+        parser.add_argument(
+            "--auto_resume",
+            type=bool,
+            default=True,
+            help="without --ckpt_path, continue from the newest complete checkpoint in checkpoint.dirpath",
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        check_views_fit_encoder(self.datamodule, self.model)  # before the trainer starts printing
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt.dirpath is None:  # Lightning's default is a new version folder per run: nothing to resume from
+            ckpt.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
+        config = self.config_init[self.subcommand]
+        if config["ckpt_path"] is None and config["auto_resume"]:
+            # Ours, and the one Lightning saves on SLURM's pre-emption signal (SIGUSR1) before requeueing.
+            newest = newest_complete_checkpoint(
+                Path(ckpt.dirpath) / "*.ckpt", Path(self.trainer.default_root_dir) / "hpc_ckpt_*.ckpt"
+            )
+            if newest is not None:
+                message = f"resuming from {newest} (--auto_resume false starts afresh)"
+                Console(stderr=True, soft_wrap=True).print(message)
+                config["ckpt_path"] = str(newest)
 
     def instantiate_classes(self) -> None:
         # jsonargparse wraps errors raised while building the model or data in its own ValueError;
@@ -65,11 +102,23 @@ class PretrainCLI(LightningCLI):
             raise (cause or err) from None
 
 
+def check_views_fit_encoder(datamodule: ShardDataModule, model: SSLMethod) -> None:
+    """Every crop the view makes must be a whole number of the encoder's patches."""
+    patch = model.encoder.patch_size
+    for size in getattr(datamodule.view, "sizes", ()):
+        if size % patch:
+            raise UserError(
+                f"data.view makes {size}-px crops, which the encoder's {patch}-px patches do not divide; "
+                f"use crop sizes that are multiples of {patch}"
+            )
+
+
 def pretrain(args: list[str]) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # ShardDataset's length is exact per rank and per worker, which this generic warning cannot know.
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning internals
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0"
     # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
     # "--weights_only" first so that a user's own value, later on the line, wins.
     PretrainCLI(
@@ -189,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
             evaluate(command, rest)
         else:
             {"pretrain": pretrain, "export": export, "shards": shards}[command](rest)
+    except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
+        sys.exit(128 + signal.SIGTERM)
     except (UserError, argparse.ArgumentError) as err:
         message = recipe_error_message(err) if isinstance(err, argparse.ArgumentError) else str(err)
         Console(stderr=True).print(f"[bold red]ssl-vit {command}: error:[/] {message}", highlight=False, soft_wrap=True)

@@ -68,7 +68,10 @@ class ViTEncoder(nn.Module):
             raise UserError(f"encoder {name!r} is a {type(vit).__name__}; ssl-vit needs a timm VisionTransformer")
         img, patch = vit.patch_embed.img_size, vit.patch_embed.patch_size
         if img[0] % patch[0] or img[1] % patch[1]:
-            raise UserError(f"encoder patch_size {patch} does not divide img_size {img}; pick sizes that divide")
+            raise UserError(
+                f"model.encoder.patch_size {patch[0]}x{patch[1]} does not divide img_size {img[0]}x{img[1]}; "
+                "use an img_size that is a multiple of the patch size"
+            )
         self.name = name
         self.vit = vit
 

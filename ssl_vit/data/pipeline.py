@@ -3,8 +3,10 @@ objective's views, in DataLoader workers.
 
 Shards are split across (rank, worker) readers so no two readers open the same shard; shard order
 is a permutation keyed on (seed, epoch), identical on every rank. Only image, ``cls`` and ``json``
-members are ever read, and none is unpickled. A sample that does not decode is skipped and
-counted, not a crash.
+members are ever read, and none is unpickled. Images in any mode (CMYK, palette, 16-bit, alpha)
+become RGB; a sample that does not decode is skipped and counted, not a crash, and each epoch's
+count is logged. When more than ``max_skip_fraction`` of what was read is broken, the run stops
+with a message instead of training on the remnant.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -33,6 +36,10 @@ READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "cls", "json"))
 NO_LABEL = -1
 
 View = Callable[[Image.Image], Any]
+#: A reader logs its first few skipped samples one by one; the epoch summary counts them all.
+SKIPS_LOGGED_PER_READER = 5
+#: The skip fraction is judged only once this many samples were skipped (one bad file is not "mostly broken").
+MIN_SKIPS_TO_JUDGE = 10
 
 
 class CorruptSample(Exception):
@@ -46,7 +53,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
         raise CorruptSample(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:
-            image = img.convert("RGB")
+            image = to_rgb(img)
     except Exception as err:
         raise CorruptSample(f"undecodable {ext}: {err}") from err
     if "cls" not in sample:
@@ -55,6 +62,19 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
         return image, int(sample["cls"])
     except ValueError as err:
         raise CorruptSample(f"malformed cls {sample['cls'][:20]!r}") from err
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image from any mode: 16/32-bit greyscale is scaled (not clipped) to 8 bits, and
+    transparency is composited onto white (rather than dropped, which shows whatever colour the
+    transparent pixels happen to hold)."""
+    if img.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs): 0..65535
+        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 class ShardDataset(IterableDataset):
@@ -89,7 +109,12 @@ class ShardDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self.skipped = mp.Value("l", 0)  # shared with the workers, which count what they skip
+        # Shared with the workers, which count what they read and skip; reset at each epoch's start.
+        self.read = mp.Value("l", 0)
+        self.skipped = mp.Value("l", 0)
+        self._skips_logged = 0  # per reader (each worker has its own copy)
+        self._shard_failed = False
+        self._ignored: set[str] = set()
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -111,13 +136,10 @@ class ShardDataset(IterableDataset):
         samples = self._cycle(shards, reader) if self.batches_per_epoch is not None else self._read(shards)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(reader))(samples)
-        quota = None
-        if self.batches_per_epoch is not None:
+        if self.batches_per_epoch is not None:  # this worker's exact share of the epoch's batches
             n = self.batches_per_epoch
-            quota = (n // num_workers + (worker < n % num_workers)) * self.batch_size
-        for i, (image, label) in enumerate(samples):
-            if i == quota:
-                return
+            samples = itertools.islice(samples, (n // num_workers + (worker < n % num_workers)) * self.batch_size)
+        for image, label in samples:
             yield self.view(image), label
 
     def _cycle(self, shards: list[str], reader: str) -> Iterator[tuple[Image.Image, int]]:
@@ -132,28 +154,60 @@ class ShardDataset(IterableDataset):
                 raise UserError(f"no readable sample in shards {shards[:3]}...; check the shards' contents")
 
     def _read(self, shards: list[str]) -> Iterator[tuple[Image.Image, int]]:
-        members = wds.tarfile_to_samples(handler=self._on_shard_error, select_files=_is_read_member)
-        for sample in members({"url": url} for url in shards):
-            try:
-                yield decode_sample(sample)
-            except CorruptSample as err:
-                self._count_skip(f"sample {sample.get('__key__')} of {sample.get('__url__')}: {err}")
+        members = wds.tarfile_to_samples(handler=self._on_shard_error, select_files=self._is_read_member)
+        for url in shards:
+            self._shard_failed = False
+            for sample in members([{"url": url}]):
+                with self.read.get_lock():
+                    self.read.value += 1
+                try:
+                    yield decode_sample(sample)
+                except CorruptSample as err:
+                    self._count_skip(f"sample {sample.get('__key__')} of {url}: {err}")
 
     def _on_shard_error(self, err: Exception) -> bool:
-        self._count_skip(f"unreadable shard data ({type(err).__name__}: {err}); the rest of that shard is lost")
+        # webdataset reports one broken tar stream at several levels: count it once per shard.
+        if not self._shard_failed:
+            self._shard_failed = True
+            self._count_skip(f"unreadable shard data ({type(err).__name__}: {err}); the rest of that shard is lost")
         return True
 
     def _count_skip(self, what: str) -> None:
         with self.skipped.get_lock():
             self.skipped.value += 1
-            total = self.skipped.value
-        log.warning("skipped %s (%d skipped so far)", what, total)
+        if self._skips_logged < SKIPS_LOGGED_PER_READER:
+            self._skips_logged += 1
+            log.warning("skipped %s", what)
 
+    def _is_read_member(self, name: str) -> bool:
+        """Read only image, class and JSON members; anything else (``.pyd``, ``.pickle``...) is
+        never read, so it can never be unpickled."""
+        ext = Path(name).name.split(".", 1)[-1].lower()
+        if ext in READ_EXTENSIONS:
+            return True
+        if ext not in self._ignored:
+            self._ignored.add(ext)
+            log.warning("ignoring .%s members (first: %s): ssl-vit reads only images, cls and json", ext, name)
+        return False
 
-def _is_read_member(name: str) -> bool:
-    """Read only image, class and JSON members; anything else (``.pyd``, ``.pickle``...) is never
-    read, so it can never be unpickled."""
-    return Path(name).name.split(".", 1)[-1].lower() in READ_EXTENSIONS
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.read.value = self.skipped.value = 0
+
+    def check_skips(self, max_fraction: float) -> None:
+        """Stop when the data is mostly broken rather than train on what is left of it."""
+        skipped, read = self.skipped.value, self.read.value
+        if skipped >= MIN_SKIPS_TO_JUDGE and skipped > max_fraction * max(read, 1):
+            raise UserError(
+                f"{skipped} of the {read} samples read so far in epoch {self.epoch} were unreadable "
+                f"(more than data.max_skip_fraction = {max_fraction}); the log names the first ones. "
+                "Check or rewrite the shards, or raise data.max_skip_fraction"
+            )
+
+    def log_epoch_summary(self) -> None:
+        skipped, read = self.skipped.value, self.read.value
+        report = log.warning if skipped else log.info
+        report("epoch %d: read %d samples, skipped %d unreadable", self.epoch, read, skipped)
 
 
 class EpochLoader(DataLoader):
@@ -161,13 +215,20 @@ class EpochLoader(DataLoader):
     is keyed on (seed, epoch) and a resumed run reads the same order (Lightning only calls
     ``set_epoch`` on samplers, which iterable datasets do not have)."""
 
-    def __init__(self, dataset: ShardDataset, current_epoch: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: ShardDataset, current_epoch: Callable[[], int], max_skip_fraction: float = 0.1, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, **kwargs)
         self.current_epoch = current_epoch
+        self.max_skip_fraction = max_skip_fraction
 
     def __iter__(self):
-        self.dataset.epoch = self.current_epoch()
-        return super().__iter__()
+        self.dataset.start_epoch(self.current_epoch())
+        for i, batch in enumerate(super().__iter__(), start=1):
+            self.dataset.check_skips(self.max_skip_fraction)
+            if i == len(self):  # Lightning stops at the epoch's length without exhausting the loader
+                self.dataset.log_epoch_summary()
+            yield batch
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -182,6 +243,8 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: samples held for in-stream shuffling, per worker.
         samples_per_epoch: defaults to the shard folder's ``dataset.json`` count.
         seed: keys shard order and shuffling.
+        max_skip_fraction: stop the run when more than this fraction of the samples read in an
+            epoch are unreadable (corrupt images, broken shards).
         generate_embedded: if ``train_shards`` is a missing folder, write the embedded shapes
             dataset's ``train`` and ``val`` splits into its parent folder first.
     """
@@ -195,6 +258,7 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 2000,
         samples_per_epoch: int | None = None,
         seed: int = 0,
+        max_skip_fraction: float = 0.1,
         generate_embedded: bool = False,
     ) -> None:
         super().__init__()
@@ -206,6 +270,7 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
+        self.max_skip_fraction = max_skip_fraction
         self.generate_embedded = generate_embedded
         self.train_set: ShardDataset | None = None
 
@@ -254,6 +319,7 @@ class ShardDataModule(L.LightningDataModule):
         return EpochLoader(
             self.train_set,
             current_epoch=self._current_epoch,
+            max_skip_fraction=self.max_skip_fraction,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

@@ -1,7 +1,8 @@
 """Per-objective view transforms (torchvision.transforms.v2), applied in the loader workers.
 
 A view maps one PIL image to what the objective's ``training_step`` takes: one tensor, or a list
-of tensors for multi-view objectives.
+of tensors for multi-view objectives. Its ``sizes`` are the crop sizes it makes, which the recipe
+check compares with the encoder's patch size.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class MAEView(v2.Compose):
                 *to_normalized_tensor(mean, std),
             ]
         )
+        self.sizes = (size,)
 
 
 class SimMIMView(v2.Compose):
@@ -54,6 +56,7 @@ class SimMIMView(v2.Compose):
                 *to_normalized_tensor(mean, std),
             ]
         )
+        self.sizes = (size,)
 
 
 def augmented_crop(
@@ -87,6 +90,7 @@ class TwoViews:
 
     def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0)) -> None:
         self.crops = [augmented_crop(size, scale, 1.0, 0.0), augmented_crop(size, scale, 0.1, 0.2)]
+        self.sizes = (size,)
 
     def __call__(self, image):
         return [crop(image) for crop in self.crops]
@@ -112,6 +116,7 @@ class MultiCropViews:
         ]
         self.local_crop = augmented_crop(local_size, local_scale, 0.5, 0.0)
         self.num_local = num_local
+        self.sizes = (global_size, local_size) if num_local else (global_size,)
 
     def __call__(self, image):
         return [crop(image) for crop in self.global_crops] + [self.local_crop(image) for _ in range(self.num_local)]

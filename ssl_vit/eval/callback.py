@@ -57,6 +57,9 @@ class EvaluationCallback(Evaluator, Callback):
         trainer.strategy.barrier("ssl_vit_evaluation")
         return results
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_shards()
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and trainer.ckpt_path is None:  # a resumed run restores the baseline instead
             self.baseline = self._evaluate(trainer, pl_module, probe=self.linear_probe)

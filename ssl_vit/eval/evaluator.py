@@ -91,6 +91,17 @@ class Evaluator:
             name: getattr(self, name) for name in inspect.signature(Evaluator.__init__).parameters if name != "self"
         }
 
+    def check_shards(self) -> None:
+        """Fail before any work if a split is missing or known to be unlabelled."""
+        for split, shards in (("train_shards", self.train_shards), ("val_shards", self.val_shards)):
+            _, index = resolve_shards(shards)
+            if index is not None and not index.classes:
+                raise UserError(
+                    f"evaluation {split} {shards!r} has no class labels (written from a folder without class "
+                    "sub-folders); k-NN and linear probes need labelled shards: write them with "
+                    "`ssl-vit shards imagefolder` from one sub-folder per class"
+                )
+
     def num_classes(self, train: FeatureSet, val: FeatureSet) -> int:
         classes = {}
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):

@@ -1,0 +1,487 @@
+"""Fault injection, end to end: each case breaks a tiny pretraining run the way clusters and
+datasets do (a kill, a pre-emption, a truncated checkpoint, broken data, a NaN, a bad recipe),
+runs ``ssl-vit pretrain`` as a user would, and reports what was expected, what was observed and
+whether anything was lost.
+
+    python -m tests.fault_injection          # prints the table (about two minutes on 2 CPU cores)
+
+``tests/test_reliability.py`` runs the same cases under pytest.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from ssl_vit.data.shards import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH, EPOCHS = 8, 3  # 128 samples / batch 16
+
+
+class KillAt(L.Callback):
+    """Sends this process ``signal`` right after optimiser step ``step``."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        self.step, self.signal = step, signal
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class NaNInputAt(L.Callback):
+    """Fills the batch of optimiser step ``step`` with NaN, so its loss and gradients are NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+class WouldRunCode:
+    """Unpickling this creates ``marker``: proof that something unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tiny_shards(folder: Path, labelled: bool = True, seed: int = 0) -> Path:
+    """128 random 32-px images in 4 shards."""
+    rng = np.random.default_rng(seed)
+    images = (rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(128))
+    samples = (("png", png(img), i % 4 if labelled else None) for i, img in enumerate(images))
+    classes = [str(c) for c in range(4)] if labelled else []
+    write_shards(samples, folder, classes=classes, source="fault injection", samples_per_shard=32)
+    return folder
+
+
+def odd_mode_images(seed: int = 1) -> dict[str, bytes]:
+    """Images that decode, but not as 8-bit RGB."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)))
+    return {
+        "cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+        "palette.png": encoded(rgb.convert("P"), "PNG"),
+        "alpha.png": encoded(rgba, "PNG"),
+        "grey16.png": png(rng.integers(0, 65536, (32, 32), dtype=np.uint16).astype(np.uint16)),
+        "tiny.png": png(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)),
+        "huge.jpg": encoded(rgb.resize((4000, 3000)), "JPEG"),
+    }
+
+
+def write_broken_shard(path: Path, marker: Path) -> None:
+    """One shard of 12 samples: 6 odd-mode images, 1 good PNG, 1 corrupt, 1 truncated, 1 with a
+    malformed label, 1 with a pickle member that would run code (its image is fine), then a
+    truncated tail (a 12th sample cut off mid-file). A full pass reads 11 samples, keeps 8 and
+    skips 4 (corrupt, truncated, bad label, the tail)."""
+    rng = np.random.default_rng(2)
+    good = png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    members = []
+    for i, (name, data) in enumerate(odd_mode_images().items()):
+        ext = name.split(".", 1)[1]
+        members += [(f"odd{i}.{ext}", data), (f"odd{i}.cls", b"1")]
+    members += [("good.png", good), ("good.cls", b"0")]
+    members += [("corrupt.png", b"not an image at all"), ("corrupt.cls", b"0")]
+    members += [("truncated.png", good[: len(good) // 2]), ("truncated.cls", b"0")]
+    members += [("badlabel.png", good), ("badlabel.cls", b"seven")]
+    members += [("pickled.png", good), ("pickled.cls", b"2"), ("pickled.pickle", pickle.dumps(WouldRunCode(marker)))]
+    members += [("tail.png", good)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    path.write_bytes(data[: data.rindex(good) + 100])  # cut inside the last member
+
+
+def recipe(folder: Path, shards: Path, **overrides) -> Path:
+    """A tiny MAE run: 3 epochs of 8 steps, a checkpoint every epoch."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": EPOCHS,
+            "default_root_dir": str(folder / "run"),
+            "logger": False,
+            "enable_model_summary": False,
+        },
+        "checkpoint": {"dirpath": str(folder / "run/checkpoints"), "every_n_epochs": 1},
+        "model": {
+            "class_path": "ssl_vit.methods.MAE",
+            "init_args": {
+                "encoder": {
+                    "name": "vit_tiny_patch16_224",
+                    "img_size": 32,
+                    "patch_size": 4,
+                    "embed_dim": 32,
+                    "depth": 1,
+                    "num_heads": 2,
+                },
+                "decoder_dim": 16,
+                "decoder_depth": 1,
+                "decoder_heads": 2,
+                "base_lr": 1e-3,
+                "warmup_epochs": 1,
+            },
+        },
+        "data": {
+            "train_shards": str(shards),
+            "view": {"class_path": "ssl_vit.data.MAEView", "init_args": {"size": 32}},
+            "batch_size": 16,
+            "num_workers": 1,
+            "shuffle_buffer": 32,
+        },
+    }
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def pretrain(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(
+        [sys.executable, "-m", "ssl_vit.cli", "pretrain", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def fault(callback: str, **init_args) -> list[str]:
+    """Command-line arguments adding one of this module's fault callbacks to the run."""
+    args = [f"--trainer.callbacks+=tests.fault_injection.{callback}"]
+    return args + [f"--trainer.callbacks.init_args.{k}={v}" for k, v in init_args.items()]
+
+
+def checkpoints_intact(folder: Path) -> bool:
+    """No half-written file: every checkpoint loads, and no temporary file was left behind."""
+    ckpt_dir = folder / "run/checkpoints"
+    if list(ckpt_dir.glob(".*.tmp")):
+        return False
+    for path in ckpt_dir.glob("*.ckpt"):
+        try:
+            torch.load(path, weights_only=True, map_location="cpu")
+        except Exception:
+            return False
+    return True
+
+
+def last_state(folder: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    ckpt = torch.load(folder / "run/checkpoints/last.ckpt", weights_only=True, map_location="cpu")
+    return ckpt["global_step"], ckpt["state_dict"]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@dataclass
+class Outcome:
+    expected: str
+    observed: str
+    ok: bool
+    data_lost: str
+
+
+def uninterrupted(work: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    folder = work / "uninterrupted"
+    folder.mkdir(exist_ok=True)
+    if not (folder / "run/checkpoints/last.ckpt").exists():
+        result = pretrain(folder, "--config", str(recipe(folder, work / "shards")))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return last_state(folder)
+
+
+def case_sigkill(work: Path) -> Outcome:
+    """SIGKILL in the middle of epoch 2; the same command again resumes from epoch 1's checkpoint."""
+    folder = work / "sigkill"
+    folder.mkdir()
+    config = str(recipe(folder, work / "shards"))
+    killed = pretrain(folder, "--config", config, *fault("KillAt", step=STEPS_PER_EPOCH + 3))
+    again = pretrain(folder, "--config", config)
+    step, params = last_state(folder)
+    ref_step, ref_params = uninterrupted(work)
+    diff = max_difference(params, ref_params)
+    resumed = "resuming from" in again.stderr
+    ok = killed.returncode == -signal.SIGKILL and again.returncode == 0 and resumed and step == ref_step
+    ok = ok and diff < 1e-4
+    return Outcome(
+        f"resume, end at step {ref_step}, parameters as uninterrupted",
+        f"killed (rc {killed.returncode}); resumed={resumed}, step {step}, max |param diff| {diff:.1e}",
+        ok,
+        "none" if checkpoints_intact(folder) and resumed else "yes",
+    )
+
+
+def case_sigterm(work: Path) -> Outcome:
+    """A scheduler's SIGTERM: last.ckpt is saved after the step in flight, the exit code says so."""
+    folder = work / "sigterm"
+    folder.mkdir()
+    config = str(recipe(folder, work / "shards"))
+    term_step = STEPS_PER_EPOCH + 3
+    stopped = pretrain(folder, "--config", config, *fault("KillAt", step=term_step, signal="SIGTERM"))
+    saved_step, _ = last_state(folder)
+    again = pretrain(folder, "--config", config)
+    step, _ = last_state(folder)
+    ref_step, _ = uninterrupted(work)
+    ok = stopped.returncode == 128 + signal.SIGTERM and saved_step == term_step and step == ref_step
+    return Outcome(
+        f"save at step {term_step}, exit 143, resume to step {ref_step}",
+        f"rc {stopped.returncode}, saved step {saved_step}, resumed rc {again.returncode} to step {step}",
+        ok and again.returncode == 0,
+        "none" if saved_step == term_step and checkpoints_intact(folder) else "yes",
+    )
+
+
+def case_truncated_checkpoint(work: Path) -> Outcome:
+    """The newest checkpoint is cut short (a full disk, a half copy): the run falls back to the one before."""
+    folder = work / "truncated"
+    folder.mkdir()
+    config = str(recipe(folder, work / "shards", **{"trainer.max_epochs": 2}))
+    first = pretrain(folder, "--config", config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt_dir = folder / "run/checkpoints"
+    last = (ckpt_dir / "last.ckpt").read_bytes()
+    (ckpt_dir / "last.ckpt").write_bytes(last[: len(last) // 2])
+    again = pretrain(folder, "--config", str(recipe(folder, work / "shards")))
+    step, _ = last_state(folder)
+    warned = "skipping checkpoint" in again.stderr and "last.ckpt" in again.stderr
+    resumed_from = next((line for line in again.stderr.splitlines() if "resuming from" in line), "")
+    ok = again.returncode == 0 and warned and "epoch=0001" in resumed_from and step == EPOCHS * STEPS_PER_EPOCH
+    return Outcome(
+        "skip it with a warning, resume from the previous one",
+        f"warned={warned}, {resumed_from.strip() or 'did not resume'}, ended at step {step}",
+        ok,
+        "none" if "epoch=0001" in resumed_from else "yes",
+    )
+
+
+def case_broken_data(work: Path) -> Outcome:
+    """A shard of corrupt, truncated, odd-mode images, a bad label, a pickle member and a cut tail."""
+    folder = work / "broken_data"
+    shards = folder / "shards"
+    shards.mkdir(parents=True)
+    marker = folder / "unpickled"
+    write_broken_shard(shards / "broken.tar", marker)
+    overrides = {"data.samples_per_epoch": 16, "data.batch_size": 4, "data.shuffle_buffer": 0}
+    config = recipe(folder, shards / "broken.tar", **overrides, **{"data.max_skip_fraction": 0.5})
+    result = pretrain(folder, "--config", str(config), "--trainer.max_epochs=1")
+    summary = next((line for line in result.stderr.splitlines() if "epoch 0: read" in line), "")
+    # 16 kept samples = 2 whole passes (the last kept sample ends only where the cut tail begins).
+    expected = "read 22 samples, skipped 8"
+    ok = result.returncode == 0 and expected in summary and not marker.exists()
+    return Outcome(
+        f"run to the end, {expected}, pickle never loaded",
+        f"rc {result.returncode}; {summary.split('epoch 0: ')[-1] or 'no summary'}; unpickled={marker.exists()}",
+        ok,
+        "none" if result.returncode == 0 else "yes",
+    )
+
+
+def case_mostly_broken_data(work: Path) -> Outcome:
+    folder = work / "mostly_broken"
+    shards = folder / "shards"
+    shards.mkdir(parents=True)
+    write_broken_shard(shards / "broken.tar", folder / "unpickled")
+    config = recipe(folder, shards / "broken.tar", **{"data.samples_per_epoch": 64, "data.batch_size": 4})
+    result = pretrain(folder, "--config", str(config))
+    ok = result.returncode == 2 and "data.max_skip_fraction" in result.stderr and "Traceback" not in result.stderr
+    return Outcome(
+        "stop with one message naming data.max_skip_fraction",
+        f"rc {result.returncode}: {last_line(result.stderr)[:90]}",
+        ok,
+        "none" if not list(folder.rglob("*.tmp")) else "yes",
+    )
+
+
+def case_nan_loss(work: Path) -> Outcome:
+    folder = work / "nan"
+    folder.mkdir()
+    config = str(recipe(folder, work / "shards"))
+    result = pretrain(folder, "--config", config, *fault("NaNInputAt", step=5))
+    saved = folder / "run/checkpoints/last-good-step=00000005.ckpt"
+    message = last_line(result.stderr)
+    good = saved.exists() and torch.load(saved, weights_only=True)["global_step"] == 5
+    if good:
+        state = torch.load(saved, weights_only=True)["state_dict"]
+        good = all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    ok = result.returncode == 2 and "non-finite loss at step 5 of MAE" in message and good
+    return Outcome(
+        "stop naming step 5 and MAE; last good state saved",
+        f"rc {result.returncode}: {message[:90]}",
+        ok,
+        "none" if good else "yes",
+    )
+
+
+def case_nan_skipped(work: Path) -> Outcome:
+    folder = work / "nan_skip"
+    folder.mkdir()
+    config = str(recipe(folder, work / "shards"))
+    result = pretrain(folder, "--config", config, "--nonfinite.action=skip", *fault("NaNInputAt", step=5))
+    step, params = last_state(folder) if result.returncode == 0 else (0, {})
+    finite = bool(params) and all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+    warned = "non-finite loss at step 5 of MAE: step skipped" in result.stderr
+    ok = result.returncode == 0 and warned and finite and step == EPOCHS * STEPS_PER_EPOCH
+    return Outcome(
+        "warn, skip step 5, finish with finite parameters",
+        f"rc {result.returncode}, warned={warned}, step {step}, finite={finite}",
+        ok,
+        "none" if finite else "yes",
+    )
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def bad_config(name: str, expected: str, make_args: Callable[[Path, Path], list[str]]) -> Callable[[Path], Outcome]:
+    """A recipe mistake: exit 2 with one error line (after Lightning's device lines, for mistakes
+    found once the trainer exists), no traceback, and nothing written."""
+
+    def case(work: Path) -> Outcome:
+        folder = work / f"config_{name}"
+        folder.mkdir()
+        result = pretrain(folder, *make_args(folder, work))
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        message = errors[0] if errors else last_line(result.stderr)
+        wrote = [p for p in (folder / "run").rglob("*") if p.is_file()] if (folder / "run").exists() else []
+        ok = result.returncode == 2 and len(errors) == 1 and expected in message and not wrote
+        ok = ok and "Traceback" not in result.stderr
+        return Outcome(f"one line: ...{expected}...", f"rc {result.returncode}: {message[:90]}", ok, "none")
+
+    case.__name__ = f"case_config_{name}"
+    return case
+
+
+def _tiny(folder: Path, work: Path, **overrides) -> list[str]:
+    return ["--config", str(recipe(folder, work / "shards", **overrides))]
+
+
+DINO = str(ROOT / "recipes/quickstart/dino.yaml")
+CONFIG_CASES = [
+    bad_config(
+        "unknown_key", "unknown recipe key 'data.batch_sise'", lambda f, w: [*_tiny(f, w), "--data.batch_sise=3"]
+    ),
+    bad_config("wrong_type", "data.batch_size", lambda f, w: [*_tiny(f, w), "--data.batch_size=many"]),
+    bad_config(
+        "patch_vs_image",
+        "patch_size 4x4 does not divide img_size 30x30",
+        lambda f, w: _tiny(f, w, **{"model.init_args.encoder.img_size": 30}),
+    ),
+    bad_config(
+        "mask_ratio", "mask_ratio must be in (0, 1)", lambda f, w: [*_tiny(f, w), "--model.init_args.mask_ratio=1.5"]
+    ),
+    bad_config(
+        "local_crop_vs_patch",
+        "12-px crops, which the encoder's 8-px patches do not divide",
+        lambda f, w: ["--config", DINO, "--data.view.init_args.local_size=12", f"--data.train_shards={w / 'shards'}"],
+    ),
+    bad_config(
+        "missing_shards", "shards of", lambda f, w: _tiny(f, w, **{"data.train_shards": str(f / "nowhere")})
+    ),
+    bad_config(
+        "unlabelled_eval",
+        "has no class labels",
+        lambda f, w: _tiny(
+            f,
+            w,
+            **{
+                "trainer.callbacks": [
+                    {
+                        "class_path": "ssl_vit.eval.EvaluationCallback",
+                        "init_args": {"train_shards": str(w / "unlabelled"), "val_shards": str(w / "unlabelled")},
+                    }
+                ]
+            },
+        ),
+    ),
+]
+
+CASES: list[Callable[[Path], Outcome]] = [
+    case_sigkill,
+    case_sigterm,
+    case_truncated_checkpoint,
+    case_broken_data,
+    case_mostly_broken_data,
+    case_nan_loss,
+    case_nan_skipped,
+    *CONFIG_CASES,
+]
+
+
+def prepare(work: Path) -> None:
+    """The shared inputs: labelled and unlabelled tiny shards."""
+    if not (work / "shards").exists():
+        write_tiny_shards(work / "shards")
+        write_tiny_shards(work / "unlabelled", labelled=False)
+
+
+def main() -> None:
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("case", "expected", "observed", "ok", "data lost", title="ssl-vit fault injection")
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare(work)
+        for case in CASES:
+            outcome = case(work)
+            failed += not outcome.ok
+            name = case.__name__.removeprefix("case_")
+            table.add_row(name, outcome.expected, outcome.observed, "yes" if outcome.ok else "NO", outcome.data_lost)
+    Console(width=200).print(table)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

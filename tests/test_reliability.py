@@ -1,0 +1,104 @@
+"""Runs that survive kills, pre-emption, truncated checkpoints, broken data, NaNs and bad recipes:
+the end-to-end cases of ``tests/fault_injection.py``, and the pieces they rest on."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_vit.checkpoint import AtomicCheckpointIO, newest_complete_checkpoint, rng_states, set_rng_states
+from ssl_vit.data.pipeline import ShardDataset, to_rgb
+from tests.fault_injection import CASES, odd_mode_images, prepare, write_broken_shard
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("faults")
+    prepare(work)
+    return work
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__.removeprefix("case_"))
+def test_fault(case, work):
+    outcome = case(work)
+    assert outcome.ok, f"expected {outcome.expected}; observed {outcome.observed}"
+    assert outcome.data_lost == "none"
+
+
+def test_odd_image_modes_become_rgb():
+    for name, data in odd_mode_images().items():
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = to_rgb(img)
+        assert rgb.mode == "RGB", name
+        assert np.asarray(rgb).std() > 0 or name == "tiny.png", f"{name} came out flat"
+    # 16-bit greyscale is scaled, not clipped: 65535 -> 255, 256 -> 1.
+    grey16 = Image.fromarray(np.array([[0, 256, 65535]], dtype=np.uint16))
+    assert np.asarray(to_rgb(grey16))[0, :, 0].tolist() == [0, 1, 255]
+    # Transparent pixels show the white background, not the colour they happen to hold.
+    rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
+    rgba.putpixel((1, 0), (10, 20, 30, 255))
+    assert np.asarray(to_rgb(rgba)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+
+
+def test_broken_shard_counts_and_never_unpickles(tmp_path):
+    marker = tmp_path / "unpickled"
+    write_broken_shard(tmp_path / "broken.tar", marker)
+    ds = ShardDataset([str(tmp_path / "broken.tar")], lambda img: img.size, shuffle_shards=False)
+    sizes = [size for size, _ in ds]
+    assert len(sizes) == 8 and (1, 1) in sizes and (4000, 3000) in sizes
+    assert (ds.read.value, ds.skipped.value) == (11, 4)
+    assert not marker.exists()
+
+
+def test_mostly_broken_data_stops_with_a_message(tmp_path):
+    write_broken_shard(tmp_path / "broken.tar", tmp_path / "unpickled")
+    ds = ShardDataset([str(tmp_path / "broken.tar")], lambda img: 0, shuffle_shards=False)
+    for _ in range(3):  # 33 read, 12 skipped
+        list(ds)
+    ds.check_skips(max_fraction=0.5)  # 36% broken: tolerated
+    with pytest.raises(Exception, match="12 of the 33 samples read so far in epoch 0 were unreadable"):
+        ds.check_skips(max_fraction=0.1)
+
+
+def test_newest_complete_checkpoint_falls_back_past_truncated_files(tmp_path):
+    io = AtomicCheckpointIO()
+    for step in (1, 2, 3):
+        io.save_checkpoint({"global_step": step, "w": torch.randn(1000)}, tmp_path / f"step{step}.ckpt")
+    data = (tmp_path / "step3.ckpt").read_bytes()
+    (tmp_path / "step3.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        newest = newest_complete_checkpoint(tmp_path / "*.ckpt")
+    assert newest == tmp_path / "step2.ckpt"
+    assert newest_complete_checkpoint(tmp_path / "nothing-*.ckpt") is None
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_atomic_save_leaves_the_previous_checkpoint_when_writing_fails(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, path)
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"global_step": 2, "x": Unsaveable()}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    states = rng_states()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.save(states, tmp_path / "rng.pt")
+    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]
