@@ -423,9 +423,7 @@ CONFIG_CASES = [
         "12-px crops, which the encoder's 8-px patches do not divide",
         lambda f, w: ["--config", DINO, "--data.view.init_args.local_size=12", f"--data.train_shards={w / 'shards'}"],
     ),
-    bad_config(
-        "missing_shards", "shards of", lambda f, w: _tiny(f, w, **{"data.train_shards": str(f / "nowhere")})
-    ),
+    bad_config("missing_shards", "shards of", lambda f, w: _tiny(f, w, **{"data.train_shards": str(f / "nowhere")})),
     bad_config(
         "unlabelled_eval",
         "has no class labels",
