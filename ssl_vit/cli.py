@@ -6,6 +6,7 @@
     ssl-vit export CHECKPOINT OUT [--format timm|state_dict] [--role teacher|student] [--overwrite]
     ssl-vit shards embedded OUT_DIR
     ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N]
+    ssl-vit recipes
 
 ``pretrain`` is Lightning's CLI (``fit``): every field of a recipe can be overridden on the command
 line. Running the same command again resumes from the run's newest complete checkpoint (after a
@@ -16,6 +17,7 @@ starts afresh.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import signal
@@ -32,6 +34,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
+from rich.table import Table
 
 from ssl_vit.checkpoint import AtomicCheckpointIO, RunCheckpoint, load_checkpoint_encoder, newest_complete_checkpoint
 from ssl_vit.data.pipeline import ShardDataModule
@@ -42,7 +45,8 @@ from ssl_vit.eval.report import print_results, write_records
 from ssl_vit.export import export_encoder
 from ssl_vit.guards import NonFiniteGuard
 from ssl_vit.methods.base import SSLMethod
-from ssl_vit.progress import ImagesPerSecondBar
+from ssl_vit.pictures import PicturesCallback
+from ssl_vit.progress import ImagesPerSecondBar, print_run_summary, run_summary
 
 COMMANDS = {
     "pretrain": "pretrain an encoder from a YAML recipe (Lightning CLI: --config, overrides, --ckpt_path)",
@@ -50,6 +54,7 @@ COMMANDS = {
     "probe": "linear-probe accuracy of a checkpoint's frozen encoder on labelled shards (MAE's protocol)",
     "export": "write a checkpoint's encoder as a timm model folder (config.json + model.safetensors)",
     "shards": "write WebDataset tar shards from an ImageFolder tree or the embedded dataset",
+    "recipes": "list the shipped recipes, one line each",
 }
 
 
@@ -61,7 +66,14 @@ class PretrainCLI(LightningCLI):
             {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.filename": "{epoch:04d}-{step}"}
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(PicturesCallback, "pictures")
         parser.add_lightning_class_args(ImagesPerSecondBar, "progress_bar")
+        parser.add_argument(
+            "--export",
+            type=bool,
+            default=True,
+            help="at the end, export the evaluated encoder as a timm folder in <default_root_dir>/export",
+        )
         parser.add_argument(
             "--auto_resume",
             type=bool,
@@ -89,6 +101,19 @@ class PretrainCLI(LightningCLI):
                 message = f"resuming from {newest} (--auto_resume false starts afresh)"
                 Console(stderr=True, soft_wrap=True).print(message)
                 config["ckpt_path"] = str(newest)
+        self.started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        export_dir = None
+        if self.config_init[self.subcommand]["export"] and last.exists():
+            export_dir = export_encoder(last, Path(trainer.default_root_dir) / "export", overwrite=True)
+        summary = run_summary(trainer, self.model, time.perf_counter() - self.started, export_dir)
+        (Path(trainer.default_root_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        print_run_summary(summary)
 
     def instantiate_classes(self) -> None:
         # jsonargparse wraps errors raised while building the model or data in its own ValueError;
@@ -119,6 +144,7 @@ def pretrain(args: list[str]) -> None:
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning internals
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0"
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # resuming
     # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
     # "--weights_only" first so that a user's own value, later on the line, wins.
     PretrainCLI(
@@ -152,6 +178,19 @@ def evaluate(command: str, args: list[str]) -> None:
     print_results(f"{command} evaluation", results)
     for path in write_records(checkpoint, results, info, evaluator.settings(), seconds):
         Console().print(f"wrote {path}")
+
+
+def recipes(args: list[str]) -> None:
+    """Every recipe under ./recipes (or the source checkout's), with the first line of its header."""
+    argparse.ArgumentParser(prog="ssl-vit recipes", description=COMMANDS["recipes"]).parse_args(args)
+    root = next((d for d in (Path("recipes"), Path(__file__).resolve().parents[1] / "recipes") if d.is_dir()), None)
+    if root is None:
+        raise UserError("no recipes folder here or in the ssl-vit source tree; run from a checkout of ssl-vit")
+    table = Table("recipe", "what it runs", title=f"recipes in {root}")
+    for path in sorted(root.rglob("*.yaml")):
+        header = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# ")
+        table.add_row(str(path.relative_to(root.parent)), header.lstrip("# ").strip())
+    Console().print(table)
 
 
 def export(args: list[str]) -> None:
@@ -237,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         if command in ("knn", "probe"):
             evaluate(command, rest)
         else:
-            {"pretrain": pretrain, "export": export, "shards": shards}[command](rest)
+            {"pretrain": pretrain, "export": export, "shards": shards, "recipes": recipes}[command](rest)
     except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
         sys.exit(128 + signal.SIGTERM)
     except (UserError, argparse.ArgumentError) as err:

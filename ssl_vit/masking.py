@@ -57,3 +57,8 @@ def block_patch_mask(
     blocks.scatter_(1, order[:, :num_masked], True)
     blocks = blocks.view(batch_size, rows, cols)
     return blocks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
+def patch_mask_to_pixels(mask: Tensor, patch_size: int) -> Tensor:
+    """(B, h, w) patch mask -> (B, 1, h*p, w*p) pixel mask of the same dtype."""
+    return mask.repeat_interleave(patch_size, dim=1).repeat_interleave(patch_size, dim=2).unsqueeze(1)

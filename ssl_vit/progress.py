@@ -1,12 +1,17 @@
-"""A rich progress bar that also shows training throughput in images per second."""
+"""What the terminal shows: a rich progress bar with images per second, loss, lr and time left,
+and a table summing up a finished run."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+from rich.console import Console
+from rich.table import Table
 
 
 class ImagesPerSecondBar(RichProgressBar):
@@ -42,3 +47,43 @@ class ImagesPerSecondBar(RichProgressBar):
         if rate is not None:
             metrics["img/s"] = f"{rate:.0f}"
         return metrics
+
+
+def run_summary(
+    trainer: L.Trainer, model: L.LightningModule, seconds: float, export_dir: Path | None
+) -> dict[str, Any]:
+    """What a finished run produced: its objective, encoder, steps, time, final loss, the end-of-run
+    k-NN / probe top-1 (from the evaluation records beside ``last.ckpt``) and where things are."""
+    ckpt_dir = Path(trainer.checkpoint_callback.dirpath)
+    accuracy = {}
+    for kind in ("knn", "probe"):
+        record = ckpt_dir / f"last.{kind}.json"
+        if record.exists():
+            results = json.loads(record.read_text())["results"]
+            accuracy[kind] = results.get("k=20", next(iter(results.values()))) if kind == "knn" else results
+    encoder = dict(model.hparams.get("encoder", {}))
+    loss = trainer.callback_metrics.get("train/loss")
+    pictures = Path(trainer.default_root_dir) / "pictures"
+    return {
+        "objective": type(model).__name__,
+        "encoder": ", ".join(f"{k}={v}" for k, v in encoder.items()),
+        "steps": trainer.global_step,
+        "seconds": round(seconds, 1),
+        "final_loss": None if loss is None else round(float(loss), 4),
+        "knn_k20_top1": accuracy.get("knn", {}).get("top1"),
+        "probe_top1": accuracy.get("probe", {}).get("top1"),
+        "checkpoint": str(ckpt_dir / "last.ckpt"),
+        "export": str(export_dir) if export_dir else None,
+        "pictures": str(pictures) if pictures.exists() else None,
+        "logs": trainer.log_dir,
+    }
+
+
+def print_run_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['objective']} run", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in summary.items():
+        if value is not None:
+            table.add_row(key.replace("_", " "), str(value))
+    Console().print(table)

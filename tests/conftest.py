@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_vit.data import write_shards
+from ssl_vit.methods import DINO, MAE, MoCoV3, SimCLR, SimMIM
 
 TINY_ENCODER = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 
@@ -70,3 +71,13 @@ def fit_briefly(method: L.LightningModule, view: str = "single", steps: int = 2)
     )
     trainer.fit(method, DataLoader(_RandomViews(view), batch_size=4))
     return trainer
+
+
+# One (factory, views) per objective: each new objective adds its tiny configuration here.
+OBJECTIVES = {
+    "mae": (lambda **kw: MAE(TINY_ENCODER, decoder_dim=32, decoder_depth=1, decoder_heads=2, **kw), "single"),
+    "simmim": (lambda **kw: SimMIM(TINY_ENCODER, mask_patch_size=8, **kw), "single"),
+    "dino": (lambda **kw: DINO(TINY_ENCODER, out_dim=64, hidden_dim=32, bottleneck_dim=16, **kw), "multicrop"),
+    "mocov3": (lambda **kw: MoCoV3(TINY_ENCODER, hidden_dim=32, out_dim=16, **kw), "two"),
+    "simclr": (lambda **kw: SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16, **kw), "two"),
+}

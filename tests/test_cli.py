@@ -2,6 +2,7 @@
 checkpoint, and re-running with ``--ckpt_path last`` resumes at the saved step."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart" / "mae.yaml"
@@ -22,6 +24,7 @@ TINY = [
     "--data.samples_per_epoch=128",
     "--data.num_workers=1",
     "--data.shuffle_buffer=64",
+    "--trainer.log_every_n_steps=1",
 ]
 
 
@@ -101,6 +104,21 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
         assert standalone["results"] == in_run[kind]["results"]
         assert standalone["protocol"] == in_run[kind]["protocol"]
 
+    # The run folder, as the README documents it; TensorBoard has the scalars and the pictures.
+    run = workdir / "runs/quickstart/mae"
+    assert {p.name for p in run.iterdir()} >= {"checkpoints", "export", "pictures", "lightning_logs", "summary.json"}
+    drawn = {p.name.split("-step=")[0] for p in (run / "pictures").glob("*.png")}
+    assert drawn == {"reconstruction", "attention", "loss", "knn", "embedding_pca"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["knn_k20_top1"] == in_run["knn"]["results"]["k=20"]["top1"]
+    assert "MAE run" in second.stdout and "knn k20 top1" in second.stdout
+    logs = sorted((run / "lightning_logs").glob("version_*"))
+    assert (logs[-1] / "config.yaml").exists()
+    events = EventAccumulator(str(logs[-1]))
+    events.Reload()
+    assert {"train/loss", "train/lr", "eval/knn_k20_top1"} <= set(events.Tags()["scalars"])
+    assert {"pictures/reconstruction", "pictures/attention"} <= set(events.Tags()["images"])
+
     # Export: a folder timm loads by itself, with the run's evaluation in its provenance.
     result = ssl_vit("export", str(ckpt_dir / "last.ckpt"), "export/mae", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -132,3 +150,20 @@ def test_every_shipped_recipe_parses(recipe, tmp_path):
     result = ssl_vit("pretrain", "--config", str(recipe), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "class_path: ssl_vit.methods." in result.stdout
+
+
+def test_every_command_and_recipe_the_readme_names_exists(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    code = "\n".join(re.findall(r"```.*?```", readme, re.S) + re.findall(r"`[^`\n]+`", readme))
+    commands = set(re.findall(r"\bssl-vit ([a-z]+)", code))
+    for command in sorted(commands):
+        result = ssl_vit(command, "--help", cwd=tmp_path)
+        assert result.returncode == 0, f"`ssl-vit {command}` in the README: {result.stderr[-500:]}"
+    recipes = set(re.findall(r"recipes/[\w/]+\.yaml", readme))
+    assert recipes, "the README names no recipe"
+    for recipe in sorted(recipes):
+        assert (ROOT / recipe).is_file(), f"{recipe} in the README does not exist"
+    for script in set(re.findall(r"python (benchmarks/\w+\.py)", readme)):
+        assert (ROOT / script).is_file(), f"{script} in the README does not exist"
+    listed = ssl_vit("recipes", cwd=ROOT)
+    assert listed.returncode == 0 and all(Path(r).name in listed.stdout for r in recipes)

@@ -12,17 +12,9 @@ from safetensors.torch import load_file
 from ssl_vit import export_encoder, load_encoder
 from ssl_vit.checkpoint import load_checkpoint_encoder
 from ssl_vit.errors import UserError
-from ssl_vit.methods import DINO, MAE, MoCoV3, SimCLR, SimMIM
-from tests.conftest import TINY_ENCODER, fit_briefly
+from ssl_vit.methods import MAE
+from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly
 
-# One (factory, views) per objective: each new objective adds its tiny configuration here.
-OBJECTIVES = {
-    "mae": (lambda **kw: MAE(TINY_ENCODER, decoder_dim=32, decoder_depth=1, decoder_heads=2, **kw), "single"),
-    "simmim": (lambda **kw: SimMIM(TINY_ENCODER, mask_patch_size=8, **kw), "single"),
-    "dino": (lambda **kw: DINO(TINY_ENCODER, out_dim=64, hidden_dim=32, bottleneck_dim=16, **kw), "multicrop"),
-    "mocov3": (lambda **kw: MoCoV3(TINY_ENCODER, hidden_dim=32, out_dim=16, **kw), "two"),
-    "simclr": (lambda **kw: SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16, **kw), "two"),
-}
 EVALUATED_ROLE = {"dino": "teacher", "mocov3": "momentum"}
 
 

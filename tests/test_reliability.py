@@ -14,7 +14,7 @@ from PIL import Image
 
 from ssl_vit.checkpoint import AtomicCheckpointIO, newest_complete_checkpoint, rng_states, set_rng_states
 from ssl_vit.data.pipeline import ShardDataset, to_rgb
-from tests.fault_injection import CASES, odd_mode_images, prepare, write_broken_shard
+from tests.fault_injection import CASES, WouldRunCode, odd_mode_images, prepare, write_broken_shard
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,12 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]
+
+
+def test_a_checkpoint_that_would_run_code_is_never_unpickled(tmp_path):
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "good.ckpt")
+    marker = tmp_path / "unpickled"
+    torch.save({"global_step": 2, "payload": WouldRunCode(marker)}, tmp_path / "newer.ckpt")
+    with pytest.warns(UserWarning, match="skipping checkpoint .*newer.ckpt"):
+        assert newest_complete_checkpoint(tmp_path / "*.ckpt") == tmp_path / "good.ckpt"
+    assert not marker.exists()

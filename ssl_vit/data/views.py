@@ -120,3 +120,23 @@ class MultiCropViews:
 
     def __call__(self, image):
         return [crop(image) for crop in self.global_crops] + [self.local_crop(image) for _ in range(self.num_local)]
+
+
+class EvalView(v2.Compose):
+    """Resize the short side to ``size * 256/224`` (bicubic), then centre-crop ``size``: the
+    evaluation view of DINO / MAE (256 -> 224 at ImageNet scale), scaled down for small images."""
+
+    def __init__(
+        self,
+        size: int = 224,
+        resize_ratio: float = 256 / 224,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        super().__init__(
+            [
+                v2.Resize(round(size * resize_ratio), interpolation=InterpolationMode.BICUBIC),
+                v2.CenterCrop(size),
+                *to_normalized_tensor(mean, std),
+            ]
+        )

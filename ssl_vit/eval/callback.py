@@ -12,7 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ssl_vit.eval.evaluator import Evaluator, Results
+from ssl_vit.eval.features import FeatureSet
 from ssl_vit.eval.report import metrics, print_results, write_records
+from ssl_vit.pictures import embedding_picture, line_chart, save_picture
 
 
 class EvaluationCallback(Evaluator, Callback):
@@ -37,25 +39,37 @@ class EvaluationCallback(Evaluator, Callback):
         self.at_start = at_start
         self.linear_probe = linear_probe
         self.baseline: Results | None = None
+        self.knn_history: list[tuple[int, float]] = []
 
     def settings(self) -> dict[str, Any]:
         return {
             k: v
             for k, v in super().settings().items()
-            if k not in ("every_n_epochs", "at_start", "linear_probe", "baseline")
+            if k not in ("every_n_epochs", "at_start", "linear_probe", "baseline", "knn_history")
         }
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
         results = None
         if trainer.is_global_zero:
             start = time.perf_counter()
+            encoder = pl_module.evaluated_encoder
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
-                results = self.run(pl_module.evaluated_encoder, probe=probe)
+                train, val = self.features(encoder)
+                results = self.results(encoder, train, val, probe=probe)
             logged = {**metrics(results), "eval/seconds": time.perf_counter() - start}
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=trainer.global_step)
+            self.draw(trainer, results, val)
         trainer.strategy.barrier("ssl_vit_evaluation")
         return results
+
+    def draw(self, trainer: L.Trainer, results: Results, val: FeatureSet) -> None:
+        """The k-NN curve so far and a PCA map of the validation features, in ``pictures/``."""
+        k = "k=20" if "k=20" in results["knn"] else next(iter(results["knn"]))
+        self.knn_history.append((trainer.global_step, results["knn"][k]["top1"]))
+        save_picture(trainer, "knn", line_chart({f"k-NN {k} top-1 %": self.knn_history}, "k-NN accuracy"))
+        title = f"validation features, PCA, step {trainer.global_step}"
+        save_picture(trainer, "embedding_pca", embedding_picture(val.features, val.labels, title))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_shards()
@@ -65,10 +79,11 @@ class EvaluationCallback(Evaluator, Callback):
             self.baseline = self._evaluate(trainer, pl_module, probe=self.linear_probe)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline}
+        return {"baseline": self.baseline, "knn_history": self.knn_history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict.get("baseline")
+        self.knn_history = [tuple(point) for point in state_dict.get("knn_history", [])]
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

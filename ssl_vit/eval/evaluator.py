@@ -12,11 +12,10 @@ import torch
 
 from ssl_vit.data.pipeline import ShardDataset
 from ssl_vit.data.shards import resolve_shards
-from ssl_vit.data.views import MAEView
+from ssl_vit.data.views import EvalView, MAEView
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval.features import (
-    EvalView,
     FeatureSet,
     Pooling,
     extract_features,
@@ -187,7 +186,10 @@ class Evaluator:
 
     def run(self, encoder: ViTEncoder, probe: bool = True) -> Results:
         """k-NN and, if ``probe``, the linear probe: ``{"knn": {"k=20": {"top1", "top5"}, ...}, "probe": {...}}``."""
-        train, val = self.features(encoder)
+        return self.results(encoder, *self.features(encoder), probe=probe)
+
+    def results(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet, probe: bool = True) -> Results:
+        """:meth:`run` on features already extracted."""
         results: Results = {"knn": self.knn(train, val)}
         if probe:
             results["probe"] = self.probe(encoder, train, val)

@@ -1,5 +1,5 @@
-"""Frozen-encoder features for evaluation: the evaluation view, pooling options, extraction from
-labelled shards, and a safetensors cache so several probes reuse one pass."""
+"""Frozen-encoder features for evaluation: pooling options, extraction from labelled shards
+through the evaluation view, and a safetensors cache so several probes reuse one pass."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
-from torchvision.transforms import InterpolationMode, v2
 
-from ssl_vit.data.pipeline import NO_LABEL, ShardDataset
+from ssl_vit.data.pipeline import NO_LABEL, ShardDataset, View
 from ssl_vit.data.shards import resolve_shards
-from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 
@@ -24,26 +22,6 @@ Pooling = Literal["cls", "mean", "cls+mean"]
 class FeatureSet(NamedTuple):
     features: Tensor  # (N, D) float32
     labels: Tensor  # (N,) int64
-
-
-class EvalView(v2.Compose):
-    """Resize the short side to ``size * 256/224`` (bicubic), then centre-crop ``size``: the
-    evaluation view of DINO / MAE (256 -> 224 at ImageNet scale), scaled down for small images."""
-
-    def __init__(
-        self,
-        size: int = 224,
-        resize_ratio: float = 256 / 224,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-    ) -> None:
-        super().__init__(
-            [
-                v2.Resize(round(size * resize_ratio), interpolation=InterpolationMode.BICUBIC),
-                v2.CenterCrop(size),
-                *to_normalized_tensor(mean, std),
-            ]
-        )
 
 
 def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: Pooling = "cls", last_blocks: int = 1) -> Tensor:
@@ -84,7 +62,7 @@ def frozen_features(encoder: ViTEncoder, images: Tensor, pooling: Pooling = "cls
 def extract_features(
     encoder: ViTEncoder,
     shards: str,
-    view: v2.Transform,
+    view: View,
     pooling: Pooling = "cls",
     last_blocks: int = 1,
     batch_size: int = 256,

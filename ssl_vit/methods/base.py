@@ -17,6 +17,7 @@ from ssl_vit.checkpoint import read_checkpoint
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
+from ssl_vit.pictures import attention_columns
 from ssl_vit.schedules import cosine_to, warmup_cosine
 
 # Parameters that are tokens or embeddings, not weights: no weight decay (besides biases and norms).
@@ -131,6 +132,12 @@ class SSLMethod(L.LightningModule):
             if group["weight_decay"]:  # only the decayed group follows the schedule
                 group["weight_decay"] = wd
         self.log("train/lr", lr, prog_bar=True)
+
+    def pictures(self, images: Tensor) -> dict[str, list[Tensor]]:
+        """Named picture grids of what the objective does to ``images`` (normalised, (B, 3, H, W)),
+        each a list of columns of displayable images; drawn by :class:`~ssl_vit.pictures.PicturesCallback`.
+        Every objective shows its evaluated encoder's last-block attention (DINO's maps)."""
+        return {"attention": attention_columns(self.evaluated_encoder, images)}
 
     def watch_collapse(self, embeddings: Tensor, threshold: float = 0.05) -> None:
         """Log the per-dimension std of L2-normalised embeddings, scaled by sqrt(dim) (about 1

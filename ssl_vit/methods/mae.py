@@ -18,7 +18,8 @@ from ssl_vit.errors import UserError
 from ssl_vit.losses import masked_patch_mse, normalized_patch_targets
 from ssl_vit.masking import PatchMask, random_patch_mask
 from ssl_vit.methods.base import SSLMethod
-from ssl_vit.patches import patchify
+from ssl_vit.patches import patchify, unpatchify
+from ssl_vit.pictures import reconstruction_columns
 
 _layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -124,6 +125,17 @@ class MAE(SSLMethod):
         loss = self(images).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def pictures(self, images: Tensor) -> dict[str, list[Tensor]]:
+        out = self(images)
+        p, grid = self.encoder.patch_size, self.encoder.grid_size
+        pred = out.pred
+        if self.norm_pix_loss:  # predictions are per-patch normalised pixels: undo with each patch's own statistics
+            target = patchify(images, p)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+        pixel_mask = unpatchify(out.mask.mask.unsqueeze(-1).expand_as(pred), p, grid)[:, :1]
+        reconstruction = reconstruction_columns(images, unpatchify(pred, p, grid), pixel_mask)
+        return {**super().pictures(images), "reconstruction": reconstruction}
 
 
 def _init_mae_weights(m: nn.Module) -> None:

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from ssl_vit.encoder import EncoderConfig
 from ssl_vit.errors import UserError
 from ssl_vit.losses import masked_pixel_l1
-from ssl_vit.masking import block_patch_mask
+from ssl_vit.masking import block_patch_mask, patch_mask_to_pixels
 from ssl_vit.methods.base import SSLMethod
+from ssl_vit.pictures import reconstruction_columns
 
 
 class SimMIMOutput(NamedTuple):
@@ -65,7 +66,7 @@ class SimMIM(SSLMethod):
         mask = block_patch_mask(b, (h, w), p, self.mask_patch_size, self.mask_ratio, images.device)
         patches = self.encoder(images, mask=mask, mask_token=self.mask_token).patches  # (B, h*w, D)
         pred = self.decoder(patches.transpose(1, 2).reshape(b, -1, h, w))
-        pixel_mask = mask.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2).unsqueeze(1).type_as(images)
+        pixel_mask = patch_mask_to_pixels(mask, p).type_as(images)
         return SimMIMOutput(masked_pixel_l1(pred, images, pixel_mask), pred, mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -73,3 +74,8 @@ class SimMIM(SSLMethod):
         loss = self(images).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def pictures(self, images: Tensor) -> dict[str, list[Tensor]]:
+        out = self(images)
+        pixel_mask = patch_mask_to_pixels(out.mask, self.encoder.patch_size).type_as(images)
+        return {**super().pictures(images), "reconstruction": reconstruction_columns(images, out.pred, pixel_mask)}
