@@ -26,8 +26,9 @@ def projection_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, 
 
 
 class DINOHead(nn.Module):
-    """DINO's head: MLP (GELU) to an L2-normalised bottleneck, then a weight-normalised linear
-    layer to ``out_dim`` prototypes whose norm (``g``) is fixed to 1 when ``norm_last_layer``."""
+    """DINO's head: MLP (GELU; BatchNorm after each hidden layer with ``use_bn``, DINO's
+    ``use_bn_in_head``) to an L2-normalised bottleneck, then a weight-normalised linear layer to
+    ``out_dim`` prototypes whose norm (``g``) is fixed to 1 when ``norm_last_layer``."""
 
     def __init__(
         self,
@@ -37,12 +38,13 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         num_layers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         layers: list[nn.Module] = []
         for d_in, d_out in itertools.pairwise(dims):
-            layers += [nn.Linear(d_in, d_out), nn.GELU()]
+            layers += [nn.Linear(d_in, d_out), *([nn.BatchNorm1d(d_out)] if use_bn else []), nn.GELU()]
         layers.append(nn.Linear(dims[-1], bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:

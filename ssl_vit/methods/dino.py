@@ -44,6 +44,7 @@ class DINO(SSLMethod):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
+        use_bn_in_head: bool = False,
         freeze_last_layer_epochs: int = 1,
         student_temp: float = 0.1,
         warmup_teacher_temp: float = 0.04,
@@ -64,7 +65,12 @@ class DINO(SSLMethod):
             encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from, weight_decay_end=weight_decay_end
         )
         self.head = DINOHead(
-            self.encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer
+            self.encoder.embed_dim,
+            out_dim,
+            hidden_dim,
+            bottleneck_dim,
+            norm_last_layer=norm_last_layer,
+            use_bn=use_bn_in_head,
         )
         # The teacher has the student's architecture without stochastic depth, and starts equal to it.
         self.teacher_encoder = ViTEncoder(**{**encoder, "drop_path_rate": 0.0}).requires_grad_(False)
