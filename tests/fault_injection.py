@@ -216,6 +216,17 @@ def last_state(folder: Path) -> tuple[int, dict[str, torch.Tensor]]:
     return ckpt["global_step"], ckpt["state_dict"]
 
 
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return bool(state) and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def new_run(work: Path, name: str, **overrides) -> tuple[Path, str]:
+    """A fresh folder for one case and its tiny recipe."""
+    folder = work / name
+    folder.mkdir()
+    return folder, str(recipe(folder, work / "shards", **overrides))
+
+
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
@@ -239,9 +250,7 @@ def uninterrupted(work: Path) -> tuple[int, dict[str, torch.Tensor]]:
 
 def case_sigkill(work: Path) -> Outcome:
     """SIGKILL in the middle of epoch 2; the same command again resumes from epoch 1's checkpoint."""
-    folder = work / "sigkill"
-    folder.mkdir()
-    config = str(recipe(folder, work / "shards"))
+    folder, config = new_run(work, "sigkill")
     killed = pretrain(folder, "--config", config, *fault("KillAt", step=STEPS_PER_EPOCH + 3))
     again = pretrain(folder, "--config", config)
     step, params = last_state(folder)
@@ -260,9 +269,7 @@ def case_sigkill(work: Path) -> Outcome:
 
 def case_sigterm(work: Path) -> Outcome:
     """A scheduler's SIGTERM: last.ckpt is saved after the step in flight, the exit code says so."""
-    folder = work / "sigterm"
-    folder.mkdir()
-    config = str(recipe(folder, work / "shards"))
+    folder, config = new_run(work, "sigterm")
     term_step = STEPS_PER_EPOCH + 3
     stopped = pretrain(folder, "--config", config, *fault("KillAt", step=term_step, signal="SIGTERM"))
     saved_step, _ = last_state(folder)
@@ -280,9 +287,7 @@ def case_sigterm(work: Path) -> Outcome:
 
 def case_truncated_checkpoint(work: Path) -> Outcome:
     """The newest checkpoint is cut short (a full disk, a half copy): the run falls back to the one before."""
-    folder = work / "truncated"
-    folder.mkdir()
-    config = str(recipe(folder, work / "shards", **{"trainer.max_epochs": 2}))
+    folder, config = new_run(work, "truncated", **{"trainer.max_epochs": 2})
     first = pretrain(folder, "--config", config)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt_dir = folder / "run/checkpoints"
@@ -340,16 +345,12 @@ def case_mostly_broken_data(work: Path) -> Outcome:
 
 
 def case_nan_loss(work: Path) -> Outcome:
-    folder = work / "nan"
-    folder.mkdir()
-    config = str(recipe(folder, work / "shards"))
+    folder, config = new_run(work, "nan")
     result = pretrain(folder, "--config", config, *fault("NaNInputAt", step=5))
     saved = folder / "run/checkpoints/last-good-step=00000005.ckpt"
     message = last_line(result.stderr)
-    good = saved.exists() and torch.load(saved, weights_only=True)["global_step"] == 5
-    if good:
-        state = torch.load(saved, weights_only=True)["state_dict"]
-        good = all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    ckpt = torch.load(saved, weights_only=True) if saved.exists() else {}
+    good = ckpt.get("global_step") == 5 and all_finite(ckpt["state_dict"])
     ok = result.returncode == 2 and "non-finite loss at step 5 of MAE" in message and good
     return Outcome(
         "stop naming step 5 and MAE; last good state saved",
@@ -360,12 +361,10 @@ def case_nan_loss(work: Path) -> Outcome:
 
 
 def case_nan_skipped(work: Path) -> Outcome:
-    folder = work / "nan_skip"
-    folder.mkdir()
-    config = str(recipe(folder, work / "shards"))
+    folder, config = new_run(work, "nan_skip")
     result = pretrain(folder, "--config", config, "--nonfinite.action=skip", *fault("NaNInputAt", step=5))
     step, params = last_state(folder) if result.returncode == 0 else (0, {})
-    finite = bool(params) and all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+    finite = all_finite(params)
     warned = "non-finite loss at step 5 of MAE: step skipped" in result.stderr
     ok = result.returncode == 0 and warned and finite and step == EPOCHS * STEPS_PER_EPOCH
     return Outcome(

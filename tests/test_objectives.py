@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ssl_vit.data import MultiCropViews, TwoViews
 from ssl_vit.ema import ema_update
 from ssl_vit.encoder import ViTEncoder
+from ssl_vit.heads import DINOHead
 from ssl_vit.losses import dino_loss, info_nce, masked_pixel_l1, nt_xent
 from ssl_vit.masking import block_patch_mask
 from ssl_vit.methods import DINO, MoCoV3, SimCLR, SimMIM
@@ -128,6 +129,13 @@ def test_dino_head_last_layer_is_weight_normalised_with_fixed_norm():
     assert not param.original0.requires_grad and torch.all(param.original0 == 1)
     w = model.head.last_layer.weight
     torch.testing.assert_close(w.norm(dim=1), torch.ones(64))
+
+
+def test_dino_head_batchnorm_option_follows_each_hidden_layer():
+    # DINO's use_bn_in_head: Linear -> BatchNorm1d -> GELU for each hidden layer, none on the bottleneck.
+    kinds = [type(m).__name__ for m in DINOHead(16, 8, 32, 4, use_bn=True).mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    assert [type(m).__name__ for m in DINOHead(16, 8, 32, 4).mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
 
 
 def test_multicrop_views_and_one_encoder_pass_per_resolution():
