@@ -83,7 +83,9 @@ class PretrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         check_views_fit_encoder(self.datamodule, self.model)  # before the trainer starts printing
-        return super().instantiate_trainer(**kwargs)
+        trainer = self.config_init[self.subcommand]["trainer"]
+        precision = default_precision(trainer.get("accelerator", "auto"), trainer.get("precision"))
+        return super().instantiate_trainer(**kwargs, precision=precision)
 
     def before_fit(self) -> None:
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -125,6 +127,21 @@ class PretrainCLI(LightningCLI):
             while cause is not None and not isinstance(cause, UserError):
                 cause = cause.__cause__ or cause.__context__
             raise (cause or err) from None
+
+
+def default_precision(accelerator: Any, precision: Any, cuda: bool | None = None) -> Any:
+    """bf16 mixed precision on GPUs unless the recipe says otherwise, fp32 on CPUs; bf16 asked
+    for on a CPU is a mistake (slow, and not what the recipe's numbers were measured with)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    on_gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and cuda)
+    if precision is None:
+        return "bf16-mixed" if on_gpu else "32-true"
+    if "bf16" in str(precision) and not on_gpu:
+        raise UserError(
+            f"trainer.precision {precision} asks for bf16, but this run is on a CPU "
+            f"(trainer.accelerator {accelerator}); use trainer.precision 32-true, or run on a GPU"
+        )
+    return precision
 
 
 def check_views_fit_encoder(datamodule: ShardDataModule, model: SSLMethod) -> None:

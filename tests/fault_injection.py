@@ -424,6 +424,11 @@ CONFIG_CASES = [
     ),
     bad_config("missing_shards", "shards of", lambda f, w: _tiny(f, w, **{"data.train_shards": str(f / "nowhere")})),
     bad_config(
+        "bf16_on_cpu",
+        "trainer.precision bf16-mixed asks for bf16, but this run is on a CPU",
+        lambda f, w: [*_tiny(f, w), "--trainer.precision=bf16-mixed"],
+    ),
+    bad_config(
         "unlabelled_eval",
         "has no class labels",
         lambda f, w: _tiny(

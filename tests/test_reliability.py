@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from ssl_vit.checkpoint import AtomicCheckpointIO, newest_complete_checkpoint, rng_states, set_rng_states
+from ssl_vit.cli import default_precision
 from ssl_vit.data.pipeline import ShardDataset, to_rgb
+from ssl_vit.errors import UserError
 from tests.fault_injection import CASES, WouldRunCode, odd_mode_images, prepare, write_broken_shard
 
 
@@ -111,3 +113,13 @@ def test_a_checkpoint_that_would_run_code_is_never_unpickled(tmp_path):
     with pytest.warns(UserWarning, match="skipping checkpoint .*newer.ckpt"):
         assert newest_complete_checkpoint(tmp_path / "*.ckpt") == tmp_path / "good.ckpt"
     assert not marker.exists()
+
+
+def test_precision_defaults_to_bf16_on_gpus_and_fp32_on_cpus():
+    assert default_precision("auto", None, cuda=True) == "bf16-mixed"
+    assert default_precision("gpu", None, cuda=True) == "bf16-mixed"
+    assert default_precision("auto", None, cuda=False) == "32-true"
+    assert default_precision("cpu", None, cuda=True) == "32-true"
+    assert default_precision("gpu", "16-mixed", cuda=True) == "16-mixed"  # the recipe's choice stands
+    with pytest.raises(UserError, match="asks for bf16, but this run is on a CPU"):
+        default_precision("cpu", "bf16-mixed", cuda=True)
