@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import write_result
 
 from ssl_vit.eval.knn import knn_classify
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mib() -> float:
@@ -90,20 +87,7 @@ def main() -> None:
         )
         rows.append(row)
         print(json.dumps(row), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    record = {
-        "benchmark": "knn_scaling",
-        "device": torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"{platform.processor() or platform.machine()} CPU x {torch.get_num_threads()} threads",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "commit": commit,
-        "command": "python benchmarks/knn_scaling.py " + " ".join(sys.argv[1:]),
-        "rows": rows,
-    }
-    out = ROOT / "benchmarks" / "results" / f"knn_scaling_{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_result("knn_scaling", device, rows)
     print(f"wrote {out}")
 
 

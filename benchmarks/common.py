@@ -1,0 +1,51 @@
+"""What every benchmark result records: the machine, the versions, the commit and the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def write_result(benchmark: str, device: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
+    """Write ``benchmarks/results/<benchmark>_<device>.json`` and return its path."""
+    import timm
+    import torchvision
+
+    commit = _git("rev-parse", "HEAD") + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    record = {
+        "benchmark": benchmark,
+        "device": device_name(device),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
+        },
+        "commit": commit,
+        "command": f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
+        **extra,
+        "rows": rows,
+    }
+    out = ROOT / "benchmarks" / "results" / f"{benchmark}_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
