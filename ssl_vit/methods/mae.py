@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ssl_vit.encoder import EncoderConfig, sincos_pos_embed_2d
 from ssl_vit.errors import UserError
 from ssl_vit.losses import masked_patch_mse, normalized_patch_targets
-from ssl_vit.masking import PatchMask, random_patch_mask
+from ssl_vit.masking import PatchMask, patch_mask_to_pixels, random_patch_mask
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.patches import patchify, unpatchify
 from ssl_vit.pictures import reconstruction_columns
@@ -133,7 +133,7 @@ class MAE(SSLMethod):
         if self.norm_pix_loss:  # predictions are per-patch normalised pixels: undo with each patch's own statistics
             target = patchify(images, p)
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
-        pixel_mask = unpatchify(out.mask.mask.unsqueeze(-1).expand_as(pred), p, grid)[:, :1]
+        pixel_mask = patch_mask_to_pixels(out.mask.mask.reshape(-1, *grid), p)
         reconstruction = reconstruction_columns(images, unpatchify(pred, p, grid), pixel_mask)
         return {**super().pictures(images), "reconstruction": reconstruction}
 
