@@ -97,6 +97,12 @@ class SSLMethod(L.LightningModule):
             if module_path != "encoder":
                 self.get_submodule(module_path).load_state_dict(self.encoder.state_dict())
 
+    def on_train_start(self) -> None:
+        # Lightning seeds every rank alike, so each rank would draw the same masks for its own
+        # samples; the official codes seed rank r with seed + r. Runs after a resume's RNG restore.
+        if self.trainer.world_size > 1:
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + self.global_rank)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ssl_vit"] = {"objective": type(self).__name__, "encoders": dict(self.encoders)}
 
