@@ -82,10 +82,12 @@ class PretrainCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        check_views_fit_encoder(self.datamodule, self.model)  # before the trainer starts printing
+        check_recipe_fits_model(self.datamodule, self.model)  # before the trainer starts printing
         trainer = self.config_init[self.subcommand]["trainer"]
         precision = default_precision(trainer.get("accelerator", "auto"), trainer.get("precision"))
-        return super().instantiate_trainer(**kwargs, precision=precision)
+        trainer = super().instantiate_trainer(**kwargs, precision=precision)
+        self.datamodule.check_launch(trainer.world_size)  # before DDP launches a process per device
+        return trainer
 
     def before_fit(self) -> None:
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -144,8 +146,9 @@ def default_precision(accelerator: Any, precision: Any, cuda: bool | None = None
     return precision
 
 
-def check_views_fit_encoder(datamodule: ShardDataModule, model: SSLMethod) -> None:
-    """Every crop the view makes must be a whole number of the encoder's patches."""
+def check_recipe_fits_model(datamodule: ShardDataModule, model: SSLMethod) -> None:
+    """Every crop the view makes must be a whole number of the encoder's patches, and BatchNorm
+    heads need more than one image per device."""
     patch = model.encoder.patch_size
     for size in getattr(datamodule.view, "sizes", ()):
         if size % patch:
@@ -153,6 +156,12 @@ def check_views_fit_encoder(datamodule: ShardDataModule, model: SSLMethod) -> No
                 f"data.view makes {size}-px crops, which the encoder's {patch}-px patches do not divide; "
                 f"use crop sizes that are multiples of {patch}"
             )
+    if datamodule.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise UserError(
+            f"data.batch_size is {datamodule.batch_size} image per device, but {type(model).__name__}'s heads use "
+            "BatchNorm, which needs at least 2; data.batch_size is per device (global batch = batch_size x devices "
+            "x nodes), so lower the number of devices or raise data.batch_size"
+        )
 
 
 def pretrain(args: list[str]) -> None:

@@ -404,6 +404,7 @@ def _tiny(folder: Path, work: Path, **overrides) -> list[str]:
 
 
 DINO = str(ROOT / "recipes/quickstart/dino.yaml")
+MOCOV3 = str(ROOT / "recipes/quickstart/mocov3.yaml")
 CONFIG_CASES = [
     bad_config(
         "unknown_key", "unknown recipe key 'data.batch_sise'", lambda f, w: [*_tiny(f, w), "--data.batch_sise=3"]
@@ -421,6 +422,16 @@ CONFIG_CASES = [
         "local_crop_vs_patch",
         "12-px crops, which the encoder's 8-px patches do not divide",
         lambda f, w: ["--config", DINO, "--data.view.init_args.local_size=12", f"--data.train_shards={w / 'shards'}"],
+    ),
+    bad_config(
+        "batch_of_one_with_batchnorm",
+        "heads use BatchNorm, which needs at least 2",
+        lambda f, w: ["--config", MOCOV3, "--data.batch_size=1", f"--data.train_shards={w / 'shards'}"],
+    ),
+    bad_config(
+        "fewer_shards_than_readers",
+        "4 shards cannot feed 2 devices x 3 workers",
+        lambda f, w: [*_tiny(f, w), "--trainer.devices=2", "--trainer.strategy=ddp", "--data.num_workers=3"],
     ),
     bad_config("missing_shards", "shards of", lambda f, w: _tiny(f, w, **{"data.train_shards": str(f / "nowhere")})),
     bad_config(

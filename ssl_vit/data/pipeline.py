@@ -286,16 +286,26 @@ class ShardDataModule(L.LightningDataModule):
         log.warning("writing the embedded shapes dataset to %s", train.parent)
         write_embedded_shards(train.parent)
 
-    def setup(self, stage: str) -> None:
-        urls, index = resolve_shards(self.train_shards)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        readers = world * max(1, self.num_workers)
+    def check_launch(self, world_size: int) -> None:
+        """Fail with one message when the batch or the shards cannot feed ``world_size`` ranks;
+        the CLI calls it before any process is launched, ``setup`` again on every rank."""
+        if self.batch_size < 1:
+            raise UserError(f"data.batch_size is {self.batch_size}; it is the batch per device and must be at least 1")
+        if self.generate_embedded and not Path(self.train_shards).exists():
+            return  # prepare_data writes them; setup checks again
+        urls, _ = resolve_shards(self.train_shards)
+        readers = world_size * max(1, self.num_workers)
         if len(urls) < readers:
             raise UserError(
-                f"{len(urls)} shards cannot feed {world} devices x {max(1, self.num_workers)} workers without "
+                f"{len(urls)} shards cannot feed {world_size} devices x {max(1, self.num_workers)} workers without "
                 "two readers sharing a shard; write more, smaller shards (`ssl-vit shards --samples-per-shard`) "
                 "or lower data.num_workers"
             )
+
+    def setup(self, stage: str) -> None:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.check_launch(world)
+        urls, index = resolve_shards(self.train_shards)
         total = self.samples_per_epoch or (index.num_samples if index else None)
         if total is None:
             raise UserError(f"the number of samples in {self.train_shards!r} is unknown; set data.samples_per_epoch")
