@@ -39,6 +39,7 @@ from rich.table import Table
 from ssl_vit.checkpoint import AtomicCheckpointIO, RunCheckpoint, load_checkpoint_encoder, newest_complete_checkpoint
 from ssl_vit.data.pipeline import ShardDataModule
 from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, write_shards
+from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.report import print_results, write_records
@@ -75,6 +76,12 @@ class PretrainCLI(LightningCLI):
             help="at the end, export the evaluated encoder as a timm folder in <default_root_dir>/export",
         )
         parser.add_argument(
+            "--compile",
+            type=bool,
+            default=False,
+            help="torch.compile every transformer block (encoder, teacher, decoder) in place before training",
+        )
+        parser.add_argument(
             "--auto_resume",
             type=bool,
             default=True,
@@ -105,6 +112,8 @@ class PretrainCLI(LightningCLI):
                 message = f"resuming from {newest} (--auto_resume false starts afresh)"
                 Console(stderr=True, soft_wrap=True).print(message)
                 config["ckpt_path"] = str(newest)
+        if config["compile"]:
+            compile_blocks(self.model)
         self.started = time.perf_counter()
 
     def after_fit(self) -> None:

@@ -1,11 +1,18 @@
-"""Cross-rank collectives the objectives need, written once; identity when not distributed."""
+"""Cross-rank collectives the objectives need, written once (identity when not distributed),
+and the FSDP strategy for encoders too large for DDP."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning as L
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-from torch import Tensor
+from lightning.pytorch.strategies import FSDPStrategy
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+from torch.distributed.fsdp.wrap import CustomPolicy
 
 
 def world() -> tuple[int, int]:
@@ -43,3 +50,29 @@ def mean_over_ranks(x: Tensor) -> Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / size
+
+
+class BlockFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP with the wrapping ViT pretraining needs: every transformer block is its own
+    FSDP unit (its weights gathered just before it runs, freed after), and so is every part of the
+    objective (encoder, EMA teacher, heads, decoder). The parts matter for the EMA objectives: a
+    teacher and its student then have the same flat-parameter layout, so each rank's shard of the
+    teacher lines up with its shard of the student and the EMA update stays element-wise.
+
+    ``activation_checkpointing`` recomputes each block's activations in the backward pass.
+    Any other argument is Lightning's ``FSDPStrategy``'s (``sharding_strategy``, ``cpu_offload``...).
+    In a recipe: ``trainer.strategy: {class_path: ssl_vit.distributed.BlockFSDPStrategy}``.
+    """
+
+    def __init__(self, activation_checkpointing: bool = False, **kwargs: Any) -> None:
+        super().__init__(activation_checkpointing_policy={Block} if activation_checkpointing else None, **kwargs)
+
+    def setup(self, trainer: L.Trainer) -> None:
+        self.kwargs["auto_wrap_policy"] = fsdp_wrap_policy(self.lightning_module)
+        super().setup(trainer)
+
+
+def fsdp_wrap_policy(objective: nn.Module) -> CustomPolicy:
+    """FSDP units: every transformer block, and every direct part of ``objective``."""
+    parts = set(objective.children())
+    return CustomPolicy(lambda module: isinstance(module, Block) or module in parts)

@@ -6,10 +6,11 @@ The timm model is kept as it is (``ViTEncoder.vit``) so that its state dict is a
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import timm
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from typing_extensions import TypedDict
@@ -32,6 +33,7 @@ class EncoderConfig(TypedDict, total=False):
     class_token: bool
     reg_tokens: int
     weight_init: str
+    grad_checkpointing: bool
 
 
 class EncoderOutput(NamedTuple):
@@ -53,10 +55,12 @@ class ViTEncoder(nn.Module):
     """A timm ViT whose forward can drop or mask patch tokens and take any input resolution.
 
     Position embeddings are resampled to the input's patch grid (timm's ``dynamic_img_size``), so
-    one encoder serves 224-px global crops and 96-px local crops alike.
+    one encoder serves 224-px global crops and 96-px local crops alike. ``grad_checkpointing``
+    recomputes each block's activations in the backward pass instead of storing them (timm's
+    ``set_grad_checkpointing``): less memory for a larger batch or model, about a third more compute.
     """
 
-    def __init__(self, name: str = "vit_base_patch16_224", **overrides) -> None:
+    def __init__(self, name: str = "vit_base_patch16_224", grad_checkpointing: bool = False, **overrides) -> None:
         super().__init__()
         if not timm.is_model(name):
             raise UserError(f"unknown timm model {name!r}; use a ViT name such as vit_small_patch16_224")
@@ -72,6 +76,7 @@ class ViTEncoder(nn.Module):
                 f"model.encoder.patch_size {patch[0]}x{patch[1]} does not divide img_size {img[0]}x{img[1]}; "
                 "use an img_size that is a multiple of the patch size"
             )
+        vit.set_grad_checkpointing(grad_checkpointing)
         self.name = name
         self.vit = vit
 
@@ -129,8 +134,23 @@ class ViTEncoder(nn.Module):
             kept = torch.gather(x[:, n_prefix:], 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :n_prefix], kept], dim=1)
         x = self.vit.norm_pre(x)
-        x = self.vit.blocks(x)
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.vit.blocks, x)
+        else:
+            x = self.vit.blocks(x)
         return EncoderOutput(self.vit.norm(x), n_prefix)
+
+
+def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> int:
+    """Compile, in place, every transformer block under ``module`` (encoders, EMA teachers, MAE's
+    decoder): PyTorch's regional compilation. The blocks share one compiled graph, so compiling
+    takes seconds rather than minutes, and the few token counts a run uses (MAE's visible tokens,
+    DINO's global and local crops) each compile once. State-dict keys do not change. Returns the
+    number of blocks compiled."""
+    blocks = [b for name, seq in module.named_modules() if name.endswith("blocks") for b in seq.children()]
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], num_prefix_tokens: int = 1) -> Tensor:

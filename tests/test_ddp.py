@@ -72,7 +72,7 @@ class Recorder(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def fit(name: str, data: Any, devices: int) -> dict[str, Any]:
+def fit(name: str, data: Any, devices: int, strategy: Any = None) -> dict[str, Any]:
     factory, _ = OBJECTIVES[name]
     L.seed_everything(0, verbose=False)
     method = gather_batchnorm(factory(warmup_epochs=1))
@@ -80,7 +80,7 @@ def fit(name: str, data: Any, devices: int) -> dict[str, Any]:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto",
+        strategy=strategy or (DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"),
         max_epochs=1,
         callbacks=[recorder],
         logger=False,
@@ -90,7 +90,8 @@ def fit(name: str, data: Any, devices: int) -> dict[str, Any]:
     )
     kwargs = {"datamodule": data} if isinstance(data, L.LightningDataModule) else {"train_dataloaders": data}
     trainer.fit(method, **kwargs)
-    return {"batches": recorder.batches, "grads": recorder.grads, "lrs": recorder.lrs, "state": method.state_dict()}
+    record = {"batches": recorder.batches, "grads": recorder.grads, "lrs": recorder.lrs}
+    return {**record, "state": method.state_dict(), "trainer": trainer, "method": method}
 
 
 def record_masks(masks: list[Any]) -> None:
@@ -109,18 +110,31 @@ def record_masks(masks: list[Any]) -> None:
         setattr(module, attr, recording(getattr(module, attr)))
 
 
-def _rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
+def join_group(rank: int, port: int) -> None:
+    """What torchrun sets for each process: Lightning then takes the processes as launched."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
+    join_group(rank, port)
     for name, (_, view) in OBJECTIVES.items():
         masks: list[Any] = []
         record_masks(masks)
         data = ShardDataModule(
             shards, VIEWS[view](), batch_size=4, num_workers=0, shuffle_buffer=0, samples_per_epoch=16
         )
-        torch.save({**fit(name, data, devices=WORLD), "masks": masks}, f"{out_dir}/{name}-rank{rank}.pt")
+        result = fit(name, data, devices=WORLD)
+        del result["trainer"], result["method"]
+        torch.save({**result, "masks": masks}, f"{out_dir}/{name}-rank{rank}.pt")
 
 
 def concat(parts: list[Any]) -> Any:
@@ -143,10 +157,7 @@ def ddp_runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict[str, Any]]]]:
     root = tmp_path_factory.mktemp("ddp")
     samples = (("png", png_bytes(img), i) for i, img in enumerate(random_images(40)))
     write_shards(samples, root / "shards", classes=[str(i) for i in range(40)], source="test", samples_per_shard=5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(port, str(root / "shards"), str(root)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(root / "shards"), str(root)), nprocs=WORLD, join=True)
     load = lambda name, r: torch.load(root / f"{name}-rank{r}.pt", weights_only=True)  # noqa: E731
     return root, {name: [load(name, r) for r in range(WORLD)] for name in OBJECTIVES}
 

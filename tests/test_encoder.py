@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from ssl_vit.encoder import ViTEncoder, sincos_pos_embed_2d
+from ssl_vit import encoder as encoder_module
+from ssl_vit.encoder import ViTEncoder, compile_blocks, sincos_pos_embed_2d
 from ssl_vit.errors import UserError
 from ssl_vit.patches import patchify, unpatchify
-from tests.conftest import TINY_ENCODER
+from tests.conftest import OBJECTIVES, TINY_ENCODER
 
 
 def reference_sincos(embed_dim: int, grid: int) -> torch.Tensor:
@@ -87,3 +88,45 @@ def test_bad_architecture_is_a_clear_error():
         ViTEncoder(name="resnet18")  # not a ViT: timm rejects the ViT-only arguments
     with pytest.raises(UserError, match="unknown timm model"):
         ViTEncoder(name="vit_nonexistent")
+
+
+def _loss_and_grads(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    torch.manual_seed(1)  # the same MAE mask in both runs
+    loss = model(images).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(monkeypatch):
+    calls = []
+    monkeypatch.setattr(encoder_module, "checkpoint_seq", lambda blocks, x: calls.append(1) or blocks(x))
+    torch.manual_seed(0)
+    plain = ViTEncoder(**TINY_ENCODER)
+    checkpointed = ViTEncoder(**TINY_ENCODER, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        checkpointed(images)  # nothing to recompute without gradients
+    assert not calls
+    checkpointed(images)
+    assert calls
+    monkeypatch.undo()
+    plain(images).tokens.square().mean().backward()
+    checkpointed(images).tokens.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_compiled_blocks_compute_the_same_step_and_keep_state_dict_keys():
+    torch.manual_seed(0)
+    model = OBJECTIVES["mae"][0]()
+    images = torch.randn(4, 3, 32, 32)
+    want_loss, want_grads = _loss_and_grads(model, images)
+    keys = list(model.state_dict())
+    assert compile_blocks(model) == 3  # 2 encoder blocks + 1 decoder block
+    loss, grads = _loss_and_grads(model, images)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert list(model.state_dict()) == keys  # exports and checkpoints are unchanged

@@ -10,11 +10,13 @@ from itertools import groupby
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from ssl_vit.distributed import mean_over_ranks
 from ssl_vit.ema import ema_update, frozen_copy
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
+from ssl_vit.errors import UserError
 from ssl_vit.heads import DINOHead
 from ssl_vit.losses import dino_loss
 from ssl_vit.methods.base import SSLMethod
@@ -107,6 +109,13 @@ class DINO(SSLMethod):
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
             for p in self.head.last_layer.parameters():
                 p.grad = None
+
+    def on_fit_start(self) -> None:
+        if self.hparams.clip_grad and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise UserError(
+                f"DINO clips each parameter's whole gradient (model.clip_grad {self.hparams.clip_grad}), which FSDP's "
+                "shards do not hold; train DINO with DDP (the default), or set model.clip_grad 0"
+            )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # DINO clips each parameter's gradient norm on its own, not the global norm.
