@@ -148,7 +148,10 @@ class SSLMethod(L.LightningModule):
     def watch_collapse(self, embeddings: Tensor, threshold: float = 0.05) -> None:
         """Log the per-dimension std of L2-normalised embeddings, scaled by sqrt(dim) (about 1
         for well-spread embeddings, 0 when all are identical), and warn when it falls below
-        ``threshold``: the run has collapsed."""
+        ``threshold``: the run has collapsed. Checked on logging steps only: it waits for the device."""
+        trainer = self._trainer
+        if trainer is not None and self.global_step % max(1, trainer.log_every_n_steps):
+            return
         z = F.normalize(embeddings.detach().float(), dim=1)
         spread = z.std(dim=0).mean().item() * z.shape[1] ** 0.5
         self.log("train/embedding_spread", spread)
