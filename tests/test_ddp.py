@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -72,7 +71,7 @@ class Recorder(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def fit(name: str, data: Any, devices: int, strategy: Any = None) -> dict[str, Any]:
+def fit(name: str, data: Any, devices: int) -> dict[str, Any]:
     factory, _ = OBJECTIVES[name]
     L.seed_everything(0, verbose=False)
     method = gather_batchnorm(factory(warmup_epochs=1))
@@ -80,7 +79,7 @@ def fit(name: str, data: Any, devices: int, strategy: Any = None) -> dict[str, A
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=strategy or (DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"),
+        strategy=DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto",
         max_epochs=1,
         callbacks=[recorder],
         logger=False,
@@ -90,8 +89,7 @@ def fit(name: str, data: Any, devices: int, strategy: Any = None) -> dict[str, A
     )
     kwargs = {"datamodule": data} if isinstance(data, L.LightningDataModule) else {"train_dataloaders": data}
     trainer.fit(method, **kwargs)
-    record = {"batches": recorder.batches, "grads": recorder.grads, "lrs": recorder.lrs}
-    return {**record, "state": method.state_dict(), "trainer": trainer, "method": method}
+    return {"batches": recorder.batches, "grads": recorder.grads, "lrs": recorder.lrs, "state": method.state_dict()}
 
 
 def record_masks(masks: list[Any]) -> None:
@@ -132,9 +130,7 @@ def _rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
         data = ShardDataModule(
             shards, VIEWS[view](), batch_size=4, num_workers=0, shuffle_buffer=0, samples_per_epoch=16
         )
-        result = fit(name, data, devices=WORLD)
-        del result["trainer"], result["method"]
-        torch.save({**result, "masks": masks}, f"{out_dir}/{name}-rank{rank}.pt")
+        torch.save({**fit(name, data, devices=WORLD), "masks": masks}, f"{out_dir}/{name}-rank{rank}.pt")
 
 
 def concat(parts: list[Any]) -> Any:
@@ -146,25 +142,27 @@ def concat(parts: list[Any]) -> Any:
 
 
 def replay_masks(masks: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    def next_mask(*args, **kwargs):
+        mask = masks.pop(0)
+        return PatchMask(*mask) if isinstance(mask, list) else mask
+
     for module, attr in MASK_FUNCTIONS:
-        monkeypatch.setattr(
-            module, attr, lambda *a, **kw: (lambda m: PatchMask(*m) if isinstance(m, list) else m)(masks.pop(0))
-        )
+        monkeypatch.setattr(module, attr, next_mask)
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict[str, Any]]]]:
+def ddp_runs(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     root = tmp_path_factory.mktemp("ddp")
     samples = (("png", png_bytes(img), i) for i, img in enumerate(random_images(40)))
     write_shards(samples, root / "shards", classes=[str(i) for i in range(40)], source="test", samples_per_shard=5)
     mp.spawn(_rank_main, args=(free_port(), str(root / "shards"), str(root)), nprocs=WORLD, join=True)
     load = lambda name, r: torch.load(root / f"{name}-rank{r}.pt", weights_only=True)  # noqa: E731
-    return root, {name: [load(name, r) for r in range(WORLD)] for name in OBJECTIVES}
+    return {name: [load(name, r) for r in range(WORLD)] for name in OBJECTIVES}
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_ddp_matches_one_process_on_the_global_batch(name, ddp_runs, monkeypatch):
-    ranks = ddp_runs[1][name]
+    ranks = ddp_runs[name]
     labels = [{int(y) for _, batch_labels in r["batches"] for y in batch_labels} for r in ranks]
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 2  # equal batch counts: no hang
     assert labels[0] and labels[1] and not labels[0] & labels[1], labels  # disjoint shards
