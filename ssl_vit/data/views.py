@@ -2,16 +2,39 @@
 
 A view maps one PIL image to what the objective's ``training_step`` takes: one tensor, or a list
 of tensors for multi-view objectives. Its ``sizes`` are the crop sizes it makes, which the recipe
-check compares with the encoder's patch size.
+check compares with the encoder's patch size; its ``decode_side`` is the short side an image needs
+for its smallest crop to be taken from at least as many pixels as it outputs, so the pipeline may
+decode JPEGs at reduced size down to it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+from PIL import Image
+from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
+
+from ssl_vit.data.photometric import (
+    BLUR_SIGMA,
+    GRAYSCALE_P,
+    JITTER,
+    JITTER_P,
+    SOLARIZE_THRESHOLD,
+    BatchedPhotometric,
+    blur_kernel_size,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def crop_decode_side(size: int, scale: tuple[float, float], min_ratio: float = 3 / 4) -> int:
+    """The short side an image needs so that RandomResizedCrop's smallest crop (area fraction
+    ``scale[0]``, aspect ratio down to ``min_ratio``) is still ``size`` pixels on its short side."""
+    return math.ceil(size / math.sqrt(scale[0] * min_ratio))
 
 
 def to_normalized_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:
@@ -36,6 +59,7 @@ class MAEView(v2.Compose):
             ]
         )
         self.sizes = (size,)
+        self.decode_side = crop_decode_side(size, scale)
 
 
 class SimMIMView(v2.Compose):
@@ -57,6 +81,7 @@ class SimMIMView(v2.Compose):
             ]
         )
         self.sizes = (size,)
+        self.decode_side = crop_decode_side(size, scale)
 
 
 def augmented_crop(
@@ -64,39 +89,78 @@ def augmented_crop(
     scale: tuple[float, float],
     blur_p: float,
     solarize_p: float,
+    photometric: bool = True,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Compose:
     """One BYOL-style crop: RandomResizedCrop (bicubic), flip, colour jitter 0.4/0.4/0.2/0.1 with
     p = 0.8, grayscale p = 0.2, Gaussian blur (sigma 0.1-2) with ``blur_p``, solarisation with
-    ``solarize_p``. The blur kernel spans about 10% of the crop (23 px at 224), as in BYOL."""
-    kernel = 2 * round(0.05 * size) + 1
+    ``solarize_p``. The blur kernel spans about 10% of the crop (23 px at 224), as in BYOL. Without
+    ``photometric``, only the crop and flip, as a uint8 tensor for ``BatchedPhotometric``."""
+    geometric = [
+        v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(),
+    ]
+    if not photometric:
+        return v2.Compose([*geometric, v2.ToImage()])
     return v2.Compose(
         [
-            v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
-            v2.RandomSolarize(threshold=128, p=solarize_p),
+            *geometric,
+            v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P),
+            v2.RandomGrayscale(p=GRAYSCALE_P),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=blur_p),
+            v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p),
             *to_normalized_tensor(mean, std),
         ]
     )
 
 
-class TwoViews:
+@dataclass(frozen=True)
+class CropSpec:
+    """One crop position of a multi-view recipe."""
+
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+class AugmentedCrops:
+    """Views made of one BYOL-style augmented crop per ``CropSpec``; returns the crops in order.
+
+    With ``augment_on_device``, the loader workers only crop, flip and convert to uint8, and
+    ``on_device`` (called by the data module once the batch is on the GPU) applies each crop
+    position's colour jitter, grayscale, blur and solarisation to the whole batch, a separate draw
+    per sample: the per-image photometric work is what keeps multi-crop recipes CPU-bound."""
+
+    def __init__(self, specs: list[CropSpec], augment_on_device: bool = False) -> None:
+        self.crops = [augmented_crop(s.size, s.scale, s.blur_p, s.solarize_p, not augment_on_device) for s in specs]
+        self.photometric = (
+            [BatchedPhotometric(s.size, s.blur_p, s.solarize_p, IMAGENET_MEAN, IMAGENET_STD) for s in specs]
+            if augment_on_device
+            else None
+        )
+        self.sizes = tuple(dict.fromkeys(s.size for s in specs))
+        self.decode_side = max(crop_decode_side(s.size, s.scale) for s in specs)
+
+    def __call__(self, image: Image.Image) -> list[Tensor]:
+        return [crop(image) for crop in self.crops]
+
+    def on_device(self, crops: list[Tensor]) -> list[Tensor]:
+        if self.photometric is None:
+            return crops
+        return [augment(batch) for augment, batch in zip(self.photometric, crops, strict=True)]
+
+
+class TwoViews(AugmentedCrops):
     """MoCo v3 / BYOL's two asymmetric views: blur p = 1.0 / 0.1, solarisation p = 0 / 0.2,
     RandomResizedCrop scale (0.08, 1). Returns ``[view1, view2]``."""
 
-    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0)) -> None:
-        self.crops = [augmented_crop(size, scale, 1.0, 0.0), augmented_crop(size, scale, 0.1, 0.2)]
-        self.sizes = (size,)
-
-    def __call__(self, image):
-        return [crop(image) for crop in self.crops]
+    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0), augment_on_device: bool = False):
+        super().__init__([CropSpec(size, scale, 1.0, 0.0), CropSpec(size, scale, 0.1, 0.2)], augment_on_device)
 
 
-class MultiCropViews:
+class MultiCropViews(AugmentedCrops):
     """DINO's multi-crop: 2 global crops (scale 0.4-1; blur p 1.0 and 0.1, solarisation p 0 and
     0.2) and ``num_local`` local crops (scale 0.05-0.4; blur p 0.5). Returns the global crops first.
     The loader stacks each crop position into its own batch tensor; the objective runs the encoder
@@ -109,17 +173,11 @@ class MultiCropViews:
         num_local: int = 10,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
+        augment_on_device: bool = False,
     ) -> None:
-        self.global_crops = [
-            augmented_crop(global_size, global_scale, 1.0, 0.0),
-            augmented_crop(global_size, global_scale, 0.1, 0.2),
-        ]
-        self.local_crop = augmented_crop(local_size, local_scale, 0.5, 0.0)
-        self.num_local = num_local
-        self.sizes = (global_size, local_size) if num_local else (global_size,)
-
-    def __call__(self, image):
-        return [crop(image) for crop in self.global_crops] + [self.local_crop(image) for _ in range(self.num_local)]
+        global_crops = [CropSpec(global_size, global_scale, 1.0, 0.0), CropSpec(global_size, global_scale, 0.1, 0.2)]
+        local_crops = [CropSpec(local_size, local_scale, 0.5, 0.0)] * num_local
+        super().__init__(global_crops + local_crops, augment_on_device)
 
 
 class EvalView(v2.Compose):
@@ -140,3 +198,4 @@ class EvalView(v2.Compose):
                 *to_normalized_tensor(mean, std),
             ]
         )
+        self.decode_side = round(size * resize_ratio)
