@@ -2,10 +2,16 @@
 shard pipeline against torchvision's ImageFolder + DataLoader reading the same images as JPEG
 files, side by side in one run (each a full pass, worker start-up included).
 
+For views with ``augment_on_device`` the workers only decode, crop and flip; the photometric part
+runs batched on the device, and its rate there is timed separately (``device_stage``). Large
+photos show the reduced-size JPEG decoding (the shards) against full decoding (ImageFolder).
+
     python benchmarks/loader_throughput.py                    # 1,000 images of 256 px, 1 and 2 workers
+    python benchmarks/loader_throughput.py --size 2048 --images 200 --workers 1   # large photos
     python benchmarks/loader_throughput.py --images 5000 --workers 1 4 8
 
-Writes benchmarks/results/loader_throughput_cpu.json (machine, versions, commit, rows).
+Writes benchmarks/results/loader_throughput_cpu.json (``..._2048px_cpu.json`` for other sizes):
+machine, versions, commit, rows.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import write_result
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
@@ -32,6 +39,8 @@ VIEWS = {  # the ImageNet recipes' views
     "SimMIMView 192": lambda: SimMIMView(192),
     "TwoViews 224 (MoCo v3, SimCLR)": lambda: TwoViews(224),
     "MultiCropViews 2x224 + 10x96 (DINO)": lambda: MultiCropViews(224, 96, 10),
+    "TwoViews 224, augment_on_device": lambda: TwoViews(224, augment_on_device=True),
+    "MultiCropViews 2x224 + 10x96, augment_on_device": lambda: MultiCropViews(224, 96, 10, augment_on_device=True),
 }
 
 
@@ -40,7 +49,9 @@ def write_images(root: Path, n: int, size: int) -> None:
     samples = []
     for i in range(n):
         label = i % 10
-        image = shapes_image(label, np.random.default_rng(i), size)
+        image = shapes_image(label, np.random.default_rng(i), min(size, 256))
+        if size > 256:  # a large photo: drawing the shapes at full size would take minutes
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=90)
         folder = root / "imagefolder" / f"class{label}"
@@ -59,6 +70,20 @@ def images_per_second(loader: DataLoader) -> tuple[float, int]:
     return count / (time.perf_counter() - start), count
 
 
+def device_stage_images_per_second(view, urls: list[str], device: str, batch_size: int = 128) -> float:
+    """Images per second through ``view.on_device`` (every crop position) on ``device``."""
+    crops, _ = next(iter(DataLoader(ShardDataset(urls, view), batch_size=batch_size)))
+    crops = [c.to(device) for c in crops]
+    view.on_device(crops)  # warm-up
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    sync()
+    start, repeats = time.perf_counter(), 5
+    for _ in range(repeats):
+        view.on_device(crops)
+    sync()
+    return repeats * batch_size / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -72,7 +97,10 @@ def main() -> None:
         root = Path(tmp)
         write_images(root, args.images, args.size)
         urls, _ = resolve_shards(str(root / "shards"))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         for name, make_view in VIEWS.items():
+            on_device = getattr(make_view(), "photometric", None)
+            device_rate = device_stage_images_per_second(make_view(), urls, device) if on_device else None
             for workers in args.workers:
                 shard_loader = DataLoader(
                     ShardDataset(urls, make_view(), shuffle_buffer=500), batch_size=args.batch_size, num_workers=workers
@@ -93,9 +121,12 @@ def main() -> None:
                     "torchvision_imagefolder_img_per_s_per_worker": round(folder / workers, 1),
                     "ratio_shards_over_imagefolder": round(shards / folder, 2),
                 }
+                if device_rate:
+                    row[f"device_stage_img_per_s_on_{device}"] = round(device_rate, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = write_result("loader_throughput", "cpu", rows, images=args.images, jpeg_side=args.size)
+    name = "loader_throughput" if args.size == 256 else f"loader_throughput_{args.size}px"
+    out = write_result(name, "cpu", rows, images=args.images, jpeg_side=args.size)
     print(f"wrote {out}")
 
 
