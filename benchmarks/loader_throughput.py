@@ -99,8 +99,9 @@ def main() -> None:
         urls, _ = resolve_shards(str(root / "shards"))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         for name, make_view in VIEWS.items():
-            on_device = getattr(make_view(), "photometric", None)
-            device_rate = device_stage_images_per_second(make_view(), urls, device) if on_device else None
+            view = make_view()
+            on_device = getattr(view, "photometric", None)
+            device_rate = device_stage_images_per_second(view, urls, device) if on_device else None
             for workers in args.workers:
                 shard_loader = DataLoader(
                     ShardDataset(urls, make_view(), shuffle_buffer=500), batch_size=args.batch_size, num_workers=workers
