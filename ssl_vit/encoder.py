@@ -6,7 +6,7 @@ The timm model is kept as it is (``ViTEncoder.vit``) so that its state dict is a
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import timm
 import torch
@@ -33,7 +33,13 @@ class EncoderConfig(TypedDict, total=False):
     class_token: bool
     reg_tokens: int
     weight_init: str
+    init_values: float
     grad_checkpointing: bool
+    pos_embed_resample: Literal["timm", "dino"]
+
+
+#: Encoder settings that are ssl-vit's, not timm's: left out of an export's timm model arguments.
+NON_TIMM_SETTINGS = ("name", "grad_checkpointing", "pos_embed_resample")
 
 
 class EncoderOutput(NamedTuple):
@@ -54,14 +60,24 @@ class EncoderOutput(NamedTuple):
 class ViTEncoder(nn.Module):
     """A timm ViT whose forward can drop or mask patch tokens and take any input resolution.
 
-    Position embeddings are resampled to the input's patch grid (timm's ``dynamic_img_size``), so
-    one encoder serves 224-px global crops and 96-px local crops alike. ``grad_checkpointing``
+    Position embeddings are resampled to the input's patch grid, so one encoder serves 224-px
+    global crops and 96-px local crops alike: with timm's antialiased bicubic resampling
+    (``pos_embed_resample: timm``, timm's ``dynamic_img_size``) or as DINO and DINOv2 do
+    (``dino``: bicubic without antialiasing, at DINO's scale factor). ``grad_checkpointing``
     recomputes each block's activations in the backward pass instead of storing them (timm's
     ``set_grad_checkpointing``): less memory for a larger batch or model, about a third more compute.
     """
 
-    def __init__(self, name: str = "vit_base_patch16_224", grad_checkpointing: bool = False, **overrides) -> None:
+    def __init__(
+        self,
+        name: str = "vit_base_patch16_224",
+        grad_checkpointing: bool = False,
+        pos_embed_resample: Literal["timm", "dino"] = "timm",
+        **overrides,
+    ) -> None:
         super().__init__()
+        if pos_embed_resample not in ("timm", "dino"):
+            raise UserError(f"model.encoder.pos_embed_resample must be timm or dino, got {pos_embed_resample!r}")
         if not timm.is_model(name):
             raise UserError(f"unknown timm model {name!r}; use a ViT name such as vit_small_patch16_224")
         try:
@@ -78,6 +94,7 @@ class ViTEncoder(nn.Module):
             )
         vit.set_grad_checkpointing(grad_checkpointing)
         self.name = name
+        self.pos_embed_resample = pos_embed_resample
         self.vit = vit
 
     @property
@@ -121,14 +138,14 @@ class ViTEncoder(nn.Module):
         images: (B, C, H, W), any H, W divisible by the patch size.
         keep_idx: (B, K) indices of the patches each sample keeps; the others never enter the
             transformer (MAE). Applied after position embeddings, so kept tokens keep their position.
-        mask, mask_token: (B, N) bool/0-1 mask over patches and a (D,) learnable token that replaces
+        mask, mask_token: (B, N) bool/0-1 mask over patches and a learnable token of D values that replaces
             the embeddings of masked patches before position embeddings are added (SimMIM).
         """
         x = self.vit.patch_embed(images)  # (B, h, w, D): dynamic_img_size keeps the grid
         if mask is not None:
             w = mask.reshape(x.shape[:-1]).unsqueeze(-1).type_as(x)
-            x = x * (1 - w) + mask_token.to(x.dtype) * w
-        x = self.vit._pos_embed(x)  # prefix tokens + patches, position embeddings resampled to the grid
+            x = x * (1 - w) + mask_token.reshape(-1).to(x.dtype) * w
+        x = self._pos_embed(x)  # prefix tokens + patches, position embeddings resampled to the grid
         n_prefix = self.vit.num_prefix_tokens
         if keep_idx is not None:
             kept = torch.gather(x[:, n_prefix:], 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -139,6 +156,34 @@ class ViTEncoder(nn.Module):
         else:
             x = self.vit.blocks(x)
         return EncoderOutput(self.vit.norm(x), n_prefix)
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        vit = self.vit
+        if self.pos_embed_resample == "timm" or tuple(x.shape[1:3]) == self.grid_size:
+            return vit._pos_embed(x)
+        # timm's _pos_embed with DINO's resampling in place of timm's
+        n_pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        pos = dino_resample_pos_embed(vit.pos_embed, self.grid_size, tuple(x.shape[1:3]), n_pos_prefix)
+        x = x.flatten(1, 2)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        x = torch.cat([*prefix, x + pos], dim=1) if vit.no_embed_class else torch.cat([*prefix, x], dim=1) + pos
+        return vit.pos_drop(x)
+
+
+def dino_resample_pos_embed(
+    pos_embed: Tensor, old_grid: tuple[int, int], grid: tuple[int, int], num_prefix_tokens: int
+) -> Tensor:
+    """DINO's ``interpolate_pos_encoding`` (also DINOv2's default): the patch position embeddings
+    (an ``old_grid``) resampled bicubically without antialiasing to ``grid`` with the scale factor
+    ``(side + 0.1) / old_side``, not ``side / old_side``: the 0.1 only guards the output size
+    against float error, but the sampling positions follow the scale factor, so the values differ
+    from a resize to ``grid`` (timm's way)."""
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    scale = ((grid[0] + 0.1) / old_grid[0], (grid[1] + 0.1) / old_grid[1])
+    patches = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    patches = nn.functional.interpolate(patches.float(), scale_factor=scale, mode="bicubic", align_corners=False)
+    patches = patches.to(pos_embed.dtype).permute(0, 2, 3, 1).flatten(1, 2)
+    return torch.cat([prefix, patches], dim=1)
 
 
 def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> int:

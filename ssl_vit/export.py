@@ -29,7 +29,7 @@ from ssl_vit.checkpoint import (
     read_checkpoint,
 )
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
-from ssl_vit.encoder import ViTEncoder
+from ssl_vit.encoder import NON_TIMM_SETTINGS, ViTEncoder
 from ssl_vit.errors import UserError
 
 ExportFormat = Literal["timm", "state_dict"]
@@ -45,7 +45,7 @@ def export_encoder(
     """Write the encoder of an ssl-vit checkpoint (no decoder, heads, predictor or optimiser).
 
     role: which encoder, for objectives with two (``teacher``/``student``); by default the one the
-        paper evaluates (the EMA teacher / momentum encoder for DINO and MoCo v3).
+        paper evaluates (DINO's EMA teacher, MoCo v3's base encoder).
     fmt: ``timm`` (a folder) or ``state_dict`` (one ``.safetensors`` file).
     The result is written under a temporary name and renamed into place: nothing partial is left.
     """
@@ -138,7 +138,7 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
 
 
 def _model_args(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k != "name"}
+    return {k: v for k, v in config.items() if k not in NON_TIMM_SETTINGS}
 
 
 def _preprocessing(encoder: ViTEncoder) -> dict[str, Any]:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float) -> float:
-    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then half-cosine to ``final`` at
-    ``total_steps`` (MAE's per-iteration ``adjust_learning_rate``)."""
+def warmup_cosine(
+    step: int, total_steps: int, warmup_steps: int, peak: float, final: float, start: float = 0.0
+) -> float:
+    """Linear warm-up from ``start`` to ``peak`` over ``warmup_steps``, then half-cosine to ``final``
+    at ``total_steps`` (MAE's per-iteration ``adjust_learning_rate``; SimMIM warms up from its
+    ``WARMUP_LR``)."""
     if step < warmup_steps:
-        return peak * step / warmup_steps
+        return start + (peak - start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -49,8 +49,8 @@ VIEWS = {  # image tensor -> what each family of objectives takes as one sample'
 
 
 class _RandomViews(Dataset):
-    def __init__(self, view: str) -> None:
-        self.images, self.view = torch.randn(8, 3, 32, 32), VIEWS[view]
+    def __init__(self, view: str, num_images: int = 8) -> None:
+        self.images, self.view = torch.randn(num_images, 3, 32, 32), VIEWS[view]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -59,7 +59,14 @@ class _RandomViews(Dataset):
         return self.view(self.images[i]), 0
 
 
-def fit_briefly(method: L.LightningModule, view: str = "single", steps: int = 2) -> L.Trainer:
+def fit_briefly(
+    method: L.LightningModule,
+    view: str = "single",
+    steps: int = 2,
+    num_images: int = 8,
+    batch_size: int = 4,
+    **trainer_args,
+) -> L.Trainer:
     """A couple of optimiser steps on random images: enough to make a real Lightning checkpoint."""
     trainer = L.Trainer(
         max_steps=steps,
@@ -68,8 +75,9 @@ def fit_briefly(method: L.LightningModule, view: str = "single", steps: int = 2)
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_args,
     )
-    trainer.fit(method, DataLoader(_RandomViews(view), batch_size=4))
+    trainer.fit(method, DataLoader(_RandomViews(view, num_images), batch_size=batch_size))
     return trainer
 
 

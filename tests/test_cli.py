@@ -152,19 +152,51 @@ def test_every_shipped_recipe_parses(recipe, tmp_path):
     assert "class_path: ssl_vit.methods." in result.stdout
 
 
-def test_every_command_and_recipe_the_readme_names_exists(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    code = "\n".join(re.findall(r"```.*?```", readme, re.S) + re.findall(r"`[^`\n]+`", readme))
-    commands = set(re.findall(r"\bssl-vit ([a-z]+)", code))
-    for command in sorted(commands):
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def page_id(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def code_in(text: str) -> str:
+    """The fenced blocks and inline code spans of a markdown text."""
+    return "\n".join(re.findall(r"```.*?```", text, re.S) + re.findall(r"`[^`\n]+`", text))
+
+
+def recipes_named(page: Path) -> set[str]:
+    """The recipe files a page names, less those its own ``cp`` commands write."""
+    text = page.read_text()
+    created = set(re.findall(r"cp \S+ (\S+)", text))
+    return set(re.findall(r"recipes/[\w/]+\.yaml", text)) - created
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_recipe_and_script_the_readme_and_docs_name_exists(page):
+    for recipe in sorted(recipes_named(page)):
+        assert (ROOT / recipe).is_file(), f"{recipe} in {page_id(page)} does not exist"
+    for script in set(re.findall(r"python (benchmarks/\w+\.py)", page.read_text())):
+        assert (ROOT / script).is_file(), f"{script} in {page_id(page)} does not exist"
+
+
+def test_every_command_the_readme_and_docs_name_runs(tmp_path):
+    pages_naming: dict[str, list[str]] = {}
+    for page in PAGES:
+        for command in set(re.findall(r"\bssl-vit ([a-z]+)", code_in(page.read_text()))):
+            pages_naming.setdefault(command, []).append(page_id(page))
+    for command, pages in sorted(pages_naming.items()):
         result = ssl_vit(command, "--help", cwd=tmp_path)
-        assert result.returncode == 0, f"`ssl-vit {command}` in the README: {result.stderr[-500:]}"
-    created = set(re.findall(r"cp \S+ (\S+)", readme))  # files the README's own commands write
-    recipes = set(re.findall(r"recipes/[\w/]+\.yaml", readme)) - created
-    assert recipes, "the README names no recipe"
-    for recipe in sorted(recipes):
-        assert (ROOT / recipe).is_file(), f"{recipe} in the README does not exist"
-    for script in set(re.findall(r"python (benchmarks/\w+\.py)", readme)):
-        assert (ROOT / script).is_file(), f"{script} in the README does not exist"
+        assert result.returncode == 0, f"`ssl-vit {command}` in {', '.join(pages)}: {result.stderr[-500:]}"
+    assert recipes_named(ROOT / "README.md"), "the README names no recipe"
+    recipes = set().union(*map(recipes_named, PAGES))
     listed = ssl_vit("recipes", cwd=ROOT)
     assert listed.returncode == 0 and all(Path(r).name in listed.stdout for r in recipes)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_link_in_the_readme_and_docs_resolves(page):
+    text = re.sub(r"```.*?```|`[^`\n]+`", "", page.read_text(), flags=re.S)  # code is not links
+    targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text)
+    files = {t.split("#")[0] for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)} - {""}
+    missing = sorted(f for f in files if not (page.parent / f).exists())
+    assert not missing, f"{page_id(page)} links to missing files: {missing}"

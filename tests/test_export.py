@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 
 from ssl_vit import export_encoder, load_encoder
 from ssl_vit.checkpoint import load_checkpoint_encoder
+from ssl_vit.encoder import NON_TIMM_SETTINGS
 from ssl_vit.errors import UserError
 from ssl_vit.methods import MAE
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly
 
-EVALUATED_ROLE = {"dino": "teacher", "mocov3": "momentum"}
+EVALUATED_ROLE = {"dino": "teacher", "mocov3": "base"}
 
 
 @pytest.fixture(params=sorted(OBJECTIVES))
@@ -47,7 +48,7 @@ def test_timm_loads_the_export_with_the_same_features(checkpoint, tmp_path):
 def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     out = export_encoder(checkpoint, tmp_path / "export")
     keys = set(load_file(str(out / "model.safetensors")))
-    expected = set(timm.create_model("vit_tiny_patch16_224", num_classes=0, **_args()).state_dict())
+    expected = set(timm.create_model("vit_tiny_patch16_224", num_classes=0, **_args(checkpoint)).state_dict())
     assert keys == expected
     assert not any(
         k.startswith(("decoder", "head", "mask_token", "encoder.", "teacher", "momentum", "proj")) for k in keys
@@ -61,19 +62,20 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     assert prov["objective"].lower() == objective and prov["step"] == 2
     assert prov["encoder_role"] == EVALUATED_ROLE.get(objective, "student")
     assert prov["knn"] == {"k=20": {"top1": 50.0, "top5": 90.0}}
-    assert prov["recipe"]["encoder"] == TINY_ENCODER
+    assert prov["recipe"]["encoder"] == _encoder(checkpoint)  # with the objective's defaults
+    assert TINY_ENCODER.items() <= prov["recipe"]["encoder"].items()
 
 
 def test_state_dict_format_is_a_plain_timm_state_dict(checkpoint, tmp_path):
     out = export_encoder(checkpoint, tmp_path / "encoder.safetensors", fmt="state_dict")
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **_args())
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **_args(checkpoint))
     model.load_state_dict(load_file(str(out)))  # strict: every key, nothing extra
 
 
 def test_continued_pretraining_starts_from_the_exported_weights(checkpoint, tmp_path):
     out = export_encoder(checkpoint, tmp_path / "export")
     exported = load_file(str(out / "model.safetensors"))
-    method = OBJECTIVES["mae"][0](init_from=str(out))
+    method = MAE(_encoder(checkpoint), decoder_dim=32, decoder_depth=1, decoder_heads=2, init_from=str(out))
     method.setup("fit")
     for key, value in method.encoder.vit.state_dict().items():
         torch.testing.assert_close(value, exported[key], msg=key)
@@ -81,7 +83,9 @@ def test_continued_pretraining_starts_from_the_exported_weights(checkpoint, tmp_
 
 def test_continued_pretraining_resizes_position_embeddings(checkpoint, tmp_path):
     out = export_encoder(checkpoint, tmp_path / "export")
-    method = MAE({**TINY_ENCODER, "img_size": 48}, decoder_dim=32, decoder_depth=1, decoder_heads=2, init_from=str(out))
+    method = MAE(
+        {**_encoder(checkpoint), "img_size": 48}, decoder_dim=32, decoder_depth=1, decoder_heads=2, init_from=str(out)
+    )
     method.setup("fit")
     assert method.encoder.vit.pos_embed.shape == (1, 1 + 12 * 12, 64)
     exported = load_file(str(out / "model.safetensors"))
@@ -119,5 +123,10 @@ def test_bad_export_and_load_input_is_one_clear_error(checkpoint, tmp_path):
         wrong.setup("fit")
 
 
-def _args() -> dict:
-    return {k: v for k, v in TINY_ENCODER.items() if k != "name"}
+def _encoder(checkpoint: Path) -> dict:
+    """The checkpoint's encoder settings: the tiny encoder with its objective's defaults (SimMIM's layer scale)."""
+    return OBJECTIVES[checkpoint.parent.name.split("-")[0]][0]().hparams.encoder
+
+
+def _args(checkpoint: Path) -> dict:
+    return {k: v for k, v in _encoder(checkpoint).items() if k not in NON_TIMM_SETTINGS}

@@ -96,8 +96,9 @@ def test_ema_update_on_shards_equals_the_formula_on_whole_parameters(fsdp_runs):
         assert rank["ema_error"] < 1e-6
 
 
-def test_dino_refuses_per_parameter_clipping_under_fsdp():
-    method = OBJECTIVES["dino"][0]()
+@pytest.mark.parametrize("name", ["dino", "simmim"])
+def test_objectives_that_clip_their_own_gradients_refuse_fsdp(name):
+    method = OBJECTIVES[name][0]()
     method.trainer = type("T", (), {"strategy": BlockFSDPStrategy()})()
-    with pytest.raises(UserError, match="clips each parameter's whole gradient"):
+    with pytest.raises(UserError, match="needs each parameter's whole gradient"):
         method.on_fit_start()

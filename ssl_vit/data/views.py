@@ -90,15 +90,17 @@ def augmented_crop(
     blur_p: float,
     solarize_p: float,
     photometric: bool = True,
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Compose:
-    """One BYOL-style crop: RandomResizedCrop (bicubic), flip, colour jitter 0.4/0.4/0.2/0.1 with
-    p = 0.8, grayscale p = 0.2, Gaussian blur (sigma 0.1-2) with ``blur_p``, solarisation with
-    ``solarize_p``. The blur kernel spans about 10% of the crop (23 px at 224), as in BYOL. Without
-    ``photometric``, only the crop and flip, as a uint8 tensor for ``BatchedPhotometric``."""
+    """One BYOL-style crop: RandomResizedCrop (``interpolation``: bicubic as DINO's, bilinear as
+    MoCo v3's), flip, colour jitter 0.4/0.4/0.2/0.1 with p = 0.8, grayscale p = 0.2, Gaussian blur
+    (sigma 0.1-2) with ``blur_p``, solarisation with ``solarize_p``. The blur kernel spans about 10%
+    of the crop (23 px at 224), as in BYOL. Without ``photometric``, only the crop and flip, as a
+    uint8 tensor for ``BatchedPhotometric``."""
     geometric = [
-        v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+        v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
         v2.RandomHorizontalFlip(),
     ]
     if not photometric:
@@ -123,6 +125,7 @@ class CropSpec:
     scale: tuple[float, float]
     blur_p: float
     solarize_p: float
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC
 
 
 class AugmentedCrops:
@@ -134,7 +137,10 @@ class AugmentedCrops:
     per sample: the per-image photometric work is what keeps multi-crop recipes CPU-bound."""
 
     def __init__(self, specs: list[CropSpec], augment_on_device: bool = False) -> None:
-        self.crops = [augmented_crop(s.size, s.scale, s.blur_p, s.solarize_p, not augment_on_device) for s in specs]
+        self.crops = [
+            augmented_crop(s.size, s.scale, s.blur_p, s.solarize_p, not augment_on_device, s.interpolation)
+            for s in specs
+        ]
         self.photometric = (
             [BatchedPhotometric(s.size, s.blur_p, s.solarize_p, IMAGENET_MEAN, IMAGENET_STD) for s in specs]
             if augment_on_device
@@ -154,10 +160,13 @@ class AugmentedCrops:
 
 class TwoViews(AugmentedCrops):
     """MoCo v3 / BYOL's two asymmetric views: blur p = 1.0 / 0.1, solarisation p = 0 / 0.2,
-    RandomResizedCrop scale (0.08, 1). Returns ``[view1, view2]``."""
+    RandomResizedCrop scale (0.08, 1), bilinear as in MoCo v3's ``main_moco.py``. Returns ``[view1, view2]``."""
 
     def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0), augment_on_device: bool = False):
-        super().__init__([CropSpec(size, scale, 1.0, 0.0), CropSpec(size, scale, 0.1, 0.2)], augment_on_device)
+        bilinear = InterpolationMode.BILINEAR
+        super().__init__(
+            [CropSpec(size, scale, 1.0, 0.0, bilinear), CropSpec(size, scale, 0.1, 0.2, bilinear)], augment_on_device
+        )
 
 
 class MultiCropViews(AugmentedCrops):

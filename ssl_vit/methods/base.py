@@ -1,5 +1,7 @@
-"""What every objective shares, and nothing more: the encoder, AdamW with the usual no-decay
-groups, the per-step warm-up + cosine learning rate scaled by the global batch, and logging."""
+"""What every objective shares, and nothing more: the encoder, AdamW with the objective's own
+weight-decay groups, the per-step warm-up + cosine learning rate scaled by the global batch, one
+EMA step per optimiser step for teachers and momentum encoders, clipping on unscaled gradients,
+and logging."""
 
 from __future__ import annotations
 
@@ -9,19 +11,17 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from timm.optim import param_groups_weight_decay
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssl_vit.checkpoint import read_checkpoint
+from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
 from ssl_vit.pictures import attention_columns
 from ssl_vit.schedules import cosine_to, warmup_cosine
-
-# Parameters that are tokens or embeddings, not weights: no weight decay (besides biases and norms).
-NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_token"}
 
 
 class SSLMethod(L.LightningModule):
@@ -29,9 +29,14 @@ class SSLMethod(L.LightningModule):
     ``training_step(batch, batch_idx) -> loss``; a batch is ``(views, labels)``.
 
     Learning rate = ``base_lr * global_batch / lr_batch_divisor`` (global batch = per-device batch x devices x
-    gradient-accumulation steps), linear warm-up for ``warmup_epochs`` then cosine to ``min_lr``,
-    set on every optimiser step from the global step, so resuming restores it exactly. With
-    ``weight_decay_end`` the weight decay follows a cosine from ``weight_decay`` to it (DINO).
+    gradient-accumulation steps), linear warm-up from ``warmup_lr`` for ``warmup_epochs`` then cosine to
+    ``min_lr``, set on every optimiser step from the global step, so resuming restores it exactly. With
+    ``weight_decay_end`` the weight decay follows a cosine from ``weight_decay`` to it (DINO). Which
+    parameters decay is the objective's official rule (:meth:`decays`).
+
+    An objective with EMA followers (a teacher, a momentum encoder) lists them in ``ema_targets``
+    and gives their momentum schedule in :meth:`ema_momentum`; the base steps them once after each
+    optimiser step, however many micro-batches gradient accumulation makes of it.
 
     ``init_from`` starts the encoder from existing weights (an ``ssl-vit export`` folder, a timm
     ``local-dir`` folder, a timm ``.safetensors``/``.pth`` state dict, or an ssl-vit checkpoint, whose
@@ -39,10 +44,17 @@ class SSLMethod(L.LightningModule):
     """
 
     #: The encoders an export or evaluation can take: role -> module path, the one the paper
-    #: evaluates first (DINO and MoCo v3 list their EMA teacher / momentum encoder first).
+    #: evaluates first (DINO lists its EMA teacher first; MoCo v3 its base encoder, as its
+    #: official linear probe and conversion script keep ``base_encoder``).
     encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
+    #: EMA followers: module path -> the module path it follows (DINO's teacher, MoCo v3's momentum encoder).
+    ema_targets: ClassVar[dict[str, str]] = {}
+    #: Encoder settings of the objective's official ViT that a recipe may override (SimMIM's layer scale).
+    encoder_defaults: ClassVar[dict[str, Any]] = {}
     #: lr = base_lr x global batch / lr_batch_divisor (256 in MAE, DINO, MoCo v3; 512 in SimMIM).
     lr_batch_divisor: ClassVar[int] = 256
+    #: SimMIM scales its warm-up start and minimum lr by the batch too; the others take them as they are.
+    lr_bounds_scale_with_batch: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -54,11 +66,13 @@ class SSLMethod(L.LightningModule):
         betas: tuple[float, float],
         init_from: str | None = None,
         weight_decay_end: float | None = None,
+        warmup_lr: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # the subclass's arguments, for checkpoints and exports
-        self.encoder = ViTEncoder(**encoder)
-        self.base_lr, self.min_lr, self.warmup_epochs = base_lr, min_lr, warmup_epochs
+        self.hparams["encoder"] = {**self.encoder_defaults, **encoder}  # what checkpoints and exports rebuild
+        self.encoder = ViTEncoder(**self.hparams["encoder"])
+        self.base_lr, self.min_lr, self.warmup_lr, self.warmup_epochs = base_lr, min_lr, warmup_lr, warmup_epochs
         self.weight_decay, self.weight_decay_end, self.betas = weight_decay, weight_decay_end, tuple(betas)
         self.init_from = init_from
         self._collapsed = False
@@ -97,6 +111,14 @@ class SSLMethod(L.LightningModule):
             if module_path != "encoder":
                 self.get_submodule(module_path).load_state_dict(self.encoder.state_dict())
 
+    def on_fit_start(self) -> None:
+        if self.hparams.get("clip_grad") and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise UserError(
+                f"{type(self).__name__} clips gradients itself (model.clip_grad {self.hparams.clip_grad}) and needs "
+                "each parameter's whole gradient, which FSDP's shards do not hold; train it with DDP (the default), "
+                "or set model.clip_grad 0"
+            )
+
     def on_train_start(self) -> None:
         # Lightning seeds every rank alike, so each rank would draw the same masks for its own
         # samples; the official codes seed rank r with seed + r. Runs after a resume's RNG restore.
@@ -111,20 +133,65 @@ class SSLMethod(L.LightningModule):
 
     def learning_rate(self, step: int, per_device_batch: int) -> float:
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        peak = self.base_lr * self.global_batch_size(per_device_batch) / self.lr_batch_divisor
+        scale = self.global_batch_size(per_device_batch) / self.lr_batch_divisor
+        bounds_scale = scale if self.lr_bounds_scale_with_batch else 1.0
         return warmup_cosine(
             step,
             total_steps=int(self.trainer.estimated_stepping_batches),
             warmup_steps=round(self.warmup_epochs * steps_per_epoch),
-            peak=peak,
-            final=self.min_lr,
+            peak=self.base_lr * scale,
+            final=self.min_lr * bounds_scale,
+            start=self.warmup_lr * bounds_scale,
         )
 
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        """Whether weight decay applies to a parameter: the official code's rule. By default
+        biases and 1-D parameters (norms, layer scales) do not decay, as in MAE's and DINO's code;
+        tokens and position embeddings do. Objectives with another rule override this."""
+        return param.ndim > 1 and not name.endswith(".bias")
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        no_decay = [n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in NO_DECAY_NAMES]
-        groups = param_groups_weight_decay(self, self.weight_decay, no_weight_decay_list=no_decay)
+        trained = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in trained if self.decays(n, p)], "weight_decay": self.weight_decay},
+            {"params": [p for n, p in trained if not self.decays(n, p)], "weight_decay": 0.0},
+        ]
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=0.0, betas=self.betas, fused=fused)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=self.betas, fused=fused)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        # Under fp16, Lightning unscales the loss-scaled gradients before clipping only for optimisers
+        # that do not unscale inside their step; fused AdamW does, so unscale here, as the official
+        # codes do before they clip (GradScaler.step then skips its own unscaling).
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.clip_objective_gradients()
+
+    def clip_objective_gradients(self) -> None:
+        """The official code's own gradient clipping (DINO's per-parameter, SimMIM's global norm), on
+        unscaled gradients; none by default. ``trainer.gradient_clip_val`` clips besides."""
+
+    def ema_momentum(self, step: int) -> float:
+        """The EMA followers' momentum after optimiser step ``step`` (0-based)."""
+        raise NotImplementedError(f"{type(self).__name__} lists ema_targets but has no ema_momentum")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        step = self.global_step  # the step this call takes
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.after_optimizer_step(step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Once after each optimiser step (not each micro-batch): the EMA followers follow.
+        Objectives with other per-step state (DINO's centre) extend this."""
+        if self.ema_targets:
+            momentum = self.ema_momentum(step)
+            for target, source in self.ema_targets.items():
+                ema_update(self.get_submodule(target), self.get_submodule(source), momentum)
+            self.log("train/ema_momentum", momentum)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         _, labels = batch

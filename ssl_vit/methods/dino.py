@@ -10,13 +10,11 @@ from itertools import groupby
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from ssl_vit.distributed import mean_over_ranks
-from ssl_vit.ema import ema_update, frozen_copy
+from ssl_vit.ema import frozen_copy
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
-from ssl_vit.errors import UserError
 from ssl_vit.heads import DINOHead
 from ssl_vit.losses import dino_loss
 from ssl_vit.methods.base import SSLMethod
@@ -35,9 +33,11 @@ class DINO(SSLMethod):
     normalised last layer frozen for the first epoch, student temperature 0.1, teacher 0.04 ->
     0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine), AdamW with lr
     5e-4 x batch / 256 (10 warm-up epochs, cosine to 1e-6) and weight decay 0.04 -> 0.4 (cosine),
-    per-parameter gradient clipping at 3.0."""
+    per-parameter gradient clipping at 3.0, local crops' position embeddings resampled as DINO does."""
 
     encoders: ClassVar[dict[str, str]] = {"teacher": "teacher_encoder", "student": "encoder"}
+    ema_targets: ClassVar[dict[str, str]] = {"teacher_encoder": "encoder", "teacher_head": "head"}
+    encoder_defaults: ClassVar[dict[str, Any]] = {"pos_embed_resample": "dino"}
 
     def __init__(
         self,
@@ -75,10 +75,11 @@ class DINO(SSLMethod):
             use_bn=use_bn_in_head,
         )
         # The teacher has the student's architecture without stochastic depth, and starts equal to it.
-        self.teacher_encoder = ViTEncoder(**{**encoder, "drop_path_rate": 0.0}).requires_grad_(False)
+        self.teacher_encoder = ViTEncoder(**{**self.hparams.encoder, "drop_path_rate": 0.0}).requires_grad_(False)
         self.teacher_encoder.load_state_dict(self.encoder.state_dict())
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self._teacher_means: list[Tensor] = []  # this optimiser step's, one per micro-batch
 
     def teacher_temperature(self) -> float:
         hp = self.hparams
@@ -93,14 +94,22 @@ class DINO(SSLMethod):
         student_out = embed_crops(self.encoder, self.head, crops)
         temp = self.teacher_temperature()
         loss = dino_loss(student_out, teacher_out, self.center, len(crops), self.hparams.student_temp, temp)
-        self.update_center(teacher_out)
+        self._teacher_means.append(teacher_out.mean(dim=0, keepdim=True))
         self.watch_collapse(teacher_out)
         self.log_dict({"train/loss": loss, "train/teacher_temp": temp}, prog_bar=True)
         return loss
 
+    def after_optimizer_step(self, step: int) -> None:
+        super().after_optimizer_step(step)
+        # Once per optimiser step, from every micro-batch's teacher outputs: the global batch's mean.
+        if self._teacher_means:
+            self.update_center(torch.cat(self._teacher_means))
+            self._teacher_means.clear()
+
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
-        """center <- m * center + (1 - m) * (mean teacher output over the global batch)."""
+        """center <- m * center + (1 - m) * (mean teacher output over the global batch), from the
+        step's teacher outputs (or their per-micro-batch means)."""
         batch_center = mean_over_ranks(teacher_out.mean(dim=0, keepdim=True))
         m = self.hparams.center_momentum
         self.center.mul_(m).add_(batch_center, alpha=1 - m)
@@ -110,14 +119,7 @@ class DINO(SSLMethod):
             for p in self.head.last_layer.parameters():
                 p.grad = None
 
-    def on_fit_start(self) -> None:
-        if self.hparams.clip_grad and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise UserError(
-                f"DINO clips each parameter's whole gradient (model.clip_grad {self.hparams.clip_grad}), which FSDP's "
-                "shards do not hold; train DINO with DDP (the default), or set model.clip_grad 0"
-            )
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    def clip_objective_gradients(self) -> None:
         # DINO clips each parameter's gradient norm on its own, not the global norm.
         clip = self.hparams.clip_grad
         if not clip:
@@ -127,11 +129,6 @@ class DINO(SSLMethod):
                 coef = clip / (p.grad.norm(2) + 1e-6)
                 p.grad.mul_(coef.clamp(max=1.0))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
-            return  # no optimiser step on this micro-batch
-        step = self.global_step - 1  # the optimiser step just taken
-        m = cosine_to(step, int(self.trainer.estimated_stepping_batches), self.hparams.teacher_momentum, 1.0)
-        ema_update(self.teacher_encoder, self.encoder, m)
-        ema_update(self.teacher_head, self.head, m)
-        self.log("train/teacher_momentum", m)
+    def ema_momentum(self, step: int) -> float:
+        # main_dino.py: after optimiser step `it`, the teacher follows with momentum_schedule[it].
+        return cosine_to(step, int(self.trainer.estimated_stepping_batches), self.hparams.teacher_momentum, 1.0)

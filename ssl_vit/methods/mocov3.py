@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ssl_vit.ema import ema_update, frozen_copy
+from ssl_vit.ema import frozen_copy
 from ssl_vit.encoder import EncoderConfig
 from ssl_vit.heads import projection_mlp
 from ssl_vit.losses import info_nce
@@ -27,7 +27,9 @@ class MoCoV3(SSLMethod):
     patch projection, fixed sin-cos positions, AdamW with lr 1.5e-4 x batch / 256 and wd 0.1,
     40 warm-up epochs. Set ``encoder.weight_init: moco`` for the paper's initialisation."""
 
-    encoders: ClassVar[dict[str, str]] = {"momentum": "momentum_encoder", "base": "encoder"}
+    # The official linear probe (main_lincls.py) and conversion (convert_to_deit.py) keep base_encoder.
+    encoders: ClassVar[dict[str, str]] = {"base": "encoder", "momentum": "momentum_encoder"}
+    ema_targets: ClassVar[dict[str, str]] = {"momentum_encoder": "encoder", "momentum_projector": "projector"}
 
     def __init__(
         self,
@@ -58,21 +60,23 @@ class MoCoV3(SSLMethod):
         self.momentum_encoder = frozen_copy(self.encoder)
         self.momentum_projector = frozen_copy(self.projector)
 
-    def momentum(self) -> float:
-        return cosine_to(self.global_step, int(self.trainer.estimated_stepping_batches), self.hparams.momentum, 1.0)
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        return True  # main_moco.py: AdamW over model.parameters(), norms and biases too
+
+    def ema_momentum(self, step: int) -> float:
+        # The official code updates at the start of each iteration, before the keys, with that
+        # iteration's momentum; updating after step k with step k+1's momentum is the same.
+        return cosine_to(step + 1, int(self.trainer.estimated_stepping_batches), self.hparams.momentum, 1.0)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         (x1, x2), _ = batch
         q1 = self.predictor(self.projector(self.encoder(x1).cls))
         q2 = self.predictor(self.projector(self.encoder(x2).cls))
-        with torch.no_grad():  # as in the official code: update the momentum encoder, then compute keys
-            m = self.momentum()
-            ema_update(self.momentum_encoder, self.encoder, m)
-            ema_update(self.momentum_projector, self.projector, m)
+        with torch.no_grad():
             k1 = self.momentum_projector(self.momentum_encoder(x1).cls)
             k2 = self.momentum_projector(self.momentum_encoder(x2).cls)
         t = self.hparams.temperature
         loss = info_nce(q1, k2, t) + info_nce(q2, k1, t)
         self.watch_collapse(q1)
-        self.log_dict({"train/loss": loss, "train/momentum": m}, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True)
         return loss

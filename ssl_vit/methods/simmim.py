@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ssl_vit.encoder import EncoderConfig
@@ -27,24 +28,32 @@ class SimMIMOutput(NamedTuple):
 
 
 class SimMIM(SSLMethod):
-    """SimMIM pretraining. Defaults are the paper's ViT-B settings (mask 60% in 32-px blocks,
-    AdamW (0.9, 0.999), base lr 1e-4 scaled by global batch / 512, wd 0.05, 10 warm-up epochs)."""
+    """SimMIM pretraining. Defaults are the paper's ViT-B settings: mask 60% in 32-px blocks,
+    SimMIM's ViT as far as timm's has it (layer scale 0.1, its initialisation), AdamW (0.9, 0.999),
+    base lr 1e-4, warm-up from 5e-7 over 10 epochs and cosine to 5e-6, all three scaled by global
+    batch / 512, wd 0.05, gradient norm clipped at 5.0."""
 
     lr_batch_divisor: ClassVar[int] = 512
+    lr_bounds_scale_with_batch: ClassVar[bool] = True
+    encoder_defaults: ClassVar[dict[str, Any]] = {"init_values": 0.1}
 
     def __init__(
         self,
         encoder: EncoderConfig,
         mask_ratio: float = 0.6,
         mask_patch_size: int = 32,
+        clip_grad: float = 5.0,
         base_lr: float = 1e-4,
         weight_decay: float = 0.05,
         warmup_epochs: float = 10,
+        warmup_lr: float = 5e-7,
         min_lr: float = 5e-6,
         betas: tuple[float, float] = (0.9, 0.999),
         init_from: str | None = None,
     ) -> None:
-        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from)
+        super().__init__(
+            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, warmup_lr=warmup_lr
+        )
         if not 0 < mask_ratio < 1:
             raise UserError(f"model.mask_ratio must be in (0, 1), got {mask_ratio}")
         p, (h, w) = self.encoder.patch_size, self.encoder.grid_size
@@ -56,8 +65,10 @@ class SimMIM(SSLMethod):
         self.mask_ratio = mask_ratio
         self.mask_patch_size = mask_patch_size
         dim, channels = self.encoder.embed_dim, self.encoder.vit.patch_embed.proj.in_channels
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        _init_simmim_vit(self.encoder.vit)
+        # (1, 1, D) and truncated at one std, as VisionTransformerForSimMIM's; decayed like it.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        _simmim_trunc_normal_(self.mask_token)
         self.decoder = nn.Sequential(nn.Conv2d(dim, p * p * channels, kernel_size=1), nn.PixelShuffle(p))
 
     def forward(self, images: Tensor) -> SimMIMOutput:
@@ -69,6 +80,14 @@ class SimMIM(SSLMethod):
         pixel_mask = patch_mask_to_pixels(mask, p).type_as(images)
         return SimMIMOutput(masked_pixel_l1(pred, images, pixel_mask), pred, mask)
 
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        # get_pretrain_param_groups: also no decay for the encoder's no_weight_decay() (pos_embed, cls_token).
+        return super().decays(name, param) and name not in ("encoder.vit.pos_embed", "encoder.vit.cls_token")
+
+    def clip_objective_gradients(self) -> None:
+        if self.hparams.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.clip_grad)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, _ = batch
         loss = self(images).loss
@@ -79,3 +98,27 @@ class SimMIM(SSLMethod):
         out = self(images)
         pixel_mask = patch_mask_to_pixels(out.mask, self.encoder.patch_size).type_as(images)
         return {**super().pictures(images), "reconstruction": reconstruction_columns(images, out.pred, pixel_mask)}
+
+
+def _simmim_trunc_normal_(tensor: Tensor) -> None:
+    # VisionTransformerForSimMIM._trunc_normal_ cuts at one std, and its base class calls it for
+    # every initialiser, not only the mask token's.
+    trunc_normal_(tensor, std=0.02, a=-0.02, b=0.02)
+
+
+def _init_simmim_vit(vit: nn.Module) -> None:
+    """SimMIM's ViT initialisation: truncated-normal (std 0.02, within +-0.02) linear and
+    convolution weights, CLS token and position embedding, zero biases, unit LayerNorms, then each
+    block's output projections divided by sqrt(2 x depth)."""
+    for m in vit.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            _simmim_trunc_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for token in (vit.cls_token, vit.pos_embed):
+        if token is not None:
+            _simmim_trunc_normal_(token)
+    vit.fix_init_weight()
