@@ -71,3 +71,39 @@ class NonFiniteGuard(L.Callback):
 
 def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+class CollapseWatch:
+    """Counts the steps a run's outputs stay collapsed (spread below ``threshold``) and says when
+    to warn: at the onset, and again every ``repeat_every`` steps for as long as it lasts, so a
+    run that stays collapsed keeps saying so. Its state goes into checkpoints."""
+
+    def __init__(self, threshold: float = 0.05) -> None:
+        self.threshold = threshold
+        self.collapsed_steps = 0  # steps spent collapsed, counted between checks
+        self.since: int | None = None  # the step the current collapse began
+        self.last_check: int | None = None
+        self.last_warning = 0
+
+    def update(self, step: int, spread: float, repeat_every: int) -> bool:
+        """Record a check at ``step``; True when a warning is due."""
+        elapsed = step - self.last_check if self.last_check is not None else 1
+        self.last_check = step
+        if spread >= self.threshold:
+            self.since = None
+            return False
+        self.collapsed_steps += max(1, elapsed)
+        if self.since is None:
+            self.since = self.last_warning = step
+            return True
+        if step - self.last_warning >= repeat_every:
+            self.last_warning = step
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, int | None]:
+        return {k: getattr(self, k) for k in ("collapsed_steps", "since", "last_check", "last_warning")}
+
+    def load_state_dict(self, state: dict[str, int | None]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

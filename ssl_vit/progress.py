@@ -53,7 +53,8 @@ def run_summary(
     trainer: L.Trainer, model: L.LightningModule, seconds: float, export_dir: Path | None
 ) -> dict[str, Any]:
     """What a finished run produced: its objective, encoder, steps, time, final loss, the end-of-run
-    k-NN / probe top-1 (from the evaluation records beside ``last.ckpt``) and where things are."""
+    k-NN / probe top-1 (from the evaluation records beside ``last.ckpt``), how many steps its outputs
+    were collapsed (objectives that watch for it) and where things are."""
     ckpt_dir = Path(trainer.checkpoint_callback.dirpath)
     accuracy = {}
     for kind in ("knn", "probe"):
@@ -64,6 +65,7 @@ def run_summary(
     encoder = dict(model.hparams.get("encoder", {}))
     loss = trainer.callback_metrics.get("train/loss")
     pictures = Path(trainer.default_root_dir) / "pictures"
+    watch = model.collapse_watch
     return {
         "objective": type(model).__name__,
         "encoder": ", ".join(f"{k}={v}" for k, v in encoder.items()),
@@ -72,6 +74,7 @@ def run_summary(
         "final_loss": None if loss is None else round(float(loss), 4),
         "knn_k20_top1": accuracy.get("knn", {}).get("top1"),
         "probe_top1": accuracy.get("probe", {}).get("top1"),
+        "collapsed_steps": watch.collapsed_steps if watch.last_check is not None else None,  # watched objectives
         "checkpoint": str(ckpt_dir / "last.ckpt"),
         "export": str(export_dir) if export_dir else None,
         "pictures": str(pictures) if pictures.exists() else None,

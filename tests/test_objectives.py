@@ -1,6 +1,8 @@
 """SimMIM, DINO, MoCo v3 and SimCLR against short references written from the official formulas."""
 
 import math
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from ssl_vit.data import MultiCropViews, TwoViews
 from ssl_vit.ema import ema_update
 from ssl_vit.encoder import ViTEncoder
+from ssl_vit.guards import CollapseWatch
 from ssl_vit.heads import DINOHead
 from ssl_vit.losses import dino_loss, info_nce, masked_pixel_l1, nt_xent
 from ssl_vit.masking import block_patch_mask
@@ -200,5 +203,35 @@ def test_collapse_is_reported_with_the_step():
     model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
     model.log = lambda *args, **kwargs: None
     model.watch_collapse(torch.randn(32, 16))  # healthy: no warning
-    with pytest.warns(UserWarning, match="may have collapsed at step 0"):
+    with pytest.warns(UserWarning, match="has collapsed at step 0"):
         model.watch_collapse(torch.ones(32, 16) + 1e-7 * torch.randn(32, 16))
+
+
+def test_a_lasting_collapse_keeps_warning_and_is_counted():
+    model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
+    model.log = lambda *args, **kwargs: None
+    trainer = SimpleNamespace(log_every_n_steps=5, estimated_stepping_batches=100, global_step=0)
+    model._trainer = trainer
+    collapsed = torch.ones(32, 16)
+    warned_at = []
+    for step in range(0, 100, 5):  # healthy until step 20, collapsed from then on
+        trainer.global_step = step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.watch_collapse(collapsed if step >= 20 else torch.randn(32, 16))
+        warned_at += [step for w in caught if f"collapsed (since step 20) at step {step}" in str(w.message)]
+    assert warned_at == [30, 40, 50, 60, 70, 80, 90]  # after the onset's warning, every tenth of the run
+    assert model.collapse_watch.since == 20 and model.collapse_watch.collapsed_steps == 80  # steps 20-99
+
+
+def test_collapse_watch_counts_steps_between_checks_and_resets_on_recovery():
+    watch = CollapseWatch(threshold=0.05)
+    assert watch.update(0, 0.5, repeat_every=50) is False
+    assert watch.update(10, 0.01, repeat_every=50) is True  # onset
+    assert watch.update(20, 0.01, repeat_every=50) is False
+    assert watch.update(30, 0.2, repeat_every=50) is False and watch.since is None  # recovered
+    assert watch.update(40, 0.0, repeat_every=50) is True  # a new collapse warns again
+    assert watch.collapsed_steps == 30
+    resumed = CollapseWatch()
+    resumed.load_state_dict(watch.state_dict())
+    assert resumed.state_dict() == watch.state_dict()

@@ -20,6 +20,7 @@ from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
+from ssl_vit.guards import CollapseWatch
 from ssl_vit.pictures import attention_columns
 from ssl_vit.schedules import cosine_to, warmup_cosine
 
@@ -75,7 +76,7 @@ class SSLMethod(L.LightningModule):
         self.base_lr, self.min_lr, self.warmup_lr, self.warmup_epochs = base_lr, min_lr, warmup_lr, warmup_epochs
         self.weight_decay, self.weight_decay_end, self.betas = weight_decay, weight_decay_end, tuple(betas)
         self.init_from = init_from
-        self._collapsed = False
+        self.collapse_watch = CollapseWatch()
 
     @property
     def evaluated_encoder(self) -> ViTEncoder:
@@ -126,7 +127,14 @@ class SSLMethod(L.LightningModule):
             torch.manual_seed(int(torch.randint(2**62, (1,))) + self.global_rank)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ssl_vit"] = {"objective": type(self).__name__, "encoders": dict(self.encoders)}
+        checkpoint["ssl_vit"] = {
+            "objective": type(self).__name__,
+            "encoders": dict(self.encoders),
+            "collapse": self.collapse_watch.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.collapse_watch.load_state_dict(checkpoint.get("ssl_vit", {}).get("collapse", {}))
 
     def global_batch_size(self, per_device_batch: int) -> int:
         return per_device_batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
@@ -212,21 +220,27 @@ class SSLMethod(L.LightningModule):
         Every objective shows its evaluated encoder's last-block attention (DINO's maps)."""
         return {"attention": attention_columns(self.evaluated_encoder, images)}
 
-    def watch_collapse(self, embeddings: Tensor, threshold: float = 0.05) -> None:
+    def watch_collapse(self, embeddings: Tensor) -> None:
         """Log the per-dimension std of L2-normalised embeddings, scaled by sqrt(dim) (about 1
-        for well-spread embeddings, 0 when all are identical), and warn when it falls below
-        ``threshold``: the run has collapsed. Checked on logging steps only: it waits for the device."""
+        for well-spread embeddings, 0 when all are identical), and warn while it stays below the
+        threshold: at the onset and again every tenth of the run, with the steps spent collapsed
+        so far (the end-of-run summary has the total). Checked on logging steps only: it waits for
+        the device."""
         trainer = self._trainer
-        if trainer is not None and self.global_step % max(1, trainer.log_every_n_steps):
+        every = max(1, trainer.log_every_n_steps) if trainer is not None else 1
+        if self.global_step % every:
             return
         z = F.normalize(embeddings.detach().float(), dim=1)
         spread = z.std(dim=0).mean().item() * z.shape[1] ** 0.5
         self.log("train/embedding_spread", spread)
-        collapsed = spread < threshold
-        if collapsed and not self._collapsed:
+        watch = self.collapse_watch
+        total = int(trainer.estimated_stepping_batches) if trainer is not None else 1
+        step = self.global_step
+        if watch.update(step, spread, repeat_every=max(every, total // 10)):
+            state = "has collapsed" if watch.since == step else f"is still collapsed (since step {watch.since})"
             rank_zero_warn(
-                f"{type(self).__name__} may have collapsed at step {self.global_step}: the embeddings' spread "
-                f"(per-dimension std x sqrt(dim)) is {spread:.4f} < {threshold}; every image maps to nearly "
-                "the same output. Check the learning rate, temperatures and augmentations."
+                f"{type(self).__name__} {state} at step {step}, {watch.collapsed_steps} steps collapsed so far: the "
+                f"embeddings' spread (per-dimension std x sqrt(dim)) is {spread:.4f} < {watch.threshold}; every image "
+                "maps to nearly the same output. Check the learning rate, temperatures and augmentations."
             )
-        self._collapsed = collapsed
+        self.log("train/collapsed_steps", float(watch.collapsed_steps))
