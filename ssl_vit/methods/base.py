@@ -159,11 +159,11 @@ class SSLMethod(L.LightningModule):
         return param.ndim > 1 and not name.endswith(".bias")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        trained = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in trained if self.decays(n, p)], "weight_decay": self.weight_decay},
-            {"params": [p for n, p in trained if not self.decays(n, p)], "weight_decay": 0.0},
-        ]
+        decayed, exempt = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (decayed if self.decays(name, param) else exempt).append(param)
+        groups = [{"params": decayed, "weight_decay": self.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
         fused = self.device.type == "cuda"
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=self.betas, fused=fused)
 
