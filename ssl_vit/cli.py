@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssl_vit.checkpoint import AtomicCheckpointIO, RunCheckpoint, load_checkpoint_encoder, newest_complete_checkpoint
+from ssl_vit.data.embedded import DATASETS
 from ssl_vit.data.pipeline import ShardDataModule
 from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, write_shards
 from ssl_vit.encoder import compile_blocks
@@ -252,8 +253,9 @@ def export(args: list[str]) -> None:
 def shards(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ssl-vit shards", description=COMMANDS["shards"])
     sub = parser.add_subparsers(dest="source", required=True)
-    emb = sub.add_parser("embedded", help="the embedded shapes dataset: writes OUT_DIR/train and OUT_DIR/val")
+    emb = sub.add_parser("embedded", help="an embedded dataset: writes OUT_DIR/train and OUT_DIR/val")
     emb.add_argument("out_dir")
+    emb.add_argument("--dataset", choices=list(DATASETS), default="shapes")
     emb.add_argument("--seed", type=int, default=0)
     folder = sub.add_parser("imagefolder", help="an ImageFolder tree (one sub-folder per class) -> OUT_DIR")
     folder.add_argument("src_dir")
@@ -270,6 +272,7 @@ def shards(args: list[str]) -> None:
             samples_per_shard=opts.samples_per_shard or 250,
             seed=opts.seed,
             overwrite=opts.overwrite,
+            dataset=opts.dataset,
         )
     else:
         classes, samples = image_folder_samples(opts.src_dir)

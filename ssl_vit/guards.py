@@ -74,9 +74,10 @@ def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 
 class CollapseWatch:
-    """Counts the steps a run's outputs stay collapsed (spread below ``threshold``) and says when
-    to warn: at the onset, and again every ``repeat_every`` steps for as long as it lasts, so a
-    run that stays collapsed keeps saying so. Its state goes into checkpoints."""
+    """Counts the steps a run's outputs stay collapsed (spread below ``threshold``, or another
+    sign the objective checks) and says when to warn: at the onset, and again every
+    ``repeat_every`` steps for as long as it lasts, so a run that stays collapsed keeps saying
+    so. Its state goes into checkpoints."""
 
     def __init__(self, threshold: float = 0.05) -> None:
         self.threshold = threshold
@@ -85,11 +86,11 @@ class CollapseWatch:
         self.last_check: int | None = None
         self.last_warning = 0
 
-    def update(self, step: int, spread: float, repeat_every: int) -> bool:
+    def update(self, step: int, collapsed: bool, repeat_every: int) -> bool:
         """Record a check at ``step``; True when a warning is due."""
         elapsed = step - self.last_check if self.last_check is not None else 1
         self.last_check = step
-        if spread >= self.threshold:
+        if not collapsed:
             self.since = None
             return False
         self.collapsed_steps += max(1, elapsed)

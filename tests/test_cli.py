@@ -140,6 +140,11 @@ def test_evaluating_something_that_is_not_a_checkpoint_is_one_clear_message(tmp_
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_shards_offers_both_embedded_datasets(tmp_path):
+    result = ssl_vit("shards", "embedded", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "shapes" in result.stdout and "glyphs" in result.stdout
+
+
 def test_shards_refuses_to_overwrite(workdir):
     result = ssl_vit("shards", "embedded", "data/shapes", cwd=workdir)
     assert result.returncode == 2 and "already exists" in result.stderr

@@ -1,4 +1,5 @@
 import io
+import itertools
 import logging
 import pickle
 import tarfile
@@ -12,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ssl_vit.data import ShardDataset, ShardIndex, image_folder_samples, resolve_shards, write_shards
-from ssl_vit.data.embedded import CLASSES, shapes_samples
+from ssl_vit.data.embedded import DATASETS, embedded_samples
 from ssl_vit.errors import UserError
 from tests.conftest import png_bytes, random_images
 
@@ -156,15 +157,19 @@ def test_pipe_urls_are_kept_as_written():
     assert urls == [f"pipe:cat /data/train-00{i}.tar" for i in range(3)] and index is None
 
 
-def test_embedded_dataset_is_deterministic_and_balanced():
-    first = list(shapes_samples("val", seed=0))
-    again = list(shapes_samples("val", seed=0))
-    assert len(first) == 100 * len(CLASSES)
-    assert Counter(label for _, label in first) == Counter({c: 100 for c in range(len(CLASSES))})
-    pairs = zip(first[:50], again[:50], strict=True)
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_embedded_dataset_is_deterministic_and_balanced(dataset):
+    classes = DATASETS[dataset][0]
+    first = list(itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 200))
+    again = list(itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 200))
+    assert Counter(label for _, label in first) == Counter({c: 200 // len(classes) for c in range(len(classes))})
+    assert all(img.size == (32, 32) and img.mode == "RGB" for img, _ in first)
+    pairs = zip(first, again, strict=True)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in pairs)
-    other = next(shapes_samples("val", seed=1))[0]
+    other = next(embedded_samples("val", seed=1, dataset=dataset))[0]
     assert not np.array_equal(np.asarray(first[0][0]), np.asarray(other))
+    # images of one class differ from each other (colours, positions, clutter): no duplicates
+    assert len({np.asarray(img).tobytes() for img, _ in first}) == len(first)
 
 
 def test_mae_view_output():

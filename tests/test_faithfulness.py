@@ -37,7 +37,8 @@ OFFICIAL_EMA_MOMENTUM = {
 )
 def test_ema_followers_step_once_per_optimiser_step(name, num_images, accumulate):
     factory, view = OBJECTIVES[name]
-    method = factory(base_lr=0.0)  # lr 0: the followed modules stay put, so only the EMA moves
+    # lr 0: the followed modules stay put, so only the EMA moves; the paper momenta as written
+    method = factory(base_lr=0.0, scale_to_run=False)
     followers = {t: (method.get_submodule(t), method.get_submodule(s)) for t, s in method.ema_targets.items()}
     with torch.no_grad():  # each follower starts one unit away: n EMA steps leave prod(m_i) of that gap
         for target, source in followers.values():
@@ -180,7 +181,9 @@ def test_simmim_vit_has_layer_scale_and_simmims_initialisation():
 
 
 def test_simmim_lr_schedule_scales_peak_warmup_start_and_minimum_by_batch_over_512():
-    method = SimMIM(TINY_ENCODER, mask_patch_size=8, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, warmup_epochs=2)
+    method = SimMIM(
+        TINY_ENCODER, mask_patch_size=8, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, warmup_epochs=2, scale_to_run=False
+    )
     trainer = SimpleNamespace(
         num_training_batches=10, accumulate_grad_batches=1, estimated_stepping_batches=100, world_size=4
     )

@@ -207,6 +207,25 @@ def test_collapse_is_reported_with_the_step():
         model.watch_collapse(torch.ones(32, 16) + 1e-7 * torch.randn(32, 16))
 
 
+def test_a_uniform_teacher_is_a_collapse_even_with_spread_embeddings():
+    model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
+    model.log = lambda *args, **kwargs: None
+    logits = torch.randn(32, 1024)  # well spread once L2-normalised, whatever their scale
+    sharp = torch.softmax(logits / 0.04, dim=-1)
+    flat = torch.softmax(1e-3 * logits / 0.04, dim=-1)  # shrunken logits: near-uniform teacher
+    model.watch_collapse(logits, lambda: sharp)
+    assert model.collapse_watch.since is None
+    with pytest.warns(UserWarning, match="teacher's outputs are nearly uniform"):
+        model.watch_collapse(1e-3 * logits, lambda: flat)
+    # the bound is entropy ln K - ln 2: each image's mass spread evenly over half of the outputs
+    for used, collapsed in ((400, False), (600, True)):
+        probs = torch.zeros(32, 1024)
+        probs[:, :used] = 1 / used
+        model.collapse_watch = CollapseWatch()
+        model.watch_collapse(logits, lambda probs=probs: probs)
+        assert (model.collapse_watch.since is not None) == collapsed
+
+
 def test_a_lasting_collapse_keeps_warning_and_is_counted():
     model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
     model.log = lambda *args, **kwargs: None
@@ -226,11 +245,11 @@ def test_a_lasting_collapse_keeps_warning_and_is_counted():
 
 def test_collapse_watch_counts_steps_between_checks_and_resets_on_recovery():
     watch = CollapseWatch(threshold=0.05)
-    assert watch.update(0, 0.5, repeat_every=50) is False
-    assert watch.update(10, 0.01, repeat_every=50) is True  # onset
-    assert watch.update(20, 0.01, repeat_every=50) is False
-    assert watch.update(30, 0.2, repeat_every=50) is False and watch.since is None  # recovered
-    assert watch.update(40, 0.0, repeat_every=50) is True  # a new collapse warns again
+    assert watch.update(0, False, repeat_every=50) is False
+    assert watch.update(10, True, repeat_every=50) is True  # onset
+    assert watch.update(20, True, repeat_every=50) is False
+    assert watch.update(30, False, repeat_every=50) is False and watch.since is None  # recovered
+    assert watch.update(40, True, repeat_every=50) is True  # a new collapse warns again
     assert watch.collapsed_steps == 30
     resumed = CollapseWatch()
     resumed.load_state_dict(watch.state_dict())

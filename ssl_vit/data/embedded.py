@@ -1,9 +1,14 @@
-"""The embedded default dataset, "shapes": ten classes of shapes and textures, generated
-deterministically from a seed, so the quickstart and the tests need no download.
+"""The embedded datasets, generated deterministically from a seed, so the quickstart, the tests
+and the quality benchmark need no download.
 
-Every image gets random foreground and background colours, background noise, position, scale,
-rotation and sometimes a distractor stroke, so raw pixels are a weak baseline: a representation
-must capture shape, not colour or position, to classify it.
+- ``shapes`` (the default): ten classes of flat-coloured shapes and regular textures. Every image
+  gets random foreground and background colours, background noise, position, scale, rotation and
+  sometimes a distractor stroke, so raw pixels are a weak baseline: a representation must capture
+  shape, not colour or position, to classify it.
+- ``glyphs``: the digits 0-9 in Pillow's bundled font over coloured 1/f noise (the power spectrum
+  of natural images) with a smaller letter as clutter. Different content and statistics from
+  ``shapes``: thin strokes, textured backgrounds, no regular patterns. Recipes are never tuned on
+  it; it is the second dataset that checks that they are not tuned to ``shapes``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 CLASSES = (
     "disk",
@@ -70,14 +75,49 @@ def shapes_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
 
 
-def shapes_samples(split: str, seed: int = 0, size: int = 32) -> Iterator[tuple[Image.Image, int]]:
-    """All (image, label) pairs of a split, classes interleaved; image i depends only on
-    (seed, split, i), so any subset can be regenerated."""
+GLYPH_CLASSES = tuple("0123456789")
+_CLUTTER = "ABCDEFGHKLMNPRSTUVWXYZ"
+
+
+def glyphs_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """One image of digit ``label`` drawn with randomness from ``rng``."""
+    s = size * _SUPERSAMPLE
+    fg, bg = _contrasting_colours(rng)
+    img = Image.fromarray(_pink_noise(rng, s, bg))
+    clutter = _CLUTTER[rng.integers(len(_CLUTTER))]
+    clutter_colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    for text, height, colour, reach in (
+        (clutter, rng.uniform(0.25, 0.4), clutter_colour, 0.5),  # anywhere, partly off the image
+        (GLYPH_CLASSES[label], rng.uniform(0.5, 0.8), fg, 0.25),
+    ):
+        font = ImageFont.load_default(size=int(s * height))
+        layer = Image.new("L", (s, s), 0)
+        ImageDraw.Draw(layer).text(
+            (s / 2, s / 2), text, fill=255, font=font, anchor="mm", stroke_width=int(s * rng.uniform(0, 0.03))
+        )
+        layer = layer.rotate(rng.uniform(-30, 30), resample=Image.Resampling.BICUBIC)
+        dx, dy = rng.uniform(-reach, reach, size=2) * s * (1 - height)
+        layer = layer.transform(layer.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy))
+        img.paste(Image.new("RGB", (s, s), colour), mask=layer)
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
+    noise = rng.normal(0, rng.uniform(0, 12), size=(size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+
+
+DATASETS = {"shapes": (CLASSES, shapes_image), "glyphs": (GLYPH_CLASSES, glyphs_image)}
+
+
+def embedded_samples(
+    split: str, seed: int = 0, size: int = 32, dataset: str = "shapes"
+) -> Iterator[tuple[Image.Image, int]]:
+    """All (image, label) pairs of a split of an embedded dataset, classes interleaved; image i
+    depends only on (seed, split, i), so any subset can be regenerated."""
+    classes, draw = DATASETS[dataset]
     per_class = SPLITS[split]
     split_id = list(SPLITS).index(split)
-    for i in range(per_class * len(CLASSES)):
-        label = i % len(CLASSES)
-        yield shapes_image(label, np.random.default_rng([seed, split_id, i]), size), label
+    for i in range(per_class * len(classes)):
+        label = i % len(classes)
+        yield draw(label, np.random.default_rng([seed, split_id, i]), size), label
 
 
 def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -118,3 +158,15 @@ def _texture(name: str, rng: np.random.Generator, s: int, fg: tuple, bg: tuple) 
         on = du**2 + dv**2 < (period * 0.28) ** 2
     pixels = np.where(on[..., None], np.array(fg), np.array(bg)).astype(np.uint8)
     return Image.fromarray(pixels)
+
+
+def _pink_noise(rng: np.random.Generator, s: int, mean: tuple[int, ...]) -> np.ndarray:
+    """An (s, s, 3) uint8 image of 1/f noise around colour ``mean``: amplitude falling as
+    1 / frequency, as in natural images, with a random contrast per channel."""
+    fy, fx = np.meshgrid(np.fft.fftfreq(s), np.fft.fftfreq(s), indexing="ij")
+    amplitude = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / s)
+    spectrum = amplitude[..., None] * np.exp(2j * np.pi * rng.random((s, s, 3)))
+    field = np.fft.ifft2(spectrum, axes=(0, 1)).real
+    field = (field - field.mean(axis=(0, 1))) / field.std(axis=(0, 1))
+    pixels = np.array(mean, dtype=np.float64) + field * rng.uniform(10, 40, 3)
+    return np.clip(pixels, 0, 255).astype(np.uint8)

@@ -256,8 +256,9 @@ class ShardDataModule(L.LightningDataModule):
         seed: keys shard order and shuffling.
         max_skip_fraction: stop the run when more than this fraction of the samples read in an
             epoch are unreadable (corrupt images, broken shards).
-        generate_embedded: if ``train_shards`` is a missing folder, write the embedded shapes
-            dataset's ``train`` and ``val`` splits into its parent folder first.
+        generate_embedded: if ``train_shards`` is a missing folder, write an embedded dataset's
+            ``train`` and ``val`` splits into its parent folder first: ``true`` or ``shapes``
+            for the default, ``glyphs`` for the second one.
     """
 
     def __init__(
@@ -270,7 +271,7 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         seed: int = 0,
         max_skip_fraction: float = 0.1,
-        generate_embedded: bool = False,
+        generate_embedded: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["view"])  # plain values only: checkpoints load weights_only
@@ -294,8 +295,9 @@ class ShardDataModule(L.LightningDataModule):
                 f"data.generate_embedded writes ROOT/train and ROOT/val, but data.train_shards is "
                 f"{self.train_shards!r}; set it to a folder named 'train', e.g. data/shapes/train"
             )
-        log.warning("writing the embedded shapes dataset to %s", train.parent)
-        write_embedded_shards(train.parent)
+        dataset = "shapes" if self.generate_embedded is True else self.generate_embedded
+        log.warning("writing the embedded %s dataset to %s", dataset, train.parent)
+        write_embedded_shards(train.parent, dataset=dataset)
 
     def check_launch(self, world_size: int) -> None:
         """Fail with one message when the batch or the shards cannot feed ``world_size`` ranks;

@@ -119,15 +119,23 @@ def image_folder_samples(root: str | Path, seed: int = 0) -> tuple[list[str], It
 
 
 def write_embedded_shards(
-    out_root: str | Path, samples_per_shard: int = 250, seed: int = 0, overwrite: bool = False
+    out_root: str | Path,
+    samples_per_shard: int = 250,
+    seed: int = 0,
+    overwrite: bool = False,
+    dataset: str = "shapes",
 ) -> dict[str, ShardIndex]:
-    """Generate the embedded "shapes" dataset as ``out_root/train`` and ``out_root/val`` shards."""
+    """Generate an embedded dataset (``shapes`` or ``glyphs``) as ``out_root/train`` and
+    ``out_root/val`` shards."""
+    if dataset not in embedded.DATASETS:
+        raise UserError(f"unknown embedded dataset {dataset!r}; choose one of {', '.join(embedded.DATASETS)}")
+    classes = embedded.DATASETS[dataset][0]
     return {
         split: write_shards(
-            (("png", _png_bytes(img), label) for img, label in embedded.shapes_samples(split, seed)),
+            (("png", _png_bytes(img), label) for img, label in embedded.embedded_samples(split, seed, dataset=dataset)),
             Path(out_root) / split,
-            classes=list(embedded.CLASSES),
-            source=f"ssl-vit embedded shapes (seed {seed}, split {split})",
+            classes=list(classes),
+            source=f"ssl-vit embedded {dataset} (seed {seed}, split {split})",
             samples_per_shard=samples_per_shard,
             overwrite=overwrite,
         )

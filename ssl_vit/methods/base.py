@@ -6,6 +6,7 @@ and logging."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning as L
@@ -15,14 +16,14 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ssl_vit.checkpoint import read_checkpoint
+from ssl_vit.checkpoint import objective_name, read_checkpoint
 from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
 from ssl_vit.guards import CollapseWatch
 from ssl_vit.pictures import attention_columns
-from ssl_vit.schedules import cosine_to, warmup_cosine
+from ssl_vit.schedules import PaperRun, cosine_to, scaled_ema_momentum, scaled_epochs, warmup_cosine
 
 
 class SSLMethod(L.LightningModule):
@@ -38,6 +39,12 @@ class SSLMethod(L.LightningModule):
     An objective with EMA followers (a teacher, a momentum encoder) lists them in ``ema_targets``
     and gives their momentum schedule in :meth:`ema_momentum`; the base steps them once after each
     optimiser step, however many micro-batches gradient accumulation makes of it.
+
+    Recipes give the paper's values; with ``scale_to_run`` (the default) the quantities that only
+    mean something relative to the run follow it (``docs/recipes-and-data.md``): schedule lengths
+    in epochs shrink with a run shorter than the paper's (:meth:`run_epochs`) and EMA momenta keep
+    the paper's averaging window in epochs (:meth:`run_momentum`). At the paper's scale both give
+    the paper's numbers back.
 
     ``init_from`` starts the encoder from existing weights (an ``ssl-vit export`` folder, a timm
     ``local-dir`` folder, a timm ``.safetensors``/``.pth`` state dict, or an ssl-vit checkpoint, whose
@@ -56,6 +63,8 @@ class SSLMethod(L.LightningModule):
     lr_batch_divisor: ClassVar[int] = 256
     #: SimMIM scales its warm-up start and minimum lr by the batch too; the others take them as they are.
     lr_bounds_scale_with_batch: ClassVar[bool] = False
+    #: The paper's reference run, which ``scale_to_run`` scales schedule lengths and momenta from.
+    paper_run: ClassVar[PaperRun]
 
     def __init__(
         self,
@@ -68,6 +77,7 @@ class SSLMethod(L.LightningModule):
         init_from: str | None = None,
         weight_decay_end: float | None = None,
         warmup_lr: float = 0.0,
+        scale_to_run: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # the subclass's arguments, for checkpoints and exports
@@ -75,7 +85,7 @@ class SSLMethod(L.LightningModule):
         self.encoder = ViTEncoder(**self.hparams["encoder"])
         self.base_lr, self.min_lr, self.warmup_lr, self.warmup_epochs = base_lr, min_lr, warmup_lr, warmup_epochs
         self.weight_decay, self.weight_decay_end, self.betas = weight_decay, weight_decay_end, tuple(betas)
-        self.init_from = init_from
+        self.init_from, self.scale_to_run = init_from, scale_to_run
         self.collapse_watch = CollapseWatch()
 
     @property
@@ -100,13 +110,16 @@ class SSLMethod(L.LightningModule):
                 f"model.init_from {path}: the weights do not fit the encoder ({problem}); check model.encoder"
             )
         if path.endswith(".ckpt"):  # a full ssl-vit checkpoint: the objective's heads (and teacher) too
-            own = self.state_dict()
-            heads = {
+            ckpt, own = read_checkpoint(path), self.state_dict()
+            # The same objective continues from every module, its student too; another objective
+            # keeps the encoder the checkpoint's paper evaluates (loaded above) as its own.
+            same = objective_name(ckpt) == type(self).__name__
+            state = {
                 k: v
-                for k, v in read_checkpoint(path)["state_dict"].items()
-                if not k.startswith("encoder.") and k in own and own[k].shape == v.shape
+                for k, v in ckpt["state_dict"].items()
+                if (same or not k.startswith("encoder.")) and k in own and own[k].shape == v.shape
             }
-            self.load_state_dict(heads, strict=False)
+            self.load_state_dict(state, strict=False)
             return
         for module_path in self.encoders.values():  # a teacher / momentum encoder starts as a copy
             if module_path != "encoder":
@@ -139,14 +152,32 @@ class SSLMethod(L.LightningModule):
     def global_batch_size(self, per_device_batch: int) -> int:
         return per_device_batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+
+    def run_epochs(self, paper_epochs: float) -> float:
+        """A schedule length the recipe gives in the paper's epochs, for this run: shrunk in
+        proportion when the run is shorter than the paper's (``scale_to_run``)."""
+        if not self.scale_to_run:
+            return paper_epochs
+        length = self.trainer.estimated_stepping_batches / self.steps_per_epoch()
+        return scaled_epochs(paper_epochs, length, self.paper_run)
+
+    def run_momentum(self, paper_momentum: float) -> float:
+        """An EMA momentum the recipe gives at the paper's batch and dataset, for this run's steps
+        per epoch and length (``scale_to_run``; see :func:`~ssl_vit.schedules.scaled_ema_momentum`)."""
+        if not self.scale_to_run:
+            return paper_momentum
+        total = int(self.trainer.estimated_stepping_batches)
+        return scaled_ema_momentum(paper_momentum, self.steps_per_epoch(), total, self.paper_run)
+
     def learning_rate(self, step: int, per_device_batch: int) -> float:
-        steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         scale = self.global_batch_size(per_device_batch) / self.lr_batch_divisor
         bounds_scale = scale if self.lr_bounds_scale_with_batch else 1.0
         return warmup_cosine(
             step,
             total_steps=int(self.trainer.estimated_stepping_batches),
-            warmup_steps=round(self.warmup_epochs * steps_per_epoch),
+            warmup_steps=round(self.run_epochs(self.warmup_epochs) * self.steps_per_epoch()),
             peak=self.base_lr * scale,
             final=self.min_lr * bounds_scale,
             start=self.warmup_lr * bounds_scale,
@@ -220,12 +251,19 @@ class SSLMethod(L.LightningModule):
         Every objective shows its evaluated encoder's last-block attention (DINO's maps)."""
         return {"attention": attention_columns(self.evaluated_encoder, images)}
 
-    def watch_collapse(self, embeddings: Tensor) -> None:
+    def watch_collapse(self, embeddings: Tensor, teacher_probs: Callable[[], Tensor] | None = None) -> None:
         """Log the per-dimension std of L2-normalised embeddings, scaled by sqrt(dim) (about 1
-        for well-spread embeddings, 0 when all are identical), and warn while it stays below the
-        threshold: at the onset and again every tenth of the run, with the steps spent collapsed
+        for well-spread embeddings, 0 when all are identical), and warn while the run is
+        collapsed: at the onset and again every tenth of the run, with the steps spent collapsed
         so far (the end-of-run summary has the total). Checked on logging steps only: it waits for
-        the device."""
+        the device.
+
+        A teacher-student objective also passes its teacher's output distributions (a function
+        giving them, (B, K), called on checking steps only): their
+        mean entropy is logged as a fraction of ln K, and a teacher that spreads each image over
+        more than half of the K outputs (entropy above ln K - ln 2) is collapsed to uniform,
+        whatever the spread says: the spread is scale-free, and a teacher whose outputs shrink
+        towards equal logits keeps its spread while its softmax goes flat."""
         trainer = self._trainer
         every = max(1, trainer.log_every_n_steps) if trainer is not None else 1
         if self.global_step % every:
@@ -233,14 +271,27 @@ class SSLMethod(L.LightningModule):
         z = F.normalize(embeddings.detach().float(), dim=1)
         spread = z.std(dim=0).mean().item() * z.shape[1] ** 0.5
         self.log("train/embedding_spread", spread)
+        uniform = False
+        if teacher_probs is not None:
+            p = teacher_probs().detach().float()
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1).mean().item()
+            ln_k = math.log(p.shape[1])
+            self.log("train/teacher_entropy", entropy / ln_k)
+            uniform = entropy > ln_k - math.log(2)
         watch = self.collapse_watch
         total = int(trainer.estimated_stepping_batches) if trainer is not None else 1
         step = self.global_step
-        if watch.update(step, spread, repeat_every=max(every, total // 10)):
+        if watch.update(step, collapsed=spread < watch.threshold or uniform, repeat_every=max(every, total // 10)):
             state = "has collapsed" if watch.since == step else f"is still collapsed (since step {watch.since})"
+            what = (
+                "its teacher's outputs are nearly uniform (entropy above ln K - ln 2: every image spread over more "
+                "than half the outputs)"
+                if uniform
+                else f"the embeddings' spread (per-dimension std x sqrt(dim)) is {spread:.4f} < {watch.threshold}; "
+                "every image maps to nearly the same output"
+            )
             rank_zero_warn(
-                f"{type(self).__name__} {state} at step {step}, {watch.collapsed_steps} steps collapsed so far: the "
-                f"embeddings' spread (per-dimension std x sqrt(dim)) is {spread:.4f} < {watch.threshold}; every image "
-                "maps to nearly the same output. Check the learning rate, temperatures and augmentations."
+                f"{type(self).__name__} {state} at step {step}, {watch.collapsed_steps} steps collapsed so far: "
+                f"{what}. Check the learning rate, temperatures and augmentations."
             )
         self.log("train/collapsed_steps", float(watch.collapsed_steps))

@@ -18,7 +18,7 @@ from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.heads import DINOHead
 from ssl_vit.losses import dino_loss
 from ssl_vit.methods.base import SSLMethod
-from ssl_vit.schedules import cosine_to, linear_warmup_then_constant
+from ssl_vit.schedules import PaperRun, cosine_to, linear_warmup_then_constant
 
 
 def embed_crops(encoder: ViTEncoder, head: nn.Module, crops: list[Tensor]) -> Tensor:
@@ -33,7 +33,12 @@ class DINO(SSLMethod):
     normalised last layer frozen for the first epoch, student temperature 0.1, teacher 0.04 ->
     0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine), AdamW with lr
     5e-4 x batch / 256 (10 warm-up epochs, cosine to 1e-6) and weight decay 0.04 -> 0.4 (cosine),
-    per-parameter gradient clipping at 3.0, local crops' position embeddings resampled as DINO does."""
+    per-parameter gradient clipping at 3.0, local crops' position embeddings resampled as DINO does.
+    With ``scale_to_run`` the warm-ups shrink with a run shorter than
+    100 epochs, and the teacher momentum follows the EMA scaling rule from batch 1024 on ImageNet."""
+
+    #: main_dino.py: 100 epochs (10 warm-up), batch 64 x 16 GPUs
+    paper_run = PaperRun(epochs=100, steps_per_epoch=1281167 // 1024)
 
     encoders: ClassVar[dict[str, str]] = {"teacher": "teacher_encoder", "student": "encoder"}
     ema_targets: ClassVar[dict[str, str]] = {"teacher_encoder": "encoder", "teacher_head": "head"}
@@ -62,9 +67,18 @@ class DINO(SSLMethod):
         min_lr: float = 1e-6,
         betas: tuple[float, float] = (0.9, 0.999),
         init_from: str | None = None,
+        scale_to_run: bool = True,
     ) -> None:
         super().__init__(
-            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from, weight_decay_end=weight_decay_end
+            encoder,
+            base_lr,
+            weight_decay,
+            warmup_epochs,
+            min_lr,
+            betas,
+            init_from,
+            weight_decay_end=weight_decay_end,
+            scale_to_run=scale_to_run,
         )
         self.head = DINOHead(
             self.encoder.embed_dim,
@@ -83,9 +97,8 @@ class DINO(SSLMethod):
 
     def teacher_temperature(self) -> float:
         hp = self.hparams
-        return linear_warmup_then_constant(
-            self.current_epoch, hp.warmup_teacher_temp_epochs, hp.warmup_teacher_temp, hp.teacher_temp
-        )
+        warmup = round(self.run_epochs(hp.warmup_teacher_temp_epochs))
+        return linear_warmup_then_constant(self.current_epoch, warmup, hp.warmup_teacher_temp, hp.teacher_temp)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         crops, _ = batch
@@ -95,7 +108,9 @@ class DINO(SSLMethod):
         temp = self.teacher_temperature()
         loss = dino_loss(student_out, teacher_out, self.center, len(crops), self.hparams.student_temp, temp)
         self._teacher_means.append(teacher_out.mean(dim=0, keepdim=True))
-        self.watch_collapse(teacher_out)
+        self.watch_collapse(
+            teacher_out, teacher_probs=lambda: torch.softmax((teacher_out - self.center) / temp, dim=-1)
+        )
         self.log_dict({"train/loss": loss, "train/teacher_temp": temp}, prog_bar=True)
         return loss
 
@@ -131,4 +146,5 @@ class DINO(SSLMethod):
 
     def ema_momentum(self, step: int) -> float:
         # main_dino.py: after optimiser step `it`, the teacher follows with momentum_schedule[it].
-        return cosine_to(step, int(self.trainer.estimated_stepping_batches), self.hparams.teacher_momentum, 1.0)
+        start = self.run_momentum(self.hparams.teacher_momentum)
+        return cosine_to(step, int(self.trainer.estimated_stepping_batches), start, 1.0)

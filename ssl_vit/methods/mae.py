@@ -20,6 +20,7 @@ from ssl_vit.masking import PatchMask, patch_mask_to_pixels, random_patch_mask
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.patches import patchify, unpatchify
 from ssl_vit.pictures import reconstruction_columns
+from ssl_vit.schedules import PaperRun
 
 _layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -73,6 +74,9 @@ class MAE(SSLMethod):
     blocks, normalised-pixel targets, AdamW betas (0.9, 0.95), base lr 1.5e-4, wd 0.05,
     40 warm-up epochs)."""
 
+    #: main_pretrain.py: 400 epochs (40 warm-up) at batch 4096
+    paper_run = PaperRun(epochs=400, steps_per_epoch=1281167 // 4096)
+
     def __init__(
         self,
         encoder: EncoderConfig,
@@ -87,8 +91,11 @@ class MAE(SSLMethod):
         min_lr: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
         init_from: str | None = None,
+        scale_to_run: bool = True,
     ) -> None:
-        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from)
+        super().__init__(
+            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, scale_to_run=scale_to_run
+        )
         if not 0 < mask_ratio < 1:
             raise UserError(f"model.mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio

@@ -17,7 +17,7 @@ from ssl_vit.encoder import EncoderConfig
 from ssl_vit.heads import projection_mlp
 from ssl_vit.losses import info_nce
 from ssl_vit.methods.base import SSLMethod
-from ssl_vit.schedules import cosine_to
+from ssl_vit.schedules import PaperRun, cosine_to
 
 
 class MoCoV3(SSLMethod):
@@ -26,6 +26,9 @@ class MoCoV3(SSLMethod):
     temperature 0.2 with the loss scaled by 2T, momentum 0.99 -> 1 (cosine), a frozen random
     patch projection, fixed sin-cos positions, AdamW with lr 1.5e-4 x batch / 256 and wd 0.1,
     40 warm-up epochs. Set ``encoder.weight_init: moco`` for the paper's initialisation."""
+
+    #: the ViT recipe: 300 epochs (40 warm-up), batch 4096
+    paper_run = PaperRun(epochs=300, steps_per_epoch=1281167 // 4096)
 
     # The official linear probe (main_lincls.py) and conversion (convert_to_deit.py) keep base_encoder.
     encoders: ClassVar[dict[str, str]] = {"base": "encoder", "momentum": "momentum_encoder"}
@@ -45,8 +48,11 @@ class MoCoV3(SSLMethod):
         min_lr: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         init_from: str | None = None,
+        scale_to_run: bool = True,
     ) -> None:
-        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from)
+        super().__init__(
+            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, scale_to_run=scale_to_run
+        )
         enc = self.encoder
         enc.fix_sincos_pos_embed()
         proj = enc.vit.patch_embed.proj
@@ -66,7 +72,8 @@ class MoCoV3(SSLMethod):
     def ema_momentum(self, step: int) -> float:
         # The official code updates at the start of each iteration, before the keys, with that
         # iteration's momentum; updating after step k with step k+1's momentum is the same.
-        return cosine_to(step + 1, int(self.trainer.estimated_stepping_batches), self.hparams.momentum, 1.0)
+        start = self.run_momentum(self.hparams.momentum)
+        return cosine_to(step + 1, int(self.trainer.estimated_stepping_batches), start, 1.0)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         (x1, x2), _ = batch

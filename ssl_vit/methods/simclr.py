@@ -11,12 +11,16 @@ from ssl_vit.encoder import EncoderConfig
 from ssl_vit.heads import projection_mlp
 from ssl_vit.losses import nt_xent
 from ssl_vit.methods.base import SSLMethod
+from ssl_vit.schedules import PaperRun
 
 
 class SimCLR(SSLMethod):
     """SimCLR pretraining: encoder CLS -> projection MLP (3 layers, BatchNorm) -> NT-Xent with
     temperature 0.1. Optimiser settings follow the ViT SimCLR baseline of MoCo v3 (AdamW, lr
     1.5e-4 x batch / 256, wd 0.1, 40 warm-up epochs)."""
+
+    #: MoCo v3's ViT baseline: 300 epochs (40 warm-up), batch 4096
+    paper_run = PaperRun(epochs=300, steps_per_epoch=1281167 // 4096)
 
     def __init__(
         self,
@@ -30,8 +34,11 @@ class SimCLR(SSLMethod):
         min_lr: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         init_from: str | None = None,
+        scale_to_run: bool = True,
     ) -> None:
-        super().__init__(encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from)
+        super().__init__(
+            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, scale_to_run=scale_to_run
+        )
         self.projector = projection_mlp(3, self.encoder.embed_dim, hidden_dim, out_dim)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

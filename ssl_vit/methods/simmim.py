@@ -19,6 +19,7 @@ from ssl_vit.losses import masked_pixel_l1
 from ssl_vit.masking import block_patch_mask, patch_mask_to_pixels
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.pictures import reconstruction_columns
+from ssl_vit.schedules import PaperRun
 
 
 class SimMIMOutput(NamedTuple):
@@ -32,6 +33,9 @@ class SimMIM(SSLMethod):
     SimMIM's ViT as far as timm's has it (layer scale 0.1, its initialisation), AdamW (0.9, 0.999),
     base lr 1e-4, warm-up from 5e-7 over 10 epochs and cosine to 5e-6, all three scaled by global
     batch / 512, wd 0.05, gradient norm clipped at 5.0."""
+
+    #: the 100-epoch configs (10 warm-up), batch 2048
+    paper_run = PaperRun(epochs=100, steps_per_epoch=1281167 // 2048)
 
     lr_batch_divisor: ClassVar[int] = 512
     lr_bounds_scale_with_batch: ClassVar[bool] = True
@@ -50,9 +54,18 @@ class SimMIM(SSLMethod):
         min_lr: float = 5e-6,
         betas: tuple[float, float] = (0.9, 0.999),
         init_from: str | None = None,
+        scale_to_run: bool = True,
     ) -> None:
         super().__init__(
-            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, warmup_lr=warmup_lr
+            encoder,
+            base_lr,
+            weight_decay,
+            warmup_epochs,
+            min_lr,
+            betas,
+            init_from=init_from,
+            warmup_lr=warmup_lr,
+            scale_to_run=scale_to_run,
         )
         if not 0 < mask_ratio < 1:
             raise UserError(f"model.mask_ratio must be in (0, 1), got {mask_ratio}")

@@ -1,0 +1,202 @@
+"""Representation quality against training budget: each objective's quickstart recipe, run once per
+dataset through ``ssl-vit pretrain`` with a checkpoint at every budget, each checkpoint (and the
+random initialisation) evaluated with k-NN k=20 on CLS and on mean-pooled patch tokens and a linear
+probe; lightly's documented example of the same objective beside it on the same timm encoder,
+data, batch, budgets and seed, where lightly has one (MAE today).
+
+    python benchmarks/quality.py                                  # every objective, both embedded datasets
+    python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624
+    python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
+
+Writes benchmarks/results/quality_<device>.json (device, versions, commit, one row per objective,
+library, dataset and budget) and benchmarks/results/quality_<device>.png (accuracy against steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from common import ROOT, write_result
+from PIL import Image, ImageDraw
+
+from ssl_vit.checkpoint import load_checkpoint_encoder
+from ssl_vit.data.pipeline import ShardDataset
+from ssl_vit.data.shards import resolve_shards, write_embedded_shards
+from ssl_vit.encoder import ViTEncoder
+from ssl_vit.eval import Evaluator
+
+OBJECTIVES = ("mae", "simmim", "dino", "mocov3", "simclr")
+EMBEDDED = ("shapes", "glyphs")
+
+
+def recipe(objective: str) -> dict:
+    return yaml.safe_load((ROOT / "recipes" / "quickstart" / f"{objective}.yaml").read_text())
+
+
+def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, float]:
+    """k-NN k=20 on CLS and on mean-pooled patch tokens, and the linear probe on ``probe_pooling``."""
+    row = {}
+    for pooling in ("cls", "mean"):
+        ev = Evaluator(str(data / "train"), str(data / "val"), pooling=pooling, knn_ks=[20], num_workers=1)
+        train, val = ev.features(encoder)
+        row[f"knn_{pooling}"] = ev.knn(train, val)["k=20"]["top1"]
+        if pooling == probe_pooling:
+            row["probe"] = ev.probe(encoder, train, val)["top1"]
+    return row
+
+
+def ssl_vit_curve(objective: str, data: Path, budgets: list[int], seed: int, work: Path) -> list[dict]:
+    """One ``ssl-vit pretrain`` run of the quickstart recipe for max(budgets) steps, a checkpoint at
+    every budget, each evaluated; budget 0 is the run's random initialisation."""
+    cfg = recipe(objective)
+    callbacks = cfg["trainer"].get("callbacks") or [{}]
+    probe_pooling = callbacks[0].get("init_args", {}).get("pooling", "cls")
+    run = work / f"ssl-vit-{objective}-{data.name}"
+    every = math.gcd(*budgets)
+    subprocess.run(
+        [
+            "ssl-vit", "pretrain", "--config", str(ROOT / "recipes" / "quickstart" / f"{objective}.yaml"),
+            "--seed_everything", str(seed),
+            "--data.train_shards", str(data / "train"), "--data.generate_embedded", "false",
+            "--trainer.max_steps", str(max(budgets)), "--trainer.max_epochs", "-1",
+            "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(run),
+            "--pictures.shards", str(data / "val"), "--pictures.every_n_epochs", "0",
+            "--checkpoint.dirpath", str(run / "checkpoints"), "--checkpoint.every_n_epochs", "0",
+            "--checkpoint.every_n_train_steps", str(every),
+        ],
+        check=True,
+    )  # fmt: skip
+    rows = [{"steps": 0, **evaluate(initial_encoder(cfg, seed), data, probe_pooling)}]
+    for budget in budgets:
+        encoder, _ = load_checkpoint_encoder(next((run / "checkpoints").glob(f"*-step={budget}.ckpt")))
+        rows.append({"steps": budget, **evaluate(encoder, data, probe_pooling)})
+    return rows
+
+
+def initial_encoder(cfg: dict, seed: int) -> ViTEncoder:
+    """The encoder a run of the recipe starts from: the objective built after the same seeding."""
+    module, _, name = cfg["model"]["class_path"].rpartition(".")
+    L.seed_everything(seed)
+    return getattr(importlib.import_module(module), name)(**cfg["model"]["init_args"]).evaluated_encoder
+
+
+def lightly_mae_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
+    """lightly's examples/pytorch/mae.py (MaskedVisionTransformerTIMM, a 1-block 512-d decoder with
+    16 heads, plain-pixel MSE on masked patches, AdamW lr 1.5e-4, MAETransform) on the MAE
+    quickstart's encoder, batch and data."""
+    from lightly.models import utils
+    from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+    from lightly.models.modules.masked_vision_transformer_timm import init_weights
+    from lightly.transforms import MAETransform
+
+    cfg = recipe("mae")
+    enc_cfg, batch_size = cfg["model"]["init_args"]["encoder"], cfg["data"]["batch_size"]
+    L.seed_everything(seed)
+    encoder = ViTEncoder(**enc_cfg)
+    vit = encoder.vit
+    backbone = MaskedVisionTransformerTIMM(vit=vit)
+    decoder_embed = torch.nn.Linear(vit.embed_dim, 512)
+    decoder = MaskedVisionTransformerDecoderTIMM(
+        num_patches=vit.patch_embed.num_patches, embed_dim=512, depth=1, num_heads=16, num_prefix_tokens=1
+    )
+    patch = vit.patch_embed.patch_size[0]
+    prediction_head = torch.nn.Linear(512, patch**2 * 3)
+    decoder_embed.apply(init_weights)
+    prediction_head.apply(init_weights)
+    modules = torch.nn.ModuleList([backbone, decoder_embed, decoder, prediction_head])
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=1.5e-4)
+    transform = MAETransform(input_size=enc_cfg["img_size"])
+    urls, _ = resolve_shards(str(data / "train"))
+    dataset = ShardDataset(urls, lambda img: transform(img)[0], shuffle_buffer=1000, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1, drop_last=True)
+    seq_len = backbone.sequence_length
+    rows = [{"steps": 0, **evaluate(encoder, data, "cls")}]
+    step = 0
+    while step < max(budgets):
+        for images, _ in loader:
+            idx_keep, idx_mask = utils.random_token_mask(size=(images.shape[0], seq_len), mask_ratio=0.75)
+            x = decoder_embed(backbone.encode(images=images, idx_keep=idx_keep))
+            x_masked = utils.set_at_index(x.new_zeros(images.shape[0], seq_len, x.shape[-1]), idx_keep, x)
+            pred = prediction_head(utils.get_at_index(decoder(x_masked, idx_mask=idx_mask), idx_mask))
+            target = utils.get_at_index(utils.patchify(images, patch), idx_mask - 1)
+            loss = torch.nn.functional.mse_loss(pred, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step in budgets:
+                rows.append({"steps": step, **evaluate(encoder, data, "cls")})
+            if step == max(budgets):
+                break
+    return rows
+
+
+LIGHTLY = {"mae": lightly_mae_curve}
+
+
+def draw_curves(rows: list[dict], path: Path) -> None:
+    """One panel per (objective, dataset): k-NN (CLS) against steps, ssl-vit solid, lightly dashed."""
+    panels = sorted({(r["objective"], r["dataset"]) for r in rows})
+    w, h, pad = 260, 200, 36
+    img = Image.new("RGB", (w * len(panels), h), "white")
+    draw = ImageDraw.Draw(img)
+    colours = {"ssl-vit": (31, 119, 180), "lightly": (214, 39, 40)}
+    for i, (objective, dataset) in enumerate(panels):
+        x0 = i * w
+        mine = [r for r in rows if (r["objective"], r["dataset"]) == (objective, dataset)]
+        top_steps = max(r["steps"] for r in mine) or 1
+        draw.text((x0 + pad, 4), f"{objective} / {dataset}: k-NN CLS %", fill="black")
+        draw.rectangle([x0 + pad, pad, x0 + w - 8, h - pad], outline="grey")
+        for lib, colour in colours.items():
+            pts = [
+                (x0 + pad + (w - 8 - pad) * r["steps"] / top_steps, h - pad - (h - 2 * pad) * r["knn_cls"] / 100)
+                for r in sorted(mine, key=lambda r: r["steps"])
+                if r["library"] == lib
+            ]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            for x, y in pts:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.text((x0 + pad, h - pad + 4), f"0 .. {top_steps} steps", fill="black")
+    img.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--datasets", nargs="+", default=list(EMBEDDED), choices=EMBEDDED)
+    parser.add_argument("--data", nargs="*", default=[], metavar="NAME=DIR", help="labelled shards: DIR/train, DIR/val")
+    parser.add_argument("--budgets", nargs="+", type=int, default=[78, 156, 312], help="optimiser steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-lightly", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ssl-vit-quality-"))
+    datasets = {name: work / name for name in args.datasets}
+    for name, path in datasets.items():
+        write_embedded_shards(path, dataset=name)
+    datasets.update({name: Path(d) for name, d in (spec.split("=", 1) for spec in args.data)})
+    rows = []
+    for objective in args.objectives:
+        for name, data in datasets.items():
+            curves = {"ssl-vit": ssl_vit_curve(objective, data, args.budgets, args.seed, work)}
+            if objective in LIGHTLY and not args.no_lightly:
+                curves["lightly"] = LIGHTLY[objective](data, args.budgets, args.seed)
+            for library, curve in curves.items():
+                rows += [{"objective": objective, "library": library, "dataset": name, **r} for r in curve]
+                print(objective, name, library, curve, file=sys.stderr)
+    out = write_result("quality", "cuda" if torch.cuda.is_available() else "cpu", rows, seed=args.seed)
+    draw_curves(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
