@@ -33,6 +33,11 @@ def masked_pixel_l1(pred: Tensor, images: Tensor, pixel_mask: Tensor) -> Tensor:
     return per_pixel.sum() / (pixel_mask.sum() + 1e-5) / images.shape[1]
 
 
+def dino_teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """DINO's teacher targets: the centred teacher output sharpened by its temperature, softmaxed."""
+    return F.softmax((teacher_out - center) / teacher_temp, dim=-1)
+
+
 def dino_loss(
     student_out: Tensor,
     teacher_out: Tensor,
@@ -48,7 +53,7 @@ def dino_loss(
     teacher_out: (2 * B, K) for the 2 global crops; center: (1, K).
     """
     student = (student_out / student_temp).chunk(num_crops)
-    teacher = F.softmax((teacher_out - center) / teacher_temp, dim=-1).detach().chunk(2)
+    teacher = dino_teacher_probs(teacher_out, center, teacher_temp).detach().chunk(2)
     total, pairs = 0.0, 0
     for t_idx, t in enumerate(teacher):
         for s_idx, s in enumerate(student):

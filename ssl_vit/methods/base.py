@@ -259,11 +259,11 @@ class SSLMethod(L.LightningModule):
         the device.
 
         A teacher-student objective also passes its teacher's output distributions (a function
-        giving them, (B, K), called on checking steps only): their
-        mean entropy is logged as a fraction of ln K, and a teacher that spreads each image over
-        more than half of the K outputs (entropy above ln K - ln 2) is collapsed to uniform,
-        whatever the spread says: the spread is scale-free, and a teacher whose outputs shrink
-        towards equal logits keeps its spread while its softmax goes flat."""
+        giving them, (B, K), called on checking steps only): their mean entropy is logged as a
+        fraction of ln K, and a teacher that spreads each image over more than half of the K
+        outputs (entropy above ln K - ln 2) is collapsed to uniform, whatever the spread says: the
+        spread is scale-free, and a teacher whose outputs shrink towards equal logits keeps its
+        spread while its softmax goes flat."""
         trainer = self._trainer
         every = max(1, trainer.log_every_n_steps) if trainer is not None else 1
         if self.global_step % every:

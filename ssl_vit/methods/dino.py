@@ -16,7 +16,7 @@ from ssl_vit.distributed import mean_over_ranks
 from ssl_vit.ema import frozen_copy
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.heads import DINOHead
-from ssl_vit.losses import dino_loss
+from ssl_vit.losses import dino_loss, dino_teacher_probs
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.schedules import PaperRun, cosine_to, linear_warmup_then_constant
 
@@ -108,9 +108,7 @@ class DINO(SSLMethod):
         temp = self.teacher_temperature()
         loss = dino_loss(student_out, teacher_out, self.center, len(crops), self.hparams.student_temp, temp)
         self._teacher_means.append(teacher_out.mean(dim=0, keepdim=True))
-        self.watch_collapse(
-            teacher_out, teacher_probs=lambda: torch.softmax((teacher_out - self.center) / temp, dim=-1)
-        )
+        self.watch_collapse(teacher_out, teacher_probs=lambda: dino_teacher_probs(teacher_out, self.center, temp))
         self.log_dict({"train/loss": loss, "train/teacher_temp": temp}, prog_bar=True)
         return loss
 
