@@ -26,7 +26,6 @@ def write_result(benchmark: str, device: str, rows: list[dict[str, Any]], **extr
     import timm
     import torchvision
 
-    commit = _git("rev-parse", "HEAD") + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
     record = {
         "benchmark": benchmark,
         "device": device_name(device),
@@ -36,7 +35,7 @@ def write_result(benchmark: str, device: str, rows: list[dict[str, Any]], **extr
             "torchvision": torchvision.__version__,
             "timm": timm.__version__,
         },
-        "commit": commit,
+        "commit": git_commit(),
         "command": f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
         **extra,
         "rows": rows,
@@ -45,6 +44,11 @@ def write_result(benchmark: str, device: str, rows: list[dict[str, Any]], **extr
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def git_commit() -> str:
+    """HEAD, with ``-dirty`` when tracked files have changed since."""
+    return _git("rev-parse", "HEAD") + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _git(*args: str) -> str:

@@ -2,33 +2,38 @@
 dataset through ``ssl-vit pretrain`` with a checkpoint at every budget, each checkpoint (and the
 random initialisation) evaluated with k-NN k=20 on CLS and on mean-pooled patch tokens and a linear
 probe; lightly's documented example of the same objective beside it on the same timm encoder,
-data, batch, budgets and seed, where lightly has one (MAE today).
+data, batch, budgets and seed, where lightly has one (MAE, SimMIM, DINO, SimCLR; its MoCo example is
+MoCo v2).
 
     python benchmarks/quality.py                                  # every objective, both embedded datasets
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624
     python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
 
-Writes benchmarks/results/quality_<device>.json (device, versions, commit, one row per objective,
-library, dataset and budget) and benchmarks/results/quality_<device>.png (accuracy against steps).
+Writes benchmarks/results/quality_<device>.json (device, versions, one row per objective, library,
+dataset and budget, each with the commit it ran on; rows of other objectives and datasets from
+earlier invocations are kept) and benchmarks/results/quality_<device>.png (accuracy against steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
+import json
 import math
 import subprocess
 import sys
 import tempfile
+from operator import itemgetter
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
-from common import ROOT, write_result
+from common import ROOT, git_commit, write_result
 from PIL import Image, ImageDraw
 
-from ssl_vit.checkpoint import load_checkpoint_encoder
+from ssl_vit.checkpoint import load_checkpoint_encoder, read_checkpoint
 from ssl_vit.data.pipeline import ShardDataset
 from ssl_vit.data.shards import resolve_shards, write_embedded_shards
 from ssl_vit.encoder import ViTEncoder
@@ -66,8 +71,7 @@ def ssl_vit_curve(objective: str, data: Path, budgets: list[int], seed: int, wor
     """One ``ssl-vit pretrain`` run of the quickstart recipe for max(budgets) steps, a checkpoint at
     every budget, each evaluated; budget 0 is the run's random initialisation."""
     cfg = recipe(objective)
-    callbacks = cfg["trainer"].get("callbacks") or [{}]
-    probe_pooling = callbacks[0].get("init_args", {}).get("pooling", "cls")
+    pooling = probe_pooling(cfg)
     run = work / f"ssl-vit-{objective}-{data.name}"
     every = math.gcd(*budgets)
     subprocess.run(
@@ -83,11 +87,19 @@ def ssl_vit_curve(objective: str, data: Path, budgets: list[int], seed: int, wor
         ],
         check=True,
     )  # fmt: skip
-    rows = [{"steps": 0, **evaluate(initial_encoder(cfg, seed), data, probe_pooling)}]
+    rows = [{"steps": 0, **evaluate(initial_encoder(cfg, seed), data, pooling)}]
     for budget in budgets:
-        encoder, _ = load_checkpoint_encoder(next((run / "checkpoints").glob(f"*-step={budget}.ckpt")))
-        rows.append({"steps": budget, **evaluate(encoder, data, probe_pooling)})
+        path = next((run / "checkpoints").glob(f"*-step={budget}.ckpt"))
+        encoder, _ = load_checkpoint_encoder(path)
+        collapsed = read_checkpoint(path)["ssl_vit"]["collapse"].get("collapsed_steps", 0)
+        rows.append({"steps": budget, **evaluate(encoder, data, pooling), "collapsed_steps": collapsed})
     return rows
+
+
+def probe_pooling(cfg: dict) -> str:
+    """The features the recipe's own evaluation probes (SimMIM's: mean-pooled patch tokens)."""
+    callbacks = cfg["trainer"].get("callbacks") or [{}]
+    return callbacks[0].get("init_args", {}).get("pooling", "cls")
 
 
 def initial_encoder(cfg: dict, seed: int) -> ViTEncoder:
@@ -97,40 +109,58 @@ def initial_encoder(cfg: dict, seed: int) -> ViTEncoder:
     return getattr(importlib.import_module(module), name)(**cfg["model"]["init_args"]).evaluated_encoder
 
 
+def lightly_curve(objective: str, data: Path, budgets: list[int], seed: int, transform, build) -> list[dict]:
+    """A lightly example's training loop on the objective's quickstart encoder, batch and data:
+    ``build(encoder, steps_per_epoch)`` returns the example's ``train_step(views, step)``; the
+    encoder is evaluated at step 0 and at every budget."""
+    cfg = recipe(objective)
+    batch_size = cfg["data"]["batch_size"]
+    L.seed_everything(seed)
+    encoder = ViTEncoder(**cfg["model"]["init_args"]["encoder"])
+    urls, index = resolve_shards(str(data / "train"))
+    steps_per_epoch = index.num_samples // batch_size if index else 39
+    train_step = build(encoder, steps_per_epoch)
+    dataset = ShardDataset(urls, transform, shuffle_buffer=1000, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1, drop_last=True)
+    pooling = probe_pooling(cfg)
+    rows = [{"steps": 0, **evaluate(encoder, data, pooling)}]
+    step = 0
+    while step < max(budgets):
+        for views, _ in loader:
+            train_step(views, step)
+            step += 1
+            if step in budgets:
+                rows.append({"steps": step, **evaluate(encoder, data, pooling)})
+            if step == max(budgets):
+                break
+    return rows
+
+
 def lightly_mae_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
-    """lightly's examples/pytorch/mae.py (MaskedVisionTransformerTIMM, a 1-block 512-d decoder with
-    16 heads, plain-pixel MSE on masked patches, AdamW lr 1.5e-4, MAETransform) on the MAE
-    quickstart's encoder, batch and data."""
+    """lightly's examples/pytorch/mae.py: MaskedVisionTransformerTIMM, a 1-block 512-d decoder with
+    16 heads, plain-pixel MSE on masked patches, AdamW lr 1.5e-4, MAETransform."""
     from lightly.models import utils
     from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
     from lightly.models.modules.masked_vision_transformer_timm import init_weights
     from lightly.transforms import MAETransform
 
-    cfg = recipe("mae")
-    enc_cfg, batch_size = cfg["model"]["init_args"]["encoder"], cfg["data"]["batch_size"]
-    L.seed_everything(seed)
-    encoder = ViTEncoder(**enc_cfg)
-    vit = encoder.vit
-    backbone = MaskedVisionTransformerTIMM(vit=vit)
-    decoder_embed = torch.nn.Linear(vit.embed_dim, 512)
-    decoder = MaskedVisionTransformerDecoderTIMM(
-        num_patches=vit.patch_embed.num_patches, embed_dim=512, depth=1, num_heads=16, num_prefix_tokens=1
-    )
-    patch = vit.patch_embed.patch_size[0]
-    prediction_head = torch.nn.Linear(512, patch**2 * 3)
-    decoder_embed.apply(init_weights)
-    prediction_head.apply(init_weights)
-    modules = torch.nn.ModuleList([backbone, decoder_embed, decoder, prediction_head])
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=1.5e-4)
-    transform = MAETransform(input_size=enc_cfg["img_size"])
-    urls, _ = resolve_shards(str(data / "train"))
-    dataset = ShardDataset(urls, lambda img: transform(img)[0], shuffle_buffer=1000, seed=seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1, drop_last=True)
-    seq_len = backbone.sequence_length
-    rows = [{"steps": 0, **evaluate(encoder, data, "cls")}]
-    step = 0
-    while step < max(budgets):
-        for images, _ in loader:
+    def build(encoder: ViTEncoder, steps_per_epoch: int):
+        vit = encoder.vit
+        backbone = MaskedVisionTransformerTIMM(vit=vit)
+        decoder_embed = torch.nn.Linear(vit.embed_dim, 512)
+        decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=vit.patch_embed.num_patches, embed_dim=512, depth=1, num_heads=16, num_prefix_tokens=1
+        )
+        patch = vit.patch_embed.patch_size[0]
+        prediction_head = torch.nn.Linear(512, patch**2 * 3)
+        decoder_embed.apply(init_weights)
+        prediction_head.apply(init_weights)
+        modules = torch.nn.ModuleList([backbone, decoder_embed, decoder, prediction_head])
+        optimizer = torch.optim.AdamW(modules.parameters(), lr=1.5e-4)
+        seq_len = backbone.sequence_length
+
+        def train_step(views: list[torch.Tensor], step: int) -> None:
+            images = views[0]
             idx_keep, idx_mask = utils.random_token_mask(size=(images.shape[0], seq_len), mask_ratio=0.75)
             x = decoder_embed(backbone.encode(images=images, idx_keep=idx_keep))
             x_masked = utils.set_at_index(x.new_zeros(images.shape[0], seq_len, x.shape[-1]), idx_keep, x)
@@ -140,15 +170,119 @@ def lightly_mae_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            step += 1
-            if step in budgets:
-                rows.append({"steps": step, **evaluate(encoder, data, "cls")})
-            if step == max(budgets):
-                break
-    return rows
+
+        return train_step
+
+    size = recipe("mae")["model"]["init_args"]["encoder"]["img_size"]
+    return lightly_curve("mae", data, budgets, seed, MAETransform(input_size=size), build)
 
 
-LIGHTLY = {"mae": lightly_mae_curve}
+def lightly_simmim_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
+    """lightly's examples/pytorch/simmim.py: every token through the encoder, 75% of them replaced
+    by a mask token (lightly's random_token_mask), a linear decoder, L1 on the masked patches'
+    pixels, AdamW lr 1.5e-4, MAETransform; the example's ViT keeps its own initialisation and
+    learned position embedding (here timm's)."""
+    from lightly.models import utils
+    from lightly.models.modules import MaskedVisionTransformerTIMM
+    from lightly.transforms import MAETransform
+
+    def build(encoder: ViTEncoder, steps_per_epoch: int):
+        vit = encoder.vit
+        backbone = MaskedVisionTransformerTIMM(vit=vit, weight_initialization="skip", pos_embed_initialization="skip")
+        patch = vit.patch_embed.patch_size[0]
+        decoder = torch.nn.Linear(vit.embed_dim, patch**2 * 3)
+        optimizer = torch.optim.AdamW([*backbone.parameters(), *decoder.parameters()], lr=1.5e-4)
+        seq_len = backbone.sequence_length
+
+        def train_step(views: list[torch.Tensor], step: int) -> None:
+            images = views[0]
+            _, idx_mask = utils.random_token_mask(size=(images.shape[0], seq_len), mask_ratio=0.75)
+            pred = decoder(utils.get_at_index(backbone.encode(images=images, idx_mask=idx_mask), idx_mask))
+            target = utils.get_at_index(utils.patchify(images, patch), idx_mask - 1)
+            loss = torch.nn.functional.l1_loss(pred, target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return train_step
+
+    size = recipe("simmim")["model"]["init_args"]["encoder"]["img_size"]
+    return lightly_curve("simmim", data, budgets, seed, MAETransform(input_size=size), build)
+
+
+def lightly_dino_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
+    """lightly's examples/pytorch/dino.py: DINOProjectionHead 512 / 64 / 2048 with the last layer
+    frozen for the first epoch, DINOLoss (teacher temperature 0.04, warm-up 5 epochs), Adam lr 1e-3,
+    teacher momentum cosine 0.996 -> 1 over the run's epochs, DINOTransform with the quickstart's
+    crop sizes and number of local crops."""
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import DINOTransform
+    from lightly.utils.scheduler import cosine_schedule
+
+    def build(encoder: ViTEncoder, steps_per_epoch: int):
+        head = DINOProjectionHead(encoder.embed_dim, 512, 64, 2048, freeze_last_layer=1)
+        teacher, teacher_head = copy.deepcopy(encoder), DINOProjectionHead(encoder.embed_dim, 512, 64, 2048)
+        deactivate_requires_grad(teacher)
+        deactivate_requires_grad(teacher_head)
+        criterion = DINOLoss(output_dim=2048, warmup_teacher_temp_epochs=5)
+        optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=1e-3)
+        epochs = math.ceil(max(budgets) / steps_per_epoch)
+
+        def train_step(views: list[torch.Tensor], step: int) -> None:
+            epoch = step // steps_per_epoch
+            momentum = cosine_schedule(epoch, epochs, 0.996, 1)
+            update_momentum(encoder, teacher, m=momentum)
+            update_momentum(head, teacher_head, m=momentum)
+            teacher_out = [teacher_head(teacher(v).cls) for v in views[:2]]
+            student_out = [head(encoder(v).cls) for v in views]
+            loss = criterion(teacher_out, student_out, epoch=epoch)
+            loss.backward()
+            head.cancel_last_layer_gradients(current_epoch=epoch)
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return train_step
+
+    views = recipe("dino")["data"]["view"]["init_args"]
+    transform = DINOTransform(
+        global_crop_size=views["global_size"], local_crop_size=views["local_size"], n_local_views=views["num_local"]
+    )
+    return lightly_curve("dino", data, budgets, seed, transform, build)
+
+
+def lightly_simclr_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
+    """lightly's examples/pytorch/simclr.py: SimCLRProjectionHead(dim, 512, 128), NTXentLoss
+    (temperature 0.5), SGD lr 0.06, SimCLRTransform at 32 px without blur."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+
+    def build(encoder: ViTEncoder, steps_per_epoch: int):
+        head = SimCLRProjectionHead(encoder.embed_dim, 512, 128)
+        criterion = NTXentLoss()
+        optimizer = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.06)
+
+        def train_step(views: list[torch.Tensor], step: int) -> None:
+            z0, z1 = (head(encoder(v).cls) for v in views)
+            loss = criterion(z0, z1)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return train_step
+
+    size = recipe("simclr")["model"]["init_args"]["encoder"]["img_size"]
+    return lightly_curve("simclr", data, budgets, seed, SimCLRTransform(input_size=size, gaussian_blur=0.0), build)
+
+
+LIGHTLY = {
+    "mae": lightly_mae_curve,
+    "simmim": lightly_simmim_curve,
+    "dino": lightly_dino_curve,
+    "simclr": lightly_simclr_curve,
+}
 
 
 def draw_curves(rows: list[dict], path: Path) -> None:
@@ -192,16 +326,24 @@ def main() -> None:
     for name, path in datasets.items():
         write_embedded_shards(path, dataset=name)
     datasets.update({name: Path(d) for name, d in (spec.split("=", 1) for spec in args.data)})
-    rows = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, commit = [], git_commit()
     for objective in args.objectives:
         for name, data in datasets.items():
             curves = {"ssl-vit": ssl_vit_curve(objective, data, args.budgets, args.seed, work)}
             if objective in LIGHTLY and not args.no_lightly:
                 curves["lightly"] = LIGHTLY[objective](data, args.budgets, args.seed)
             for library, curve in curves.items():
-                rows += [{"objective": objective, "library": library, "dataset": name, **r} for r in curve]
+                rows += [
+                    {"objective": objective, "library": library, "dataset": name, **r, "commit": commit} for r in curve
+                ]
                 print(objective, name, library, curve, file=sys.stderr)
-    out = write_result("quality", "cuda" if torch.cuda.is_available() else "cpu", rows, seed=args.seed)
+    out = ROOT / "benchmarks" / "results" / f"quality_{device}.json"
+    if out.exists():  # keep the curves this invocation did not run
+        key = itemgetter("objective", "library", "dataset")
+        ran = {key(r) for r in rows}
+        rows = [r for r in json.loads(out.read_text())["rows"] if key(r) not in ran] + rows
+    out = write_result("quality", device, rows, seed=args.seed)
     draw_curves(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

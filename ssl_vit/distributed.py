@@ -44,12 +44,26 @@ def gather_no_grad(x: Tensor) -> Tensor:
 @torch.no_grad()
 def mean_over_ranks(x: Tensor) -> Tensor:
     """The mean of ``x`` across ranks (DINO's centre: batch means of equal-sized batches)."""
-    _, size = world()
-    if size == 1:
+    return sum_over_ranks(x) / world()[1]
+
+
+@torch.no_grad()
+def sum_over_ranks(x: Tensor) -> Tensor:
+    """The sum of ``x`` across ranks (Sinkhorn-Knopp's global-batch normalisers)."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
+
+
+@torch.no_grad()
+def max_over_ranks(x: Tensor) -> Tensor:
+    return _all_reduce(x, dist.ReduceOp.MAX)
+
+
+def _all_reduce(x: Tensor, op: Any) -> Tensor:
+    if world()[1] == 1:
         return x
     x = x.clone()
-    dist.all_reduce(x)
-    return x / size
+    dist.all_reduce(x, op=op)
+    return x
 
 
 class BlockFSDPStrategy(FSDPStrategy):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_vit.distributed import gather_no_grad, gather_with_grad, world
+from ssl_vit.distributed import gather_no_grad, gather_with_grad, max_over_ranks, sum_over_ranks, world
 
 
 def normalized_patch_targets(patches: Tensor, eps: float = 1e-6) -> Tensor:
@@ -38,22 +38,36 @@ def dino_teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float)
     return F.softmax((teacher_out - center) / teacher_temp, dim=-1)
 
 
-def dino_loss(
-    student_out: Tensor,
-    teacher_out: Tensor,
-    center: Tensor,
-    num_crops: int,
-    student_temp: float = 0.1,
-    teacher_temp: float = 0.04,
-) -> Tensor:
-    """DINO's cross-entropy between the centred, sharpened teacher softmax of each global crop and
-    the student log-softmax of every other crop, averaged over those (teacher, student) pairs.
+@torch.no_grad()
+def sinkhorn_knopp_teacher_probs(teacher_out: Tensor, teacher_temp: float, iterations: int = 3) -> Tensor:
+    """DINOv2's (and SwAV's) teacher targets: exp(teacher_out / temperature) over the global batch,
+    alternately rescaled so that every one of the K prototypes gets an equal share of the batch
+    and every sample a total of 1. Where DINO's centre subtracts a running mean of past batches'
+    logits, this balances each batch's own probabilities, whatever the teacher's drift.
+
+    teacher_out: (B, K), this rank's samples; the sums run over every rank's.
+    """
+    logits = teacher_out.float() / teacher_temp
+    # exp of the logits less their global maximum: the same assignment, without overflow
+    q = torch.exp(logits - max_over_ranks(logits.max())).t()  # (K, B)
+    k, total = q.shape[0], q.shape[1] * world()[1]
+    q /= sum_over_ranks(q.sum())
+    for _ in range(iterations):
+        q /= sum_over_ranks(q.sum(dim=1, keepdim=True)) * k  # each prototype: 1/K of the mass
+        q /= q.sum(dim=0, keepdim=True) * total  # each sample: 1/B
+    return (q * total).t()
+
+
+def dino_loss(student_out: Tensor, teacher_probs: Tensor, num_crops: int, student_temp: float = 0.1) -> Tensor:
+    """DINO's cross-entropy between the teacher's target distribution for each global crop and the
+    student log-softmax of every other crop, averaged over those (teacher, student) pairs.
 
     student_out: (num_crops * B, K), crops stacked in order (2 global first);
-    teacher_out: (2 * B, K) for the 2 global crops; center: (1, K).
+    teacher_probs: (2 * B, K) targets for the 2 global crops (:func:`dino_teacher_probs` or
+    :func:`sinkhorn_knopp_teacher_probs`).
     """
     student = (student_out / student_temp).chunk(num_crops)
-    teacher = dino_teacher_probs(teacher_out, center, teacher_temp).detach().chunk(2)
+    teacher = teacher_probs.detach().chunk(2)
     total, pairs = 0.0, 0
     for t_idx, t in enumerate(teacher):
         for s_idx, s in enumerate(student):

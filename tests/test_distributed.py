@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ssl_vit.distributed import mean_over_ranks
-from ssl_vit.losses import info_nce, nt_xent
+from ssl_vit.losses import info_nce, nt_xent, sinkhorn_knopp_teacher_probs
 
 WORLD = 2
 
@@ -26,6 +26,7 @@ def _rank_main(rank, init_file, inputs, out_dir):
     local = {name: t[rank * n : (rank + 1) * n] for name, t in inputs.items()}
     result = _losses_and_grads(local["z1"], local["z2"], local["q"], local["k"])
     result["center"] = mean_over_ranks(local["t"].mean(0, keepdim=True))
+    result["sinkhorn"] = sinkhorn_knopp_teacher_probs(local["t"], 0.1)
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -42,3 +43,6 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
         torch.testing.assert_close(torch.cat([r[name] for r in ranks]) / WORLD, full[name])
     for r in ranks:  # DINO's centre: the mean teacher output over the global batch, on every rank
         torch.testing.assert_close(r["center"], inputs["t"].mean(0, keepdim=True))
+    # Sinkhorn-Knopp balances the prototypes over the global batch: each rank's rows are the whole batch's
+    sinkhorn = torch.cat([r["sinkhorn"] for r in ranks])
+    torch.testing.assert_close(sinkhorn, sinkhorn_knopp_teacher_probs(inputs["t"], 0.1))

@@ -12,9 +12,17 @@ import torch.nn.functional as F
 from ssl_vit.data import MultiCropViews, TwoViews
 from ssl_vit.ema import ema_update
 from ssl_vit.encoder import ViTEncoder
+from ssl_vit.errors import UserError
 from ssl_vit.guards import CollapseWatch
 from ssl_vit.heads import DINOHead
-from ssl_vit.losses import dino_loss, info_nce, masked_pixel_l1, nt_xent
+from ssl_vit.losses import (
+    dino_loss,
+    dino_teacher_probs,
+    info_nce,
+    masked_pixel_l1,
+    nt_xent,
+    sinkhorn_knopp_teacher_probs,
+)
 from ssl_vit.masking import block_patch_mask
 from ssl_vit.methods import DINO, MoCoV3, SimCLR, SimMIM
 from ssl_vit.methods.dino import embed_crops
@@ -81,8 +89,44 @@ def reference_dino_loss(student, teacher, center, n_crops, t_s, t_t):
 def test_dino_loss_skips_same_view_pairs_and_averages_over_pairs():
     b, k, n_crops = 4, 32, 6
     student, teacher, center = torch.randn(n_crops * b, k), torch.randn(2 * b, k), torch.randn(1, k) * 0.1
-    got = dino_loss(student, teacher, center, n_crops, 0.1, 0.04)
+    got = dino_loss(student, dino_teacher_probs(teacher, center, 0.04), n_crops, 0.1)
     torch.testing.assert_close(got, reference_dino_loss(student, teacher, center, n_crops, 0.1, 0.04))
+
+
+def reference_sinkhorn_knopp(scores, eps, iterations):
+    """SwAV's Algorithm 1 (Caron et al., 2020), on exp(scores / eps) of the whole batch (B, K):
+    Q (K x B) scaled to total 1, then alternately rows to sum 1/K and columns 1/B; returned as
+    (B, K) assignments whose rows sum to 1."""
+    q = np.exp(scores.double().numpy() / eps).T
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iterations):
+        q /= q.sum(axis=1, keepdims=True) * k
+        q /= q.sum(axis=0, keepdims=True) * b
+    return torch.from_numpy(q.T * b)
+
+
+def test_sinkhorn_knopp_targets_follow_swav_and_share_prototypes_equally():
+    scores = torch.randn(64, 16).clamp(-1, 1)  # cosine logits, as DINO's normalised last layer gives
+    got = sinkhorn_knopp_teacher_probs(scores, 0.05, iterations=3)
+    torch.testing.assert_close(got.double(), reference_sinkhorn_knopp(scores, 0.05, 3), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(64))  # one distribution per sample
+    # many iterations reach equipartition: every prototype gets B / K of the batch
+    share = sinkhorn_knopp_teacher_probs(scores, 0.05, iterations=200).sum(dim=0)
+    torch.testing.assert_close(share, torch.full((16,), 4.0), rtol=1e-3, atol=1e-3)
+
+
+def test_dino_with_sinkhorn_knopp_trains_and_leaves_the_centre():
+    model = tiny_dino(centering="sinkhorn_knopp")
+    model.log = model.log_dict = lambda *args, **kwargs: None
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    model.teacher_temperature = lambda: 0.04
+    loss = model.training_step((crops, torch.zeros(4)), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and model.encoder.vit.blocks[0].attn.qkv.weight.grad is not None
+    assert not model._teacher_means and torch.count_nonzero(model.center) == 0
+    with pytest.raises(UserError, match="centering"):
+        tiny_dino(centering="median")
 
 
 def test_dino_teacher_temperature_and_momentum_schedules():
@@ -113,7 +157,7 @@ def test_dino_centre_update_and_teacher_has_no_gradient():
     with torch.no_grad():
         t = embed_crops(model.teacher_encoder, model.teacher_head, crops[:2])
     s = embed_crops(model.encoder, model.head, crops)
-    dino_loss(s, t, model.center, 4).backward()
+    dino_loss(s, dino_teacher_probs(t, model.center, 0.04), 4).backward()
     assert all(p.grad is None for p in model.teacher_encoder.parameters())
     assert model.encoder.vit.blocks[0].attn.qkv.weight.grad is not None
 
@@ -213,16 +257,16 @@ def test_a_uniform_teacher_is_a_collapse_even_with_spread_embeddings():
     logits = torch.randn(32, 1024)  # well spread once L2-normalised, whatever their scale
     sharp = torch.softmax(logits / 0.04, dim=-1)
     flat = torch.softmax(1e-3 * logits / 0.04, dim=-1)  # shrunken logits: near-uniform teacher
-    model.watch_collapse(logits, lambda: sharp)
+    model.watch_collapse(logits, sharp)
     assert model.collapse_watch.since is None
     with pytest.warns(UserWarning, match="teacher's outputs are nearly uniform"):
-        model.watch_collapse(1e-3 * logits, lambda: flat)
+        model.watch_collapse(1e-3 * logits, flat)
     # the bound is entropy ln K - ln 2: each image's mass spread evenly over half of the outputs
     for used, collapsed in ((400, False), (600, True)):
         probs = torch.zeros(32, 1024)
         probs[:, :used] = 1 / used
         model.collapse_watch = CollapseWatch()
-        model.watch_collapse(logits, lambda probs=probs: probs)
+        model.watch_collapse(logits, probs)
         assert (model.collapse_watch.since is not None) == collapsed
 
 

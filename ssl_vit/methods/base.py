@@ -6,7 +6,6 @@ and logging."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning as L
@@ -251,19 +250,19 @@ class SSLMethod(L.LightningModule):
         Every objective shows its evaluated encoder's last-block attention (DINO's maps)."""
         return {"attention": attention_columns(self.evaluated_encoder, images)}
 
-    def watch_collapse(self, embeddings: Tensor, teacher_probs: Callable[[], Tensor] | None = None) -> None:
+    def watch_collapse(self, embeddings: Tensor, teacher_probs: Tensor | None = None) -> None:
         """Log the per-dimension std of L2-normalised embeddings, scaled by sqrt(dim) (about 1
         for well-spread embeddings, 0 when all are identical), and warn while the run is
         collapsed: at the onset and again every tenth of the run, with the steps spent collapsed
         so far (the end-of-run summary has the total). Checked on logging steps only: it waits for
         the device.
 
-        A teacher-student objective also passes its teacher's output distributions (a function
-        giving them, (B, K), called on checking steps only): their mean entropy is logged as a
-        fraction of ln K, and a teacher that spreads each image over more than half of the K
-        outputs (entropy above ln K - ln 2) is collapsed to uniform, whatever the spread says: the
-        spread is scale-free, and a teacher whose outputs shrink towards equal logits keeps its
-        spread while its softmax goes flat."""
+        A teacher-student objective also passes its teacher's target distributions, (B, K): their
+        mean entropy is logged as a fraction of ln K, with the fraction of the K outputs that are
+        some image's most likely one (``train/prototypes_used``), and a teacher that spreads each
+        image over more than half of the K outputs (entropy above ln K - ln 2) is collapsed to
+        uniform, whatever the spread says: the spread is scale-free, and a teacher whose outputs
+        shrink towards equal logits keeps its spread while its softmax goes flat."""
         trainer = self._trainer
         every = max(1, trainer.log_every_n_steps) if trainer is not None else 1
         if self.global_step % every:
@@ -273,10 +272,11 @@ class SSLMethod(L.LightningModule):
         self.log("train/embedding_spread", spread)
         uniform = False
         if teacher_probs is not None:
-            p = teacher_probs().detach().float()
+            p = teacher_probs.detach().float()
             entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1).mean().item()
             ln_k = math.log(p.shape[1])
             self.log("train/teacher_entropy", entropy / ln_k)
+            self.log("train/prototypes_used", p.argmax(dim=1).unique().numel() / p.shape[1])
             uniform = entropy > ln_k - math.log(2)
         watch = self.collapse_watch
         total = int(trainer.estimated_stepping_batches) if trainer is not None else 1

@@ -7,7 +7,7 @@ distribution across crops: the teacher sees the 2 global crops, the student ever
 from __future__ import annotations
 
 from itertools import groupby
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from ssl_vit.distributed import mean_over_ranks
 from ssl_vit.ema import frozen_copy
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
+from ssl_vit.errors import UserError
 from ssl_vit.heads import DINOHead
-from ssl_vit.losses import dino_loss, dino_teacher_probs
+from ssl_vit.losses import dino_loss, dino_teacher_probs, sinkhorn_knopp_teacher_probs
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.schedules import PaperRun, cosine_to, linear_warmup_then_constant
 
@@ -34,6 +35,8 @@ class DINO(SSLMethod):
     0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine), AdamW with lr
     5e-4 x batch / 256 (10 warm-up epochs, cosine to 1e-6) and weight decay 0.04 -> 0.4 (cosine),
     per-parameter gradient clipping at 3.0, local crops' position embeddings resampled as DINO does.
+    ``centering: sinkhorn_knopp`` replaces the centre by DINOv2's Sinkhorn-Knopp targets (the
+    quickstart's choice: on small data DINO's centre lets the teacher go uniform).
     With ``scale_to_run`` the warm-ups shrink with a run shorter than
     100 epochs, and the teacher momentum follows the EMA scaling rule from batch 1024 on ImageNet."""
 
@@ -58,6 +61,7 @@ class DINO(SSLMethod):
         teacher_temp: float = 0.07,
         warmup_teacher_temp_epochs: int = 30,
         center_momentum: float = 0.9,
+        centering: Literal["mean", "sinkhorn_knopp"] = "mean",
         teacher_momentum: float = 0.996,
         clip_grad: float = 3.0,
         base_lr: float = 5e-4,
@@ -92,6 +96,8 @@ class DINO(SSLMethod):
         self.teacher_encoder = ViTEncoder(**{**self.hparams.encoder, "drop_path_rate": 0.0}).requires_grad_(False)
         self.teacher_encoder.load_state_dict(self.encoder.state_dict())
         self.teacher_head = frozen_copy(self.head)
+        if centering not in ("mean", "sinkhorn_knopp"):
+            raise UserError(f"model.centering must be mean (DINO) or sinkhorn_knopp (DINOv2), got {centering!r}")
         self.register_buffer("center", torch.zeros(1, out_dim))
         self._teacher_means: list[Tensor] = []  # this optimiser step's, one per micro-batch
 
@@ -106,9 +112,13 @@ class DINO(SSLMethod):
             teacher_out = embed_crops(self.teacher_encoder, self.teacher_head, crops[:2])
         student_out = embed_crops(self.encoder, self.head, crops)
         temp = self.teacher_temperature()
-        loss = dino_loss(student_out, teacher_out, self.center, len(crops), self.hparams.student_temp, temp)
-        self._teacher_means.append(teacher_out.mean(dim=0, keepdim=True))
-        self.watch_collapse(teacher_out, teacher_probs=lambda: dino_teacher_probs(teacher_out, self.center, temp))
+        if self.hparams.centering == "sinkhorn_knopp":
+            targets = sinkhorn_knopp_teacher_probs(teacher_out, temp)
+        else:
+            targets = dino_teacher_probs(teacher_out, self.center, temp)
+            self._teacher_means.append(teacher_out.mean(dim=0, keepdim=True))
+        loss = dino_loss(student_out, targets, len(crops), self.hparams.student_temp)
+        self.watch_collapse(teacher_out, teacher_probs=targets)
         self.log_dict({"train/loss": loss, "train/teacher_temp": temp}, prog_bar=True)
         return loss
 
