@@ -21,8 +21,12 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def write_result(benchmark: str, device: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
-    """Write ``benchmarks/results/<benchmark>_<device>.json`` and return its path."""
+def write_result(
+    benchmark: str, device: str, rows: list[dict[str, Any]], keep: tuple[str, ...] = (), **extra: Any
+) -> Path:
+    """Write ``benchmarks/results/<benchmark>_<device>.json`` and return its path. With ``keep``
+    (row fields), the file's earlier rows whose values of those fields this run did not produce
+    stay: a benchmark run in parts (one objective or dataset at a time) adds up to one file."""
     import timm
     import torchvision
 
@@ -41,6 +45,9 @@ def write_result(benchmark: str, device: str, rows: list[dict[str, Any]], **extr
         "rows": rows,
     }
     out = ROOT / "benchmarks" / "results" / f"{benchmark}_{device}.json"
+    if keep and out.exists():
+        ran = {tuple(r[k] for k in keep) for r in rows}
+        rows = [r for r in json.loads(out.read_text())["rows"] if tuple(r[k] for k in keep) not in ran] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -14,7 +14,7 @@ The same-init pairing runs on the first seed only: it either holds at every step
     python benchmarks/mae_swap.py                                 # both embedded datasets, seeds 0 1 2
     python benchmarks/mae_swap.py --datasets glyphs --seeds 0 --steps 50
 
-Writes benchmarks/results/mae_swap_<device>.json.
+Writes benchmarks/results/mae_swap_cpu.json (rows of datasets this invocation did not run are kept).
 """
 
 from __future__ import annotations
@@ -222,7 +222,9 @@ def main() -> None:
                 for r in train(variant, data, images, seed, args):
                     rows.append({"dataset": name, **r})
                     print({k: v for k, v in rows[-1].items() if k != "losses"}, file=sys.stderr, flush=True)
-    out = write_result("mae_swap", "cpu", rows, lr=args.lr, decoder=args.decoder, batch_size=args.batch_size)
+    out = write_result(
+        "mae_swap", "cpu", rows, keep=("dataset",), lr=args.lr, decoder=args.decoder, batch_size=args.batch_size
+    )
     print(f"wrote {out}")
 
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 import math
 import subprocess
 import sys
 import tempfile
-from operator import itemgetter
 from pathlib import Path
 
 import lightning as L
@@ -338,12 +336,7 @@ def main() -> None:
                     {"objective": objective, "library": library, "dataset": name, **r, "commit": commit} for r in curve
                 ]
                 print(objective, name, library, curve, file=sys.stderr)
-    out = ROOT / "benchmarks" / "results" / f"quality_{device}.json"
-    if out.exists():  # keep the curves this invocation did not run
-        key = itemgetter("objective", "library", "dataset")
-        ran = {key(r) for r in rows}
-        rows = [r for r in json.loads(out.read_text())["rows"] if key(r) not in ran] + rows
-    out = write_result("quality", device, rows, seed=args.seed)
+    out = write_result("quality", device, rows, keep=("objective", "library", "dataset"), seed=args.seed)
     draw_curves(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

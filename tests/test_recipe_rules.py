@@ -101,7 +101,6 @@ def test_imagenet_recipes_resolve_to_the_papers(recipe, warmup, momentum):
 def test_quickstart_recipes_resolve_to_their_documented_values():
     dino = recipe_method(RECIPES / "quickstart/dino.yaml")  # 8 epochs x 39 steps
     assert dino.run_epochs(dino.warmup_epochs) == pytest.approx(0.8)
-    assert round(dino.run_epochs(dino.hparams.warmup_teacher_temp_epochs)) == 2
     assert dino.run_momentum(dino.hparams.teacher_momentum) == pytest.approx(0.9)
     moco = recipe_method(RECIPES / "quickstart/mocov3.yaml")
     assert moco.run_momentum(moco.hparams.momentum) == pytest.approx(0.99 ** ((IMAGENET // 4096) / 39))
