@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import json
 import math
 import subprocess
 import sys
@@ -284,7 +285,8 @@ LIGHTLY = {
 
 
 def draw_curves(rows: list[dict], path: Path) -> None:
-    """One panel per (objective, dataset): k-NN (CLS) against steps, ssl-vit in blue, lightly in red."""
+    """One panel per (objective, dataset): k-NN (CLS) against steps, ssl-vit in blue, lightly in
+    red, the accuracy axis spanning the panel's own range (printed on it)."""
     panels = sorted({(r["objective"], r["dataset"]) for r in rows})
     w, h, pad = 260, 200, 36
     img = Image.new("RGB", (w * len(panels), h), "white")
@@ -294,18 +296,26 @@ def draw_curves(rows: list[dict], path: Path) -> None:
         x0 = i * w
         mine = [r for r in rows if (r["objective"], r["dataset"]) == (objective, dataset)]
         top_steps = max(r["steps"] for r in mine) or 1
+        lo, hi = min(r["knn_cls"] for r in mine) - 1, max(r["knn_cls"] for r in mine) + 1
         draw.text((x0 + pad, 4), f"{objective} / {dataset}: k-NN CLS %", fill="black")
+        draw.text((x0 + pad, 16), "ssl-vit", fill=colours["ssl-vit"])
+        draw.text((x0 + pad + 50, 16), "lightly", fill=colours["lightly"])
         draw.rectangle([x0 + pad, pad, x0 + w - 8, h - pad], outline="grey")
         for lib, colour in colours.items():
+            curve = sorted((r for r in mine if r["library"] == lib), key=lambda r: r["steps"])
             pts = [
-                (x0 + pad + (w - 8 - pad) * r["steps"] / top_steps, h - pad - (h - 2 * pad) * r["knn_cls"] / 100)
-                for r in sorted(mine, key=lambda r: r["steps"])
-                if r["library"] == lib
+                (
+                    x0 + pad + (w - 8 - pad) * r["steps"] / top_steps,
+                    h - pad - (h - 2 * pad) * (r["knn_cls"] - lo) / (hi - lo),
+                )
+                for r in curve
             ]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
             for x, y in pts:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour)
+        draw.text((x0 + 2, pad), f"{hi:.0f}", fill="black")
+        draw.text((x0 + 2, h - pad - 10), f"{lo:.0f}", fill="black")
         draw.text((x0 + pad, h - pad + 4), f"0 .. {top_steps} steps", fill="black")
     img.save(path)
 
@@ -318,7 +328,12 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=int, default=[78, 156, 312], help="optimiser steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-lightly", action="store_true")
+    parser.add_argument("--draw", action="store_true", help="only redraw the picture from the JSON")
     args = parser.parse_args()
+    if args.draw:
+        out = ROOT / "benchmarks" / "results" / f"quality_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+        draw_curves(json.loads(out.read_text())["rows"], out.with_suffix(".png"))
+        return
     work = Path(tempfile.mkdtemp(prefix="ssl-vit-quality-"))
     datasets = {name: work / name for name in args.datasets}
     for name, path in datasets.items():
