@@ -110,7 +110,9 @@ def initial_encoder(cfg: dict, seed: int) -> ViTEncoder:
 
 def lightly_curve(objective: str, data: Path, budgets: list[int], seed: int, transform, build) -> list[dict]:
     """A lightly example's training loop on the objective's quickstart encoder, batch and data:
-    ``build(encoder, steps_per_epoch)`` returns the example's ``train_step(views, step)``; the
+    ``build(encoder, steps_per_epoch)`` returns the example's optimiser and ``loss(views, step)``;
+    the loop steps the optimiser on each loss (after ``head.cancel_last_layer_gradients`` where the
+    example has a DINO head, ``freeze_head``); the
     encoder is evaluated at step 0 and at every budget."""
     cfg = recipe(objective)
     batch_size = cfg["data"]["batch_size"]
@@ -118,7 +120,7 @@ def lightly_curve(objective: str, data: Path, budgets: list[int], seed: int, tra
     encoder = ViTEncoder(**cfg["model"]["init_args"]["encoder"])
     urls, index = resolve_shards(str(data / "train"))
     steps_per_epoch = index.num_samples // batch_size if index else 39
-    train_step = build(encoder, steps_per_epoch)
+    optimizer, loss_of, freeze_head = build(encoder, steps_per_epoch)
     dataset = ShardDataset(urls, transform, shuffle_buffer=1000, seed=seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1, drop_last=True)
     pooling = probe_pooling(cfg)
@@ -126,7 +128,11 @@ def lightly_curve(objective: str, data: Path, budgets: list[int], seed: int, tra
     step = 0
     while step < max(budgets):
         for views, _ in loader:
-            train_step(views, step)
+            loss_of(views, step).backward()
+            if freeze_head is not None:
+                freeze_head.cancel_last_layer_gradients(current_epoch=step // steps_per_epoch)
+            optimizer.step()
+            optimizer.zero_grad()
             step += 1
             if step in budgets:
                 rows.append({"steps": step, **evaluate(encoder, data, pooling)})
@@ -158,19 +164,16 @@ def lightly_mae_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
         optimizer = torch.optim.AdamW(modules.parameters(), lr=1.5e-4)
         seq_len = backbone.sequence_length
 
-        def train_step(views: list[torch.Tensor], step: int) -> None:
+        def loss(views: list[torch.Tensor], step: int) -> torch.Tensor:
             images = views[0]
             idx_keep, idx_mask = utils.random_token_mask(size=(images.shape[0], seq_len), mask_ratio=0.75)
             x = decoder_embed(backbone.encode(images=images, idx_keep=idx_keep))
             x_masked = utils.set_at_index(x.new_zeros(images.shape[0], seq_len, x.shape[-1]), idx_keep, x)
             pred = prediction_head(utils.get_at_index(decoder(x_masked, idx_mask=idx_mask), idx_mask))
             target = utils.get_at_index(utils.patchify(images, patch), idx_mask - 1)
-            loss = torch.nn.functional.mse_loss(pred, target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            return torch.nn.functional.mse_loss(pred, target)
 
-        return train_step
+        return optimizer, loss, None
 
     size = recipe("mae")["model"]["init_args"]["encoder"]["img_size"]
     return lightly_curve("mae", data, budgets, seed, MAETransform(input_size=size), build)
@@ -193,17 +196,14 @@ def lightly_simmim_curve(data: Path, budgets: list[int], seed: int) -> list[dict
         optimizer = torch.optim.AdamW([*backbone.parameters(), *decoder.parameters()], lr=1.5e-4)
         seq_len = backbone.sequence_length
 
-        def train_step(views: list[torch.Tensor], step: int) -> None:
+        def loss(views: list[torch.Tensor], step: int) -> torch.Tensor:
             images = views[0]
             _, idx_mask = utils.random_token_mask(size=(images.shape[0], seq_len), mask_ratio=0.75)
             pred = decoder(utils.get_at_index(backbone.encode(images=images, idx_mask=idx_mask), idx_mask))
             target = utils.get_at_index(utils.patchify(images, patch), idx_mask - 1)
-            loss = torch.nn.functional.l1_loss(pred, target)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            return torch.nn.functional.l1_loss(pred, target)
 
-        return train_step
+        return optimizer, loss, None
 
     size = recipe("simmim")["model"]["init_args"]["encoder"]["img_size"]
     return lightly_curve("simmim", data, budgets, seed, MAETransform(input_size=size), build)
@@ -229,20 +229,16 @@ def lightly_dino_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
         optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=1e-3)
         epochs = math.ceil(max(budgets) / steps_per_epoch)
 
-        def train_step(views: list[torch.Tensor], step: int) -> None:
+        def loss(views: list[torch.Tensor], step: int) -> torch.Tensor:
             epoch = step // steps_per_epoch
             momentum = cosine_schedule(epoch, epochs, 0.996, 1)
             update_momentum(encoder, teacher, m=momentum)
             update_momentum(head, teacher_head, m=momentum)
             teacher_out = [teacher_head(teacher(v).cls) for v in views[:2]]
             student_out = [head(encoder(v).cls) for v in views]
-            loss = criterion(teacher_out, student_out, epoch=epoch)
-            loss.backward()
-            head.cancel_last_layer_gradients(current_epoch=epoch)
-            optimizer.step()
-            optimizer.zero_grad()
+            return criterion(teacher_out, student_out, epoch=epoch)
 
-        return train_step
+        return optimizer, loss, head
 
     views = recipe("dino")["data"]["view"]["init_args"]
     transform = DINOTransform(
@@ -263,14 +259,11 @@ def lightly_simclr_curve(data: Path, budgets: list[int], seed: int) -> list[dict
         criterion = NTXentLoss()
         optimizer = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.06)
 
-        def train_step(views: list[torch.Tensor], step: int) -> None:
+        def loss(views: list[torch.Tensor], step: int) -> torch.Tensor:
             z0, z1 = (head(encoder(v).cls) for v in views)
-            loss = criterion(z0, z1)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            return criterion(z0, z1)
 
-        return train_step
+        return optimizer, loss, None
 
     size = recipe("simclr")["model"]["init_args"]["encoder"]["img_size"]
     return lightly_curve("simclr", data, budgets, seed, SimCLRTransform(input_size=size, gaussian_blur=0.0), build)
