@@ -30,6 +30,10 @@ def write_result(
     import timm
     import torchvision
 
+    out = ROOT / "benchmarks" / "results" / f"{benchmark}_{device}.json"
+    if keep and out.exists():
+        ran = {tuple(r[k] for k in keep) for r in rows}
+        rows = [r for r in json.loads(out.read_text())["rows"] if tuple(r[k] for k in keep) not in ran] + rows
     record = {
         "benchmark": benchmark,
         "device": device_name(device),
@@ -44,10 +48,6 @@ def write_result(
         **extra,
         "rows": rows,
     }
-    out = ROOT / "benchmarks" / "results" / f"{benchmark}_{device}.json"
-    if keep and out.exists():
-        ran = {tuple(r[k] for k in keep) for r in rows}
-        rows = [r for r in json.loads(out.read_text())["rows"] if tuple(r[k] for k in keep) not in ran] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     return out
