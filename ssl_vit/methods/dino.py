@@ -36,7 +36,8 @@ class DINO(SSLMethod):
     5e-4 x batch / 256 (10 warm-up epochs, cosine to 1e-6) and weight decay 0.04 -> 0.4 (cosine),
     per-parameter gradient clipping at 3.0, local crops' position embeddings resampled as DINO does.
     ``centering: sinkhorn_knopp`` replaces the centre by DINOv2's Sinkhorn-Knopp targets (the
-    quickstart's choice: on small data DINO's centre lets the teacher go uniform).
+    quickstart uses them with the official code's constant teacher temperature 0.04; on small
+    data the README's 0.07 made the teacher uniform with either centring).
     With ``scale_to_run`` the warm-ups shrink with a run shorter than
     100 epochs, and the teacher momentum follows the EMA scaling rule from batch 1024 on ImageNet."""
 
