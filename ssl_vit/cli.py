@@ -2,10 +2,11 @@
 
     ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_epochs 5 ...] [--ckpt_path last]
     ssl-vit knn CHECKPOINT --train_shards TRAIN --val_shards VAL [--pooling cls|mean|cls+mean ...]
-    ssl-vit probe CHECKPOINT --train_shards TRAIN --val_shards VAL [--probe_epochs 90 ...]
+    ssl-vit probe CHECKPOINT --train_shards TRAIN --val_shards VAL [--head linear|attentive|linear+attentive ...]
+    ssl-vit segprobe CHECKPOINT --train_shards TRAIN --val_shards VAL [--seg_epochs 20 ...]
     ssl-vit export CHECKPOINT OUT [--format timm|state_dict] [--role teacher|student] [--overwrite]
     ssl-vit shards embedded OUT_DIR
-    ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N]
+    ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N] [--masks MASK_DIR]
     ssl-vit recipes
 
 ``pretrain`` is Lightning's CLI (``fit``): every field of a recipe can be overridden on the command
@@ -46,6 +47,7 @@ from ssl_vit.eval import Evaluator
 from ssl_vit.eval.report import print_results, write_records
 from ssl_vit.export import export_encoder
 from ssl_vit.guards import NonFiniteGuard
+from ssl_vit.health import HealthCallback
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.pictures import PicturesCallback
 from ssl_vit.progress import ImagesPerSecondBar, print_run_summary, run_summary
@@ -53,7 +55,8 @@ from ssl_vit.progress import ImagesPerSecondBar, print_run_summary, run_summary
 COMMANDS = {
     "pretrain": "pretrain an encoder from a YAML recipe (Lightning CLI: --config, overrides, --ckpt_path)",
     "knn": "k-NN accuracy of a checkpoint's frozen encoder on labelled shards (DINO's protocol)",
-    "probe": "linear-probe accuracy of a checkpoint's frozen encoder on labelled shards (MAE's protocol)",
+    "probe": "linear (MAE's protocol) or attentive (V-JEPA's) probe accuracy of a checkpoint's frozen encoder",
+    "segprobe": "dense linear-probe mIoU of a checkpoint's frozen patch tokens on shards with label maps (DINOv2's)",
     "export": "write a checkpoint's encoder as a timm model folder (config.json + model.safetensors)",
     "shards": "write WebDataset tar shards from an ImageFolder tree or the embedded dataset",
     "recipes": "list the shipped recipes, one line each",
@@ -69,6 +72,7 @@ class PretrainCLI(LightningCLI):
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(PicturesCallback, "pictures")
+        parser.add_lightning_class_args(HealthCallback, "health")
         parser.add_lightning_class_args(ImagesPerSecondBar, "progress_bar")
         parser.add_argument(
             "--export",
@@ -194,7 +198,7 @@ def pretrain(args: list[str]) -> None:
 
 
 def evaluate(command: str, args: list[str]) -> None:
-    """``ssl-vit knn`` / ``ssl-vit probe``: print a table and write ``<checkpoint stem>.<command>.json``."""
+    """``ssl-vit knn`` / ``probe`` / ``segprobe``: print a table and write ``<checkpoint stem>.<kind>.json``."""
     parser = jsonargparse.ArgumentParser(prog=f"ssl-vit {command}", description=COMMANDS[command], exit_on_error=False)
     parser.add_argument("checkpoint", help="a .ckpt written by `ssl-vit pretrain`")
     parser.add_class_arguments(Evaluator)
@@ -205,10 +209,11 @@ def evaluate(command: str, args: list[str]) -> None:
     if torch.cuda.is_available():
         encoder = encoder.cuda()
     start = time.perf_counter()
-    train, val = evaluator.features(encoder)
-    results = (
-        {"knn": evaluator.knn(train, val)} if command == "knn" else {"probe": evaluator.probe(encoder, train, val)}
-    )
+    if command == "segprobe":
+        results = {"segmentation": evaluator.segmentation_probe(encoder)}
+    else:
+        train, val = evaluator.features(encoder)
+        results = {"knn": evaluator.knn(train, val)} if command == "knn" else evaluator.probes(encoder, train, val)
     seconds = time.perf_counter() - start
     Console().print(f"{info['method']} encoder of {checkpoint} (step {info['step']})")
     print_results(f"{command} evaluation", results)
@@ -261,6 +266,9 @@ def shards(args: list[str]) -> None:
     folder.add_argument("src_dir")
     folder.add_argument("out_dir")
     folder.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    folder.add_argument(
+        "--masks", default=None, help="a parallel folder of label maps (PNG of class indices) for dense probes"
+    )
     for p in (emb, folder):
         p.add_argument("--samples-per-shard", type=int, default=None)
         p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -275,7 +283,7 @@ def shards(args: list[str]) -> None:
             dataset=opts.dataset,
         )
     else:
-        classes, samples = image_folder_samples(opts.src_dir)
+        classes, samples = image_folder_samples(opts.src_dir, masks=opts.masks)
         index = write_shards(
             samples,
             opts.out_dir,
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, rest = argv[0], argv[1:]
     try:
-        if command in ("knn", "probe"):
+        if command in ("knn", "probe", "segprobe"):
             evaluate(command, rest)
         else:
             {"pretrain": pretrain, "export": export, "shards": shards, "recipes": recipes}[command](rest)

@@ -31,6 +31,7 @@ from ssl_vit.checkpoint import (
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import NON_TIMM_SETTINGS, ViTEncoder
 from ssl_vit.errors import UserError
+from ssl_vit.eval.report import RECORD_KINDS
 
 ExportFormat = Literal["timm", "state_dict"]
 
@@ -119,7 +120,7 @@ def encoder_state_dict(path: str | Path, encoder: ViTEncoder) -> dict[str, torch
 
 def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[str, Any]:
     """Where an export came from: objective, recipe settings, step, data, and the run's k-NN /
-    linear-probe results if they were written next to the checkpoint."""
+    probe results if they were written next to the checkpoint."""
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     record: dict[str, Any] = {
         "objective": objective_name(ckpt),
@@ -130,7 +131,7 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         "data": ckpt.get("datamodule_hyper_parameters", {}),
     }
     checkpoint = Path(checkpoint)
-    for kind in ("knn", "probe"):
+    for kind in RECORD_KINDS:
         results = checkpoint.with_name(f"{checkpoint.stem}.{kind}.json")
         if results.is_file():
             record[kind] = json.loads(results.read_text())["results"]

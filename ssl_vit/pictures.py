@@ -190,6 +190,15 @@ def embedding_picture(features: Tensor, labels: Tensor, title: str, max_points: 
     return scatter_plot(pca_2d(features[::step]), labels[::step], title)
 
 
+def held_images(shards: str, size: int, num_images: int) -> Tensor | None:
+    """The first ``num_images`` images of ``shards`` through the evaluation view: the same images
+    every time, so a measurement over the run changes only because the model does."""
+    urls, _ = resolve_shards(shards)
+    dataset = ShardDataset(urls, EvalView(size), shuffle_shards=False)
+    images = [image for image, _ in itertools.islice(dataset, num_images)]
+    return torch.stack(images) if images else None
+
+
 class PicturesCallback(L.Callback):
     """Every ``every_n_epochs`` epochs and at the end of a run: the objective's pictures of the
     same ``num_images`` images (the first ones of ``shards``; default: the training shards), and
@@ -208,12 +217,8 @@ class PicturesCallback(L.Callback):
         self.losses: list[tuple[int, float]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        shards = self.shards or trainer.datamodule.train_shards
-        urls, _ = resolve_shards(shards)
         size = pl_module.encoder.vit.patch_embed.img_size[0]
-        dataset = ShardDataset(urls, EvalView(size), shuffle_shards=False)
-        images = [image for image, _ in itertools.islice(dataset, self.num_images)]
-        self.images = torch.stack(images) if images else None
+        self.images = held_images(self.shards or trainer.datamodule.train_shards, size, self.num_images)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         if trainer.global_step % trainer.log_every_n_steps == 0 and outputs is not None:

@@ -13,6 +13,9 @@ from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.table import Table
 
+from ssl_vit.eval.report import RECORD_KINDS
+from ssl_vit.health import HealthCallback
+
 
 class ImagesPerSecondBar(RichProgressBar):
     """Lightning's rich bar plus ``img/s``, measured over the last ``window`` training batches
@@ -53,11 +56,13 @@ def run_summary(
     trainer: L.Trainer, model: L.LightningModule, seconds: float, export_dir: Path | None
 ) -> dict[str, Any]:
     """What a finished run produced: its objective, encoder, steps, time, final loss, the end-of-run
-    k-NN / probe top-1 (from the evaluation records beside ``last.ckpt``), how many steps its outputs
-    were collapsed (objectives that watch for it) and where things are."""
+    k-NN / probe / attentive-probe top-1 (from the evaluation records beside ``last.ckpt``), how
+    many steps its outputs were collapsed (objectives that watch for it), the last RankMe of its
+    representation and how many steps that had collapsed (:class:`HealthCallback`), and where
+    things are."""
     ckpt_dir = Path(trainer.checkpoint_callback.dirpath)
     accuracy = {}
-    for kind in ("knn", "probe"):
+    for kind in RECORD_KINDS:
         record = ckpt_dir / f"last.{kind}.json"
         if record.exists():
             results = json.loads(record.read_text())["results"]
@@ -66,6 +71,7 @@ def run_summary(
     loss = trainer.callback_metrics.get("train/loss")
     pictures = Path(trainer.default_root_dir) / "pictures"
     watch = model.collapse_watch
+    health = next((c for c in trainer.callbacks if isinstance(c, HealthCallback)), None)
     return {
         "objective": type(model).__name__,
         "encoder": ", ".join(f"{k}={v}" for k, v in encoder.items()),
@@ -74,7 +80,11 @@ def run_summary(
         "final_loss": None if loss is None else round(float(loss), 4),
         "knn_k20_top1": accuracy.get("knn", {}).get("top1"),
         "probe_top1": accuracy.get("probe", {}).get("top1"),
+        "attentive_top1": accuracy.get("attentive", {}).get("top1"),
+        "seg_miou": accuracy.get("segmentation", {}).get("miou"),
         "collapsed_steps": watch.collapsed_steps if watch.last_check is not None else None,  # watched objectives
+        "rankme_cls": round(health.history["rankme_cls"][-1][1], 2) if health and health.history else None,
+        "representation_collapsed_steps": health.watch.collapsed_steps if health and health.history else None,
         "checkpoint": str(ckpt_dir / "last.ckpt"),
         "export": str(export_dir) if export_dir else None,
         "pictures": str(pictures) if pictures.exists() else None,

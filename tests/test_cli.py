@@ -89,17 +89,21 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     assert resumed["optimizer_states"][0]["state"]  # AdamW moments came along
 
     # The end-of-run evaluation: a table, JSON records, and the random-init baseline kept across the resume.
-    assert "k-NN k=20" in second.stdout and "linear probe" in second.stdout
-    in_run = {kind: json.loads((ckpt_dir / f"last.{kind}.json").read_text()) for kind in ("knn", "probe")}
+    assert "k-NN k=20" in second.stdout and "linear probe" in second.stdout and "attentive probe" in second.stdout
+    assert "dense linear probe" in second.stdout and "mIoU" in second.stdout
+    kinds = ("knn", "probe", "attentive", "segmentation")
+    in_run = {kind: json.loads((ckpt_dir / f"last.{kind}.json").read_text()) for kind in kinds}
     assert in_run["knn"]["step"] == 8 and in_run["knn"]["method"] == "MAE"
     assert set(in_run["knn"]["results"]) == {"k=10", "k=20", "k=100", "k=200"}
     assert "random_init_results" in in_run["probe"]
 
     # The same numbers from the standalone commands on the checkpoint.
-    for kind in ("knn", "probe"):
-        data = ["--train_shards=data/shapes/train", "--val_shards=data/shapes/val"]
-        result = ssl_vit(kind, str(ckpt_dir / "last.ckpt"), *data, cwd=workdir)
+    data = ["--train_shards=data/shapes/train", "--val_shards=data/shapes/val"]
+    protocol = ["--head=linear+attentive", "--segmentation=true"]  # the recipe's
+    for command in ("knn", "probe", "segprobe"):
+        result = ssl_vit(command, str(ckpt_dir / "last.ckpt"), *data, *protocol, cwd=workdir)
         assert result.returncode == 0, result.stderr[-3000:]
+    for kind in kinds:
         standalone = json.loads((ckpt_dir / f"last.{kind}.json").read_text())
         assert standalone["results"] == in_run[kind]["results"]
         assert standalone["protocol"] == in_run[kind]["protocol"]
@@ -108,10 +112,10 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     run = workdir / "runs/quickstart/mae"
     assert {p.name for p in run.iterdir()} >= {"checkpoints", "export", "pictures", "lightning_logs", "summary.json"}
     drawn = {p.name.split("-step=")[0] for p in (run / "pictures").glob("*.png")}
-    assert drawn == {"reconstruction", "attention", "loss", "knn", "embedding_pca"}
+    assert drawn == {"reconstruction", "attention", "loss", "knn", "embedding_pca", "health-rankme", "health-spread"}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["knn_k20_top1"] == in_run["knn"]["results"]["k=20"]["top1"]
-    assert "MAE run" in second.stdout and "knn k20 top1" in second.stdout
+    assert "MAE run" in second.stdout and "knn k20 top1" in second.stdout and summary["rankme_cls"] > 1
     logs = sorted((run / "lightning_logs").glob("version_*"))
     assert (logs[-1] / "config.yaml").exists()
     events = EventAccumulator(str(logs[-1]))
@@ -126,6 +130,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     provenance = json.loads((workdir / "export/mae/config.json").read_text())["ssl_vit"]
     assert provenance["knn"] == in_run["knn"]["results"] and provenance["step"] == 8
+    assert provenance["attentive"] == in_run["attentive"]["results"]
     assert provenance["objective"] == "MAE" and provenance["data"]["train_shards"] == "data/shapes/train"
     again = ssl_vit("export", str(ckpt_dir / "last.ckpt"), "export/mae", cwd=workdir)
     assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -162,14 +162,31 @@ def test_embedded_dataset_is_deterministic_and_balanced(dataset):
     classes = DATASETS[dataset][0]
     first = list(itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 200))
     again = list(itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 200))
-    assert Counter(label for _, label in first) == Counter({c: 200 // len(classes) for c in range(len(classes))})
-    assert all(img.size == (32, 32) and img.mode == "RGB" for img, _ in first)
+    assert Counter(label for *_, label in first) == Counter({c: 200 // len(classes) for c in range(len(classes))})
+    assert all(img.size == (32, 32) and img.mode == "RGB" for img, _, _ in first)
     pairs = zip(first, again, strict=True)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in pairs)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _, _), (b, _, _) in pairs)
     other = next(embedded_samples("val", seed=1, dataset=dataset))[0]
     assert not np.array_equal(np.asarray(first[0][0]), np.asarray(other))
     # images of one class differ from each other (colours, positions, clutter): no duplicates
-    assert len({np.asarray(img).tobytes() for img, _ in first}) == len(first)
+    assert len({np.asarray(img).tobytes() for img, _, _ in first}) == len(first)
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_embedded_label_maps_mark_the_object_with_its_class(dataset):
+    """Each label map is the image's size, holds only 0 (background) and the image's class + 1,
+    and marks some but (for drawn shapes and digits) not all pixels; the object's pixels differ
+    in colour from the background's."""
+    for image, mask, label in itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 100):
+        labels = np.asarray(mask)
+        assert mask.size == image.size and set(np.unique(labels)) <= {0, label + 1}
+        on = labels == label + 1
+        assert on.any()
+        if on.all():  # the shapes' textures fill the image
+            assert dataset == "shapes" and DATASETS[dataset][0][label] in ("stripes", "checkerboard", "dots")
+            continue
+        pixels = np.asarray(image, dtype=np.float64)
+        assert np.abs(pixels[on].mean(0) - pixels[~on].mean(0)).sum() > 30
 
 
 def test_mae_view_output():

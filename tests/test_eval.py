@@ -1,7 +1,9 @@
 """Evaluators against brute-force references, on synthetic features and tiny shards."""
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ from ssl_vit.data import write_shards
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator, EvalView, FeatureSet, extract_features, knn_classify, load_features, save_features
-from ssl_vit.eval.linear import cached_feature_batches, probe_accuracy, train_linear_probe
+from ssl_vit.eval.attentive import AttentiveProbeHead, train_attentive_probe
+from ssl_vit.eval.linear import cached_feature_batches, feature_chunks, probe_accuracy, train_linear_probe
 from tests.conftest import TINY_ENCODER, png_bytes, random_images
 
 
@@ -65,7 +68,57 @@ def test_linear_probe_separates_linearly_separable_features(optimizer):
     batches = cached_feature_batches(train, 100)
     base_lr = 0.1 if optimizer == "sgd" else 20.0  # LARS rescales each step by 0.001 x |w| / |grad|
     head = train_linear_probe(batches, 8, 32, 5, epochs=20, batch_size=100, base_lr=base_lr, optimizer=optimizer)
-    assert probe_accuracy(head, val, 5)["top1"] > 99.0
+    assert probe_accuracy(head, feature_chunks(val), 5)["top1"] > 99.0
+
+
+def reference_attentive_classifier(head: AttentiveProbeHead, tokens: torch.Tensor) -> torch.Tensor:
+    """V-JEPA's AttentiveClassifier written from its formulas, head by head:
+    q <- q + W_o [softmax(q_h k_h^T / sqrt(d_h)) v_h]_h with k, v from LN(x); q <- q + MLP(LN(q));
+    logits = W q."""
+    d = tokens.shape[-1]
+    h = head.num_heads
+    x = torch.nn.functional.layer_norm(tokens, (d,), head.norm_tokens.weight, head.norm_tokens.bias)
+    query = head.query[0, 0]
+    q = query @ head.q.weight.T + head.q.bias
+    kv = x @ head.kv.weight.T + head.kv.bias
+    k, v = kv[..., :d], kv[..., d:]
+    outs = []
+    for i in range(h):
+        sl = slice(i * d // h, (i + 1) * d // h)
+        weights = torch.softmax(k[..., sl] @ q[sl] / math.sqrt(d // h), dim=1)  # (b, n)
+        outs.append((weights.unsqueeze(-1) * v[..., sl]).sum(1))
+    pooled = query + torch.cat(outs, dim=-1) @ head.proj.weight.T + head.proj.bias
+    normed = torch.nn.functional.layer_norm(pooled, (d,), head.norm_query.weight, head.norm_query.bias)
+    hidden = torch.nn.functional.gelu(normed @ head.mlp.fc1.weight.T + head.mlp.fc1.bias)
+    pooled = pooled + hidden @ head.mlp.fc2.weight.T + head.mlp.fc2.bias
+    return pooled @ head.linear.weight.T + head.linear.bias
+
+
+def test_attentive_probe_head_matches_vjepa_reference():
+    torch.manual_seed(0)
+    head = AttentiveProbeHead(dim=32, num_heads=4, num_classes=7)
+    for p in head.parameters():  # away from the zero biases and unit norms of the initialisation
+        p.data.add_(0.1 * torch.randn_like(p))
+    tokens = torch.randn(3, 10, 32)
+    torch.testing.assert_close(head(tokens), reference_attentive_classifier(head, tokens), atol=1e-5, rtol=1e-5)
+    fresh = AttentiveProbeHead(dim=32, num_heads=4, num_classes=7)
+    assert fresh.proj.weight.std() < fresh.q.weight.std()  # residual projections rescaled by 1/sqrt(2)
+
+
+def test_attentive_probe_finds_the_token_that_carries_the_class():
+    """The class is in one token at a random position among 15 distractors; the mean of the tokens
+    dilutes it 16-fold under distractor noise, attention can pick it out."""
+    g = torch.Generator().manual_seed(0)
+    n, tokens, dim, classes = 1200, 16, 32, 4
+    marker = torch.randn(dim, generator=g) * 3  # says "this token carries the class"
+    centres = torch.randn(classes, dim, generator=g) * 2
+    labels = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, tokens, dim, generator=g) * 2
+    where = torch.randint(0, tokens, (n,), generator=g)
+    x[torch.arange(n), where] = marker + centres[labels] + 0.3 * torch.randn(n, dim, generator=g)
+    train, val = FeatureSet(x[:1000], labels[:1000]), FeatureSet(x[1000:], labels[1000:])
+    head = train_attentive_probe(cached_feature_batches(train, 100), 10, dim, 4, classes, epochs=30)
+    assert probe_accuracy(head, feature_chunks(val), classes)["top1"] > 95.0
 
 
 def labelled_shards(folder: Path, n: int, num_classes: int, seed: int, with_labels: bool = True) -> str:
@@ -93,6 +146,52 @@ def test_collapsed_encoder_scores_chance(tmp_path):
     for acc in results["knn"].values():
         assert acc["top1"] == pytest.approx(20.0)  # every query gets the same vote: one class of 5
     assert results["probe"]["top1"] == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("cache_gib", [4.0, 0.0])  # tokens cached in memory, or streamed every epoch
+def test_attentive_probe_on_a_collapsed_encoder_scores_chance(tmp_path, cache_gib):
+    train = labelled_shards(tmp_path / "train", 100, 5, seed=0)
+    val = labelled_shards(tmp_path / "val", 50, 5, seed=1)
+    evaluator = Evaluator(
+        train,
+        val,
+        head="attentive",
+        attentive_epochs=2,
+        probe_batch_size=25,
+        attentive_cache_gib=cache_gib,
+        num_workers=0,
+    )
+    results = evaluator.run(collapsed_encoder())
+    assert set(results) == {"knn", "attentive"}
+    assert results["attentive"]["top1"] == pytest.approx(20.0)
+
+
+def test_attentive_probe_beats_chance_on_a_separable_encoder(tmp_path):
+    """Shards whose classes differ in colour, a random encoder: the patch tokens separate them."""
+
+    def shards(folder: Path, n: int) -> str:
+        colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
+        rng = np.random.default_rng(len(str(folder)))
+        samples = []
+        for i in range(n):
+            pixels = np.clip(np.array(colours[i % 3]) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            samples.append(("png", png_bytes(pixels), i % 3))
+        write_shards(samples, folder, classes=["r", "g", "b"], source="test", samples_per_shard=30)
+        return str(folder)
+
+    evaluator = Evaluator(
+        shards(tmp_path / "train", 90),
+        shards(tmp_path / "val", 30),
+        head="linear+attentive",
+        attentive_epochs=10,
+        probe_epochs=10,
+        probe_batch_size=30,
+        num_workers=0,
+    )
+    torch.manual_seed(0)
+    results = evaluator.run(ViTEncoder(**TINY_ENCODER))
+    assert results["attentive"]["top1"] > 90.0
+    assert results["probe"]["top1"] > 90.0
 
 
 def test_augmented_probe_path_runs_through_the_frozen_encoder(tmp_path):

@@ -35,52 +35,62 @@ SPLITS = {"train": 500, "val": 100}  # images per class
 _SUPERSAMPLE = 4  # draw at 4x and downsample, for anti-aliased edges
 
 
-def shapes_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
-    """One image of class ``label`` drawn with randomness from ``rng``."""
+def shapes_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[Image.Image, Image.Image]:
+    """One image of class ``label`` drawn with randomness from ``rng``, and its label map: ``label
+    + 1`` on the shape's pixels (on every pixel for the textures, which fill the image), 0
+    (background) elsewhere and under the distractor stroke."""
     s = size * _SUPERSAMPLE
     fg, bg = _contrasting_colours(rng)
     img = Image.new("RGB", (s, s), bg)
-    draw = ImageDraw.Draw(img)
+    mask = Image.new("L", (s, s), 0)
+    draws = (ImageDraw.Draw(img), ImageDraw.Draw(mask))
+    fills = (fg, label + 1)
     name = CLASSES[label]
     if name in ("stripes", "checkerboard", "dots"):
         img = _texture(name, rng, s, fg, bg)
+        mask = Image.new("L", (s, s), label + 1)
     else:
         radius = s * rng.uniform(0.18, 0.4)
         cx, cy = rng.uniform(radius * 0.7, s - radius * 0.7, size=2)
         angle = rng.uniform(0, 2 * math.pi)
-        if name == "disk":
-            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fg)
-        elif name == "ring":
-            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=fg, width=int(radius * 0.3))
-        elif name == "square":
-            draw.polygon(_regular_polygon(cx, cy, radius, 4, angle), fill=fg)
-        elif name == "frame":
-            draw.polygon(_regular_polygon(cx, cy, radius, 4, angle), outline=fg, width=int(radius * 0.3))
-        elif name == "triangle":
-            draw.polygon(_regular_polygon(cx, cy, radius, 3, angle), fill=fg)
-        elif name == "star":
-            draw.polygon(_star(cx, cy, radius, angle), fill=fg)
-        elif name == "plus":
-            for a in (angle, angle + math.pi / 2):
-                dx, dy = radius * math.cos(a), radius * math.sin(a)
-                draw.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=fg, width=int(radius * 0.45))
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        for draw, fill in zip(draws, fills, strict=True):  # the same geometry on the image and the map
+            if name == "disk":
+                draw.ellipse(box, fill=fill)
+            elif name == "ring":
+                draw.ellipse(box, outline=fill, width=int(radius * 0.3))
+            elif name == "square":
+                draw.polygon(_regular_polygon(cx, cy, radius, 4, angle), fill=fill)
+            elif name == "frame":
+                draw.polygon(_regular_polygon(cx, cy, radius, 4, angle), outline=fill, width=int(radius * 0.3))
+            elif name == "triangle":
+                draw.polygon(_regular_polygon(cx, cy, radius, 3, angle), fill=fill)
+            elif name == "star":
+                draw.polygon(_star(cx, cy, radius, angle), fill=fill)
+            elif name == "plus":
+                for a in (angle, angle + math.pi / 2):
+                    dx, dy = radius * math.cos(a), radius * math.sin(a)
+                    draw.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=fill, width=int(radius * 0.45))
     if rng.random() < 0.5:  # a distractor stroke in a third colour
         x0, y0, x1, y1 = rng.uniform(0, s, size=4)
-        draw = ImageDraw.Draw(img)
-        draw.line([x0, y0, x1, y1], fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=s // 24)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        ImageDraw.Draw(img).line([x0, y0, x1, y1], fill=colour, width=s // 24)
+        ImageDraw.Draw(mask).line([x0, y0, x1, y1], fill=0, width=s // 24)
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
     noise = rng.normal(0, rng.uniform(0, 20), size=(size, size, 3))
-    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    return image, _majority_downsample(mask, _SUPERSAMPLE)
 
 
 GLYPH_CLASSES = tuple("0123456789")
 _CLUTTER = "ABCDEFGHKLMNPRSTUVWXYZ"
 
 
-def glyphs_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
-    """One image of digit ``label`` drawn with randomness from ``rng``."""
+def glyphs_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[Image.Image, Image.Image]:
+    """One image of digit ``label`` drawn with randomness from ``rng``, and its label map: ``label
+    + 1`` on the digit's pixels, 0 (background, the clutter letter included) elsewhere."""
     s = size * _SUPERSAMPLE
     fg, bg = _contrasting_colours(rng)
     img = Image.fromarray(_pink_noise(rng, s, bg))
@@ -99,9 +109,11 @@ def glyphs_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.
         dx, dy = rng.uniform(-reach, reach, size=2) * s * (1 - height)
         layer = layer.transform(layer.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy))
         img.paste(Image.new("RGB", (s, s), colour), mask=layer)
+    mask = Image.fromarray(np.where(np.asarray(layer) >= 128, label + 1, 0).astype(np.uint8))  # the digit's layer
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     noise = rng.normal(0, rng.uniform(0, 12), size=(size, size, 3))
-    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    return image, _majority_downsample(mask, _SUPERSAMPLE)
 
 
 DATASETS = {"shapes": (CLASSES, shapes_image), "glyphs": (GLYPH_CLASSES, glyphs_image)}
@@ -109,15 +121,31 @@ DATASETS = {"shapes": (CLASSES, shapes_image), "glyphs": (GLYPH_CLASSES, glyphs_
 
 def embedded_samples(
     split: str, seed: int = 0, size: int = 32, dataset: str = "shapes"
-) -> Iterator[tuple[Image.Image, int]]:
-    """All (image, label) pairs of a split of an embedded dataset, classes interleaved; image i
-    depends only on (seed, split, i), so any subset can be regenerated."""
+) -> Iterator[tuple[Image.Image, Image.Image, int]]:
+    """All (image, label map, label) triples of a split of an embedded dataset, classes
+    interleaved; sample i depends only on (seed, split, i), so any subset can be regenerated."""
     classes, draw = DATASETS[dataset]
     per_class = SPLITS[split]
     split_id = list(SPLITS).index(split)
     for i in range(per_class * len(classes)):
         label = i % len(classes)
-        yield draw(label, np.random.default_rng([seed, split_id, i]), size), label
+        yield *draw(label, np.random.default_rng([seed, split_id, i]), size), label
+
+
+def mask_classes(dataset: str) -> list[str]:
+    """The names of an embedded dataset's label-map values: 0 is the background, c + 1 class c."""
+    return ["background", *DATASETS[dataset][0]]
+
+
+def _majority_downsample(mask: Image.Image, factor: int) -> Image.Image:
+    """A label map drawn ``factor`` times larger, reduced to the image's size: each pixel takes
+    the most frequent label of its factor x factor block (the image's anti-aliased edges average
+    the same block)."""
+    labels = np.asarray(mask)
+    h, w = labels.shape[0] // factor, labels.shape[1] // factor
+    blocks = labels.reshape(h, factor, w, factor).transpose(0, 2, 1, 3).reshape(h, w, -1)
+    counts = np.stack([(blocks == v).sum(-1) for v in range(int(labels.max()) + 1)], axis=-1)
+    return Image.fromarray(counts.argmax(-1).astype(np.uint8))
 
 
 def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -26,14 +26,16 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision import tv_tensors
 
-from ssl_vit.data.shards import IMAGE_EXTENSIONS, resolve_shards, write_embedded_shards
+from ssl_vit.data.shards import IMAGE_EXTENSIONS, MASK_MEMBER, resolve_shards, write_embedded_shards
 from ssl_vit.errors import UserError
 
 log = logging.getLogger(__name__)
 
-READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "cls", "json"))
+READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "cls", "json", MASK_MEMBER))
 NO_LABEL = -1
+IGNORE_PIXEL = -100  # a label map's 255 ("ignore", VOC's and ADE20K's convention), as cross-entropy skips it
 
 View = Callable[[Image.Image], Any]
 #: A reader logs its first few skipped samples one by one; the epoch summary counts them all.
@@ -71,6 +73,26 @@ def decode_sample(sample: dict[str, Any], min_side: int | None = None) -> tuple[
         raise CorruptSample(f"malformed cls {sample['cls'][:20]!r}") from err
 
 
+def decode_mask(sample: dict[str, Any], size: tuple[int, int]) -> tv_tensors.Mask:
+    """A sample's label map (``seg.png``: one class index per pixel, 255 = ignore) as an (H, W)
+    int64 mask, 255 mapped to ``IGNORE_PIXEL``; it must be the image's ``size``."""
+    if MASK_MEMBER not in sample:
+        raise CorruptSample(f"no {MASK_MEMBER} label map (dense probes need one per image)")
+    try:
+        with Image.open(io.BytesIO(sample[MASK_MEMBER])) as img:
+            if img.mode not in ("L", "P"):
+                raise CorruptSample(f"{MASK_MEMBER} is {img.mode}, not an 8-bit map of class indices (L or P)")
+            labels = torch.from_numpy(np.asarray(img, dtype=np.int64).copy())
+    except CorruptSample:
+        raise
+    except Exception as err:
+        raise CorruptSample(f"undecodable {MASK_MEMBER}: {err}") from err
+    if labels.shape != (size[1], size[0]):
+        raise CorruptSample(f"{MASK_MEMBER} is {labels.shape[1]}x{labels.shape[0]}, the image {size[0]}x{size[1]}")
+    labels[labels == 255] = IGNORE_PIXEL
+    return tv_tensors.Mask(labels)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """An 8-bit RGB image from any mode: 16/32-bit greyscale is scaled (not clipped) to 8 bits, and
     transparency is composited onto white (rather than dropped, which shows whatever colour the
@@ -85,7 +107,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 class ShardDataset(IterableDataset):
-    """Samples of a list of shard URLs, transformed by ``view``; yields ``(view(image), label)``.
+    """Samples of a list of shard URLs, transformed by ``view``; yields ``(view(image), label)``,
+    or with ``masks`` ``view(image, label_map)`` (the view transforms both alike: see
+    :func:`decode_mask`).
 
     Images are decoded at reduced size when the view says how many pixels it needs (its
     ``decode_side``; see ``decode_sample``).
@@ -107,11 +131,14 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        masks: bool = False,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
         self.view = view
-        self.decode_side: int | None = getattr(view, "decode_side", None)
+        self.masks = masks
+        # A label map is decoded at full size, so its image must be too.
+        self.decode_side: int | None = None if masks else getattr(view, "decode_side", None)
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_buffer = shuffle_buffer
@@ -150,8 +177,8 @@ class ShardDataset(IterableDataset):
         if self.batches_per_epoch is not None:  # this worker's exact share of the epoch's batches
             n = self.batches_per_epoch
             samples = itertools.islice(samples, (n // num_workers + (worker < n % num_workers)) * self.batch_size)
-        for image, label in samples:
-            yield self.view(image), label
+        for image, target in samples:
+            yield self.view(image, target) if self.masks else (self.view(image), target)
 
     def _cycle(self, shards: list[str], reader: str) -> Iterator[tuple[Image.Image, int]]:
         for n_pass in itertools.count():
@@ -172,7 +199,8 @@ class ShardDataset(IterableDataset):
                 with self.read.get_lock():
                     self.read.value += 1
                 try:
-                    yield decode_sample(sample, self.decode_side)
+                    image, label = decode_sample(sample, self.decode_side)
+                    yield (image, decode_mask(sample, image.size)) if self.masks else (image, label)
                 except CorruptSample as err:
                     self._count_skip(f"sample {sample.get('__key__')} of {url}: {err}")
 

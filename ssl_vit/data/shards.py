@@ -27,6 +27,7 @@ from ssl_vit.errors import UserError
 
 INDEX_FILE = "dataset.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MASK_MEMBER = "seg.png"  # a sample's label map for dense probes: 8-bit PNG of class indices
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ShardIndex:
     classes: list[str]
     shards: list[str]
     source: str
+    mask_classes: list[str] | None = None  # names of the label-map values, when samples carry ``seg.png``
 
     @classmethod
     def read(cls, folder: Path) -> ShardIndex | None:
@@ -42,17 +44,23 @@ class ShardIndex:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
+#: One sample to write: (image extension, image bytes, class or None[, label-map PNG bytes or None]).
+Sample = tuple[str, bytes, int | None] | tuple[str, bytes, int | None, bytes | None]
+
+
 def write_shards(
-    samples: Iterable[tuple[str, bytes, int | None]],
+    samples: Iterable[Sample],
     out_dir: str | Path,
     classes: list[str],
     source: str,
     samples_per_shard: int = 1000,
     max_shard_bytes: int = 1 << 30,
     overwrite: bool = False,
+    mask_classes: list[str] | None = None,
 ) -> ShardIndex:
-    """Write (extension, image bytes, label) samples as tar shards plus ``dataset.json``; a
-    ``None`` label writes no ``cls`` member (unlabelled data).
+    """Write samples as tar shards plus ``dataset.json``; a ``None`` class writes no ``cls``
+    member (unlabelled data), a label map a ``seg.png`` member (one class index per pixel, 255 =
+    ignore; ``mask_classes`` names the indices, by default "0" up to the largest index written).
 
     The shards are written into a temporary folder beside ``out_dir`` and renamed into place at the
     end, so an interrupted run leaves no half-written shard folder.
@@ -64,7 +72,7 @@ def write_shards(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the shards are meant to be shared
     try:
-        count = 0
+        count, largest_mask_label = 0, -1
         with wds.ShardWriter(
             str(tmp / "shard-%06d.tar"),
             maxcount=samples_per_shard,
@@ -75,14 +83,20 @@ def write_shards(
             # the tar parsing the loader workers do per sample.
             mtime=int(time.time()),
         ) as sink:
-            for ext, data, label in samples:
+            for ext, data, label, *mask in samples:
                 sample = {"__key__": f"{count:09d}", ext: data}
                 if label is not None:
                     sample["cls"] = str(label).encode()
+                if mask and mask[0] is not None:
+                    sample[MASK_MEMBER] = mask[0]
+                    if mask_classes is None:
+                        largest_mask_label = max(largest_mask_label, _largest_label(mask[0]))
                 sink.write(sample)
                 count += 1
         shards = sorted(p.name for p in tmp.glob("shard-*.tar"))
-        index = ShardIndex(num_samples=count, classes=list(classes), shards=shards, source=source)
+        if mask_classes is None and largest_mask_label >= 0:
+            mask_classes = [str(i) for i in range(largest_mask_label + 1)]
+        index = ShardIndex(count, list(classes), shards, source, mask_classes)
         (tmp / INDEX_FILE).write_text(json.dumps(asdict(index), indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -93,9 +107,14 @@ def write_shards(
     return index
 
 
-def image_folder_samples(root: str | Path, seed: int = 0) -> tuple[list[str], Iterator[tuple[str, bytes, int | None]]]:
+def image_folder_samples(
+    root: str | Path, seed: int = 0, masks: str | Path | None = None
+) -> tuple[list[str], Iterator[Sample]]:
     """Class names and the samples of an ImageFolder tree (one sub-folder per class), or of a
     flat folder of images (unlabelled: no classes, no ``cls`` members).
+
+    With ``masks``, a parallel folder of label maps (ADE20k / VOC style: 8-bit PNGs of class
+    indices, 255 = ignore, the image's size): the map of ``root/a/b.jpg`` is ``masks/a/b.png``.
 
     Files keep their original bytes (no re-encoding) and are written in a seeded random order so
     that each shard mixes classes.
@@ -113,9 +132,46 @@ def image_folder_samples(root: str | Path, seed: int = 0) -> tuple[list[str], It
     ]
     if not files:
         raise UserError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}; expected one sub-folder per class")
+    if masks is not None:
+        masks = Path(masks)
+        missing = [p for p, _ in files if not (masks / p.relative_to(root)).with_suffix(".png").is_file()]
+        if missing:
+            first = (masks / missing[0].relative_to(root)).with_suffix(".png")
+            raise UserError(
+                f"{len(missing)} of {len(files)} images have no label map (first: {first} for {missing[0]}); "
+                "--masks needs one PNG per image at the same relative path"
+            )
     random.Random(seed).shuffle(files)
-    samples = ((path.suffix.lower().lstrip("."), path.read_bytes(), label) for path, label in files)
-    return classes, samples
+
+    def samples() -> Iterator[Sample]:
+        for path, label in files:
+            ext, data = path.suffix.lower().lstrip("."), path.read_bytes()
+            if masks is None:
+                yield ext, data, label
+                continue
+            mask_path = (masks / path.relative_to(root)).with_suffix(".png")
+            mask = mask_path.read_bytes()
+            _check_label_map(mask, mask_path, Image.open(io.BytesIO(data)).size)
+            yield ext, data, label, mask
+
+    return classes, samples()
+
+
+def _check_label_map(mask: bytes, path: Path, image_size: tuple[int, int]) -> None:
+    with Image.open(io.BytesIO(mask)) as img:
+        if img.mode not in ("L", "P"):
+            raise UserError(f"label map {path} is {img.mode}; it must be an 8-bit PNG of class indices (mode L or P)")
+        if img.size != image_size:
+            raise UserError(
+                f"label map {path} is {img.size[0]}x{img.size[1]}, but its image is {image_size[0]}x{image_size[1]}"
+            )
+
+
+def _largest_label(mask: bytes) -> int:
+    """The largest class index in a label map, 255 (ignore) aside."""
+    with Image.open(io.BytesIO(mask)) as img:
+        values = [v for v, n in enumerate(img.histogram()[:256]) if n and v != 255]
+    return max(values, default=-1)
 
 
 def write_embedded_shards(
@@ -126,18 +182,22 @@ def write_embedded_shards(
     dataset: str = "shapes",
 ) -> dict[str, ShardIndex]:
     """Generate an embedded dataset (``shapes`` or ``glyphs``) as ``out_root/train`` and
-    ``out_root/val`` shards."""
+    ``out_root/val`` shards, each sample with its class and its label map."""
     if dataset not in embedded.DATASETS:
         raise UserError(f"unknown embedded dataset {dataset!r}; choose one of {', '.join(embedded.DATASETS)}")
     classes = embedded.DATASETS[dataset][0]
     return {
         split: write_shards(
-            (("png", _png_bytes(img), label) for img, label in embedded.embedded_samples(split, seed, dataset=dataset)),
+            (
+                ("png", _png_bytes(img), label, _png_bytes(mask))
+                for img, mask, label in embedded.embedded_samples(split, seed, dataset=dataset)
+            ),
             Path(out_root) / split,
             classes=list(classes),
             source=f"ssl-vit embedded {dataset} (seed {seed}, split {split})",
             samples_per_shard=samples_per_shard,
             overwrite=overwrite,
+            mask_classes=embedded.mask_classes(dataset),
         )
         for split in embedded.SPLITS
     }

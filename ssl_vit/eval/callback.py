@@ -1,5 +1,5 @@
-"""Evaluation built into pretraining: k-NN (and the linear probe) at the end of every run, k-NN
-every N epochs, and optionally both at the start for the random-initialisation baseline."""
+"""Evaluation built into pretraining: k-NN (and the probes) at the end of every run, k-NN every N
+epochs, and optionally both at the start for the random-initialisation baseline."""
 
 from __future__ import annotations
 
@@ -21,23 +21,23 @@ class EvaluationCallback(Evaluator, Callback):
     """Runs the :class:`Evaluator` on the model's encoder during pretraining (on rank 0; the other
     ranks wait) and logs ``eval/knn_k20_top1``-style metrics at the current step.
 
-    At the end it prints a table and writes ``last.knn.json`` / ``last.probe.json`` beside
-    ``last.ckpt``: the same records ``ssl-vit knn`` / ``ssl-vit probe`` write for that checkpoint.
+    At the end it prints a table and writes ``last.knn.json`` / ``last.probe.json`` (and
+    ``last.attentive.json``) beside ``last.ckpt``: the same records ``ssl-vit knn`` /
+    ``ssl-vit probe`` write for that checkpoint.
 
     Args:
         every_n_epochs: also run k-NN after every n-th epoch (0 = only at the end).
         at_start: evaluate the freshly initialised encoder before training (the baseline).
-        linear_probe: run the linear probe at the start and the end too (k-NN always runs).
+        probes: run the probes ``head`` names (linear, attentive) at the start and the end too
+            (k-NN always runs).
         **kwargs: the :class:`Evaluator` settings.
     """
 
-    def __init__(
-        self, every_n_epochs: int = 0, at_start: bool = False, linear_probe: bool = True, **kwargs: Any
-    ) -> None:
+    def __init__(self, every_n_epochs: int = 0, at_start: bool = False, probes: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.every_n_epochs = every_n_epochs
         self.at_start = at_start
-        self.linear_probe = linear_probe
+        self.probes_at_ends = probes
         self.baseline: Results | None = None
         self.knn_history: list[tuple[int, float]] = []
 
@@ -45,7 +45,7 @@ class EvaluationCallback(Evaluator, Callback):
         return {
             k: v
             for k, v in super().settings().items()
-            if k not in ("every_n_epochs", "at_start", "linear_probe", "baseline", "knn_history")
+            if k not in ("every_n_epochs", "at_start", "probes", "probes_at_ends", "baseline", "knn_history")
         }
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
@@ -76,7 +76,7 @@ class EvaluationCallback(Evaluator, Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and trainer.ckpt_path is None:  # a resumed run restores the baseline instead
-            self.baseline = self._evaluate(trainer, pl_module, probe=self.linear_probe)
+            self.baseline = self._evaluate(trainer, pl_module, probe=self.probes_at_ends)
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "knn_history": self.knn_history}
@@ -92,7 +92,7 @@ class EvaluationCallback(Evaluator, Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         start = time.perf_counter()
-        results = self._evaluate(trainer, pl_module, probe=self.linear_probe)
+        results = self._evaluate(trainer, pl_module, probe=self.probes_at_ends)
         if results is None:
             return
         print_results(f"{type(pl_module).__name__} after {trainer.global_step} steps", results, self.baseline)

@@ -1,20 +1,24 @@
 """The evaluation protocols put together: features of a frozen encoder on labelled train/val
-shards, then k-NN (DINO) and linear probe (MAE). Used by the pretraining callback and by
-``ssl-vit knn`` / ``ssl-vit probe`` alike, so both give the same numbers."""
+shards, then k-NN (DINO), linear probe (MAE), attentive probe (V-JEPA) and dense linear
+segmentation probe (DINOv2). Used by the pretraining callback and by ``ssl-vit knn`` /
+``probe`` / ``segprobe`` alike, so both give the same numbers."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from ssl_vit.data.pipeline import ShardDataset
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import EvalView, MAEView
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
+from ssl_vit.eval.attentive import train_attentive_probe
 from ssl_vit.eval.features import (
     FeatureSet,
     Pooling,
@@ -24,10 +28,20 @@ from ssl_vit.eval.features import (
     save_features,
 )
 from ssl_vit.eval.knn import knn_classify
-from ssl_vit.eval.linear import ProbeOptimizer, cached_feature_batches, probe_accuracy, train_linear_probe
+from ssl_vit.eval.linear import (
+    ProbeOptimizer,
+    cached_feature_batches,
+    feature_chunks,
+    probe_accuracy,
+    train_linear_probe,
+)
+from ssl_vit.eval.segmentation import segmentation_scores, train_segmentation_probe
 
 Accuracy = dict[str, float]  # {"top1": %, "top5": %}
-Results = dict[str, Any]  # {"knn": {"k=20": Accuracy, ...}, "probe": Accuracy}
+# {"knn": {"k=20": Accuracy, ...}, "probe": Accuracy, "attentive": Accuracy, "segmentation": {"miou", "pixel_acc"}}
+Results = dict[str, Any]
+ProbeHead = Literal["linear", "attentive", "linear+attentive"]
+Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (features, labels) batches
 
 
 class Evaluator:
@@ -39,9 +53,19 @@ class Evaluator:
         pooling: ``cls``, ``mean`` (patch tokens) or ``cls+mean``.
         last_blocks: CLS tokens of the last n blocks, concatenated (DINO's ``n_last_blocks``).
         knn_ks, knn_temperature, knn_chunk_size: DINO's k-NN: all ks in one pass, exp(sim / T) votes.
-        probe_*: MAE's linear probe; ``probe_augment`` trains on RandomResizedCrop + flip views
-            through the frozen encoder (the paper path) instead of cached centre-crop features.
-        cache_dir: if set, features are saved there (safetensors) and reused when present.
+        head: which probes run: ``linear`` (on ``pooling``), ``attentive`` (on the patch tokens of
+            the last block) or both.
+        probe_*: MAE's linear probe (and the batch size of both probes); ``probe_augment`` trains
+            on RandomResizedCrop + flip views through the frozen encoder (the paper path) instead
+            of cached centre-crop features, for both probes.
+        attentive_*: V-JEPA's attentive probe; the patch tokens are cached in memory when train
+            and val together fit in ``attentive_cache_gib``, otherwise streamed through the
+            frozen encoder every epoch.
+        segmentation: also run DINOv2's dense linear probe on the shards' label maps
+            (``seg.png`` members, as the embedded datasets and ``ssl-vit shards imagefolder
+            --masks`` write them), reporting mIoU; ``seg_*`` are its settings, its tokens and
+            maps cached in memory under the same ``attentive_cache_gib``.
+        cache_dir: if set, pooled features are saved there (safetensors) and reused when present.
     """
 
     def __init__(
@@ -60,6 +84,15 @@ class Evaluator:
         probe_warmup_epochs: float = 10,
         probe_optimizer: ProbeOptimizer = "sgd",
         probe_augment: bool = False,
+        head: ProbeHead = "linear",
+        attentive_epochs: int = 20,
+        attentive_lr: float = 1e-3,
+        attentive_weight_decay: float = 1e-3,
+        attentive_cache_gib: float = 4.0,
+        segmentation: bool = False,
+        seg_epochs: int = 20,
+        seg_lr: float = 1e-3,
+        seg_weight_decay: float = 1e-4,
         batch_size: int = 256,
         num_workers: int = 2,
         seed: int = 0,
@@ -79,6 +112,17 @@ class Evaluator:
         self.probe_warmup_epochs = probe_warmup_epochs
         self.probe_optimizer = probe_optimizer
         self.probe_augment = probe_augment
+        if head not in ("linear", "attentive", "linear+attentive"):
+            raise UserError(f"unknown probe head {head!r}; use linear, attentive or linear+attentive")
+        self.head = head
+        self.attentive_epochs = attentive_epochs
+        self.attentive_lr = attentive_lr
+        self.attentive_weight_decay = attentive_weight_decay
+        self.attentive_cache_gib = attentive_cache_gib
+        self.segmentation = segmentation
+        self.seg_epochs = seg_epochs
+        self.seg_lr = seg_lr
+        self.seg_weight_decay = seg_weight_decay
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -91,9 +135,16 @@ class Evaluator:
         }
 
     def check_shards(self) -> None:
-        """Fail before any work if a split is missing or known to be unlabelled."""
+        """Fail before any work if a split is missing or known to be unlabelled (or, for the dense
+        probe, to have no label maps)."""
         for split, shards in (("train_shards", self.train_shards), ("val_shards", self.val_shards)):
             _, index = resolve_shards(shards)
+            if self.segmentation and index is not None and not index.mask_classes:
+                raise UserError(
+                    f"evaluation {split} {shards!r} has no label maps (seg.png), which the dense probe "
+                    "(segmentation: true) needs; write shards with them (`ssl-vit shards embedded`, or "
+                    "`ssl-vit shards imagefolder --masks MASK_DIR`), or turn the dense probe off"
+                )
             if index is not None and not index.classes:
                 raise UserError(
                     f"evaluation {split} {shards!r} has no class labels (written from a folder without class "
@@ -162,10 +213,11 @@ class Evaluator:
         return {f"k={k}": acc for k, acc in accuracies.items()}
 
     def probe(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet) -> Accuracy:
+        """The linear probe on the pooled features."""
         num_classes = self.num_classes(train, val)
         batch_size = min(self.probe_batch_size, len(train.labels))
         if self.probe_augment:
-            epoch_batches = self._augmented_batches(encoder, batch_size)
+            epoch_batches = self._streamed_batches(encoder, batch_size, self.pooling, augment=True)
         else:
             epoch_batches = cached_feature_batches(train, batch_size, self.seed)
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the training run's RNG
@@ -182,33 +234,139 @@ class Evaluator:
                 optimizer=self.probe_optimizer,
                 device=next(encoder.parameters()).device,
             )
-        return probe_accuracy(head, val, num_classes)
+        return probe_accuracy(head, feature_chunks(val), num_classes)
+
+    def attentive_probe(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet) -> Accuracy:
+        """The attentive probe on the last block's patch tokens; ``train`` and ``val`` (pooled
+        features of the same shards) give the sample counts and the classes."""
+        num_classes = self.num_classes(train, val)
+        batch_size = min(self.probe_batch_size, len(train.labels))
+        side = self._image_size(encoder) // encoder.patch_size
+        token_bytes = (len(train.labels) + len(val.labels)) * side * side * encoder.embed_dim * 4
+        cached = not self.probe_augment and token_bytes <= self.attentive_cache_gib * 2**30
+        if cached:
+            train_tokens, val_tokens = self._tokens(encoder, self.train_shards), self._tokens(encoder, self.val_shards)
+            epoch_batches = cached_feature_batches(train_tokens, batch_size, self.seed)
+            val_batches: Iterable[tuple[Tensor, Tensor]] = feature_chunks(val_tokens)
+        else:
+            epoch_batches = self._streamed_batches(encoder, batch_size, "patches", augment=self.probe_augment)
+            val_batches = self._streamed_batches(encoder, batch_size, "patches", split="val")(0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            head = train_attentive_probe(
+                epoch_batches,
+                steps_per_epoch=len(train.labels) // batch_size,
+                dim=encoder.embed_dim,
+                num_heads=encoder.vit.blocks[-1].attn.num_heads,
+                num_classes=num_classes,
+                epochs=self.attentive_epochs,
+                lr=self.attentive_lr,
+                weight_decay=self.attentive_weight_decay,
+                device=next(encoder.parameters()).device,
+            )
+        return probe_accuracy(head, val_batches, num_classes)
 
     def run(self, encoder: ViTEncoder, probe: bool = True) -> Results:
-        """k-NN and, if ``probe``, the linear probe: ``{"knn": {"k=20": {"top1", "top5"}, ...}, "probe": {...}}``."""
+        """k-NN and, if ``probe``, the probes ``head`` names:
+        ``{"knn": {"k=20": {"top1", "top5"}, ...}, "probe": {...}, "attentive": {...}}``."""
         return self.results(encoder, *self.features(encoder), probe=probe)
 
     def results(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet, probe: bool = True) -> Results:
         """:meth:`run` on features already extracted."""
         results: Results = {"knn": self.knn(train, val)}
         if probe:
-            results["probe"] = self.probe(encoder, train, val)
+            results.update(self.probes(encoder, train, val))
         return results
 
-    def _augmented_batches(self, encoder: ViTEncoder, batch_size: int):
-        """The paper path: every epoch, fresh RandomResizedCrop + flip views through the frozen encoder."""
-        urls, _ = resolve_shards(self.train_shards)
-        # MAE's linear-probe training view: RandomResizedCrop (default scale 0.08-1, bicubic) + flip.
-        view = MAEView(self._image_size(encoder), scale=(0.08, 1.0))
+    def probes(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet) -> Results:
+        """The probes ``head`` names: ``{"probe": linear accuracy, "attentive": attentive accuracy}``."""
+        results: Results = {}
+        if "linear" in self.head:
+            results["probe"] = self.probe(encoder, train, val)
+        if "attentive" in self.head:
+            results["attentive"] = self.attentive_probe(encoder, train, val)
+        if self.segmentation:
+            results["segmentation"] = self.segmentation_probe(encoder)
+        return results
+
+    def segmentation_probe(self, encoder: ViTEncoder) -> dict[str, float]:
+        """The dense linear probe: ``{"miou": %, "pixel_acc": %}`` on the val split's label maps.
+        Tokens and maps are cached in memory unless the shards' index says they would not fit."""
+        size = self._image_size(encoder)
+        grid = (size // encoder.patch_size,) * 2
+        indexes = [resolve_shards(shards)[1] for shards in (self.train_shards, self.val_shards)]
+        names = next((index.mask_classes for index in indexes if index and index.mask_classes), None)
+        per_sample = grid[0] * grid[1] * encoder.embed_dim * 4 + size * size * 8  # float tokens, int64 map
+        total = sum(index.num_samples for index in indexes) if all(indexes) else None
+        if total is not None and names and total * per_sample > self.attentive_cache_gib * 2**30:
+            n_train = indexes[0].num_samples
+            num_classes = len(names)
+            batch_size = min(self.probe_batch_size, n_train)
+            epoch_batches = self._streamed_batches(encoder, batch_size, "patches", masks=True)
+            val_batches: Iterable[tuple[Tensor, Tensor]] = self._streamed_batches(
+                encoder, batch_size, "patches", split="val", masks=True
+            )(0)
+        else:
+            view = EvalView(size)
+            train, val = (
+                extract_features(encoder, s, view, "patches", 1, self.batch_size, self.num_workers, masks=True)
+                for s in (self.train_shards, self.val_shards)
+            )
+            n_train = len(train.labels)
+            num_classes = len(names) if names else int(max(train.labels.max(), val.labels.max())) + 1
+            batch_size = min(self.probe_batch_size, n_train)
+            epoch_batches = cached_feature_batches(train, batch_size, self.seed)
+            val_batches = feature_chunks(val, 256)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            head = train_segmentation_probe(
+                epoch_batches,
+                steps_per_epoch=n_train // batch_size,
+                dim=encoder.embed_dim,
+                num_classes=num_classes,
+                grid=grid,
+                out_size=(size, size),
+                epochs=self.seg_epochs,
+                lr=self.seg_lr,
+                weight_decay=self.seg_weight_decay,
+                device=next(encoder.parameters()).device,
+            )
+        return segmentation_scores(head, val_batches, num_classes)
+
+    def _tokens(self, encoder: ViTEncoder, shards: str) -> FeatureSet:
+        view = EvalView(self._image_size(encoder))
+        return extract_features(encoder, shards, view, "patches", 1, self.batch_size, self.num_workers)
+
+    def _streamed_batches(
+        self,
+        encoder: ViTEncoder,
+        batch_size: int,
+        pooling: str,
+        augment: bool = False,
+        split: str = "train",
+        masks: bool = False,
+    ) -> Batches:
+        """Features computed through the frozen encoder as the probe trains: every epoch a fresh
+        shuffle of the train split, through MAE's linear-probe training view (RandomResizedCrop
+        0.08-1, bicubic, + flip) if ``augment``, else the evaluation view; ``split="val"`` reads
+        the val split once, in order, through the evaluation view. With ``masks`` the labels
+        are the label maps, through the same view."""
+        shards = self.train_shards if split == "train" else self.val_shards
+        urls, _ = resolve_shards(shards)
+        size = self._image_size(encoder)
+        view = MAEView(size, scale=(0.08, 1.0)) if augment else EvalView(size)
 
         def batches(epoch: int):
-            dataset = ShardDataset(urls, view, shuffle_buffer=10 * batch_size, seed=self.seed)
-            dataset.epoch = epoch
+            if split == "train":
+                dataset = ShardDataset(urls, view, shuffle_buffer=10 * batch_size, seed=self.seed, masks=masks)
+                dataset.epoch = epoch
+            else:
+                dataset = ShardDataset(urls, view, shuffle_shards=False, masks=masks)
             loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch_size, num_workers=min(self.num_workers, len(urls)), drop_last=True
+                dataset, batch_size=batch_size, num_workers=min(self.num_workers, len(urls)), drop_last=split == "train"
             )
             encoder.eval()
             for images, labels in loader:
-                yield frozen_features(encoder, images, self.pooling, self.last_blocks), labels
+                yield frozen_features(encoder, images, pooling, self.last_blocks), labels.long()
 
         return batches

@@ -17,39 +17,43 @@ from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 
 Pooling = Literal["cls", "mean", "cls+mean"]
+TokenPooling = Literal["cls", "mean", "cls+mean", "patches"]  # patches: (B, N, D), for token probes
 
 
 class FeatureSet(NamedTuple):
-    features: Tensor  # (N, D) float32
+    features: Tensor  # (N, D) float32; (N, L, D) for patch tokens
     labels: Tensor  # (N,) int64
 
 
-def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: Pooling = "cls", last_blocks: int = 1) -> Tensor:
-    """One vector per image: the CLS token, the mean of the patch tokens, or both concatenated.
+def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1) -> Tensor:
+    """One vector per image: the CLS token, the mean of the patch tokens, or both concatenated;
+    or, with ``pooling="patches"``, all patch tokens of the last block (B, N, D).
 
     With ``last_blocks = n > 1`` the CLS part is the concatenation of the final-normed CLS tokens
     of the last n blocks (DINO's ``n_last_blocks``); the mean is always over the last block.
     """
     if last_blocks == 1:
         out = encoder(images)
-        cls, mean = out.cls, out.patches.mean(dim=1)
+        cls, patches = out.cls, out.patches
     else:
         per_block = encoder.vit.forward_intermediates(
             images, indices=last_blocks, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
         )
         cls = torch.cat([prefix[:, 0] for _, prefix in per_block], dim=-1)
-        mean = per_block[-1][0].mean(dim=1)
+        patches = per_block[-1][0]
     if pooling == "cls":
         return cls
     if pooling == "mean":
-        return mean
+        return patches.mean(dim=1)
     if pooling == "cls+mean":
-        return torch.cat([cls, mean], dim=-1)
+        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
+    if pooling == "patches":
+        return patches
     raise UserError(f"unknown pooling {pooling!r}; use cls, mean or cls+mean")
 
 
 @torch.no_grad()
-def frozen_features(encoder: ViTEncoder, images: Tensor, pooling: Pooling = "cls", last_blocks: int = 1) -> Tensor:
+def frozen_features(encoder: ViTEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1) -> Tensor:
     """Pooled float32 features of a batch through the frozen encoder, on its device (bf16
     autocast on GPU)."""
     device = next(encoder.parameters()).device
@@ -63,15 +67,17 @@ def extract_features(
     encoder: ViTEncoder,
     shards: str,
     view: View,
-    pooling: Pooling = "cls",
+    pooling: TokenPooling = "cls",
     last_blocks: int = 1,
     batch_size: int = 256,
     num_workers: int = 2,
+    masks: bool = False,
 ) -> FeatureSet:
     """Features and labels of every sample of labelled ``shards``, in a fixed order, on the
-    encoder's device (bf16 autocast on GPU)."""
+    encoder's device (bf16 autocast on GPU); with ``masks`` the labels are the samples' label
+    maps, (N, H, W), through the same view as the images."""
     urls, _ = resolve_shards(shards)
-    dataset = ShardDataset(urls, view, shuffle_shards=False)
+    dataset = ShardDataset(urls, view, shuffle_shards=False, masks=masks)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))
     was_training = encoder.training
     encoder.eval()

@@ -85,6 +85,21 @@ def train_linear_probe(
         opt = LARS(head.parameters(), lr=peak_lr, weight_decay=0.0, momentum=0.9)
     else:
         opt = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
+    return train_probe_head(head, opt, epoch_batches, steps_per_epoch, epochs, peak_lr, warmup_epochs)
+
+
+def train_probe_head(
+    head: nn.Module,
+    opt: torch.optim.Optimizer,
+    epoch_batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+    steps_per_epoch: int,
+    epochs: int,
+    peak_lr: float,
+    warmup_epochs: float,
+) -> nn.Module:
+    """The loop every probe shares: cross-entropy on the batches ``epoch_batches(epoch)`` yields,
+    lr set every step (linear warm-up over ``warmup_epochs``, then cosine to 0)."""
+    device = next(head.parameters()).device
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     step = 0
     head.train()
@@ -115,16 +130,20 @@ def cached_feature_batches(
     return batches
 
 
+def feature_chunks(features: FeatureSet, size: int = 1024) -> Iterable[tuple[Tensor, Tensor]]:
+    """Cached features in order, ``size`` samples at a time."""
+    for start in range(0, len(features.labels), size):
+        yield features.features[start : start + size], features.labels[start : start + size]
+
+
 @torch.no_grad()
-def probe_accuracy(
-    head: LinearProbeHead, val: FeatureSet, num_classes: int, batch_size: int = 4096
-) -> dict[str, float]:
+def probe_accuracy(head: nn.Module, val_batches: Iterable[tuple[Tensor, Tensor]], num_classes: int) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of a probe head over (features, labels) batches."""
     device = next(head.parameters()).device
     top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
-    for start in range(0, len(val.labels), batch_size):
-        logits = head(val.features[start : start + batch_size].to(device))
-        labels = val.labels[start : start + batch_size].to(device)
-        top1.update(logits, labels)
-        top5.update(logits, labels)
+    for features, labels in val_batches:
+        logits = head(features.to(device))
+        top1.update(logits, labels.to(device))
+        top5.update(logits, labels.to(device))
     return {"top1": round(100 * top1.compute().item(), 3), "top5": round(100 * top5.compute().item(), 3)}

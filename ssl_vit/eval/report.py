@@ -13,12 +13,17 @@ from rich.table import Table
 
 from ssl_vit.eval.evaluator import Results
 
+#: The evaluation records written beside a checkpoint, ``<stem>.<kind>.json``, one per protocol.
+RECORD_KINDS = ("knn", "probe", "attentive", "segmentation")
+
 
 def metrics(results: Results) -> dict[str, float]:
     """Flat names for a logger: ``eval/knn_k20_top1``, ``eval/probe_top5``..."""
     knn = results.get("knn", {})
     flat = {f"eval/knn_{k.replace('=', '')}_{top}": v for k, acc in knn.items() for top, v in acc.items()}
     flat.update({f"eval/probe_{top}": v for top, v in results.get("probe", {}).items()})
+    flat.update({f"eval/attentive_{top}": v for top, v in results.get("attentive", {}).items()})
+    flat.update({f"eval/seg_{name}": v for name, v in results.get("segmentation", {}).items()})
     return flat
 
 
@@ -26,21 +31,35 @@ def _rows(results: Results) -> dict[str, dict[str, float]]:
     rows = {f"k-NN {k}": acc for k, acc in results.get("knn", {}).items()}
     if "probe" in results:
         rows["linear probe"] = results["probe"]
+    if "attentive" in results:
+        rows["attentive probe"] = results["attentive"]
     return rows
 
 
 def print_results(title: str, results: Results, baseline: Results | None = None) -> None:
-    """One row per protocol: top-1 and top-5 (%), and the random-initialisation top-1 if known."""
-    table = Table(title=title)
-    for name in ("protocol", "top-1 %", "top-5 %", *(["random init top-1 %"] if baseline else [])):
-        table.add_column(name, justify="left" if name == "protocol" else "right")
-    base_rows = _rows(baseline) if baseline else {}
-    for name, acc in _rows(results).items():
-        row = [name, f"{acc['top1']:.1f}", f"{acc['top5']:.1f}"]
-        if baseline:
-            row.append(f"{base_rows[name]['top1']:.1f}" if name in base_rows else "")
-        table.add_row(*row)
-    Console().print(table)
+    """One row per image-level protocol: top-1 and top-5 (%), and the random-initialisation top-1
+    if known; the dense probe's mIoU and pixel accuracy in a second table."""
+    console = Console()
+    rows = _rows(results)
+    if rows:
+        table = Table(title=title)
+        for name in ("protocol", "top-1 %", "top-5 %", *(["random init top-1 %"] if baseline else [])):
+            table.add_column(name, justify="left" if name == "protocol" else "right")
+        base_rows = _rows(baseline) if baseline else {}
+        for name, acc in rows.items():
+            row = [name, f"{acc['top1']:.1f}", f"{acc['top5']:.1f}"]
+            if baseline:
+                row.append(f"{base_rows[name]['top1']:.1f}" if name in base_rows else "")
+            table.add_row(*row)
+        console.print(table)
+    if "segmentation" in results:
+        base = (baseline or {}).get("segmentation")
+        table = Table(title=f"{title}: dense linear probe")
+        for name in ("mIoU %", "pixel accuracy %", *(["random init mIoU %"] if base else [])):
+            table.add_column(name, justify="right")
+        seg = results["segmentation"]
+        table.add_row(f"{seg['miou']:.1f}", f"{seg['pixel_acc']:.1f}", *([f"{base['miou']:.1f}"] if base else []))
+        console.print(table)
 
 
 def write_records(
@@ -51,11 +70,11 @@ def write_records(
     seconds: float,
     baseline: Results | None = None,
 ) -> list[Path]:
-    """``<checkpoint stem>.knn.json`` (and ``.probe.json``): method, encoder, data, protocol
-    settings, accuracies and time, each written atomically."""
+    """``<checkpoint stem>.<kind>.json`` for each of ``RECORD_KINDS`` in the results: method,
+    encoder, data, protocol settings, accuracies and time, each written atomically."""
     checkpoint = Path(checkpoint)
     written = []
-    for kind in ("knn", "probe"):
+    for kind in RECORD_KINDS:
         if kind not in results:
             continue
         record = {

@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -21,6 +20,7 @@ from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
 from ssl_vit.guards import CollapseWatch
+from ssl_vit.health import embedding_spread, teacher_health
 from ssl_vit.pictures import attention_columns
 from ssl_vit.schedules import PaperRun, cosine_to, scaled_ema_momentum, scaled_epochs, warmup_cosine
 
@@ -250,6 +250,11 @@ class SSLMethod(L.LightningModule):
         Every objective shows its evaluated encoder's last-block attention (DINO's maps)."""
         return {"attention": attention_columns(self.evaluated_encoder, images)}
 
+    def teacher_probs(self, images: Tensor) -> Tensor | None:
+        """A teacher-student objective's (B, K) target distributions for ``images`` as its teacher
+        sees them now (for the health metrics); None for objectives without a teacher."""
+        return None
+
     def watch_collapse(self, embeddings: Tensor, teacher_probs: Tensor | None = None) -> None:
         """Log the per-dimension std of L2-normalised embeddings, scaled by sqrt(dim) (about 1
         for well-spread embeddings, 0 when all are identical), and warn while the run is
@@ -267,17 +272,14 @@ class SSLMethod(L.LightningModule):
         every = max(1, trainer.log_every_n_steps) if trainer is not None else 1
         if self.global_step % every:
             return
-        z = F.normalize(embeddings.detach().float(), dim=1)
-        spread = z.std(dim=0).mean().item() * z.shape[1] ** 0.5
+        spread = embedding_spread(embeddings)
         self.log("train/embedding_spread", spread)
         uniform = False
         if teacher_probs is not None:
-            p = teacher_probs.detach().float()
-            entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1).mean().item()
-            ln_k = math.log(p.shape[1])
-            self.log("train/teacher_entropy", entropy / ln_k)
-            self.log("train/prototypes_used", p.argmax(dim=1).unique().numel() / p.shape[1])
-            uniform = entropy > ln_k - math.log(2)
+            entropy, used = teacher_health(teacher_probs)
+            self.log("train/teacher_entropy", entropy)
+            self.log("train/prototypes_used", used)
+            uniform = entropy > 1 - math.log(2) / math.log(teacher_probs.shape[1])
         watch = self.collapse_watch
         total = int(trainer.estimated_stepping_batches) if trainer is not None else 1
         step = self.global_step

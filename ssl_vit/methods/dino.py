@@ -123,6 +123,14 @@ class DINO(SSLMethod):
         self.log_dict({"train/loss": loss, "train/teacher_temp": temp}, prog_bar=True)
         return loss
 
+    @torch.no_grad()
+    def teacher_probs(self, images: Tensor) -> Tensor:
+        teacher_out = embed_crops(self.teacher_encoder, self.teacher_head, [images])
+        temp = self.teacher_temperature()
+        if self.hparams.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp_teacher_probs(teacher_out, temp)
+        return dino_teacher_probs(teacher_out, self.center, temp)
+
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
         # Once per optimiser step, from every micro-batch's teacher outputs: the global batch's mean.

@@ -1,0 +1,177 @@
+"""Label-free health of a pretraining run, measured the same way all run long on a fixed batch of
+held images: RankMe (the effective rank of the representation), the embeddings' spread, and, for
+teacher-student objectives, the teacher's entropy and how many of its prototypes are in use.
+No labels needed, so a run on a user's unlabelled shards still says whether it is learning."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from ssl_vit.guards import CollapseWatch
+from ssl_vit.pictures import held_images, line_chart, save_picture
+
+
+def rankme(embeddings: Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al., ICML 2023, eq. 1): exp of the entropy of the singular values of the
+    (N, D) embedding matrix normalised to sum to 1 (plus ``eps``). Between 1 (every embedding on
+    one line) and min(N, D) (all directions used equally)."""
+    singular = torch.linalg.svdvals(embeddings.detach().double())
+    p = singular / singular.sum() + eps
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def embedding_spread(embeddings: Tensor) -> float:
+    """The per-dimension std of the L2-normalised embeddings, times sqrt(dim): about 1 for
+    well-spread embeddings, 0 when all are identical; scale-free."""
+    z = F.normalize(embeddings.detach().float(), dim=1)
+    return z.std(dim=0).mean().item() * z.shape[1] ** 0.5
+
+
+def teacher_health(teacher_probs: Tensor) -> tuple[float, float]:
+    """Of a teacher's (B, K) target distributions: their mean entropy as a fraction of ln K, and
+    the fraction of the K prototypes that are some image's most likely one."""
+    p = teacher_probs.detach().float()
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1).mean().item()
+    return entropy / math.log(p.shape[1]), p.argmax(dim=1).unique().numel() / p.shape[1]
+
+
+class HealthCallback(L.Callback):
+    """Before the first step, regularly during the run and at its end: the evaluated encoder's CLS
+    and mean-pooled patch features of ``num_images`` held images (the first ones of ``shards``;
+    default: the training shards): ``health/rankme_cls``, ``health/rankme_mean``,
+    ``health/spread``, and for objectives with a teacher ``health/teacher_entropy`` and
+    ``health/prototypes_used``, logged and drawn in ``pictures/health-*.png``.
+
+    A representation whose RankMe is below ``min_rankme`` for both poolings has collapsed onto a
+    line: the run warns at that step and again every tenth of the run while it lasts, and
+    ``summary.json`` counts the steps (``representation_collapsed_steps``).
+
+    Args:
+        every_n_steps: check every n optimiser steps; 0 (default) = as often as ``max_overhead``
+            of the training time allows: after each check the next is placed (check time) /
+            (max_overhead x mean step time) steps later, at least ``log_every_n_steps``; the
+            decision is rank 0's, broadcast, so every rank checks at the same steps.
+        num_images: RankMe can reach at most min(num_images, feature dim); 256 ranks every
+            encoder up to ViT-S fully and costs one forward pass of a batch.
+    """
+
+    def __init__(
+        self,
+        shards: str | None = None,
+        num_images: int = 256,
+        every_n_steps: int = 0,
+        max_overhead: float = 0.01,
+        min_rankme: float = 2.0,
+    ) -> None:
+        self.shards = shards
+        self.num_images = num_images
+        self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
+        self.min_rankme = min_rankme
+        self.images: Tensor | None = None
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.watch = CollapseWatch()
+        self.next_check = 0
+        self._step_seconds: list[float] = []  # the optimiser steps' wall times since the last check
+        self._step_start = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.images is not None:
+            return
+        size = pl_module.encoder.vit.patch_embed.img_size[0]
+        self.images = held_images(self.shards or trainer.datamodule.train_shards, size, self.num_images)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self.check(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._step_seconds.append(time.perf_counter() - self._step_start)
+        step = trainer.global_step
+        if step >= self.next_check and step != self.watch.last_check:  # once per optimiser step
+            self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self.watch.last_check:
+            self.check(trainer, pl_module)  # the run's final state
+        if trainer.is_global_zero and self.history:
+            self.draw(trainer)
+
+    @torch.no_grad()
+    def measure(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """The health metrics of the model as it is now, on the held images."""
+        was_training = pl_module.training
+        pl_module.eval()
+        images = self.images.to(pl_module.device)
+        out = pl_module.evaluated_encoder(images)
+        cls, mean = out.cls.float(), out.patches.float().mean(dim=1)
+        metrics = {"rankme_cls": rankme(cls), "rankme_mean": rankme(mean), "spread": embedding_spread(cls)}
+        probs = pl_module.teacher_probs(images)
+        if probs is not None:
+            metrics["teacher_entropy"], metrics["prototypes_used"] = teacher_health(probs)
+        pl_module.train(was_training)
+        return metrics
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank measures (sharded encoders need all ranks in the forward pass); rank 0 logs.
+        if self.images is None:
+            return
+        step = trainer.global_step
+        start = time.perf_counter()
+        metrics = self.measure(pl_module)
+        self.schedule_next(trainer, step, time.perf_counter() - start)
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append((step, value))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"health/{k}": v for k, v in metrics.items()}, step=step)
+        rank = max(metrics["rankme_cls"], metrics["rankme_mean"])
+        total = int(trainer.estimated_stepping_batches)
+        if self.watch.update(step, collapsed=rank < self.min_rankme, repeat_every=max(1, total // 10)):
+            state = (
+                "has collapsed" if self.watch.since == step else f"is still collapsed (since step {self.watch.since})"
+            )
+            rank_zero_warn(
+                f"{type(pl_module).__name__}'s representation {state} at step {step} "
+                f"({self.watch.collapsed_steps} steps so far): the RankMe of its features on held images is "
+                f"{rank:.2f} < {self.min_rankme}, every image on nearly one line. Check the learning rate, "
+                "temperatures and augmentations."
+            )
+
+    def schedule_next(self, trainer: L.Trainer, step: int, check_seconds: float) -> None:
+        """The step of the next check: fixed, or the fewest steps whose training time the check's
+        cost stays within ``max_overhead`` of (before any step is timed: ``log_every_n_steps``)."""
+        interval = self.every_n_steps
+        if not interval:
+            interval = max(1, trainer.log_every_n_steps)
+            if self._step_seconds:
+                step_seconds = sum(self._step_seconds) / len(self._step_seconds)
+                interval = max(interval, math.ceil(check_seconds / (self.max_overhead * step_seconds)))
+            interval = trainer.strategy.broadcast(interval, src=0)
+        self._step_seconds.clear()
+        self.next_check = step + interval
+
+    def draw(self, trainer: L.Trainer) -> None:
+        ranks = {k: v for k, v in self.history.items() if k.startswith("rankme")}
+        save_picture(trainer, "health-rankme", line_chart(ranks, "RankMe of held images' features"))
+        teacher = {k: v for k, v in self.history.items() if k in ("teacher_entropy", "prototypes_used", "spread")}
+        save_picture(trainer, "health-spread", line_chart(teacher, "spread, teacher entropy / ln K, prototypes used"))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "watch": self.watch.state_dict(), "next_check": self.next_check}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: [tuple(p) for p in v] for k, v in state_dict.get("history", {}).items()}
+        self.watch.load_state_dict(state_dict.get("watch", {}))
+        self.next_check = state_dict.get("next_check", 0)
