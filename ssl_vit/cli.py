@@ -1,6 +1,7 @@
 """The ``ssl-vit`` command.
 
     ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_epochs 5 ...] [--ckpt_path last]
+    ssl-vit finetune --config recipes/quickstart/finetune.yaml [--model.init_args.pretrained false ...]
     ssl-vit knn CHECKPOINT --train_shards TRAIN --val_shards VAL [--pooling cls|mean|cls+mean ...]
     ssl-vit probe CHECKPOINT --train_shards TRAIN --val_shards VAL [--head linear|attentive|linear+attentive ...]
     ssl-vit segprobe CHECKPOINT --train_shards TRAIN --val_shards VAL [--seg_epochs 20 ...]
@@ -46,6 +47,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.report import print_results, write_records
 from ssl_vit.export import export_encoder
+from ssl_vit.finetune import FineTune, LabelledShardDataModule, export_classifier
 from ssl_vit.guards import NonFiniteGuard
 from ssl_vit.health import HealthCallback
 from ssl_vit.methods.base import SSLMethod
@@ -54,6 +56,7 @@ from ssl_vit.progress import ImagesPerSecondBar, print_run_summary, run_summary
 
 COMMANDS = {
     "pretrain": "pretrain an encoder from a YAML recipe (Lightning CLI: --config, overrides, --ckpt_path)",
+    "finetune": "fine-tune an encoder end to end on labelled shards (MAE's recipe; writes a timm classifier folder)",
     "knn": "k-NN accuracy of a checkpoint's frozen encoder on labelled shards (DINO's protocol)",
     "probe": "linear (MAE's protocol) or attentive (V-JEPA's) probe accuracy of a checkpoint's frozen encoder",
     "segprobe": "dense linear-probe mIoU of a checkpoint's frozen patch tokens on shards with label maps (DINOv2's)",
@@ -63,7 +66,11 @@ COMMANDS = {
 }
 
 
-class PretrainCLI(LightningCLI):
+class RunCLI(LightningCLI):
+    """What every ssl-vit training command shares: atomic checkpoints (each periodic one kept,
+    plus ``last.ckpt``), auto-resume from the newest complete one, the non-finite-loss guard, the
+    progress bar, bf16 on GPUs, and errors that say what to fix."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         # Keep every periodic checkpoint (there is no metric to rank them by) plus last.ckpt.
@@ -71,20 +78,12 @@ class PretrainCLI(LightningCLI):
             {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.filename": "{epoch:04d}-{step}"}
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
-        parser.add_lightning_class_args(PicturesCallback, "pictures")
-        parser.add_lightning_class_args(HealthCallback, "health")
         parser.add_lightning_class_args(ImagesPerSecondBar, "progress_bar")
         parser.add_argument(
             "--export",
             type=bool,
             default=True,
-            help="at the end, export the evaluated encoder as a timm folder in <default_root_dir>/export",
-        )
-        parser.add_argument(
-            "--compile",
-            type=bool,
-            default=False,
-            help="torch.compile every transformer block (encoder, teacher, decoder) in place before training",
+            help="at the end, export the trained model as a timm folder in <default_root_dir>/export",
         )
         parser.add_argument(
             "--auto_resume",
@@ -94,7 +93,6 @@ class PretrainCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        check_recipe_fits_model(self.datamodule, self.model)  # before the trainer starts printing
         trainer = self.config_init[self.subcommand]["trainer"]
         precision = default_precision(trainer.get("accelerator", "auto"), trainer.get("precision"))
         trainer = super().instantiate_trainer(**kwargs, precision=precision)
@@ -117,9 +115,40 @@ class PretrainCLI(LightningCLI):
                 message = f"resuming from {newest} (--auto_resume false starts afresh)"
                 Console(stderr=True, soft_wrap=True).print(message)
                 config["ckpt_path"] = str(newest)
-        if config["compile"]:
-            compile_blocks(self.model)
         self.started = time.perf_counter()
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse wraps errors raised while building the model or data in its own ValueError;
+        # surface ours (which say what to fix) instead of the wrapper.
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            raise (cause or err) from None
+
+
+class PretrainCLI(RunCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_lightning_class_args(PicturesCallback, "pictures")
+        parser.add_lightning_class_args(HealthCallback, "health")
+        parser.add_argument(
+            "--compile",
+            type=bool,
+            default=False,
+            help="torch.compile every transformer block (encoder, teacher, decoder) in place before training",
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        check_recipe_fits_model(self.datamodule, self.model)  # before the trainer starts printing
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        super().before_fit()
+        if self.config_init[self.subcommand]["compile"]:
+            compile_blocks(self.model)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -133,16 +162,33 @@ class PretrainCLI(LightningCLI):
         (Path(trainer.default_root_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         print_run_summary(summary)
 
-    def instantiate_classes(self) -> None:
-        # jsonargparse wraps errors raised while building the model or data in its own ValueError;
-        # surface ours (which say what to fix) instead of the wrapper.
-        try:
-            super().instantiate_classes()
-        except Exception as err:
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__ or cause.__context__
-            raise (cause or err) from None
+
+class FineTuneCLI(RunCLI):
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        metrics = trainer.callback_metrics
+        results = {k: round(float(metrics[f"val/{k}"]), 3) for k in ("top1", "top5") if f"val/{k}" in metrics}
+        export_dir = None
+        if self.config_init[self.subcommand]["export"]:
+            out = Path(trainer.default_root_dir) / "export"
+            export_dir = export_classifier(self.model, out, self.datamodule.classes(), results)
+        hp = self.model.hparams
+        summary = {
+            "objective": "fine-tuning",
+            "weights": hp.init_from if hp.init_from and hp.pretrained else "random initialisation",
+            "encoder": ", ".join(f"{k}={v}" for k, v in hp.encoder.items()),
+            "steps": trainer.global_step,
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "val_top1": results.get("top1"),
+            "val_top5": results.get("top5"),
+            "checkpoint": str(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"),
+            "export": str(export_dir) if export_dir else None,
+            "logs": trainer.log_dir,
+        }
+        (Path(trainer.default_root_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        print_run_summary(summary)
 
 
 def default_precision(accelerator: Any, precision: Any, cuda: bool | None = None) -> Any:
@@ -178,23 +224,33 @@ def check_recipe_fits_model(datamodule: ShardDataModule, model: SSLMethod) -> No
         )
 
 
-def pretrain(args: list[str]) -> None:
+def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataModule], args: list[str]) -> None:
+    """A training command: Lightning's CLI (``fit``) on ``model`` and ``data`` from a recipe."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # ShardDataset's length is exact per rank and per worker, which this generic warning cannot know.
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning internals
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0"
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # resuming
+    command = "pretrain" if cli is PretrainCLI else "finetune"
     # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
     # "--weights_only" first so that a user's own value, later on the line, wins.
-    PretrainCLI(
-        SSLMethod,
-        ShardDataModule,
-        subclass_mode_model=True,
+    cli(
+        model,
+        data,
+        subclass_mode_model=model is SSLMethod,
         args=["fit", "--weights_only=true", *args],
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False, "fit": {"prog": "ssl-vit pretrain", "exit_on_error": False}},
+        parser_kwargs={"exit_on_error": False, "fit": {"prog": f"ssl-vit {command}", "exit_on_error": False}},
     )
+
+
+def pretrain(args: list[str]) -> None:
+    run(PretrainCLI, SSLMethod, ShardDataModule, args)
+
+
+def finetune(args: list[str]) -> None:
+    run(FineTuneCLI, FineTune, LabelledShardDataModule, args)
 
 
 def evaluate(command: str, args: list[str]) -> None:
@@ -322,7 +378,9 @@ def main(argv: list[str] | None = None) -> None:
         if command in ("knn", "probe", "segprobe"):
             evaluate(command, rest)
         else:
-            {"pretrain": pretrain, "export": export, "shards": shards, "recipes": recipes}[command](rest)
+            {"pretrain": pretrain, "finetune": finetune, "export": export, "shards": shards, "recipes": recipes}[
+                command
+            ](rest)
     except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
         sys.exit(128 + signal.SIGTERM)
     except (UserError, argparse.ArgumentError) as err:

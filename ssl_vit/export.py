@@ -29,7 +29,7 @@ from ssl_vit.checkpoint import (
     read_checkpoint,
 )
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
-from ssl_vit.encoder import NON_TIMM_SETTINGS, ViTEncoder
+from ssl_vit.encoder import NON_TIMM_SETTINGS
 from ssl_vit.errors import UserError
 from ssl_vit.eval.report import RECORD_KINDS
 
@@ -52,6 +52,37 @@ def export_encoder(
     """
     ckpt = read_checkpoint(checkpoint)
     encoder, role = checkpoint_encoder(ckpt, checkpoint, role)
+    if fmt == "state_dict":
+        return write_atomically(
+            out,
+            overwrite,
+            lambda tmp: save_file(
+                _contiguous(encoder.vit.state_dict()),
+                str(tmp / "model.safetensors"),
+                metadata={"architecture": encoder.name},
+            ),
+            "model.safetensors",
+        )
+    config = {"pretrained_cfg": preprocessing_cfg(encoder.vit), "ssl_vit": provenance(ckpt, checkpoint, role)}
+    return write_timm_folder(encoder.vit, out, _model_args(ckpt["hyper_parameters"]["encoder"]), config, overwrite)
+
+
+def write_timm_folder(
+    model: VisionTransformer, out: str | Path, model_args: dict[str, Any], config: dict[str, Any], overwrite: bool
+) -> Path:
+    """``model`` as a folder ``timm.create_model("local-dir:OUT", pretrained=True)`` loads:
+    ``config.json`` (architecture, ``model_args``, and ``config``'s entries) and
+    ``model.safetensors``, written atomically."""
+
+    def write(tmp: Path) -> None:
+        save_for_hf(model, str(tmp), model_config=config, model_args=model_args, safe_serialization=True)
+
+    return write_atomically(out, overwrite, write)
+
+
+def write_atomically(out: str | Path, overwrite: bool, write: Any, member: str | None = None) -> Path:
+    """Run ``write(tmp)`` on a temporary folder beside ``out`` and rename it (or its ``member``
+    file) into place: nothing partial is ever at ``out``."""
     out = Path(out)
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another path or pass --overwrite")
@@ -61,24 +92,10 @@ def export_encoder(
     except OSError as err:
         raise UserError(f"cannot write to {out.parent}: {err.strerror}") from err
     try:
-        if fmt == "state_dict":
-            written = tmp / "model.safetensors"
-            save_file(_contiguous(encoder.vit.state_dict()), str(written), metadata={"architecture": encoder.name})
-        else:
-            written = tmp
-            save_for_hf(
-                encoder.vit,
-                str(tmp),
-                model_config={
-                    "pretrained_cfg": _preprocessing(encoder),
-                    "ssl_vit": provenance(ckpt, checkpoint, role),
-                },
-                model_args=_model_args(ckpt["hyper_parameters"]["encoder"]),
-                safe_serialization=True,
-            )
+        write(tmp)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(written, out)
+        os.replace(tmp / member if member else tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -97,10 +114,10 @@ def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None
     return encoder.vit
 
 
-def encoder_state_dict(path: str | Path, encoder: ViTEncoder) -> dict[str, torch.Tensor]:
+def encoder_state_dict(path: str | Path, vit: VisionTransformer) -> dict[str, torch.Tensor]:
     """timm-keyed encoder weights from an export folder, a timm ``local-dir`` folder, a
     ``.safetensors`` / ``.pth`` state dict or an ssl-vit checkpoint, with position embeddings (and
-    patch embeddings) resampled to ``encoder``'s image and patch grid."""
+    patch embeddings) resampled to ``vit``'s image and patch grid."""
     path = Path(path)
     if path.is_dir():
         state = load_file(str(path / "model.safetensors"))
@@ -115,7 +132,7 @@ def encoder_state_dict(path: str | Path, encoder: ViTEncoder) -> dict[str, torch
     else:
         raise UserError(f"encoder weights {path} do not exist")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    return checkpoint_filter_fn(state, encoder.vit)
+    return checkpoint_filter_fn(state, vit)
 
 
 def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[str, Any]:
@@ -142,8 +159,10 @@ def _model_args(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NON_TIMM_SETTINGS}
 
 
-def _preprocessing(encoder: ViTEncoder) -> dict[str, Any]:
-    size = encoder.vit.patch_embed.img_size
+def preprocessing_cfg(vit: VisionTransformer) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` entries for ssl-vit's evaluation view (what ``timm.data``
+    resolves a model's transforms from)."""
+    size = vit.patch_embed.img_size
     return {
         "input_size": (3, *size),
         "mean": IMAGENET_MEAN,

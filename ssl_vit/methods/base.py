@@ -99,7 +99,8 @@ class SSLMethod(L.LightningModule):
 
     def load_initial_weights(self, path: str) -> None:
         try:
-            missing, unexpected = self.encoder.vit.load_state_dict(encoder_state_dict(path, self.encoder), strict=False)
+            vit = self.encoder.vit
+            missing, unexpected = vit.load_state_dict(encoder_state_dict(path, vit), strict=False)
             problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             fits = not unexpected and not [k for k in missing if not k.startswith("head.")]
         except RuntimeError as err:  # shapes differ

@@ -1,0 +1,229 @@
+"""End-to-end fine-tuning, the MAE paper's recipe (``main_finetune.py``) built from timm's parts:
+a timm ViT classifier with global average pooling and fc-norm, initialised from an ``ssl-vit``
+export folder, checkpoint or timm weights (or at random), layer-wise lr decay
+(``param_groups_layer_decay``), drop path, RandAugment, random erasing, Mixup/CutMix with label
+smoothing, AdamW with per-step warm-up and cosine decay; top-1/top-5 on labelled val shards every
+epoch. At the end ``ssl-vit finetune`` writes a timm folder *with* the classifier, which
+``timm.create_model("local-dir:...", pretrained=True)`` loads and predicts with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssl_vit.checkpoint import read_checkpoint
+from ssl_vit.data.pipeline import ShardDataModule, ShardDataset
+from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
+from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
+from ssl_vit.errors import UserError
+from ssl_vit.export import encoder_state_dict, preprocessing_cfg, write_timm_folder
+from ssl_vit.schedules import warmup_cosine
+
+
+class FineTuneView:
+    """MAE's fine-tuning training view, timm's ``create_transform``: RandomResizedCrop (0.08-1,
+    bicubic) + flip, RandAugment ``rand-m9-mstd0.5-inc1``, normalisation, random erasing (0.25,
+    per-pixel noise). The RandAugment magnitude is clipped at 9 (``mmax9``) instead of timm's 10:
+    at 10 the increasing posterize keeps 0 bits, which Pillow 10 and later reject."""
+
+    def __init__(
+        self, size: int = 224, auto_augment: str = "rand-m9-mstd0.5-inc1-mmax9", re_prob: float = 0.25
+    ) -> None:
+        self.transform = create_transform(
+            input_size=size,
+            is_training=True,
+            color_jitter=None,
+            auto_augment=auto_augment,
+            interpolation="bicubic",
+            re_prob=re_prob,
+            re_mode="pixel",
+            re_count=1,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
+        self.size = size
+
+    def __call__(self, image):
+        return self.transform(image)
+
+
+class LabelledShardDataModule(ShardDataModule):
+    """The pretraining pipeline over labelled ``train_shards``, plus ``val_shards`` read once per
+    validation through the evaluation view (each rank its own shards)."""
+
+    def __init__(self, *args: Any, val_shards: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_shards = val_shards
+
+    def classes(self) -> list[str] | None:
+        _, index = resolve_shards(self.train_shards)
+        return index.classes if index and index.classes else None
+
+    def val_dataloader(self) -> DataLoader:
+        urls, _ = resolve_shards(self.val_shards)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        size = self.view.size
+        dataset = ShardDataset(urls, EvalView(size), shuffle_shards=False, rank=rank, world_size=world)
+        workers = min(self.num_workers, max(1, len(urls) // world))
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers)
+
+
+def architecture(init_from: str) -> EncoderConfig:
+    """The encoder settings an export folder (``config.json``) or an ssl-vit checkpoint was made with."""
+    path = Path(init_from)
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        args = {k: v for k, v in config.get("model_args", {}).items() if k in EncoderConfig.__annotations__}
+        return {"name": config["architecture"], **args}
+    if path.suffix == ".ckpt" and path.is_file():
+        return dict(read_checkpoint(path)["hyper_parameters"]["encoder"])
+    raise UserError(
+        f"model.init_from {init_from} is neither an export folder nor an ssl-vit checkpoint; "
+        "give model.encoder too for timm weights"
+    )
+
+
+class FineTune(L.LightningModule):
+    """MAE's fine-tuning, its ViT-B/16 command (FINETUNE.md) as defaults: a timm ViT with
+    ``num_classes`` outputs, average-pooled patch tokens and fc-norm (the pretrained final norm
+    is dropped, as MAE does), drop path 0.1, AdamW (0.9, 0.999), lr = base_lr 5e-4 x global
+    batch / 256 with ``warmup_epochs`` (5 of MAE's 100) of per-step linear warm-up then cosine to
+    ``min_lr``, layer-wise lr decay 0.65 (MAE's ViT-L: 0.75, base_lr 1e-3, drop path 0.2),
+    weight decay 0.05 except on biases, norms, position embeddings and tokens; Mixup 0.8 /
+    CutMix 1.0 with label smoothing 0.1 (soft-target cross-entropy).
+
+    Args:
+        init_from: an export folder, ssl-vit checkpoint, timm ``local-dir`` folder or timm
+            ``.safetensors`` / ``.pth`` file; None = random initialisation of ``encoder``.
+        encoder: the architecture; default: the one ``init_from`` was trained with.
+        pretrained: False builds ``init_from``'s architecture at random initialisation (the
+            baseline the pretrained run is judged against).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        init_from: str | None = None,
+        encoder: EncoderConfig | None = None,
+        pretrained: bool = True,
+        base_lr: float = 5e-4,
+        layer_decay: float = 0.65,
+        weight_decay: float = 0.05,
+        drop_path_rate: float = 0.1,
+        warmup_epochs: float = 5,
+        min_lr: float = 1e-6,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if encoder is None and init_from is None:
+            raise UserError("set model.init_from (weights to fine-tune) or model.encoder (an architecture)")
+        config = dict(encoder or architecture(init_from))
+        self.hparams.encoder = dict(config)  # the architecture, in the checkpoint, whatever gave it
+        args = {k: v for k, v in config.items() if k not in NON_TIMM_SETTINGS}
+        args.update(num_classes=num_classes, global_pool="avg", fc_norm=True, drop_path_rate=drop_path_rate)
+        self.model = timm.create_model(config["name"], pretrained=False, **args)
+        self.model_args = args
+        if init_from is not None and pretrained:
+            self.load_encoder(init_from)
+        self.mixup = (
+            Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+            if mixup > 0 or cutmix > 0
+            else None
+        )
+        self.criterion = SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(label_smoothing)
+        self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+
+    def load_encoder(self, path: str) -> None:
+        """The pretrained encoder into the classifier: everything but the new head and fc-norm
+        must fit, and only the final norm (replaced by fc-norm) may be left over, as MAE checks."""
+        try:
+            missing, unexpected = self.model.load_state_dict(encoder_state_dict(path, self.model), strict=False)
+        except RuntimeError as err:
+            raise UserError(f"model.init_from {path} does not fit the classifier: {str(err).splitlines()[-1]}") from err
+        missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+        unexpected = [k for k in unexpected if not k.startswith("norm.")]
+        if missing or unexpected:
+            raise UserError(
+                f"model.init_from {path} does not fit the classifier (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); check model.encoder"
+            )
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch
+        targets = labels
+        if self.mixup is not None:
+            if len(labels) % 2:
+                raise UserError(f"Mixup/CutMix need an even batch; data.batch_size is {len(labels)}")
+            images, targets = self.mixup(images, labels)
+        loss = self.criterion(self.model(images), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self.model(images)
+        self.top1.update(logits, labels)
+        self.top5.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({"val/top1": 100 * self.top1.compute(), "val/top5": 100 * self.top5.compute()}, prog_bar=True)
+        self.top1.reset()
+        self.top5.reset()
+
+    def peak_lr(self, per_device_batch: int) -> float:
+        world = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return self.hparams.base_lr * per_device_batch * world / 256
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = round(self.hparams.warmup_epochs * steps_per_epoch)
+        peak = self.peak_lr(len(batch[1]))
+        lr = warmup_cosine(self.global_step, total, warmup, peak, self.hparams.min_lr)
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.log("train/lr", lr)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = param_groups_layer_decay(
+            self.model,
+            weight_decay=self.hparams.weight_decay,
+            no_weight_decay_list=self.model.no_weight_decay(),
+            layer_decay=self.hparams.layer_decay,
+        )
+        fused = torch.cuda.is_available()
+        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=fused)
+
+
+def export_classifier(module: FineTune, out: str | Path, classes: list[str] | None, results: dict[str, Any]) -> Path:
+    """The fine-tuned classifier, head included, as a timm folder (``label_names`` from the
+    shards' classes), with where it came from and its val accuracy in ``config.json``."""
+    cfg = {**preprocessing_cfg(module.model), "num_classes": module.hparams.num_classes}
+    if classes:
+        cfg["label_names"] = classes
+    provenance = {
+        "finetuned_from": module.hparams.init_from if module.hparams.pretrained else None,
+        "recipe": {k: v for k, v in module.hparams.items() if k != "encoder"},
+        "results": results,
+    }
+    args = {k: v for k, v in module.model_args.items() if k not in ("num_classes", "drop_path_rate")}
+    return write_timm_folder(module.model, out, args, {"pretrained_cfg": cfg, "ssl_vit": provenance}, overwrite=True)

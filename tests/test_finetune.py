@@ -1,0 +1,119 @@
+"""Fine-tuning: the pretrained encoder arrives whole, layer-wise lr decay follows MAE's
+formula, and ``ssl-vit finetune`` writes a classifier timm loads and predicts with."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from ssl_vit import export_encoder
+from ssl_vit.data import write_shards
+from ssl_vit.errors import UserError
+from ssl_vit.finetune import FineTune
+from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly, png_bytes, random_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A tiny MAE encoder, briefly trained and exported."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    factory, view = OBJECTIVES["mae"]
+    trainer = fit_briefly(factory(), view)
+    trainer.save_checkpoint(folder / "last.ckpt")
+    return export_encoder(folder / "last.ckpt", folder / "export")
+
+
+def test_the_pretrained_encoder_arrives_whole(exported):
+    model = FineTune(num_classes=7, init_from=str(exported)).model
+    encoder = timm.create_model(f"local-dir:{exported}", pretrained=True)
+    for name, tensor in encoder.state_dict().items():
+        if not name.startswith("norm."):  # MAE's fine-tuning replaces the final norm by fc-norm
+            torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
+    assert model.global_pool == "avg" and model.head.out_features == 7
+    random = FineTune(num_classes=7, init_from=str(exported), pretrained=False).model
+    assert not torch.equal(random.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_weights_of_another_architecture_are_refused(exported):
+    with pytest.raises(UserError, match="does not fit the classifier"):
+        FineTune(num_classes=7, init_from=str(exported), encoder={**TINY_ENCODER, "embed_dim": 48})
+
+
+def test_layer_wise_lr_decay_is_maes(exported):
+    """MAE's lr_decay.py: layer id 0 for the patch embedding, position embedding and CLS token,
+    i + 1 for block i, depth + 1 for everything after; lr scale = decay ** (depth + 1 - id)."""
+    module = FineTune(num_classes=7, init_from=str(exported), layer_decay=0.5, base_lr=1e-3)
+    optimizer = module.configure_optimizers()
+    depth = len(module.model.blocks)
+    scale_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            scale_of[id(p)] = group["lr_scale"]
+    for name, p in module.model.named_parameters():
+        if name.startswith(("patch_embed", "pos_embed", "cls_token")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        assert scale_of[id(p)] == pytest.approx(0.5 ** (depth + 1 - layer)), name
+    decayed = {
+        n
+        for g in optimizer.param_groups
+        if g["weight_decay"] > 0
+        for n, p in module.model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
+    assert "blocks.0.attn.qkv.weight" in decayed and "blocks.0.attn.qkv.bias" not in decayed
+    assert "pos_embed" not in decayed and "cls_token" not in decayed
+
+
+def labelled_shards(folder: Path, n: int) -> str:
+    samples = (("png", png_bytes(img), i % 4) for i, img in enumerate(random_images(n, size=32, seed=n)))
+    write_shards(samples, folder, classes=["a", "b", "c", "d"], source="test", samples_per_shard=16)
+    return str(folder)
+
+
+def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_path):
+    data = [
+        f"--data.train_shards={labelled_shards(tmp_path / 'train', 64)}",
+        f"--data.val_shards={labelled_shards(tmp_path / 'val', 32)}",
+    ]
+    args = [
+        sys.executable,
+        "-m",
+        "ssl_vit.cli",
+        "finetune",
+        "--config",
+        str(ROOT / "recipes/quickstart/finetune.yaml"),
+        f"--model.init_from={exported}",
+        "--model.num_classes=4",
+        *data,
+        "--data.batch_size=16",
+        "--data.num_workers=1",
+        "--data.shuffle_buffer=16",
+        "--trainer.max_epochs=2",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["steps"] == 8 and 0 <= summary["val_top1"] <= 100 and summary["weights"] == str(exported)
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8
+
+    model = timm.create_model(f"local-dir:{tmp_path / 'run/export'}", pretrained=True).eval()
+    assert model.pretrained_cfg["label_names"] == ["a", "b", "c", "d"]
+    finetuned = FineTune(num_classes=4, init_from=str(exported))
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items()}
+    finetuned.model.load_state_dict(state)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), finetuned.model.eval()(x))
