@@ -1,9 +1,9 @@
 """Representation quality against training budget: each objective's quickstart recipe, run once per
 dataset through ``ssl-vit pretrain`` with a checkpoint at every budget, each checkpoint (and the
-random initialisation) evaluated with k-NN k=20 on CLS and on mean-pooled patch tokens and a linear
-probe; lightly's documented example of the same objective beside it on the same timm encoder,
-data, batch, budgets and seed, where lightly has one (MAE, SimMIM, DINO, SimCLR; its MoCo example is
-MoCo v2).
+random initialisation) evaluated with k-NN k=20 on CLS and on mean-pooled patch tokens, a linear
+probe and an attentive probe; lightly's documented example of the same objective beside it on the
+same timm encoder, data, batch, budgets and seed, where lightly has one (MAE, SimMIM, DINO,
+SimCLR; its MoCo example is MoCo v2).
 
     python benchmarks/quality.py                                  # every objective, both embedded datasets
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624
@@ -52,8 +52,9 @@ def recipe(objective: str) -> dict:
 
 
 def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, float]:
-    """k-NN k=20 on CLS and on mean-pooled patch tokens, and the linear probe on ``probe_pooling``,
-    from one pass over the data (``cls+mean`` features, split)."""
+    """k-NN k=20 on CLS and on mean-pooled patch tokens and the linear probe on ``probe_pooling``,
+    from one pass over the data (``cls+mean`` features, split), and the attentive probe on the
+    patch tokens."""
     ev = Evaluator(str(data / "train"), str(data / "val"), pooling="cls+mean", knn_ks=[20], num_workers=1)
     both = ev.features(encoder)
     d = encoder.embed_dim
@@ -63,6 +64,7 @@ def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, f
         row[f"knn_{pooling}"] = ev.knn(train, val)["k=20"]["top1"]
         if pooling == probe_pooling:
             row["probe"] = ev.probe(encoder, train, val)["top1"]
+    row["attentive"] = ev.attentive_probe(encoder, *both)["top1"]
     return row
 
 

@@ -78,6 +78,30 @@ def dino_loss(student_out: Tensor, teacher_probs: Tensor, num_crops: int, studen
     return total / pairs
 
 
+def ibot_patch_loss(student_out: Tensor, teacher_probs: Tensor, masks: Tensor, student_temp: float = 0.1) -> Tensor:
+    """iBOT's masked-patch loss as DINOv2 computes it (``iBOTPatchLoss.forward_masked``): for the
+    M masked patches of a batch of C global crops, given in ``masks``' (C, N) row-major order,
+    the cross-entropy between the teacher's targets and the student's softmax(s / student_temp),
+    averaged over each crop's masked patches, summed over crops and divided by C (unmasked crops
+    count in C)."""
+    per_patch = -(teacher_probs * F.log_softmax(student_out.float() / student_temp, dim=-1)).sum(dim=-1)
+    counts = masks.sum(dim=1, keepdim=True).clamp_min(1).expand_as(masks)[masks]  # each patch's crop's count
+    return (per_patch / counts).sum() / masks.shape[0]
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """The Kozachenko-Leonenko entropy estimator DINOv2 spreads its CLS features with
+    (``KoLeoLoss``): L2-normalise, find each row's nearest other row, -mean log(distance + eps).
+    Computed in float32 on the local batch."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        similarity = x @ x.T
+        similarity.fill_diagonal_(-1)
+        nearest = similarity.argmax(dim=1)
+    distance = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
+    return -torch.log(distance + eps).mean()
+
+
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2) -> Tensor:
     """MoCo v3's contrastive loss: each query against the keys of the whole global batch (gathered
     from every rank, without gradients), its own key the positive; scaled by 2 x temperature."""

@@ -1,6 +1,7 @@
 """SimMIM, DINO, MoCo v3 and SimCLR against short references written from the official formulas."""
 
 import math
+import random
 import warnings
 from types import SimpleNamespace
 
@@ -18,12 +19,14 @@ from ssl_vit.heads import DINOHead
 from ssl_vit.losses import (
     dino_loss,
     dino_teacher_probs,
+    ibot_patch_loss,
     info_nce,
+    koleo_loss,
     masked_pixel_l1,
     nt_xent,
     sinkhorn_knopp_teacher_probs,
 )
-from ssl_vit.masking import block_patch_mask
+from ssl_vit.masking import block_patch_mask, ibot_masks, multi_block_mask
 from ssl_vit.methods import DINO, MoCoV3, SimCLR, SimMIM
 from ssl_vit.methods.dino import embed_crops
 from ssl_vit.schedules import cosine_to, linear_warmup_then_constant
@@ -298,3 +301,59 @@ def test_collapse_watch_counts_steps_between_checks_and_resets_on_recovery():
     resumed = CollapseWatch()
     resumed.load_state_dict(watch.state_dict())
     assert resumed.state_dict() == watch.state_dict()
+
+
+def test_ibot_patch_loss_is_dinov2s_per_crop_mean_over_all_crops():
+    """Written from DINOv2's iBOTPatchLoss.forward_masked: each masked patch's cross-entropy,
+    weighted 1 / (masked patches in its crop), summed, divided by all global crops."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(4, 6, dtype=torch.bool)
+    masks[0, [1, 4]] = True  # crop 0: 2 masked patches; crop 2: 3; crops 1 and 3: none
+    masks[2, [0, 2, 5]] = True
+    student = torch.randn(5, 8, generator=g)
+    teacher = torch.softmax(torch.randn(5, 8, generator=g), dim=-1)
+    ce = [-(teacher[i] * torch.log_softmax(student[i] / 0.1, dim=-1)).sum() for i in range(5)]
+    expected = ((ce[0] + ce[1]) / 2 + (ce[2] + ce[3] + ce[4]) / 3) / 4
+    torch.testing.assert_close(ibot_patch_loss(student, teacher, masks, 0.1), expected)
+
+
+def test_koleo_is_minus_mean_log_nearest_neighbour_distance():
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(1)) * 3
+    z = (x / x.norm(dim=1, keepdim=True)).double().numpy()
+    nearest = [min(np.linalg.norm(z[i] - z[j]) for j in range(9) if j != i) for i in range(9)]
+    expected = -np.mean(np.log(np.array(nearest) + 1e-8))
+    assert koleo_loss(x).item() == pytest.approx(expected, rel=1e-5)
+    x.requires_grad_(True)
+    koleo_loss(x).backward()  # pushes nearest neighbours apart: a gradient reaches every row
+    assert (x.grad.norm(dim=1) > 0).all()
+
+
+def test_multi_block_mask_covers_at_most_what_was_asked_in_rectangles():
+    rng = random.Random(0)
+    for want in (4, 10, 20, 31):
+        mask = multi_block_mask((8, 8), want, rng)
+        assert 0 < mask.sum() <= want and mask.sum() >= min(want, 4)
+    # blocks, not scattered patches: rectangles of at least 4 patches make few connected regions
+    mask = multi_block_mask((14, 14), 78, rng)
+    seen, regions = set(), 0
+    for start in map(tuple, mask.nonzero().tolist()):
+        if start in seen:
+            continue
+        regions, todo = regions + 1, [start]
+        while todo:
+            r, c = todo.pop()
+            if (r, c) in seen or not (0 <= r < 14 and 0 <= c < 14) or not mask[r, c]:
+                continue
+            seen.add((r, c))
+            todo += [(r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)]
+    assert regions <= mask.sum() / 4
+
+
+def test_ibot_masks_mask_half_the_crops_across_the_ratio_range():
+    masks = ibot_masks(8, (14, 14), random.Random(0))
+    counts = sorted(masks.sum(1).tolist())
+    assert counts[:4] == [0, 0, 0, 0] and all(c > 0 for c in counts[4:])  # int(8 x 0.5) crops masked
+    # the i-th masked crop asks for a ratio in the i-th quarter of (0.1, 0.5): at most its upper edge
+    uppers = [int(196 * (0.1 + 0.1 * (i + 1))) for i in range(4)]
+    assert all(c <= u for c, u in zip(counts[4:], uppers, strict=True))
+    assert counts[-1] > 196 * 0.25  # the last slice asks for 40-50%: rectangles reach most of it
