@@ -171,8 +171,13 @@ class SSLMethod(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         return scaled_ema_momentum(paper_momentum, self.steps_per_epoch(), total, self.paper_run)
 
+    def lr_batch_scale(self, global_batch: int) -> float:
+        """The peak lr's factor for the global batch: linear, ``global_batch / lr_batch_divisor``
+        (DINOv2 overrides it with its square-root rule)."""
+        return global_batch / self.lr_batch_divisor
+
     def learning_rate(self, step: int, per_device_batch: int) -> float:
-        scale = self.global_batch_size(per_device_batch) / self.lr_batch_divisor
+        scale = self.lr_batch_scale(self.global_batch_size(per_device_batch))
         bounds_scale = scale if self.lr_bounds_scale_with_batch else 1.0
         return warmup_cosine(
             step,
@@ -189,14 +194,21 @@ class SSLMethod(L.LightningModule):
         tokens and position embeddings do. Objectives with another rule override this."""
         return param.ndim > 1 and not name.endswith(".bias")
 
+    def lr_scale(self, name: str, param: nn.Parameter) -> float:
+        """A parameter's multiplier of the scheduled lr (DINOv2's layer-wise decay); 1 by default."""
+        return 1.0
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        decayed, exempt = [], []
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if param.requires_grad:
-                (decayed if self.decays(name, param) else exempt).append(param)
-        groups = [{"params": decayed, "weight_decay": self.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+                groups.setdefault((self.decays(name, param), self.lr_scale(name, param)), []).append(param)
+        param_groups = [
+            {"params": params, "weight_decay": self.weight_decay if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
+        ]
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=self.betas, fused=fused)
+        return torch.optim.AdamW(param_groups, lr=0.0, betas=self.betas, fused=fused)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
@@ -240,8 +252,8 @@ class SSLMethod(L.LightningModule):
             wd = cosine_to(self.global_step, int(self.trainer.estimated_stepping_batches), wd, self.weight_decay_end)
             self.log("train/weight_decay", wd)
         for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = lr
-            if group["weight_decay"]:  # only the decayed group follows the schedule
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            if group["weight_decay"]:  # only the decayed groups follow the schedule
                 group["weight_decay"] = wd
         self.log("train/lr", lr, prog_bar=True)
 

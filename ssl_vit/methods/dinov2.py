@@ -1,0 +1,212 @@
+"""DINOv2 (Oquab et al., 2023), following facebookresearch/dinov2 ``dinov2/train/ssl_meta_arch.py``
+and ``configs/ssl_default_config.yaml``.
+
+DINO's image-level self-distillation across crops (reused from :mod:`ssl_vit.methods.dino`), plus
+iBOT's patch-level loss: the student sees some of its global crops with blocks of patches
+replaced by a mask token and predicts, at those patches, the teacher's distribution for the
+unmasked crop; plus KoLeo on the student's CLS features, which spreads them over the sphere.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ssl_vit.distributed import mean_over_ranks
+from ssl_vit.ema import frozen_copy
+from ssl_vit.encoder import EncoderConfig
+from ssl_vit.heads import DINOHead
+from ssl_vit.losses import dino_loss, dino_teacher_probs, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher_probs
+from ssl_vit.masking import ibot_masks
+from ssl_vit.methods.dino import DINO, embed_crops
+from ssl_vit.schedules import PaperRun
+
+
+class DINOv2(DINO):
+    """DINOv2 pretraining; defaults are ``ssl_default_config.yaml``'s: DINO head 2048 / 256 /
+    65536 shared by the iBOT loss (``ibot_separate_head`` builds its own), half of the global
+    crops masked with per-crop ratios spread over (0.1, 0.5), loss = DINO + 1.0 x iBOT + 0.1 x
+    KoLeo, Sinkhorn-Knopp teacher targets (``centering: mean`` for DINO's centre, one for the CLS
+    and one for the patches), teacher 0.04 -> 0.07 over 30 epochs per step, teacher momentum 0.992
+    -> 1, AdamW at 0.004 x sqrt(batch / 1024) (10 warm-up epochs, cosine to 1e-6), weight decay
+    0.04 -> 0.4, layer-wise lr decay 0.9 with the patch embedding at 0.2 of its layer's lr, the
+    heads' last layers frozen for the first epoch, gradients clipped to norm 3.0 per module
+    (encoder, each head), layer scale 1e-5 (timm ``init_values``). Registers are the encoder's
+    ``reg_tokens``."""
+
+    #: ssl_default_config.yaml: 100 "epochs" of 1,250 iterations each (OFFICIAL_EPOCH_LENGTH)
+    paper_run = PaperRun(epochs=100, steps_per_epoch=1250)
+    encoder_defaults: ClassVar[dict[str, Any]] = {"pos_embed_resample": "dino", "init_values": 1e-5}
+
+    def __init__(
+        self,
+        encoder: EncoderConfig,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        ibot_separate_head: bool = False,
+        mask_ratio_range: tuple[float, float] = (0.1, 0.5),
+        mask_probability: float = 0.5,
+        ibot_loss_weight: float = 1.0,
+        koleo_loss_weight: float = 0.1,
+        freeze_last_layer_epochs: int = 1,
+        student_temp: float = 0.1,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp_epochs: int = 30,
+        center_momentum: float = 0.9,
+        centering: Literal["mean", "sinkhorn_knopp"] = "sinkhorn_knopp",
+        teacher_momentum: float = 0.992,
+        clip_grad: float = 3.0,
+        base_lr: float = 4e-3,
+        layer_decay: float = 0.9,
+        patch_embed_lr_mult: float = 0.2,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        warmup_epochs: float = 10,
+        min_lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        init_from: str | None = None,
+        scale_to_run: bool = True,
+    ) -> None:
+        super().__init__(
+            encoder,
+            out_dim=out_dim,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            norm_last_layer=True,
+            use_bn_in_head=False,
+            freeze_last_layer_epochs=freeze_last_layer_epochs,
+            student_temp=student_temp,
+            warmup_teacher_temp=warmup_teacher_temp,
+            teacher_temp=teacher_temp,
+            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
+            center_momentum=center_momentum,
+            centering=centering,
+            teacher_momentum=teacher_momentum,
+            clip_grad=clip_grad,
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            weight_decay_end=weight_decay_end,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            betas=betas,
+            init_from=init_from,
+            scale_to_run=scale_to_run,
+        )
+        # The student's mask token (the official backbone's, zeros at the start), replacing the
+        # patch embedding of masked patches before the position embedding is added.
+        self.mask_token = nn.Parameter(torch.zeros(1, self.encoder.embed_dim))
+        if ibot_separate_head:
+            self.ibot_head = DINOHead(self.encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+            self.teacher_ibot_head = frozen_copy(self.ibot_head)
+            self.ema_targets = {**DINO.ema_targets, "teacher_ibot_head": "ibot_head"}
+        self.register_buffer("patch_center", torch.zeros(1, out_dim))
+        self._patch_means: list[Tensor] = []
+
+    def heads(self) -> tuple[nn.Module, nn.Module]:
+        """(student, teacher) heads of the iBOT loss: DINO's own unless ``ibot_separate_head``."""
+        if self.hparams.ibot_separate_head:
+            return self.ibot_head, self.teacher_ibot_head
+        return self.head, self.teacher_head
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        crops, _ = batch
+        hp = self.hparams
+        global_crops = torch.cat(crops[:2])  # [view 0 of every image; view 1 of every image]
+        grid = (global_crops.shape[-2] // self.encoder.patch_size, global_crops.shape[-1] // self.encoder.patch_size)
+        # Fresh masks from the run's seeded torch RNG (restored on resume), as the collate draws them.
+        rng = random.Random(int(torch.randint(0, 2**62, ())))
+        masks = ibot_masks(len(global_crops), grid, rng, hp.mask_ratio_range, hp.mask_probability)
+        masks = masks.to(global_crops.device)
+        student_ibot_head, teacher_ibot_head = self.heads()
+
+        with torch.no_grad():
+            teacher = self.teacher_encoder(global_crops)
+            teacher_cls = self.teacher_head(teacher.cls)
+            teacher_patches = teacher_ibot_head(teacher.patches[masks])
+        student = self.encoder(global_crops, mask=masks, mask_token=self.mask_token)
+        local_cls = embed_crops(self.encoder, nn.Identity(), crops[2:]) if len(crops) > 2 else student.cls[:0]
+        student_cls = self.head(torch.cat([student.cls, local_cls]))
+        student_patches = student_ibot_head(student.patches[masks])
+
+        temp = self.teacher_temperature()
+        if hp.centering == "sinkhorn_knopp":
+            cls_targets = sinkhorn_knopp_teacher_probs(teacher_cls, temp)
+            patch_targets = sinkhorn_knopp_teacher_probs(teacher_patches, temp)
+        else:
+            cls_targets = dino_teacher_probs(teacher_cls, self.center, temp)
+            patch_targets = dino_teacher_probs(teacher_patches, self.patch_center, temp)
+            self._teacher_means.append(teacher_cls.mean(dim=0, keepdim=True))
+            self._patch_means.append(teacher_patches.mean(dim=0, keepdim=True))
+
+        dino = dino_loss(student_cls, cls_targets, len(crops), hp.student_temp)
+        ibot = ibot_patch_loss(student_patches, patch_targets, masks, hp.student_temp)
+        koleo = sum(koleo_loss(view) for view in student.cls.chunk(2))
+        loss = dino + hp.ibot_loss_weight * ibot + hp.koleo_loss_weight * koleo
+        self.watch_collapse(teacher_cls, teacher_probs=cls_targets)
+        self.log_dict(
+            {"train/loss": loss, "train/dino_loss": dino, "train/ibot_loss": ibot, "train/koleo_loss": koleo},
+            prog_bar=True,
+        )
+        self.log("train/teacher_temp", temp)
+        return loss
+
+    def teacher_temperature(self) -> float:
+        """DINOv2 warms the teacher temperature up per iteration (DINO per epoch)."""
+        hp = self.hparams
+        warmup = round(self.run_epochs(hp.warmup_teacher_temp_epochs) * self.steps_per_epoch())
+        if self.global_step >= warmup:
+            return hp.teacher_temp
+        return hp.warmup_teacher_temp + (hp.teacher_temp - hp.warmup_teacher_temp) * self.global_step / warmup
+
+    def after_optimizer_step(self, step: int) -> None:
+        super().after_optimizer_step(step)  # the EMA teacher and the CLS centre
+        if self._patch_means:
+            m = self.hparams.center_momentum
+            batch_center = mean_over_ranks(torch.cat(self._patch_means).mean(dim=0, keepdim=True))
+            self.patch_center.mul_(m).add_(batch_center, alpha=1 - m)
+            self._patch_means.clear()
+
+    def on_after_backward(self) -> None:
+        super().on_after_backward()  # DINO's head's last layer
+        if self.hparams.ibot_separate_head and self.current_epoch < self.hparams.freeze_last_layer_epochs:
+            for p in self.ibot_head.last_layer.parameters():
+                p.grad = None
+
+    def clip_objective_gradients(self) -> None:
+        # DINOv2 clips the global norm of each module on its own: the backbone, each head.
+        clip = self.hparams.clip_grad
+        if not clip:
+            return
+        modules = [[*self.encoder.parameters(), self.mask_token], [*self.head.parameters()]]
+        if self.hparams.ibot_separate_head:
+            modules.append([*self.ibot_head.parameters()])
+        for params in modules:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+
+    def lr_batch_scale(self, global_batch: int) -> float:
+        # dinov2/utils/config.py, "sqrt_wrt_1024"
+        return math.sqrt(global_batch / 1024)
+
+    def lr_scale(self, name: str, param: nn.Parameter) -> float:
+        """``dinov2/utils/param_groups.py``: layer-wise decay 0.9^(depth + 1 - layer) with layer 0
+        the patch and position embeddings, the CLS, register and mask tokens, block i at i + 1,
+        everything else (the final norm, the heads) at depth + 1; the patch embedding at a further
+        0.2."""
+        if not name.startswith(("encoder.", "mask_token")):
+            return 1.0
+        depth = len(self.encoder.vit.blocks)
+        local = name.removeprefix("encoder.vit.")
+        if local.startswith("blocks."):
+            layer = int(local.split(".")[1]) + 1
+        elif local.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token", "mask_token")):
+            layer = 0
+        else:
+            layer = depth + 1
+        scale = self.hparams.layer_decay ** (depth + 1 - layer)
+        return scale * self.hparams.patch_embed_lr_mult if local.startswith("patch_embed") else scale
