@@ -164,6 +164,10 @@ class PretrainCLI(RunCLI):
 
 
 class FineTuneCLI(RunCLI):
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
+        return super().instantiate_trainer(**kwargs)
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero or trainer.interrupted:

@@ -71,6 +71,22 @@ class LabelledShardDataModule(ShardDataModule):
         _, index = resolve_shards(self.train_shards)
         return index.classes if index and index.classes else None
 
+    def check_labels(self, num_classes: int) -> None:
+        """Before any work: both splits labelled, with no more classes than the model has."""
+        for split, shards in (("train_shards", self.train_shards), ("val_shards", self.val_shards)):
+            _, index = resolve_shards(shards)
+            if index is not None and not index.classes:
+                raise UserError(
+                    f"data.{split} {shards!r} has no class labels (written from a folder without class "
+                    "sub-folders); fine-tuning needs labelled shards: `ssl-vit shards imagefolder` from one "
+                    "sub-folder per class"
+                )
+            if index is not None and len(index.classes) > num_classes:
+                raise UserError(
+                    f"data.{split} {shards!r} has {len(index.classes)} classes but model.num_classes is "
+                    f"{num_classes}; set model.num_classes to {len(index.classes)}"
+                )
+
     def val_dataloader(self) -> DataLoader:
         urls, _ = resolve_shards(self.val_shards)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -78,6 +94,15 @@ class LabelledShardDataModule(ShardDataModule):
         dataset = ShardDataset(urls, EvalView(size), shuffle_shards=False, rank=rank, world_size=world)
         workers = min(self.num_workers, max(1, len(urls) // world))
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers)
+
+
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    """Class labels must be in [0, num_classes): unlabelled samples (-1) or larger indices stop the run."""
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise UserError("the fine-tuning shards have samples without a class label (no cls member); label them")
+    if high >= num_classes:
+        raise UserError(f"a class label is {high}, but model.num_classes is {num_classes}; raise model.num_classes")
 
 
 def architecture(init_from: str) -> EncoderConfig:
@@ -169,6 +194,8 @@ class FineTune(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch
+        if self.global_step == 0 and batch_idx == 0:  # shards without an index are checked on their first batch
+            check_labels(labels, self.hparams.num_classes)
         targets = labels
         if self.mixup is not None:
             if len(labels) % 2:

@@ -238,3 +238,31 @@ def test_bad_evaluation_data_is_a_clear_error(tmp_path):
     write_shards(iter(()), empty, classes=["a"], source="test")
     with pytest.raises(UserError, match="cannot be empty"):
         Evaluator(train, str(empty), num_workers=0).features(encoder)
+
+
+def test_attentive_probe_trains_the_probe_only(tmp_path, monkeypatch):
+    """The encoder stays frozen (no gradient, weights unchanged); the probe's every tensor learns."""
+    import ssl_vit.eval.evaluator as evaluator_module
+
+    train = labelled_shards(tmp_path / "train", 40, 4, seed=0)
+    val = labelled_shards(tmp_path / "val", 20, 4, seed=1)
+    encoder = ViTEncoder(**TINY_ENCODER)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    heads = []
+
+    def keep(*args, **kwargs):  # the probe's start (same RNG state as inside) and its trained state
+        rng = torch.random.get_rng_state()
+        start = AttentiveProbeHead(TINY_ENCODER["embed_dim"], TINY_ENCODER["num_heads"], 4)
+        torch.random.set_rng_state(rng)
+        head = train_attentive_probe(*args, **kwargs)
+        heads.append((start, head))
+        return head
+
+    monkeypatch.setattr(evaluator_module, "train_attentive_probe", keep)
+    evaluator = Evaluator(train, val, head="attentive", attentive_epochs=2, probe_batch_size=20, num_workers=0)
+    evaluator.run(encoder)
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert all(p.grad is None for p in encoder.parameters())
+    start, trained = (h.state_dict() for h in heads[0])
+    moved = [not torch.equal(start[k], trained[k]) for k in start]
+    assert all(moved)  # every probe tensor (query, norms, projections, classifier) left its start

@@ -117,3 +117,39 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), finetuned.model.eval()(x))
+
+
+def test_mixup_and_cutmix_targets_are_distributions(exported):
+    module = FineTune(num_classes=5, init_from=str(exported))
+    torch.manual_seed(0)
+    for _ in range(4):  # timm switches between Mixup and CutMix at random
+        _, targets = module.mixup(torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,)))
+        torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+        assert (targets >= 0).all() and targets.max() < 1.0  # smoothed and mixed, never one-hot
+
+
+def test_unlabelled_shards_stop_fine_tuning_with_one_line(exported, tmp_path):
+    unlabelled = (("png", png_bytes(img), None) for img in random_images(32, size=32))
+    write_shards(unlabelled, tmp_path / "train", classes=[], source="test", samples_per_shard=16)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ssl_vit.cli",
+            "finetune",
+            "--config",
+            str(ROOT / "recipes/quickstart/finetune.yaml"),
+            f"--model.init_from={exported}",
+            f"--data.train_shards={tmp_path / 'train'}",
+            f"--data.val_shards={tmp_path / 'train'}",
+            "--data.num_workers=1",
+            "--data.batch_size=16",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "has no class labels" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

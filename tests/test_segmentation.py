@@ -136,3 +136,12 @@ def test_a_colour_label_map_is_skipped_as_corrupt(tmp_path, caplog):
     dataset = ShardDataset(urls, EvalView(32), shuffle_shards=False, masks=True)
     assert len(list(dataset)) == 1 and dataset.skipped.value == 1
     assert "seg.png is RGB, not an 8-bit map of class indices" in caplog.text
+
+
+def test_a_class_index_outside_the_named_classes_stops_the_dense_probe(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [colour_region_sample(rng, i % 2) for i in range(8)]
+    write_shards(samples, tmp_path / "s", classes=["a", "b"], source="test", mask_classes=["bg", "red"])  # no "blue"
+    evaluator = Evaluator(str(tmp_path / "s"), str(tmp_path / "s"), seg_epochs=1, probe_batch_size=4, num_workers=0)
+    with pytest.raises(UserError, match="a label map has class index 2, but the shards name 2 mask classes"):
+        evaluator.segmentation_probe(ViTEncoder(**TINY_ENCODER))

@@ -35,7 +35,7 @@ from ssl_vit.eval.linear import (
     probe_accuracy,
     train_linear_probe,
 )
-from ssl_vit.eval.segmentation import segmentation_scores, train_segmentation_probe
+from ssl_vit.eval.segmentation import check_mask_classes, segmentation_scores, train_segmentation_probe
 
 Accuracy = dict[str, float]  # {"top1": %, "top5": %}
 # {"knn": {"k=20": Accuracy, ...}, "probe": Accuracy, "attentive": Accuracy, "segmentation": {"miou", "pixel_acc"}}
@@ -302,7 +302,13 @@ class Evaluator:
             n_train = indexes[0].num_samples
             num_classes = len(names)
             batch_size = min(self.probe_batch_size, n_train)
-            epoch_batches = self._streamed_batches(encoder, batch_size, "patches", masks=True)
+            streamed = self._streamed_batches(encoder, batch_size, "patches", masks=True)
+
+            def epoch_batches(epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+                for tokens, maps in streamed(epoch):
+                    check_mask_classes(maps, num_classes)
+                    yield tokens, maps
+
             val_batches: Iterable[tuple[Tensor, Tensor]] = self._streamed_batches(
                 encoder, batch_size, "patches", split="val", masks=True
             )(0)
@@ -314,6 +320,7 @@ class Evaluator:
             )
             n_train = len(train.labels)
             num_classes = len(names) if names else int(max(train.labels.max(), val.labels.max())) + 1
+            check_mask_classes(train.labels, num_classes)
             batch_size = min(self.probe_batch_size, n_train)
             epoch_batches = cached_feature_batches(train, batch_size, self.seed)
             val_batches = feature_chunks(val, 256)

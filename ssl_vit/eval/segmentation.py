@@ -14,7 +14,18 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ssl_vit.data.pipeline import IGNORE_PIXEL
+from ssl_vit.errors import UserError
 from ssl_vit.eval.linear import train_probe_head
+
+
+def check_mask_classes(masks: Tensor, num_classes: int) -> None:
+    """Every labelled pixel must name one of the ``num_classes`` classes (255 = ignore aside)."""
+    high = int(masks.max()) if masks.numel() else -1
+    if high >= num_classes:
+        raise UserError(
+            f"a label map has class index {high}, but the shards name {num_classes} mask classes "
+            f"(0-{num_classes - 1}); fix the label maps (255 marks pixels to ignore) or rewrite the shards"
+        )
 
 
 class LinearSegmentationHead(nn.Module):
@@ -68,6 +79,7 @@ def segmentation_scores(
     device = next(head.parameters()).device
     confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_PIXEL).to(device)
     for tokens, masks in val_batches:
+        check_mask_classes(masks, num_classes)
         confusion.update(head(tokens.to(device)).argmax(dim=1), masks.to(device))
     matrix = confusion.compute().double()
     tp = matrix.diag()
