@@ -25,7 +25,8 @@ import torch
 import yaml
 from common import ROOT, write_result
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from step_throughput import OnDeviceBatches
+from torch.utils.data import DataLoader
 
 from ssl_vit.health import HealthCallback
 
@@ -35,19 +36,6 @@ OBJECTIVES = ("mae", "simmim", "dino", "mocov3", "simclr")
 def build(spec: dict):
     module, _, name = spec["class_path"].rpartition(".")
     return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
-
-
-class SameBatch(Dataset):
-    """The same batch of real views every step: the loader is not what is timed."""
-
-    def __init__(self, batch, steps: int) -> None:
-        self.batch, self.steps = batch, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, i: int):
-        return self.batch
 
 
 class StepClock(L.Callback):
@@ -76,7 +64,7 @@ def seconds_per_step(method: L.LightningModule, batch, steps: int, warmup: int, 
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    trainer.fit(method, DataLoader(SameBatch(batch, steps + warmup), batch_size=None))
+    trainer.fit(method, DataLoader(OnDeviceBatches(batch, steps + warmup), batch_size=None))
     return float(np.median(clock.times))
 
 
