@@ -158,7 +158,7 @@ def test_attentive_probe_on_a_collapsed_encoder_scores_chance(tmp_path, cache_gi
         head="attentive",
         attentive_epochs=2,
         probe_batch_size=25,
-        attentive_cache_gib=cache_gib,
+        token_cache_gib=cache_gib,
         num_workers=0,
     )
     results = evaluator.run(collapsed_encoder())

@@ -101,7 +101,7 @@ def test_label_maps_travel_through_shards_and_the_view(tmp_path):
 @pytest.mark.parametrize("cache_gib", [4.0, 0.0])  # cached in memory, or streamed every epoch
 def test_segmentation_probe_reads_regions_from_patch_tokens(tmp_path, cache_gib):
     train, val = region_shards(tmp_path / "train", 64, seed=0), region_shards(tmp_path / "val", 32, seed=1)
-    evaluator = Evaluator(train, val, seg_epochs=15, probe_batch_size=16, attentive_cache_gib=cache_gib, num_workers=0)
+    evaluator = Evaluator(train, val, seg_epochs=15, probe_batch_size=16, token_cache_gib=cache_gib, num_workers=0)
     torch.manual_seed(0)
     scores = evaluator.segmentation_probe(ViTEncoder(**TINY_ENCODER))
     assert scores["miou"] > 60.0 and scores["pixel_acc"] > 85.0  # 3 classes; background alone is 75%

@@ -58,13 +58,13 @@ class Evaluator:
         probe_*: MAE's linear probe (and the batch size of both probes); ``probe_augment`` trains
             on RandomResizedCrop + flip views through the frozen encoder (the paper path) instead
             of cached centre-crop features, for both probes.
-        attentive_*: V-JEPA's attentive probe; the patch tokens are cached in memory when train
-            and val together fit in ``attentive_cache_gib``, otherwise streamed through the
-            frozen encoder every epoch.
+        attentive_*: V-JEPA's attentive probe.
         segmentation: also run DINOv2's dense linear probe on the shards' label maps
             (``seg.png`` members, as the embedded datasets and ``ssl-vit shards imagefolder
-            --masks`` write them), reporting mIoU; ``seg_*`` are its settings, its tokens and
-            maps cached in memory under the same ``attentive_cache_gib``.
+            --masks`` write them), reporting mIoU; ``seg_*`` are its settings.
+        token_cache_gib: the attentive and dense probes keep the patch tokens (and label maps) of
+            train and val in memory when they fit in this many GiB, and otherwise recompute them
+            through the frozen encoder every epoch.
         cache_dir: if set, pooled features are saved there (safetensors) and reused when present.
     """
 
@@ -88,7 +88,7 @@ class Evaluator:
         attentive_epochs: int = 20,
         attentive_lr: float = 1e-3,
         attentive_weight_decay: float = 1e-3,
-        attentive_cache_gib: float = 4.0,
+        token_cache_gib: float = 4.0,
         segmentation: bool = False,
         seg_epochs: int = 20,
         seg_lr: float = 1e-3,
@@ -118,7 +118,7 @@ class Evaluator:
         self.attentive_epochs = attentive_epochs
         self.attentive_lr = attentive_lr
         self.attentive_weight_decay = attentive_weight_decay
-        self.attentive_cache_gib = attentive_cache_gib
+        self.token_cache_gib = token_cache_gib
         self.segmentation = segmentation
         self.seg_epochs = seg_epochs
         self.seg_lr = seg_lr
@@ -243,7 +243,7 @@ class Evaluator:
         batch_size = min(self.probe_batch_size, len(train.labels))
         side = self._image_size(encoder) // encoder.patch_size
         token_bytes = (len(train.labels) + len(val.labels)) * side * side * encoder.embed_dim * 4
-        cached = not self.probe_augment and token_bytes <= self.attentive_cache_gib * 2**30
+        cached = not self.probe_augment and token_bytes <= self.token_cache_gib * 2**30
         if cached:
             train_tokens, val_tokens = self._tokens(encoder, self.train_shards), self._tokens(encoder, self.val_shards)
             epoch_batches = cached_feature_batches(train_tokens, batch_size, self.seed)
@@ -298,7 +298,7 @@ class Evaluator:
         names = next((index.mask_classes for index in indexes if index and index.mask_classes), None)
         per_sample = grid[0] * grid[1] * encoder.embed_dim * 4 + size * size * 8  # float tokens, int64 map
         total = sum(index.num_samples for index in indexes) if all(indexes) else None
-        if total is not None and names and total * per_sample > self.attentive_cache_gib * 2**30:
+        if total is not None and names and total * per_sample > self.token_cache_gib * 2**30:
             n_train = indexes[0].num_samples
             num_classes = len(names)
             batch_size = min(self.probe_batch_size, n_train)
