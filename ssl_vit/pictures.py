@@ -118,6 +118,30 @@ def attention_columns(encoder: ViTEncoder, images: Tensor) -> list[Tensor]:
     return [shown, *(heatmap_overlay(shown, maps[:, head]) for head in range(maps.shape[1]))]
 
 
+@torch.no_grad()
+def patch_pca(encoder: ViTEncoder, images: Tensor) -> Tensor:
+    """DINOv2's picture of patch features: the first three principal components of the
+    last-block patch tokens of all ``images`` together (one PCA for the batch, so colours compare
+    across images), each min-max scaled to [0, 1] and shown as R, G, B; (B, 3, h, w)."""
+    patches = encoder(images).patches.float()  # (B, h*w, D)
+    b, n, d = patches.shape
+    flat = patches.reshape(b * n, d)
+    flat = flat - flat.mean(dim=0)
+    _, _, components = torch.linalg.svd(flat, full_matrices=False)
+    projected = flat @ components[:3].T  # (B*h*w, 3); fewer when D < 3
+    projected = F.pad(projected, (0, 3 - projected.shape[1]))
+    low, high = projected.min(dim=0).values, projected.max(dim=0).values
+    projected = (projected - low) / (high - low).clamp_min(1e-6)
+    h, w = images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
+    return projected.reshape(b, h, w, 3).permute(0, 3, 1, 2)
+
+
+def pca_columns(encoder: ViTEncoder, images: Tensor) -> list[Tensor]:
+    """The images, then the first three principal components of their patch features as RGB."""
+    maps = patch_pca(encoder, images)
+    return [to_display(images), F.interpolate(maps, size=images.shape[-2:], mode="nearest")]
+
+
 def reconstruction_columns(images: Tensor, reconstruction: Tensor, pixel_mask: Tensor) -> list[Tensor]:
     """MAE's visualisation: original, masked input (masked pixels grey), reconstruction, and the
     reconstruction pasted into the visible pixels. ``pixel_mask``: (B, 1, H, W), 1 = masked."""

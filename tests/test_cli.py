@@ -115,7 +115,16 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     run = workdir / "runs/quickstart/mae"
     assert {p.name for p in run.iterdir()} >= {"checkpoints", "export", "pictures", "lightning_logs", "summary.json"}
     drawn = {p.name.split("-step=")[0] for p in (run / "pictures").glob("*.png")}
-    assert drawn == {"reconstruction", "attention", "loss", "knn", "embedding_pca", "health-rankme", "health-spread"}
+    assert drawn == {
+        "reconstruction",
+        "attention",
+        "patch_pca",
+        "loss",
+        "knn",
+        "embedding_pca",
+        "health-rankme",
+        "health-spread",
+    }
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["knn_k20_top1"] == in_run["knn"]["results"]["k=20"]["top1"]
     assert "MAE run" in second.stdout and "knn k20 top1" in second.stdout and summary["rankme_cls"] > 1

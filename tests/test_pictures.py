@@ -13,18 +13,19 @@ from ssl_vit.pictures import (
     embedding_picture,
     last_block_attention,
     line_chart,
+    patch_pca,
     picture_grid,
     to_display,
 )
 from tests.conftest import OBJECTIVES, TINY_ENCODER
 
 EXPECTED = {  # the pictures each objective draws, and their columns
-    "mae": {"attention": 3, "reconstruction": 4},
-    "simmim": {"attention": 3, "reconstruction": 4},
-    "dino": {"attention": 3},
-    "mocov3": {"attention": 3},
-    "simclr": {"attention": 3},
-}  # attention: the image + one column per head (TINY_ENCODER has 2)
+    "mae": {"attention": 3, "patch_pca": 2, "reconstruction": 4},
+    "simmim": {"attention": 3, "patch_pca": 2, "reconstruction": 4},
+    "dino": {"attention": 3, "patch_pca": 2},
+    "mocov3": {"attention": 3, "patch_pca": 2},
+    "simclr": {"attention": 3, "patch_pca": 2},
+}  # attention: the image + one column per head (TINY_ENCODER has 2); patch_pca: the image + its PCA colours
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -88,3 +89,21 @@ def test_plots_are_drawn():
     assert scatter.shape == (444, 420, 3)
     colours = {tuple(c) for c in scatter.reshape(-1, 3)[::7].tolist()}
     assert len(colours) > 10  # the classes' colours, not one
+
+
+def test_patch_pca_colours_are_the_first_principal_components():
+    torch.manual_seed(0)
+    encoder = ViTEncoder(**TINY_ENCODER).eval()
+    images = torch.randn(4, 3, 32, 32)
+    maps = patch_pca(encoder, images)
+    assert maps.shape == (4, 3, 8, 8) and maps.min() == 0 and maps.max() == 1
+    with torch.no_grad():
+        x = encoder(images).patches.reshape(-1, TINY_ENCODER["embed_dim"]).double().numpy()
+    x = x - x.mean(0)
+    _, eigenvectors = np.linalg.eigh(x.T @ x)  # the covariance's eigenvectors, ascending
+    for c in range(3):
+        reference = x @ eigenvectors[:, -1 - c]
+        reference = (reference - reference.min()) / (reference.max() - reference.min())
+        got = maps[:, c].reshape(-1).double().numpy()
+        # a principal direction's sign is arbitrary: the colour is the reference or its mirror
+        assert min(np.abs(got - reference).max(), np.abs(got - (1 - reference)).max()) < 1e-4

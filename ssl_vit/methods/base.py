@@ -21,7 +21,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
 from ssl_vit.guards import CollapseWatch
 from ssl_vit.health import embedding_spread, teacher_health
-from ssl_vit.pictures import attention_columns
+from ssl_vit.pictures import attention_columns, pca_columns
 from ssl_vit.schedules import PaperRun, cosine_to, scaled_ema_momentum, scaled_epochs, warmup_cosine
 
 
@@ -260,8 +260,10 @@ class SSLMethod(L.LightningModule):
     def pictures(self, images: Tensor) -> dict[str, list[Tensor]]:
         """Named picture grids of what the objective does to ``images`` (normalised, (B, 3, H, W)),
         each a list of columns of displayable images; drawn by :class:`~ssl_vit.pictures.PicturesCallback`.
-        Every objective shows its evaluated encoder's last-block attention (DINO's maps)."""
-        return {"attention": attention_columns(self.evaluated_encoder, images)}
+        Every objective shows its evaluated encoder's last-block attention (DINO's maps) and the
+        first three principal components of its patch features as colours (DINOv2's picture)."""
+        encoder = self.evaluated_encoder
+        return {"attention": attention_columns(encoder, images), "patch_pca": pca_columns(encoder, images)}
 
     def teacher_probs(self, images: Tensor) -> Tensor | None:
         """A teacher-student objective's (B, K) target distributions for ``images`` as its teacher
