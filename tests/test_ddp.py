@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from ssl_vit.data import MAEView, MultiCropViews, ShardDataModule, TwoViews, write_shards
 from ssl_vit.distributed import gather_with_grad
 from ssl_vit.masking import PatchMask
-from ssl_vit.methods import mae, simmim
-from tests.conftest import OBJECTIVES, png_bytes, random_images
+from ssl_vit.methods import DINOv2, mae, simmim
+from tests.conftest import OBJECTIVES, TINY_ENCODER, png_bytes, random_images
 
 WORLD = 2
 VIEWS = {"single": lambda: MAEView(32), "two": lambda: TwoViews(32), "multicrop": lambda: MultiCropViews(32, 16, 2)}
@@ -190,3 +190,37 @@ def test_ddp_matches_one_process_on_the_global_batch(name, ddp_runs, monkeypatch
             torch.testing.assert_close(
                 got[key], want[key], rtol=1e-3, atol=atol, msg=lambda m, where=f"step {step}, {key}": f"{where}: {m}"
             )
+
+
+def _dinov2_rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
+    join_group(rank, port)
+    L.seed_everything(rank, verbose=False)  # each rank draws its own iBOT masks
+    method = DINOv2(TINY_ENCODER, out_dim=32, hidden_dim=24, bottleneck_dim=16, centering="mean")
+    data = ShardDataModule(
+        shards, VIEWS["multicrop"](), batch_size=4, num_workers=0, shuffle_buffer=0, samples_per_epoch=16
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(method, datamodule=data)
+    torch.save(method.state_dict(), f"{out_dir}/dinov2-rank{rank}.pt")
+
+
+def test_dinov2_ranks_stay_in_lockstep_with_global_centres(tmp_path):
+    """Ranks see different images and draw different masks; after DDP steps their students,
+    EMA teachers and both centres (the CLS one and iBOT's patch one, each averaged over ranks)
+    must still be identical, and the centres must have moved."""
+    samples = (("png", png_bytes(img), i) for i, img in enumerate(random_images(40)))
+    write_shards(samples, tmp_path / "shards", classes=[str(i) for i in range(40)], source="test", samples_per_shard=5)
+    mp.spawn(_dinov2_rank_main, args=(free_port(), str(tmp_path / "shards"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"dinov2-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for key, value in ranks[0].items():
+        torch.testing.assert_close(ranks[1][key], value, rtol=0, atol=0, msg=key)
+    assert ranks[0]["center"].abs().sum() > 0 and ranks[0]["patch_center"].abs().sum() > 0
