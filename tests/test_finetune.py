@@ -81,28 +81,19 @@ def labelled_shards(folder: Path, n: int) -> str:
     return str(folder)
 
 
+def finetune(exported: Path, train: str, val: str, run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``ssl-vit finetune`` with the quickstart recipe on tiny shards, as a user runs it."""
+    recipe = str(ROOT / "recipes/quickstart/finetune.yaml")
+    args = [f"--model.init_from={exported}", f"--data.train_shards={train}", f"--data.val_shards={val}"]
+    args += ["--data.batch_size=16", "--data.num_workers=1", f"--trainer.default_root_dir={run}", *overrides]
+    command = [sys.executable, "-m", "ssl_vit.cli", "finetune", "--config", recipe, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
 def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_path):
-    data = [
-        f"--data.train_shards={labelled_shards(tmp_path / 'train', 64)}",
-        f"--data.val_shards={labelled_shards(tmp_path / 'val', 32)}",
-    ]
-    args = [
-        sys.executable,
-        "-m",
-        "ssl_vit.cli",
-        "finetune",
-        "--config",
-        str(ROOT / "recipes/quickstart/finetune.yaml"),
-        f"--model.init_from={exported}",
-        "--model.num_classes=4",
-        *data,
-        "--data.batch_size=16",
-        "--data.num_workers=1",
-        "--data.shuffle_buffer=16",
-        "--trainer.max_epochs=2",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    train, val = labelled_shards(tmp_path / "train", 64), labelled_shards(tmp_path / "val", 32)
+    overrides = ["--model.num_classes=4", "--data.shuffle_buffer=16", "--trainer.max_epochs=2"]
+    result = finetune(exported, train, val, tmp_path / "run", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 8 and 0 <= summary["val_top1"] <= 100 and summary["weights"] == str(exported)
@@ -131,25 +122,7 @@ def test_mixup_and_cutmix_targets_are_distributions(exported):
 def test_unlabelled_shards_stop_fine_tuning_with_one_line(exported, tmp_path):
     unlabelled = (("png", png_bytes(img), None) for img in random_images(32, size=32))
     write_shards(unlabelled, tmp_path / "train", classes=[], source="test", samples_per_shard=16)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ssl_vit.cli",
-            "finetune",
-            "--config",
-            str(ROOT / "recipes/quickstart/finetune.yaml"),
-            f"--model.init_from={exported}",
-            f"--data.train_shards={tmp_path / 'train'}",
-            f"--data.val_shards={tmp_path / 'train'}",
-            "--data.num_workers=1",
-            "--data.batch_size=16",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = finetune(exported, str(tmp_path / "train"), str(tmp_path / "train"), tmp_path / "run")
     assert result.returncode == 2
     assert "has no class labels" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "run").rglob("*.ckpt"))
