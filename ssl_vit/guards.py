@@ -102,6 +102,10 @@ class CollapseWatch:
             return True
         return False
 
+    def state(self, step: int) -> str:
+        """How a warning at ``step`` names the collapse: its onset, or how long it has lasted."""
+        return "has collapsed" if self.since == step else f"is still collapsed (since step {self.since})"
+
     def state_dict(self) -> dict[str, int | None]:
         return {k: getattr(self, k) for k in ("collapsed_steps", "since", "last_check", "last_warning")}
 

@@ -139,11 +139,8 @@ class HealthCallback(L.Callback):
         rank = max(metrics["rankme_cls"], metrics["rankme_mean"])
         total = int(trainer.estimated_stepping_batches)
         if self.watch.update(step, collapsed=rank < self.min_rankme, repeat_every=max(1, total // 10)):
-            state = (
-                "has collapsed" if self.watch.since == step else f"is still collapsed (since step {self.watch.since})"
-            )
             rank_zero_warn(
-                f"{type(pl_module).__name__}'s representation {state} at step {step} "
+                f"{type(pl_module).__name__}'s representation {self.watch.state(step)} at step {step} "
                 f"({self.watch.collapsed_steps} steps so far): the RankMe of its features on held images is "
                 f"{rank:.2f} < {self.min_rankme}, every image on nearly one line. Check the learning rate, "
                 "temperatures and augmentations."

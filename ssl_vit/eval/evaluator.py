@@ -241,10 +241,7 @@ class Evaluator:
         features of the same shards) give the sample counts and the classes."""
         num_classes = self.num_classes(train, val)
         batch_size = min(self.probe_batch_size, len(train.labels))
-        side = self._image_size(encoder) // encoder.patch_size
-        token_bytes = (len(train.labels) + len(val.labels)) * side * side * encoder.embed_dim * 4
-        cached = not self.probe_augment and token_bytes <= self.token_cache_gib * 2**30
-        if cached:
+        if not self.probe_augment and self._tokens_fit(encoder, len(train.labels) + len(val.labels)):
             train_tokens, val_tokens = self._tokens(encoder, self.train_shards), self._tokens(encoder, self.val_shards)
             epoch_batches = cached_feature_batches(train_tokens, batch_size, self.seed)
             val_batches: Iterable[tuple[Tensor, Tensor]] = feature_chunks(val_tokens)
@@ -296,9 +293,8 @@ class Evaluator:
         grid = (size // encoder.patch_size,) * 2
         indexes = [resolve_shards(shards)[1] for shards in (self.train_shards, self.val_shards)]
         names = next((index.mask_classes for index in indexes if index and index.mask_classes), None)
-        per_sample = grid[0] * grid[1] * encoder.embed_dim * 4 + size * size * 8  # float tokens, int64 map
         total = sum(index.num_samples for index in indexes) if all(indexes) else None
-        if total is not None and names and total * per_sample > self.token_cache_gib * 2**30:
+        if total is not None and names and not self._tokens_fit(encoder, total, map_bytes=size * size * 8):
             n_train = indexes[0].num_samples
             num_classes = len(names)
             batch_size = min(self.probe_batch_size, n_train)
@@ -313,11 +309,7 @@ class Evaluator:
                 encoder, batch_size, "patches", split="val", masks=True
             )(0)
         else:
-            view = EvalView(size)
-            train, val = (
-                extract_features(encoder, s, view, "patches", 1, self.batch_size, self.num_workers, masks=True)
-                for s in (self.train_shards, self.val_shards)
-            )
+            train, val = (self._tokens(encoder, shards, masks=True) for shards in (self.train_shards, self.val_shards))
             n_train = len(train.labels)
             num_classes = len(names) if names else int(max(train.labels.max(), val.labels.max())) + 1
             check_mask_classes(train.labels, num_classes)
@@ -340,9 +332,17 @@ class Evaluator:
             )
         return segmentation_scores(head, val_batches, num_classes)
 
-    def _tokens(self, encoder: ViTEncoder, shards: str) -> FeatureSet:
+    def _tokens(self, encoder: ViTEncoder, shards: str, masks: bool = False) -> FeatureSet:
+        """Every sample's last-block patch tokens, with its class (or, with ``masks``, its label map)."""
         view = EvalView(self._image_size(encoder))
-        return extract_features(encoder, shards, view, "patches", 1, self.batch_size, self.num_workers)
+        return extract_features(encoder, shards, view, "patches", 1, self.batch_size, self.num_workers, masks=masks)
+
+    def _tokens_fit(self, encoder: ViTEncoder, num_samples: int, map_bytes: int = 0) -> bool:
+        """Whether ``num_samples`` samples' float32 patch tokens (and label maps of ``map_bytes``
+        each) fit in ``token_cache_gib``."""
+        side = self._image_size(encoder) // encoder.patch_size
+        per_sample = side * side * encoder.embed_dim * 4 + map_bytes
+        return num_samples * per_sample <= self.token_cache_gib * 2**30
 
     def _streamed_batches(
         self,

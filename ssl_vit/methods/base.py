@@ -299,7 +299,6 @@ class SSLMethod(L.LightningModule):
         total = int(trainer.estimated_stepping_batches) if trainer is not None else 1
         step = self.global_step
         if watch.update(step, collapsed=spread < watch.threshold or uniform, repeat_every=max(every, total // 10)):
-            state = "has collapsed" if watch.since == step else f"is still collapsed (since step {watch.since})"
             what = (
                 "its teacher's outputs are nearly uniform (entropy above ln K - ln 2: every image spread over more "
                 "than half the outputs)"
@@ -308,7 +307,8 @@ class SSLMethod(L.LightningModule):
                 "every image maps to nearly the same output"
             )
             rank_zero_warn(
-                f"{type(self).__name__} {state} at step {step}, {watch.collapsed_steps} steps collapsed so far: "
-                f"{what}. Check the learning rate, temperatures and augmentations."
+                f"{type(self).__name__} {watch.state(step)} at step {step}, "
+                f"{watch.collapsed_steps} steps collapsed so far: {what}. "
+                "Check the learning rate, temperatures and augmentations."
             )
         self.log("train/collapsed_steps", float(watch.collapsed_steps))
