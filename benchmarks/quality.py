@@ -3,7 +3,7 @@ dataset through ``ssl-vit pretrain`` with a checkpoint at every budget, each che
 random initialisation) evaluated with k-NN k=20 on CLS and on mean-pooled patch tokens, a linear
 probe and an attentive probe; lightly's documented example of the same objective beside it on the
 same timm encoder, data, batch, budgets and seed, where lightly has one (MAE, SimMIM, DINO,
-SimCLR; its MoCo example is MoCo v2).
+SimCLR, I-JEPA; its MoCo example is MoCo v2).
 
     python benchmarks/quality.py                                  # every objective, both embedded datasets
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624
@@ -24,7 +24,9 @@ import math
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -39,7 +41,7 @@ from ssl_vit.encoder import ViTEncoder
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.features import FeatureSet
 
-OBJECTIVES = ("mae", "simmim", "dino", "mocov3", "simclr")
+OBJECTIVES = ("mae", "simmim", "dino", "mocov3", "simclr", "ijepa")
 EMBEDDED = ("shapes", "glyphs")
 
 
@@ -54,12 +56,13 @@ def recipe(objective: str) -> dict:
 def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, float]:
     """k-NN k=20 on CLS and on mean-pooled patch tokens and the linear probe on ``probe_pooling``,
     from one pass over the data (``cls+mean`` features, split), and the attentive probe on the
-    patch tokens."""
-    ev = Evaluator(str(data / "train"), str(data / "val"), pooling="cls+mean", knn_ks=[20], num_workers=1)
+    patch tokens (an encoder without a CLS token: mean-pooled only)."""
+    poolings = ("cls", "mean") if encoder.has_class_token else ("mean",)
+    ev = Evaluator(str(data / "train"), str(data / "val"), pooling="+".join(poolings), knn_ks=[20], num_workers=1)
     both = ev.features(encoder)
     d = encoder.embed_dim
     row = {}
-    for i, pooling in enumerate(("cls", "mean")):
+    for i, pooling in enumerate(poolings):
         train, val = (FeatureSet(f.features[:, i * d : (i + 1) * d], f.labels) for f in both)
         row[f"knn_{pooling}"] = ev.knn(train, val)["k=20"]["top1"]
         if pooling == probe_pooling:
@@ -103,41 +106,56 @@ def probe_pooling(cfg: dict) -> str:
     return callbacks[0].get("init_args", {}).get("pooling", "cls")
 
 
+def objective_class(cfg: dict) -> type:
+    module, _, name = cfg["model"]["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def initial_encoder(cfg: dict, seed: int) -> ViTEncoder:
     """The encoder a run of the recipe starts from: the objective built after the same seeding."""
-    module, _, name = cfg["model"]["class_path"].rpartition(".")
     L.seed_everything(seed)
-    return getattr(importlib.import_module(module), name)(**cfg["model"]["init_args"]).evaluated_encoder
+    return objective_class(cfg)(**cfg["model"]["init_args"]).evaluated_encoder
+
+
+class LightlyExample(NamedTuple):
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[Any, int], torch.Tensor]  # (views, step) -> loss
+    freeze_head: Any = None  # a DINO head whose last layer's gradients are cancelled in epoch 0
+    after_step: Callable[[int], None] | None = None  # the example's own per-step update (an EMA)
+    evaluated: ViTEncoder | None = None  # the encoder the paper evaluates, if not the trained one
 
 
 def lightly_curve(objective: str, data: Path, budgets: list[int], seed: int, transform, build) -> list[dict]:
-    """A lightly example's training loop on the objective's quickstart encoder, batch and data:
-    ``build(encoder, steps_per_epoch)`` returns the example's optimiser and ``loss(views, step)``;
-    the loop steps the optimiser on each loss (after ``head.cancel_last_layer_gradients`` where the
-    example has a DINO head, ``freeze_head``); the
-    encoder is evaluated at step 0 and at every budget."""
+    """A lightly example's training loop on the objective's quickstart encoder (with the
+    objective's own encoder defaults, e.g. I-JEPA's missing CLS token), batch and data:
+    ``build(encoder, steps_per_epoch)`` returns the example (:class:`LightlyExample`); the loop
+    steps the optimiser on each loss, and the example's encoder is evaluated at step 0 and at every
+    budget."""
     cfg = recipe(objective)
     batch_size = cfg["data"]["batch_size"]
     L.seed_everything(seed)
-    encoder = ViTEncoder(**cfg["model"]["init_args"]["encoder"])
+    encoder = ViTEncoder(**{**objective_class(cfg).encoder_defaults, **cfg["model"]["init_args"]["encoder"]})
     urls, index = resolve_shards(str(data / "train"))
     steps_per_epoch = index.num_samples // batch_size if index else 39
-    optimizer, loss_of, freeze_head = build(encoder, steps_per_epoch)
+    example = build(encoder, steps_per_epoch)
+    evaluated = example.evaluated or encoder
     dataset = ShardDataset(urls, transform, shuffle_buffer=1000, seed=seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1, drop_last=True)
     pooling = probe_pooling(cfg)
-    rows = [{"steps": 0, **evaluate(encoder, data, pooling)}]
+    rows = [{"steps": 0, **evaluate(evaluated, data, pooling)}]
     step = 0
     while step < max(budgets):
         for views, _ in loader:
-            loss_of(views, step).backward()
-            if freeze_head is not None:
-                freeze_head.cancel_last_layer_gradients(current_epoch=step // steps_per_epoch)
-            optimizer.step()
-            optimizer.zero_grad()
+            example.loss(views, step).backward()
+            if example.freeze_head is not None:
+                example.freeze_head.cancel_last_layer_gradients(current_epoch=step // steps_per_epoch)
+            example.optimizer.step()
+            example.optimizer.zero_grad()
+            if example.after_step is not None:
+                example.after_step(step)
             step += 1
             if step in budgets:
-                rows.append({"steps": step, **evaluate(encoder, data, pooling)})
+                rows.append({"steps": step, **evaluate(evaluated, data, pooling)})
             if step == max(budgets):
                 break
     return rows
@@ -175,7 +193,7 @@ def lightly_mae_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
             target = utils.get_at_index(utils.patchify(images, patch), idx_mask - 1)
             return torch.nn.functional.mse_loss(pred, target)
 
-        return optimizer, loss, None
+        return LightlyExample(optimizer, loss)
 
     size = recipe("mae")["model"]["init_args"]["encoder"]["img_size"]
     return lightly_curve("mae", data, budgets, seed, MAETransform(input_size=size), build)
@@ -205,7 +223,7 @@ def lightly_simmim_curve(data: Path, budgets: list[int], seed: int) -> list[dict
             target = utils.get_at_index(utils.patchify(images, patch), idx_mask - 1)
             return torch.nn.functional.l1_loss(pred, target)
 
-        return optimizer, loss, None
+        return LightlyExample(optimizer, loss)
 
     size = recipe("simmim")["model"]["init_args"]["encoder"]["img_size"]
     return lightly_curve("simmim", data, budgets, seed, MAETransform(input_size=size), build)
@@ -240,7 +258,7 @@ def lightly_dino_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
             student_out = [head(encoder(v).cls) for v in views]
             return criterion(teacher_out, student_out, epoch=epoch)
 
-        return optimizer, loss, head
+        return LightlyExample(optimizer, loss, freeze_head=head)
 
     views = recipe("dino")["data"]["view"]["init_args"]
     transform = DINOTransform(
@@ -265,10 +283,56 @@ def lightly_simclr_curve(data: Path, budgets: list[int], seed: int) -> list[dict
             z0, z1 = (head(encoder(v).cls) for v in views)
             return criterion(z0, z1)
 
-        return optimizer, loss, None
+        return LightlyExample(optimizer, loss)
 
     size = recipe("simclr")["model"]["init_args"]["encoder"]["img_size"]
     return lightly_curve("simclr", data, budgets, seed, SimCLRTransform(input_size=size, gaussian_blur=0.0), build)
+
+
+def lightly_ijepa_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
+    """lightly's examples/pytorch/ijepa.py: IJEPAMaskCollator with its defaults (2 target blocks of
+    scale 0.2-0.8, aspect 0.3-3, a context of scale 0.2-0.8, min_keep 4), a predictor as wide and
+    deep as the encoder (the example builds it from a second ViT like the encoder; here lightly's
+    IJEPAPredictorTIMM), the target encoder a deep copy following a linear 0.996 -> 1 EMA over the
+    run, layer-normed targets, SmoothL1Loss, AdamW lr 1.5e-4, IJEPATransform."""
+    from lightly.data import IJEPAMaskCollator
+    from lightly.models import utils
+    from lightly.models.modules.ijepa_timm import IJEPAPredictorTIMM
+    from lightly.transforms.ijepa_transform import IJEPATransform
+
+    size = recipe("ijepa")["model"]["init_args"]["encoder"]["img_size"]
+
+    def build(encoder: ViTEncoder, steps_per_epoch: int):
+        vit = encoder.vit
+        predictor = IJEPAPredictorTIMM(
+            num_patches=vit.patch_embed.num_patches,
+            depth=len(vit.blocks),
+            mlp_dim=vit.embed_dim,
+            predictor_embed_dim=vit.embed_dim,
+            num_heads=vit.blocks[0].attn.num_heads,
+        )
+        target = copy.deepcopy(encoder).requires_grad_(False)
+        collator = IJEPAMaskCollator(input_size=(size, size), patch_size=vit.patch_embed.patch_size[0])
+        optimizer = torch.optim.AdamW([*encoder.parameters(), *predictor.parameters()], lr=1.5e-4)
+        total = max(budgets)
+
+        @torch.no_grad()
+        def update_target_encoder(step: int) -> None:  # after each step, m linear 0.996 -> 1 over the run
+            m = 0.996 + step * (1.0 - 0.996) / total
+            for q, k in zip(encoder.parameters(), target.parameters(), strict=True):
+                k.mul_(m).add_((1.0 - m) * q.detach())
+
+        def loss(images: torch.Tensor, step: int) -> torch.Tensor:
+            _, masks_enc, masks_pred = collator(list(images))
+            with torch.no_grad():
+                h = target(images).patches
+                h = utils.apply_masks(torch.nn.functional.layer_norm(h, (h.size(-1),)), masks_pred)
+            z = predictor(encoder(images, keep_idx=masks_enc[0]).patches, masks_enc, masks_pred)
+            return torch.nn.functional.smooth_l1_loss(z, h)
+
+        return LightlyExample(optimizer, loss, after_step=update_target_encoder, evaluated=target)
+
+    return lightly_curve("ijepa", data, budgets, seed, IJEPATransform(input_size=size), build)
 
 
 LIGHTLY = {
@@ -276,12 +340,14 @@ LIGHTLY = {
     "simmim": lightly_simmim_curve,
     "dino": lightly_dino_curve,
     "simclr": lightly_simclr_curve,
+    "ijepa": lightly_ijepa_curve,
 }
 
 
 def draw_curves(rows: list[dict], path: Path) -> None:
-    """One panel per (objective, dataset): k-NN (CLS) against steps, ssl-vit in blue, lightly in
-    red, the accuracy axis spanning the panel's own range (printed on it)."""
+    """One panel per (objective, dataset): k-NN (CLS; mean-pooled for encoders without one)
+    against steps, ssl-vit in blue, lightly in red, the accuracy axis spanning the panel's own
+    range (printed on it)."""
     panels = sorted({(r["objective"], r["dataset"]) for r in rows})
     w, h, pad = 260, 200, 36
     img = Image.new("RGB", (w * len(panels), h), "white")
@@ -291,8 +357,9 @@ def draw_curves(rows: list[dict], path: Path) -> None:
         x0 = i * w
         mine = [r for r in rows if (r["objective"], r["dataset"]) == (objective, dataset)]
         top_steps = max(r["steps"] for r in mine) or 1
-        lo, hi = min(r["knn_cls"] for r in mine) - 1, max(r["knn_cls"] for r in mine) + 1
-        draw.text((x0 + pad, 4), f"{objective} / {dataset}: k-NN CLS %", fill="black")
+        metric = "knn_cls" if all("knn_cls" in r for r in mine) else "knn_mean"  # I-JEPA: no CLS token
+        lo, hi = min(r[metric] for r in mine) - 1, max(r[metric] for r in mine) + 1
+        draw.text((x0 + pad, 4), f"{objective} / {dataset}: k-NN {metric[4:]} %", fill="black")
         draw.text((x0 + pad, 16), "ssl-vit", fill=colours["ssl-vit"])
         draw.text((x0 + pad + 50, 16), "lightly", fill=colours["lightly"])
         draw.rectangle([x0 + pad, pad, x0 + w - 8, h - pad], outline="grey")
@@ -301,7 +368,7 @@ def draw_curves(rows: list[dict], path: Path) -> None:
             pts = [
                 (
                     x0 + pad + (w - 8 - pad) * r["steps"] / top_steps,
-                    h - pad - (h - 2 * pad) * (r["knn_cls"] - lo) / (hi - lo),
+                    h - pad - (h - 2 * pad) * (r[metric] - lo) / (hi - lo),
                 )
                 for r in curve
             ]

@@ -31,6 +31,8 @@ class EncoderConfig(TypedDict, total=False):
     qkv_bias: bool
     drop_path_rate: float
     class_token: bool
+    global_pool: str
+    fc_norm: bool
     reg_tokens: int
     weight_init: str
     init_values: float
@@ -42,14 +44,22 @@ class EncoderConfig(TypedDict, total=False):
 NON_TIMM_SETTINGS = ("name", "grad_checkpointing", "pos_embed_resample")
 
 
+NO_CLASS_TOKEN = (
+    "this encoder has no CLS token (I-JEPA trains none): evaluate its mean-pooled patch tokens (pooling: mean)"
+)
+
+
 class EncoderOutput(NamedTuple):
     """All tokens after the final norm; prefix (CLS, register) tokens first."""
 
     tokens: Tensor
     num_prefix_tokens: int
+    has_class_token: bool = True
 
     @property
     def cls(self) -> Tensor:
+        if not self.has_class_token:
+            raise UserError(NO_CLASS_TOKEN)
         return self.tokens[:, 0]
 
     @property
@@ -117,6 +127,10 @@ class ViTEncoder(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.vit.num_prefix_tokens
 
+    @property
+    def has_class_token(self) -> bool:
+        return self.vit.cls_token is not None
+
     def no_weight_decay(self) -> set[str]:
         return self.vit.no_weight_decay()
 
@@ -148,14 +162,13 @@ class ViTEncoder(nn.Module):
         x = self._pos_embed(x)  # prefix tokens + patches, position embeddings resampled to the grid
         n_prefix = self.vit.num_prefix_tokens
         if keep_idx is not None:
-            kept = torch.gather(x[:, n_prefix:], 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            x = torch.cat([x[:, :n_prefix], kept], dim=1)
+            x = torch.cat([x[:, :n_prefix], gather_tokens(x[:, n_prefix:], keep_idx)], dim=1)
         x = self.vit.norm_pre(x)
         if self.vit.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.vit.blocks, x)
         else:
             x = self.vit.blocks(x)
-        return EncoderOutput(self.vit.norm(x), n_prefix)
+        return EncoderOutput(self.vit.norm(x), n_prefix, self.has_class_token)
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         vit = self.vit
@@ -168,6 +181,11 @@ class ViTEncoder(nn.Module):
         prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
         x = torch.cat([*prefix, x + pos], dim=1) if vit.no_embed_class else torch.cat([*prefix, x], dim=1) + pos
         return vit.pos_drop(x)
+
+
+def gather_tokens(tokens: Tensor, idx: Tensor) -> Tensor:
+    """(B, N, D) tokens, (B, K) indices -> (B, K, D): each sample's tokens at its own indices."""
+    return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 def dino_resample_pos_embed(

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
+
+#: The LayerNorm of the official ViT codes (MAE, I-JEPA): eps 1e-6.
+layer_norm_1e6 = partial(nn.LayerNorm, eps=1e-6)
+
+
+def transformer_blocks(dim: int, depth: int, num_heads: int) -> nn.Sequential:
+    """``depth`` pre-norm ViT blocks (timm ``Block``: MLP ratio 4, qkv bias, LayerNorm eps 1e-6),
+    as MAE's decoder and I-JEPA's predictor build them."""
+    return nn.Sequential(
+        *[Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=layer_norm_1e6) for _ in range(depth)]
+    )
 
 
 def projection_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:

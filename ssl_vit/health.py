@@ -46,9 +46,10 @@ def teacher_health(teacher_probs: Tensor) -> tuple[float, float]:
 class HealthCallback(L.Callback):
     """Before the first step, regularly during the run and at its end: the evaluated encoder's CLS
     and mean-pooled patch features of ``num_images`` held images (the first ones of ``shards``;
-    default: the training shards): ``health/rankme_cls``, ``health/rankme_mean``,
-    ``health/spread``, and for objectives with a teacher ``health/teacher_entropy`` and
-    ``health/prototypes_used``, logged and drawn in ``pictures/health-*.png``.
+    default: the training shards): ``health/rankme_cls`` (for encoders with a CLS token),
+    ``health/rankme_mean``, ``health/spread`` (of the CLS token, else of the mean), and for
+    objectives with a teacher ``health/teacher_entropy`` and ``health/prototypes_used``,
+    logged and drawn in ``pictures/health-*.png``.
 
     A representation whose RankMe is below ``min_rankme`` for both poolings has collapsed onto a
     line: the run warns at that step and again every tenth of the run while it lasts, and
@@ -115,8 +116,11 @@ class HealthCallback(L.Callback):
         pl_module.eval()
         images = self.images.to(pl_module.device)
         out = pl_module.evaluated_encoder(images)
-        cls, mean = out.cls.float(), out.patches.float().mean(dim=1)
-        metrics = {"rankme_cls": rankme(cls), "rankme_mean": rankme(mean), "spread": embedding_spread(cls)}
+        mean = out.patches.float().mean(dim=1)
+        metrics = {"rankme_mean": rankme(mean), "spread": embedding_spread(mean)}
+        if out.has_class_token:
+            cls = out.cls.float()
+            metrics |= {"rankme_cls": rankme(cls), "spread": embedding_spread(cls)}
         probs = pl_module.teacher_probs(images)
         if probs is not None:
             metrics["teacher_entropy"], metrics["prototypes_used"] = teacher_health(probs)
@@ -136,7 +140,7 @@ class HealthCallback(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({f"health/{k}": v for k, v in metrics.items()}, step=step)
-        rank = max(metrics["rankme_cls"], metrics["rankme_mean"])
+        rank = max(metrics.get("rankme_cls", 0.0), metrics["rankme_mean"])
         total = int(trainer.estimated_stepping_batches)
         if self.watch.update(step, collapsed=rank < self.min_rankme, repeat_every=max(1, total // 10)):
             rank_zero_warn(

@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ssl_vit.errors import UserError
+
 
 class PatchMask(NamedTuple):
     keep_idx: Tensor  # (B, K) indices of visible patches, in shuffled order
@@ -129,3 +131,120 @@ def ibot_masks(
     masks += [torch.zeros(n, dtype=torch.bool)] * (num_crops - num_masked_crops)
     rng.shuffle(masks)
     return torch.stack(masks)
+
+
+class ContextTargetMasks(NamedTuple):
+    context_idx: Tensor  # (B, Kc) patch indices the context encoder sees, ascending
+    target_idx: Tensor  # (T, B, Kt) patch indices of each of the T target blocks, ascending
+
+
+def ijepa_block_size(
+    u: float, grid: tuple[int, int], scale: tuple[float, float], aspect_ratio: tuple[float, float]
+) -> tuple[int, int]:
+    """I-JEPA's ``_sample_block_size``: one uniform draw ``u`` sets both the block's area fraction
+    and its aspect ratio (height / width) within their ranges; the block is at most one patch
+    smaller than the grid on each side."""
+    h_grid, w_grid = grid
+    area = int(h_grid * w_grid * (scale[0] + u * (scale[1] - scale[0])))
+    aspect = aspect_ratio[0] + u * (aspect_ratio[1] - aspect_ratio[0])
+    h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    return min(h, h_grid - 1), min(w, w_grid - 1)
+
+
+def check_ijepa_block_sizes(
+    grid: tuple[int, int],
+    target_scale: tuple[float, float],
+    target_aspect_ratio: tuple[float, float],
+    context_scale: tuple[float, float],
+    min_keep: int,
+) -> None:
+    """Fail unless every block size a draw can give has more than ``min_keep`` patches: the
+    official collator redraws smaller blocks for ever."""
+    for what, scale, aspect in (
+        ("target", target_scale, target_aspect_ratio),
+        ("context", context_scale, (1.0, 1.0)),
+    ):
+        h, w = min((ijepa_block_size(i / 100, grid, scale, aspect) for i in range(101)), key=lambda s: s[0] * s[1])
+        if h * w <= min_keep:
+            raise UserError(
+                f"I-JEPA {what} blocks can be {h}x{w} patches on the {grid[0]}x{grid[1]} grid, not more than "
+                f"model.min_keep={min_keep}; lower min_keep or raise the {what} block scale"
+            )
+
+
+def _blocks(top: Tensor, left: Tensor, size: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """(...) corners -> (..., h, w) bool masks of ``size`` rectangles there."""
+    rows = torch.arange(grid[0], device=top.device)
+    cols = torch.arange(grid[1], device=top.device)
+    in_rows = (rows >= top[..., None]) & (rows < top[..., None] + size[0])
+    in_cols = (cols >= left[..., None]) & (cols < left[..., None] + size[1])
+    return in_rows[..., :, None] & in_cols[..., None, :]
+
+
+def _random_corners(
+    shape: tuple[int, ...], size: tuple[int, int], grid: tuple[int, int], device
+) -> tuple[Tensor, Tensor]:
+    # torch.randint(0, H - h): as the official collator, a block never touches the last row or column
+    top = torch.randint(0, grid[0] - size[0], shape, device=device)
+    left = torch.randint(0, grid[1] - size[1], shape, device=device)
+    return top, left
+
+
+def _first_true_indices(masks: Tensor, count: int) -> Tensor:
+    """(B, N) bool with at least ``count`` True per row -> (B, count) indices of the first ones."""
+    return torch.argsort((~masks).to(torch.uint8), dim=1, stable=True)[:, :count]
+
+
+def ijepa_multiblock_masks(
+    batch_size: int,
+    grid: tuple[int, int],
+    num_targets: int = 4,
+    target_scale: tuple[float, float] = (0.15, 0.2),
+    target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
+    context_scale: tuple[float, float] = (0.85, 1.0),
+    min_keep: int = 10,
+    allow_overlap: bool = False,
+    device: torch.device | str | None = None,
+    timeout: int = 20,
+) -> ContextTargetMasks:
+    """I-JEPA's multi-block masks (``src/masks/multiblock.py``), for one batch.
+
+    One target block size and one context block size (aspect 1) are drawn for the whole batch
+    (:func:`ijepa_block_size`); every sample places its ``num_targets`` target blocks and its
+    context block at its own uniformly drawn positions. The context keeps only its patches
+    outside every target block (unless ``allow_overlap``), and is redrawn until more than
+    ``min_keep`` patches remain; after ``timeout`` failed draws a sample drops the constraint of
+    its last target block, then of the one before, and so on, as the official collator does. All
+    samples then keep the context size of the smallest one (their lowest-index patches), so the
+    batch stacks; target blocks are all the same size already.
+    """
+    h, w = grid
+    check_ijepa_block_sizes(grid, target_scale, target_aspect_ratio, context_scale, min_keep)
+    target_size = ijepa_block_size(torch.rand(1).item(), grid, target_scale, target_aspect_ratio)
+    context_size = ijepa_block_size(torch.rand(1).item(), grid, context_scale, (1.0, 1.0))
+    top, left = _random_corners((batch_size, num_targets), target_size, grid, device)
+    targets = _blocks(top, left, target_size, grid)  # (B, T, h, w)
+    target_idx = torch.stack(
+        [_first_true_indices(t.flatten(1), target_size[0] * target_size[1]) for t in targets.unbind(1)]
+    )
+
+    context = torch.zeros(batch_size, h, w, dtype=torch.bool, device=device)
+    found = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    dropped = torch.zeros(batch_size, dtype=torch.long, device=device)  # target constraints given up
+    failures = torch.zeros(batch_size, dtype=torch.long, device=device)
+    kept_targets = torch.arange(num_targets, device=device)
+    while not bool(found.all()):
+        block = _blocks(*_random_corners((batch_size,), context_size, grid, device), context_size, grid)
+        if not allow_overlap:
+            constraining = kept_targets < (num_targets - dropped)[:, None]  # (B, T)
+            block &= ~(targets & constraining[:, :, None, None]).any(dim=1)
+        ok = block.flatten(1).sum(dim=1) > min_keep
+        context[ok & ~found] = block[ok & ~found]
+        failed = ~ok & ~found
+        failures += failed.long()
+        expired = failed & (failures == timeout)
+        dropped += expired.long()
+        failures[expired] = 0
+        found |= ok
+    context = context.flatten(1)
+    return ContextTargetMasks(_first_true_indices(context, int(context.sum(dim=1).min())), target_idx)

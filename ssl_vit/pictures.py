@@ -95,7 +95,8 @@ def picture_grid(columns: list[Tensor]) -> Image.Image:
 @torch.no_grad()
 def last_block_attention(encoder: ViTEncoder, images: Tensor) -> Tensor:
     """The CLS token's attention over the patches in the encoder's last block, per head:
-    (B, heads, h, w) (DINO's ``get_last_selfattention``)."""
+    (B, heads, h, w) (DINO's ``get_last_selfattention``); for an encoder without a CLS token
+    (I-JEPA's), the attention each patch receives, averaged over all queries."""
     attn = encoder.vit.blocks[-1].attn
     captured: list[Tensor] = []
     # The unfused path passes the softmaxed weights through attn_drop, where a hook can read them.
@@ -106,13 +107,14 @@ def last_block_attention(encoder: ViTEncoder, images: Tensor) -> Tensor:
     finally:
         attn.fused_attn = fused
         handle.remove()
-    weights = captured[0][:, :, 0, encoder.num_prefix_tokens :]
+    queries = captured[0][:, :, 0] if encoder.has_class_token else captured[0].mean(dim=2)
+    weights = queries[:, :, encoder.num_prefix_tokens :]
     h, w = images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
     return weights.reshape(images.shape[0], -1, h, w)
 
 
 def attention_columns(encoder: ViTEncoder, images: Tensor) -> list[Tensor]:
-    """The images, then one column per head of the last block's CLS attention over them."""
+    """The images, then one column per head of the last block's attention over them."""
     maps = last_block_attention(encoder, images)
     shown = to_display(images)
     return [shown, *(heatmap_overlay(shown, maps[:, head]) for head in range(maps.shape[1]))]
@@ -149,6 +151,27 @@ def reconstruction_columns(images: Tensor, reconstruction: Tensor, pixel_mask: T
     masked = shown * (1 - pixel_mask) + 0.5 * pixel_mask
     pasted = shown * (1 - pixel_mask) + rebuilt * pixel_mask
     return [shown, masked, rebuilt, pasted]
+
+
+def context_target_columns(images: Tensor, context_idx: Tensor, target_idx: Tensor, patch_size: int) -> list[Tensor]:
+    """I-JEPA's blocks: the images, the context the encoder sees (the other patches grey), and
+    the target blocks, each in its own colour over the dimmed image. ``context_idx`` (B, Kc) and
+    ``target_idx`` (T, B, Kt) are patch indices."""
+    shown = to_display(images)
+    b, _, height, width = images.shape
+    grid = (height // patch_size, width // patch_size)
+
+    def pixels(idx: Tensor) -> Tensor:  # (B, K) patch indices -> (B, 1, H, W) 0/1
+        mask = torch.zeros(b, grid[0] * grid[1], device=images.device).scatter_(1, idx, 1.0)
+        return F.interpolate(mask.view(b, 1, *grid), size=(height, width), mode="nearest")
+
+    context = pixels(context_idx)
+    targets = 0.35 * shown
+    for i, idx in enumerate(target_idx):
+        colour = torch.tensor(PALETTE[i % len(PALETTE)], device=images.device).view(1, 3, 1, 1) / 255
+        block = pixels(idx)
+        targets = targets * (1 - block) + (0.5 * shown + 0.5 * colour) * block
+    return [shown, shown * context + 0.5 * (1 - context), targets]
 
 
 def line_chart(

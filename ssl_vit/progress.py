@@ -72,6 +72,10 @@ def run_summary(
     pictures = Path(trainer.default_root_dir) / "pictures"
     watch = model.collapse_watch
     health = next((c for c in trainer.callbacks if isinstance(c, HealthCallback)), None)
+
+    def last_health(metric: str) -> float | None:
+        return round(health.history[metric][-1][1], 2) if health and metric in health.history else None
+
     return {
         "objective": type(model).__name__,
         "encoder": ", ".join(f"{k}={v}" for k, v in encoder.items()),
@@ -83,7 +87,8 @@ def run_summary(
         "attentive_top1": accuracy.get("attentive", {}).get("top1"),
         "seg_miou": accuracy.get("segmentation", {}).get("miou"),
         "collapsed_steps": watch.collapsed_steps if watch.last_check is not None else None,  # watched objectives
-        "rankme_cls": round(health.history["rankme_cls"][-1][1], 2) if health and health.history else None,
+        "rankme_cls": last_health("rankme_cls"),
+        "rankme_mean": last_health("rankme_mean"),
         "representation_collapsed_steps": health.watch.collapsed_steps if health and health.history else None,
         "checkpoint": str(ckpt_dir / "last.ckpt"),
         "export": str(export_dir) if export_dir else None,

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_vit.data import write_shards
-from ssl_vit.methods import DINO, MAE, MoCoV3, SimCLR, SimMIM
+from ssl_vit.methods import DINO, IJEPA, MAE, MoCoV3, SimCLR, SimMIM
 
 TINY_ENCODER = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 
@@ -88,4 +88,9 @@ OBJECTIVES = {
     "dino": (lambda **kw: DINO(TINY_ENCODER, out_dim=64, hidden_dim=32, bottleneck_dim=16, **kw), "multicrop"),
     "mocov3": (lambda **kw: MoCoV3(TINY_ENCODER, hidden_dim=32, out_dim=16, **kw), "two"),
     "simclr": (lambda **kw: SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16, **kw), "two"),
+    # min_keep 4 (the collator's own default): the 8 x 8 grid's 3 x 3 target blocks hold 9 patches
+    "ijepa": (
+        lambda **kw: IJEPA(TINY_ENCODER, **{"predictor_dim": 32, "predictor_depth": 1, "min_keep": 4, **kw}),
+        "single",
+    ),
 }

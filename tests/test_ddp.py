@@ -1,7 +1,8 @@
 """Every objective under Lightning DDP on a real 2-process gloo group, reading real shards: the
 ranks read disjoint shards, end with identical parameters, and each optimiser step's gradients
 equal those of one process on the two ranks' batches concatenated (so gathered negatives, the
-DINO centre, the lr scaled by the global batch and the EMA teachers all carry the right scales).
+DINO centre, the lr scaled by the global batch and the EMA teachers all carry the right scales);
+for I-JEPA, whose masks are per rank, the mean of each rank's own gradient.
 
 torch's SyncBatchNorm needs a GPU, so on this CPU test the projection heads' BatchNorm layers are
 replaced (in both runs) by ``GatheredBatchNorm1d``, which computes SyncBatchNorm's statistics over
@@ -24,13 +25,21 @@ from torch.utils.data import DataLoader
 
 from ssl_vit.data import MAEView, MultiCropViews, ShardDataModule, TwoViews, write_shards
 from ssl_vit.distributed import gather_with_grad
-from ssl_vit.masking import PatchMask
-from ssl_vit.methods import DINOv2, mae, simmim
+from ssl_vit.masking import ContextTargetMasks, PatchMask
+from ssl_vit.methods import DINOv2, ijepa, mae, simmim
 from tests.conftest import OBJECTIVES, TINY_ENCODER, png_bytes, random_images
 
 WORLD = 2
 VIEWS = {"single": lambda: MAEView(32), "two": lambda: TwoViews(32), "multicrop": lambda: MultiCropViews(32, 16, 2)}
-MASK_FUNCTIONS = [(mae, "random_patch_mask"), (simmim, "block_patch_mask")]
+# Where each objective draws its masks, and the tuple type they come as (recorded as lists).
+MASK_FUNCTIONS = [
+    (mae, "random_patch_mask", PatchMask),
+    (simmim, "block_patch_mask", None),
+    (ijepa, "ijepa_multiblock_masks", ContextTargetMasks),
+]
+# I-JEPA's context is cut to the smallest one of the rank's batch, so one process on the global
+# batch draws other masks: its reference is each rank's own batch in one process instead.
+PER_RANK_MASKS = {"ijepa"}
 
 
 class GatheredBatchNorm1d(nn.BatchNorm1d):
@@ -99,12 +108,12 @@ def record_masks(masks: list[Any]) -> None:
     def recording(draw):
         def draw_and_record(*args, **kwargs):
             mask = draw(*args, **kwargs)
-            masks.append(list(mask) if isinstance(mask, PatchMask) else mask)
+            masks.append(list(mask) if isinstance(mask, tuple) else mask)
             return mask
 
         return draw_and_record
 
-    for module, attr in MASK_FUNCTIONS:
+    for module, attr, _ in MASK_FUNCTIONS:
         setattr(module, attr, recording(getattr(module, attr)))
 
 
@@ -142,11 +151,12 @@ def concat(parts: list[Any]) -> Any:
 
 
 def replay_masks(masks: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    def next_mask(*args, **kwargs):
-        mask = masks.pop(0)
-        return PatchMask(*mask) if isinstance(mask, list) else mask
+    for module, attr, kind in MASK_FUNCTIONS:
 
-    for module, attr in MASK_FUNCTIONS:
+        def next_mask(*args, kind=kind, **kwargs):
+            mask = masks.pop(0)
+            return kind(*mask) if kind else mask
+
         monkeypatch.setattr(module, attr, next_mask)
 
 
@@ -160,16 +170,29 @@ def ddp_runs(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     return {name: [load(name, r) for r in range(WORLD)] for name in OBJECTIVES}
 
 
-@pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_ddp_matches_one_process_on_the_global_batch(name, ddp_runs, monkeypatch):
-    ranks = ddp_runs[name]
+def assert_disjoint_shards_in_lockstep(ranks: list[dict[str, Any]]) -> None:
     labels = [{int(y) for _, batch_labels in r["batches"] for y in batch_labels} for r in ranks]
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 2  # equal batch counts: no hang
     assert labels[0] and labels[1] and not labels[0] & labels[1], labels  # disjoint shards
-
     for key, value in ranks[0]["state"].items():  # DDP kept the ranks in lockstep
         torch.testing.assert_close(ranks[1]["state"][key], value, rtol=0, atol=0, msg=key)
 
+
+def assert_same_gradients(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], step: int) -> None:
+    assert want.keys() == got.keys()
+    # Float summation order differs; gradients that are zero up to rounding (a norm bias before
+    # BatchNorm) differ by rounding, so the tolerance is set by the step's largest gradient.
+    atol = 1e-4 * max(g.abs().max().item() for g in want.values())
+    for key in want:
+        torch.testing.assert_close(
+            got[key], want[key], rtol=1e-3, atol=atol, msg=lambda m, where=f"step {step}, {key}": f"{where}: {m}"
+        )
+
+
+@pytest.mark.parametrize("name", [name for name in OBJECTIVES if name not in PER_RANK_MASKS])
+def test_ddp_matches_one_process_on_the_global_batch(name, ddp_runs, monkeypatch):
+    ranks = ddp_runs[name]
+    assert_disjoint_shards_in_lockstep(ranks)
     steps = list(zip(*(r["batches"] for r in ranks), strict=True))
     global_batches = [concat(list(parts)) for parts in steps]
     if ranks[0]["masks"]:  # each rank draws its own masks (the official codes seed rank r with seed + r)
@@ -182,14 +205,22 @@ def test_ddp_matches_one_process_on_the_global_batch(name, ddp_runs, monkeypatch
     assert one["lrs"] == ranks[0]["lrs"]  # lr scaled by the global batch, 4 x 2 ranks = 8 x 1
     assert len(one["grads"]) == len(ranks[0]["grads"]) == 2
     for step, (want, got) in enumerate(zip(one["grads"], ranks[0]["grads"], strict=True)):
-        assert want.keys() == got.keys()
-        # Float summation order differs; gradients that are zero up to rounding (a norm bias before
-        # BatchNorm) differ by rounding, so the tolerance is set by the step's largest gradient.
-        atol = 1e-4 * max(g.abs().max().item() for g in want.values())
-        for key in want:
-            torch.testing.assert_close(
-                got[key], want[key], rtol=1e-3, atol=atol, msg=lambda m, where=f"step {step}, {key}": f"{where}: {m}"
-            )
+        assert_same_gradients(want, got, step)
+
+
+@pytest.mark.parametrize("name", sorted(PER_RANK_MASKS))
+def test_ddp_gradient_is_the_mean_of_each_ranks_own_gradient(name, ddp_runs, monkeypatch):
+    """Ranks draw their own block sizes and cut their contexts to their own smallest: the first
+    step's all-reduced gradient must be the mean of what each rank's batch and masks give alone."""
+    ranks = ddp_runs[name]
+    assert_disjoint_shards_in_lockstep(ranks)
+    assert not torch.equal(ranks[0]["masks"][0][-1], ranks[1]["masks"][0][-1])  # each rank its own masks
+    alone = []
+    for rank in ranks:
+        replay_masks(rank["masks"][:1], monkeypatch)
+        alone.append(fit(name, DataLoader(rank["batches"][:1], batch_size=None), devices=1)["grads"][0])
+    mean = {key: (alone[0][key] + alone[1][key]) / 2 for key in alone[0]}
+    assert_same_gradients(mean, ranks[0]["grads"][0], step=0)
 
 
 def _dinov2_rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:

@@ -16,7 +16,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.methods import MAE
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly
 
-EVALUATED_ROLE = {"dino": "teacher", "mocov3": "base"}
+EVALUATED_ROLE = {"dino": "teacher", "mocov3": "base", "ijepa": "target"}
 
 
 @pytest.fixture(params=sorted(OBJECTIVES))
@@ -87,10 +87,11 @@ def test_continued_pretraining_resizes_position_embeddings(checkpoint, tmp_path)
         {**_encoder(checkpoint), "img_size": 48}, decoder_dim=32, decoder_depth=1, decoder_heads=2, init_from=str(out)
     )
     method.setup("fit")
-    assert method.encoder.vit.pos_embed.shape == (1, 1 + 12 * 12, 64)
+    prefix = method.encoder.num_prefix_tokens  # the CLS token; I-JEPA's encoder has none
+    assert method.encoder.vit.pos_embed.shape == (1, prefix + 12 * 12, 64)
     exported = load_file(str(out / "model.safetensors"))
     torch.testing.assert_close(method.encoder.vit.blocks[0].attn.qkv.weight, exported["blocks.0.attn.qkv.weight"])
-    torch.testing.assert_close(method.encoder.vit.pos_embed[:, :1], exported["pos_embed"][:, :1])  # CLS position kept
+    torch.testing.assert_close(method.encoder.vit.pos_embed[:, :prefix], exported["pos_embed"][:, :prefix])
 
 
 def test_continued_pretraining_from_a_checkpoint_takes_the_heads_too(checkpoint):

@@ -126,6 +126,8 @@ OFFICIAL_DECAY_RULE = {
     ),
     # google-research/simclr: no decay on batch-norm parameters and biases
     "simclr": lambda name, p: not (p.ndim == 1 or name.endswith(".bias")),
+    # ijepa src/helper.py init_opt: ('bias' not in n) and (len(p.shape) != 1) decay
+    "ijepa": lambda name, p: "bias" not in name and len(p.shape) != 1,
 }
 
 
@@ -148,6 +150,7 @@ def test_weight_decay_groups_follow_the_official_rule(name):
         "mocov3": {"encoder.vit.norm.weight", "encoder.vit.blocks.0.attn.qkv.bias"},
         "simmim": {"mask_token"},
         "simclr": set(),
+        "ijepa": {"predictor.mask_token"},  # pos embeddings are frozen sin-cos (encoder and predictor)
     }[name]
     assert expected_decayed <= decayed
 

@@ -25,6 +25,7 @@ EXPECTED = {  # the pictures each objective draws, and their columns
     "dino": {"attention": 3, "patch_pca": 2},
     "mocov3": {"attention": 3, "patch_pca": 2},
     "simclr": {"attention": 3, "patch_pca": 2},
+    "ijepa": {"attention": 3, "patch_pca": 2, "blocks": 3},  # blocks: the image, its context, its targets
 }  # attention: the image + one column per head (TINY_ENCODER has 2); patch_pca: the image + its PCA colours
 
 

@@ -87,15 +87,17 @@ def test_dino_imagenet_recipe_resolves_to_the_paper(max_epochs):
     [
         ("mae_vit_b16", 40, None),
         ("simmim_vit_b16", 10, None),
-        ("mocov3_vit_b16", 40, 0.99),
+        ("mocov3_vit_b16", 40, ("momentum", 0.99)),
         ("simclr_vit_b16", 40, None),
+        ("ijepa_vit_b16", 40, ("target_momentum", 0.996)),  # ViT-H/14's schedule too (building it takes 20 s)
     ],
 )
 def test_imagenet_recipes_resolve_to_the_papers(recipe, warmup, momentum):
     method = recipe_method(RECIPES / f"imagenet/{recipe}.yaml")
     assert method.run_epochs(method.warmup_epochs) == warmup
     if momentum is not None:
-        assert method.run_momentum(method.hparams.momentum) == momentum
+        name, value = momentum
+        assert method.run_momentum(method.hparams[name]) == value
 
 
 def test_quickstart_recipes_resolve_to_their_documented_values():
@@ -107,6 +109,10 @@ def test_quickstart_recipes_resolve_to_their_documented_values():
     assert moco.run_epochs(moco.warmup_epochs) == pytest.approx(40 * 8 / 300)
     mae = recipe_method(RECIPES / "quickstart/mae.yaml")
     assert mae.run_epochs(mae.warmup_epochs) == pytest.approx(1.6)
+    ijepa = recipe_method(RECIPES / "quickstart/ijepa.yaml")  # 16 epochs x 39 steps; 625 steps per paper epoch
+    assert ijepa.run_epochs(ijepa.warmup_epochs) == pytest.approx(40 * 16 / 300)
+    assert ijepa.run_momentum(ijepa.hparams.target_momentum) == pytest.approx(0.996 ** ((IMAGENET // 2048) / 39))
+    assert ijepa.lr_batch_scale(128) == pytest.approx(0.25)  # sqrt(128 / 2048)
 
 
 def test_scale_to_run_off_keeps_the_recipe_values():

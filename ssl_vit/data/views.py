@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -42,19 +43,23 @@ def to_normalized_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> lis
 
 
 class MAEView(v2.Compose):
-    """MAE's pretraining view: RandomResizedCrop (scale 0.2-1, bicubic) and a horizontal flip."""
+    """One RandomResizedCrop and a horizontal flip, nothing else: MAE's pretraining view (scale
+    0.2-1, bicubic). I-JEPA uses it with ``scale: [0.3, 1.0]``, ``interpolation: bilinear`` and
+    ``horizontal_flip: false`` (``make_transforms`` as its ImageNet configs set it)."""
 
     def __init__(
         self,
         size: int = 224,
         scale: tuple[float, float] = (0.2, 1.0),
+        interpolation: Literal["bicubic", "bilinear"] = "bicubic",
+        horizontal_flip: bool = True,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         super().__init__(
             [
-                v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-                v2.RandomHorizontalFlip(),
+                v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode(interpolation)),
+                *([v2.RandomHorizontalFlip()] if horizontal_flip else []),
                 *to_normalized_tensor(mean, std),
             ]
         )

@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ssl_vit.encoder import NO_CLASS_TOKEN
+from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator, Results
 from ssl_vit.eval.features import FeatureSet
 from ssl_vit.eval.report import metrics, print_results, write_records
@@ -73,6 +75,8 @@ class EvaluationCallback(Evaluator, Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_shards()
+        if self.pooling.startswith("cls") and not pl_module.evaluated_encoder.has_class_token:
+            raise UserError(f"trainer.callbacks EvaluationCallback pooling {self.pooling}: {NO_CLASS_TOKEN}")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and trainer.ckpt_path is None:  # a resumed run restores the baseline instead

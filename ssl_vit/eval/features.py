@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ssl_vit.data.pipeline import NO_LABEL, ShardDataset, View
 from ssl_vit.data.shards import resolve_shards
-from ssl_vit.encoder import ViTEncoder
+from ssl_vit.encoder import NO_CLASS_TOKEN, ViTEncoder
 from ssl_vit.errors import UserError
 
 Pooling = Literal["cls", "mean", "cls+mean"]
@@ -32,14 +32,19 @@ def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: TokenPooling =
     With ``last_blocks = n > 1`` the CLS part is the concatenation of the final-normed CLS tokens
     of the last n blocks (DINO's ``n_last_blocks``); the mean is always over the last block.
     """
+    if pooling not in ("cls", "mean", "cls+mean", "patches"):
+        raise UserError(f"unknown pooling {pooling!r}; use cls, mean or cls+mean")
+    if pooling.startswith("cls") and not encoder.has_class_token:
+        raise UserError(NO_CLASS_TOKEN)
     if last_blocks == 1:
         out = encoder(images)
-        cls, patches = out.cls, out.patches
+        patches = out.patches
+        cls = out.cls if pooling.startswith("cls") else None
     else:
         per_block = encoder.vit.forward_intermediates(
             images, indices=last_blocks, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
         )
-        cls = torch.cat([prefix[:, 0] for _, prefix in per_block], dim=-1)
+        cls = torch.cat([prefix[:, 0] for _, prefix in per_block], dim=-1) if pooling.startswith("cls") else None
         patches = per_block[-1][0]
     if pooling == "cls":
         return cls
@@ -47,9 +52,7 @@ def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: TokenPooling =
         return patches.mean(dim=1)
     if pooling == "cls+mean":
         return torch.cat([cls, patches.mean(dim=1)], dim=-1)
-    if pooling == "patches":
-        return patches
-    raise UserError(f"unknown pooling {pooling!r}; use cls, mean or cls+mean")
+    return patches
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ and logging."""
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -60,8 +60,13 @@ class SSLMethod(L.LightningModule):
     encoder_defaults: ClassVar[dict[str, Any]] = {}
     #: lr = base_lr x global batch / lr_batch_divisor (256 in MAE, DINO, MoCo v3; 512 in SimMIM).
     lr_batch_divisor: ClassVar[int] = 256
+    #: ``linear`` (the factor above) or ``sqrt``: base_lr x sqrt(global batch / lr_batch_divisor),
+    #: DINOv2's rule for AdamW, which I-JEPA (one lr at one batch, no rule of its own) follows too.
+    lr_batch_rule: ClassVar[Literal["linear", "sqrt"]] = "linear"
     #: SimMIM scales its warm-up start and minimum lr by the batch too; the others take them as they are.
     lr_bounds_scale_with_batch: ClassVar[bool] = False
+    #: I-JEPA's schedulers step before each update, so update k uses their value at k + 1.
+    schedule_step_offset: ClassVar[int] = 0
     #: The paper's reference run, which ``scale_to_run`` scales schedule lengths and momenta from.
     paper_run: ClassVar[PaperRun]
 
@@ -172,9 +177,9 @@ class SSLMethod(L.LightningModule):
         return scaled_ema_momentum(paper_momentum, self.steps_per_epoch(), total, self.paper_run)
 
     def lr_batch_scale(self, global_batch: int) -> float:
-        """The peak lr's factor for the global batch: linear, ``global_batch / lr_batch_divisor``
-        (DINOv2 overrides it with its square-root rule)."""
-        return global_batch / self.lr_batch_divisor
+        """The peak lr's factor for the global batch, by ``lr_batch_rule``."""
+        ratio = global_batch / self.lr_batch_divisor
+        return math.sqrt(ratio) if self.lr_batch_rule == "sqrt" else ratio
 
     def learning_rate(self, step: int, per_device_batch: int) -> float:
         scale = self.lr_batch_scale(self.global_batch_size(per_device_batch))
@@ -246,10 +251,11 @@ class SSLMethod(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         _, labels = batch
-        lr = self.learning_rate(self.global_step, per_device_batch=len(labels))
+        step = self.global_step + self.schedule_step_offset
+        lr = self.learning_rate(step, per_device_batch=len(labels))
         wd = self.weight_decay
         if self.weight_decay_end is not None:
-            wd = cosine_to(self.global_step, int(self.trainer.estimated_stepping_batches), wd, self.weight_decay_end)
+            wd = cosine_to(step, int(self.trainer.estimated_stepping_batches), wd, self.weight_decay_end)
             self.log("train/weight_decay", wd)
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)

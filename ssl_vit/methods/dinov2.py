@@ -9,7 +9,6 @@ unmasked crop; plus KoLeo on the student's CLS features, which spreads them over
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any, ClassVar, Literal
 
@@ -40,6 +39,9 @@ class DINOv2(DINO):
 
     #: ssl_default_config.yaml: 100 "epochs" of 1,250 iterations each (OFFICIAL_EPOCH_LENGTH)
     paper_run = PaperRun(epochs=100, steps_per_epoch=1250)
+    #: dinov2/utils/config.py, "sqrt_wrt_1024"
+    lr_batch_divisor: ClassVar[int] = 1024
+    lr_batch_rule: ClassVar[Literal["linear", "sqrt"]] = "sqrt"
     encoder_defaults: ClassVar[dict[str, Any]] = {"pos_embed_resample": "dino", "init_values": 1e-5}
 
     def __init__(
@@ -188,10 +190,6 @@ class DINOv2(DINO):
             modules.append([*self.ibot_head.parameters()])
         for params in modules:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
-
-    def lr_batch_scale(self, global_batch: int) -> float:
-        # dinov2/utils/config.py, "sqrt_wrt_1024"
-        return math.sqrt(global_batch / 1024)
 
     def lr_scale(self, name: str, param: nn.Parameter) -> float:
         """``dinov2/utils/param_groups.py``: layer-wise decay 0.9^(depth + 1 - layer) with layer 0

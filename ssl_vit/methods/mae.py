@@ -6,23 +6,20 @@ tokens plus a shared mask token at every masked position and predicts the masked
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, NamedTuple
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ssl_vit.encoder import EncoderConfig, sincos_pos_embed_2d
+from ssl_vit.encoder import EncoderConfig, gather_tokens, sincos_pos_embed_2d
 from ssl_vit.errors import UserError
+from ssl_vit.heads import layer_norm_1e6, transformer_blocks
 from ssl_vit.losses import masked_patch_mse, normalized_patch_targets
 from ssl_vit.masking import PatchMask, patch_mask_to_pixels, random_patch_mask
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.patches import patchify, unpatchify
 from ssl_vit.pictures import reconstruction_columns
 from ssl_vit.schedules import PaperRun
-
-_layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
 
 class MAEOutput(NamedTuple):
@@ -51,10 +48,8 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         pos = sincos_pos_embed_2d(dim, grid_size, num_prefix_tokens).unsqueeze(0)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.blocks = nn.Sequential(
-            *[Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=_layer_norm) for _ in range(depth)]
-        )
-        self.norm = _layer_norm(dim)
+        self.blocks = transformer_blocks(dim, depth, num_heads)
+        self.norm = layer_norm_1e6(dim)
         self.pred = nn.Linear(dim, patch_pixels)
 
     def forward(self, tokens: Tensor, restore_idx: Tensor) -> Tensor:
@@ -63,7 +58,7 @@ class MAEDecoder(nn.Module):
         b, n = restore_idx.shape
         masked = self.mask_token.expand(b, n - visible.shape[1], -1)
         patches = torch.cat([visible, masked], dim=1)
-        patches = torch.gather(patches, 1, restore_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        patches = gather_tokens(patches, restore_idx)
         x = torch.cat([prefix, patches], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.pred(x[:, self.num_prefix_tokens :])
