@@ -414,7 +414,7 @@ def main() -> None:
                 ]
                 print(objective, name, library, curve, file=sys.stderr)
     out = write_result("quality", device, rows, keep=("objective", "library", "dataset"), seed=args.seed)
-    draw_curves(rows, out.with_suffix(".png"))
+    draw_curves(json.loads(out.read_text())["rows"], out.with_suffix(".png"))  # with the kept rows
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
