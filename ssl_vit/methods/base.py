@@ -92,6 +92,13 @@ class SSLMethod(L.LightningModule):
         self.init_from, self.scale_to_run = init_from, scale_to_run
         self.collapse_watch = CollapseWatch()
 
+    def ema_encoder_copy(self) -> ViTEncoder:
+        """An EMA follower of the encoder (DINO's teacher, I-JEPA's target encoder): the encoder's
+        architecture without stochastic depth, equal to it now, receiving no gradients."""
+        follower = ViTEncoder(**{**self.hparams.encoder, "drop_path_rate": 0.0}).requires_grad_(False)
+        follower.load_state_dict(self.encoder.state_dict())
+        return follower
+
     @property
     def evaluated_encoder(self) -> ViTEncoder:
         return self.get_submodule(next(iter(self.encoders.values())))

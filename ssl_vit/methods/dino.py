@@ -93,9 +93,7 @@ class DINO(SSLMethod):
             norm_last_layer=norm_last_layer,
             use_bn=use_bn_in_head,
         )
-        # The teacher has the student's architecture without stochastic depth, and starts equal to it.
-        self.teacher_encoder = ViTEncoder(**{**self.hparams.encoder, "drop_path_rate": 0.0}).requires_grad_(False)
-        self.teacher_encoder.load_state_dict(self.encoder.state_dict())
+        self.teacher_encoder = self.ema_encoder_copy()
         self.teacher_head = frozen_copy(self.head)
         if centering not in ("mean", "sinkhorn_knopp"):
             raise UserError(f"model.centering must be mean (DINO) or sinkhorn_knopp (DINOv2), got {centering!r}")

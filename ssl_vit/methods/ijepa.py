@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_vit.encoder import EncoderConfig, ViTEncoder, gather_tokens, sincos_pos_embed_2d
+from ssl_vit.encoder import EncoderConfig, gather_tokens, sincos_pos_embed_2d
 from ssl_vit.errors import UserError
 from ssl_vit.heads import layer_norm_1e6, transformer_blocks
 from ssl_vit.masking import ContextTargetMasks, check_ijepa_block_sizes, ijepa_multiblock_masks
@@ -129,8 +129,7 @@ class IJEPA(SSLMethod):
         # trunc-normal(0.02) with zero bias (which also undoes the ViT's residual rescaling), the mask token too.
         self.apply(_init_ijepa_weights)
         nn.init.trunc_normal_(self.predictor.mask_token, std=0.02)
-        self.target_encoder = ViTEncoder(**{**self.hparams.encoder, "drop_path_rate": 0.0}).requires_grad_(False)
-        self.target_encoder.load_state_dict(enc.state_dict())
+        self.target_encoder = self.ema_encoder_copy()
 
     def sample_masks(self, batch_size: int, device: torch.device) -> ContextTargetMasks:
         hp = self.hparams
