@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import ssl_vit.methods.dinov2 as dinov2_module
 from ssl_vit import export_encoder
+from ssl_vit.encoder import compile_blocks
 from ssl_vit.methods import DINOv2
 from tests.conftest import TINY_ENCODER, fit_briefly
 
@@ -121,3 +122,30 @@ def test_registers_train_export_and_load_in_timm(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), method.teacher_encoder.eval()(x).tokens)
         assert method.teacher_encoder(x).patches.shape == (2, 64, 64)  # registers are not patches
+
+
+def test_compiled_blocks_compute_the_same_step_with_masks_and_two_crop_sizes(monkeypatch):
+    torch.manual_seed(0)
+    method = tiny(centering="mean")
+    masks = torch.zeros(6, 64, dtype=torch.bool)
+    masks[1, :10] = masks[4, 20:45] = True
+    monkeypatch.setattr(dinov2_module, "ibot_masks", lambda *args: masks)
+    for name in ("log", "log_dict", "watch_collapse"):
+        monkeypatch.setattr(DINOv2, name, lambda *a, **k: None)
+    monkeypatch.setattr(DINOv2, "teacher_temperature", lambda self: 0.05)
+    method._trainer = None
+    crops = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(2)]
+
+    def step():
+        method.zero_grad()
+        loss = method.training_step((crops, None), 0)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+    want_loss, want_grads = step()
+    assert compile_blocks(method, backend="aot_eager") == 2 * 2  # student and teacher encoders
+    loss, grads = step()
+    torch.testing.assert_close(loss, want_loss)
+    assert grads.keys() == want_grads.keys() and "mask_token" in grads
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
