@@ -3,7 +3,7 @@ dataset through ``ssl-vit pretrain`` with a checkpoint at every budget, each che
 random initialisation) evaluated with k-NN k=20 on CLS and on mean-pooled patch tokens, a linear
 probe and an attentive probe; lightly's documented example of the same objective beside it on the
 same timm encoder, data, batch, budgets and seed, where lightly has one (MAE, SimMIM, DINO,
-SimCLR, I-JEPA; its MoCo example is MoCo v2).
+DINOv2, SimCLR, I-JEPA; its MoCo example is MoCo v2).
 
     python benchmarks/quality.py                                  # every objective, both embedded datasets
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624
@@ -41,7 +41,7 @@ from ssl_vit.encoder import ViTEncoder
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.features import FeatureSet
 
-OBJECTIVES = ("mae", "simmim", "dino", "mocov3", "simclr", "ijepa")
+OBJECTIVES = ("mae", "simmim", "dino", "dinov2", "mocov3", "simclr", "ijepa")
 EMBEDDED = ("shapes", "glyphs")
 
 
@@ -289,6 +289,93 @@ def lightly_simclr_curve(data: Path, budgets: list[int], seed: int) -> list[dict
     return lightly_curve("simclr", data, budgets, seed, SimCLRTransform(input_size=size, gaussian_blur=0.0), build)
 
 
+def lightly_dinov2_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
+    """lightly's examples/pytorch/dinov2.py on the quickstart's encoder (its registers and layer
+    scale), crops and head sizes: MaskedVisionTransformerTIMM student (drop path 0.1, its own mask
+    token) and EMA teacher, one DINOv2ProjectionHead for the DINO and iBOT losses (the quickstart's
+    256 / 64 / 1024: the example's 65,536 prototypes for every masked patch are out of a CPU's
+    reach), DINOLoss and IBOTPatchLoss with their centres, teacher temperature 0.04 -> 0.07 over
+    30/50 of the run, KoLeo x 0.1, random_block_mask (blocks from 1 patch), AdamW lr 1e-3 with weight decay 0.04 -> 0.4
+    and teacher momentum 0.992 -> 1 (cosines over the run), DINOTransform at the quickstart's crop
+    sizes and scales."""
+    from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+    from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
+    from lightly.models.utils import random_block_mask, update_drop_path_rate, update_momentum
+    from lightly.transforms.dino_transform import DINOTransform
+    from lightly.utils.scheduler import cosine_schedule, linear_warmup_schedule
+
+    cfg = recipe("dinov2")
+    sizes = {k: cfg["model"]["init_args"][k] for k in ("hidden_dim", "bottleneck_dim")}
+
+    def build(encoder: ViTEncoder, steps_per_epoch: int):
+        teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
+        student_backbone = MaskedVisionTransformerTIMM(
+            vit=encoder.vit, antialias=False, pos_embed_initialization="skip"
+        )
+        teacher_backbone = MaskedVisionTransformerTIMM(
+            vit=teacher.vit, antialias=False, pos_embed_initialization="skip"
+        )
+        teacher_backbone.requires_grad_(False)
+        update_drop_path_rate(student_backbone.vit, drop_path_rate=0.1, mode="uniform")
+        out_dim = cfg["model"]["init_args"]["out_dim"]
+        # two heads built alike, as the example does (the teacher's from its own random draw)
+        head, teacher_head = (
+            DINOv2ProjectionHead(input_dim=encoder.embed_dim, output_dim=out_dim, **sizes) for _ in range(2)
+        )
+        teacher_head.requires_grad_(False).eval()
+        dino_criterion, ibot_criterion = DINOLoss(output_dim=out_dim), IBOTPatchLoss(output_dim=out_dim)
+        koleo_criterion = KoLeoLoss()
+        optimizer = torch.optim.AdamW([*student_backbone.parameters(), *head.parameters()], lr=1e-3)
+        total = max(budgets)
+        prefix = encoder.num_prefix_tokens
+
+        def loss(views: list[torch.Tensor], step: int) -> torch.Tensor:
+            global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
+            b = len(global_views)
+            # one-patch blocks allowed: on the quickstart's 4 x 4 grid a 10% mask is 1 patch, fewer
+            # than the default 4 per block, which random_block_mask refuses
+            block_mask = random_block_mask(size=(b, *encoder.grid_size), min_num_masks_per_block=1)
+            mask = global_views.new_zeros((b, student_backbone.sequence_length), dtype=torch.bool)
+            mask[:, prefix:] = block_mask.flatten(start_dim=1)
+            with torch.no_grad():
+                t = teacher_backbone.encode(global_views)
+                teacher_cls_out, teacher_masked_out = teacher_head(t[:, 0]), teacher_head(t[mask])
+            s = student_backbone.encode(global_views, mask=mask)
+            local_cls = student_backbone.encode(local_views)[:, 0]
+            student_cls_out = torch.cat([head(s[:, 0]), head(local_cls)])
+            teacher_temp = linear_warmup_schedule(step, int(30 / 50 * total), 0.04, 0.07)
+            dino = dino_criterion(
+                teacher_out=teacher_cls_out.chunk(2),
+                student_out=student_cls_out.chunk(len(views)),
+                teacher_temp=teacher_temp,
+            )
+            ibot = ibot_criterion(
+                teacher_out=teacher_masked_out, student_out=head(s[mask]), mask=block_mask, teacher_temp=teacher_temp
+            )
+            koleo = 0.1 * sum(koleo_criterion(c) for c in s[:, 0].chunk(2))
+            for group in optimizer.param_groups:  # the example's weight-decay schedule, before its step
+                if group["weight_decay"] != 0.0:
+                    group["weight_decay"] = cosine_schedule(step, total, 0.04, 0.4)
+            return dino + ibot + koleo
+
+        def update_teacher(step: int) -> None:
+            momentum = cosine_schedule(step, total, 0.992, 1.0)
+            update_momentum(student_backbone, teacher_backbone, m=momentum)
+            update_momentum(head, teacher_head, m=momentum)
+
+        return LightlyExample(optimizer, loss, after_step=update_teacher, evaluated=teacher)
+
+    views = cfg["data"]["view"]["init_args"]
+    transform = DINOTransform(
+        global_crop_size=views["global_size"],
+        global_crop_scale=tuple(views["global_scale"]),
+        local_crop_size=views["local_size"],
+        local_crop_scale=tuple(views["local_scale"]),
+        n_local_views=views["num_local"],
+    )
+    return lightly_curve("dinov2", data, budgets, seed, transform, build)
+
+
 def lightly_ijepa_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
     """lightly's examples/pytorch/ijepa.py: IJEPAMaskCollator with its defaults (2 target blocks of
     scale 0.2-0.8, aspect 0.3-3, a context of scale 0.2-0.8, min_keep 4), a predictor as wide and
@@ -340,6 +427,7 @@ LIGHTLY = {
     "simmim": lightly_simmim_curve,
     "dino": lightly_dino_curve,
     "simclr": lightly_simclr_curve,
+    "dinov2": lightly_dinov2_curve,
     "ijepa": lightly_ijepa_curve,
 }
 
