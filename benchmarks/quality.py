@@ -308,14 +308,19 @@ def lightly_dinov2_curve(data: Path, budgets: list[int], seed: int) -> list[dict
     sizes = {k: cfg["model"]["init_args"][k] for k in ("hidden_dim", "bottleneck_dim")}
 
     def build(encoder: ViTEncoder, steps_per_epoch: int):
-        teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
+        # The example wraps the ViT once (the wrapper re-initialises its weights) and deep-copies
+        # that backbone: student and teacher start equal.
         student_backbone = MaskedVisionTransformerTIMM(
             vit=encoder.vit, antialias=False, pos_embed_initialization="skip"
         )
+        teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
         teacher_backbone = MaskedVisionTransformerTIMM(
-            vit=teacher.vit, antialias=False, pos_embed_initialization="skip"
-        )
-        teacher_backbone.requires_grad_(False)
+            vit=teacher.vit,
+            mask_token=torch.nn.Parameter(student_backbone.mask_token.detach().clone()),
+            weight_initialization="skip",
+            antialias=False,
+            pos_embed_initialization="skip",
+        ).requires_grad_(False)
         update_drop_path_rate(student_backbone.vit, drop_path_rate=0.1, mode="uniform")
         out_dim = cfg["model"]["init_args"]["out_dim"]
         # two heads built alike, as the example does (the teacher's from its own random draw)
