@@ -8,6 +8,7 @@ DINOv2, SimCLR, I-JEPA; its MoCo example is MoCo v2).
     python benchmarks/quality.py                                  # every objective, both embedded datasets
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624
     python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
+    python benchmarks/quality.py --objectives dinov2 --libraries lightly   # one library
 
 Writes benchmarks/results/quality_<device>.json (device, versions, one row per objective, library,
 dataset and budget, each with the commit it ran on; rows of other objectives and datasets from
@@ -482,7 +483,9 @@ def main() -> None:
     parser.add_argument("--data", nargs="*", default=[], metavar="NAME=DIR", help="labelled shards: DIR/train, DIR/val")
     parser.add_argument("--budgets", nargs="+", type=int, default=[78, 156, 312], help="optimiser steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-lightly", action="store_true")
+    parser.add_argument(
+        "--libraries", nargs="+", default=["ssl-vit", "lightly"], choices=["ssl-vit", "lightly"], help="which to run"
+    )
     parser.add_argument("--draw", action="store_true", help="only redraw the picture from the JSON")
     args = parser.parse_args()
     if args.draw:
@@ -498,8 +501,10 @@ def main() -> None:
     rows, commit = [], git_commit()
     for objective in args.objectives:
         for name, data in datasets.items():
-            curves = {"ssl-vit": ssl_vit_curve(objective, data, args.budgets, args.seed, work)}
-            if objective in LIGHTLY and not args.no_lightly:
+            curves = {}
+            if "ssl-vit" in args.libraries:
+                curves["ssl-vit"] = ssl_vit_curve(objective, data, args.budgets, args.seed, work)
+            if objective in LIGHTLY and "lightly" in args.libraries:
                 curves["lightly"] = LIGHTLY[objective](data, args.budgets, args.seed)
             for library, curve in curves.items():
                 rows += [
