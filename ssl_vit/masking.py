@@ -164,12 +164,16 @@ def check_ijepa_block_sizes(
         ("target", target_scale, target_aspect_ratio),
         ("context", context_scale, (1.0, 1.0)),
     ):
-        h, w = min((ijepa_block_size(i / 100, grid, scale, aspect) for i in range(101)), key=lambda s: s[0] * s[1])
-        if h * w <= min_keep:
-            raise UserError(
-                f"I-JEPA {what} blocks can be {h}x{w} patches on the {grid[0]}x{grid[1]} grid, not more than "
-                f"model.min_keep={min_keep}; lower min_keep or raise the {what} block scale"
-            )
+        smallest = min((ijepa_block_size(i / 100, grid, scale, aspect) for i in range(101)), key=lambda s: s[0] * s[1])
+        _check_min_keep(what, smallest, grid, min_keep)
+
+
+def _check_min_keep(what: str, size: tuple[int, int], grid: tuple[int, int], min_keep: int) -> None:
+    if size[0] * size[1] <= min_keep:
+        raise UserError(
+            f"I-JEPA {what} blocks can be {size[0]}x{size[1]} patches on the {grid[0]}x{grid[1]} grid, not more than "
+            f"model.min_keep={min_keep}; lower min_keep or raise the {what} block scale"
+        )
 
 
 def _blocks(top: Tensor, left: Tensor, size: tuple[int, int], grid: tuple[int, int]) -> Tensor:
@@ -219,9 +223,12 @@ def ijepa_multiblock_masks(
     batch stacks; target blocks are all the same size already.
     """
     h, w = grid
-    check_ijepa_block_sizes(grid, target_scale, target_aspect_ratio, context_scale, min_keep)
     target_size = ijepa_block_size(torch.rand(1).item(), grid, target_scale, target_aspect_ratio)
     context_size = ijepa_block_size(torch.rand(1).item(), grid, context_scale, (1.0, 1.0))
+    # This draw's sizes only (IJEPA checks every size a draw can give once, at construction):
+    # a context that can never keep more than min_keep patches would be redrawn for ever.
+    _check_min_keep("target", target_size, grid, min_keep)
+    _check_min_keep("context", context_size, grid, min_keep)
     top, left = _random_corners((batch_size, num_targets), target_size, grid, device)
     targets = _blocks(top, left, target_size, grid)  # (B, T, h, w)
     target_idx = torch.stack(

@@ -27,6 +27,7 @@ from ssl_vit.data.pipeline import ShardDataset
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import ViTEncoder
+from ssl_vit.masking import patch_mask_to_pixels
 
 #: Ten distinguishable colours (Tableau 10) for classes and curves.
 PALETTE = [
@@ -163,7 +164,7 @@ def context_target_columns(images: Tensor, context_idx: Tensor, target_idx: Tens
 
     def pixels(idx: Tensor) -> Tensor:  # (B, K) patch indices -> (B, 1, H, W) 0/1
         mask = torch.zeros(b, grid[0] * grid[1], device=images.device).scatter_(1, idx, 1.0)
-        return F.interpolate(mask.view(b, 1, *grid), size=(height, width), mode="nearest")
+        return patch_mask_to_pixels(mask.view(b, *grid), patch_size)
 
     context = pixels(context_idx)
     targets = 0.35 * shown
