@@ -1,18 +1,23 @@
 """DINOv2 against its official formulas (facebookresearch/dinov2 ssl_meta_arch.py and
 param_groups.py), written out here from the pieces' definitions."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 
 import ssl_vit.methods.dinov2 as dinov2_module
 from ssl_vit import export_encoder
+from ssl_vit.data import MultiCropViews
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.methods import DINOv2
 from tests.conftest import TINY_ENCODER, fit_briefly
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def tiny(**kwargs) -> DINOv2:
@@ -149,3 +154,17 @@ def test_compiled_blocks_compute_the_same_step_with_masks_and_two_crop_sizes(mon
     assert grads.keys() == want_grads.keys() and "mask_token" in grads
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("recipe", ["quickstart/dinov2.yaml", "imagenet/dinov2_vit_l16.yaml"])
+def test_recipes_blur_as_dinov2s_code_does(recipe):
+    # dinov2/data/augmentations.py asks GaussianBlur for p = 1.0 / 0.1 / 0.5 (global 1 / global 2 /
+    # local), and dinov2/data/transforms.py hands RandomApply 1 - p: what the released
+    # checkpoints saw. Solarisation (a plain RandomSolarize) is not inverted.
+    official_blur = [1 - p for p in (1.0, 0.1)] + [1 - 0.5]
+    args = yaml.safe_load((RECIPES / recipe).read_text())["data"]["view"]["init_args"]
+    view = MultiCropViews(**{**args, "augment_on_device": True})
+    blur = [augment.blur_p for augment in view.photometric]
+    solarize = [augment.solarize_p for augment in view.photometric]
+    assert blur == pytest.approx(official_blur[:2] + official_blur[2:] * args["num_local"])
+    assert solarize == [0.0, 0.2] + [0.0] * args["num_local"]

@@ -178,7 +178,10 @@ class MultiCropViews(AugmentedCrops):
     """DINO's multi-crop: 2 global crops (scale 0.4-1; blur p 1.0 and 0.1, solarisation p 0 and
     0.2) and ``num_local`` local crops (scale 0.05-0.4; blur p 0.5). Returns the global crops first.
     The loader stacks each crop position into its own batch tensor; the objective runs the encoder
-    once per resolution."""
+    once per resolution.
+
+    ``global_blur_p`` is there for DINOv2, whose code inverts its blur probabilities (its released
+    checkpoints trained with (0.0, 0.9): dinov2 PR #411, dinov3 #286)."""
 
     def __init__(
         self,
@@ -188,8 +191,10 @@ class MultiCropViews(AugmentedCrops):
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
         augment_on_device: bool = False,
+        global_blur_p: tuple[float, float] = (1.0, 0.1),
     ) -> None:
-        global_crops = [CropSpec(global_size, global_scale, 1.0, 0.0), CropSpec(global_size, global_scale, 0.1, 0.2)]
+        solarize_p = (0.0, 0.2)
+        global_crops = [CropSpec(global_size, global_scale, global_blur_p[i], solarize_p[i]) for i in range(2)]
         local_crops = [CropSpec(local_size, local_scale, 0.5, 0.0)] * num_local
         super().__init__(global_crops + local_crops, augment_on_device)
 
