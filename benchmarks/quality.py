@@ -9,10 +9,14 @@ DINOv2, SimCLR, I-JEPA; its MoCo example is MoCo v2).
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624
     python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
     python benchmarks/quality.py --objectives dinov2 --libraries lightly   # one library
+    python benchmarks/quality.py --objectives mae --libraries ssl-vit --set model.init_args.base_lr=1.5e-4
 
 Writes benchmarks/results/quality_<device>.json (device, versions, one row per objective, library,
 dataset and budget, each with the commit it ran on; rows of other objectives and datasets from
 earlier invocations are kept) and benchmarks/results/quality_<device>.png (accuracy against steps).
+With ``--set`` (recipe fields changed for the ssl-vit runs, one-factor ablations), the rows carry
+their ``overrides`` and go to quality_ablations_<device>.json instead, so the curves stay the
+recipes' own.
 """
 
 from __future__ import annotations
@@ -50,8 +54,22 @@ def recipe_path(objective: str) -> Path:
     return ROOT / "recipes" / "quickstart" / f"{objective}.yaml"
 
 
-def recipe(objective: str) -> dict:
-    return yaml.safe_load(recipe_path(objective).read_text())
+def recipe(objective: str, overrides: list[str] = ()) -> dict:
+    """The quickstart recipe with ``overrides`` ("dotted.key=yaml value") applied."""
+    cfg = yaml.safe_load(recipe_path(objective).read_text())
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+def override_args(overrides: list[str]) -> list[str]:
+    """``ssl-vit pretrain`` arguments for ``overrides``: "a.b=v" -> "--a.b", "v"."""
+    return [arg for override in overrides for arg in ("--" + override.partition("=")[0], override.partition("=")[2])]
 
 
 def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, float]:
@@ -72,10 +90,12 @@ def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, f
     return row
 
 
-def ssl_vit_curve(objective: str, data: Path, budgets: list[int], seed: int, work: Path) -> list[dict]:
-    """One ``ssl-vit pretrain`` run of the quickstart recipe for max(budgets) steps, a checkpoint at
-    every budget, each evaluated; budget 0 is the run's random initialisation."""
-    cfg = recipe(objective)
+def ssl_vit_curve(
+    objective: str, data: Path, budgets: list[int], seed: int, work: Path, overrides: list[str] = ()
+) -> list[dict]:
+    """One ``ssl-vit pretrain`` run of the quickstart recipe (with ``overrides``) for max(budgets)
+    steps, a checkpoint at every budget, each evaluated; budget 0 is the run's random initialisation."""
+    cfg = recipe(objective, overrides)
     pooling = probe_pooling(cfg)
     run = work / f"ssl-vit-{objective}-{data.name}"
     every = math.gcd(*budgets)
@@ -89,6 +109,7 @@ def ssl_vit_curve(objective: str, data: Path, budgets: list[int], seed: int, wor
             "--pictures.shards", str(data / "val"), "--pictures.every_n_epochs", "0",
             "--checkpoint.dirpath", str(run / "checkpoints"), "--checkpoint.every_n_epochs", "0",
             "--checkpoint.every_n_train_steps", str(every),
+            *override_args(overrides),
         ],
         check=True,
     )  # fmt: skip
@@ -486,6 +507,9 @@ def main() -> None:
     parser.add_argument(
         "--libraries", nargs="+", default=["ssl-vit", "lightly"], choices=["ssl-vit", "lightly"], help="which to run"
     )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe fields for the ssl-vit runs (an ablation)"
+    )
     parser.add_argument("--draw", action="store_true", help="only redraw the picture from the JSON")
     args = parser.parse_args()
     if args.draw:
@@ -503,14 +527,19 @@ def main() -> None:
         for name, data in datasets.items():
             curves = {}
             if "ssl-vit" in args.libraries:
-                curves["ssl-vit"] = ssl_vit_curve(objective, data, args.budgets, args.seed, work)
-            if objective in LIGHTLY and "lightly" in args.libraries:
+                curves["ssl-vit"] = ssl_vit_curve(objective, data, args.budgets, args.seed, work, args.set)
+            if objective in LIGHTLY and "lightly" in args.libraries and not args.set:
                 curves["lightly"] = LIGHTLY[objective](data, args.budgets, args.seed)
             for library, curve in curves.items():
                 rows += [
                     {"objective": objective, "library": library, "dataset": name, **r, "commit": commit} for r in curve
                 ]
                 print(objective, name, library, curve, file=sys.stderr)
+    if args.set:
+        rows = [{**r, "overrides": " ".join(args.set), "seed": args.seed} for r in rows]
+        out = write_result("quality_ablations", device, rows, keep=("objective", "dataset", "overrides", "seed"))
+        print(f"wrote {out}")
+        return
     out = write_result("quality", device, rows, keep=("objective", "library", "dataset"), seed=args.seed)
     draw_curves(json.loads(out.read_text())["rows"], out.with_suffix(".png"))  # with the kept rows
     print(f"wrote {out} and {out.with_suffix('.png')}")
