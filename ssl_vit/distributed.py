@@ -3,6 +3,7 @@ and the FSDP strategy for encoders too large for DDP."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,8 @@ import torch.distributed.nn.functional as dist_fn
 from lightning.pytorch.strategies import FSDPStrategy
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import CustomPolicy
 
 
@@ -90,3 +93,37 @@ def fsdp_wrap_policy(objective: nn.Module) -> CustomPolicy:
     """FSDP units: every transformer block, and every direct part of ``objective``."""
     parts = set(objective.children())
     return CustomPolicy(lambda module: isinstance(module, Block) or module in parts)
+
+
+def gradient_shard_group(trainer: L.Trainer | None) -> dist.ProcessGroup | None:
+    """The process group across which each rank holds a shard of every gradient (FSDP's, unless
+    it keeps whole gradients), else None: with DDP every rank holds the whole averaged gradient."""
+    model = trainer.strategy.model if trainer is not None and isinstance(trainer.strategy, FSDPStrategy) else None
+    if not isinstance(model, FSDP) or model.sharding_strategy == ShardingStrategy.NO_SHARD:
+        return None
+    return model.process_group
+
+
+@torch.no_grad()
+def clip_grad_norms_(
+    groups: Iterable[Iterable[nn.Parameter]], max_norm: float, shard_group: dist.ProcessGroup | None = None
+) -> None:
+    """Scale each group's gradients so that their L2 norm is at most ``max_norm``, each group on its
+    own, by torch's ``clip_grad_norm_`` rule (x max_norm / (norm + 1e-6) when above). One group per
+    parameter is DINO's clipping, one per module DINOv2's, one for everything SimMIM's. With a
+    ``shard_group`` (FSDP) each rank holds a shard of every gradient: the squared norms are summed
+    across it first (one all-reduce), so every rank scales by the whole gradient's norm, as FSDP's
+    own ``clip_grad_norm_`` and the official DINOv2 code do."""
+    grads = [[p.grad for p in group if p.grad is not None] for group in groups]
+    device = next((g.device for group in grads for g in group), None)
+    if device is None:
+        return
+    squares = torch.stack(
+        [sum((g.float().square().sum() for g in group), torch.zeros((), device=device)) for group in grads]
+    )
+    if shard_group is not None:
+        dist.all_reduce(squares, group=shard_group)
+    scales = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    for group, scale in zip(grads, scales, strict=True):
+        for g in group:
+            g.mul_(scale)

@@ -10,11 +10,11 @@ from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ssl_vit.checkpoint import objective_name, read_checkpoint
+from ssl_vit.distributed import clip_grad_norms_, gradient_shard_group
 from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError
@@ -137,14 +137,6 @@ class SSLMethod(L.LightningModule):
             if module_path != "encoder":
                 self.get_submodule(module_path).load_state_dict(self.encoder.state_dict())
 
-    def on_fit_start(self) -> None:
-        if self.hparams.get("clip_grad") and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise UserError(
-                f"{type(self).__name__} clips gradients itself (model.clip_grad {self.hparams.clip_grad}) and needs "
-                "each parameter's whole gradient, which FSDP's shards do not hold; train it with DDP (the default), "
-                "or set model.clip_grad 0"
-            )
-
     def on_train_start(self) -> None:
         # Lightning seeds every rank alike, so each rank would draw the same masks for its own
         # samples; the official codes seed rank r with seed + r. Runs after a resume's RNG restore.
@@ -235,8 +227,18 @@ class SSLMethod(L.LightningModule):
         self.clip_objective_gradients()
 
     def clip_objective_gradients(self) -> None:
-        """The official code's own gradient clipping (DINO's per-parameter, SimMIM's global norm), on
-        unscaled gradients; none by default. ``trainer.gradient_clip_val`` clips besides."""
+        """The official code's own gradient clipping at ``clip_grad`` (none without it), on unscaled
+        gradients: each of ``gradient_clip_groups`` clipped to that norm on its own. Under FSDP the
+        norms are the whole gradients', summed over the shards. ``trainer.gradient_clip_val`` clips
+        besides."""
+        if self.hparams.get("clip_grad"):
+            clip_grad_norms_(self.gradient_clip_groups(), self.hparams.clip_grad, gradient_shard_group(self._trainer))
+
+    def gradient_clip_groups(self) -> list[list[nn.Parameter]]:
+        """The parameter groups whose gradient norms are clipped each on its own: all together
+        (SimMIM's global norm) unless an objective says otherwise (DINO: each parameter; DINOv2:
+        each module)."""
+        return [[*self.parameters()]]
 
     def ema_momentum(self, step: int) -> float:
         """The EMA followers' momentum after optimiser step ``step`` (0-based)."""

@@ -149,15 +149,9 @@ class DINO(SSLMethod):
             for p in self.head.last_layer.parameters():
                 p.grad = None
 
-    def clip_objective_gradients(self) -> None:
+    def gradient_clip_groups(self) -> list[list[nn.Parameter]]:
         # DINO clips each parameter's gradient norm on its own, not the global norm.
-        clip = self.hparams.clip_grad
-        if not clip:
-            return
-        for p in self.parameters():
-            if p.grad is not None:
-                coef = clip / (p.grad.norm(2) + 1e-6)
-                p.grad.mul_(coef.clamp(max=1.0))
+        return [[p] for p in self.parameters()]
 
     def ema_momentum(self, step: int) -> float:
         # main_dino.py: after optimiser step `it`, the teacher follows with momentum_schedule[it].

@@ -180,16 +180,12 @@ class DINOv2(DINO):
             for p in self.ibot_head.last_layer.parameters():
                 p.grad = None
 
-    def clip_objective_gradients(self) -> None:
+    def gradient_clip_groups(self) -> list[list[nn.Parameter]]:
         # DINOv2 clips the global norm of each module on its own: the backbone, each head.
-        clip = self.hparams.clip_grad
-        if not clip:
-            return
         modules = [[*self.encoder.parameters(), self.mask_token], [*self.head.parameters()]]
         if self.hparams.ibot_separate_head:
             modules.append([*self.ibot_head.parameters()])
-        for params in modules:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+        return modules
 
     def lr_scale(self, name: str, param: nn.Parameter) -> float:
         """``dinov2/utils/param_groups.py``: layer-wise decay 0.9^(depth + 1 - layer) with layer 0

@@ -97,10 +97,6 @@ class SimMIM(SSLMethod):
         # get_pretrain_param_groups: also no decay for the encoder's no_weight_decay() (pos_embed, cls_token).
         return super().decays(name, param) and name not in ("encoder.vit.pos_embed", "encoder.vit.cls_token")
 
-    def clip_objective_gradients(self) -> None:
-        if self.hparams.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.clip_grad)
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, _ = batch
         loss = self(images).loss
