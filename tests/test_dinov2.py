@@ -14,6 +14,7 @@ import ssl_vit.methods.dinov2 as dinov2_module
 from ssl_vit import export_encoder
 from ssl_vit.data import MultiCropViews
 from ssl_vit.encoder import compile_blocks
+from ssl_vit.errors import UserError
 from ssl_vit.methods import DINOv2
 from tests.conftest import TINY_ENCODER, fit_briefly
 
@@ -168,3 +169,37 @@ def test_recipes_blur_as_dinov2s_code_does(recipe):
     solarize = [augment.solarize_p for augment in view.photometric]
     assert blur == pytest.approx(official_blur[:2] + official_blur[2:] * args["num_local"])
     assert solarize == [0.0, 0.2] + [0.0] * args["num_local"]
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"mask_ratio_range": (0.0, 0.5)}, "mask ratios must lie in"),
+        ({"mask_ratio_range": (0.5, 0.1)}, "mask ratios must lie in"),
+        ({"mask_ratio_range": (0.1, 1.0)}, "mask ratios must lie in"),
+        ({"mask_probability": 1.5}, "fraction of global crops masked"),
+        ({"mask_probability": 0.0}, "no global crop is masked"),
+    ],
+)
+def test_impossible_ibot_masking_stops_with_one_line(setting, message):
+    with pytest.raises(UserError, match=message):
+        tiny(**setting)
+
+
+def test_registers_of_a_non_vit_stop_with_one_line():
+    with pytest.raises(UserError, match="cannot build encoder"):
+        DINOv2({"name": "resnet18", "reg_tokens": 4}, out_dim=32, hidden_dim=24, bottleneck_dim=16)
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "mean"])
+def test_without_ibot_the_step_is_dino_plus_koleo(centering):
+    # DINOv2's `do_ibot = False`: nothing masked, no iBOT term, no patch centre moved (a mean over
+    # no patches would make it NaN), and the unused iBOT head keeps no gradient.
+    torch.manual_seed(0)
+    method = tiny(mask_probability=0.0, ibot_loss_weight=0.0, ibot_separate_head=True, centering=centering)
+    logged = fit_briefly(method, "multicrop").logged_metrics
+    assert logged["train/ibot_loss"] == 0.0
+    want = logged["train/dino_loss"] + 0.1 * logged["train/koleo_loss"]
+    assert logged["train/loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.equal(method.patch_center, torch.zeros_like(method.patch_center))
+    assert all(p.grad is None for p in method.ibot_head.parameters())

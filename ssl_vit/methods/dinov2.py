@@ -18,11 +18,29 @@ from torch import Tensor, nn
 from ssl_vit.distributed import mean_over_ranks
 from ssl_vit.ema import frozen_copy
 from ssl_vit.encoder import EncoderConfig
+from ssl_vit.errors import UserError
 from ssl_vit.heads import DINOHead
 from ssl_vit.losses import dino_loss, dino_teacher_probs, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher_probs
 from ssl_vit.masking import ibot_masks
 from ssl_vit.methods.dino import DINO, embed_crops
 from ssl_vit.schedules import PaperRun
+
+
+def check_ibot_masking(ratio_range: tuple[float, float], mask_probability: float, ibot_loss_weight: float) -> None:
+    """Stop before training on iBOT masking that cannot work, with what to set instead."""
+    lo, hi = ratio_range
+    if not 0 < lo <= hi < 1:
+        raise UserError(
+            f"model.mask_ratio_range {list(ratio_range)}: iBOT's per-crop mask ratios must lie in (0, 1), "
+            "the lower first; DINOv2's are [0.1, 0.5]"
+        )
+    if not 0 <= mask_probability <= 1:
+        raise UserError(f"model.mask_probability {mask_probability} is the fraction of global crops masked: 0 to 1")
+    if ibot_loss_weight > 0 and mask_probability == 0:
+        raise UserError(
+            f"model.ibot_loss_weight {ibot_loss_weight} with model.mask_probability 0: no global crop is masked, so "
+            "iBOT has no patch to learn from; set mask_probability (DINOv2: 0.5) or ibot_loss_weight 0"
+        )
 
 
 class DINOv2(DINO):
@@ -75,6 +93,7 @@ class DINOv2(DINO):
         init_from: str | None = None,
         scale_to_run: bool = True,
     ) -> None:
+        check_ibot_masking(mask_ratio_range, mask_probability, ibot_loss_weight)
         super().__init__(
             encoder,
             out_dim=out_dim,
@@ -124,30 +143,25 @@ class DINOv2(DINO):
         # Fresh masks from the run's seeded torch RNG (restored on resume), as the collate draws them.
         rng = random.Random(int(torch.randint(0, 2**62, ())))
         masks = ibot_masks(len(global_crops), grid, rng, hp.mask_ratio_range, hp.mask_probability)
+        # As the official `do_ibot`: no iBOT term at weight 0, nor for a batch with nothing masked.
+        do_ibot = hp.ibot_loss_weight > 0 and bool(masks.any())
         masks = masks.to(global_crops.device)
-        student_ibot_head, teacher_ibot_head = self.heads()
 
         with torch.no_grad():
             teacher = self.teacher_encoder(global_crops)
             teacher_cls = self.teacher_head(teacher.cls)
-            teacher_patches = teacher_ibot_head(teacher.patches[masks])
         student = self.encoder(global_crops, mask=masks, mask_token=self.mask_token)
         local_cls = embed_crops(self.encoder, nn.Identity(), crops[2:]) if len(crops) > 2 else student.cls[:0]
         student_cls = self.head(torch.cat([student.cls, local_cls]))
-        student_patches = student_ibot_head(student.patches[masks])
 
         temp = self.teacher_temperature()
         if hp.centering == "sinkhorn_knopp":
             cls_targets = sinkhorn_knopp_teacher_probs(teacher_cls, temp)
-            patch_targets = sinkhorn_knopp_teacher_probs(teacher_patches, temp)
         else:
             cls_targets = dino_teacher_probs(teacher_cls, self.center, temp)
-            patch_targets = dino_teacher_probs(teacher_patches, self.patch_center, temp)
             self._teacher_means.append(teacher_cls.mean(dim=0, keepdim=True))
-            self._patch_means.append(teacher_patches.mean(dim=0, keepdim=True))
-
         dino = dino_loss(student_cls, cls_targets, len(crops), hp.student_temp)
-        ibot = ibot_patch_loss(student_patches, patch_targets, masks, hp.student_temp)
+        ibot = self.ibot_loss(teacher.patches, student.patches, masks, temp) if do_ibot else dino.new_zeros(())
         koleo = sum(koleo_loss(view) for view in student.cls.chunk(2))
         loss = dino + hp.ibot_loss_weight * ibot + hp.koleo_loss_weight * koleo
         self.watch_collapse(teacher_cls, teacher_probs=cls_targets)
@@ -157,6 +171,18 @@ class DINOv2(DINO):
         )
         self.log("train/teacher_temp", temp)
         return loss
+
+    def ibot_loss(self, teacher_patches: Tensor, student_patches: Tensor, masks: Tensor, temp: float) -> Tensor:
+        """iBOT on the masked patches: the student's head output against the teacher's targets."""
+        student_ibot_head, teacher_ibot_head = self.heads()
+        with torch.no_grad():
+            teacher_out = teacher_ibot_head(teacher_patches[masks])
+        if self.hparams.centering == "sinkhorn_knopp":
+            targets = sinkhorn_knopp_teacher_probs(teacher_out, temp)
+        else:
+            targets = dino_teacher_probs(teacher_out, self.patch_center, temp)
+            self._patch_means.append(teacher_out.mean(dim=0, keepdim=True))
+        return ibot_patch_loss(student_ibot_head(student_patches[masks]), targets, masks, self.hparams.student_temp)
 
     def teacher_temperature(self) -> float:
         """DINOv2 warms the teacher temperature up per iteration (DINO per epoch)."""
