@@ -29,7 +29,7 @@ import math
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,7 +54,7 @@ def recipe_path(objective: str) -> Path:
     return ROOT / "recipes" / "quickstart" / f"{objective}.yaml"
 
 
-def recipe(objective: str, overrides: list[str] = ()) -> dict:
+def recipe(objective: str, overrides: Sequence[str] = ()) -> dict:
     """The quickstart recipe with ``overrides`` ("dotted.key=yaml value") applied."""
     cfg = yaml.safe_load(recipe_path(objective).read_text())
     for override in overrides:
@@ -67,9 +67,13 @@ def recipe(objective: str, overrides: list[str] = ()) -> dict:
     return cfg
 
 
-def override_args(overrides: list[str]) -> list[str]:
+def override_args(overrides: Sequence[str]) -> list[str]:
     """``ssl-vit pretrain`` arguments for ``overrides``: "a.b=v" -> "--a.b", "v"."""
-    return [arg for override in overrides for arg in ("--" + override.partition("=")[0], override.partition("=")[2])]
+    args = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        args += [f"--{key}", value]
+    return args
 
 
 def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, float]:
@@ -91,7 +95,7 @@ def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, f
 
 
 def ssl_vit_curve(
-    objective: str, data: Path, budgets: list[int], seed: int, work: Path, overrides: list[str] = ()
+    objective: str, data: Path, budgets: list[int], seed: int, work: Path, overrides: Sequence[str] = ()
 ) -> list[dict]:
     """One ``ssl-vit pretrain`` run of the quickstart recipe (with ``overrides``) for max(budgets)
     steps, a checkpoint at every budget, each evaluated; budget 0 is the run's random initialisation."""

@@ -114,10 +114,13 @@ def clip_grad_norms_(
     ``shard_group`` (FSDP) each rank holds a shard of every gradient: the squared norms are summed
     across it first (one all-reduce), so every rank scales by the whole gradient's norm, as FSDP's
     own ``clip_grad_norm_`` and the official DINOv2 code do."""
-    grads = [[p.grad for p in group if p.grad is not None] for group in groups]
-    device = next((g.device for group in grads for g in group), None)
+    groups = [list(group) for group in groups]
+    # The device from the parameters, not their gradients: a rank whose shards hold no gradient
+    # still joins the all-reduce.
+    device = next((p.device for group in groups for p in group), None)
     if device is None:
         return
+    grads = [[p.grad for p in group if p.grad is not None] for group in groups]
     squares = torch.stack(
         [sum((g.float().square().sum() for g in group), torch.zeros((), device=device)) for group in grads]
     )
