@@ -1,7 +1,6 @@
 """DINOv2 against its official formulas (facebookresearch/dinov2 ssl_meta_arch.py and
 param_groups.py), written out here from the pieces' definitions."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +16,7 @@ from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.methods import DINOv2
 from tests.conftest import TINY_ENCODER, fit_briefly
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from tests.test_recipe_rules import RECIPES
 
 
 def tiny(**kwargs) -> DINOv2:
