@@ -6,14 +6,15 @@ same timm encoder, data, batch, budgets and seed, where lightly has one (MAE, Si
 DINOv2, SimCLR, I-JEPA; its MoCo example is MoCo v2).
 
     python benchmarks/quality.py                                  # every objective, both embedded datasets
-    python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624
+    python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624 --seeds 0 1 2
     python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
     python benchmarks/quality.py --objectives dinov2 --libraries lightly   # one library
     python benchmarks/quality.py --objectives mae --libraries ssl-vit --set model.init_args.base_lr=1.5e-4
 
 Writes benchmarks/results/quality_<device>.json (device, versions, one row per objective, library,
-dataset and budget, each with the commit it ran on; rows of other objectives and datasets from
-earlier invocations are kept) and benchmarks/results/quality_<device>.png (accuracy against steps).
+dataset, seed, run length and budget, each with the commit it ran on; rows of other runs from
+earlier invocations are kept) and benchmarks/results/quality_<device>.png (accuracy against steps
+of each library's longest run, averaged over seeds).
 With ``--set`` (recipe fields changed for the ssl-vit runs, one-factor ablations), the rows carry
 their ``overrides`` and go to quality_ablations_<device>.json instead, so the curves stay the
 recipes' own.
@@ -48,6 +49,7 @@ from ssl_vit.eval.features import FeatureSet
 
 OBJECTIVES = ("mae", "simmim", "dino", "dinov2", "mocov3", "simclr", "ijepa")
 EMBEDDED = ("shapes", "glyphs")
+RUN = ("objective", "library", "dataset", "seed", "run_steps")  # what names one training run's rows
 
 
 def recipe_path(objective: str) -> Path:
@@ -101,7 +103,7 @@ def ssl_vit_curve(
     steps, a checkpoint at every budget, each evaluated; budget 0 is the run's random initialisation."""
     cfg = recipe(objective, overrides)
     pooling = probe_pooling(cfg)
-    run = work / f"ssl-vit-{objective}-{data.name}"
+    run = work / f"ssl-vit-{objective}-{data.name}-seed{seed}"
     every = math.gcd(*budgets)
     subprocess.run(
         [
@@ -465,8 +467,8 @@ LIGHTLY = {
 
 def draw_curves(rows: list[dict], path: Path) -> None:
     """One panel per (objective, dataset): k-NN (CLS; mean-pooled for encoders without one)
-    against steps, ssl-vit in blue, lightly in red, the accuracy axis spanning the panel's own
-    range (printed on it)."""
+    against steps of each library's longest run, the mean over its seeds, ssl-vit in blue,
+    lightly in red, the accuracy axis spanning the panel's own range (printed on it)."""
     panels = sorted({(r["objective"], r["dataset"]) for r in rows})
     w, h, pad = 260, 200, 36
     img = Image.new("RGB", (w * len(panels), h), "white")
@@ -475,21 +477,19 @@ def draw_curves(rows: list[dict], path: Path) -> None:
     for i, (objective, dataset) in enumerate(panels):
         x0 = i * w
         mine = [r for r in rows if (r["objective"], r["dataset"]) == (objective, dataset)]
-        top_steps = max(r["steps"] for r in mine) or 1
         metric = "knn_cls" if all("knn_cls" in r for r in mine) else "knn_mean"  # I-JEPA: no CLS token
-        lo, hi = min(r[metric] for r in mine) - 1, max(r[metric] for r in mine) + 1
+        curves = {lib: mean_curve([r for r in mine if r["library"] == lib], metric) for lib in colours}
+        points = [p for curve in curves.values() for p in curve]
+        top_steps = max(s for s, _ in points) or 1
+        lo, hi = min(a for _, a in points) - 1, max(a for _, a in points) + 1
         draw.text((x0 + pad, 4), f"{objective} / {dataset}: k-NN {metric[4:]} %", fill="black")
         draw.text((x0 + pad, 16), "ssl-vit", fill=colours["ssl-vit"])
         draw.text((x0 + pad + 50, 16), "lightly", fill=colours["lightly"])
         draw.rectangle([x0 + pad, pad, x0 + w - 8, h - pad], outline="grey")
         for lib, colour in colours.items():
-            curve = sorted((r for r in mine if r["library"] == lib), key=lambda r: r["steps"])
             pts = [
-                (
-                    x0 + pad + (w - 8 - pad) * r["steps"] / top_steps,
-                    h - pad - (h - 2 * pad) * (r[metric] - lo) / (hi - lo),
-                )
-                for r in curve
+                (x0 + pad + (w - 8 - pad) * s / top_steps, h - pad - (h - 2 * pad) * (a - lo) / (hi - lo))
+                for s, a in curves[lib]
             ]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
@@ -501,13 +501,22 @@ def draw_curves(rows: list[dict], path: Path) -> None:
     img.save(path)
 
 
+def mean_curve(rows: list[dict], metric: str) -> list[tuple[int, float]]:
+    """(steps, mean of ``metric`` over seeds) of the longest run among ``rows``."""
+    if not rows:
+        return []
+    longest = [r for r in rows if r["run_steps"] == max(r["run_steps"] for r in rows)]
+    at = {s: [r[metric] for r in longest if r["steps"] == s] for s in sorted({r["steps"] for r in longest})}
+    return [(s, sum(values) / len(values)) for s, values in at.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--datasets", nargs="+", default=list(EMBEDDED), choices=EMBEDDED)
     parser.add_argument("--data", nargs="*", default=[], metavar="NAME=DIR", help="labelled shards: DIR/train, DIR/val")
     parser.add_argument("--budgets", nargs="+", type=int, default=[78, 156, 312], help="optimiser steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
     parser.add_argument(
         "--libraries", nargs="+", default=["ssl-vit", "lightly"], choices=["ssl-vit", "lightly"], help="which to run"
     )
@@ -529,22 +538,22 @@ def main() -> None:
     rows, commit = [], git_commit()
     for objective in args.objectives:
         for name, data in datasets.items():
-            curves = {}
-            if "ssl-vit" in args.libraries:
-                curves["ssl-vit"] = ssl_vit_curve(objective, data, args.budgets, args.seed, work, args.set)
-            if objective in LIGHTLY and "lightly" in args.libraries and not args.set:
-                curves["lightly"] = LIGHTLY[objective](data, args.budgets, args.seed)
-            for library, curve in curves.items():
-                rows += [
-                    {"objective": objective, "library": library, "dataset": name, **r, "commit": commit} for r in curve
-                ]
-                print(objective, name, library, curve, file=sys.stderr)
+            for seed in args.seeds:
+                curves = {}
+                if "ssl-vit" in args.libraries:
+                    curves["ssl-vit"] = ssl_vit_curve(objective, data, args.budgets, seed, work, args.set)
+                if objective in LIGHTLY and "lightly" in args.libraries and not args.set:
+                    curves["lightly"] = LIGHTLY[objective](data, args.budgets, seed)
+                run = {"dataset": name, "seed": seed, "run_steps": max(args.budgets)}
+                for library, curve in curves.items():
+                    rows += [{"objective": objective, "library": library, **run, **r, "commit": commit} for r in curve]
+                    print(objective, name, seed, library, curve, file=sys.stderr)
     if args.set:
-        rows = [{**r, "overrides": " ".join(args.set), "seed": args.seed} for r in rows]
-        out = write_result("quality_ablations", device, rows, keep=("objective", "dataset", "overrides", "seed"))
+        rows = [{**r, "overrides": " ".join(args.set)} for r in rows]
+        out = write_result("quality_ablations", device, rows, keep=(*RUN, "overrides"))
         print(f"wrote {out}")
         return
-    out = write_result("quality", device, rows, keep=("objective", "library", "dataset"), seed=args.seed)
+    out = write_result("quality", device, rows, keep=RUN)
     draw_curves(json.loads(out.read_text())["rows"], out.with_suffix(".png"))  # with the kept rows
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
