@@ -155,7 +155,9 @@ def test_compiled_blocks_compute_the_same_step_with_masks_and_two_crop_sizes(mon
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("recipe", ["quickstart/dinov2.yaml", "imagenet/dinov2_vit_l16.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["quickstart/dinov2.yaml", "imagenet/dinov2_vit_s16.yaml", "imagenet/dinov2_vit_l16.yaml"]
+)
 def test_recipes_blur_as_dinov2s_code_does(recipe):
     # dinov2/data/augmentations.py asks GaussianBlur for p = 1.0 / 0.1 / 0.5 (global 1 / global 2 /
     # local), and dinov2/data/transforms.py hands RandomApply 1 - p: what the released

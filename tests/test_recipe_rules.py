@@ -53,12 +53,15 @@ def test_ema_window_bounds():
     assert 1 / (1 - capped) == pytest.approx(EMA_MAX_WINDOW_RUN_FRACTION * 400)
 
 
-def recipe_method(path: Path, **trainer_overrides):
+def recipe_method(path: Path, encoder: dict | None = None, **trainer_overrides):
     """The recipe's objective with a stand-in trainer that has the recipe's run shape (steps per
-    epoch from the data size, global batch and accumulation; total steps from the epochs)."""
+    epoch from the data size, global batch and accumulation; total steps from the epochs);
+    ``encoder`` fields replace the recipe's (a smaller ViT where only the schedules matter)."""
     recipe = yaml.safe_load(path.read_text())
     module, _, name = recipe["model"]["class_path"].rpartition(".")
-    method = getattr(importlib.import_module(module), name)(**recipe["model"]["init_args"])
+    init_args = recipe["model"]["init_args"]
+    init_args["encoder"] = {**init_args["encoder"], **(encoder or {})}
+    method = getattr(importlib.import_module(module), name)(**init_args)
     trainer = {**recipe["trainer"], **trainer_overrides}
     data = recipe["data"]
     world = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
@@ -98,6 +101,22 @@ def test_imagenet_recipes_resolve_to_the_papers(recipe, warmup, momentum):
     if momentum is not None:
         name, value = momentum
         assert method.run_momentum(method.hparams[name]) == value
+
+
+@pytest.mark.parametrize("recipe, global_batch", [("dinov2_vit_s16", 1024), ("dinov2_vit_l16", 2048)])
+def test_dinov2_imagenet_recipes_resolve_to_the_official_config(recipe, global_batch):
+    # ssl_default_config.yaml: an epoch is 1,250 iterations; 10 warm-up epochs; the teacher's
+    # temperature warms up over 30 and its momentum starts at 0.992; lr 0.004 x sqrt(batch / 1024).
+    # The schedules do not depend on the ViT's size, so a ViT-S stands in for ViT-L (faster to build).
+    dinov2 = recipe_method(RECIPES / f"imagenet/{recipe}.yaml", encoder={"name": "vit_small_patch16_224"})
+    per_device = global_batch // dinov2.trainer.world_size
+    assert dinov2.global_batch_size(per_device) == global_batch
+    assert dinov2.steps_per_epoch() == 1250
+    assert dinov2.run_epochs(dinov2.warmup_epochs) == 10
+    assert dinov2.run_epochs(dinov2.hparams.warmup_teacher_temp_epochs) == 30
+    assert dinov2.run_momentum(dinov2.hparams.teacher_momentum) == 0.992
+    peak = dinov2.learning_rate(10 * 1250, per_device)
+    assert peak == pytest.approx(0.004 * math.sqrt(global_batch / 1024))
 
 
 def test_quickstart_recipes_resolve_to_their_documented_values():
