@@ -10,6 +10,7 @@ DINOv2, SimCLR, I-JEPA; its MoCo example is MoCo v2).
     python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
     python benchmarks/quality.py --objectives dinov2 --libraries lightly   # one library
     python benchmarks/quality.py --objectives mae --libraries ssl-vit --set model.init_args.base_lr=1.5e-4
+    python benchmarks/quality.py --table --objectives mae          # the results as markdown, seeds averaged
 
 Writes benchmarks/results/quality_<device>.json (device, versions, one row per objective, library,
 dataset, seed, run length and budget, each with the commit it ran on; rows of other runs from
@@ -510,6 +511,42 @@ def mean_curve(rows: list[dict], metric: str) -> list[tuple[int, float]]:
     return [(s, sum(values) / len(values)) for s, values in at.items()]
 
 
+def summary_table(rows: list[dict], objectives: Sequence[str]) -> str:
+    """A markdown table of ``rows``: one line per run configuration (objective, dataset, library,
+    overrides, run length), each metric at each budget as the mean over seeds, with the seeds'
+    range in brackets when there are several."""
+    metrics = ("knn_cls", "knn_mean", "probe", "attentive")
+    lines = [
+        "| objective | dataset | library | run | seeds | " + " | ".join(metrics) + " |",
+        "| --- | --- | --- | --- | --- |" + " --- |" * len(metrics),
+    ]
+    for config in sorted({run_config(r) for r in rows if r["objective"] in objectives}):
+        runs = [r for r in rows if run_config(r) == config]
+        steps = sorted({r["steps"] for r in runs})
+        cells = []
+        for metric in metrics:
+            at = [[r[metric] for r in runs if r["steps"] == s and metric in r] for s in steps]
+            cells.append(" / ".join(spread(values) for values in at if values) or "-")
+        objective, dataset, library, overrides, _ = config
+        run = overrides.replace("model.init_args.", "") + " " if overrides else ""
+        seeds = len({r["seed"] for r in runs})
+        budgets = " / ".join(map(str, steps))
+        lines.append(
+            f"| {objective} | {dataset} | {library} | {run}({budgets} steps) | {seeds} | {' | '.join(cells)} |"
+        )
+    return "\n".join(lines)
+
+
+def run_config(row: dict) -> tuple:
+    """What a row's run was, seeds aside."""
+    return row["objective"], row["dataset"], row["library"], row.get("overrides", ""), row["run_steps"]
+
+
+def spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
@@ -524,17 +561,28 @@ def main() -> None:
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe fields for the ssl-vit runs (an ablation)"
     )
     parser.add_argument("--draw", action="store_true", help="only redraw the picture from the JSON")
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="only print the JSON's rows (and the ablations') of --objectives as markdown",
+    )
     args = parser.parse_args()
+    results = ROOT / "benchmarks" / "results"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.draw:
-        out = ROOT / "benchmarks" / "results" / f"quality_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+        out = results / f"quality_{device}.json"
         draw_curves(json.loads(out.read_text())["rows"], out.with_suffix(".png"))
+        return
+    if args.table:
+        files = [results / f"quality_{device}.json", results / f"quality_ablations_{device}.json"]
+        rows = [r for f in files if f.exists() for r in json.loads(f.read_text())["rows"]]
+        print(summary_table(rows, args.objectives))
         return
     work = Path(tempfile.mkdtemp(prefix="ssl-vit-quality-"))
     datasets = {name: work / name for name in args.datasets}
     for name, path in datasets.items():
         write_embedded_shards(path, dataset=name)
     datasets.update({name: Path(d) for name, d in (spec.split("=", 1) for spec in args.data)})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, commit = [], git_commit()
     for objective in args.objectives:
         for name, data in datasets.items():
