@@ -262,7 +262,8 @@ def lightly_dino_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
     """lightly's examples/pytorch/dino.py: DINOProjectionHead 512 / 64 / 2048 with the last layer
     frozen for the first epoch, DINOLoss (teacher temperature 0.04, warm-up 5 epochs), Adam lr 1e-3,
     teacher momentum cosine 0.996 -> 1 over the run's epochs, DINOTransform with the quickstart's
-    crop sizes and number of local crops."""
+    crop sizes and number of local crops. The teacher is evaluated, as DINO's paper and ssl-vit's
+    recipe do."""
     from lightly.loss import DINOLoss
     from lightly.models.modules import DINOProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -287,7 +288,7 @@ def lightly_dino_curve(data: Path, budgets: list[int], seed: int) -> list[dict]:
             student_out = [head(encoder(v).cls) for v in views]
             return criterion(teacher_out, student_out, epoch=epoch)
 
-        return LightlyExample(optimizer, loss, freeze_head=head)
+        return LightlyExample(optimizer, loss, freeze_head=head, evaluated=teacher)
 
     views = recipe("dino")["data"]["view"]["init_args"]
     transform = DINOTransform(
