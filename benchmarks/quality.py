@@ -470,36 +470,42 @@ LIGHTLY = {
 def draw_curves(rows: list[dict], path: Path) -> None:
     """One panel per (objective, dataset): k-NN (CLS; mean-pooled for encoders without one)
     against steps of each library's longest run, the mean over its seeds, ssl-vit in blue,
-    lightly in red, the accuracy axis spanning the panel's own range (printed on it)."""
+    lightly in red, the accuracy axis spanning the panel's own range (printed on it); the steps
+    axis is logarithmic (log 1 + steps), so a 156-step curve stays readable beside a 2,400-step one."""
+    objectives = sorted({r["objective"] for r in rows})
+    datasets = sorted({r["dataset"] for r in rows})
     panels = sorted({(r["objective"], r["dataset"]) for r in rows})
     w, h, pad = 260, 200, 36
-    img = Image.new("RGB", (w * len(panels), h), "white")
+    img = Image.new("RGB", (w * len(objectives), h * len(datasets)), "white")  # a row per dataset
     draw = ImageDraw.Draw(img)
     colours = {"ssl-vit": (31, 119, 180), "lightly": (214, 39, 40)}
-    for i, (objective, dataset) in enumerate(panels):
-        x0 = i * w
+    for objective, dataset in panels:
+        x0, y0 = objectives.index(objective) * w, datasets.index(dataset) * h
         mine = [r for r in rows if (r["objective"], r["dataset"]) == (objective, dataset)]
         metric = "knn_cls" if all("knn_cls" in r for r in mine) else "knn_mean"  # I-JEPA: no CLS token
         curves = {lib: mean_curve([r for r in mine if r["library"] == lib], metric) for lib in colours}
         points = [p for curve in curves.values() for p in curve]
         top_steps = max(s for s, _ in points) or 1
         lo, hi = min(a for _, a in points) - 1, max(a for _, a in points) + 1
-        draw.text((x0 + pad, 4), f"{objective} / {dataset}: k-NN {metric[4:]} %", fill="black")
-        draw.text((x0 + pad, 16), "ssl-vit", fill=colours["ssl-vit"])
-        draw.text((x0 + pad + 50, 16), "lightly", fill=colours["lightly"])
-        draw.rectangle([x0 + pad, pad, x0 + w - 8, h - pad], outline="grey")
+        draw.text((x0 + pad, y0 + 4), f"{objective} / {dataset}: k-NN {metric[4:]} %", fill="black")
+        draw.text((x0 + pad, y0 + 16), "ssl-vit", fill=colours["ssl-vit"])
+        draw.text((x0 + pad + 50, y0 + 16), "lightly", fill=colours["lightly"])
+        draw.rectangle([x0 + pad, y0 + pad, x0 + w - 8, y0 + h - pad], outline="grey")
         for lib, colour in colours.items():
             pts = [
-                (x0 + pad + (w - 8 - pad) * s / top_steps, h - pad - (h - 2 * pad) * (a - lo) / (hi - lo))
+                (
+                    x0 + pad + (w - 8 - pad) * math.log1p(s) / math.log1p(top_steps),
+                    y0 + h - pad - (h - 2 * pad) * (a - lo) / (hi - lo),
+                )
                 for s, a in curves[lib]
             ]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
             for x, y in pts:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour)
-        draw.text((x0 + 2, pad), f"{hi:.0f}", fill="black")
-        draw.text((x0 + 2, h - pad - 10), f"{lo:.0f}", fill="black")
-        draw.text((x0 + pad, h - pad + 4), f"0 .. {top_steps} steps", fill="black")
+        draw.text((x0 + 2, y0 + pad), f"{hi:.0f}", fill="black")
+        draw.text((x0 + 2, y0 + h - pad - 10), f"{lo:.0f}", fill="black")
+        draw.text((x0 + pad, y0 + h - pad + 4), f"0 .. {top_steps} steps (log)", fill="black")
     img.save(path)
 
 
