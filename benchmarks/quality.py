@@ -70,15 +70,6 @@ def recipe(objective: str, overrides: Sequence[str] = ()) -> dict:
     return cfg
 
 
-def override_args(overrides: Sequence[str]) -> list[str]:
-    """``ssl-vit pretrain`` arguments for ``overrides``: "a.b=v" -> "--a.b", "v"."""
-    args = []
-    for override in overrides:
-        key, _, value = override.partition("=")
-        args += [f"--{key}", value]
-    return args
-
-
 def evaluate(encoder: ViTEncoder, data: Path, probe_pooling: str) -> dict[str, float]:
     """k-NN k=20 on CLS and on mean-pooled patch tokens and the linear probe on ``probe_pooling``,
     from one pass over the data (``cls+mean`` features, split), and the attentive probe on the
@@ -105,10 +96,14 @@ def ssl_vit_curve(
     cfg = recipe(objective, overrides)
     pooling = probe_pooling(cfg)
     run = work / f"ssl-vit-{objective}-{data.name}-seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    # The overrides go in through a recipe file: jsonargparse reads a null given as a dotted
+    # command-line key inside init_args as the string "None".
+    (run / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     every = math.gcd(*budgets)
     subprocess.run(
         [
-            "ssl-vit", "pretrain", "--config", str(recipe_path(objective)),
+            "ssl-vit", "pretrain", "--config", str(run / "recipe.yaml"),
             "--seed_everything", str(seed),
             "--data.train_shards", str(data / "train"), "--data.generate_embedded", "false",
             "--trainer.max_steps", str(max(budgets)), "--trainer.max_epochs", "-1",
@@ -116,7 +111,6 @@ def ssl_vit_curve(
             "--pictures.shards", str(data / "val"), "--pictures.every_n_epochs", "0",
             "--checkpoint.dirpath", str(run / "checkpoints"), "--checkpoint.every_n_epochs", "0",
             "--checkpoint.every_n_train_steps", str(every),
-            *override_args(overrides),
         ],
         check=True,
     )  # fmt: skip

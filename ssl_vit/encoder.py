@@ -35,7 +35,7 @@ class EncoderConfig(TypedDict, total=False):
     fc_norm: bool
     reg_tokens: int
     weight_init: str
-    init_values: float
+    init_values: float | None  # layer scale; None turns off a default such as DINOv2's 1e-5
     grad_checkpointing: bool
     pos_embed_resample: Literal["timm", "dino"]
 
