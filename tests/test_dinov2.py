@@ -12,7 +12,7 @@ import yaml
 import ssl_vit.methods.dinov2 as dinov2_module
 from ssl_vit import export_encoder
 from ssl_vit.data import MultiCropViews
-from ssl_vit.encoder import compile_blocks
+from ssl_vit.encoder import ViTEncoder, compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.methods import DINOv2
 from tests.conftest import TINY_ENCODER, fit_briefly
@@ -169,6 +169,16 @@ def test_recipes_blur_as_dinov2s_code_does(recipe):
     solarize = [augment.solarize_p for augment in view.photometric]
     assert blur == pytest.approx(official_blur[:2] + official_blur[2:] * args["num_local"])
     assert solarize == [0.0, 0.2] + [0.0] * args["num_local"]
+
+
+@pytest.mark.parametrize("recipe, gamma", [("quickstart/dinov2.yaml", None), ("imagenet/dinov2_vit_s16.yaml", 1e-5)])
+def test_the_imagenet_recipes_keep_dinov2s_layer_scale_and_the_quickstart_has_none(recipe, gamma):
+    encoder = yaml.safe_load((RECIPES / recipe).read_text())["model"]["init_args"]["encoder"]
+    block = ViTEncoder(**{**DINOv2.encoder_defaults, **encoder, "depth": 1}).vit.blocks[0]
+    if gamma is None:
+        assert isinstance(block.ls1, torch.nn.Identity) and isinstance(block.ls2, torch.nn.Identity)
+    else:
+        torch.testing.assert_close(block.ls1.gamma, torch.full_like(block.ls1.gamma, gamma))
 
 
 @pytest.mark.parametrize(
