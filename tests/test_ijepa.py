@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import timm
 import torch
+import yaml
 
 from ssl_vit.encoder import compile_blocks, sincos_pos_embed_2d
 from ssl_vit.errors import UserError
@@ -16,7 +18,9 @@ from ssl_vit.eval import EvaluationCallback
 from ssl_vit.eval.features import pooled_features
 from ssl_vit.masking import ContextTargetMasks, ijepa_block_size, ijepa_multiblock_masks
 from ssl_vit.methods import IJEPA
+from ssl_vit.methods.ijepa import ijepa_init_std
 from tests.conftest import OBJECTIVES, fit_briefly
+from tests.test_recipe_rules import RECIPES
 
 
 def tiny(**kwargs) -> IJEPA:
@@ -245,6 +249,45 @@ def test_lr_and_weight_decay_follow_the_official_schedulers():
 
 
 # ----------------------------------------------------------------------------- evaluation and export
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def test_init_is_the_official_trunc_normal_002_at_the_papers_widths():
+    """src/helper.py init_model: every Linear and the patch embedding trunc-normal(0.02), biases 0.
+    Both ImageNet recipes (ViT-B/16 and ViT-H/14, predictor 384) resolve to exactly that."""
+    for name in ("ijepa_vit_b16", "ijepa_vit_h14"):
+        args = yaml.safe_load((RECIPES / "imagenet" / f"{name}.yaml").read_text())["model"]["init_args"]
+        with torch.device("meta"):
+            vit = timm.create_model(args["encoder"]["name"])
+        patch_pixels = vit.patch_embed.proj.weight[0].numel()
+        stds = {ijepa_init_std(vit.embed_dim, 768), ijepa_init_std(patch_pixels, 588)}
+        assert stds | {ijepa_init_std(args["predictor_dim"], 384)} == {0.02}, name
+
+
+def test_narrower_layers_keep_the_gain_of_the_papers_narrowest():
+    """A layer narrower than the paper's keeps std x sqrt(fan-in) of the paper's narrowest (ViT-B/16's
+    768-d encoder, ViT-H/14's 14 x 14 x 3 patches, the 384-d predictor), on the tiny model's weights."""
+    method = tiny()  # 64-d encoder, 4 x 4 x 3 patches, a 32-d predictor
+    enc, pred = method.encoder.vit, method.predictor
+    expected = {
+        "encoder": 0.02 * math.sqrt(768) / math.sqrt(64),
+        "patch": 0.02 * math.sqrt(588) / math.sqrt(48),
+        "predictor": 0.02 * math.sqrt(384) / math.sqrt(32),
+    }
+    weights = {
+        "encoder": torch.cat([enc.blocks[0].attn.qkv.weight.flatten(), enc.blocks[1].mlp.fc2.weight.flatten()]),
+        "patch": enc.patch_embed.proj.weight.flatten(),
+        "predictor": torch.cat([pred.embed.weight.flatten(), pred.blocks[0].mlp.fc1.weight.flatten()]),
+    }
+    for part, w in weights.items():
+        assert w.std().item() == pytest.approx(expected[part], rel=0.1), part
+    assert pred.mask_token.std().item() == pytest.approx(expected["predictor"], rel=0.3)
+    assert not enc.blocks[0].attn.qkv.bias.any() and not pred.proj.bias.any()
+    # the target encoder starts as an exact copy
+    for a, b in zip(method.encoder.parameters(), method.target_encoder.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_the_evaluated_encoder_is_the_target_encoder_on_mean_pooled_tokens():

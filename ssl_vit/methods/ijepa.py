@@ -8,6 +8,8 @@ distance. No augmentation but a random resized crop, no CLS token, no pixel targ
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -126,9 +128,15 @@ class IJEPA(SSLMethod):
         enc.fix_sincos_pos_embed()
         self.predictor = IJEPAPredictor(enc.embed_dim, predictor_dim, predictor_depth, num_heads, enc.grid_size)
         # src/helper.py init_model over the ViTs' own init: every Linear and the patch embedding
-        # trunc-normal(0.02) with zero bias (which also undoes the ViT's residual rescaling), the mask token too.
-        self.apply(_init_ijepa_weights)
-        nn.init.trunc_normal_(self.predictor.mask_token, std=0.02)
+        # trunc-normal with zero bias (which also undoes the ViT's residual rescaling), the mask token too;
+        # std 0.02 at the paper's widths, more for narrower layers (ijepa_init_std).
+        encoder_std = ijepa_init_std(enc.embed_dim, PAPER_ENCODER_WIDTH)
+        predictor_std = ijepa_init_std(predictor_dim, PAPER_PREDICTOR_WIDTH)
+        enc.apply(partial(_init_ijepa_weights, std=encoder_std))
+        self.predictor.apply(partial(_init_ijepa_weights, std=predictor_std))
+        nn.init.trunc_normal_(self.predictor.mask_token, std=predictor_std)
+        patch_embed = enc.vit.patch_embed.proj.weight
+        nn.init.trunc_normal_(patch_embed, std=ijepa_init_std(patch_embed[0].numel(), PAPER_PATCH_PIXELS))
         self.target_encoder = self.ema_encoder_copy()
 
     def sample_masks(self, batch_size: int, device: torch.device) -> ContextTargetMasks:
@@ -174,9 +182,25 @@ class IJEPA(SSLMethod):
         return {**super().pictures(images), "blocks": blocks}
 
 
-def _init_ijepa_weights(m: nn.Module) -> None:
+#: The narrowest of the paper's models, for which src/helper.py's trunc-normal(0.02) was chosen:
+#: the ViT-B/16 encoder, the 14 x 14 x 3 pixels of ViT-H/14's patches, the 384-wide predictors.
+PAPER_ENCODER_WIDTH, PAPER_PATCH_PIXELS, PAPER_PREDICTOR_WIDTH = 768, 3 * 14 * 14, 384
+
+
+def ijepa_init_std(fan_in: int, paper_fan_in: int) -> float:
+    """The official init's std, 0.02, for a layer as wide as the paper's or wider; a narrower
+    layer keeps the gain (std x sqrt(fan-in)) it has at the paper's width.
+
+    A fixed 0.02 shrinks with the width: at the quickstart's 4-px patches a fresh token's image
+    content has 0.27x the spread of its fixed sin-cos position (1.03x at 16 px), and a 64-wide
+    predictor attends almost uniformly, so it can only predict each image's mean token and the
+    encoder learns to give every patch that mean (docs/recipes-and-data.md, I-JEPA)."""
+    return 0.02 * math.sqrt(max(1.0, paper_fan_in / fan_in))
+
+
+def _init_ijepa_weights(m: nn.Module, std: float) -> None:
     if isinstance(m, nn.Linear | nn.Conv2d):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.trunc_normal_(m.weight, std=std)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
