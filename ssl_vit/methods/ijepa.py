@@ -191,10 +191,10 @@ def ijepa_init_std(fan_in: int, paper_fan_in: int) -> float:
     """The official init's std, 0.02, for a layer as wide as the paper's or wider; a narrower
     layer keeps the gain (std x sqrt(fan-in)) it has at the paper's width.
 
-    A fixed 0.02 shrinks with the width: at the quickstart's 4-px patches a fresh token's image
-    content has 0.27x the spread of its fixed sin-cos position (1.03x at 16 px), and a 64-wide
-    predictor attends almost uniformly, so it can only predict each image's mean token and the
-    encoder learns to give every patch that mean (docs/recipes-and-data.md, I-JEPA)."""
+    A fixed 0.02 shrinks every layer's output with its width: at the quickstart's 4-px patches a
+    fresh token's image content has 0.27x the spread of its fixed sin-cos position (1.03x with
+    16-px patches, 1.2x under this rule), so the fresh encoder's tokens are mostly their positions
+    (docs/recipes-and-data.md, I-JEPA)."""
     return 0.02 * math.sqrt(max(1.0, paper_fan_in / fan_in))
 
 
