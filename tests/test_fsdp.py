@@ -70,6 +70,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
                 got = zip(teacher.parameters(), want, strict=True)
                 result["ema_error"] = max((t - w).abs().max().item() for t, w in got)
         torch.save(result, f"{out_dir}/{name}-rank{rank}.pt")
+    # Both ranks done before either tears gloo down: a rank that exits while its peer's gloo
+    # threads still hold work aborts the process (SIGABRT, seen once in a full CI run).
+    dist.barrier()
     dist.destroy_process_group()
 
 
