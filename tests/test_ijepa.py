@@ -248,9 +248,6 @@ def test_lr_and_weight_decay_follow_the_official_schedulers():
     assert method.lr_batch_scale(512) == pytest.approx(0.5)  # sqrt(512 / 2048): all three lrs scale
 
 
-# ----------------------------------------------------------------------------- evaluation and export
-
-
 # ----------------------------------------------------------------------------- init
 
 
@@ -288,6 +285,9 @@ def test_narrower_layers_keep_the_gain_of_the_papers_narrowest():
     # the target encoder starts as an exact copy
     for a, b in zip(method.encoder.parameters(), method.target_encoder.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- evaluation and export
 
 
 def test_the_evaluated_encoder_is_the_target_encoder_on_mean_pooled_tokens():
