@@ -54,8 +54,10 @@ def write_result(
 
 
 def git_commit() -> str:
-    """HEAD, with ``-dirty`` when tracked files have changed since."""
-    return _git("rev-parse", "HEAD") + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    """HEAD, with ``-dirty`` when tracked files other than benchmark results have changed since
+    (a benchmark run in parts writes its results file between the parts)."""
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return _git("rev-parse", "HEAD") + ("-dirty" if changed else "")
 
 
 def _git(*args: str) -> str:
