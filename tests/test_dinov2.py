@@ -169,6 +169,10 @@ def test_recipes_blur_as_dinov2s_code_does(recipe):
     solarize = [augment.solarize_p for augment in view.photometric]
     assert blur == pytest.approx(official_blur[:2] + official_blur[2:] * args["num_local"])
     assert solarize == [0.0, 0.2] + [0.0] * args["num_local"]
+    # dinov2/data/transforms.py blurs with a 9-px kernel at 224 and 98 px; the quickstart's 32-px
+    # crops keep a kernel of a tenth of the crop, the rule every other multi-view recipe follows.
+    kernels = {augment.kernel_size for augment in view.photometric}
+    assert kernels == ({9} if recipe.startswith("imagenet/") else {5, 3})
 
 
 @pytest.mark.parametrize("recipe, gamma", [("quickstart/dinov2.yaml", None), ("imagenet/dinov2_vit_s16.yaml", 1e-5)])

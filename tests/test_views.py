@@ -151,3 +151,15 @@ def test_views_augmented_on_device_crop_in_workers_and_finish_on_the_batch(view)
     assert not all(torch.equal(f[0], f[1]) for f in finished)  # the two copies got their own draws
     cpu_view = type(view)(*([32] if isinstance(view, TwoViews) else [32, 16, 2]))
     assert [c.shape for c in cpu_view(image)] == [f.shape[1:] for f in finished]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_multicrop_blur_kernel_spans_a_tenth_of_each_crop_or_dinov2s_fixed_9_px(on_device):
+    def kernels(view: MultiCropViews) -> list[int]:
+        if on_device:
+            return [augment.kernel_size for augment in view.photometric]
+        blurs = [t.transforms[0] for crop in view.crops for t in crop.transforms if isinstance(t, v2.RandomApply)]
+        return [b.kernel_size[0] for b in blurs if isinstance(b, v2.GaussianBlur)]
+
+    assert kernels(MultiCropViews(224, 96, 2, augment_on_device=on_device)) == [23, 23, 11, 11]
+    assert kernels(MultiCropViews(224, 96, 2, augment_on_device=on_device, blur_kernel_size=9)) == [9] * 4

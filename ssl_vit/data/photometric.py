@@ -25,9 +25,10 @@ BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128  # of 255
 
 
-def blur_kernel_size(size: int) -> int:
-    """BYOL's blur kernel spans about 10% of the crop: 23 px at 224."""
-    return 2 * round(0.05 * size) + 1
+def blur_kernel_size(size: int, fixed: int | None = None) -> int:
+    """The blur kernel's side: ``fixed`` pixels at every crop size (DINOv2's code: 9), or, without
+    it, about 10% of the crop as BYOL and SimCLR set it (23 px at 224)."""
+    return fixed if fixed is not None else 2 * round(0.05 * size) + 1
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -86,12 +87,19 @@ class BatchedPhotometric:
     """One crop position's photometric augmentation on a uint8 (B, 3, H, W) batch, ending in
     normalisation: colour jitter (``JITTER`` with p = ``JITTER_P``, the four operations in a
     random order per sample), grayscale (p = ``GRAYSCALE_P``), Gaussian blur (sigma in
-    ``BLUR_SIGMA``, p = ``blur_p``), solarisation (p = ``solarize_p``)."""
+    ``BLUR_SIGMA``, p = ``blur_p``, kernel by :func:`blur_kernel_size`), solarisation (p =
+    ``solarize_p``)."""
 
     def __init__(
-        self, size: int, blur_p: float, solarize_p: float, mean: tuple[float, ...], std: tuple[float, ...]
+        self,
+        size: int,
+        blur_p: float,
+        solarize_p: float,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        blur_kernel: int | None = None,
     ) -> None:
-        self.kernel_size = blur_kernel_size(size)
+        self.kernel_size = blur_kernel_size(size, blur_kernel)
         self.blur_p = blur_p
         self.solarize_p = solarize_p
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)

@@ -96,14 +96,15 @@ def augmented_crop(
     solarize_p: float,
     photometric: bool = True,
     interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+    blur_kernel: int | None = None,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Compose:
     """One BYOL-style crop: RandomResizedCrop (``interpolation``: bicubic as DINO's, bilinear as
     MoCo v3's), flip, colour jitter 0.4/0.4/0.2/0.1 with p = 0.8, grayscale p = 0.2, Gaussian blur
-    (sigma 0.1-2) with ``blur_p``, solarisation with ``solarize_p``. The blur kernel spans about 10%
-    of the crop (23 px at 224), as in BYOL. Without ``photometric``, only the crop and flip, as a
-    uint8 tensor for ``BatchedPhotometric``."""
+    (sigma 0.1-2) with ``blur_p``, solarisation with ``solarize_p``. The blur kernel is
+    ``blur_kernel`` pixels, or without it about 10% of the crop (23 px at 224), as in BYOL.
+    Without ``photometric``, only the crop and flip, as a uint8 tensor for ``BatchedPhotometric``."""
     geometric = [
         v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
         v2.RandomHorizontalFlip(),
@@ -115,7 +116,7 @@ def augmented_crop(
             *geometric,
             v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P),
             v2.RandomGrayscale(p=GRAYSCALE_P),
-            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=blur_p),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size, blur_kernel), sigma=BLUR_SIGMA)], p=blur_p),
             v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p),
             *to_normalized_tensor(mean, std),
         ]
@@ -131,6 +132,7 @@ class CropSpec:
     blur_p: float
     solarize_p: float
     interpolation: InterpolationMode = InterpolationMode.BICUBIC
+    blur_kernel: int | None = None  # pixels; None: about 10% of the crop
 
 
 class AugmentedCrops:
@@ -143,11 +145,16 @@ class AugmentedCrops:
 
     def __init__(self, specs: list[CropSpec], augment_on_device: bool = False) -> None:
         self.crops = [
-            augmented_crop(s.size, s.scale, s.blur_p, s.solarize_p, not augment_on_device, s.interpolation)
+            augmented_crop(
+                s.size, s.scale, s.blur_p, s.solarize_p, not augment_on_device, s.interpolation, s.blur_kernel
+            )
             for s in specs
         ]
         self.photometric = (
-            [BatchedPhotometric(s.size, s.blur_p, s.solarize_p, IMAGENET_MEAN, IMAGENET_STD) for s in specs]
+            [
+                BatchedPhotometric(s.size, s.blur_p, s.solarize_p, IMAGENET_MEAN, IMAGENET_STD, s.blur_kernel)
+                for s in specs
+            ]
             if augment_on_device
             else None
         )
@@ -180,8 +187,11 @@ class MultiCropViews(AugmentedCrops):
     The loader stacks each crop position into its own batch tensor; the objective runs the encoder
     once per resolution.
 
-    ``global_blur_p`` is there for DINOv2, whose code inverts its blur probabilities (its released
-    checkpoints trained with (0.0, 0.9): dinov2 PR #411, dinov3 #286)."""
+    ``global_blur_p`` and ``blur_kernel_size`` are there for DINOv2, whose code inverts its blur
+    probabilities (its released checkpoints trained with (0.0, 0.9): dinov2 PR #411, dinov3 #286)
+    and blurs with a 9-px kernel at every crop size (``dinov2/data/transforms.py``). Without
+    ``blur_kernel_size`` the kernel spans about 10% of each crop, which at 224 px holds DINO's
+    whole blur (its code blurs with PIL's unbounded Gaussian)."""
 
     def __init__(
         self,
@@ -192,10 +202,14 @@ class MultiCropViews(AugmentedCrops):
         local_scale: tuple[float, float] = (0.05, 0.4),
         augment_on_device: bool = False,
         global_blur_p: tuple[float, float] = (1.0, 0.1),
+        blur_kernel_size: int | None = None,
     ) -> None:
         solarize_p = (0.0, 0.2)
-        global_crops = [CropSpec(global_size, global_scale, global_blur_p[i], solarize_p[i]) for i in range(2)]
-        local_crops = [CropSpec(local_size, local_scale, 0.5, 0.0)] * num_local
+        k = blur_kernel_size
+        global_crops = [
+            CropSpec(global_size, global_scale, global_blur_p[i], solarize_p[i], blur_kernel=k) for i in range(2)
+        ]
+        local_crops = [CropSpec(local_size, local_scale, 0.5, 0.0, blur_kernel=k)] * num_local
         super().__init__(global_crops + local_crops, augment_on_device)
 
 
