@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import os
 import pickle
 import random
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +26,171 @@ from ssl_vit.errors import UserError
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, except that a checkpoint appears under its name only when it is
-    complete: it is written to a temporary file in the same folder, flushed to disk and renamed
-    over the target. (Lightning's own local save goes through a temporary file in /tmp, which is
-    copied, not renamed, when /tmp is another filesystem, and is not flushed.) Loads use
-    ``weights_only=True``."""
+    complete and can be checked whole later: it is written to a temporary file in the same folder
+    (named after this writer, so a dead writer's leftovers can be told from a live one's), hashed
+    as it is written, flushed to disk, its SHA-256 written beside it (``NAME.sha256``, the format
+    ``sha256sum -c`` reads), and renamed over the target. (Lightning's own local save goes through
+    a temporary file in /tmp, which is copied, not renamed, when /tmp is another filesystem, and is
+    not flushed.) Loads use ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote storage: fsspec's transaction is the atomic unit there
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{_writer_id()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                hashing = _HashingWriter(f)
+                torch.save(checkpoint, hashing)
                 f.flush()
                 os.fsync(f.fileno())
+            # The checksum first: a crash between the two renames leaves a checkpoint whose checksum
+            # does not match, which a resume passes over, never a wrong one that matches.
+            _write_text_atomically(checksum_path(path), f"{hashing.sha256.hexdigest()}  {path.name}\n")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = True) -> Any:
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as err:
+            raise UserError(not_weights_only_message(path)) from err
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        if "://" not in str(path):
+            checksum_path(Path(path)).unlink(missing_ok=True)
 
 
-def newest_complete_checkpoint(*patterns: str | Path) -> Path | None:
-    """The most recently written checkpoint matching any of the glob ``patterns`` that reads as a
-    whole checkpoint; newer ones that do not (truncated, half-copied) are passed over with a warning."""
-    candidates = {Path(p) for pattern in patterns for p in glob.glob(str(pattern))}
-    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
-        try:  # mmap reads the archive's index (at its end) without loading the tensors
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+class _HashingWriter:
+    """A file object that hashes what passes through it (what ``torch.save`` needs: ``write``, ``flush``)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{_writer_id()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _writer_id() -> str:
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+#: A temporary file of ``AtomicCheckpointIO`` (or of ssl-vit before writers were named by host).
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:(?P<host>[^.]+)-)?(?P<pid>\d+)\.tmp")
+
+
+def checksum_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{checkpoint.name}.sha256")
+
+
+def file_sha256(path: Path) -> str:
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            sha256.update(block)
+    return sha256.hexdigest()
+
+
+def remove_dead_writers_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that checkpoint writers on this host left when they were killed
+    (their process no longer exists); a live writer's, another host's and anything not named as
+    ours are left alone. Returns what was removed."""
+    removed = []
+    host = socket.gethostname().replace(".", "_")
+    for path in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or match["host"] not in (None, host) or _process_exists(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (``None`` when it can): its content does not match the
+    checksum written with it, or, for a checkpoint written without one, it does not load whole."""
+    checksum = checksum_path(path)
+    if checksum.is_file():
+        expected = (checksum.read_text().split() or [""])[0]
+        return None if file_sha256(path) == expected else f"its content does not match {checksum.name}"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return "it holds pickled Python objects besides tensors, which ssl-vit never unpickles"
+    except Exception as err:
+        return f"it is incomplete or unreadable ({type(err).__name__})"
+    return None
+
+
+def checkpoints_in(*places: tuple[str | Path, str]) -> list[Path]:
+    """The checkpoints in each ``(folder, pattern)``, newest first. Folders are taken literally
+    (a ``[`` in a run's path is a character, not a glob pattern)."""
+    found = {p for folder, pattern in places if Path(folder).is_dir() for p in Path(folder).glob(pattern)}
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def newest_complete_checkpoint(*places: tuple[str | Path, str]) -> Path | None:
+    """The most recently written checkpoint in ``places`` (see :func:`checkpoints_in`) that is
+    whole; newer ones that are not (truncated, half-copied, a hole in the middle) are passed over
+    with a warning."""
+    for path in checkpoints_in(*places):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        except Exception as err:
-            rank_zero_warn(
-                f"skipping checkpoint {path}: it is incomplete or unreadable ({type(err).__name__}); "
-                "falling back to the previous one"
-            )
+        rank_zero_warn(f"skipping checkpoint {path}: {problem}; falling back to the previous one")
+    return None
+
+
+def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> str | None:
+    """What differs between a checkpoint and the run about to resume from it (``None`` if nothing
+    does). ``run`` holds what this run was asked for: ``objective``, ``encoder``, and, to resume a
+    run automatically, ``train_shards``, ``init_from`` and its ``folder``; a key left out is not
+    compared."""
+    hparams = ckpt.get("hyper_parameters", {})
+    written: dict[str, Any] = {
+        "objective": objective_name(ckpt),
+        "encoder": dict(hparams.get("encoder") or {}),
+        "train_shards": ckpt.get("datamodule_hyper_parameters", {}).get("train_shards"),
+        "init_from": hparams.get("init_from"),
+    }
+    for key in ("objective", "encoder", "train_shards", "init_from"):
+        if key in run and written[key] != run[key] and written[key] != "?":
+            if key == "encoder":
+                keys = sorted(k for k in {*written[key], *run[key]} if written[key].get(k) != run[key].get(k))
+                return "its encoder differs in " + ", ".join(
+                    f"{k} ({written[key].get(k)} there, {run[key].get(k)} here)" for k in keys
+                )
+            return f"its {key} is {written[key]!r}, this run's {run[key]!r}"
+    folder = ckpt.get(RUN_KEY, {}).get("folder")
+    here = Path(run["folder"]).resolve() if "folder" in run else None
+    if here is not None and folder is not None and Path(folder) != here and here not in path.resolve().parents:
+        return f"it was written by the run in {folder}, not by this run ({here})"
     return None
 
 
@@ -86,6 +216,10 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
+#: Where a checkpoint records the run that wrote it (its run folder).
+RUN_KEY = "ssl_vit_run"
+
+
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, plus what a run needs to survive being stopped: checkpoints
     hold the RNG states (a resumed run draws the same random numbers), and a SIGTERM (a scheduler
@@ -102,6 +236,9 @@ class RunCheckpoint(ModelCheckpoint):
         if rng is not None:
             set_rng_states(rng)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_KEY] = {"folder": str(Path(trainer.default_root_dir).resolve())}
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or self.dirpath is None:
             return
@@ -112,23 +249,13 @@ class RunCheckpoint(ModelCheckpoint):
         )
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint written by ``ssl-vit pretrain``, loaded with ``weights_only=True``."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint written by ``ssl-vit pretrain``, loaded with ``weights_only=True``
+    (with ``mmap``, its tensors are read only when used: enough to read its settings)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(
-            f"{path} is not an ssl-vit checkpoint: it holds more than tensors and plain containers, "
-            "and ssl-vit never unpickles arbitrary objects; pass a .ckpt written by `ssl-vit pretrain`"
-        ) from err
-    except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
-        raise UserError(
-            f"{path} is not an ssl-vit checkpoint: torch.load cannot read it ({type(err).__name__}); "
-            "is it truncated, or another kind of file?"
-        ) from err
+    ckpt = load_weights_file(path, "an ssl-vit checkpoint", "pass a .ckpt written by `ssl-vit pretrain`", mmap)
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "state_dict" not in ckpt or "encoder" not in hparams:
         raise UserError(
@@ -136,6 +263,27 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "pass a .ckpt written by `ssl-vit pretrain`"
         )
     return ckpt
+
+
+def load_weights_file(path: Path, what: str, remedy: str, mmap: bool = False) -> Any:
+    """``torch.load`` of tensors and plain containers only; anything else is one line naming the
+    file as not ``what``, with ``remedy``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{not_weights_only_message(path)}; {remedy}") from err
+    except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
+        raise UserError(
+            f"{path} is not {what}: torch.load cannot read it ({type(err).__name__}); "
+            f"is it truncated, or another kind of file? {remedy}"
+        ) from err
+
+
+def not_weights_only_message(path: Any) -> str:
+    return (
+        f"{path} holds pickled Python objects besides tensors and plain containers; ssl-vit never "
+        "unpickles those (they can run code), so it cannot read this file"
+    )
 
 
 def encoder_weights(ckpt: dict[str, Any], path: str | Path, role: str | None = None) -> tuple[dict[str, Any], str]:
@@ -180,6 +328,6 @@ def checkpoint_encoder(ckpt: dict[str, Any], path: str | Path, role: str | None 
 
 
 def objective_name(ckpt: dict[str, Any]) -> str:
-    return (
-        ckpt.get("ssl_vit", {}).get("objective") or ckpt["hyper_parameters"].get("_class_path", "?").rsplit(".", 1)[-1]
-    )
+    """The objective a checkpoint was trained with; ``?`` where it does not say."""
+    hparams = ckpt.get("hyper_parameters", {})
+    return ckpt.get("ssl_vit", {}).get("objective") or hparams.get("_class_path", "?").rsplit(".", 1)[-1]

@@ -34,11 +34,21 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
-from ssl_vit.checkpoint import AtomicCheckpointIO, RunCheckpoint, load_checkpoint_encoder, newest_complete_checkpoint
+from ssl_vit.checkpoint import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    checkpoint_problem,
+    checkpoints_in,
+    load_checkpoint_encoder,
+    newest_complete_checkpoint,
+    read_checkpoint,
+    remove_dead_writers_files,
+    resume_mismatch,
+)
 from ssl_vit.data.embedded import DATASETS
 from ssl_vit.data.pipeline import ShardDataModule
 from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, write_shards
@@ -73,9 +83,16 @@ class RunCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        # Keep every periodic checkpoint (there is no metric to rank them by) plus last.ckpt.
+        # Keep every periodic checkpoint (there is no metric to rank them by) plus last.ckpt, which a
+        # run replaces atomically: its folder holds only its own run's checkpoints (see
+        # checkpoint_to_resume), so no "last-v1.ckpt" beside another run's "last.ckpt".
         parser.set_defaults(
-            {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.filename": "{epoch:04d}-{step}"}
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.filename": "{epoch:04d}-{step}",
+                "checkpoint.enable_version_counter": False,
+            }
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(ImagesPerSecondBar, "progress_bar")
@@ -89,7 +106,8 @@ class RunCLI(LightningCLI):
             "--auto_resume",
             type=bool,
             default=True,
-            help="without --ckpt_path, continue from the newest complete checkpoint in checkpoint.dirpath",
+            help="without --ckpt_path, continue from the run's newest complete checkpoint (false: refuse to start "
+            "in a run folder that holds checkpoints)",
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -102,20 +120,57 @@ class RunCLI(LightningCLI):
     def before_fit(self) -> None:
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        root = Path(self.trainer.default_root_dir)
         ckpt = self.trainer.checkpoint_callback
         if ckpt.dirpath is None:  # Lightning's default is a new version folder per run: nothing to resume from
-            ckpt.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
-        config = self.config_init[self.subcommand]
-        if config["ckpt_path"] is None and config["auto_resume"]:
-            # Ours, and the one Lightning saves on SLURM's pre-emption signal (SIGUSR1) before requeueing.
-            newest = newest_complete_checkpoint(
-                Path(ckpt.dirpath) / "*.ckpt", Path(self.trainer.default_root_dir) / "hpc_ckpt_*.ckpt"
+            ckpt.dirpath = str(root / "checkpoints")
+        ckpt_dir = Path(ckpt.dirpath)
+        if ckpt_dir.resolve() == (root / "export").resolve():
+            raise UserError(
+                f"checkpoint.dirpath {ckpt_dir} is the folder the run exports to at the end, which would replace "
+                "the checkpoints; leave checkpoint.dirpath unset (it is <trainer.default_root_dir>/checkpoints)"
             )
-            if newest is not None:
-                message = f"resuming from {newest} (--auto_resume false starts afresh)"
-                Console(stderr=True, soft_wrap=True).print(message)
-                config["ckpt_path"] = str(newest)
+        if self.trainer.is_global_zero:
+            for path in remove_dead_writers_files(ckpt_dir):
+                Console(stderr=True, soft_wrap=True).print(f"removed {path}, left by a checkpoint writer that died")
+        config = self.config_init[self.subcommand]
+        hparams = self.model.hparams
+        run = {"objective": type(self.model).__name__, "encoder": dict(hparams.get("encoder") or {})}
+        if config["ckpt_path"] is None:
+            config["ckpt_path"] = self.checkpoint_to_resume(config["auto_resume"], ckpt_dir, root, run)
+        elif Path(config["ckpt_path"]).is_file():  # not Lightning's "last" / "hpc" names
+            path = Path(config["ckpt_path"])
+            problem = checkpoint_problem(path) or resume_mismatch(path, read_checkpoint(path, mmap=True), run)
+            if problem:
+                raise UserError(f"--ckpt_path {path} cannot be resumed by this run: {problem}")
         self.started = time.perf_counter()
+
+    def checkpoint_to_resume(self, auto_resume: bool, ckpt_dir: Path, root: Path, run: dict[str, Any]) -> str | None:
+        """The run's newest complete checkpoint, when there is one and it is this run's: same
+        objective, encoder, data, starting weights and run folder. Anything else in the run's
+        checkpoint folder stops the run with one line, so a run never continues another one,
+        never writes over its checkpoints, and never reports its numbers."""
+        # Ours, and the one Lightning saves on SLURM's pre-emption signal (SIGUSR1) before requeueing.
+        places = ((ckpt_dir, "*.ckpt"), (root, "hpc_ckpt_*.ckpt"))
+        existing = checkpoints_in(*places)
+        if not existing:
+            return None
+        fresh = "to start afresh, give this run a folder of its own (--trainer.default_root_dir runs/NEW)"
+        if not auto_resume:
+            raise UserError(
+                f"{ckpt_dir} already holds the checkpoints of a run ({existing[0].name}), which --auto_resume false "
+                f"would write over; {fresh}"
+            )
+        newest = newest_complete_checkpoint(*places)
+        if newest is None:
+            raise UserError(f"none of the checkpoints in {ckpt_dir} is complete (see the warnings above); {fresh}")
+        hparams, data = self.model.hparams, self.datamodule.hparams
+        run = {**run, "train_shards": data.get("train_shards"), "init_from": hparams.get("init_from"), "folder": root}
+        problem = resume_mismatch(newest, read_checkpoint(newest, mmap=True), run)
+        if problem:
+            raise UserError(f"{newest} is not this run's to resume: {problem}; {fresh}")
+        Console(stderr=True, soft_wrap=True).print(f"resuming from {newest} (a new run folder starts afresh)")
+        return str(newest)
 
     def instantiate_classes(self) -> None:
         # jsonargparse wraps errors raised while building the model or data in its own ValueError;
@@ -154,11 +209,11 @@ class PretrainCLI(RunCLI):
         trainer = self.trainer
         if not trainer.is_global_zero or trainer.interrupted:
             return
-        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        last = own_newest_checkpoint(trainer.checkpoint_callback)
         export_dir = None
-        if self.config_init[self.subcommand]["export"] and last.exists():
+        if self.config_init[self.subcommand]["export"] and last is not None:
             export_dir = export_encoder(last, Path(trainer.default_root_dir) / "export", overwrite=True)
-        summary = run_summary(trainer, self.model, time.perf_counter() - self.started, export_dir)
+        summary = run_summary(trainer, self.model, time.perf_counter() - self.started, last, export_dir)
         (Path(trainer.default_root_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         print_run_summary(summary)
 
@@ -187,12 +242,20 @@ class FineTuneCLI(RunCLI):
             "seconds": round(time.perf_counter() - self.started, 1),
             "val_top1": results.get("top1"),
             "val_top5": results.get("top5"),
-            "checkpoint": str(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"),
+            "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
             "export": str(export_dir) if export_dir else None,
             "logs": trainer.log_dir,
         }
         (Path(trainer.default_root_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         print_run_summary(summary)
+
+
+def own_newest_checkpoint(callback: RunCheckpoint) -> Path | None:
+    """The newest complete checkpoint this run saved (or resumed from): never one that merely sits
+    in the same folder under a fixed name."""
+    saved = {callback.last_model_path, *callback.best_k_models}
+    complete = (Path(p) for p in saved if p and Path(p).is_file() and checkpoint_problem(Path(p)) is None)
+    return max(complete, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def default_precision(accelerator: Any, precision: Any, cuda: bool | None = None) -> Any:
@@ -235,6 +298,8 @@ def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataM
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning internals
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0"
+    # Lightning's advertisement for a cloud product, printed by every Trainer without its logger.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # resuming
     command = "pretrain" if cli is PretrainCLI else "finetune"
     # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
@@ -245,7 +310,12 @@ def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataM
         subclass_mode_model=model is SSLMethod,
         args=["fit", "--weights_only=true", *args],
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False, "fit": {"prog": f"ssl-vit {command}", "exit_on_error": False}},
+        # No abbreviations: "--trainer.max_epoch 2" is a typo to report, not max_epochs.
+        parser_kwargs={
+            "exit_on_error": False,
+            "allow_abbrev": False,
+            "fit": {"prog": f"ssl-vit {command}", "exit_on_error": False, "allow_abbrev": False},
+        },
     )
 
 
@@ -296,7 +366,9 @@ def recipes(args: list[str]) -> None:
 
 def export(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ssl-vit export", description=COMMANDS["export"])
-    parser.add_argument("checkpoint", help="a .ckpt written by `ssl-vit pretrain`")
+    parser.add_argument(
+        "checkpoint", help="a .ckpt written by `ssl-vit pretrain`, or a run folder (its newest complete checkpoint)"
+    )
     parser.add_argument("out", help="the folder to write (a .safetensors file with --format state_dict)")
     parser.add_argument(
         "--format",
@@ -309,10 +381,20 @@ def export(args: list[str]) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     opts = parser.parse_args(args)
-    out = export_encoder(opts.checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite)
-    Console().print(f"wrote {out}")
+    checkpoint = run_checkpoint(Path(opts.checkpoint)) if Path(opts.checkpoint).is_dir() else opts.checkpoint
+    out = export_encoder(checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite)
+    Console(soft_wrap=True).print(f"wrote {out} from {checkpoint}")
     if opts.format == "timm":
-        Console().print(f'load it with timm.create_model("local-dir:{out}", pretrained=True, num_classes=N)')
+        load = f'timm.create_model("local-dir:{out}", pretrained=True, num_classes=N)'
+        Console(soft_wrap=True).print(f"load it with {load}")
+
+
+def run_checkpoint(run: Path) -> Path:
+    """The newest complete checkpoint of a run folder (or of a checkpoints folder)."""
+    newest = newest_complete_checkpoint((run / "checkpoints", "*.ckpt"), (run, "*.ckpt"))
+    if newest is None:
+        raise UserError(f"{run} holds no complete checkpoint, nor does {run}/checkpoints; pass a run folder or a .ckpt")
+    return newest
 
 
 def shards(args: list[str]) -> None:
@@ -352,6 +434,7 @@ def shards(args: list[str]) -> None:
             samples_per_shard=opts.samples_per_shard or 1000,
             max_shard_bytes=opts.max_shard_bytes,
             overwrite=opts.overwrite,
+            reads=[opts.src_dir, *([opts.masks] if opts.masks else [])],
         )
         indexes = {"": index}
     for split, index in indexes.items():
@@ -387,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
             ](rest)
     except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
         sys.exit(128 + signal.SIGTERM)
-    except (UserError, argparse.ArgumentError) as err:
+    except (UserError, argparse.ArgumentError, MisconfigurationException) as err:
+        # Lightning's MisconfigurationException is its own word on a bad setting (e.g. max_epochs -5).
         message = recipe_error_message(err) if isinstance(err, argparse.ArgumentError) else str(err)
         Console(stderr=True).print(f"[bold red]ssl-vit {command}: error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)

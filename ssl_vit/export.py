@@ -9,9 +9,7 @@ checkpoint or an export folder; ``encoder_state_dict`` reads timm-keyed weights 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +23,7 @@ from ssl_vit.checkpoint import (
     checkpoint_encoder,
     encoder_weights,
     load_checkpoint_encoder,
+    load_weights_file,
     objective_name,
     read_checkpoint,
 )
@@ -32,8 +31,14 @@ from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import NON_TIMM_SETTINGS
 from ssl_vit.errors import UserError
 from ssl_vit.eval.report import RECORD_KINDS
+from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 
 ExportFormat = Literal["timm", "state_dict"]
+#: ``pretrained_cfg`` entries that describe a timm release of an architecture, not an export.
+RELEASE_KEYS = ("tag", "license", "hf_hub_id", "url", "file", "source", "origin_url", "paper_ids", "paper_name")
+# What --overwrite may replace: exactly what save_for_hf writes with safe serialisation, or one file.
+EXPORT_FOLDER = OutputKind("an export folder (config.json, model.safetensors)", ("config.json", "model.safetensors"))
+STATE_DICT_FILE = OutputKind("a state_dict export", ("*.safetensors",), folder=False)
 
 
 def export_encoder(
@@ -49,56 +54,48 @@ def export_encoder(
         paper evaluates (DINO's EMA teacher, MoCo v3's base encoder).
     fmt: ``timm`` (a folder) or ``state_dict`` (one ``.safetensors`` file).
     The result is written under a temporary name and renamed into place: nothing partial is left.
+    ``overwrite`` replaces an earlier export only (``ssl_vit.replace``), never the checkpoint.
     """
+    kind = STATE_DICT_FILE if fmt == "state_dict" else EXPORT_FOLDER
+    check_replaceable(out, kind, overwrite, reads=[checkpoint])  # before the slow checkpoint read
     ckpt = read_checkpoint(checkpoint)
     encoder, role = checkpoint_encoder(ckpt, checkpoint, role)
     if fmt == "state_dict":
-        return write_atomically(
+        return replace_output(
             out,
-            overwrite,
-            lambda tmp: save_file(
-                _contiguous(encoder.vit.state_dict()),
-                str(tmp / "model.safetensors"),
-                metadata={"architecture": encoder.name},
+            lambda path: save_file(
+                _contiguous(encoder.vit.state_dict()), str(path), metadata={"architecture": encoder.name}
             ),
-            "model.safetensors",
+            STATE_DICT_FILE,
+            overwrite,
+            reads=[checkpoint],
         )
     config = {"pretrained_cfg": preprocessing_cfg(encoder.vit), "ssl_vit": provenance(ckpt, checkpoint, role)}
-    return write_timm_folder(encoder.vit, out, _model_args(ckpt["hyper_parameters"]["encoder"]), config, overwrite)
+    model_args = _model_args(ckpt["hyper_parameters"]["encoder"])
+    return write_timm_folder(encoder.vit, out, model_args, config, overwrite, reads=[checkpoint])
 
 
 def write_timm_folder(
-    model: VisionTransformer, out: str | Path, model_args: dict[str, Any], config: dict[str, Any], overwrite: bool
+    model: VisionTransformer,
+    out: str | Path,
+    model_args: dict[str, Any],
+    config: dict[str, Any],
+    overwrite: bool,
+    reads: Iterable[str | Path] = (),
 ) -> Path:
     """``model`` as a folder ``timm.create_model("local-dir:OUT", pretrained=True)`` loads:
     ``config.json`` (architecture, ``model_args``, and ``config``'s entries) and
-    ``model.safetensors``, written atomically."""
+    ``model.safetensors``, written atomically; ``overwrite`` replaces an export folder only, and
+    never one that is or holds a path in ``reads``."""
 
-    def write(tmp: Path) -> None:
-        save_for_hf(model, str(tmp), model_config=config, model_args=model_args, safe_serialization=True)
+    # timm's defaults for the architecture name released weights (their tag, licence, source);
+    # they do not describe these.
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in RELEASE_KEYS}
 
-    return write_atomically(out, overwrite, write)
+    def write(folder: Path) -> None:
+        save_for_hf(model, str(folder), model_config=config, model_args=model_args, safe_serialization=True)
 
-
-def write_atomically(out: str | Path, overwrite: bool, write: Any, member: str | None = None) -> Path:
-    """Run ``write(tmp)`` on a temporary folder beside ``out`` and rename it (or its ``member``
-    file) into place: nothing partial is ever at ``out``."""
-    out = Path(out)
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; choose another path or pass --overwrite")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as err:
-        raise UserError(f"cannot write to {out.parent}: {err.strerror}") from err
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp / member if member else tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return replace_output(out, write, EXPORT_FOLDER, overwrite, reads)
 
 
 def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None) -> VisionTransformer:
@@ -120,6 +117,11 @@ def encoder_state_dict(path: str | Path, vit: VisionTransformer) -> dict[str, to
     patch embeddings) resampled to ``vit``'s image and patch grid."""
     path = Path(path)
     if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise UserError(
+                f"{path} has no model.safetensors; ssl-vit reads weights folders in safetensors only "
+                "(other formats can hold pickled code): pass a folder written by `ssl-vit export`"
+            )
         state = load_file(str(path / "model.safetensors"))
     elif path.suffix == ".safetensors":
         state = load_file(str(path))
@@ -127,7 +129,7 @@ def encoder_state_dict(path: str | Path, vit: VisionTransformer) -> dict[str, to
         ckpt = read_checkpoint(path)
         state = {k[len("vit.") :]: v for k, v in encoder_weights(ckpt, path, None)[0].items()}
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_file(path, "a weights file", "pass an export folder, a .safetensors or an ssl-vit .ckpt")
         state = state.get("model", state.get("state_dict", state))
     else:
         raise UserError(f"encoder weights {path} do not exist")

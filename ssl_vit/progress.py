@@ -53,20 +53,21 @@ class ImagesPerSecondBar(RichProgressBar):
 
 
 def run_summary(
-    trainer: L.Trainer, model: L.LightningModule, seconds: float, export_dir: Path | None
+    trainer: L.Trainer, model: L.LightningModule, seconds: float, checkpoint: Path | None, export_dir: Path | None
 ) -> dict[str, Any]:
     """What a finished run produced: its objective, encoder, steps, time, final loss, the end-of-run
-    k-NN / probe / attentive-probe top-1 (from the evaluation records beside ``last.ckpt``), how
+    k-NN / probe / attentive-probe top-1 (from the evaluation records its evaluation wrote at its last step), how
     many steps its outputs were collapsed (objectives that watch for it), the last RankMe of its
     representation and how many steps that had collapsed (:class:`HealthCallback`), and where
     things are."""
-    ckpt_dir = Path(trainer.checkpoint_callback.dirpath)
     accuracy = {}
     for kind in RECORD_KINDS:
-        record = ckpt_dir / f"last.{kind}.json"
-        if record.exists():
-            results = json.loads(record.read_text())["results"]
-            accuracy[kind] = results.get("k=20", next(iter(results.values()))) if kind == "knn" else results
+        record = Path(trainer.checkpoint_callback.dirpath) / f"last.{kind}.json"
+        record = json.loads(record.read_text()) if record.exists() else {}
+        if record.get("step") != trainer.global_step:  # not this run's end-of-run evaluation
+            continue
+        results = record["results"]
+        accuracy[kind] = results.get("k=20", next(iter(results.values()))) if kind == "knn" else results
     encoder = dict(model.hparams.get("encoder", {}))
     loss = trainer.callback_metrics.get("train/loss")
     pictures = Path(trainer.default_root_dir) / "pictures"
@@ -90,7 +91,7 @@ def run_summary(
         "rankme_cls": last_health("rankme_cls"),
         "rankme_mean": last_health("rankme_mean"),
         "representation_collapsed_steps": health.watch.collapsed_steps if health and health.history else None,
-        "checkpoint": str(ckpt_dir / "last.ckpt"),
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "export": str(export_dir) if export_dir else None,
         "pictures": str(pictures) if pictures.exists() else None,
         "logs": trainer.log_dir,

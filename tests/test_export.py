@@ -57,6 +57,8 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     assert config["architecture"] == "vit_tiny_patch16_224"
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    # timm's tag and licence name its release of the architecture, not these weights
+    assert not {"tag", "license", "hf_hub_id"} & set(config["pretrained_cfg"])
     prov = config["ssl_vit"]
     objective = checkpoint.parent.name.split("-")[0]
     assert prov["objective"].lower() == objective and prov["step"] == 2

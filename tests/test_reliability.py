@@ -76,9 +76,9 @@ def test_newest_complete_checkpoint_falls_back_past_truncated_files(tmp_path):
     (tmp_path / "step3.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.warns(UserWarning, match="skipping checkpoint"):
-        newest = newest_complete_checkpoint(tmp_path / "*.ckpt")
+        newest = newest_complete_checkpoint((tmp_path, "*.ckpt"))
     assert newest == tmp_path / "step2.ckpt"
-    assert newest_complete_checkpoint(tmp_path / "nothing-*.ckpt") is None
+    assert newest_complete_checkpoint((tmp_path, "nothing-*.ckpt")) is None
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -94,7 +94,7 @@ def test_atomic_save_leaves_the_previous_checkpoint_when_writing_fails(tmp_path)
     with pytest.raises(RuntimeError, match="disk full"):
         io.save_checkpoint({"global_step": 2, "x": Unsaveable()}, path)
     assert torch.load(path, weights_only=True)["global_step"] == 1
-    assert list(tmp_path.iterdir()) == [path]
+    assert sorted(tmp_path.iterdir()) == [path, tmp_path / "last.ckpt.sha256"]  # no temporary file left
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
@@ -111,7 +111,7 @@ def test_a_checkpoint_that_would_run_code_is_never_unpickled(tmp_path):
     marker = tmp_path / "unpickled"
     torch.save({"global_step": 2, "payload": WouldRunCode(marker)}, tmp_path / "newer.ckpt")
     with pytest.warns(UserWarning, match="skipping checkpoint .*newer.ckpt"):
-        assert newest_complete_checkpoint(tmp_path / "*.ckpt") == tmp_path / "good.ckpt"
+        assert newest_complete_checkpoint((tmp_path, "*.ckpt")) == tmp_path / "good.ckpt"
     assert not marker.exists()
 
 

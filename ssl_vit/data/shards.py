@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -24,8 +21,10 @@ from PIL import Image
 
 from ssl_vit.data import embedded
 from ssl_vit.errors import UserError
+from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 
 INDEX_FILE = "dataset.json"
+SHARD_FOLDER = OutputKind(f"a shard folder (shard-*.tar, {INDEX_FILE})", ("shard-*.tar", INDEX_FILE))
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MASK_MEMBER = "seg.png"  # a sample's label map for dense probes: 8-bit PNG of class indices
 
@@ -57,24 +56,24 @@ def write_shards(
     max_shard_bytes: int = 1 << 30,
     overwrite: bool = False,
     mask_classes: list[str] | None = None,
+    reads: Iterable[str | Path] = (),
 ) -> ShardIndex:
     """Write samples as tar shards plus ``dataset.json``; a ``None`` class writes no ``cls``
     member (unlabelled data), a label map a ``seg.png`` member (one class index per pixel, 255 =
     ignore; ``mask_classes`` names the indices, by default "0" up to the largest index written).
 
     The shards are written into a temporary folder beside ``out_dir`` and renamed into place at the
-    end, so an interrupted run leaves no half-written shard folder.
+    end, so an interrupted run leaves no half-written shard folder. ``overwrite`` replaces a shard
+    folder only (``ssl_vit.replace``): a folder of images, say, is never one; nor is one that
+    is or holds a path in ``reads`` (the images being written).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir} already exists; remove it or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the shards are meant to be shared
-    try:
+    index: ShardIndex | None = None
+
+    def write(folder: Path) -> None:
+        nonlocal index
         count, largest_mask_label = 0, -1
         with wds.ShardWriter(
-            str(tmp / "shard-%06d.tar"),
+            str(folder / "shard-%06d.tar"),
             maxcount=samples_per_shard,
             maxsize=max_shard_bytes,
             verbose=0,
@@ -93,17 +92,14 @@ def write_shards(
                         largest_mask_label = max(largest_mask_label, _largest_label(mask[0]))
                 sink.write(sample)
                 count += 1
-        shards = sorted(p.name for p in tmp.glob("shard-*.tar"))
-        if mask_classes is None and largest_mask_label >= 0:
-            mask_classes = [str(i) for i in range(largest_mask_label + 1)]
-        index = ShardIndex(count, list(classes), shards, source, mask_classes)
-        (tmp / INDEX_FILE).write_text(json.dumps(asdict(index), indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        shards = sorted(p.name for p in folder.glob("shard-*.tar"))
+        mask_names = mask_classes
+        if mask_names is None and largest_mask_label >= 0:
+            mask_names = [str(i) for i in range(largest_mask_label + 1)]
+        index = ShardIndex(count, list(classes), shards, source, mask_names)
+        (folder / INDEX_FILE).write_text(json.dumps(asdict(index), indent=1))
+
+    replace_output(out_dir, write, SHARD_FOLDER, overwrite, reads)
     return index
 
 
@@ -186,6 +182,8 @@ def write_embedded_shards(
     if dataset not in embedded.DATASETS:
         raise UserError(f"unknown embedded dataset {dataset!r}; choose one of {', '.join(embedded.DATASETS)}")
     classes = embedded.DATASETS[dataset][0]
+    for split in embedded.SPLITS:  # both before writing either: a refused val must not follow a replaced train
+        check_replaceable(Path(out_root) / split, SHARD_FOLDER, overwrite)
     return {
         split: write_shards(
             (

@@ -84,6 +84,9 @@ class SSLMethod(L.LightningModule):
         scale_to_run: bool = True,
     ) -> None:
         super().__init__()
+        for name, value in (("base_lr", base_lr), ("min_lr", min_lr), ("warmup_lr", warmup_lr)):
+            if value < 0:
+                raise UserError(f"model.init_args.{name} is {value}; a learning rate cannot be negative")
         self.save_hyperparameters()  # the subclass's arguments, for checkpoints and exports
         self.hparams["encoder"] = {**self.encoder_defaults, **encoder}  # what checkpoints and exports rebuild
         self.encoder = ViTEncoder(**self.hparams["encoder"])

@@ -1,0 +1,123 @@
+"""Writing a command's output in one step, and replacing an old one only when it is safe.
+
+``replace_output`` writes the new output under a temporary name beside the target and renames it
+into place, so nothing partial is ever at the target. With ``overwrite`` it replaces only an
+output of the same kind (an export folder, a shard folder, ...), recognised by the names of the
+files in it, and never the current folder, a folder above it or a folder holding what the command
+reads: anything else may be someone's data. Used by ``ssl-vit export`` and ``ssl-vit shards``;
+it depends on nothing else in ssl-vit, so both can import it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ssl_vit.errors import UserError
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes: a folder holding only files named like ``names`` (glob patterns),
+    or, with ``folder=False``, one file named like them."""
+
+    what: str  # said in messages: "an export folder"
+    names: tuple[str, ...]
+    folder: bool = True
+
+    def foreign(self, path: Path) -> str | None:
+        """Why the existing ``path`` is not an output of this kind (None when it is one)."""
+        if not self.folder:
+            if path.is_dir():
+                return "it is a folder"
+            return None if self._named(path) else f"it is not a {' or '.join(self.names)} file"
+        if not path.is_dir():
+            return "it is a file"
+        others = sorted(entry for entry in path.iterdir() if entry.is_dir() or not self._named(entry))
+        checkpoints = [entry for entry in others if entry.suffix == ".ckpt"]
+        if checkpoints:
+            return f"it holds the checkpoint {checkpoints[0].name}"
+        if others:
+            return f"it holds {others[0].name}{'/' if others[0].is_dir() else ''}"
+        return None
+
+    def _named(self, path: Path) -> bool:
+        return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in self.names)
+
+
+def check_replaceable(out: str | Path, kind: OutputKind, overwrite: bool, reads: Iterable[str | Path] = ()) -> None:
+    """Raise a ``UserError`` unless ``out`` may be written: it does not exist, or is an empty
+    folder where ``kind`` is a folder, or (with ``overwrite``) is an output of ``kind``; and it is
+    neither the current folder, nor one above it, nor the same as or above a path in ``reads``."""
+    target = Path(os.path.abspath(out))
+    real, here = target.resolve(), Path.cwd().resolve()
+    if real == here or real in here.parents:
+        raise UserError(f"{out} is the current folder or holds it; name a new folder for the output instead")
+    for source in map(Path, reads):
+        if real == source.resolve() or real in source.resolve().parents:
+            relation = "is" if real == source.resolve() else "holds"
+            raise UserError(f"{out} {relation} {source}, which this command reads; write the output somewhere else")
+    if not os.path.lexists(target):
+        return
+    reason = kind.foreign(target)
+    empty_folder = target.is_dir() and not any(target.iterdir())
+    if reason and (overwrite or empty_folder):
+        raise UserError(f"{out} is not {kind.what}: {reason}; --overwrite replaces nothing else, choose another path")
+    if not (overwrite or empty_folder):
+        advice = "choose another path" if reason else "choose another path or pass --overwrite"
+        raise UserError(f"{out} already exists and is not empty; {advice}")
+
+
+def replace_output(
+    out: str | Path,
+    write: Callable[[Path], None],
+    kind: OutputKind,
+    overwrite: bool,
+    reads: Iterable[str | Path] = (),
+) -> Path:
+    """Check ``out`` (``check_replaceable``), run ``write(new)`` and move ``new`` to ``out``.
+
+    ``new`` is an empty folder to fill (for a file output, the path of the file to write) inside
+    a temporary folder beside ``out``, never inside it. An old output is renamed aside into that
+    temporary folder, the new one renamed in, and the old one removed last, with the temporary
+    folder: if anything fails, the old output is in place, whole, and nothing is left beside it.
+    """
+    check_replaceable(out, kind, overwrite, reads)
+    target = Path(os.path.abspath(out))  # "sub/.." has no name of its own to put a temporary one beside
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as err:
+        raise UserError(f"cannot write to {target.parent}: {err.strerror}") from err
+    new, old = staging / "new", staging / "old"
+    try:
+        if kind.folder:
+            new.mkdir()  # not the staging folder itself, which mkdtemp makes private to its owner
+        write(new)
+        try:
+            _move_into_place(new, target, old)
+        except OSError as err:
+            where = f"the old one is at {old}" if os.path.lexists(old) else "it is left as it was"
+            raise UserError(f"cannot replace {out}: {err.strerror}; {where}, check permissions and retry") from err
+    finally:
+        if not os.path.lexists(old) or os.path.lexists(target):  # never delete the only copy of the old output
+            shutil.rmtree(staging, ignore_errors=True)
+    return Path(out)
+
+
+def _move_into_place(new: Path, target: Path, old: Path) -> None:
+    """Rename ``target`` (if there is one) to ``old`` and ``new`` to ``target``; if the second
+    rename fails, rename ``old`` back."""
+    if os.path.lexists(target):
+        os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except OSError:
+        if os.path.lexists(old):
+            os.rename(old, target)
+        raise

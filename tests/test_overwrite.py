@@ -1,0 +1,203 @@
+"""``--overwrite`` replaces only what ssl-vit wrote: never the current folder, the sources being
+read, a checkpoint folder or a folder holding anything else; and a replacement that fails midway
+leaves the old output whole."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ssl_vit import export_encoder
+from ssl_vit.cli import main
+from ssl_vit.data import write_shards
+from ssl_vit.data.shards import write_embedded_shards
+from ssl_vit.errors import UserError
+from tests.conftest import OBJECTIVES, fit_briefly, png_bytes, random_images
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory) -> bytes:
+    """A real (tiny) MAE checkpoint, copied into each test's own folder."""
+    factory, view = OBJECTIVES["mae"]
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    fit_briefly(factory(), view).save_checkpoint(path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def run(tmp_path, checkpoint_bytes) -> Path:
+    """A run folder as ``ssl-vit pretrain`` leaves it: checkpoints and a summary."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name in ("last.ckpt", "epoch=0000.ckpt"):
+        (checkpoints / name).write_bytes(checkpoint_bytes)
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    return tmp_path / "run"
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and folder under ``root``."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def cli_exit_code(*args: str) -> int:
+    with pytest.raises(SystemExit) as stopped:
+        main(list(args))
+    return stopped.value.code
+
+
+def image_folder(root: Path) -> Path:
+    for i, array in enumerate(random_images(4)):
+        folder = root / ("cat" if i % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(folder / f"{i}.png")
+    return root
+
+
+def shard_folder(out: Path, seed: int = 0) -> Path:
+    samples = (("png", png_bytes(img), i % 2) for i, img in enumerate(random_images(6, seed=seed)))
+    write_shards(samples, out, classes=["a", "b"], source=f"test {seed}", samples_per_shard=3, overwrite=True)
+    return out
+
+
+def fail_first_move(monkeypatch, path: Path, end: str) -> None:
+    """Make the first rename that moves ``path`` away (``end="from"``) or onto it (``end="to"``)
+    fail, as a read-only folder does for a user who is not root. The tests run as root, where
+    chmod stops nothing, so the failure is simulated at the rename itself."""
+    failed = []
+
+    def failing(real):
+        def move(src, dst, *args, **kwargs):
+            moved = Path(src if end == "from" else dst)
+            if not failed and moved.absolute() == path.absolute():
+                failed.append(moved)
+                raise PermissionError(errno.EACCES, "Permission denied", str(moved))
+            return real(src, dst, *args, **kwargs)
+
+        return move
+
+    monkeypatch.setattr(os, "rename", failing(os.rename))
+    monkeypatch.setattr(os, "replace", failing(os.replace))
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_export_never_replaces_the_current_folder_or_one_above_it(tmp_path, run, monkeypatch, out):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    assert cli_exit_code("export", str(run / "checkpoints/last.ckpt"), out, "--overwrite") == 2
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_shards_never_replace_the_current_folder_or_one_above_it(tmp_path, monkeypatch, out):
+    work = tmp_path / "work"
+    image_folder(work / "photos")
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    assert cli_exit_code("shards", "imagefolder", "photos", out, "--overwrite") == 2
+    assert snapshot(tmp_path) == before
+
+
+def test_shards_never_replace_a_folder_holding_the_images_they_read(tmp_path, monkeypatch):
+    image_folder(tmp_path / "data" / "photos")
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    for out in ("data", "data/photos"):
+        assert cli_exit_code("shards", "imagefolder", "data/photos", out, "--overwrite") == 2
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run/checkpoints"], ["run"], ["run/checkpoints/last.ckpt", "--format", "state_dict"]],
+    ids=["checkpoint folder", "run folder", "the checkpoint itself"],
+)
+def test_export_never_replaces_checkpoints(tmp_path, run, monkeypatch, capsys, args):
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    assert cli_exit_code("export", "run/checkpoints/last.ckpt", *args, "--overwrite") == 2
+    assert snapshot(tmp_path) == before
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_export_folder_with_a_sub_folder_is_not_replaced(tmp_path, run):
+    """The user's case: a read-only sub-folder made the old rmtree fail halfway (model.safetensors
+    gone, config.json left, the new export discarded). chmod stops nothing for root, so what this
+    checks is that such a folder is refused before anything is touched."""
+    out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "export")
+    locked = out / "locked"
+    locked.mkdir()
+    (locked / "keep.txt").write_text("mine")
+    locked.chmod(0o555)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match="locked"):
+        export_encoder(run / "checkpoints/last.ckpt", out, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["export", "shards"])
+def test_a_folder_holding_a_foreign_file_is_not_replaced(tmp_path, run, kind):
+    if kind == "export":
+        out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "out")
+    else:
+        out = shard_folder(tmp_path / "out")
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"notes\.txt"):
+        if kind == "export":
+            export_encoder(run / "checkpoints/last.ckpt", out, overwrite=True)
+        else:
+            shard_folder(out, seed=1)
+    assert snapshot(tmp_path) == before
+
+
+def test_embedded_shards_check_both_splits_before_writing_either(tmp_path):
+    shard_folder(tmp_path / "data" / "train")
+    (tmp_path / "data" / "val").mkdir()
+    (tmp_path / "data" / "val" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"notes\.txt"):
+        write_embedded_shards(tmp_path / "data", samples_per_shard=1000, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", ["timm", "state_dict"])
+@pytest.mark.parametrize("end", ["from", "to"], ids=["moving the old aside fails", "moving the new in fails"])
+def test_a_failed_replacement_leaves_the_old_export_whole(tmp_path, run, monkeypatch, fmt, end):
+    name = "export" if fmt == "timm" else "encoder.safetensors"
+    out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / name, fmt=fmt)
+    before = snapshot(tmp_path)
+    fail_first_move(monkeypatch, out, end)
+    with pytest.raises(UserError, match="Permission denied"):
+        export_encoder(run / "checkpoints/epoch=0000.ckpt", out, fmt=fmt, overwrite=True)
+    assert snapshot(tmp_path) == before  # the old export, and no temporary folder beside it
+
+
+def test_overwrite_replaces_an_export_with_a_new_one(tmp_path, run):
+    out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "export")
+    export_encoder(run / "checkpoints/epoch=0000.ckpt", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["ssl_vit"]["checkpoint"].endswith("epoch=0000.ckpt")
+    assert out.stat().st_mode & 0o055 == 0o055  # readable by others, like any folder the user makes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]  # nothing left beside it
+    state_dict = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "encoder.safetensors", fmt="state_dict")
+    export_encoder(run / "checkpoints/epoch=0000.ckpt", state_dict, fmt="state_dict", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.safetensors", "export", "run"]
+
+
+def test_overwrite_replaces_existing_shards(tmp_path):
+    out = shard_folder(tmp_path / "shards", seed=0)
+    shard_folder(out, seed=1)
+    assert json.loads((out / "dataset.json").read_text())["source"] == "test 1"
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "shard-000000.tar", "shard-000001.tar"]
+    assert [p.name for p in tmp_path.iterdir()] == ["shards"]

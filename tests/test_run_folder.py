@@ -1,0 +1,133 @@
+"""A run's own checkpoints: written with their SHA-256 and verified before a resume, found in
+folders whose names hold glob characters, never another run's, and dead writers' leftovers
+removed. The end-to-end cases (a used run folder, a moved one, another run's checkpoints, a
+checkpoint with a hole) are in ``tests/fault_injection.py``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_vit.checkpoint import (
+    RUN_KEY,
+    AtomicCheckpointIO,
+    checksum_path,
+    file_sha256,
+    newest_complete_checkpoint,
+    remove_dead_writers_files,
+    resume_mismatch,
+)
+from ssl_vit.errors import UserError
+from ssl_vit.export import encoder_state_dict
+
+ENCODER = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 1}
+
+
+def save(folder: Path, name: str, step: int) -> Path:
+    path = folder / name
+    checkpoint = {"global_step": step, "state_dict": {"w": torch.randn(64, 1024)}}
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    return path
+
+
+def test_checkpoints_carry_a_sha256_that_sha256sum_reads(tmp_path):
+    path = save(tmp_path, "last.ckpt", 1)
+    assert checksum_path(path).read_text() == f"{file_sha256(path)}  last.ckpt\n"
+    check = subprocess.run(["sha256sum", "-c", "last.ckpt.sha256"], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_checkpoint_with_a_zeroed_hole_is_passed_over(tmp_path):
+    older = save(tmp_path, "epoch=0000-step=1.ckpt", 1)
+    newer = save(tmp_path, "last.ckpt", 2)
+    os.utime(older, (1, 1))
+    data = bytearray(newer.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # the archive's index, at its end, is intact
+    newer.write_bytes(bytes(data))
+    torch.load(newer, weights_only=True, mmap=True)  # what the old check read: it passes
+    with pytest.warns(UserWarning, match="last.ckpt: its content does not match last.ckpt.sha256"):
+        assert newest_complete_checkpoint((tmp_path, "*.ckpt")) == older
+
+
+def test_glob_characters_in_a_run_folder_are_taken_literally(tmp_path):
+    folder = tmp_path / "exp[1]"
+    folder.mkdir()
+    path = save(folder, "last.ckpt", 1)
+    assert newest_complete_checkpoint((folder, "*.ckpt")) == path
+
+
+def test_only_dead_writers_temporary_files_on_this_host_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(dead.stdout), socket.gethostname().replace(".", "_")
+    files = {
+        "dead writer": f".last.ckpt.{host}-{dead_pid}.tmp",
+        "dead writer, named before hosts were": f".last.ckpt.{dead_pid}.tmp",
+        "live writer": f".last.ckpt.{host}-{os.getpid()}.tmp",
+        "another host's writer": f".last.ckpt.otherhost-{dead_pid}.tmp",
+        "not ours": ".notes.tmp",
+    }
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"x")
+    removed = {path.name for path in remove_dead_writers_files(tmp_path)}
+    assert removed == {files["dead writer"], files["dead writer, named before hosts were"]}
+    assert {p.name for p in tmp_path.iterdir()} == set(files.values()) - removed
+
+
+def checkpoint_of(folder: Path) -> dict:
+    return {
+        "hyper_parameters": {"encoder": ENCODER, "init_from": None},
+        "datamodule_hyper_parameters": {"train_shards": "data/shapes/train"},
+        "ssl_vit": {"objective": "MAE"},
+        RUN_KEY: {"folder": str(folder.resolve())},
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({}, None),
+        ({"objective": "DINO"}, "its objective is 'MAE', this run's 'DINO'"),
+        ({"encoder": {**ENCODER, "depth": 2}}, "its encoder differs in depth (1 there, 2 here)"),
+        ({"train_shards": "shards/mine"}, "its train_shards is 'data/shapes/train', this run's 'shards/mine'"),
+        ({"init_from": "export/mae"}, "its init_from is None, this run's 'export/mae'"),
+        ({"folder": "elsewhere"}, "it was written by the run in"),
+    ],
+)
+def test_a_resume_names_what_differs_from_the_run(tmp_path, change, expected):
+    run_folder = tmp_path / "run"
+    path = run_folder / "checkpoints/last.ckpt"
+    run = {"objective": "MAE", "encoder": ENCODER, "train_shards": "data/shapes/train", "init_from": None}
+    run["folder"] = run_folder
+    for key, value in change.items():
+        run[key] = tmp_path / value if key == "folder" else value
+    problem = resume_mismatch(path, checkpoint_of(run_folder), run)
+    assert problem == expected if expected is None else expected in problem
+
+
+def test_a_moved_run_folder_still_resumes_its_own_checkpoints(tmp_path):
+    moved = tmp_path / "moved"
+    ckpt = checkpoint_of(tmp_path / "original")
+    run = {"objective": "MAE", "encoder": ENCODER, "folder": moved}
+    assert resume_mismatch(moved / "checkpoints/last.ckpt", ckpt, run) is None
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_pickled_weights_are_named_in_one_line_without_suggesting_unsafe_loading(tmp_path):
+    path = tmp_path / "weights.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"w": _RunsCode()}, f)
+    for load in (lambda: encoder_state_dict(path, None), lambda: AtomicCheckpointIO().load_checkpoint(path)):
+        with pytest.raises(UserError, match="holds pickled Python objects") as err:
+            load()
+        assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
