@@ -239,6 +239,13 @@ class RunCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_KEY] = {"folder": str(Path(trainer.default_root_dir).resolve())}
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning saves last.ckpt at the end only if it never saved one, so a run checkpointing
+        # every N steps would end with a last.ckpt older than its final weights, and the export and
+        # summary would report that older state.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or self.dirpath is None:
             return

@@ -72,7 +72,8 @@ class LabelledShardDataModule(ShardDataModule):
         return index.classes if index and index.classes else None
 
     def check_labels(self, num_classes: int) -> None:
-        """Before any work: both splits labelled, with no more classes than the model has."""
+        """Before any work: both splits labelled, with exactly the classes the model has (a head
+        with more outputs than the shards have classes trains and scores outputs no label names)."""
         for split, shards in (("train_shards", self.train_shards), ("val_shards", self.val_shards)):
             _, index = resolve_shards(shards)
             if index is not None and not index.classes:
@@ -81,7 +82,7 @@ class LabelledShardDataModule(ShardDataModule):
                     "sub-folders); fine-tuning needs labelled shards: `ssl-vit shards imagefolder` from one "
                     "sub-folder per class"
                 )
-            if index is not None and len(index.classes) > num_classes:
+            if index is not None and len(index.classes) != num_classes:
                 raise UserError(
                     f"data.{split} {shards!r} has {len(index.classes)} classes but model.num_classes is "
                     f"{num_classes}; set model.num_classes to {len(index.classes)}"
@@ -91,7 +92,14 @@ class LabelledShardDataModule(ShardDataModule):
         urls, _ = resolve_shards(self.val_shards)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         size = self.view.size
-        dataset = ShardDataset(urls, EvalView(size), shuffle_shards=False, rank=rank, world_size=world)
+        dataset = ShardDataset(
+            urls,
+            EvalView(size),
+            shuffle_shards=False,
+            rank=rank,
+            world_size=world,
+            max_image_pixels=self.max_image_pixels,
+        )
         workers = min(self.num_workers, max(1, len(urls) // world))
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers)
 

@@ -131,3 +131,19 @@ def test_pickled_weights_are_named_in_one_line_without_suggesting_unsafe_loading
         with pytest.raises(UserError, match="holds pickled Python objects") as err:
             load()
         assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_last_checkpoint_holds_the_final_step_when_checkpoints_are_every_n_steps(tmp_path):
+    import lightning as L
+
+    from ssl_vit.checkpoint import RunCheckpoint
+
+    from .conftest import OBJECTIVES, _RandomViews
+
+    factory, view = OBJECTIVES["mae"]
+    checkpoints = RunCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_last=True, save_top_k=-1)
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, callbacks=[checkpoints], enable_progress_bar=False
+    )
+    trainer.fit(factory(), torch.utils.data.DataLoader(_RandomViews(view), batch_size=2))
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -6,11 +6,19 @@ is a permutation keyed on (seed, epoch), identical on every rank. Only image, ``
 members are ever read, and none is unpickled. Images in any mode (CMYK, palette, 16-bit, alpha)
 become RGB; a sample that does not decode is skipped and counted, not a crash, and each epoch's
 count is logged. When more than ``max_skip_fraction`` of what was read is broken, the run stops
-with a message instead of training on the remnant.
+with a message instead of training on the remnant. An image declaring more than
+``max_image_pixels`` is skipped the same way, from its header, before it is decoded.
+
+The training loader resumes exactly, mid-epoch included: its state in a checkpoint is the epoch
+and the number of batches it had yielded, and every augmentation a worker draws is seeded by its
+reader and batch position, so the rest of the epoch is the uninterrupted run's, bit for bit (see
+``EpochLoader``).
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
 import itertools
 import logging
@@ -42,14 +50,24 @@ View = Callable[[Image.Image], Any]
 SKIPS_LOGGED_PER_READER = 5
 #: The skip fraction is judged only once this many samples were skipped (one bad file is not "mostly broken").
 MIN_SKIPS_TO_JUDGE = 10
+#: Images declaring more pixels are skipped before decoding, for pretraining and evaluation alike:
+#: above a 61-megapixel full-frame camera photo (9504 x 6336), below PIL's own decompression-bomb
+#: warning (89 megapixels), and at most 192 MB of RGB per image in each loader worker.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 class CorruptSample(Exception):
     """A shard member that cannot be decoded into an image (and label)."""
 
 
-def decode_sample(sample: dict[str, Any], min_side: int | None = None) -> tuple[Image.Image, int]:
+def decode_sample(
+    sample: dict[str, Any], min_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[Image.Image, int]:
     """An RGB image and its integer class (``NO_LABEL`` when the sample has no ``cls``).
+
+    An image whose header declares more than ``max_pixels`` is not decoded (a 12000 x 12000 PNG
+    takes hundreds of megabytes however small its file); it is a ``CorruptSample``. (PIL refuses
+    images above its own limit, twice its ``MAX_IMAGE_PIXELS``, whatever ``max_pixels`` says.)
 
     With ``min_side``, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale whose short
     side is still at least ``min_side`` (libjpeg's scaled IDCT, PIL's draft mode): a 4000 x 3000
@@ -59,10 +77,18 @@ def decode_sample(sample: dict[str, Any], min_side: int | None = None) -> tuple[
     if ext is None:
         raise CorruptSample(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
     try:
-        with Image.open(io.BytesIO(sample[ext])) as img:
+        with Image.open(io.BytesIO(sample[ext])) as img:  # reads the header only
+            width, height = img.size
+            if width * height > max_pixels:
+                raise CorruptSample(
+                    f"{ext} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than "
+                    f"max_image_pixels = {max_pixels} (data.max_image_pixels in a recipe)"
+                )
             if min_side:
                 img.draft("RGB", (min_side, min_side))  # a no-op for formats other than JPEG
             image = to_rgb(img)
+    except CorruptSample:
+        raise
     except Exception as err:
         raise CorruptSample(f"undecodable {ext}: {err}") from err
     if "cls" not in sample:
@@ -82,13 +108,13 @@ def decode_mask(sample: dict[str, Any], size: tuple[int, int]) -> tv_tensors.Mas
         with Image.open(io.BytesIO(sample[MASK_MEMBER])) as img:
             if img.mode not in ("L", "P"):
                 raise CorruptSample(f"{MASK_MEMBER} is {img.mode}, not an 8-bit map of class indices (L or P)")
+            if img.size != size:  # from the header: a map larger than its (size-capped) image is never decoded
+                raise CorruptSample(f"{MASK_MEMBER} is {img.width}x{img.height}, the image {size[0]}x{size[1]}")
             labels = torch.from_numpy(np.asarray(img, dtype=np.int64).copy())
     except CorruptSample:
         raise
     except Exception as err:
         raise CorruptSample(f"undecodable {MASK_MEMBER}: {err}") from err
-    if labels.shape != (size[1], size[0]):
-        raise CorruptSample(f"{MASK_MEMBER} is {labels.shape[1]}x{labels.shape[0]}, the image {size[0]}x{size[1]}")
     labels[labels == 255] = IGNORE_PIXEL
     return tv_tensors.Mask(labels)
 
@@ -112,12 +138,22 @@ class ShardDataset(IterableDataset):
     :func:`decode_mask`).
 
     Images are decoded at reduced size when the view says how many pixels it needs (its
-    ``decode_side``; see ``decode_sample``).
+    ``decode_side``; see ``decode_sample``), and not at all when they declare more than
+    ``max_image_pixels``.
 
     With ``batches_per_epoch`` set, each rank yields exactly that many batches of ``batch_size``
     per epoch (its readers cycle over their shards as needed), so every rank steps the same number
     of times and no collective hangs at the end of an epoch. Without it, each shard is read once
     (evaluation).
+
+    Each DataLoader worker plays one reader *role*: the shards, shuffle and share of the epoch's
+    batches of one of the epoch's ``num_workers`` readers. The loader takes batches from workers
+    0, 1, ... in turn, so batch ``j`` of an epoch is role ``j % num_workers``'s. An epoch started
+    at batch ``start_batch`` (a resume) rotates the roles, so that worker 0 plays the role whose
+    batch comes next, and each role first reads (and decodes, so skips are counted as before) the
+    samples of the batches it had already made, without running the view on them. In a worker,
+    the torch, Python and NumPy generators the view draws from are seeded at each batch from
+    (seed, epoch, rank, role, batch), so a role's batches are the same however it got there.
     """
 
     def __init__(
@@ -132,11 +168,13 @@ class ShardDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         masks: bool = False,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
         self.view = view
         self.masks = masks
+        self.max_image_pixels = max_image_pixels
         # A label map is decoded at full size, so its image must be too.
         self.decode_side: int | None = None if masks else getattr(view, "decode_side", None)
         self.batch_size = batch_size
@@ -147,6 +185,7 @@ class ShardDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.start_batch = 0  # the epoch's first batch: > 0 when a run resumes mid-epoch
         # Shared with the workers, which count what they read and skip; reset at each epoch's start.
         self.read = mp.Value("l", 0)
         self.skipped = mp.Value("l", 0)
@@ -159,25 +198,34 @@ class ShardDataset(IterableDataset):
             raise TypeError("a single-pass ShardDataset has no length")
         return self.batches_per_epoch * self.batch_size
 
-    def reader_shards(self, worker: int, num_workers: int) -> list[str]:
-        """The shards one (rank, worker) reader owns this epoch: disjoint from every other reader's."""
+    def reader_shards(self, role: int, num_workers: int) -> list[str]:
+        """The shards one (rank, role) reader owns this epoch: disjoint from every other reader's."""
         shards = list(self.urls)
         if self.shuffle_shards:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
-        return shards[self.rank * num_workers + worker :: self.world_size * num_workers]
+        return shards[self.rank * num_workers + role :: self.world_size * num_workers]
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
-        shards = self.reader_shards(worker, num_workers)
+        role = (worker + self.start_batch) % num_workers
+        reader = f"{self.seed}:{self.epoch}:{self.rank}:{role}"
+        shards = self.reader_shards(role, num_workers)
         samples = self._cycle(shards, reader) if self.batches_per_epoch is not None else self._read(shards)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(reader))(samples)
-        if self.batches_per_epoch is not None:  # this worker's exact share of the epoch's batches
-            n = self.batches_per_epoch
-            samples = itertools.islice(samples, (n // num_workers + (worker < n % num_workers)) * self.batch_size)
-        for image, target in samples:
+        batches_made = 0
+        if self.batches_per_epoch is not None:  # this role's exact share of the epoch's batches
+            share = role_batches(self.batches_per_epoch, role, num_workers)
+            samples = itertools.islice(samples, share * self.batch_size)
+            batches_made = role_batches(self.start_batch, role, num_workers)
+            # Past the samples of the batches this role made before a resume: read and decoded, not viewed.
+            collections.deque(itertools.islice(samples, batches_made * self.batch_size), maxlen=0)
+        for i, (image, target) in enumerate(samples):
+            # Only in a worker: in the training process the view draws from the run's generators,
+            # which checkpoints save and restore.
+            if info is not None and i % self.batch_size == 0:
+                seed_generators(f"{reader}:{batches_made + i // self.batch_size}")
             yield self.view(image, target) if self.masks else (self.view(image), target)
 
     def _cycle(self, shards: list[str], reader: str) -> Iterator[tuple[Image.Image, int]]:
@@ -199,7 +247,7 @@ class ShardDataset(IterableDataset):
                 with self.read.get_lock():
                     self.read.value += 1
                 try:
-                    image, label = decode_sample(sample, self.decode_side)
+                    image, label = decode_sample(sample, self.decode_side, self.max_image_pixels)
                     yield (image, decode_mask(sample, image.size)) if self.masks else (image, label)
                 except CorruptSample as err:
                     self._count_skip(f"sample {sample.get('__key__')} of {url}: {err}")
@@ -229,8 +277,11 @@ class ShardDataset(IterableDataset):
             log.warning("ignoring .%s members (first: %s): ssl-vit reads only images, cls and json", ext, name)
         return False
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Read ``epoch`` from its batch ``start_batch`` on; the counts start again from zero
+        (the samples of the batches before ``start_batch`` are read again, and counted)."""
         self.epoch = epoch
+        self.start_batch = start_batch
         self.read.value = self.skipped.value = 0
 
     def check_skips(self, max_fraction: float) -> None:
@@ -249,25 +300,84 @@ class ShardDataset(IterableDataset):
         report("epoch %d: read %d samples, skipped %d unreadable", self.epoch, read, skipped)
 
 
+def role_batches(batches: int, role: int, num_workers: int) -> int:
+    """How many of an epoch's first ``batches`` batches reader ``role`` makes (they are dealt
+    round-robin)."""
+    return batches // num_workers + (role < batches % num_workers)
+
+
+def seed_generators(key: str) -> None:
+    """Seed this process's torch, Python and NumPy generators from ``key``."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 class EpochLoader(DataLoader):
     """A DataLoader that tells its ShardDataset the epoch before the workers start, so shard order
     is keyed on (seed, epoch) and a resumed run reads the same order (Lightning only calls
-    ``set_epoch`` on samplers, which iterable datasets do not have)."""
+    ``set_epoch`` on samplers, which iterable datasets do not have), and that resumes mid-epoch.
+
+    Its state (``state_dict``, which Lightning saves in every checkpoint and hands back to
+    ``load_state_dict`` when a run resumes mid-epoch) is the epoch and how many of its batches
+    were yielded, plus the settings that lay batches out over workers and ranks. All ranks yield
+    the same number of batches, so rank 0's state, the one a checkpoint holds, is every rank's.
+    """
 
     def __init__(
         self, dataset: ShardDataset, current_epoch: Callable[[], int], max_skip_fraction: float = 0.1, **kwargs: Any
     ) -> None:
+        # Workers seed their generators themselves (ShardDataset); a generator of the loader's own
+        # keeps each new iterator from drawing its base seed from the training process's RNG,
+        # which a resumed run would otherwise draw at another point than the uninterrupted one.
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, **kwargs)
         self.current_epoch = current_epoch
         self.max_skip_fraction = max_skip_fraction
+        self.epoch = 0
+        self.batches_yielded = 0  # of this epoch
+        self._resume_state: dict[str, int] | None = None
 
-    def __iter__(self):
-        self.dataset.start_epoch(self.current_epoch())
-        for i, batch in enumerate(super().__iter__(), start=1):
+    def __iter__(self) -> Iterator[Any]:
+        self.epoch = self.current_epoch()
+        self.batches_yielded = self._first_batch()
+        self.dataset.start_epoch(self.epoch, self.batches_yielded)
+        for batch in super().__iter__():
+            self.batches_yielded += 1
             self.dataset.check_skips(self.max_skip_fraction)
-            if i == len(self):  # Lightning stops at the epoch's length without exhausting the loader
+            if self.batches_yielded == len(self):  # Lightning stops at the length without exhausting the loader
                 self.dataset.log_epoch_summary()
             yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches_yielded, **self._layout()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_state = dict(state_dict)
+
+    def _first_batch(self) -> int:
+        """Where this epoch starts: where a loaded state stopped in it, else at its beginning."""
+        state, self._resume_state = self._resume_state, None
+        # A state saved after an epoch's last batch resumes at the next epoch's first.
+        if state is None or state["epoch"] != self.epoch:
+            return 0
+        saved = {key: state.get(key) for key in self._layout()}
+        if saved != self._layout():
+            log.warning(
+                "the checkpoint stopped after batch %d of epoch %d with %s, this run has %s: batches would not "
+                "line up, so epoch %d is read again from the epoch's first batch",
+                state["batches"],
+                self.epoch,
+                saved,
+                self._layout(),
+                self.epoch,
+            )
+            return 0
+        return state["batches"]
+
+    def _layout(self) -> dict[str, int]:
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers, "world_size": self.dataset.world_size}
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -284,6 +394,8 @@ class ShardDataModule(L.LightningDataModule):
         seed: keys shard order and shuffling.
         max_skip_fraction: stop the run when more than this fraction of the samples read in an
             epoch are unreadable (corrupt images, broken shards).
+        max_image_pixels: skip (and count as unreadable) images whose header declares more
+            pixels, without decoding them; the default, ``MAX_IMAGE_PIXELS``, is 64 megapixels.
         generate_embedded: if ``train_shards`` is a missing folder, write an embedded dataset's
             ``train`` and ``val`` splits into its parent folder first: ``true`` or ``shapes``
             for the default, ``glyphs`` for the second one.
@@ -299,6 +411,7 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         seed: int = 0,
         max_skip_fraction: float = 0.1,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
         generate_embedded: bool | str = False,
     ) -> None:
         super().__init__()
@@ -311,6 +424,7 @@ class ShardDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.max_skip_fraction = max_skip_fraction
+        self.max_image_pixels = max_image_pixels
         self.generate_embedded = generate_embedded
         self.train_set: ShardDataset | None = None
 
@@ -332,6 +446,8 @@ class ShardDataModule(L.LightningDataModule):
         the CLI calls it before any process is launched, ``setup`` again on every rank."""
         if self.batch_size < 1:
             raise UserError(f"data.batch_size is {self.batch_size}; it is the batch per device and must be at least 1")
+        if self.num_workers < 0:
+            raise UserError(f"data.num_workers is {self.num_workers}; use 0 (load in the training process) or more")
         if self.generate_embedded and not Path(self.train_shards).exists():
             return  # prepare_data writes them; setup checks again
         urls, _ = resolve_shards(self.train_shards)
@@ -364,6 +480,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world,
+            max_image_pixels=self.max_image_pixels,
         )
 
     def train_dataloader(self) -> DataLoader:
