@@ -19,6 +19,7 @@ starts afresh.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import re
@@ -43,7 +44,6 @@ from ssl_vit.checkpoint import (
     RunCheckpoint,
     checkpoint_problem,
     checkpoints_in,
-    load_checkpoint_encoder,
     newest_complete_checkpoint,
     read_checkpoint,
     remove_dead_writers_files,
@@ -55,21 +55,23 @@ from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, wri
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
-from ssl_vit.eval.report import print_results, write_records
+from ssl_vit.eval.encoders import load_evaluated_encoder, standalone_record_stem
+from ssl_vit.eval.report import print_results, settings_tag, write_records
 from ssl_vit.export import export_encoder
 from ssl_vit.finetune import FineTune, LabelledShardDataModule, export_classifier
 from ssl_vit.guards import NonFiniteGuard
 from ssl_vit.health import HealthCallback
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.pictures import PicturesCallback
-from ssl_vit.progress import ImagesPerSecondBar, print_run_summary, run_summary
+from ssl_vit.progress import ImagesPerSecondBar, ModuleTable, print_run_summary, run_summary
 
 COMMANDS = {
     "pretrain": "pretrain an encoder from a YAML recipe (Lightning CLI: --config, overrides, --ckpt_path)",
     "finetune": "fine-tune an encoder end to end on labelled shards (MAE's recipe; writes a timm classifier folder)",
-    "knn": "k-NN accuracy of a checkpoint's frozen encoder on labelled shards (DINO's protocol)",
-    "probe": "linear (MAE's protocol) or attentive (V-JEPA's) probe accuracy of a checkpoint's frozen encoder",
-    "segprobe": "dense linear-probe mIoU of a checkpoint's frozen patch tokens on shards with label maps (DINOv2's)",
+    "knn": "k-NN accuracy of a frozen encoder (checkpoint, export, timm model) on labelled shards (DINO's protocol)",
+    "probe": "linear (MAE's protocol) or attentive (V-JEPA's) probe accuracy of a frozen encoder (checkpoint, export, "
+    "timm model)",
+    "segprobe": "dense linear-probe mIoU of a frozen encoder's patch tokens on shards with label maps (DINOv2's)",
     "export": "write a checkpoint's encoder as a timm model folder (config.json + model.safetensors)",
     "shards": "write WebDataset tar shards from an ImageFolder tree or the embedded dataset",
     "recipes": "list the shipped recipes, one line each",
@@ -113,9 +115,15 @@ class RunCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = self.config_init[self.subcommand]["trainer"]
         precision = default_precision(trainer.get("accelerator", "auto"), trainer.get("precision"))
+        if trainer.get("default_root_dir") is None:  # Lightning's default, the current folder, mixes runs
+            kwargs["default_root_dir"] = default_run_folder(self.datamodule.train_shards, self.run_name())
         trainer = super().instantiate_trainer(**kwargs, precision=precision)
         self.datamodule.check_launch(trainer.world_size)  # before DDP launches a process per device
         return trainer
+
+    def run_name(self) -> str:
+        """The run's name within its data's runs folder: the objective's."""
+        return type(self.model).__name__.lower()
 
     def before_fit(self) -> None:
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -223,6 +231,9 @@ class FineTuneCLI(RunCLI):
         self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
         return super().instantiate_trainer(**kwargs)
 
+    def run_name(self) -> str:
+        return "finetune" if self.model.hparams.pretrained else "finetune-random-init"
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero or trainer.interrupted:
@@ -248,6 +259,15 @@ class FineTuneCLI(RunCLI):
         }
         (Path(trainer.default_root_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         print_run_summary(summary)
+
+
+def default_run_folder(train_shards: str, name: str) -> str:
+    """``runs/<data>/<name>``, where ``<data>`` names the training data: its folder, or the folder
+    above one named ``train`` (``data/shapes/train`` -> ``runs/shapes/mae``)."""
+    path = Path(train_shards.split("#")[0].rstrip("/"))
+    folder = path.parent if path.name == "train" or "{" in path.name or path.suffix == ".tar" else path
+    data = re.sub(r"[^\w.-]+", "-", folder.name).strip("-.") or "data"
+    return str(Path("runs") / data / name)
 
 
 def own_newest_checkpoint(callback: RunCheckpoint) -> Path | None:
@@ -298,9 +318,15 @@ def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataM
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning internals
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0"
-    # Lightning's advertisement for a cloud product, printed by every Trainer without its logger.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    # Lightning's advertisement for a cloud product, printed by every Trainer without its logger, and
+    # its note that ModuleTable replaces its own summary.
+    noise = ("litlogger", "Skipping setting a default `ModelSummary`")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not any(text in record.getMessage() for text in noise)
+    )
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # resuming
+    # A run shorter than its logging interval still logs (the progress bar and the end-of-run table).
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
     command = "pretrain" if cli is PretrainCLI else "finetune"
     # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
     # "--weights_only" first so that a user's own value, later on the line, wins.
@@ -310,12 +336,62 @@ def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataM
         subclass_mode_model=model is SSLMethod,
         args=["fit", "--weights_only=true", *args],
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [ModuleTable()]},
         # No abbreviations: "--trainer.max_epoch 2" is a typo to report, not max_epochs.
         parser_kwargs={
             "exit_on_error": False,
             "allow_abbrev": False,
             "fit": {"prog": f"ssl-vit {command}", "exit_on_error": False, "allow_abbrev": False},
         },
+    )
+
+
+#: The options most runs set, for ``ssl-vit pretrain|finetune --help``; ``--help-all`` lists every key.
+TRAINING_OPTIONS = {
+    "pretrain": [
+        ("--config RECIPE", "a YAML recipe (`ssl-vit recipes` lists the shipped ones); every key below overrides it"),
+        ("--trainer.default_root_dir DIR", "the run folder: checkpoints, export, pictures, logs and summary"),
+        ("--data.train_shards SHARDS", "a shard folder (`ssl-vit shards`), a brace pattern or pipe:/remote URLs"),
+        ("--data.batch_size N", "images per device and step"),
+        ("--data.num_workers N", "loader processes per device"),
+        ("--trainer.max_epochs N", "length of the run"),
+        ("--trainer.devices N", "devices (GPUs) per node; --trainer.num_nodes for several nodes"),
+        ("--model.init_args.base_lr LR", "base learning rate (lr = base_lr x global batch / the objective's divisor)"),
+        ("--model.init_args.init_from PATH", "start the encoder from an export folder, timm weights or a checkpoint"),
+        ("--ckpt_path PATH", "resume from this checkpoint instead of the run's newest"),
+        ("--auto_resume false", "refuse to start in a run folder that holds checkpoints instead of resuming"),
+        ("--export false", "skip the end-of-run export to <run folder>/export"),
+        ("--compile true", "torch.compile the transformer blocks"),
+    ],
+    "finetune": [
+        ("--config RECIPE", "a YAML recipe (recipes/quickstart/finetune.yaml); every key below overrides it"),
+        ("--model.init_from PATH", "the weights to fine-tune: an export folder or an ssl-vit checkpoint"),
+        ("--model.num_classes N", "classes of the labelled shards"),
+        ("--model.pretrained false", "the same architecture at random initialisation (a baseline)"),
+        ("--data.train_shards SHARDS", "labelled shards to train on"),
+        ("--data.val_shards SHARDS", "labelled shards to report accuracy on"),
+        ("--trainer.default_root_dir DIR", "the run folder: checkpoints, export, logs and summary"),
+        ("--trainer.max_epochs N", "length of the run"),
+        ("--ckpt_path PATH", "resume from this checkpoint instead of the run's newest"),
+    ],
+}
+
+
+def training_help(command: str) -> str:
+    width = max(len(option) for option, _ in TRAINING_OPTIONS[command])
+    lines = [f"  {option:<{width}}  {what}" for option, what in TRAINING_OPTIONS[command]]
+    return "\n".join(
+        [
+            f"usage: ssl-vit {command} --config RECIPE [--KEY VALUE ...]",
+            "",
+            COMMANDS[command],
+            "",
+            "common options:",
+            *lines,
+            "",
+            f"Every key of a recipe can be set the same way: `ssl-vit {command} --config RECIPE --print_config`",
+            f"prints them all with their values; `ssl-vit {command} --help-all` describes every one.",
+        ]
     )
 
 
@@ -328,14 +404,34 @@ def finetune(args: list[str]) -> None:
 
 
 def evaluate(command: str, args: list[str]) -> None:
-    """``ssl-vit knn`` / ``probe`` / ``segprobe``: print a table and write ``<checkpoint stem>.<kind>.json``."""
+    """``ssl-vit knn`` / ``probe`` / ``segprobe``: print a table and write the records, under names
+    of their own (``<stem>.<kind>.eval-<settings hash>.json``), never the run's own ones."""
     parser = jsonargparse.ArgumentParser(prog=f"ssl-vit {command}", description=COMMANDS[command], exit_on_error=False)
-    parser.add_argument("checkpoint", help="a .ckpt written by `ssl-vit pretrain`")
+    parser.add_argument(
+        "encoder",
+        help="a .ckpt written by `ssl-vit pretrain`, a folder written by `ssl-vit export` (or any timm local-dir "
+        "folder with model.safetensors), or timm:NAME",
+    )
+    parser.add_argument(
+        "--weights",
+        type=str | None,
+        default=None,
+        help="default: the encoder's own (for timm:NAME, timm's released weights, from its cache); random: its "
+        "architecture at random initialisation (seeded by --seed); or a weights file or export folder to load",
+    )
+    parser.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="folder for the records; default: beside the checkpoint or export folder, the current folder for "
+        "timm:NAME",
+    )
     parser.add_class_arguments(Evaluator)
     cfg = parser.parse_args(args).as_dict()
-    checkpoint = cfg.pop("checkpoint")
+    source, weights, out = cfg.pop("encoder"), cfg.pop("weights"), cfg.pop("out")
     evaluator = Evaluator(**cfg)
-    encoder, info = load_checkpoint_encoder(checkpoint)
+    torch.manual_seed(evaluator.seed)  # --weights random: the same initialisation every time
+    encoder, info = load_evaluated_encoder(source, weights)
     if torch.cuda.is_available():
         encoder = encoder.cuda()
     start = time.perf_counter()
@@ -345,10 +441,13 @@ def evaluate(command: str, args: list[str]) -> None:
         train, val = evaluator.features(encoder)
         results = {"knn": evaluator.knn(train, val)} if command == "knn" else evaluator.probes(encoder, train, val)
     seconds = time.perf_counter() - start
-    Console().print(f"{info['method']} encoder of {checkpoint} (step {info['step']})")
+    step = f" (step {info['step']})" if info["step"] is not None else ""
+    Console(soft_wrap=True).print(f"{info['method']} encoder of {source}{step}, weights: {info['weights']}")
     print_results(f"{command} evaluation", results)
-    for path in write_records(checkpoint, results, info, evaluator.settings(), seconds):
-        Console().print(f"wrote {path}")
+    settings = evaluator.settings()
+    stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings)
+    for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
+        Console(soft_wrap=True).print(f"wrote {path}")
 
 
 def recipes(args: list[str]) -> None:
@@ -456,11 +555,21 @@ def recipe_error_message(err: argparse.ArgumentError) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        print(f"ssl-vit {importlib.metadata.version('ssl-vit')}")
+        return
     if not argv or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {what}" for name, what in COMMANDS.items()]
-        print("usage: ssl-vit COMMAND ...\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        usage = "usage: ssl-vit COMMAND ... (ssl-vit COMMAND --help for its options; ssl-vit --version)"
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        unknown = "" if asked or not argv else f"ssl-vit: error: unknown command '{argv[0]}'\n"
+        print(f"{unknown}{usage}\n\ncommands:\n" + "\n".join(lines), file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     command, rest = argv[0], argv[1:]
+    if command in TRAINING_OPTIONS and any(arg in ("-h", "--help") for arg in rest):
+        print(training_help(command))
+        return
+    rest = ["--help" if arg == "--help-all" else arg for arg in rest]
     try:
         if command in ("knn", "probe", "segprobe"):
             evaluate(command, rest)

@@ -64,8 +64,7 @@ class LabelledShardDataModule(ShardDataModule):
     validation through the evaluation view (each rank its own shards)."""
 
     def __init__(self, *args: Any, val_shards: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.val_shards = val_shards
+        super().__init__(*args, val_shards=val_shards, **kwargs)
 
     def classes(self) -> list[str] | None:
         _, index = resolve_shards(self.train_shards)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich.console import Console
 from rich.table import Table
 
@@ -50,6 +51,24 @@ class ImagesPerSecondBar(RichProgressBar):
         if rate is not None:
             metrics["img/s"] = f"{rate:.0f}"
         return metrics
+
+
+class ModuleTable(RichModelSummary):
+    """The model's top-level modules with their parameter counts, at the start of a run:
+    Lightning's rich summary without its FLOPs columns, which count nothing unless a module
+    declares an example input (none of ssl-vit's do)."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int, *args, **kwargs
+    ) -> None:
+        columns = dict(summary_data)
+        table = Table("module", "type", "parameters", "mode", header_style="bold magenta")
+        for row in zip(columns["Name"], columns["Type"], columns["Params"], columns["Mode"], strict=True):
+            table.add_row(*row)
+        trainable = get_human_readable_count(int(trainable_parameters))
+        table.caption = f"{get_human_readable_count(int(total_parameters))} parameters, {trainable} trainable"
+        Console().print(table)
 
 
 def run_summary(

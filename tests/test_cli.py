@@ -80,7 +80,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     args = ["pretrain", "--config", str(RECIPE), *TINY]
     first = ssl_vit(*args, "--trainer.max_epochs=1", cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
-    ckpt_dir = workdir / "runs/quickstart/mae/checkpoints"
+    ckpt_dir = workdir / "runs/shapes/mae/checkpoints"
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # 128 samples / batch 32
 
@@ -106,13 +106,15 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     for command in ("knn", "probe", "segprobe"):
         result = ssl_vit(command, str(ckpt_dir / "last.ckpt"), *data, *protocol, cwd=workdir)
         assert result.returncode == 0, result.stderr[-3000:]
-    for kind in kinds:
-        standalone = json.loads((ckpt_dir / f"last.{kind}.json").read_text())
+    for kind in kinds:  # in files of their own: the run's records are left as they were
+        (record,) = ckpt_dir.glob(f"last.{kind}.eval-*.json")
+        standalone = json.loads(record.read_text())
+        assert json.loads((ckpt_dir / f"last.{kind}.json").read_text()) == in_run[kind]
         assert standalone["results"] == in_run[kind]["results"]
         assert standalone["protocol"] == in_run[kind]["protocol"]
 
     # The run folder, as the README documents it; TensorBoard has the scalars and the pictures.
-    run = workdir / "runs/quickstart/mae"
+    run = workdir / "runs/shapes/mae"
     assert {p.name for p in run.iterdir()} >= {"checkpoints", "export", "pictures", "lightning_logs", "summary.json"}
     drawn = {p.name.split("-step=")[0] for p in (run / "pictures").glob("*.png")}
     assert drawn == {
@@ -173,7 +175,7 @@ def test_every_shipped_recipe_parses(recipe, tmp_path):
     command = "pretrain" if pretrains else "finetune"
     result = ssl_vit(command, "--config", str(recipe), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert ("class_path: ssl_vit.methods." if pretrains else "init_from: runs/quickstart/mae/export") in result.stdout
+    assert ("class_path: ssl_vit.methods." if pretrains else "init_from: runs/shapes/mae/export") in result.stdout
 
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -224,3 +226,32 @@ def test_every_link_in_the_readme_and_docs_resolves(page):
     files = {t.split("#")[0] for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)} - {""}
     missing = sorted(f for f in files if not (page.parent / f).exists())
     assert not missing, f"{page_id(page)} links to missing files: {missing}"
+
+
+PLACEHOLDERS = {"N": "2", "LR": "0.001", "PATH": "x", "DIR": "runs/x", "SHARDS": "data/x"}
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_training_help_fits_a_screen_and_names_only_keys_the_parser_takes(command, capsys):
+    from ssl_vit.cli import TRAINING_OPTIONS, main
+
+    main([command, "--help"])
+    short = capsys.readouterr().out
+    assert len(short.splitlines()) < 30 and "--print_config" in short
+    recipe = ROOT / "recipes/quickstart" / ("finetune.yaml" if command == "finetune" else "mae.yaml")
+    options = [word for option, _ in TRAINING_OPTIONS[command][1:] for word in option.split()]  # [0] is --config
+    options = [PLACEHOLDERS.get(word, word) for word in options]
+    with pytest.raises(SystemExit) as done:  # --print_config parses the whole line, prints it and exits
+        main([command, "--config", str(recipe), *options, "--print_config"])
+    assert done.value.code == 0, capsys.readouterr().err
+
+
+def test_version_and_unknown_commands(capsys):
+    from ssl_vit.cli import main
+
+    main(["--version"])
+    assert re.fullmatch(r"ssl-vit \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+    with pytest.raises(SystemExit) as done:
+        main(["pretrian"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.startswith("ssl-vit: error: unknown command 'pretrian'\n")

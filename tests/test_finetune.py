@@ -126,3 +126,13 @@ def test_unlabelled_shards_stop_fine_tuning_with_one_line(exported, tmp_path):
     assert result.returncode == 2
     assert "has no class labels" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_a_class_count_other_than_the_shards_stops_fine_tuning_with_one_line(exported, tmp_path):
+    train, val = labelled_shards(tmp_path / "train", 32), labelled_shards(tmp_path / "val", 16)
+    for num_classes in (5, 3):  # the shards have 4: a head with more outputs than classes, or fewer
+        result = finetune(exported, train, val, tmp_path / "run", f"--model.num_classes={num_classes}")
+        assert result.returncode == 2
+        assert f"has 4 classes but model.num_classes is {num_classes}" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not list((tmp_path / "run").rglob("*.ckpt"))

@@ -36,7 +36,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import tv_tensors
 
-from ssl_vit.data.shards import IMAGE_EXTENSIONS, MASK_MEMBER, resolve_shards, write_embedded_shards
+from ssl_vit.data.shards import (
+    HELDOUT_SUFFIX,
+    IMAGE_EXTENSIONS,
+    MASK_MEMBER,
+    TRAIN_SUFFIX,
+    ImageFiles,
+    Shard,
+    SplitPart,
+    is_heldout,
+    resolve_shards,
+    write_embedded_shards,
+)
 from ssl_vit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -158,7 +169,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        urls: list[Shard],
         view: View,
         batch_size: int = 1,
         batches_per_epoch: int | None = None,
@@ -239,18 +250,36 @@ class ShardDataset(IterableDataset):
             if not got_any:
                 raise UserError(f"no readable sample in shards {shards[:3]}...; check the shards' contents")
 
-    def _read(self, shards: list[str]) -> Iterator[tuple[Image.Image, int]]:
-        members = wds.tarfile_to_samples(handler=self._on_shard_error, select_files=self._is_read_member)
-        for url in shards:
+    def _read(self, shards: list[Shard]) -> Iterator[tuple[Image.Image, int]]:
+        for shard in shards:
             self._shard_failed = False
-            for sample in members([{"url": url}]):
+            for sample in self._samples(shard):
                 with self.read.get_lock():
                     self.read.value += 1
                 try:
                     image, label = decode_sample(sample, self.decode_side, self.max_image_pixels)
                     yield (image, decode_mask(sample, image.size)) if self.masks else (image, label)
                 except CorruptSample as err:
-                    self._count_skip(f"sample {sample.get('__key__')} of {url}: {err}")
+                    self._count_skip(f"sample {sample.get('__key__')} of {shard}: {err}")
+
+    def _samples(self, shard: Shard) -> Iterator[dict[str, Any]]:
+        """A shard's samples as webdataset dicts (``__key__``, image member, ``cls``...), undecoded."""
+        if isinstance(shard, SplitPart):
+            prefix = "" if isinstance(shard.shard, ImageFiles) else f"{Path(shard.shard).name}/"
+            yield from (s for s in self._samples(shard.shard) if is_heldout(prefix + s["__key__"]) == shard.heldout)
+        elif isinstance(shard, ImageFiles):
+            for path, label in shard.files:
+                sample: dict[str, Any] = {"__key__": path}
+                try:
+                    sample[Path(path).suffix.lower().lstrip(".")] = (Path(shard.root) / path).read_bytes()
+                except OSError as err:  # decode_sample counts the sample without an image as a skip
+                    log.warning("cannot read %s: %s", Path(shard.root) / path, err.strerror)
+                if label is not None:
+                    sample["cls"] = str(label).encode()
+                yield sample
+        else:
+            members = wds.tarfile_to_samples(handler=self._on_shard_error, select_files=self._is_read_member)
+            yield from members([{"url": shard}])
 
     def _on_shard_error(self, err: Exception) -> bool:
         # webdataset reports one broken tar stream at several levels: count it once per shard.
@@ -384,11 +413,16 @@ class ShardDataModule(L.LightningDataModule):
     """Pretraining data: ``train_shards`` streamed through ``view``.
 
     Args:
-        train_shards: a folder written by ``ssl-vit shards``, a brace pattern of tar files, or
-            ``pipe:``/remote URLs.
+        train_shards: a folder written by ``ssl-vit shards``, a brace pattern of tar files,
+            ``pipe:``/remote URLs, or a folder of image files (one sub-folder per class, or none
+            for unlabelled images), read directly.
         view: the objective's view transform (PIL image -> tensor or list of tensors).
+        val_shards: what evaluation, pictures and health read as held-out data (see
+            ``evaluation_data``); by default the ``val`` folder beside a ``train`` one, else the
+            held-out tenth of ``train_shards``, which training then never reads.
         batch_size: per device.
-        num_workers: loader processes per device; needs at least devices x workers shards.
+        num_workers: loader processes per device, at most the shards per device (fewer shards
+            lower it, with a warning).
         shuffle_buffer: samples held for in-stream shuffling, per worker.
         samples_per_epoch: defaults to the shard folder's ``dataset.json`` count.
         seed: keys shard order and shuffling.
@@ -396,15 +430,16 @@ class ShardDataModule(L.LightningDataModule):
             epoch are unreadable (corrupt images, broken shards).
         max_image_pixels: skip (and count as unreadable) images whose header declares more
             pixels, without decoding them; the default, ``MAX_IMAGE_PIXELS``, is 64 megapixels.
-        generate_embedded: if ``train_shards`` is a missing folder, write an embedded dataset's
-            ``train`` and ``val`` splits into its parent folder first: ``true`` or ``shapes``
-            for the default, ``glyphs`` for the second one.
+        generate_embedded: if ``train_shards`` is the missing ``train`` folder of an embedded
+            dataset (``data/shapes/train``), write its ``train`` and ``val`` splits there first:
+            ``true`` or ``shapes`` for the default, ``glyphs`` for the second one.
     """
 
     def __init__(
         self,
         train_shards: str,
         view: View,
+        val_shards: str | None = None,
         batch_size: int = 64,
         num_workers: int = 4,
         shuffle_buffer: int = 2000,
@@ -418,6 +453,7 @@ class ShardDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["view"])  # plain values only: checkpoints load weights_only
         self.train_shards = train_shards
         self.view = view
+        self.val_shards = val_shards
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -428,18 +464,19 @@ class ShardDataModule(L.LightningDataModule):
         self.generate_embedded = generate_embedded
         self.train_set: ShardDataset | None = None
 
-    def prepare_data(self) -> None:
-        train = Path(self.train_shards)
-        if not self.generate_embedded or train.exists():
-            return
-        if train.name != "train" or any(c in self.train_shards for c in "{}:*"):
-            raise UserError(
-                f"data.generate_embedded writes ROOT/train and ROOT/val, but data.train_shards is "
-                f"{self.train_shards!r}; set it to a folder named 'train', e.g. data/shapes/train"
-            )
+    def embedded_to_write(self) -> str | None:
+        """The embedded dataset ``prepare_data`` writes: ``generate_embedded``'s, when
+        ``train_shards`` is that dataset's missing ``train`` folder (``.../shapes/train``); a
+        user's mistyped path is reported missing, never filled with generated images."""
         dataset = "shapes" if self.generate_embedded is True else self.generate_embedded
-        log.warning("writing the embedded %s dataset to %s", dataset, train.parent)
-        write_embedded_shards(train.parent, dataset=dataset)
+        train = Path(self.train_shards)
+        return dataset if dataset and not train.exists() and train.parts[-2:] == (dataset, "train") else None
+
+    def prepare_data(self) -> None:
+        dataset = self.embedded_to_write()
+        if dataset:
+            log.warning("writing the embedded %s dataset to %s", dataset, Path(self.train_shards).parent)
+            write_embedded_shards(Path(self.train_shards).parent, dataset=dataset)
 
     def check_launch(self, world_size: int) -> None:
         """Fail with one message when the batch or the shards cannot feed ``world_size`` ranks;
@@ -448,21 +485,44 @@ class ShardDataModule(L.LightningDataModule):
             raise UserError(f"data.batch_size is {self.batch_size}; it is the batch per device and must be at least 1")
         if self.num_workers < 0:
             raise UserError(f"data.num_workers is {self.num_workers}; use 0 (load in the training process) or more")
-        if self.generate_embedded and not Path(self.train_shards).exists():
+        if self.embedded_to_write():
             return  # prepare_data writes them; setup checks again
-        urls, _ = resolve_shards(self.train_shards)
-        readers = world_size * max(1, self.num_workers)
-        if len(urls) < readers:
+        urls, _ = resolve_shards(self.training_shards())
+        per_device = len(urls) // world_size
+        if per_device == 0:
             raise UserError(
-                f"{len(urls)} shards cannot feed {world_size} devices x {max(1, self.num_workers)} workers without "
-                "two readers sharing a shard; write more, smaller shards (`ssl-vit shards --samples-per-shard`) "
-                "or lower data.num_workers"
+                f"{len(urls)} shards cannot feed {world_size} devices without two readers sharing a shard; write "
+                "more, smaller shards (`ssl-vit shards --samples-per-shard`)"
             )
+        if self.num_workers > per_device:
+            log.warning(
+                "data.num_workers %d -> %d: %d shards feed at most %d readers per device (write more, smaller shards "
+                "with `ssl-vit shards --samples-per-shard` to use more workers)",
+                self.num_workers,
+                per_device,
+                len(urls),
+                per_device,
+            )
+            self.num_workers = per_device
+
+    def evaluation_data(self) -> tuple[str, str]:
+        """The shards evaluation reads as (train, val): ``val_shards`` when set, else the ``val``
+        folder beside a ``train`` folder, else the two parts of ``train_shards``'s held-out split."""
+        if self.val_shards:
+            return self.train_shards, self.val_shards
+        sibling = Path(self.train_shards).parent / "val"
+        if Path(self.train_shards).name == "train" and (sibling.exists() or self.embedded_to_write()):
+            return self.train_shards, str(sibling)
+        return self.train_shards + TRAIN_SUFFIX, self.train_shards + HELDOUT_SUFFIX
+
+    def training_shards(self) -> str:
+        """What training reads: ``train_shards``, less the held-out part when evaluation reads it."""
+        return self.evaluation_data()[0]
 
     def setup(self, stage: str) -> None:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self.check_launch(world)
-        urls, index = resolve_shards(self.train_shards)
+        urls, index = resolve_shards(self.training_shards())
         total = self.samples_per_epoch or (index.num_samples if index else None)
         if total is None:
             raise UserError(f"the number of samples in {self.train_shards!r} is unknown; set data.samples_per_epoch")

@@ -7,12 +7,13 @@ class names by index, shard names, source), so a recipe can name just the folder
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import webdataset as wds
@@ -103,6 +104,26 @@ def write_shards(
     return index
 
 
+def image_files(root: Path) -> tuple[list[str], list[tuple[Path, int | None]]]:
+    """Class names and the image files (with their class index) of an ImageFolder tree, one
+    sub-folder per class; a folder without sub-folders is unlabelled (no classes, label None)."""
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = [(root / name, label) for label, name in enumerate(classes)] or [(root, None)]
+    files = [
+        (path, label)
+        for folder, label in folders
+        for path in sorted(folder.rglob("*"))
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    ]
+    if not files:
+        raise UserError(
+            f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}; expected images, or one sub-folder of them per class"
+        )
+    return classes, files
+
+
 def image_folder_samples(
     root: str | Path, seed: int = 0, masks: str | Path | None = None
 ) -> tuple[list[str], Iterator[Sample]]:
@@ -116,18 +137,7 @@ def image_folder_samples(
     that each shard mixes classes.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    folders = [(root / name, label) for label, name in enumerate(classes)] or [(root, None)]
-    files = [
-        (path, label)
-        for folder, label in folders
-        for path in sorted(folder.rglob("*"))
-        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-    ]
-    if not files:
-        raise UserError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}; expected one sub-folder per class")
+    classes, files = image_files(root)
     if masks is not None:
         masks = Path(masks)
         missing = [p for p, _ in files if not (masks / p.relative_to(root)).with_suffix(".png").is_file()]
@@ -207,17 +217,83 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def resolve_shards(spec: str) -> tuple[list[str], ShardIndex | None]:
-    """Shard URLs and the index (if one is found) for a recipe's shard specification.
+@dataclass(frozen=True)
+class ImageFiles:
+    """Image files read directly, as one "shard": a folder of images given where shards are
+    expected is read in groups of these (paths relative to ``root``, with their class or None)."""
+
+    root: str
+    files: tuple[tuple[str, int | None], ...]
+
+    def __str__(self) -> str:
+        return f"{self.root} ({self.files[0][0]}...)"
+
+
+@dataclass(frozen=True)
+class SplitPart:
+    """The samples of a shard on one side of the deterministic held-out split (see ``is_heldout``)."""
+
+    shard: str | ImageFiles
+    heldout: bool
+
+    def __str__(self) -> str:
+        return f"{self.shard} ({'held-out' if self.heldout else 'training'} part)"
+
+
+#: What a recipe's shard specification resolves to: tar shard URLs, groups of image files, or
+#: either one's part of the held-out split.
+Shard = str | ImageFiles | SplitPart
+
+#: A specification ending in ``#heldout`` names the held-out part of its samples, ``#train`` the
+#: rest: a run given one folder of images evaluates on images it never trained on.
+HELDOUT_SUFFIX, TRAIN_SUFFIX = "#heldout", "#train"
+HELDOUT_FRACTION = 0.1
+#: Image files per reader group when a folder of images is read directly: small enough that a
+#: few hundred images feed several loader workers, large enough to keep reads sequential.
+FILES_PER_GROUP = 64
+
+
+def is_heldout(key: str) -> bool:
+    """Whether the sample named ``key`` (its shard's file name and its ``__key__``, or an image's
+    path in its folder) is in the held-out part: a hash, so the split is the same in every run,
+    process and order of reading."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") < HELDOUT_FRACTION * 2**64
+
+
+def resolve_shards(spec: str) -> tuple[list[Shard], ShardIndex | None]:
+    """Shards and the index (if one is found) for a recipe's shard specification.
 
     ``spec`` is a folder written by ``ssl-vit shards``, a brace pattern of local tar files
-    (``/data/train-{000000..000127}.tar``), or remote/``pipe:`` URLs, used exactly as written
-    (``pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -``).
+    (``/data/train-{000000..000127}.tar``), remote/``pipe:`` URLs, used exactly as written
+    (``pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -``), or a folder of image files
+    (an ImageFolder tree, or unlabelled images), read directly in groups of ``FILES_PER_GROUP``.
+    Any of them ending in ``#heldout`` / ``#train`` names that part of the held-out split.
     """
+    part = next((suffix for suffix in (HELDOUT_SUFFIX, TRAIN_SUFFIX) if spec.endswith(suffix)), None)
+    base = spec.removesuffix(part) if part else spec
+    shards, index = _resolve(base)
+    if part is None:
+        return shards, index
+    heldout = part == HELDOUT_SUFFIX
+    if index is not None:
+        if all(isinstance(shard, ImageFiles) for shard in shards):
+            count = sum(is_heldout(path) == heldout for shard in shards for path, _ in shard.files)
+        else:  # the keys are in the shards: the expected share
+            count = round(index.num_samples * (HELDOUT_FRACTION if heldout else 1 - HELDOUT_FRACTION))
+        index = replace(index, num_samples=count, source=f"{index.source}, {part[1:]} part")
+    return [SplitPart(shard, heldout) for shard in shards], index
+
+
+def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
     path = Path(spec)
     if path.is_dir():
         index = ShardIndex.read(path)
         names = index.shards if index else sorted(p.name for p in path.glob("*.tar"))
+        if not names:
+            nested = sorted(d.name for d in path.iterdir() if ShardIndex.read(d) is not None)
+            if nested:
+                raise UserError(f"{spec} holds shard folders ({', '.join(nested)}), not shards; name one of them")
+            return _image_folder(path)
         urls = [str(path / name) for name in names]
     else:
         urls = list(braceexpand(spec))
@@ -236,6 +312,23 @@ def resolve_shards(spec: str) -> tuple[list[str], ShardIndex | None]:
     if index and sorted(index.shards) != sorted(Path(u).name for u in urls):
         index = None  # the pattern names a subset of the folder: its sample count is unknown
     return urls, index
+
+
+def _image_folder(root: Path) -> tuple[list[str | ImageFiles], ShardIndex]:
+    try:
+        classes, files = image_files(root)
+    except UserError:
+        raise UserError(
+            f"no shards found at {str(root)!r}, nor images: write shards there with `ssl-vit shards`, or put "
+            f"{'/'.join(IMAGE_EXTENSIONS)} images in it (one sub-folder per class, or none for unlabelled images)"
+        ) from None
+    random.Random(0).shuffle(files)  # each group mixes classes
+    relative = [(str(path.relative_to(root)), label) for path, label in files]
+    groups = [
+        ImageFiles(str(root), tuple(relative[i : i + FILES_PER_GROUP]))
+        for i in range(0, len(relative), FILES_PER_GROUP)
+    ]
+    return groups, ShardIndex(len(files), classes, [], f"image folder {root}")
 
 
 def _is_remote(url: str) -> bool:

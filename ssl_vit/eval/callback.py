@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
@@ -28,18 +29,32 @@ class EvaluationCallback(Evaluator, Callback):
     ``ssl-vit probe`` write for that checkpoint.
 
     Args:
+        train_shards, val_shards: what the evaluation reads; by default the run's own data
+            (``ShardDataModule.evaluation_data``: its ``val`` folder or held-out part). When that
+            data has no class labels, the evaluation is skipped with one line (health and
+            pictures need none), and without label maps the dense probe is.
         every_n_epochs: also run k-NN after every n-th epoch (0 = only at the end).
         at_start: evaluate the freshly initialised encoder before training (the baseline).
         probes: run the probes ``head`` names (linear, attentive) at the start and the end too
             (k-NN always runs).
-        **kwargs: the :class:`Evaluator` settings.
+        **kwargs: the other :class:`Evaluator` settings.
     """
 
-    def __init__(self, every_n_epochs: int = 0, at_start: bool = False, probes: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        every_n_epochs: int = 0,
+        at_start: bool = False,
+        probes: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(train_shards or "", val_shards or "", **kwargs)
+        self.follows_data = train_shards is None and val_shards is None
         self.every_n_epochs = every_n_epochs
         self.at_start = at_start
         self.probes_at_ends = probes
+        self.skipped: str | None = None  # why this run's data cannot be evaluated
         self.baseline: Results | None = None
         self.knn_history: list[tuple[int, float]] = []
 
@@ -52,7 +67,7 @@ class EvaluationCallback(Evaluator, Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
         results = None
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not self.skipped:
             start = time.perf_counter()
             encoder = pl_module.evaluated_encoder
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
@@ -74,7 +89,16 @@ class EvaluationCallback(Evaluator, Callback):
         save_picture(trainer, "embedding_pca", embedding_picture(val.features, val.labels, title))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.check_shards()
+        if not self.follows_data:
+            self.check_shards()  # shards the recipe names: a mistake there stops the run
+        elif not self.train_shards:
+            self.train_shards, self.val_shards = trainer.datamodule.evaluation_data()
+            self.skipped = self.unlabelled()
+            if self.skipped:
+                rank_zero_warn(f"{self.skipped}; k-NN and the probes are skipped (RankMe and pictures need no labels)")
+            elif self.segmentation and self.without_label_maps():
+                self.segmentation = False
+                rank_zero_warn(f"{self.val_shards} has no label maps (seg.png): the dense probe is skipped")
         if self.pooling.startswith("cls") and not pl_module.evaluated_encoder.has_class_token:
             raise UserError(f"trainer.callbacks EvaluationCallback pooling {self.pooling}: {NO_CLASS_TOKEN}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -16,7 +16,6 @@ from torch import Tensor
 from ssl_vit.data.pipeline import ShardDataset
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import EvalView, MAEView
-from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval.attentive import train_attentive_probe
 from ssl_vit.eval.features import (
@@ -36,6 +35,9 @@ from ssl_vit.eval.linear import (
     train_linear_probe,
 )
 from ssl_vit.eval.segmentation import check_mask_classes, segmentation_scores, train_segmentation_probe
+
+if TYPE_CHECKING:  # ssl_vit.eval.encoders loads weights through ssl_vit.export, which imports this package
+    from ssl_vit.eval.encoders import FrozenEncoder
 
 Accuracy = dict[str, float]  # {"top1": %, "top5": %}
 # {"knn": {"k=20": Accuracy, ...}, "probe": Accuracy, "attentive": Accuracy, "segmentation": {"miou", "pixel_acc"}}
@@ -137,20 +139,31 @@ class Evaluator:
     def check_shards(self) -> None:
         """Fail before any work if a split is missing or known to be unlabelled (or, for the dense
         probe, to have no label maps)."""
-        for split, shards in (("train_shards", self.train_shards), ("val_shards", self.val_shards)):
+        if self.segmentation and self.without_label_maps():
+            raise UserError(
+                f"evaluation shards {self.train_shards!r} / {self.val_shards!r} have no label maps (seg.png), "
+                "which the dense probe (segmentation: true) needs; write shards with them (`ssl-vit shards "
+                "embedded`, or `ssl-vit shards imagefolder --masks MASK_DIR`), or turn the dense probe off"
+            )
+        unlabelled = self.unlabelled()
+        if unlabelled:
+            raise UserError(
+                f"evaluation: {unlabelled}; k-NN and linear probes need labelled shards: write them with "
+                "`ssl-vit shards imagefolder` from one sub-folder per class"
+            )
+
+    def unlabelled(self) -> str | None:
+        """Why the shards cannot be evaluated with labels (``None`` when they can, or are not indexed)."""
+        for shards in (self.train_shards, self.val_shards):
             _, index = resolve_shards(shards)
-            if self.segmentation and index is not None and not index.mask_classes:
-                raise UserError(
-                    f"evaluation {split} {shards!r} has no label maps (seg.png), which the dense probe "
-                    "(segmentation: true) needs; write shards with them (`ssl-vit shards embedded`, or "
-                    "`ssl-vit shards imagefolder --masks MASK_DIR`), or turn the dense probe off"
-                )
             if index is not None and not index.classes:
-                raise UserError(
-                    f"evaluation {split} {shards!r} has no class labels (written from a folder without class "
-                    "sub-folders); k-NN and linear probes need labelled shards: write them with "
-                    "`ssl-vit shards imagefolder` from one sub-folder per class"
-                )
+                return f"{shards} has no class labels (images in one sub-folder per class)"
+        return None
+
+    def without_label_maps(self) -> bool:
+        """Whether a split is known to have no label maps (the dense probe's targets)."""
+        indexes = [resolve_shards(shards)[1] for shards in (self.train_shards, self.val_shards)]
+        return any(index is not None and not index.mask_classes for index in indexes)
 
     def num_classes(self, train: FeatureSet, val: FeatureSet) -> int:
         classes = {}
@@ -168,10 +181,10 @@ class Evaluator:
             raise UserError(f"a label is >= the number of classes ({n}); train and val labels do not match")
         return n
 
-    def _image_size(self, encoder: ViTEncoder) -> int:
+    def _image_size(self, encoder: FrozenEncoder) -> int:
         return self.image_size or encoder.vit.patch_embed.img_size[0]
 
-    def features(self, encoder: ViTEncoder) -> tuple[FeatureSet, FeatureSet]:
+    def features(self, encoder: FrozenEncoder) -> tuple[FeatureSet, FeatureSet]:
         """Train and val features (from the cache when it has them)."""
         result = []
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
@@ -212,7 +225,7 @@ class Evaluator:
         )
         return {f"k={k}": acc for k, acc in accuracies.items()}
 
-    def probe(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet) -> Accuracy:
+    def probe(self, encoder: FrozenEncoder, train: FeatureSet, val: FeatureSet) -> Accuracy:
         """The linear probe on the pooled features."""
         num_classes = self.num_classes(train, val)
         batch_size = min(self.probe_batch_size, len(train.labels))
@@ -236,7 +249,7 @@ class Evaluator:
             )
         return probe_accuracy(head, feature_chunks(val), num_classes)
 
-    def attentive_probe(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet) -> Accuracy:
+    def attentive_probe(self, encoder: FrozenEncoder, train: FeatureSet, val: FeatureSet) -> Accuracy:
         """The attentive probe on the last block's patch tokens; ``train`` and ``val`` (pooled
         features of the same shards) give the sample counts and the classes."""
         num_classes = self.num_classes(train, val)
@@ -263,19 +276,19 @@ class Evaluator:
             )
         return probe_accuracy(head, val_batches, num_classes)
 
-    def run(self, encoder: ViTEncoder, probe: bool = True) -> Results:
+    def run(self, encoder: FrozenEncoder, probe: bool = True) -> Results:
         """k-NN and, if ``probe``, the probes ``head`` names:
         ``{"knn": {"k=20": {"top1", "top5"}, ...}, "probe": {...}, "attentive": {...}}``."""
         return self.results(encoder, *self.features(encoder), probe=probe)
 
-    def results(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet, probe: bool = True) -> Results:
+    def results(self, encoder: FrozenEncoder, train: FeatureSet, val: FeatureSet, probe: bool = True) -> Results:
         """:meth:`run` on features already extracted."""
         results: Results = {"knn": self.knn(train, val)}
         if probe:
             results.update(self.probes(encoder, train, val))
         return results
 
-    def probes(self, encoder: ViTEncoder, train: FeatureSet, val: FeatureSet) -> Results:
+    def probes(self, encoder: FrozenEncoder, train: FeatureSet, val: FeatureSet) -> Results:
         """The probes ``head`` names: ``{"probe": linear accuracy, "attentive": attentive accuracy}``."""
         results: Results = {}
         if "linear" in self.head:
@@ -286,7 +299,7 @@ class Evaluator:
             results["segmentation"] = self.segmentation_probe(encoder)
         return results
 
-    def segmentation_probe(self, encoder: ViTEncoder) -> dict[str, float]:
+    def segmentation_probe(self, encoder: FrozenEncoder) -> dict[str, float]:
         """The dense linear probe: ``{"miou": %, "pixel_acc": %}`` on the val split's label maps.
         Tokens and maps are cached in memory unless the shards' index says they would not fit."""
         size = self._image_size(encoder)
@@ -332,12 +345,12 @@ class Evaluator:
             )
         return segmentation_scores(head, val_batches, num_classes)
 
-    def _tokens(self, encoder: ViTEncoder, shards: str, masks: bool = False) -> FeatureSet:
+    def _tokens(self, encoder: FrozenEncoder, shards: str, masks: bool = False) -> FeatureSet:
         """Every sample's last-block patch tokens, with its class (or, with ``masks``, its label map)."""
         view = EvalView(self._image_size(encoder))
         return extract_features(encoder, shards, view, "patches", 1, self.batch_size, self.num_workers, masks=masks)
 
-    def _tokens_fit(self, encoder: ViTEncoder, num_samples: int, map_bytes: int = 0) -> bool:
+    def _tokens_fit(self, encoder: FrozenEncoder, num_samples: int, map_bytes: int = 0) -> bool:
         """Whether ``num_samples`` samples' float32 patch tokens (and label maps of ``map_bytes``
         each) fit in ``token_cache_gib``."""
         side = self._image_size(encoder) // encoder.patch_size
@@ -346,7 +359,7 @@ class Evaluator:
 
     def _streamed_batches(
         self,
-        encoder: ViTEncoder,
+        encoder: FrozenEncoder,
         batch_size: int,
         pooling: str,
         augment: bool = False,

@@ -4,7 +4,7 @@ through the evaluation view, and a safetensors cache so several probes reuse one
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,8 +13,11 @@ from torch.utils.data import DataLoader
 
 from ssl_vit.data.pipeline import NO_LABEL, ShardDataset, View
 from ssl_vit.data.shards import resolve_shards
-from ssl_vit.encoder import NO_CLASS_TOKEN, ViTEncoder
+from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
+
+if TYPE_CHECKING:  # ssl_vit.eval.encoders loads weights through ssl_vit.export, which imports this package
+    from ssl_vit.eval.encoders import FrozenEncoder
 
 Pooling = Literal["cls", "mean", "cls+mean"]
 TokenPooling = Literal["cls", "mean", "cls+mean", "patches"]  # patches: (B, N, D), for token probes
@@ -25,7 +28,9 @@ class FeatureSet(NamedTuple):
     labels: Tensor  # (N,) int64
 
 
-def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1) -> Tensor:
+def pooled_features(
+    encoder: FrozenEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1
+) -> Tensor:
     """One vector per image: the CLS token, the mean of the patch tokens, or both concatenated;
     or, with ``pooling="patches"``, all patch tokens of the last block (B, N, D).
 
@@ -56,7 +61,9 @@ def pooled_features(encoder: ViTEncoder, images: Tensor, pooling: TokenPooling =
 
 
 @torch.no_grad()
-def frozen_features(encoder: ViTEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1) -> Tensor:
+def frozen_features(
+    encoder: FrozenEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1
+) -> Tensor:
     """Pooled float32 features of a batch through the frozen encoder, on its device (bf16
     autocast on GPU)."""
     device = next(encoder.parameters()).device
@@ -67,7 +74,7 @@ def frozen_features(encoder: ViTEncoder, images: Tensor, pooling: TokenPooling =
 
 @torch.no_grad()
 def extract_features(
-    encoder: ViTEncoder,
+    encoder: FrozenEncoder,
     shards: str,
     view: View,
     pooling: TokenPooling = "cls",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -69,10 +70,16 @@ def write_records(
     settings: dict[str, Any],
     seconds: float,
     baseline: Results | None = None,
+    stem: Path | None = None,
+    tag: str | None = None,
 ) -> list[Path]:
-    """``<checkpoint stem>.<kind>.json`` for each of ``RECORD_KINDS`` in the results: method,
-    encoder, data, protocol settings, accuracies and time, each written atomically."""
+    """``<stem>.<kind>.json`` for each of ``RECORD_KINDS`` in the results: method, encoder, data,
+    protocol settings, accuracies and time, each written atomically. ``stem`` defaults to the
+    checkpoint's path without its suffix (the run's own records, ``last.knn.json``); a ``tag``
+    gives ``<stem>.<kind>.<tag>.json``, the name a standalone evaluation writes under so that it
+    never replaces the run's records."""
     checkpoint = Path(checkpoint)
+    stem = stem or checkpoint.with_suffix("")
     written = []
     for kind in RECORD_KINDS:
         if kind not in results:
@@ -88,7 +95,7 @@ def write_records(
         }
         if baseline and kind in baseline:
             record["random_init_results"] = baseline[kind]
-        written.append(write_json(checkpoint.with_name(f"{checkpoint.stem}.{kind}.json"), record))
+        written.append(write_json(stem.with_name(".".join([stem.name, kind, *([tag] if tag else []), "json"])), record))
     return written
 
 
@@ -104,3 +111,11 @@ def write_json(path: Path, record: dict[str, Any]) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def settings_tag(source: str, weights: str | None, settings: dict[str, Any]) -> str:
+    """``eval-<8 hex>``: a hash of what decides the numbers (encoder, weights, data, protocol), so
+    the same evaluation run again replaces its own record and a different one writes beside it."""
+    decisive = {k: v for k, v in settings.items() if k not in ("cache_dir", "num_workers")}
+    text = json.dumps({"encoder": source, "weights": weights, **decisive}, sort_keys=True, default=str)
+    return f"eval-{hashlib.sha256(text.encode()).hexdigest()[:8]}"

@@ -1,0 +1,99 @@
+"""``ssl-vit knn`` / ``probe`` / ``segprobe`` on every kind of encoder they take (an ssl-vit
+checkpoint, its export folder, a timm model), as a user runs them: the same weights give the same
+numbers whatever holds them, and a standalone evaluation writes records of its own beside the
+run's, never over them."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from ssl_vit.cli import main
+from ssl_vit.export import export_encoder
+from tests.conftest import OBJECTIVES, fit_briefly
+from tests.test_segmentation import region_shards  # labelled shards with label maps: every command reads them
+
+# Few epochs and images: these tests check where numbers come from and go, not their quality.
+SETTINGS = {
+    "knn": ["--knn_ks", "[5]"],
+    "probe": ["--probe_epochs", "2", "--probe_warmup_epochs", "0"],
+    "segprobe": ["--seg_epochs", "2"],
+}
+RECORD_KIND = {"knn": "knn", "probe": "probe", "segprobe": "segmentation"}
+RUN_RECORD = json.dumps({"results": "the run's own, with its random-init baseline"})
+TIMM_NAME = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    """A briefly trained MAE run with its own evaluation records, its export, and tiny shards."""
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    factory, view = OBJECTIVES["mae"]
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    fit_briefly(factory(), view).save_checkpoint(checkpoint)
+    for kind in RECORD_KIND.values():
+        checkpoint.with_name(f"last.{kind}.json").write_text(RUN_RECORD)
+    return {
+        "checkpoint": checkpoint,
+        "export": export_encoder(checkpoint, root / "export"),
+        "train": Path(region_shards(root / "train", 32, seed=0)),
+        "val": Path(region_shards(root / "val", 16, seed=1)),
+    }
+
+
+def evaluate(capsys, command: str, encoder: str | Path, run: dict[str, Path], *options: str) -> Path:
+    """The command through the CLI's entry point; the one record it says it wrote."""
+    data = ["--train_shards", str(run["train"]), "--val_shards", str(run["val"]), "--num_workers", "0"]
+    main([command, str(encoder), *data, *SETTINGS[command], "--probe_batch_size", "16", *options])
+    written = re.findall(r"^wrote (.+)$", capsys.readouterr().out, flags=re.MULTILINE)
+    assert len(written) == 1, written
+    return Path(written[0])
+
+
+@pytest.mark.parametrize("command", sorted(SETTINGS))
+def test_a_checkpoint_and_its_export_score_the_same_and_leave_the_run_records_alone(capsys, run, command):
+    kind = RECORD_KIND[command]
+    of_checkpoint = evaluate(capsys, command, run["checkpoint"], run)
+    of_export = evaluate(capsys, command, run["export"], run)
+    # the checkpoint's architecture with weights from a file: the export's, which are its own
+    of_weights = evaluate(capsys, command, run["checkpoint"], run, "--weights", str(run["export"]))
+
+    results = [json.loads(path.read_text())["results"] for path in (of_checkpoint, of_export, of_weights)]
+    assert results[0] == results[1] == results[2]
+    assert of_checkpoint.parent == run["checkpoint"].parent and of_checkpoint.name.startswith(f"last.{kind}.eval-")
+    assert of_export.parent == run["export"].parent and of_export.name.startswith(f"export.{kind}.eval-")
+    assert run["checkpoint"].with_name(f"last.{kind}.json").read_text() == RUN_RECORD
+    # the same evaluation again replaces its own record; other settings write beside it
+    assert evaluate(capsys, command, run["checkpoint"], run) == of_checkpoint
+    assert evaluate(capsys, command, run["checkpoint"], run, "--seed", "1") != of_checkpoint
+
+
+@pytest.mark.parametrize("command", sorted(SETTINGS))
+def test_a_timm_model_at_random_or_from_a_weights_file(capsys, run, command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a timm model's records go to the current folder
+    small = ["--image_size", "32"]  # 2 x 2 patches of 16 px: a fast check
+    random = evaluate(capsys, command, f"timm:{TIMM_NAME}", run, "--weights", "random", *small)
+    assert random.parent == Path() and random.name.startswith(f"{TIMM_NAME}.{RECORD_KIND[command]}.eval-")
+    record = json.loads(random.read_text())
+    assert record["method"] == "timm" and record["weights"] == "random"
+
+    torch.manual_seed(0)  # the initialisation --weights random (--seed 0) makes, as a weights file
+    weights = timm.create_model(TIMM_NAME, num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "weights.safetensors"))
+    from_file = evaluate(capsys, command, f"timm:{TIMM_NAME}", run, "--weights", "weights.safetensors", *small)
+    assert json.loads(from_file.read_text())["results"] == record["results"]
+
+
+def test_an_encoder_that_is_none_of_these_is_one_line_naming_what_is_accepted(capsys, run, tmp_path):
+    (tmp_path / "folder").mkdir()
+    for encoder in (tmp_path / "missing.ckpt", tmp_path / "folder", "timm:no_such_model"):
+        with pytest.raises(SystemExit) as exit_:
+            evaluate(capsys, "knn", encoder, run)
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "timm" in error, error
