@@ -313,6 +313,8 @@ def check_recipe_fits_model(datamodule: ShardDataModule, model: SSLMethod) -> No
 
 def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataModule], args: list[str]) -> None:
     """A training command: Lightning's CLI (``fit``) on ``model`` and ``data`` from a recipe."""
+    # A warning is one line, "warning: ...", without the source line that raised it.
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # ShardDataset's length is exact per rank and per worker, which this generic warning cannot know.
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")

@@ -18,6 +18,14 @@ from torch import Tensor
 from ssl_vit.guards import CollapseWatch
 from ssl_vit.pictures import held_images, line_chart, save_picture
 
+#: The legend names of the health series in the pictures.
+RANKME_SERIES = {"rankme_cls": "CLS token", "rankme_mean": "mean of the patch tokens"}
+SPREAD_SERIES = {
+    "spread": "spread",
+    "teacher_entropy": "teacher entropy / ln K",
+    "prototypes_used": "fraction of prototypes in use",
+}
+
 
 def rankme(embeddings: Tensor, eps: float = 1e-7) -> float:
     """RankMe (Garrido et al., ICML 2023, eq. 1): exp of the entropy of the singular values of the
@@ -46,7 +54,7 @@ def teacher_health(teacher_probs: Tensor) -> tuple[float, float]:
 class HealthCallback(L.Callback):
     """Before the first step, regularly during the run and at its end: the evaluated encoder's CLS
     and mean-pooled patch features of ``num_images`` held images (the first ones of ``shards``;
-    default: the training shards): ``health/rankme_cls`` (for encoders with a CLS token),
+    default: the run's evaluation data): ``health/rankme_cls`` (for encoders with a CLS token),
     ``health/rankme_mean``, ``health/spread`` (of the CLS token, else of the mean), and for
     objectives with a teacher ``health/teacher_entropy`` and ``health/prototypes_used``,
     logged and drawn in ``pictures/health-*.png``.
@@ -88,7 +96,7 @@ class HealthCallback(L.Callback):
         if self.images is not None:
             return
         size = pl_module.encoder.vit.patch_embed.img_size[0]
-        self.images = held_images(self.shards or trainer.datamodule.train_shards, size, self.num_images)
+        self.images = held_images(self.shards or trainer.datamodule.evaluation_data()[1], size, self.num_images)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:
@@ -164,10 +172,15 @@ class HealthCallback(L.Callback):
         self.next_check = step + interval
 
     def draw(self, trainer: L.Trainer) -> None:
-        ranks = {k: v for k, v in self.history.items() if k.startswith("rankme")}
-        save_picture(trainer, "health-rankme", line_chart(ranks, "RankMe of held images' features"))
-        teacher = {k: v for k, v in self.history.items() if k in ("teacher_entropy", "prototypes_used", "spread")}
-        save_picture(trainer, "health-spread", line_chart(teacher, "spread, teacher entropy / ln K, prototypes used"))
+        ranks = {label: self.history[k] for k, label in RANKME_SERIES.items() if k in self.history}
+        title = f"RankMe of {len(self.images)} held images' features (collapsed below {self.min_rankme:g})"
+        save_picture(trainer, "health-rankme", line_chart(ranks, title, y_label="RankMe (effective rank)"))
+        # Only what this objective measures: teacher entropy and prototypes exist only with a teacher.
+        spread = {label: self.history[k] for k, label in SPREAD_SERIES.items() if k in self.history}
+        title = "embedding spread" + (" and the teacher's targets" if "teacher_entropy" in self.history else "")
+        # All three are fractions of at most about 1; a tenth of that is the smallest span shown.
+        chart = line_chart(spread, title, y_label="fraction", min_span=0.1, y_bounds=(0.0, 1.05))
+        save_picture(trainer, "health-spread", chart)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "watch": self.watch.state_dict(), "next_check": self.next_check}

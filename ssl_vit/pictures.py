@@ -2,7 +2,8 @@
 (each objective's ``pictures``), loss and k-NN curves, and a 2-D map of the validation features.
 
 Pictures are PNG files in the run's ``pictures/`` folder, and images in the run's logger
-(TensorBoard, or Weights & Biases). Plots are drawn with PIL, so no plotting library is needed.
+(TensorBoard, or Weights & Biases). Everything is drawn with matplotlib's object API on the Agg
+canvas (no pyplot): no window opens, and no figure outlives the call that draws it.
 """
 
 from __future__ import annotations
@@ -10,16 +11,21 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from PIL import Image, ImageDraw
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -29,27 +35,30 @@ from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.masking import patch_mask_to_pixels
 
-#: Ten distinguishable colours (Tableau 10) for classes and curves.
-PALETTE = [
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-]
+#: Ten distinguishable colours (Tableau 10, RGB in [0, 1]), for I-JEPA's target blocks.
+PALETTE = matplotlib.colormaps["tab10"].colors
+
+#: Plots are small: 100 dpi keeps a chart at 640 x 400 pixels and cheap to draw during training.
+DPI = 100
+#: Font sizes (points) of a picture grid's title and column headers.
+TITLE_POINTS, HEADER_POINTS = 9, 8
 
 
 def picture_folder(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "pictures"
 
 
-def save_picture(trainer: L.Trainer, name: str, picture: Image.Image) -> Path:
+def render(figure: Figure) -> Image.Image:
+    """The figure drawn on the Agg canvas, as an RGB image."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+def save_picture(trainer: L.Trainer, name: str, picture: Figure | Image.Image) -> Path:
     """Write ``pictures/<name>-step=N.png`` (whole or not at all) and log it to the run's logger."""
+    if isinstance(picture, Figure):
+        picture = render(picture)
     folder = picture_folder(trainer)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-step={trainer.global_step:08d}.png"
@@ -58,7 +67,7 @@ def save_picture(trainer: L.Trainer, name: str, picture: Image.Image) -> Path:
     os.replace(tmp, path)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            array = torch.from_numpy(np.asarray(picture.convert("RGB")).copy()).permute(2, 0, 1)
+            array = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
             logger.experiment.add_image(f"pictures/{name}", array, trainer.global_step)
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=f"pictures/{name}", images=[picture], step=trainer.global_step)
@@ -82,15 +91,52 @@ def heatmap_overlay(images: Tensor, maps: Tensor) -> Tensor:
     return (0.4 * images.mean(dim=1, keepdim=True) + 0.6 * heat * colour).clamp(0, 1)
 
 
-def picture_grid(columns: list[Tensor]) -> Image.Image:
-    """One row per image, one column per entry of ``columns`` (each (B, 3, H, W) in [0, 1])."""
-    b = columns[0].shape[0]
-    cells = torch.stack(columns, dim=1).reshape(b * len(columns), *columns[0].shape[1:])
-    grid = make_grid(cells.cpu(), nrow=len(columns), padding=2, pad_value=1.0)
-    scale = max(1, 96 // columns[0].shape[-1])  # tiny images are enlarged to be seen
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    picture = Image.fromarray(array)
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+class Columns(list):
+    """A picture's columns of displayable (B, 3, H, W) images in [0, 1], with the picture's title and
+    a header per column; a plain list of columns (an objective's own picture) is drawn too."""
+
+    def __init__(self, columns: Sequence[Tensor], title: str, headers: Sequence[str]) -> None:
+        super().__init__(columns)
+        if len(headers) != len(columns):
+            raise ValueError(f"{len(columns)} columns but {len(headers)} headers")
+        self.title = title
+        self.headers = list(headers)
+
+
+def grid_heading(title: str, headers: Sequence[str], centres: Sequence[float], width: int) -> Figure:
+    """A white strip ``width`` pixels wide: the title, and under it each column's header centred
+    on its column (``centres``, in pixels from the left). Its texts are the title, then the headers."""
+    # A narrow grid (two columns) wraps its title rather than cut it; about 7 pixels a character.
+    title = "\n".join(textwrap.wrap(title, width=max(20, width // 7)))
+    line_height = 1.3 / 72 * DPI  # pixels per point of text
+    title_height = (title.count("\n") + 1) * TITLE_POINTS * line_height
+    header_height = max(header.count("\n") + 1 for header in headers) * HEADER_POINTS * line_height
+    height = round(title_height + header_height + 12)
+    # Agg rounds the canvas size down: half a pixel more keeps inches * DPI from losing a pixel.
+    figure = Figure(figsize=((width + 0.5) / DPI, (height + 0.5) / DPI), dpi=DPI)
+    figure.text(0.5, 1 - 4 / height, title, ha="center", va="top", fontsize=TITLE_POINTS)
+    for centre, header in zip(centres, headers, strict=True):
+        figure.text(centre / width, 2 / height, header, ha="center", va="bottom", fontsize=HEADER_POINTS)
+    return figure
+
+
+def picture_grid(columns: Sequence[Tensor], title: str = "") -> Image.Image:
+    """One row per image, one column per entry of ``columns`` (each (B, 3, H, W) in [0, 1]), under
+    the title and the column headers of a :class:`Columns` (else ``title`` and "column i")."""
+    headers = getattr(columns, "headers", [f"column {i + 1}" for i in range(len(columns))])
+    title = getattr(columns, "title", title)
+    b, _, _, width = columns[0].shape
+    padding, margin = 2, 8  # pixels: between the cells; around the grid
+    cells = torch.stack(list(columns), dim=1).reshape(b * len(columns), *columns[0].shape[1:])
+    grid = make_grid(cells.cpu().float(), nrow=len(columns), padding=padding, pad_value=1.0)
+    scale = max(1, 96 // width)  # tiny images are enlarged to be seen
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+    pixels = np.pad(pixels, ((0, margin), (margin, margin), (0, 0)), constant_values=255)
+    # Only the text is drawn by matplotlib: pasting the grid through a figure resamples it, which
+    # costs seconds for a ViT-B's 8 x 13 attention grid on the 2-core machines that train.
+    centres = [margin + scale * (padding + (width + padding) * i + width / 2) for i in range(len(columns))]
+    heading = render(grid_heading(title, headers, centres, pixels.shape[1]))
+    return Image.fromarray(np.concatenate([np.asarray(heading), pixels]))
 
 
 @torch.no_grad()
@@ -114,11 +160,15 @@ def last_block_attention(encoder: ViTEncoder, images: Tensor) -> Tensor:
     return weights.reshape(images.shape[0], -1, h, w)
 
 
-def attention_columns(encoder: ViTEncoder, images: Tensor) -> list[Tensor]:
+def attention_columns(encoder: ViTEncoder, images: Tensor) -> Columns:
     """The images, then one column per head of the last block's attention over them."""
     maps = last_block_attention(encoder, images)
     shown = to_display(images)
-    return [shown, *(heatmap_overlay(shown, maps[:, head]) for head in range(maps.shape[1]))]
+    columns = [shown, *(heatmap_overlay(shown, maps[:, head]) for head in range(maps.shape[1]))]
+    query = "the CLS token's attention" if encoder.has_class_token else "the attention each patch receives"
+    legend = "yellow\N{NO-BREAK SPACE}=\N{NO-BREAK SPACE}most"  # kept on one line when the title wraps
+    title = f"{query} in the last block (block {len(encoder.vit.blocks)}), per head: {legend}"
+    return Columns(columns, title, ["image", *(f"head {head + 1}" for head in range(maps.shape[1]))])
 
 
 @torch.no_grad()
@@ -139,22 +189,26 @@ def patch_pca(encoder: ViTEncoder, images: Tensor) -> Tensor:
     return projected.reshape(b, h, w, 3).permute(0, 3, 1, 2)
 
 
-def pca_columns(encoder: ViTEncoder, images: Tensor) -> list[Tensor]:
+def pca_columns(encoder: ViTEncoder, images: Tensor) -> Columns:
     """The images, then the first three principal components of their patch features as RGB."""
     maps = patch_pca(encoder, images)
-    return [to_display(images), F.interpolate(maps, size=images.shape[-2:], mode="nearest")]
+    columns = [to_display(images), F.interpolate(maps, size=images.shape[-2:], mode="nearest")]
+    title = f"patch features of the last block (block {len(encoder.vit.blocks)}): one PCA over all rows"
+    return Columns(columns, title, ["image", "principal\ncomponents\n1, 2, 3 = R, G, B"])
 
 
-def reconstruction_columns(images: Tensor, reconstruction: Tensor, pixel_mask: Tensor) -> list[Tensor]:
+def reconstruction_columns(images: Tensor, reconstruction: Tensor, pixel_mask: Tensor) -> Columns:
     """MAE's visualisation: original, masked input (masked pixels grey), reconstruction, and the
     reconstruction pasted into the visible pixels. ``pixel_mask``: (B, 1, H, W), 1 = masked."""
     shown, rebuilt = to_display(images), to_display(reconstruction)
     masked = shown * (1 - pixel_mask) + 0.5 * pixel_mask
     pasted = shown * (1 - pixel_mask) + rebuilt * pixel_mask
-    return [shown, masked, rebuilt, pasted]
+    title = f"reconstruction of the masked patches ({pixel_mask.float().mean().item():.0%} masked, grey)"
+    headers = ["original", "masked input", "reconstruction", "reconstruction\n+ visible pixels"]
+    return Columns([shown, masked, rebuilt, pasted], title, headers)
 
 
-def context_target_columns(images: Tensor, context_idx: Tensor, target_idx: Tensor, patch_size: int) -> list[Tensor]:
+def context_target_columns(images: Tensor, context_idx: Tensor, target_idx: Tensor, patch_size: int) -> Columns:
     """I-JEPA's blocks: the images, the context the encoder sees (the other patches grey), and
     the target blocks, each in its own colour over the dimmed image. ``context_idx`` (B, Kc) and
     ``target_idx`` (T, B, Kt) are patch indices."""
@@ -169,73 +223,126 @@ def context_target_columns(images: Tensor, context_idx: Tensor, target_idx: Tens
     context = pixels(context_idx)
     targets = 0.35 * shown
     for i, idx in enumerate(target_idx):
-        colour = torch.tensor(PALETTE[i % len(PALETTE)], device=images.device).view(1, 3, 1, 1) / 255
+        colour = torch.tensor(PALETTE[i % len(PALETTE)], device=images.device).view(1, 3, 1, 1)
         block = pixels(idx)
         targets = targets * (1 - block) + (0.5 * shown + 0.5 * colour) * block
-    return [shown, shown * context + 0.5 * (1 - context), targets]
+    title = f"I-JEPA's blocks: the context the encoder sees, the {len(target_idx)} targets it predicts"
+    headers = ["image", "context\n(the rest grey)", "targets\n(a colour each)"]
+    return Columns([shown, shown * context + 0.5 * (1 - context), targets], title, headers)
+
+
+#: A series whose name ends with "%" is a percentage: its axis spans at least 10 points, in [0, 100].
+PERCENT_MIN_SPAN = 10.0
+#: Otherwise the y-axis spans at least this fraction of the largest |value|: a loss going from 5.0
+#: to 4.9 takes a fifth of the axis, not all of it, and a flat curve stays flat.
+RELATIVE_MIN_SPAN = 0.1
+
+
+def honest_limits(
+    values: Sequence[float], min_span: float, bounds: tuple[float, float] | None = None
+) -> tuple[float, float]:
+    """y-axis limits around ``values`` that span at least ``min_span`` (centred on the data, plus a
+    5% margin), moved inside ``bounds`` where given, so a small change looks small."""
+    low, high = min(values), max(values)
+    span = max(high - low, min_span, 1e-12)
+    centre = (low + high) / 2
+    low, high = centre - 0.55 * span, centre + 0.55 * span
+    if bounds is not None:  # slide the window inside the bounds, then cut what still sticks out
+        shift = max(0.0, bounds[0] - low) - max(0.0, high - bounds[1])
+        low, high = max(bounds[0], low + shift), min(bounds[1], high + shift)
+    return low, high
 
 
 def line_chart(
-    series: dict[str, list[tuple[float, float]]], title: str, size: tuple[int, int] = (480, 320)
-) -> Image.Image:
-    """Each named series of (step, value) points as a line, with its range on the axes."""
-    width, height = size
-    picture = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(picture)
-    left, right, top, bottom = 56, width - 12, 28, height - 36
-    draw.text((left, 8), title, fill="black")
-    points = [p for values in series.values() for p in values]
-    if not points:
-        draw.text((left, height // 2), "no data yet", fill="black")
-        return picture
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    y_label: str = "",
+    min_span: float | None = None,
+    y_bounds: tuple[float, float] | None = None,
+) -> Figure:
+    """Each named series of (step, value) points as a line, with a legend, under ``title``. The
+    y-axis spans at least ``min_span`` (default: 10 points for a series named "... %", which also
+    bounds it to [0, 100], else a tenth of the largest |value|), inside ``y_bounds``."""
+    figure = Figure(figsize=(6.4, 4.0), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    percent = any(name.rstrip().endswith("%") for name in series)
+    axes.set_ylabel(y_label or ("%" if percent else "value"))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    values = [y for points in series.values() for _, y in points]
+    if not values:
+        axes.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=axes.transAxes)
+        return figure
+    for name, points in series.items():
+        if points:
+            steps, ys = zip(*points, strict=True)
+            axes.plot(steps, ys, marker="o", markersize=3, linewidth=1.5, label=name)
+    axes.legend(loc="best", fontsize=8)
+    steps = [x for points in series.values() for x, _ in points]
+    if min(steps) == max(steps):  # one step so far: tick it alone, not fractions of a step around it
+        axes.set_xticks([steps[0]])
+    if percent:
+        min_span, y_bounds = min_span or PERCENT_MIN_SPAN, y_bounds or (0.0, 100.0)
+    else:
+        min_span = min_span if min_span is not None else RELATIVE_MIN_SPAN * max(abs(y) for y in values)
+    axes.set_ylim(honest_limits(values, min_span, y_bounds))
+    return figure
 
-    def at(x: float, y: float) -> tuple[float, float]:
-        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
 
-    draw.rectangle((left, top, right, bottom), outline="black")
-    draw.text((4, top), f"{y1:.3g}", fill="black")
-    draw.text((4, bottom - 10), f"{y0:.3g}", fill="black")
-    draw.text((left, bottom + 4), f"step {x0:g}", fill="black")
-    draw.text((right - 70, bottom + 4), f"step {x1:g}", fill="black")
-    for i, (name, values) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        line = [at(x, y) for x, y in values]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        for x, y in line:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        draw.text((left + 8 + 120 * i, bottom + 18), name, fill=colour)
-    return picture
-
-
-def pca_2d(features: Tensor) -> Tensor:
-    """The features' projection on their first two principal components: (N, 2)."""
+def pca_2d(features: Tensor) -> tuple[Tensor, list[float]]:
+    """The features' projection on their first two principal components, (N, 2), and the fraction
+    of the variance each explains."""
     centred = features.float() - features.float().mean(dim=0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T
+    _, singular, v = torch.linalg.svd(centred, full_matrices=False)
+    variance = singular**2 / (singular**2).sum().clamp_min(1e-12)
+    return centred @ v[:2].T, variance[:2].tolist()
 
 
-def scatter_plot(points: Tensor, labels: Tensor, title: str, size: int = 420) -> Image.Image:
-    """2-D points coloured by class (classes beyond ten reuse the palette)."""
-    picture = Image.new("RGB", (size, size + 24), "white")
-    draw = ImageDraw.Draw(picture)
-    draw.text((8, 6), title, fill="black")
-    lo, hi = points.amin(dim=0), points.amax(dim=0)
-    span = (hi - lo).clamp_min(1e-12)
-    xy = ((points - lo) / span * (size - 24) + 12).tolist()
-    for (x, y), label in zip(xy, labels.tolist(), strict=True):
-        colour = PALETTE[label % len(PALETTE)] if label >= 0 else (0, 0, 0)
-        draw.ellipse((x - 2, y + 22, x + 2, y + 26), fill=colour)
-    return picture
+def shard_class_names(shards: str) -> list[str] | None:
+    """The class names in the index of ``shards`` (a folder written by ``ssl-vit shards``), if any."""
+    _, index = resolve_shards(shards)
+    return list(index.classes) if index is not None and index.classes else None
 
 
-def embedding_picture(features: Tensor, labels: Tensor, title: str, max_points: int = 2000) -> Image.Image:
-    """PCA of (at most ``max_points``, evenly spaced) features, coloured by class."""
+#: Above this many classes a legend would hide the points: the title says the count instead.
+MAX_LEGEND_CLASSES = 20
+
+
+def embedding_picture(
+    features: Tensor,
+    labels: Tensor,
+    title: str,
+    class_names: Sequence[str] | None = None,
+    max_points: int = 2000,
+) -> Figure:
+    """PCA of (at most ``max_points``, evenly spaced) features, coloured by class, with a legend of
+    the class names (``class_names[label]``, else the label; -1 = unlabelled)."""
     step = max(1, math.ceil(len(features) / max_points))
-    return scatter_plot(pca_2d(features[::step]), labels[::step], title)
+    points, variance = pca_2d(features[::step])
+    labels = labels[::step]
+    figure = Figure(figsize=(6.4, 5.2), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    classes = sorted(labels.unique().tolist())
+    colours = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"].colors
+    for i, label in enumerate(classes):
+        chosen = labels == label
+        if label < 0:
+            name, colour = "unlabelled", "black"
+        else:
+            name = class_names[label] if class_names is not None and label < len(class_names) else f"class {label}"
+            colour = colours[i % len(colours)]
+        axes.scatter(*points[chosen].T.tolist(), s=8, color=colour, label=name, alpha=0.8, linewidths=0)
+    if len(classes) <= MAX_LEGEND_CLASSES:
+        axes.legend(title="class", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, markerscale=2)
+    else:
+        title = f"{title} ({len(classes)} classes, colours reused)"
+    axes.set_title(title)
+    axes.set_xlabel(f"principal component 1 ({variance[0]:.0%} of variance)")
+    axes.set_ylabel(f"principal component 2 ({variance[1]:.0%} of variance)")
+    axes.grid(alpha=0.3)
+    return figure
 
 
 def held_images(shards: str, size: int, num_images: int) -> Tensor | None:
@@ -249,8 +356,8 @@ def held_images(shards: str, size: int, num_images: int) -> Tensor | None:
 
 class PicturesCallback(L.Callback):
     """Every ``every_n_epochs`` epochs and at the end of a run: the objective's pictures of the
-    same ``num_images`` images (the first ones of ``shards``; default: the training shards), and
-    the loss curve, in ``pictures/`` and the logger.
+    same ``num_images`` images (the first ones of ``shards``; default: the run's evaluation data,
+    ``ShardDataModule.evaluation_data``), and the loss curve, in ``pictures/`` and the logger.
 
     An objective draws by implementing ``pictures(images) -> {name: [column, ...]}`` (columns of
     displayable (B, 3, H, W) images in [0, 1]); MAE and SimMIM draw reconstructions, DINO its
@@ -266,7 +373,7 @@ class PicturesCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         size = pl_module.encoder.vit.patch_embed.img_size[0]
-        self.images = held_images(self.shards or trainer.datamodule.train_shards, size, self.num_images)
+        self.images = held_images(self.shards or trainer.datamodule.evaluation_data()[1], size, self.num_images)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         if trainer.global_step % trainer.log_every_n_steps == 0 and outputs is not None:
@@ -283,7 +390,8 @@ class PicturesCallback(L.Callback):
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        save_picture(trainer, "loss", line_chart({"train/loss": self.losses}, f"{type(pl_module).__name__} loss"))
+        title = f"{type(pl_module).__name__} training loss"
+        save_picture(trainer, "loss", line_chart({"train/loss": self.losses}, title, y_label="loss"))
         if self.images is None:
             return
         was_training = pl_module.training
@@ -293,7 +401,7 @@ class PicturesCallback(L.Callback):
             pictures = pl_module.pictures(self.images.to(pl_module.device))
         pl_module.train(was_training)
         for name, columns in pictures.items():
-            save_picture(trainer, name, picture_grid(columns))
+            save_picture(trainer, name, picture_grid(columns, title=name))
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": self.losses}

@@ -178,7 +178,7 @@ def test_every_shipped_recipe_parses(recipe, tmp_path):
     assert ("class_path: ssl_vit.methods." if pretrains else "init_from: runs/shapes/mae/export") in result.stdout
 
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks/results/README.md"]
 
 
 def page_id(page: Path) -> str:

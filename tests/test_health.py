@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ssl_vit.health import HealthCallback, embedding_spread, rankme, teacher_health
+from ssl_vit.pictures import save_picture
 from tests.conftest import OBJECTIVES, fit_briefly
 
 
@@ -32,9 +33,16 @@ def test_spread_and_teacher_health():
 
 
 @pytest.mark.parametrize("name", ["dino", "mae"])
-def test_health_is_measured_from_the_first_step_and_drawn(tmp_path, numbered_shards, name):
+def test_health_is_measured_from_the_first_step_and_drawn(tmp_path, numbered_shards, name, monkeypatch):
     shards, _ = numbered_shards
     factory, view = OBJECTIVES[name]
+    figures = {}
+
+    def recording_save_picture(trainer, picture, figure):
+        figures[picture] = figure
+        return save_picture(trainer, picture, figure)
+
+    monkeypatch.setattr("ssl_vit.health.save_picture", recording_save_picture)
     health = HealthCallback(shards=str(shards), num_images=16, every_n_steps=1)
     fit_briefly(factory(), view, steps=3, callbacks=[health], default_root_dir=str(tmp_path))
     assert [step for step, _ in health.history["rankme_cls"]] == [0, 1, 2, 3]
@@ -44,6 +52,14 @@ def test_health_is_measured_from_the_first_step_and_drawn(tmp_path, numbered_sha
         "health-rankme",
         "health-spread",
     }
+    (spread,) = figures["health-spread"].axes
+    legend = [t.get_text() for t in spread.get_legend().get_texts()]
+    teacher = ["teacher entropy / ln K", "fraction of prototypes in use"] if name == "dino" else []
+    assert legend == ["spread", *teacher]
+    assert ("teacher" in spread.get_title()) == (name == "dino")  # no teacher, none in the title
+    (ranks,) = figures["health-rankme"].axes
+    assert [t.get_text() for t in ranks.get_legend().get_texts()] == ["CLS token", "mean of the patch tokens"]
+    assert ranks.get_title().startswith("RankMe of 16 held images") and ranks.get_xlabel() == "step"
     restored = HealthCallback()
     restored.load_state_dict(health.state_dict())
     assert restored.history == health.history and restored.watch.last_check == 3

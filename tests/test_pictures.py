@@ -1,32 +1,51 @@
-"""Pictures: each objective's grids have the documented shape and show something; MAE's
-reconstruction keeps the visible pixels; the attention maps are the CLS row of the last block's
-softmax attention; the plots are drawn."""
+"""Pictures: each objective's grids have the documented columns, headers and a title, and show
+something; MAE's reconstruction keeps the visible pixels; the attention maps are the CLS row of the
+last block's softmax attention; the plots have titles, labelled axes, legends and honest ranges."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.pictures import (
+    PicturesCallback,
     embedding_picture,
+    grid_heading,
+    honest_limits,
     last_block_attention,
     line_chart,
     patch_pca,
     picture_grid,
+    render,
+    shard_class_names,
     to_display,
 )
-from tests.conftest import OBJECTIVES, TINY_ENCODER
+from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly
 
-EXPECTED = {  # the pictures each objective draws, and their columns
-    "mae": {"attention": 3, "patch_pca": 2, "reconstruction": 4},
-    "simmim": {"attention": 3, "patch_pca": 2, "reconstruction": 4},
-    "dino": {"attention": 3, "patch_pca": 2},
-    "mocov3": {"attention": 3, "patch_pca": 2},
-    "simclr": {"attention": 3, "patch_pca": 2},
-    "ijepa": {"attention": 3, "patch_pca": 2, "blocks": 3},  # blocks: the image, its context, its targets
-}  # attention: the image + one column per head (TINY_ENCODER has 2); patch_pca: the image + its PCA colours
+ATTENTION = ["image", "head 1", "head 2"]  # TINY_ENCODER has 2 heads
+PCA = ["image", "principal components 1, 2, 3 = R, G, B"]
+RECONSTRUCTION = ["original", "masked input", "reconstruction", "reconstruction + visible pixels"]
+EXPECTED = {  # the pictures each objective draws, and their column headers (one line each)
+    "mae": {"attention": ATTENTION, "patch_pca": PCA, "reconstruction": RECONSTRUCTION},
+    "simmim": {"attention": ATTENTION, "patch_pca": PCA, "reconstruction": RECONSTRUCTION},
+    "dino": {"attention": ATTENTION, "patch_pca": PCA},
+    "mocov3": {"attention": ATTENTION, "patch_pca": PCA},
+    "simclr": {"attention": ATTENTION, "patch_pca": PCA},
+    "ijepa": {
+        "attention": ATTENTION,
+        "patch_pca": PCA,
+        "blocks": ["image", "context (the rest grey)", "targets (a colour each)"],
+    },
+}
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -36,16 +55,29 @@ def test_each_objective_draws_its_pictures(name):
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         pictures = method.pictures(images)
-    assert {k: len(v) for k, v in pictures.items()} == EXPECTED[name]
-    for columns in pictures.values():
+    assert {k: len(v) for k, v in pictures.items()} == {k: len(v) for k, v in EXPECTED[name].items()}
+    for picture, columns in pictures.items():
         for column in columns:
             assert column.shape == (3, 3, 32, 32)
             assert column.min() >= 0 and column.max() <= 1
             assert column.std() > 0.01, "a blank column"
-        grid = np.asarray(picture_grid(columns))
-        scale = 96 // 32  # tiny images are enlarged
-        assert grid.shape == ((3 * 34 + 2) * scale, (len(columns) * 34 + 2) * scale, 3)
-        assert grid.std() > 1
+        assert [one_line(header) for header in columns.headers] == EXPECTED[name][picture]
+        assert columns.title, f"{picture} has no title"
+        grid = picture_grid(columns)
+        assert grid.width == len(columns) * (32 + 2) * 3 + 2 * 3 + 2 * 8  # enlarged 3 times, 8-pixel margins
+        assert grid.height > 3 * (32 + 2) * 3 + 40  # the title and the headers above
+    if "reconstruction" in pictures:
+        assert re.search(r"\(\d+% masked, grey\)", pictures["reconstruction"].title)
+    assert ("CLS token" in pictures["attention"].title) == (name != "ijepa")  # I-JEPA's encoder has none
+
+
+def test_the_heading_is_the_title_and_a_header_per_column():
+    heading = grid_heading("mine", ["column 1", "column 2"], [30, 90], 120)
+    assert [text.get_text() for text in heading.texts] == ["mine", "column 1", "column 2"]
+    assert [text.get_position()[0] for text in heading.texts] == [0.5, 0.25, 0.75]  # centred on their columns
+    assert render(heading).width == 120
+    plain = picture_grid([torch.rand(2, 3, 32, 32)] * 2, title="mine")  # an objective's own picture
+    assert plain.width == 2 * (32 + 2) * 3 + 2 * 3 + 2 * 8
 
 
 def test_mae_reconstruction_keeps_the_visible_pixels():
@@ -82,14 +114,58 @@ def test_attention_maps_are_the_cls_row_of_the_last_block_softmax():
     assert encoder.vit.blocks[-1].attn.fused_attn  # the fast path is restored afterwards
 
 
-def test_plots_are_drawn():
-    chart = np.asarray(line_chart({"loss": [(0, 2.0), (10, 1.5), (20, 1.2)]}, "loss"))
-    assert chart.shape == (320, 480, 3) and chart.std() > 1
-    features, labels = torch.randn(300, 16), torch.arange(300) % 10
-    scatter = np.asarray(embedding_picture(features, labels, "PCA"))
-    assert scatter.shape == (444, 420, 3)
-    colours = {tuple(c) for c in scatter.reshape(-1, 3)[::7].tolist()}
-    assert len(colours) > 10  # the classes' colours, not one
+def test_curves_have_titles_labelled_axes_legends_and_honest_ranges():
+    knn = line_chart({"k-NN k=20 top-1 %": [(0, 40.0), (10, 40.3), (20, 40.7)]}, "k-NN accuracy")
+    (axes,) = knn.axes
+    assert (axes.get_title(), axes.get_xlabel(), axes.get_ylabel()) == ("k-NN accuracy", "step", "%")
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["k-NN k=20 top-1 %"]
+    low, high = axes.get_ylim()
+    assert high - low >= 10 and 0 <= low < 40 and 40.7 < high <= 100  # 0.7 points is a small change
+    loss = line_chart({"train/loss": [(0, 5.0), (10, 4.9)]}, "loss", y_label="loss")
+    low, high = loss.axes[0].get_ylim()
+    assert high - low >= 0.5 and loss.axes[0].get_ylabel() == "loss"  # a tenth of the largest value
+    assert render(knn).size == (640, 400)
+    first = line_chart({"k-NN k=20 top-1 %": [(0, 15.2)]}, "k-NN accuracy").axes[0]
+    assert list(first.get_xticks()) == [0]  # no fractions of a step
+    empty = line_chart({"train/loss": []}, "loss")
+    assert [t.get_text() for t in empty.axes[0].texts] == ["no data yet"]
+
+
+def test_limits_span_the_minimum_inside_the_bounds():
+    # 10 points and a 5% margin each side, moved inside [0, 100]
+    assert honest_limits([99.5, 99.9], 10, (0, 100)) == pytest.approx((89, 100))
+    assert honest_limits([0.2, 0.3], 10, (0, 100)) == pytest.approx((0, 11))
+    low, high = honest_limits([1.0, 3.0], 0.1)
+    assert low < 1.0 and high > 3.0 and high - low == pytest.approx(2.2)  # wide data: 5% margins
+
+
+def test_the_embedding_map_has_a_class_legend_and_labelled_axes():
+    features, labels = torch.randn(300, 16), torch.arange(300) % 3
+    names = ["circle", "square", "triangle"]
+    (axes,) = embedding_picture(features, labels, "PCA", class_names=names).axes
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == names
+    assert axes.get_title() == "PCA" and axes.get_xlabel().startswith("principal component 1 (")
+    assert axes.get_ylabel().startswith("principal component 2 (")
+    unnamed = embedding_picture(features, torch.where(labels == 2, -1, labels), "PCA").axes[0]
+    assert [t.get_text() for t in unnamed.get_legend().get_texts()] == ["unlabelled", "class 0", "class 1"]
+
+
+def test_class_names_come_from_the_shards_index(numbered_shards):
+    shards, _ = numbered_shards
+    assert shard_class_names(str(shards)) == [str(i) for i in range(40)]
+
+
+def test_the_callback_writes_each_picture_as_a_png(tmp_path, numbered_shards):
+    shards, _ = numbered_shards
+    factory, view = OBJECTIVES["mae"]
+    pictures = PicturesCallback(shards=str(shards), num_images=2)
+    fit_briefly(factory(), view, steps=1, callbacks=[pictures], default_root_dir=str(tmp_path))
+    drawn = {p.name.split("-step=")[0]: p for p in (tmp_path / "pictures").glob("*.png")}
+    assert set(drawn) == {"loss", "attention", "patch_pca", "reconstruction"}
+    with Image.open(drawn["loss"]) as loss:
+        assert loss.size == (640, 400)
+    with Image.open(drawn["reconstruction"]) as grid:
+        assert grid.width >= 4 * 96 and grid.height > 2 * 96  # tiny images enlarged, under their headers
 
 
 def test_patch_pca_colours_are_the_first_principal_components():

@@ -17,7 +17,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator, Results
 from ssl_vit.eval.features import FeatureSet
 from ssl_vit.eval.report import metrics, print_results, write_records
-from ssl_vit.pictures import embedding_picture, line_chart, save_picture
+from ssl_vit.pictures import embedding_picture, line_chart, save_picture, shard_class_names
 
 
 class EvaluationCallback(Evaluator, Callback):
@@ -84,9 +84,11 @@ class EvaluationCallback(Evaluator, Callback):
         """The k-NN curve so far and a PCA map of the validation features, in ``pictures/``."""
         k = "k=20" if "k=20" in results["knn"] else next(iter(results["knn"]))
         self.knn_history.append((trainer.global_step, results["knn"][k]["top1"]))
-        save_picture(trainer, "knn", line_chart({f"k-NN {k} top-1 %": self.knn_history}, "k-NN accuracy"))
-        title = f"validation features, PCA, step {trainer.global_step}"
-        save_picture(trainer, "embedding_pca", embedding_picture(val.features, val.labels, title))
+        curve = line_chart({f"k-NN {k} top-1 %": self.knn_history}, "k-NN accuracy", y_label="top-1 %")
+        save_picture(trainer, "knn", curve)
+        title = f"evaluation features, PCA, step {trainer.global_step}"
+        names = shard_class_names(self.val_shards)
+        save_picture(trainer, "embedding_pca", embedding_picture(val.features, val.labels, title, class_names=names))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.follows_data:
