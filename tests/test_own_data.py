@@ -4,7 +4,12 @@ sees, and the loader's workers fit the shards there are."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,8 @@ from ssl_vit.data.shards import FILES_PER_GROUP, HELDOUT_FRACTION, is_heldout
 from ssl_vit.errors import UserError
 
 from .conftest import random_images
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def image_folder(root: Path, classes: list[str] | None, per_class: int = 40) -> Path:
@@ -97,3 +104,79 @@ def test_a_folder_of_shard_folders_is_named_as_such(tmp_path, numbered_shards):
     folder, _ = numbered_shards
     with pytest.raises(UserError, match=f"holds shard folders \\({folder.name}\\)"):
         resolve_shards(str(folder.parent))
+
+
+# The README's own-images journey, run as written on a generated folder of PNGs, with only these
+# appended to shorten it (the checks are about the journey working, not about accuracy).
+SHORTER = {
+    "pretrain": [
+        "--trainer.max_epochs=1",
+        "--trainer.callbacks.init_args.at_start=false",
+        "--trainer.callbacks.init_args.probe_epochs=2",
+        "--trainer.callbacks.init_args.attentive_epochs=1",
+    ],
+    "finetune": ["--trainer.max_epochs=1"],
+}
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_commands(title: str) -> list[list[str]]:
+    """The ``ssl-vit`` commands of a README section's bash blocks, as argument lists."""
+    blocks = re.findall(r"```bash\n(.*?)```", readme_section(title), re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line)[1:] for line in lines if line.startswith("ssl-vit ")]
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    args = [*args, *SHORTER.get(args[0], [])]
+    return subprocess.run([sys.executable, "-m", "ssl_vit.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory) -> Path:
+    """A newcomer's working folder: the recipes, three classes of photos, more of them, and an
+    unlabelled folder."""
+    home = tmp_path_factory.mktemp("user")
+    (home / "recipes").symlink_to(ROOT / "recipes")
+    image_folder(home / "photos", ["cats", "dogs", "owls"], per_class=100)
+    image_folder(home / "more_photos", ["cats", "owls"], per_class=100)
+    image_folder(home / "unlabelled", None, per_class=150)
+    return home
+
+
+def test_the_readme_own_images_commands_run_as_written(user_folder):
+    commands = readme_commands("Your own images")
+    assert [c[0] for c in commands] == ["pretrain", "knn", "knn", "finetune", "pretrain"]
+    for args in commands:
+        result = run(args, user_folder)
+        assert result.returncode == 0, f"ssl-vit {' '.join(args)}:\n{result.stderr[-3000:]}"
+        assert "Traceback" not in result.stderr
+    run_folder = user_folder / "runs/photos/simclr"
+    assert {"checkpoints", "export", "pictures", "summary.json"} <= {p.name for p in run_folder.iterdir()}
+    assert json.loads((run_folder / "summary.json").read_text())["knn_k20_top1"] is not None
+    assert list(run_folder.glob("export.knn.eval-*.json"))  # beside the export, not the run's own records
+    assert (user_folder / "runs/photos/finetune/export/model.safetensors").is_file()
+    continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
+    assert continued["steps"] > 0
+
+
+def test_an_unlabelled_folder_pretrains_and_says_why_the_probes_are_skipped(user_folder):
+    first = readme_commands("Your own images")[0]
+    result = run([arg.replace("photos", "unlabelled") for arg in first], user_folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = [line for line in result.stderr.splitlines() if "k-NN and the probes are skipped" in line]
+    assert len(skipped) == 1 and "unlabelled has no class labels" in skipped[0]
+    assert (user_folder / "runs/unlabelled/simclr/export/model.safetensors").is_file()
+    assert list((user_folder / "runs/unlabelled/simclr/pictures").glob("health-rankme-*.png"))
+
+
+def test_the_readme_python_example_runs_as_written(user_folder, monkeypatch, capsys):
+    (code,) = re.findall(r"```python\n(.*?)```", readme_section("From Python"), re.S)
+    monkeypatch.chdir(user_folder)
+    exec(compile(code, "README.md", "exec"), {})
+    assert "k=20" in capsys.readouterr().out
+    assert (user_folder / "runs/photos/simclr-python/export/model.safetensors").is_file()
