@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import logging
 import re
 import signal
@@ -56,7 +55,7 @@ from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.encoders import load_evaluated_encoder, standalone_record_stem
-from ssl_vit.eval.report import print_results, settings_tag, write_records
+from ssl_vit.eval.report import print_results, settings_tag, write_json, write_records
 from ssl_vit.export import export_encoder
 from ssl_vit.finetune import FineTune, LabelledShardDataModule, export_classifier
 from ssl_vit.guards import NonFiniteGuard
@@ -198,6 +197,13 @@ class PretrainCLI(RunCLI):
         parser.add_lightning_class_args(PicturesCallback, "pictures")
         parser.add_lightning_class_args(HealthCallback, "health")
         parser.add_argument(
+            "--allow_collapse",
+            type=bool,
+            default=False,
+            help=f"exit 0 even when the run's outputs stayed collapsed for more than "
+            f"{COLLAPSED_RUN_FRACTION:.0%} of its steps (it exits {COLLAPSED_EXIT_CODE} otherwise)",
+        )
+        parser.add_argument(
             "--compile",
             type=bool,
             default=False,
@@ -222,8 +228,16 @@ class PretrainCLI(RunCLI):
         if self.config_init[self.subcommand]["export"] and last is not None:
             export_dir = export_encoder(last, Path(trainer.default_root_dir) / "export", overwrite=True)
         summary = run_summary(trainer, self.model, time.perf_counter() - self.started, last, export_dir)
-        (Path(trainer.default_root_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary["failed"] = collapse_verdict(summary)
+        write_json(Path(trainer.default_root_dir) / "summary.json", summary)
         print_run_summary(summary)
+        if summary["failed"]:
+            keep_going = self.config_init[self.subcommand]["allow_collapse"]
+            Console(stderr=True).print(
+                f"[bold red]ssl-vit pretrain: run failed:[/] {summary['failed']}", soft_wrap=True
+            )
+            if not keep_going:
+                sys.exit(COLLAPSED_EXIT_CODE)
 
 
 class FineTuneCLI(RunCLI):
@@ -257,8 +271,32 @@ class FineTuneCLI(RunCLI):
             "export": str(export_dir) if export_dir else None,
             "logs": trainer.log_dir,
         }
-        (Path(trainer.default_root_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json(Path(trainer.default_root_dir) / "summary.json", summary)
         print_run_summary(summary)
+
+
+#: A run whose outputs stayed collapsed (a uniform teacher, features on nearly one line) for more
+#: than this fraction of its steps failed: its encoder is not what it was trained to be.
+COLLAPSED_RUN_FRACTION = 0.1
+COLLAPSED_EXIT_CODE = 3
+
+
+def collapse_verdict(summary: dict[str, Any]) -> str | None:
+    """Why a finished run failed by collapsing (``None`` if it did not), from its summary."""
+    steps = summary["steps"] or 0
+    checks = {
+        "its objective's collapse check (e.g. a uniform teacher)": summary.get("collapsed_steps") or 0,
+        "its features' RankMe": summary.get("representation_collapsed_steps") or 0,
+    }
+    failed = {check: count for check, count in checks.items() if steps and count > COLLAPSED_RUN_FRACTION * steps}
+    if not failed:
+        return None
+    which = "; ".join(f"{count} of {steps} steps by {check}" for check, count in failed.items())
+    return (
+        f"its outputs stayed collapsed for more than {COLLAPSED_RUN_FRACTION:.0%} of the run ({which}), so its "
+        "features are not to be trusted; see the warnings and pictures/health-*.png for when it began "
+        "(--allow_collapse true exits 0 anyway)"
+    )
 
 
 def default_run_folder(train_shards: str, name: str) -> str:

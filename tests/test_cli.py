@@ -255,3 +255,14 @@ def test_version_and_unknown_commands(capsys):
         main(["pretrian"])
     assert done.value.code == 2
     assert capsys.readouterr().err.startswith("ssl-vit: error: unknown command 'pretrian'\n")
+
+
+def test_a_run_collapsed_for_more_than_a_tenth_of_its_steps_failed():
+    from ssl_vit.cli import collapse_verdict
+
+    def summary(collapsed: int | None, representation: int | None) -> dict:
+        return {"steps": 150, "collapsed_steps": collapsed, "representation_collapsed_steps": representation}
+
+    assert collapse_verdict(summary(15, 0)) is None and collapse_verdict(summary(None, None)) is None
+    assert "141 of 150 steps by its objective's collapse check" in collapse_verdict(summary(141, 3))
+    assert "16 of 150 steps by its features' RankMe" in collapse_verdict(summary(None, 16))
