@@ -22,15 +22,21 @@ def device_name(device: str) -> str:
 
 
 def write_result(
-    benchmark: str, device: str, rows: list[dict[str, Any]], keep: tuple[str, ...] = (), **extra: Any
+    benchmark: str,
+    device: str,
+    rows: list[dict[str, Any]],
+    keep: tuple[str, ...] = (),
+    out: Path | None = None,
+    **extra: Any,
 ) -> Path:
     """Write ``benchmarks/results/<benchmark>_<device>.json`` and return its path. With ``keep``
     (row fields), the file's earlier rows whose values of those fields this run did not produce
-    stay: a benchmark run in parts (one objective or dataset at a time) adds up to one file."""
+    stay: a benchmark run in parts (one objective or dataset at a time) adds up to one file.
+    ``out`` writes elsewhere (a smoke run's temporary file)."""
     import timm
     import torchvision
 
-    out = ROOT / "benchmarks" / "results" / f"{benchmark}_{device}.json"
+    out = out or ROOT / "benchmarks" / "results" / f"{benchmark}_{device}.json"
     if keep and out.exists():
         ran = {tuple(r[k] for k in keep) for r in rows}
         rows = [r for r in json.loads(out.read_text())["rows"] if tuple(r[k] for k in keep) not in ran] + rows
@@ -61,4 +67,7 @@ def git_commit() -> str:
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:  # no git where the benchmark runs (a bare GPU machine): the commit stays unknown
+        return ""

@@ -5,7 +5,7 @@ probe and an attentive probe; lightly's documented example of the same objective
 same timm encoder, data, batch, budgets and seed, where lightly has one (MAE, SimMIM, DINO,
 DINOv2, SimCLR, I-JEPA; its MoCo example is MoCo v2).
 
-    python benchmarks/quality.py                                  # every objective, both embedded datasets
+    python benchmarks/quality.py                                  # every objective, the embedded and real datasets
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624 --seeds 0 1 2
     python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
     python benchmarks/quality.py --objectives dinov2 --libraries lightly   # one library
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import io
 import json
 import math
 import subprocess
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 from common import ROOT, git_commit, write_result
@@ -43,13 +45,37 @@ from PIL import Image, ImageDraw
 
 from ssl_vit.checkpoint import load_checkpoint_encoder, read_checkpoint
 from ssl_vit.data.pipeline import ShardDataset
-from ssl_vit.data.shards import resolve_shards, write_embedded_shards
+from ssl_vit.data.shards import resolve_shards, write_embedded_shards, write_shards
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.features import FeatureSet
 
 OBJECTIVES = ("mae", "simmim", "dino", "dinov2", "mocov3", "simclr", "ijepa")
 EMBEDDED = ("shapes", "glyphs")
+#: Real images an installed package ships (nothing is downloaded): scikit-learn's handwritten digits.
+REAL = ("digits",)
+#: The digits' evaluation split: every sixth image (300 of 1,797), the rest for training.
+DIGITS_VAL_EVERY = 6
+
+
+def write_digits_shards(root: Path) -> None:
+    """scikit-learn's ``load_digits`` (1,797 real 8 x 8 handwritten digits, 16 grey levels, ten
+    classes) as ``root/train`` and ``root/val`` shards of 32-px RGB PNGs, bicubic-upscaled."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    classes = [str(c) for c in digits.target_names]
+    for split in ("train", "val"):
+        keep = [i for i in range(len(digits.target)) if (i % DIGITS_VAL_EVERY == 0) == (split == "val")]
+        samples = []
+        for i in keep:
+            grey = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.BICUBIC)
+            buffer = io.BytesIO()
+            grey.convert("RGB").save(buffer, format="PNG")
+            samples.append(("png", buffer.getvalue(), int(digits.target[i])))
+        write_shards(samples, root / split, classes=classes, source="scikit-learn load_digits", samples_per_shard=100)
+
+
 RUN = ("objective", "library", "dataset", "seed", "run_steps")  # what names one training run's rows
 
 
@@ -551,7 +577,7 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
-    parser.add_argument("--datasets", nargs="+", default=list(EMBEDDED), choices=EMBEDDED)
+    parser.add_argument("--datasets", nargs="+", default=[*EMBEDDED, *REAL], choices=[*EMBEDDED, *REAL])
     parser.add_argument("--data", nargs="*", default=[], metavar="NAME=DIR", help="labelled shards: DIR/train, DIR/val")
     parser.add_argument("--budgets", nargs="+", type=int, default=[78, 156, 312], help="optimiser steps")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
@@ -582,7 +608,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ssl-vit-quality-"))
     datasets = {name: work / name for name in args.datasets}
     for name, path in datasets.items():
-        write_embedded_shards(path, dataset=name)
+        write_digits_shards(path) if name == "digits" else write_embedded_shards(path, dataset=name)
     datasets.update({name: Path(d) for name, d in (spec.split("=", 1) for spec in args.data)})
     rows, commit = [], git_commit()
     for objective in args.objectives:

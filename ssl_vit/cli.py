@@ -111,6 +111,13 @@ class RunCLI(LightningCLI):
             "in a run folder that holds checkpoints)",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would put a --ckpt_path checkpoint's hyperparameters back over the recipe and
+        # the command line (so "resume with a lower base_lr" would resume with the old one), and
+        # unpickle it to do so; here the command line defines the run, and before_fit checks the
+        # checkpoint against it (objective, encoder) before Lightning restores it.
+        pass
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = self.config_init[self.subcommand]["trainer"]
         precision = default_precision(trainer.get("accelerator", "auto"), trainer.get("precision"))

@@ -10,6 +10,7 @@ from typing import Any, Literal, NamedTuple
 
 import timm
 import torch
+from timm.layers import DropPath
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ class EncoderConfig(TypedDict, total=False):
     mlp_ratio: float
     qkv_bias: bool
     drop_path_rate: float
+    drop_path_uniform: bool  # drop_path_rate in every block (DINOv2), not timm's ramp from 0 to it
     class_token: bool
     global_pool: str
     fc_norm: bool
@@ -41,7 +43,7 @@ class EncoderConfig(TypedDict, total=False):
 
 
 #: Encoder settings that are ssl-vit's, not timm's: left out of an export's timm model arguments.
-NON_TIMM_SETTINGS = ("name", "grad_checkpointing", "pos_embed_resample")
+NON_TIMM_SETTINGS = ("name", "grad_checkpointing", "pos_embed_resample", "drop_path_uniform")
 
 
 NO_CLASS_TOKEN = (
@@ -76,6 +78,8 @@ class ViTEncoder(nn.Module):
     (``dino``: bicubic without antialiasing, at DINO's scale factor). ``grad_checkpointing``
     recomputes each block's activations in the backward pass instead of storing them (timm's
     ``set_grad_checkpointing``): less memory for a larger batch or model, about a third more compute.
+    ``drop_path_uniform`` drops every block's residual branches at ``drop_path_rate`` (DINOv2's
+    ``drop_path_uniform``) where timm ramps the rate linearly from 0 in the first block.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class ViTEncoder(nn.Module):
         name: str = "vit_base_patch16_224",
         grad_checkpointing: bool = False,
         pos_embed_resample: Literal["timm", "dino"] = "timm",
+        drop_path_uniform: bool = False,
         **overrides,
     ) -> None:
         super().__init__()
@@ -103,6 +108,10 @@ class ViTEncoder(nn.Module):
                 "use an img_size that is a multiple of the patch size"
             )
         vit.set_grad_checkpointing(grad_checkpointing)
+        rate = overrides.get("drop_path_rate", 0.0)
+        if drop_path_uniform and rate > 0:
+            for block in vit.blocks:
+                block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)
         self.name = name
         self.pos_embed_resample = pos_embed_resample
         self.vit = vit

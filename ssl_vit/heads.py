@@ -41,7 +41,9 @@ def projection_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, 
 class DINOHead(nn.Module):
     """DINO's head: MLP (GELU; BatchNorm after each hidden layer with ``use_bn``, DINO's
     ``use_bn_in_head``) to an L2-normalised bottleneck, then a weight-normalised linear layer to
-    ``out_dim`` prototypes whose norm (``g``) is fixed to 1 when ``norm_last_layer``."""
+    ``out_dim`` prototypes whose norms (weight norm's ``g``) start at 1, fixed there with
+    ``norm_last_layer`` (DINO's ``main_dino.py``, for its ViTs) or trained without it (DINOv2's
+    ``dinov2/layers/dino_head.py``)."""
 
     def __init__(
         self,

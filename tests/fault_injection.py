@@ -11,9 +11,13 @@ whether anything was lost.
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import pickle
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -53,6 +57,18 @@ class NaNInputAt(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             batch[0].fill_(float("nan"))
+
+
+class CollapsedFrom(L.Callback):
+    """Marks every optimiser step from ``step`` on as collapsed, as an objective's own check does
+    when its teacher's outputs are uniform."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step > self.step:
+            pl_module.collapse_watch.update(trainer.global_step, True, repeat_every=10**9)
 
 
 class WouldRunCode:
@@ -163,6 +179,7 @@ def recipe(folder: Path, shards: Path, **overrides) -> Path:
         },
         "data": {
             "train_shards": str(shards),
+            "val_shards": str(shards),  # all of them for training: STEPS_PER_EPOCH, no held-out tenth
             "view": {"class_path": "ssl_vit.data.MAEView", "init_args": {"size": 32}},
             "batch_size": 16,
             "num_workers": 1,
@@ -345,15 +362,17 @@ def case_mostly_broken_data(work: Path) -> Outcome:
 
 
 def case_nan_loss(work: Path) -> Outcome:
+    """NaN at step 5: the guard cannot tell bad data from parameters broken by step 4's update
+    (a too high lr looks the same), so the state it keeps is the one from before that update."""
     folder, config = new_run(work, "nan")
     result = pretrain(folder, "--config", config, *fault("NaNInputAt", step=5))
-    saved = folder / "run/checkpoints/last-good-step=00000005.ckpt"
+    saved = folder / "run/checkpoints/last-good-step=00000004.ckpt"
     message = last_line(result.stderr)
     ckpt = torch.load(saved, weights_only=True) if saved.exists() else {}
-    good = ckpt.get("global_step") == 5 and all_finite(ckpt["state_dict"])
+    good = ckpt.get("global_step") == 4 and all_finite(ckpt["state_dict"])
     ok = result.returncode == 2 and "non-finite loss at step 5 of MAE" in message and good
     return Outcome(
-        "stop naming step 5 and MAE; last good state saved",
+        "stop naming step 5 and MAE; the state of step 4 saved",
         f"rc {result.returncode}: {message[:90]}",
         ok,
         "none" if good else "yes",
@@ -429,9 +448,13 @@ CONFIG_CASES = [
         lambda f, w: ["--config", MOCOV3, "--data.batch_size=1", f"--data.train_shards={w / 'shards'}"],
     ),
     bad_config(
-        "fewer_shards_than_readers",
-        "4 shards cannot feed 2 devices x 3 workers",
-        lambda f, w: [*_tiny(f, w), "--trainer.devices=2", "--trainer.strategy=ddp", "--data.num_workers=3"],
+        "fewer_shards_than_devices",
+        "1 shards cannot feed 2 devices",
+        lambda f, w: [
+            *_tiny(f, w, **{"data.train_shards": str(w / "shards/shard-000000.tar")}),
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+        ],
     ),
     bad_config("missing_shards", "shards of", lambda f, w: _tiny(f, w, **{"data.train_shards": str(f / "nowhere")})),
     bad_config(
@@ -455,16 +478,250 @@ CONFIG_CASES = [
             },
         ),
     ),
+    bad_config(
+        "abbreviated_key",
+        "unknown recipe key 'trainer.max_epoch'",
+        lambda f, w: [*_tiny(f, w), "--trainer.max_epoch=2"],
+    ),
+    bad_config(
+        "negative_epochs",
+        "`max_epochs` must be a non-negative integer",
+        lambda f, w: [*_tiny(f, w), "--trainer.max_epochs=-5"],
+    ),
+    bad_config("negative_workers", "data.num_workers is -1", lambda f, w: [*_tiny(f, w), "--data.num_workers=-1"]),
+    bad_config(
+        "negative_lr", "a learning rate cannot be negative", lambda f, w: [*_tiny(f, w), "--model.init_args.base_lr=-1"]
+    ),
+    bad_config(
+        "checkpoints_in_export_folder",
+        "is the folder the run exports to at the end",
+        lambda f, w: _tiny(f, w, **{"checkpoint.dirpath": str(f / "run/export")}),
+    ),
 ]
+
+
+def copy_of_uninterrupted(work: Path, name: str) -> tuple[Path, str, dict[Path, bytes]]:
+    """A copy of the finished uninterrupted run in ``work/name`` (its recipe pointing at the copy),
+    and the bytes of every file in it, to tell afterwards whether anything was lost."""
+    uninterrupted(work)
+    folder = work / name
+    shutil.copytree(work / "uninterrupted", folder)
+    config = str(recipe(folder, work / "shards"))
+    return folder, config, {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def untouched(files: dict[Path, bytes]) -> bool:
+    return all(path.is_file() and path.read_bytes() == data for path, data in files.items())
+
+
+def case_fresh_start_in_a_used_run_folder(work: Path) -> Outcome:
+    """--auto_resume false where a run's checkpoints are: writing last-v1.ckpt beside them and
+    exporting the old last.ckpt is what Lightning alone would do; ssl-vit refuses in one line."""
+    folder, config, files = copy_of_uninterrupted(work, "used_folder")
+    result = pretrain(folder, "--config", config, "--auto_resume=false")
+    message = last_line(result.stderr)
+    ok = result.returncode == 2 and "--auto_resume false would write over" in message and untouched(files)
+    return Outcome(
+        "refuse in one line naming a new run folder; every file as it was",
+        f"rc {result.returncode}: {message[:90]}",
+        ok and "Traceback" not in result.stderr,
+        "none" if untouched(files) else "yes",
+    )
+
+
+def case_moved_run_folder_with_brackets(work: Path) -> Outcome:
+    """A finished run's folder moved to a path with glob characters ('exp[1]'), then trained one
+    epoch longer: it resumes its own last checkpoint (the path is not a pattern)."""
+    folder, _, _ = copy_of_uninterrupted(work, "exp[1]")
+    config = str(recipe(folder, work / "shards", **{"trainer.max_epochs": EPOCHS + 1}))
+    result = pretrain(folder, "--config", config)
+    step, _ = last_state(folder)
+    resumed = "resuming from" in result.stderr
+    ok = result.returncode == 0 and resumed and step == (EPOCHS + 1) * STEPS_PER_EPOCH
+    return Outcome(
+        f"resume, end at step {(EPOCHS + 1) * STEPS_PER_EPOCH}",
+        f"rc {result.returncode}, resumed={resumed}, step {step}",
+        ok,
+        "none" if checkpoints_intact(folder) else "yes",
+    )
+
+
+def case_another_runs_checkpoints(work: Path) -> Outcome:
+    """A new run folder (--trainer.default_root_dir) with a recipe whose checkpoint.dirpath points at
+    another run's checkpoints: never restored, one line, nothing written."""
+    folder, config, files = copy_of_uninterrupted(work, "another_run")
+    result = pretrain(folder, "--config", config, f"--trainer.default_root_dir={folder / 'new-run'}")
+    message = last_line(result.stderr)
+    ok = result.returncode == 2 and "not this run's to resume" in message and "Restored" not in result.stderr
+    ok = ok and untouched(files) and not (folder / "new-run").exists()
+    return Outcome(
+        "refuse in one line, restore nothing",
+        f"rc {result.returncode}: {message[:90]}",
+        ok,
+        "none" if untouched(files) else "yes",
+    )
+
+
+def case_checkpoint_with_a_hole(work: Path) -> Outcome:
+    """The newest checkpoint has a zeroed hole (its archive index intact), and a checkpoint writer
+    killed mid-save left its temporary file: the hole fails its SHA-256 and the run falls back to
+    the checkpoint before; the dead writer's file is removed."""
+    folder, config, _ = copy_of_uninterrupted(work, "hole")
+    ckpt_dir = folder / "run/checkpoints"
+    last = bytearray((ckpt_dir / "last.ckpt").read_bytes())
+    middle = len(last) // 2
+    last[middle : middle + 4096] = bytes(4096)
+    (ckpt_dir / "last.ckpt").write_bytes(bytes(last))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = ckpt_dir / f".last.ckpt.{socket.gethostname().replace('.', '_')}-{int(dead.stdout)}.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    result = pretrain(folder, "--config", config)
+    resumed_from = next((line for line in result.stderr.splitlines() if "resuming from" in line), "")
+    warned = "skipping checkpoint" in result.stderr and "does not match" in result.stderr
+    fell_back = f"epoch={EPOCHS - 1:04d}" in resumed_from
+    ok = result.returncode == 0 and warned and fell_back and not leftover.exists()
+    return Outcome(
+        "skip it (SHA-256), resume from the one before; dead writer's file removed",
+        f"rc {result.returncode}, warned={warned}, {resumed_from.strip()[:60] or 'did not resume'}, "
+        f"leftover removed={not leftover.exists()}",
+        ok,
+        "none" if fell_back else "yes",
+    )
+
+
+KILLED_AFTER_STEP = STEPS_PER_EPOCH + 3  # 3 batches into epoch 1: odd, so the 2 loader workers swap roles
+
+
+def case_kill_mid_epoch(work: Path) -> Outcome:
+    """SIGKILL right after a mid-epoch checkpoint (3 of epoch 1's 8 batches, 2 loader workers):
+    the resumed run continues that epoch's data where it stopped and ends bit-identical to an
+    uninterrupted run of the same recipe. (A checkpoint every step, so that both runs' last.ckpt
+    holds the final step: Lightning saves none at the end of a run that saved one before.)"""
+    overrides = {
+        "trainer.max_epochs": 2,
+        "data.num_workers": 2,
+        "checkpoint.every_n_epochs": None,
+        "checkpoint.every_n_train_steps": 1,
+    }
+    ref_folder, ref_config = new_run(work, "mid_epoch_uninterrupted", **overrides)
+    reference = pretrain(ref_folder, "--config", ref_config)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    folder, config = new_run(work, "kill_mid_epoch", **overrides)
+    killed = pretrain(folder, "--config", config, *fault("KillAt", step=KILLED_AFTER_STEP + 1))
+    saved_step, _ = last_state(folder)
+    again = pretrain(folder, "--config", config)
+    step, params = last_state(folder)
+    ref_step, ref_params = last_state(ref_folder)
+    diff = max_difference(params, ref_params)
+    resumed = saved_step == KILLED_AFTER_STEP and "resuming from" in again.stderr
+    ok = killed.returncode == -signal.SIGKILL and again.returncode == 0 and resumed and step == ref_step
+    return Outcome(
+        f"resume at step {KILLED_AFTER_STEP}, mid-epoch; parameters bit-identical to uninterrupted",
+        f"killed (rc {killed.returncode}) after step {saved_step}'s checkpoint; resumed={resumed}, "
+        f"step {step}, max |param diff| {diff:.1e}",
+        ok and diff == 0,
+        "none" if checkpoints_intact(folder) and resumed else "yes",
+    )
+
+
+def case_overwrite_current_or_checkpoint_folder(work: Path) -> Outcome:
+    """`ssl-vit export CKPT . --overwrite` and `ssl-vit export CKPT <its checkpoint folder>
+    --overwrite`, which used to empty the folder: each refused in one line, every file as it was."""
+    uninterrupted(work)
+    folder = work / "overwrite"
+    (folder / "run/checkpoints").mkdir(parents=True)
+    (folder / "run/checkpoints/last.ckpt").write_bytes((work / "uninterrupted/run/checkpoints/last.ckpt").read_bytes())
+    (folder / "notes.txt").write_text("the user's own file")
+    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, "-m", "ssl_vit.cli", "export", "run/checkpoints/last.ckpt"]
+    refused, observed = True, []
+    for out in (".", "run/checkpoints"):
+        result = subprocess.run(
+            [*command, out, "--overwrite"], cwd=folder, capture_output=True, text=True, timeout=300, env=env
+        )
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        refused = refused and result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
+        message = (errors or [last_line(result.stderr)])[0].split("error: ", 1)[-1]
+        observed.append(f"{out}: rc {result.returncode}, {message[:60]}")
+    kept = all(path.is_file() and path.read_bytes() == data for path, data in files.items())
+    return Outcome(
+        "refuse each in one line; every file as it was",
+        " | ".join(observed),
+        refused and kept,
+        "none" if kept else "yes",
+    )
+
+
+def parameter_rms(state: dict[str, torch.Tensor]) -> float:
+    """Root mean square of a state dict's floating-point entries (about 0.3 for the tiny MAE,
+    whose LayerNorm weights are ones, trained or not)."""
+    floats = [v.float().flatten() for v in state.values() if v.is_floating_point()]
+    return torch.cat(floats).square().mean().sqrt().item() if floats else math.inf
+
+
+def case_lr_blowup_recovered(work: Path) -> Outcome:
+    """base_lr 1e6: the first update blows the parameters up, the next loss jumps 1e20-fold (its
+    gradients are NaN). The run stops and keeps the state from before that update; the same
+    command with base_lr 1e-3 resumes from it and finishes with parameters of normal size."""
+    folder, config = new_run(work, "lr_blowup")
+    blown = pretrain(folder, "--config", config, "--model.init_args.base_lr=1e6")
+    message = last_line(blown.stderr)
+    saved = list((folder / "run/checkpoints").glob("last-good-step=*.ckpt"))
+    saved_state = torch.load(saved[0], weights_only=True)["state_dict"] if len(saved) == 1 else {}
+    resumed = pretrain(folder, "--config", config, "--model.init_args.base_lr=1e-3")
+    from_saved = len(saved) == 1 and f"resuming from {saved[0]}" in resumed.stderr
+    step, params = last_state(folder) if resumed.returncode == 0 else (0, {})
+    ref_step, reference = uninterrupted(work)
+    normal = parameter_rms(reference)
+    saved_rms, final_rms = parameter_rms(saved_state), parameter_rms(params)
+    kept = saved_rms < 2 * normal and all_finite(saved_state)
+    ok = blown.returncode == 2 and "abnormal loss at step 1 of MAE" in message and kept and from_saved
+    ok = ok and step == ref_step and all_finite(params) and final_rms < 2 * normal
+    return Outcome(
+        f"stop at the jump, keep parameters of normal size (rms {normal:.2f}); resume with base_lr 1e-3 to the end",
+        f"rc {blown.returncode}: {message.split('error: ', 1)[-1][:40]}...; "
+        f"saved {saved[0].name if saved else 'nothing'}, rms {saved_rms:.2g}; "
+        f"resumed={from_saved}, rc {resumed.returncode}, step {step}, rms {final_rms:.2g}",
+        ok,
+        "none" if kept else "yes",
+    )
+
+
+def case_collapsed_run_fails(work: Path) -> Outcome:
+    """A run whose outputs stay collapsed from step 2 of 24: it finishes, exports and writes its
+    summary, then says it failed and exits 3; --allow_collapse true exits 0."""
+    folder, config = new_run(work, "collapsed", **{"trainer.max_epochs": 1})
+    failed = pretrain(folder, "--config", config, *fault("CollapsedFrom", step=2))
+    summary = json.loads((folder / "run/summary.json").read_text()) if (folder / "run/summary.json").exists() else {}
+    kept_going = pretrain(folder, "--config", config, "--allow_collapse=true", "--trainer.max_epochs=2")
+    said = "run failed" in last_line(failed.stderr) and "collapsed" in str(summary.get("failed"))
+    ok = failed.returncode == 3 and said and (folder / "run/export/model.safetensors").is_file()
+    ok = ok and kept_going.returncode == 0
+    return Outcome(
+        "finish, export, summary 'failed', exit 3; exit 0 with --allow_collapse true",
+        f"rc {failed.returncode}, said={said}, then rc {kept_going.returncode}",
+        ok,
+        "none",
+    )
+
 
 CASES: list[Callable[[Path], Outcome]] = [
     case_sigkill,
+    case_kill_mid_epoch,
     case_sigterm,
     case_truncated_checkpoint,
+    case_checkpoint_with_a_hole,
+    case_fresh_start_in_a_used_run_folder,
+    case_moved_run_folder_with_brackets,
+    case_another_runs_checkpoints,
     case_broken_data,
     case_mostly_broken_data,
     case_nan_loss,
     case_nan_skipped,
+    case_lr_blowup_recovered,
+    case_collapsed_run_fails,
+    case_overwrite_current_or_checkpoint_folder,
     *CONFIG_CASES,
 ]
 

@@ -205,14 +205,31 @@ class SSLMethod(L.LightningModule):
         """A parameter's multiplier of the scheduled lr (DINOv2's layer-wise decay); 1 by default."""
         return 1.0
 
+    def lr_group(self, name: str, param: nn.Parameter) -> str:
+        """A name that puts a parameter in optimiser groups of its own, whose lr
+        :meth:`lr_group_factor` can set apart on each step (DINOv2's last layers); "" by default."""
+        return ""
+
+    def lr_group_factor(self, lr_group: str, step: int) -> float:
+        """A further multiplier of the lr of the parameters in ``lr_group`` at optimiser step ``step``."""
+        return 1.0
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        groups: dict[tuple[bool, float, str], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if param.requires_grad:
-                groups.setdefault((self.decays(name, param), self.lr_scale(name, param)), []).append(param)
+                key = (self.decays(name, param), self.lr_scale(name, param), self.lr_group(name, param))
+                groups.setdefault(key, []).append(param)
         param_groups = [
-            {"params": params, "weight_decay": self.weight_decay if decays else 0.0, "lr_scale": scale}
-            for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
+            {
+                "params": params,
+                "weight_decay": self.weight_decay if decays else 0.0,
+                "lr_scale": scale,
+                "lr_group": lr_group,
+            }
+            for (decays, scale, lr_group), params in sorted(
+                groups.items(), key=lambda item: (not item[0][0], -item[0][1], item[0][2])
+            )
         ]
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(param_groups, lr=0.0, betas=self.betas, fused=fused)
@@ -270,7 +287,7 @@ class SSLMethod(L.LightningModule):
             wd = cosine_to(step, int(self.trainer.estimated_stepping_batches), wd, self.weight_decay_end)
             self.log("train/weight_decay", wd)
         for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group.get("lr_scale", 1.0) * self.lr_group_factor(group.get("lr_group", ""), step)
             if group["weight_decay"]:  # only the decayed groups follow the schedule
                 group["weight_decay"] = wd
         self.log("train/lr", lr, prog_bar=True)

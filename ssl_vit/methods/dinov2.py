@@ -45,22 +45,30 @@ def check_ibot_masking(ratio_range: tuple[float, float], mask_probability: float
 
 class DINOv2(DINO):
     """DINOv2 pretraining; defaults are ``ssl_default_config.yaml``'s: DINO head 2048 / 256 /
-    65536 shared by the iBOT loss (``ibot_separate_head`` builds its own), half of the global
+    65536 shared by the iBOT loss (``ibot_separate_head`` builds its own, ``ibot_hidden_dim`` /
+    ``ibot_bottleneck_dim`` / ``ibot_out_dim``, 2048 / 256 / 65536), both heads' prototype norms
+    (the last layer's weight-norm magnitude) starting at 1 and trained, half of the global
     crops masked with per-crop ratios spread over (0.1, 0.5), loss = DINO + 1.0 x iBOT + 0.1 x
     KoLeo, Sinkhorn-Knopp teacher targets (``centering: mean`` for DINO's centre, one for the CLS
     and one for the patches), teacher 0.04 -> 0.07 over 30 epochs per step, teacher momentum 0.992
     -> 1, AdamW at 0.004 x sqrt(batch / 1024) (10 warm-up epochs, cosine to 1e-6), weight decay
     0.04 -> 0.4, layer-wise lr decay 0.9 with the patch embedding at 0.2 of its layer's lr, the
-    heads' last layers frozen for the first epoch, gradients clipped to norm 3.0 per module
-    (encoder, each head), layer scale 1e-5 (timm ``init_values``). Registers are the encoder's
-    ``reg_tokens``."""
+    heads' last layers at lr 0 for the first epoch, gradients clipped to norm 3.0 per module
+    (encoder, each head), layer scale 1e-5 (timm ``init_values``), drop path at one rate in every
+    block. Registers are the encoder's ``reg_tokens``, which timm gives a position of their own
+    (DINOv2 does not)."""
 
     #: ssl_default_config.yaml: 100 "epochs" of 1,250 iterations each (OFFICIAL_EPOCH_LENGTH)
     paper_run = PaperRun(epochs=100, steps_per_epoch=1250)
     #: dinov2/utils/config.py, "sqrt_wrt_1024"
     lr_batch_divisor: ClassVar[int] = 1024
     lr_batch_rule: ClassVar[Literal["linear", "sqrt"]] = "sqrt"
-    encoder_defaults: ClassVar[dict[str, Any]] = {"pos_embed_resample": "dino", "init_values": 1e-5}
+    #: ssl_default_config.yaml: layer scale 1e-5, the drop-path rate in every block (drop_path_uniform)
+    encoder_defaults: ClassVar[dict[str, Any]] = {
+        "pos_embed_resample": "dino",
+        "init_values": 1e-5,
+        "drop_path_uniform": True,
+    }
 
     def __init__(
         self,
@@ -69,6 +77,9 @@ class DINOv2(DINO):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         ibot_separate_head: bool = False,
+        ibot_out_dim: int = 65536,
+        ibot_hidden_dim: int = 2048,
+        ibot_bottleneck_dim: int = 256,
         mask_ratio_range: tuple[float, float] = (0.1, 0.5),
         mask_probability: float = 0.5,
         ibot_loss_weight: float = 1.0,
@@ -99,7 +110,7 @@ class DINOv2(DINO):
             out_dim=out_dim,
             hidden_dim=hidden_dim,
             bottleneck_dim=bottleneck_dim,
-            norm_last_layer=True,
+            norm_last_layer=False,  # dinov2/layers/dino_head.py: g starts at 1 and trains
             use_bn_in_head=False,
             freeze_last_layer_epochs=freeze_last_layer_epochs,
             student_temp=student_temp,
@@ -123,10 +134,12 @@ class DINOv2(DINO):
         # patch embedding of masked patches before the position embedding is added.
         self.mask_token = nn.Parameter(torch.zeros(1, self.encoder.embed_dim))
         if ibot_separate_head:
-            self.ibot_head = DINOHead(self.encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+            self.ibot_head = DINOHead(
+                self.encoder.embed_dim, ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim, norm_last_layer=False
+            )
             self.teacher_ibot_head = frozen_copy(self.ibot_head)
             self.ema_targets = {**DINO.ema_targets, "teacher_ibot_head": "ibot_head"}
-        self.register_buffer("patch_center", torch.zeros(1, out_dim))
+        self.register_buffer("patch_center", torch.zeros(1, ibot_out_dim if ibot_separate_head else out_dim))
         self._patch_means: list[Tensor] = []
 
     def heads(self) -> tuple[nn.Module, nn.Module]:
@@ -185,12 +198,15 @@ class DINOv2(DINO):
         return ibot_patch_loss(student_ibot_head(student_patches[masks]), targets, masks, self.hparams.student_temp)
 
     def teacher_temperature(self) -> float:
-        """DINOv2 warms the teacher temperature up per iteration (DINO per epoch)."""
+        """DINOv2 warms the teacher temperature up per iteration (DINO per epoch) with
+        ``np.linspace(warmup_teacher_temp, teacher_temp, warmup)`` (``dinov2/utils/utils.py``
+        ``CosineScheduler``): its last warm-up step is already at ``teacher_temp``."""
         hp = self.hparams
         warmup = round(self.run_epochs(hp.warmup_teacher_temp_epochs) * self.steps_per_epoch())
         if self.global_step >= warmup:
             return hp.teacher_temp
-        return hp.warmup_teacher_temp + (hp.teacher_temp - hp.warmup_teacher_temp) * self.global_step / warmup
+        progress = self.global_step / max(warmup - 1, 1)  # a 1-step linspace is its start
+        return hp.warmup_teacher_temp + (hp.teacher_temp - hp.warmup_teacher_temp) * progress
 
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)  # the EMA teacher and the CLS centre
@@ -201,10 +217,19 @@ class DINOv2(DINO):
             self._patch_means.clear()
 
     def on_after_backward(self) -> None:
-        super().on_after_backward()  # DINO's head's last layer
-        if self.hparams.ibot_separate_head and self.current_epoch < self.hparams.freeze_last_layer_epochs:
-            for p in self.ibot_head.last_layer.parameters():
-                p.grad = None
+        """Unlike DINO, keep the last layers' gradients while they are frozen: DINOv2 freezes them
+        with a zero lr (:meth:`lr_group_factor`), so they still count in the heads' clipping norms
+        and still move AdamW's moments."""
+
+    def lr_group(self, name: str, param: nn.Parameter) -> str:
+        # dinov2/utils/param_groups.py: every "last_layer" parameter (both heads') is in a group of its own.
+        return "last_layer" if ".last_layer." in name else ""
+
+    def lr_group_factor(self, lr_group: str, step: int) -> float:
+        """The last layers' lr is 0 for the first ``freeze_last_layer_epochs`` epochs
+        (``dinov2/train/train.py``'s ``last_layer_lr_schedule``), the scheduled lr after."""
+        frozen = step < self.hparams.freeze_last_layer_epochs * self.steps_per_epoch()
+        return 0.0 if lr_group == "last_layer" and frozen else 1.0
 
     def gradient_clip_groups(self) -> list[list[nn.Parameter]]:
         # DINOv2 clips the global norm of each module on its own: the backbone, each head.
