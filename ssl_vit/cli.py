@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import inspect
 import logging
 import re
 import signal
@@ -55,7 +56,14 @@ from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.encoders import load_evaluated_encoder, standalone_record_stem
-from ssl_vit.eval.report import print_results, settings_tag, write_json, write_records
+from ssl_vit.eval.report import (
+    COMMON_SETTINGS,
+    PROTOCOL_SETTINGS,
+    print_results,
+    settings_tag,
+    write_json,
+    write_records,
+)
 from ssl_vit.export import export_encoder
 from ssl_vit.finetune import FineTune, LabelledShardDataModule, export_classifier
 from ssl_vit.guards import NonFiniteGuard
@@ -473,7 +481,17 @@ def evaluate(command: str, args: list[str]) -> None:
         help="folder for the records; default: beside the checkpoint or export folder, the current folder for "
         "timm:NAME",
     )
-    parser.add_class_arguments(Evaluator)
+    # Only the options of this command's protocols (the others keep their defaults).
+    kinds = {"knn": ["knn"], "probe": ["probe", "attentive"], "segprobe": ["segmentation"]}[command]
+    wanted = {
+        "train_shards",
+        "val_shards",
+        "cache_dir",
+        *COMMON_SETTINGS,
+        *(s for k in kinds for s in PROTOCOL_SETTINGS[k]),
+    }
+    wanted |= {"head"} if command == "probe" else set()
+    parser.add_class_arguments(Evaluator, skip=set(inspect.signature(Evaluator).parameters) - wanted)
     cfg = parser.parse_args(args).as_dict()
     source, weights, out = cfg.pop("encoder"), cfg.pop("weights"), cfg.pop("out")
     evaluator = Evaluator(**cfg)
@@ -589,13 +607,15 @@ def shards(args: list[str]) -> None:
         console.print(f"wrote {index.num_samples} samples of {n_classes} classes in {n_shards} shards to {where}")
 
 
-def recipe_error_message(err: argparse.ArgumentError) -> str:
+def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
     """One line out of jsonargparse's nested report on a bad recipe or override."""
     text = str(err)
     unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --([^= ]+)", text)
     if unknown:
         key = unknown.group(1) or unknown.group(2)
-        return f"unknown recipe key '{key}'; `ssl-vit pretrain --help` lists the accepted keys"
+        if command in TRAINING_OPTIONS:
+            return f"unknown recipe key '{key}'; `ssl-vit {command} --help` lists the common keys"
+        return f"unknown option '--{key}'; `ssl-vit {command} --help` lists the accepted ones"
     noise = ("Does not validate", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
     return " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise))
 
@@ -628,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + signal.SIGTERM)
     except (UserError, argparse.ArgumentError, MisconfigurationException) as err:
         # Lightning's MisconfigurationException is its own word on a bad setting (e.g. max_epochs -5).
-        message = recipe_error_message(err) if isinstance(err, argparse.ArgumentError) else str(err)
+        message = recipe_error_message(err, command) if isinstance(err, argparse.ArgumentError) else str(err)
         Console(stderr=True).print(f"[bold red]ssl-vit {command}: error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

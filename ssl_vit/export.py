@@ -8,6 +8,7 @@ checkpoint or an export folder; ``encoder_state_dict`` reads timm-keyed weights 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,8 +37,10 @@ from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 ExportFormat = Literal["timm", "state_dict"]
 #: ``pretrained_cfg`` entries that describe a timm release of an architecture, not an export.
 RELEASE_KEYS = ("tag", "license", "hf_hub_id", "url", "file", "source", "origin_url", "paper_ids", "paper_name")
-# What --overwrite may replace: exactly what save_for_hf writes with safe serialisation, or one file.
-EXPORT_FOLDER = OutputKind("an export folder (config.json, model.safetensors)", ("config.json", "model.safetensors"))
+# What --overwrite may replace: what save_for_hf writes with safe serialisation and the model card, or one file.
+EXPORT_FOLDER = OutputKind(
+    "an export folder (config.json, model.safetensors, README.md)", ("config.json", "model.safetensors", "README.md")
+)
 STATE_DICT_FILE = OutputKind("a state_dict export", ("*.safetensors",), folder=False)
 
 
@@ -94,8 +97,44 @@ def write_timm_folder(
 
     def write(folder: Path) -> None:
         save_for_hf(model, str(folder), model_config=config, model_args=model_args, safe_serialization=True)
+        (folder / "README.md").write_text(model_card(model, config.get("ssl_vit", {})))
 
     return replace_output(out, write, EXPORT_FOLDER, overwrite, reads)
+
+
+def model_card(model: VisionTransformer, record: dict[str, Any]) -> str:
+    """A short README for an export folder: what the weights are, where they came from, how to
+    load them (the same facts as ``config.json``'s ``ssl_vit`` record)."""
+    data = record.get("data", {})
+    results = [f"- {kind}: {json.dumps(record[kind])}" for kind in RECORD_KINDS if kind in record] or [
+        "- none recorded with this checkpoint"
+    ]
+    lines = [
+        f"# {model.default_cfg.get('architecture', type(model).__name__)}, {record.get('objective', 'ssl-vit')}",
+        "",
+        f"Weights written by ssl-vit {record.get('ssl_vit_version', '')} from `{record.get('checkpoint')}`.",
+        "",
+        f"- objective: {record.get('objective')} ({record.get('encoder_role', 'encoder')} encoder)",
+        f"- optimiser steps: {record.get('step')}",
+        f"- training data: `{data.get('train_shards', 'unknown')}`",
+        f"- features: {'the mean of the patch tokens' if model.global_pool == 'avg' else 'the CLS token'} "
+        "(timm's `forward_head(x, pre_logits=True)`)",
+        "",
+        "Evaluation of this checkpoint by the run (top-1 %):",
+        "",
+        *results,
+        "",
+        "Load it with timm alone:",
+        "",
+        "```python",
+        "import timm",
+        'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True, num_classes=0)',
+        "```",
+        "",
+        "No licence is stated here: the weights carry the terms of the data they were trained on.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None) -> VisionTransformer:
@@ -142,6 +181,7 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
     probe results if they were written next to the checkpoint."""
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     record: dict[str, Any] = {
+        "ssl_vit_version": importlib.metadata.version("ssl-vit"),
         "objective": objective_name(ckpt),
         "encoder_role": role,
         "checkpoint": str(checkpoint),
@@ -151,9 +191,10 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
     }
     checkpoint = Path(checkpoint)
     for kind in RECORD_KINDS:
-        results = checkpoint.with_name(f"{checkpoint.stem}.{kind}.json")
-        if results.is_file():
-            record[kind] = json.loads(results.read_text())["results"]
+        path = checkpoint.with_name(f"{checkpoint.stem}.{kind}.json")
+        results = json.loads(path.read_text()) if path.is_file() else None
+        if results and results.get("step", record["step"]) == record["step"]:  # not of an earlier state
+            record[kind] = results["results"]
     return record
 
 

@@ -102,8 +102,12 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
 
     # The same numbers from the standalone commands on the checkpoint.
     data = ["--train_shards=data/shapes/train", "--val_shards=data/shapes/val"]
-    protocol = ["--head=linear+attentive", "--segmentation=true", "--attentive_epochs=2", "--seg_epochs=2"]
-    for command in ("knn", "probe", "segprobe"):
+    protocols = {
+        "knn": [],
+        "probe": ["--head=linear+attentive", "--attentive_epochs=2"],
+        "segprobe": ["--seg_epochs=2"],
+    }
+    for command, protocol in protocols.items():  # each command takes its own protocols' options only
         result = ssl_vit(command, str(ckpt_dir / "last.ckpt"), *data, *protocol, cwd=workdir)
         assert result.returncode == 0, result.stderr[-3000:]
     for kind in kinds:  # in files of their own: the run's records are left as they were
@@ -266,3 +270,20 @@ def test_a_run_collapsed_for_more_than_a_tenth_of_its_steps_failed():
     assert collapse_verdict(summary(15, 0)) is None and collapse_verdict(summary(None, None)) is None
     assert "141 of 150 steps by its objective's collapse check" in collapse_verdict(summary(141, 3))
     assert "16 of 150 steps by its features' RankMe" in collapse_verdict(summary(None, 16))
+
+
+@pytest.mark.parametrize(
+    ("command", "own", "others"),
+    [
+        ("knn", "--knn_ks", ("--probe_epochs", "--attentive_epochs", "--seg_epochs", "--head")),
+        ("probe", "--attentive_epochs", ("--knn_ks", "--seg_epochs")),
+        ("segprobe", "--seg_epochs", ("--knn_ks", "--probe_epochs", "--head")),
+    ],
+)
+def test_each_evaluation_command_lists_only_its_own_options(command, own, others, capsys):
+    from ssl_vit.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert own in text and not [option for option in others if option in text]

@@ -20,8 +20,8 @@ from tests.test_segmentation import region_shards  # labelled shards with label 
 # Few epochs and images: these tests check where numbers come from and go, not their quality.
 SETTINGS = {
     "knn": ["--knn_ks", "[5]"],
-    "probe": ["--probe_epochs", "2", "--probe_warmup_epochs", "0"],
-    "segprobe": ["--seg_epochs", "2"],
+    "probe": ["--probe_epochs", "2", "--probe_warmup_epochs", "0", "--probe_batch_size", "16"],
+    "segprobe": ["--seg_epochs", "2", "--probe_batch_size", "16"],
 }
 RECORD_KIND = {"knn": "knn", "probe": "probe", "segprobe": "segmentation"}
 RUN_RECORD = json.dumps({"results": "the run's own, with its random-init baseline"})
@@ -49,7 +49,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
 def evaluate(capsys, command: str, encoder: str | Path, run: dict[str, Path], *options: str) -> Path:
     """The command through the CLI's entry point; the one record it says it wrote."""
     data = ["--train_shards", str(run["train"]), "--val_shards", str(run["val"]), "--num_workers", "0"]
-    main([command, str(encoder), *data, *SETTINGS[command], "--probe_batch_size", "16", *options])
+    main([command, str(encoder), *data, *SETTINGS[command], *options])
     written = re.findall(r"^wrote (.+)$", capsys.readouterr().out, flags=re.MULTILINE)
     assert len(written) == 1, written
     return Path(written[0])

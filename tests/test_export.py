@@ -9,6 +9,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+import ssl_vit
 from ssl_vit import export_encoder, load_encoder
 from ssl_vit.checkpoint import load_checkpoint_encoder
 from ssl_vit.encoder import NON_TIMM_SETTINGS
@@ -32,7 +33,7 @@ def checkpoint(request, tmp_path) -> Path:
 
 def test_timm_loads_the_export_with_the_same_features(checkpoint, tmp_path):
     out = export_encoder(checkpoint, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     model = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=7).eval()
     assert isinstance(model.head, torch.nn.Linear) and model.head.out_features == 7
     encoder, _ = load_checkpoint_encoder(checkpoint)
@@ -43,6 +44,18 @@ def test_timm_loads_the_export_with_the_same_features(checkpoint, tmp_path):
     for source in (out, checkpoint):
         with torch.no_grad():
             torch.testing.assert_close(load_encoder(source).eval().forward_features(x), encoder(x).tokens)
+
+
+POOLED_AS_EVALUATED = {"simmim": "mean", "ijepa": "mean"}  # the others are evaluated on the CLS token
+
+
+def test_timm_pools_the_export_as_the_run_evaluated_it(checkpoint, tmp_path):
+    model = timm.create_model(f"local-dir:{export_encoder(checkpoint, tmp_path / 'export')}", pretrained=True).eval()
+    with torch.no_grad():
+        tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+        pooled = model.forward_head(tokens, pre_logits=True)
+    mean = POOLED_AS_EVALUATED.get(checkpoint.parent.name.split("-")[0]) == "mean"
+    torch.testing.assert_close(pooled, tokens[:, model.num_prefix_tokens :].mean(1) if mean else tokens[:, 0])
 
 
 def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
@@ -60,6 +73,9 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     # timm's tag and licence name its release of the architecture, not these weights
     assert not {"tag", "license", "hf_hub_id"} & set(config["pretrained_cfg"])
     prov = config["ssl_vit"]
+    assert prov["ssl_vit_version"] == ssl_vit.__version__
+    card = (out / "README.md").read_text()
+    assert f"optimiser steps: {prov['step']}" in card and 'create_model("local-dir:' in card
     objective = checkpoint.parent.name.split("-")[0]
     assert prov["objective"].lower() == objective and prov["step"] == 2
     assert prov["encoder_role"] == EVALUATED_ROLE.get(objective, "student")

@@ -16,6 +16,31 @@ from ssl_vit.eval.evaluator import Results
 
 #: The evaluation records written beside a checkpoint, ``<stem>.<kind>.json``, one per protocol.
 RECORD_KINDS = ("knn", "probe", "attentive", "segmentation")
+#: The Evaluator settings each protocol depends on (besides the data and ``COMMON_SETTINGS``): what
+#: its record lists, and what its standalone command takes.
+COMMON_SETTINGS = ("image_size", "batch_size", "num_workers", "seed")
+PROTOCOL_SETTINGS = {
+    "knn": ("pooling", "last_blocks", "knn_ks", "knn_temperature", "knn_chunk_size"),
+    "probe": (
+        "pooling",
+        "last_blocks",
+        "probe_epochs",
+        "probe_batch_size",
+        "probe_base_lr",
+        "probe_warmup_epochs",
+        "probe_optimizer",
+        "probe_augment",
+    ),
+    "attentive": (
+        "probe_batch_size",
+        "probe_augment",
+        "attentive_epochs",
+        "attentive_lr",
+        "attentive_weight_decay",
+        "token_cache_gib",
+    ),
+    "segmentation": ("probe_batch_size", "seg_epochs", "seg_lr", "seg_weight_decay", "token_cache_gib"),
+}
 
 
 def metrics(results: Results) -> dict[str, float]:
@@ -89,7 +114,7 @@ def write_records(
             **info,
             "checkpoint": str(checkpoint),
             "data": {"train_shards": settings["train_shards"], "val_shards": settings["val_shards"]},
-            "protocol": {k: v for k, v in settings.items() if k not in ("train_shards", "val_shards", "cache_dir")},
+            "protocol": {k: settings[k] for k in (*COMMON_SETTINGS, *PROTOCOL_SETTINGS[kind]) if k in settings},
             "results": results[kind],
             "seconds": round(seconds, 2),
         }

@@ -39,7 +39,9 @@ class SimMIM(SSLMethod):
 
     lr_batch_divisor: ClassVar[int] = 512
     lr_bounds_scale_with_batch: ClassVar[bool] = True
-    encoder_defaults: ClassVar[dict[str, Any]] = {"init_values": 0.1}
+    # SimMIM never trains the CLS token: its features (evaluated and exported) are the mean of the
+    # patch tokens after the final norm (timm's "avg" pooling, without moving the norm after it).
+    encoder_defaults: ClassVar[dict[str, Any]] = {"init_values": 0.1, "global_pool": "avg", "fc_norm": False}
 
     def __init__(
         self,
