@@ -186,7 +186,7 @@ def test_a_failed_replacement_leaves_the_old_export_whole(tmp_path, run, monkeyp
 def test_overwrite_replaces_an_export_with_a_new_one(tmp_path, run):
     out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "export")
     export_encoder(run / "checkpoints/epoch=0000.ckpt", out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text())["ssl_vit"]["checkpoint"].endswith("epoch=0000.ckpt")
     assert out.stat().st_mode & 0o055 == 0o055  # readable by others, like any folder the user makes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]  # nothing left beside it
