@@ -209,14 +209,18 @@ def test_every_recipe_and_script_the_readme_and_docs_name_exists(page):
         assert (ROOT / script).is_file(), f"{script} in {page_id(page)} does not exist"
 
 
-def test_every_command_the_readme_and_docs_name_runs(tmp_path):
+def test_every_command_the_readme_and_docs_name_runs(capsys):
     pages_naming: dict[str, list[str]] = {}
     for page in PAGES:
         for command in set(re.findall(r"\bssl-vit ([a-z]+)", code_in(page.read_text()))):
             pages_naming.setdefault(command, []).append(page_id(page))
+    from ssl_vit.cli import main
+
     for command, pages in sorted(pages_naming.items()):
-        result = ssl_vit(command, "--help", cwd=tmp_path)
-        assert result.returncode == 0, f"`ssl-vit {command}` in {', '.join(pages)}: {result.stderr[-500:]}"
+        try:  # in this process: the command exists and its --help works
+            main([command, "--help"])
+        except SystemExit as done:
+            assert done.code == 0, f"`ssl-vit {command}` in {', '.join(pages)} exits {done.code}"
     assert recipes_named(ROOT / "README.md"), "the README names no recipe"
     recipes = set().union(*map(recipes_named, PAGES))
     listed = ssl_vit("recipes", cwd=ROOT)
