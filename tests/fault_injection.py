@@ -10,6 +10,7 @@ whether anything was lost.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +209,32 @@ def pretrain(folder: Path, *args: str) -> subprocess.CompletedProcess:
         timeout=300,
         env=env,
     )
+
+
+def in_this_process(folder: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``ssl-vit ARGV`` run by this process (in ``folder``), for commands that stop before any
+    training: a new interpreter would spend seconds importing torch and Lightning per case."""
+    from ssl_vit.cli import main
+
+    stdout, stderr, here = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+            try:
+                main(list(argv))
+                code = 0
+            except SystemExit as done:
+                code = done.code
+            except Exception:
+                code = 1
+                traceback.print_exc()
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(argv), code, stdout.getvalue(), stderr.getvalue())
+
+
+def pretrain_in_this_process(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return in_this_process(folder, "pretrain", *args)
 
 
 def fault(callback: str, **init_args) -> list[str]:
@@ -406,7 +434,7 @@ def bad_config(name: str, expected: str, make_args: Callable[[Path, Path], list[
     def case(work: Path) -> Outcome:
         folder = work / f"config_{name}"
         folder.mkdir()
-        result = pretrain(folder, *make_args(folder, work))
+        result = pretrain_in_this_process(folder, *make_args(folder, work))
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         message = errors[0] if errors else last_line(result.stderr)
         wrote = [p for p in (folder / "run").rglob("*") if p.is_file()] if (folder / "run").exists() else []
@@ -518,7 +546,7 @@ def case_fresh_start_in_a_used_run_folder(work: Path) -> Outcome:
     """--auto_resume false where a run's checkpoints are: writing last-v1.ckpt beside them and
     exporting the old last.ckpt is what Lightning alone would do; ssl-vit refuses in one line."""
     folder, config, files = copy_of_uninterrupted(work, "used_folder")
-    result = pretrain(folder, "--config", config, "--auto_resume=false")
+    result = pretrain_in_this_process(folder, "--config", config, "--auto_resume=false")
     message = last_line(result.stderr)
     ok = result.returncode == 2 and "--auto_resume false would write over" in message and untouched(files)
     return Outcome(
@@ -550,7 +578,7 @@ def case_another_runs_checkpoints(work: Path) -> Outcome:
     """A new run folder (--trainer.default_root_dir) with a recipe whose checkpoint.dirpath points at
     another run's checkpoints: never restored, one line, nothing written."""
     folder, config, files = copy_of_uninterrupted(work, "another_run")
-    result = pretrain(folder, "--config", config, f"--trainer.default_root_dir={folder / 'new-run'}")
+    result = pretrain_in_this_process(folder, "--config", config, f"--trainer.default_root_dir={folder / 'new-run'}")
     message = last_line(result.stderr)
     ok = result.returncode == 2 and "not this run's to resume" in message and "Restored" not in result.stderr
     ok = ok and untouched(files) and not (folder / "new-run").exists()

@@ -12,6 +12,8 @@ import timm
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.fault_injection import in_this_process
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart" / "mae.yaml"
 TINY = [
@@ -52,9 +54,9 @@ def test_unknown_recipe_key_stops_before_any_work(tmp_path, where):
     if where == "recipe":
         recipe = tmp_path / "typo.yaml"
         recipe.write_text(RECIPE.read_text().replace("batch_size:", "batch_sise:"))
-        result = ssl_vit("pretrain", "--config", str(recipe), cwd=tmp_path)
+        result = in_this_process(tmp_path, "pretrain", "--config", str(recipe))
     else:
-        result = ssl_vit("pretrain", "--config", str(RECIPE), "--data.batch_sise=3", cwd=tmp_path)
+        result = in_this_process(tmp_path, "pretrain", "--config", str(RECIPE), "--data.batch_sise=3")
     assert result.returncode == 2
     assert "unknown recipe key 'data.batch_sise'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -62,13 +64,13 @@ def test_unknown_recipe_key_stops_before_any_work(tmp_path, where):
 
 
 def test_missing_shards_stop_with_one_message(tmp_path):
-    result = ssl_vit(
+    result = in_this_process(
+        tmp_path,
         "pretrain",
         "--config",
         str(RECIPE),
         "--data.train_shards=/nonexistent/train-{0..3}.tar",
         "--data.generate_embedded=false",
-        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert "4 of 4 shards of '/nonexistent/train-{0..3}.tar' are missing" in result.stderr
@@ -158,7 +160,7 @@ def test_evaluating_something_that_is_not_a_checkpoint_is_one_clear_message(tmp_
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     (tmp_path / "notes.yaml").write_text("a: 1\n")
     for path, message in (("other.pt", "is not an ssl-vit checkpoint"), ("notes.yaml", "is not an ssl-vit checkpoint")):
-        result = ssl_vit("knn", path, "--train_shards=x", "--val_shards=y", cwd=tmp_path)
+        result = in_this_process(tmp_path, "knn", path, "--train_shards=x", "--val_shards=y")
         assert result.returncode == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
 

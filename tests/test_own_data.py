@@ -142,8 +142,9 @@ def user_folder(tmp_path_factory) -> Path:
     unlabelled folder."""
     home = tmp_path_factory.mktemp("user")
     (home / "recipes").symlink_to(ROOT / "recipes")
-    image_folder(home / "photos", ["cats", "dogs", "owls"], per_class=100)
-    image_folder(home / "more_photos", ["cats", "owls"], per_class=100)
+    # Just over one batch of 128 left for training once a tenth is held out: one step per epoch.
+    image_folder(home / "photos", ["cats", "dogs", "owls"], per_class=50)
+    image_folder(home / "more_photos", ["cats", "owls"], per_class=75)
     image_folder(home / "unlabelled", None, per_class=150)
     return home
 
