@@ -69,7 +69,25 @@ class EncoderOutput(NamedTuple):
         return self.tokens[:, self.num_prefix_tokens :]
 
 
-class ViTEncoder(nn.Module):
+class ViTProperties:
+    """What the evaluators and objectives read off an encoder's timm VisionTransformer (``vit``)."""
+
+    vit: VisionTransformer
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit.patch_embed.patch_size[0]
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.vit.cls_token is not None
+
+
+class ViTEncoder(ViTProperties, nn.Module):
     """A timm ViT whose forward can drop or mask patch tokens and take any input resolution.
 
     Position embeddings are resampled to the input's patch grid, so one encoder serves 224-px
@@ -117,14 +135,6 @@ class ViTEncoder(nn.Module):
         self.vit = vit
 
     @property
-    def embed_dim(self) -> int:
-        return self.vit.embed_dim
-
-    @property
-    def patch_size(self) -> int:
-        return self.vit.patch_embed.patch_size[0]
-
-    @property
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.vit.patch_embed.grid_size)
 
@@ -135,10 +145,6 @@ class ViTEncoder(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return self.vit.num_prefix_tokens
-
-    @property
-    def has_class_token(self) -> bool:
-        return self.vit.cls_token is not None
 
     def no_weight_decay(self) -> set[str]:
         return self.vit.no_weight_decay()

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ssl_vit.checkpoint import load_checkpoint_encoder, read_checkpoint
-from ssl_vit.encoder import EncoderOutput, ViTEncoder
+from ssl_vit.encoder import EncoderOutput, ViTEncoder, ViTProperties
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
 
@@ -46,7 +46,7 @@ class FrozenEncoder(Protocol):
     def __call__(self, images: Tensor) -> EncoderOutput: ...
 
 
-class TimmViTEncoder(nn.Module):
+class TimmViTEncoder(ViTProperties, nn.Module):
     """A timm VisionTransformer behind the :class:`FrozenEncoder` interface. Its forward is
     timm's ``forward_features`` (patch embedding, position embedding, blocks, final norm): with
     ``dynamic_img_size`` the same computation as ``ViTEncoder``'s forward with timm's position
@@ -57,18 +57,6 @@ class TimmViTEncoder(nn.Module):
         if not isinstance(vit, VisionTransformer):
             raise UserError(f"the evaluators take timm VisionTransformers; this model is a {type(vit).__name__}")
         self.vit = vit
-
-    @property
-    def embed_dim(self) -> int:
-        return self.vit.embed_dim
-
-    @property
-    def patch_size(self) -> int:
-        return self.vit.patch_embed.patch_size[0]
-
-    @property
-    def has_class_token(self) -> bool:
-        return self.vit.cls_token is not None
 
     def forward(self, images: Tensor) -> EncoderOutput:
         return EncoderOutput(self.vit.forward_features(images), self.vit.num_prefix_tokens, self.has_class_token)
