@@ -19,10 +19,8 @@ import time
 import lightning as L
 import numpy as np
 import torch
-import yaml
-from common import ROOT, write_result
-from health_overhead import OBJECTIVES, StepClock, build
-from PIL import Image
+from common import write_result
+from health_overhead import OBJECTIVES, StepClock, build, quickstart_batch
 from step_throughput import OnDeviceBatches
 from torch.utils.data import DataLoader
 
@@ -99,15 +97,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for objective in args.objectives:
-        recipe = yaml.safe_load((ROOT / "recipes" / "quickstart" / f"{objective}.yaml").read_text())
+        recipe, batch = quickstart_batch(objective, rng)
         data = recipe["data"]
-        view = build(data["view"])
-        images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(data["batch_size"])]
-        views = [view(image) for image in images]
-        if isinstance(views[0], list):  # multi-view: one batch tensor per view
-            batch = ([torch.stack([v[i] for v in views]) for i in range(len(views[0]))], torch.zeros(len(views)))
-        else:
-            batch = (torch.stack(views), torch.zeros(len(views)))
         guard = TimedGuard()
         torch.manual_seed(0)
         step, trainer = seconds_per_step(build(recipe["model"]), batch, args.steps, args.warmup, guard)

@@ -68,6 +68,18 @@ def seconds_per_step(method: L.LightningModule, batch, steps: int, warmup: int, 
     return float(np.median(clock.times))
 
 
+def quickstart_batch(objective: str, rng: np.random.Generator) -> tuple[dict, tuple]:
+    """An objective's quickstart recipe and one batch of its views of random 32-px images."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart" / f"{objective}.yaml").read_text())
+    data = recipe["data"]
+    view = build(data["view"])
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(data["batch_size"])]
+    views = [view(image) for image in images]
+    if isinstance(views[0], list):  # multi-view: one batch tensor per view
+        return recipe, ([torch.stack([v[i] for v in views]) for i in range(len(views[0]))], torch.zeros(len(views)))
+    return recipe, (torch.stack(views), torch.zeros(len(views)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
@@ -77,15 +89,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for objective in args.objectives:
-        recipe = yaml.safe_load((ROOT / "recipes" / "quickstart" / f"{objective}.yaml").read_text())
+        recipe, batch = quickstart_batch(objective, rng)
         data = recipe["data"]
-        view = build(data["view"])
-        images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(data["batch_size"])]
-        views = [view(image) for image in images]
-        if isinstance(views[0], list):  # multi-view: one batch tensor per view
-            batch = ([torch.stack([v[i] for v in views]) for i in range(len(views[0]))], torch.zeros(len(views)))
-        else:
-            batch = (torch.stack(views), torch.zeros(len(views)))
         held = torch.randn(256, 3, 32, 32)  # the callback's default number of held images
 
         torch.manual_seed(0)
