@@ -2,10 +2,11 @@
 
     ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_epochs 5 ...] [--ckpt_path last]
     ssl-vit finetune --config recipes/quickstart/finetune.yaml [--model.init_args.pretrained false ...]
+    ssl-vit distill --config recipes/quickstart/distill.yaml [--model.init_args.student '{name: resnet18}' ...]
     ssl-vit knn CHECKPOINT --train_shards TRAIN --val_shards VAL [--pooling cls|mean|cls+mean ...]
     ssl-vit probe CHECKPOINT --train_shards TRAIN --val_shards VAL [--head linear|attentive|linear+attentive ...]
     ssl-vit segprobe CHECKPOINT --train_shards TRAIN --val_shards VAL [--seg_epochs 20 ...]
-    ssl-vit export CHECKPOINT OUT [--format timm|state_dict] [--role teacher|student] [--overwrite]
+    ssl-vit export CHECKPOINT OUT [--format timm|state_dict] [--role teacher|student] [--overwrite] [--onnx [--int8]]
     ssl-vit shards embedded OUT_DIR
     ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N] [--masks MASK_DIR]
     ssl-vit recipes
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import inspect
+import json
 import logging
 import re
 import signal
@@ -28,7 +30,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jsonargparse
 import lightning as L
@@ -37,6 +39,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ssl_vit.checkpoint import (
@@ -45,6 +48,7 @@ from ssl_vit.checkpoint import (
     checkpoint_problem,
     checkpoints_in,
     newest_complete_checkpoint,
+    objective_name,
     read_checkpoint,
     remove_dead_writers_files,
     resume_mismatch,
@@ -54,7 +58,8 @@ from ssl_vit.data.pipeline import ShardDataModule
 from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, write_shards
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
-from ssl_vit.eval import Evaluator
+from ssl_vit.eval import EvaluationCallback, Evaluator
+from ssl_vit.eval.compare import print_comparison
 from ssl_vit.eval.encoders import load_evaluated_encoder, standalone_record_stem
 from ssl_vit.eval.report import (
     COMMON_SETTINGS,
@@ -69,12 +74,15 @@ from ssl_vit.finetune import FineTune, LabelledShardDataModule, export_classifie
 from ssl_vit.guards import NonFiniteGuard
 from ssl_vit.health import HealthCallback
 from ssl_vit.methods.base import SSLMethod
+from ssl_vit.methods.distill import Distill, export_student, side_by_side
+from ssl_vit.onnx_export import OnnxOptions
 from ssl_vit.pictures import PicturesCallback
 from ssl_vit.progress import ImagesPerSecondBar, ModuleTable, print_run_summary, run_summary
 
 COMMANDS = {
     "pretrain": "pretrain an encoder from a YAML recipe (Lightning CLI: --config, overrides, --ckpt_path)",
     "finetune": "fine-tune an encoder end to end on labelled shards (MAE's recipe; writes a timm classifier folder)",
+    "distill": "distil a frozen encoder into any timm model (a CNN too) and compare the two: size, speed, accuracy",
     "knn": "k-NN accuracy of a frozen encoder (checkpoint, export, timm model) on labelled shards (DINO's protocol)",
     "probe": "linear (MAE's protocol) or attentive (V-JEPA's) probe accuracy of a frozen encoder (checkpoint, export, "
     "timm model)",
@@ -89,6 +97,9 @@ class RunCLI(LightningCLI):
     """What every ssl-vit training command shares: atomic checkpoints (each periodic one kept,
     plus ``last.ckpt``), auto-resume from the newest complete one, the non-finite-loss guard, the
     progress bar, bf16 on GPUs, and errors that say what to fix."""
+
+    #: The ``ssl-vit`` command that runs it.
+    command: ClassVar[str]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -207,6 +218,8 @@ class RunCLI(LightningCLI):
 
 
 class PretrainCLI(RunCLI):
+    command = "pretrain"
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(PicturesCallback, "pictures")
@@ -226,8 +239,13 @@ class PretrainCLI(RunCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        check_recipe_fits_model(self.datamodule, self.model)  # before the trainer starts printing
+        self.check_recipe()  # before the trainer starts printing
         return super().instantiate_trainer(**kwargs)
+
+    def check_recipe(self) -> None:
+        if isinstance(self.model, Distill):
+            raise UserError("this recipe distils a teacher into a student: run it with `ssl-vit distill --config ...`")
+        check_recipe_fits_model(self.datamodule, self.model)
 
     def before_fit(self) -> None:
         super().before_fit()
@@ -241,11 +259,12 @@ class PretrainCLI(RunCLI):
         last = own_newest_checkpoint(trainer.checkpoint_callback)
         export_dir = None
         if self.config_init[self.subcommand]["export"] and last is not None:
-            export_dir = export_encoder(last, Path(trainer.default_root_dir) / "export", overwrite=True)
+            export_dir = self.export_model(last, Path(trainer.default_root_dir) / "export")
         summary = run_summary(trainer, self.model, time.perf_counter() - self.started, last, export_dir)
         summary["failed"] = collapse_verdict(summary)
         write_json(Path(trainer.default_root_dir) / "summary.json", summary)
         print_run_summary(summary)
+        self.end_of_run_report(summary)
         if summary["failed"]:
             keep_going = self.config_init[self.subcommand]["allow_collapse"]
             Console(stderr=True).print(
@@ -254,8 +273,52 @@ class PretrainCLI(RunCLI):
             if not keep_going:
                 sys.exit(COLLAPSED_EXIT_CODE)
 
+    def export_model(self, checkpoint: Path, out: Path) -> Path:
+        """The end-of-run export of the trained encoder."""
+        return export_encoder(checkpoint, out, overwrite=True)
+
+    def end_of_run_report(self, summary: dict[str, Any]) -> None:
+        """What a command prints and writes after the run's summary (nothing for pretraining)."""
+
+
+class DistillCLI(PretrainCLI):
+    """``ssl-vit distill``: pretraining's run (checkpoints, resume, guards, evaluation, pictures,
+    health) on :class:`~ssl_vit.methods.distill.Distill`, ending with the student's export and
+    the teacher and student side by side (``distill_summary.json``)."""
+
+    command = "distill"
+
+    def run_name(self) -> str:
+        return f"distill-{self.model.hparams.encoder['name']}"
+
+    def check_recipe(self) -> None:
+        sizes = tuple(getattr(self.datamodule.view, "sizes", ()))
+        if any(size != self.model.image_size for size in sizes):
+            raise UserError(
+                f"data.view makes {'/'.join(map(str, sizes))}-px crops, model.init_args.image_size is "
+                f"{self.model.image_size}: distillation takes one crop size; set them equal"
+            )
+        self.model.check_crops(sizes)
+        check_batch_fits_model(self.datamodule, self.model)
+
+    def before_fit(self) -> None:
+        super().before_fit()
+        # Lightning warns of modules in eval mode: the frozen teacher's, which is meant to be.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+    def export_model(self, checkpoint: Path, out: Path) -> Path:
+        return export_student(checkpoint, out, overwrite=True)
+
+    def end_of_run_report(self, summary: dict[str, Any]) -> None:
+        evaluation = next((c for c in self.trainer.callbacks if isinstance(c, EvaluationCallback)), None)
+        comparison = side_by_side(self.model, evaluation, summary)
+        write_json(Path(self.trainer.default_root_dir) / "distill_summary.json", comparison)
+        print_comparison(comparison)
+
 
 class FineTuneCLI(RunCLI):
+    command = "finetune"
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
         return super().instantiate_trainer(**kwargs)
@@ -356,6 +419,11 @@ def check_recipe_fits_model(datamodule: ShardDataModule, model: SSLMethod) -> No
                 f"data.view makes {size}-px crops, which the encoder's {patch}-px patches do not divide; "
                 f"use crop sizes that are multiples of {patch}"
             )
+    check_batch_fits_model(datamodule, model)
+
+
+def check_batch_fits_model(datamodule: ShardDataModule, model: SSLMethod) -> None:
+    """BatchNorm (heads, CNN students) needs more than one image per device."""
     if datamodule.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError(
             f"data.batch_size is {datamodule.batch_size} image per device, but {type(model).__name__}'s heads use "
@@ -382,13 +450,13 @@ def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataM
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # resuming
     # A run shorter than its logging interval still logs (the progress bar and the end-of-run table).
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
-    command = "pretrain" if cli is PretrainCLI else "finetune"
+    command = cli.command
     # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
     # "--weights_only" first so that a user's own value, later on the line, wins.
     cli(
         model,
         data,
-        subclass_mode_model=model is SSLMethod,
+        subclass_mode_model=issubclass(model, SSLMethod),
         args=["fit", "--weights_only=true", *args],
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [ModuleTable()]},
@@ -429,6 +497,18 @@ TRAINING_OPTIONS = {
         ("--trainer.max_epochs N", "length of the run"),
         ("--ckpt_path PATH", "resume from this checkpoint instead of the run's newest"),
     ],
+    "distill": [
+        ("--config RECIPE", "a YAML recipe (recipes/quickstart/distill.yaml); every key below overrides it"),
+        ("--model.init_args.teacher PATH", "the frozen teacher: an export folder, an ssl-vit .ckpt or timm:NAME"),
+        ("--model.init_args.student '{name: NAME}'", "the student: a timm model and its arguments (resnet18...)"),
+        ("--model.init_args.image_size N", "the crops both see; data.view.init_args.size must match"),
+        ("--data.train_shards SHARDS", "the images to distil on (labels are only for the evaluation)"),
+        ("--trainer.default_root_dir DIR", "the run folder: checkpoints, export, pictures, logs and summaries"),
+        ("--trainer.max_epochs N", "length of the run"),
+        ("--data.batch_size N", "images per device and step"),
+        ("--ckpt_path PATH", "resume from this checkpoint instead of the run's newest"),
+        ("--export false", "skip the end-of-run export of the student to <run folder>/export"),
+    ],
 }
 
 
@@ -456,6 +536,10 @@ def pretrain(args: list[str]) -> None:
 
 def finetune(args: list[str]) -> None:
     run(FineTuneCLI, FineTune, LabelledShardDataModule, args)
+
+
+def distill(args: list[str]) -> None:
+    run(DistillCLI, Distill, ShardDataModule, args)
 
 
 def evaluate(command: str, args: list[str]) -> None:
@@ -544,13 +628,71 @@ def export(args: list[str]) -> None:
         "--role", default=None, help="which encoder (teacher/student); default: the one the paper evaluates"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write OUT/model.onnx (the pooled embedding, dynamic batch), checked against PyTorch and "
+        "measured (latency, throughput, k-NN) in OUT/onnx_report.json",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write OUT/model.int8.onnx (implies --onnx): dynamic int8 for a ViT, static for a CNN, "
+        "calibrated on training images",
+    )
+    parser.add_argument(
+        "--train_shards",
+        default=None,
+        help="for --onnx: the k-NN bank and int8 calibration images (default: the run's)",
+    )
+    parser.add_argument("--val_shards", default=None, help="for --onnx: the k-NN queries (default: the run's)")
+    parser.add_argument(
+        "--calibration_images", type=int, default=OnnxOptions.calibration_images, help="for a CNN's --int8"
+    )
     opts = parser.parse_args(args)
+    onnx = None
+    if opts.onnx or opts.int8:
+        onnx = OnnxOptions(
+            int8=opts.int8,
+            train_shards=opts.train_shards,
+            val_shards=opts.val_shards,
+            calibration_images=opts.calibration_images,
+        )
     checkpoint = run_checkpoint(Path(opts.checkpoint)) if Path(opts.checkpoint).is_dir() else opts.checkpoint
-    out = export_encoder(checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite)
-    Console(soft_wrap=True).print(f"wrote {out} from {checkpoint}")
+    if objective_name(read_checkpoint(checkpoint)) == Distill.__name__ and opts.format == "timm":
+        out = export_student(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
+    else:
+        out = export_encoder(checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite, onnx=onnx)
+    console = Console(soft_wrap=True)
+    console.print(f"wrote {out} from {checkpoint}")
     if opts.format == "timm":
         load = f'timm.create_model("local-dir:{out}", pretrained=True, num_classes=N)'
-        Console(soft_wrap=True).print(f"load it with {load}")
+        console.print(f"load it with {load}")
+    if onnx is not None:
+        print_onnx_report(json.loads((Path(out) / "onnx_report.json").read_text()), console)
+
+
+def print_onnx_report(report: dict[str, Any], console: Console) -> None:
+    """The parity line and one row per ONNX model: size, speed and k-NN accuracy."""
+    parity = report["parity"]
+    console.print(
+        f"onnxruntime fp32 vs PyTorch on {parity['images']}: max abs difference {parity['max_abs_diff']:.2e}, "
+        f"relative {parity['relative_diff']:.2e} (tolerance {parity['tolerance']:.0e})",
+        highlight=False,
+    )
+    if "int8" in report:
+        console.print(f"int8 vs fp32 features: mean cosine {report['int8']['cosine_to_fp32']:.4f}", highlight=False)
+    knn, k = report["knn"], report["knn"]["k"]
+    table = Table(
+        "model", "MB", "batch-1 ms", "batch-64 img/s", f"{k} top-1 %", title=f"onnxruntime on {report['cpu']}"
+    )
+    for row in report["models"].values():
+        accuracy = f"{row['knn'][k]['top1']:.1f}" if "knn" in row else "-"
+        speed = f"{row['latency_ms_batch1']:.2f}", f"{row['images_per_s_batch64']:.0f}"
+        table.add_row(row["file"], f"{row['megabytes']:.2f}", *speed, accuracy)
+    console.print(table)
+    if "note" in knn:
+        console.print(f"k-NN {knn['note']}", highlight=False)
 
 
 def run_checkpoint(run: Path) -> Path:
@@ -641,15 +783,17 @@ def main(argv: list[str] | None = None) -> None:
         if command in ("knn", "probe", "segprobe"):
             evaluate(command, rest)
         else:
-            {"pretrain": pretrain, "finetune": finetune, "export": export, "shards": shards, "recipes": recipes}[
-                command
-            ](rest)
+            training = {"pretrain": pretrain, "finetune": finetune, "distill": distill}
+            {**training, "export": export, "shards": shards, "recipes": recipes}[command](rest)
     except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
         sys.exit(128 + signal.SIGTERM)
     except (UserError, argparse.ArgumentError, MisconfigurationException) as err:
         # Lightning's MisconfigurationException is its own word on a bad setting (e.g. max_epochs -5).
         message = recipe_error_message(err, command) if isinstance(err, argparse.ArgumentError) else str(err)
-        Console(stderr=True).print(f"[bold red]ssl-vit {command}: error:[/] {message}", highlight=False, soft_wrap=True)
+        # escape: a message is plain text, and rich would take `.[deploy]` in one for markup and drop it
+        Console(stderr=True).print(
+            f"[bold red]ssl-vit {command}: error:[/] {escape(message)}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
 
 

@@ -86,6 +86,25 @@ class ViTProperties:
     def has_class_token(self) -> bool:
         return self.vit.cls_token is not None
 
+    @property
+    def image_size(self) -> int:
+        """The native resolution: the evaluators' default crop."""
+        return self.vit.patch_embed.img_size[0]
+
+    @property
+    def num_heads(self) -> int:
+        """The last block's attention heads (the attentive probe takes as many)."""
+        return self.vit.blocks[-1].attn.num_heads
+
+    def pooled_and_map(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """timm's pooled embedding (``forward_head(pre_logits=True)``: the CLS token, or the mean
+        of the patch tokens for ``global_pool: avg``) and the patch tokens as a map, (B, D, h, w)."""
+        tokens = self(images).tokens
+        pooled = self.vit.forward_head(tokens, pre_logits=True)
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        patches = tokens[:, self.vit.num_prefix_tokens :]
+        return pooled, patches.transpose(1, 2).reshape(len(images), -1, h, w)
+
 
 class ViTEncoder(ViTProperties, nn.Module):
     """A timm ViT whose forward can drop or mask patch tokens and take any input resolution.

@@ -32,14 +32,17 @@ from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import NON_TIMM_SETTINGS
 from ssl_vit.errors import UserError
 from ssl_vit.eval.report import RECORD_KINDS
+from ssl_vit.onnx_export import ONNX_FILES, Deploy, OnnxOptions, prepare_deploy, require_onnxruntime, write_onnx
 from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 
 ExportFormat = Literal["timm", "state_dict"]
 #: ``pretrained_cfg`` entries that describe a timm release of an architecture, not an export.
 RELEASE_KEYS = ("tag", "license", "hf_hub_id", "url", "file", "source", "origin_url", "paper_ids", "paper_name")
-# What --overwrite may replace: what save_for_hf writes with safe serialisation and the model card, or one file.
+# What --overwrite may replace: what save_for_hf writes with safe serialisation, the model card and the
+# ONNX models with their report; or one file.
 EXPORT_FOLDER = OutputKind(
-    "an export folder (config.json, model.safetensors, README.md)", ("config.json", "model.safetensors", "README.md")
+    "an export folder (config.json, model.safetensors, README.md)",
+    ("config.json", "model.safetensors", "README.md", *ONNX_FILES),
 )
 STATE_DICT_FILE = OutputKind("a state_dict export", ("*.safetensors",), folder=False)
 
@@ -50,6 +53,7 @@ def export_encoder(
     role: str | None = None,
     fmt: ExportFormat = "timm",
     overwrite: bool = False,
+    onnx: OnnxOptions | None = None,
 ) -> Path:
     """Write the encoder of an ssl-vit checkpoint (no decoder, heads, predictor or optimiser).
 
@@ -58,11 +62,18 @@ def export_encoder(
     fmt: ``timm`` (a folder) or ``state_dict`` (one ``.safetensors`` file).
     The result is written under a temporary name and renamed into place: nothing partial is left.
     ``overwrite`` replaces an earlier export only (``ssl_vit.replace``), never the checkpoint.
+    onnx: also write the ONNX models and their report into the folder (``ssl_vit.onnx_export``),
+        before it is renamed into place.
     """
     kind = STATE_DICT_FILE if fmt == "state_dict" else EXPORT_FOLDER
+    if onnx is not None:
+        if fmt != "timm":
+            raise UserError("--onnx writes into a timm export folder; leave out --format state_dict")
+        require_onnxruntime()  # before the slow checkpoint read too
     check_replaceable(out, kind, overwrite, reads=[checkpoint])  # before the slow checkpoint read
     ckpt = read_checkpoint(checkpoint)
     encoder, role = checkpoint_encoder(ckpt, checkpoint, role)
+    deploy = prepare_deploy(encoder.vit, onnx, ckpt.get("datamodule_hyper_parameters", {})) if onnx else None
     if fmt == "state_dict":
         return replace_output(
             out,
@@ -75,7 +86,7 @@ def export_encoder(
         )
     config = {"pretrained_cfg": preprocessing_cfg(encoder.vit), "ssl_vit": provenance(ckpt, checkpoint, role)}
     model_args = _model_args(ckpt["hyper_parameters"]["encoder"])
-    return write_timm_folder(encoder.vit, out, model_args, config, overwrite, reads=[checkpoint])
+    return write_timm_folder(encoder.vit, out, model_args, config, overwrite, reads=[checkpoint], deploy=deploy)
 
 
 def write_timm_folder(
@@ -85,11 +96,13 @@ def write_timm_folder(
     config: dict[str, Any],
     overwrite: bool,
     reads: Iterable[str | Path] = (),
+    deploy: Deploy | None = None,
 ) -> Path:
     """``model`` as a folder ``timm.create_model("local-dir:OUT", pretrained=True)`` loads:
     ``config.json`` (architecture, ``model_args``, and ``config``'s entries) and
     ``model.safetensors``, written atomically; ``overwrite`` replaces an export folder only, and
-    never one that is or holds a path in ``reads``."""
+    never one that is or holds a path in ``reads``. ``deploy`` (``prepare_deploy``) adds the
+    ONNX models (``write_onnx``), in the folder before it is renamed into place."""
 
     # timm's defaults for the architecture name released weights (their tag, licence, source);
     # they do not describe these.
@@ -98,6 +111,8 @@ def write_timm_folder(
     def write(folder: Path) -> None:
         save_for_hf(model, str(folder), model_config=config, model_args=model_args, safe_serialization=True)
         (folder / "README.md").write_text(model_card(model, config.get("ssl_vit", {})))
+        if deploy is not None:
+            write_onnx(folder, deploy)
 
     return replace_output(out, write, EXPORT_FOLDER, overwrite, reads)
 

@@ -95,7 +95,7 @@ class HealthCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.images is not None:
             return
-        size = pl_module.encoder.vit.patch_embed.img_size[0]
+        size = pl_module.evaluated_encoder.image_size
         self.images = held_images(self.shards or trainer.datamodule.evaluation_data()[1], size, self.num_images)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

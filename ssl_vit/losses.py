@@ -130,3 +130,15 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
 def _global_index(n: int, device: torch.device) -> Tensor:
     """Indices of this rank's n samples in a batch gathered from every rank."""
     return torch.arange(n, device=device) + world()[0] * n
+
+
+def feature_distillation_loss(student: Tensor, teacher: Tensor, beta: float = 2.0) -> Tensor:
+    """Feature distillation (Wei et al., 2022, "Contrastive Learning Rivals Masked Image Modeling in
+    Fine-tuning via Feature Distillation"; SwinTransformer/Feature-Distillation
+    ``models/feature_distillation.py`` L127-128, L162-165): the teacher's features whitened per
+    token by a LayerNorm without affine parameters (eps 1e-5), then smooth-L1 with ``beta`` 2 to
+    the student's projected features, averaged over every token and channel.
+
+    student, teacher: (..., D), the student already mapped to the teacher's width."""
+    target = F.layer_norm(teacher.float(), teacher.shape[-1:])
+    return F.smooth_l1_loss(student.float(), target, beta=beta)

@@ -176,17 +176,27 @@ def patch_pca(encoder: ViTEncoder, images: Tensor) -> Tensor:
     """DINOv2's picture of patch features: the first three principal components of the
     last-block patch tokens of all ``images`` together (one PCA for the batch, so colours compare
     across images), each min-max scaled to [0, 1] and shown as R, G, B; (B, 3, h, w)."""
-    patches = encoder(images).patches.float()  # (B, h*w, D)
-    b, n, d = patches.shape
-    flat = patches.reshape(b * n, d)
-    flat = flat - flat.mean(dim=0)
-    _, _, components = torch.linalg.svd(flat, full_matrices=False)
-    projected = flat @ components[:3].T  # (B*h*w, 3); fewer when D < 3
-    projected = F.pad(projected, (0, 3 - projected.shape[1]))
-    low, high = projected.min(dim=0).values, projected.max(dim=0).values
-    projected = (projected - low) / (high - low).clamp_min(1e-6)
     h, w = images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
-    return projected.reshape(b, h, w, 3).permute(0, 3, 1, 2)
+    return pca_colours(encoder(images).patches.float(), (h, w))[0]
+
+
+def pca_colours(tokens: Tensor, grid: tuple[int, int], *others: Tensor) -> list[Tensor]:
+    """(B, h*w, D) ``tokens`` as (B, 3, h, w) colours: their first three principal components,
+    min-max scaled to [0, 1] over the batch; and ``others`` (tokens of the same shape) on the same
+    components and scale, so that equal colours mean equal features."""
+    b, n, d = tokens.shape
+    flat = tokens.reshape(b * n, d)
+    mean = flat.mean(dim=0)
+    _, _, components = torch.linalg.svd(flat - mean, full_matrices=False)
+
+    def project(x: Tensor) -> Tensor:  # (B*h*w, 3), zero-padded when there are fewer components
+        projected = (x.reshape(b * n, d) - mean) @ components[:3].T
+        return F.pad(projected, (0, 3 - projected.shape[1]))
+
+    reference = project(tokens)
+    low, high = reference.min(dim=0).values, reference.max(dim=0).values
+    scaled = [((project(x) - low) / (high - low).clamp_min(1e-6)).clamp(0, 1) for x in (tokens, *others)]
+    return [x.reshape(b, *grid, 3).permute(0, 3, 1, 2) for x in scaled]
 
 
 def pca_columns(encoder: ViTEncoder, images: Tensor) -> Columns:
@@ -372,7 +382,7 @@ class PicturesCallback(L.Callback):
         self.losses: list[tuple[int, float]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        size = pl_module.encoder.vit.patch_embed.img_size[0]
+        size = pl_module.evaluated_encoder.image_size
         self.images = held_images(self.shards or trainer.datamodule.evaluation_data()[1], size, self.num_images)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:

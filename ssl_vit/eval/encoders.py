@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import timm
+import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -25,14 +26,13 @@ TIMM_PREFIX = "timm:"
 class FrozenEncoder(Protocol):
     """The encoder interface of the evaluators (features, probes, dense probe).
 
-    ``forward`` gives the final-normed tokens, prefix (CLS, register) tokens first; ``vit`` is
-    the timm VisionTransformer underneath, read for the native resolution (the default crop),
-    the last block's attention heads (the attentive probe's) and the intermediate blocks
-    (``last_blocks``). ssl-vit's ``ViTEncoder`` is one; :class:`TimmViTEncoder` adapts any
-    timm ViT. Also an ``nn.Module``: ``parameters()`` (its device), ``eval()``, ``train()``.
+    ``forward`` gives an output whose ``cls`` is the image embedding and ``patches`` the
+    final-normed spatial tokens, (B, h*w, D); ``image_size`` is the native resolution (the
+    default crop), ``num_heads`` the attentive probe's heads. ssl-vit's ``ViTEncoder`` is one;
+    :class:`TimmViTEncoder` adapts any timm ViT (whose ``vit`` also gives the intermediate blocks
+    for ``last_blocks``), :class:`TimmModelEncoder` any other timm model (a CNN). Also an
+    ``nn.Module``: ``parameters()`` (its device), ``eval()``, ``train()``.
     """
-
-    vit: VisionTransformer
 
     @property
     def embed_dim(self) -> int: ...
@@ -43,7 +43,15 @@ class FrozenEncoder(Protocol):
     @property
     def has_class_token(self) -> bool: ...
 
-    def __call__(self, images: Tensor) -> EncoderOutput: ...
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def num_heads(self) -> int: ...
+
+    def __call__(self, images: Tensor) -> EncoderOutput | PooledOutput: ...
+
+    def pooled_and_map(self, images: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 class TimmViTEncoder(ViTProperties, nn.Module):
@@ -60,6 +68,91 @@ class TimmViTEncoder(ViTProperties, nn.Module):
 
     def forward(self, images: Tensor) -> EncoderOutput:
         return EncoderOutput(self.vit.forward_features(images), self.vit.num_prefix_tokens, self.has_class_token)
+
+
+class PooledOutput(NamedTuple):
+    """:class:`~ssl_vit.encoder.EncoderOutput` of a model without tokens: ``cls`` is its pooled
+    embedding, ``patches`` its spatial map as tokens, (B, h*w, C)."""
+
+    cls: Tensor
+    patches: Tensor
+    has_class_token: bool = True
+
+
+class TimmModelEncoder(nn.Module):
+    """Any timm model (a CNN: ResNet, MobileNet, ConvNeXt...) behind the :class:`FrozenEncoder`
+    interface, through timm's own interfaces: the embedding is ``forward_head(forward_features(x),
+    pre_logits=True)`` (what the model feeds its classifier, so ``pooling: cls`` reads it) and the
+    tokens are the ``forward_features`` map flattened, (B, h*w, C), which the attentive and dense
+    probes read as a ViT's patch tokens. ``patch_size`` is the map's stride at ``image_size``
+    (found by a forward pass of one blank image, in eval mode so that BatchNorm statistics stay
+    as they are)."""
+
+    def __init__(self, model: nn.Module, image_size: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        size = image_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        self.image_size = int(size)
+        self._shapes: dict[int, tuple[int, int, int]] = {}  # image size -> (pooled dim, map channels, map side)
+
+    def pooled_and_map(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The pooled embedding, (B, D), and the spatial map, (B, C, h, w)."""
+        features = self.model.forward_features(images)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        return pooled, spatial_map(self.model, features, images.shape[-2])
+
+    def forward(self, images: Tensor) -> PooledOutput:
+        pooled, fmap = self.pooled_and_map(images)
+        return PooledOutput(pooled, fmap.flatten(2).transpose(1, 2))
+
+    def shapes(self, size: int) -> tuple[int, int, int]:
+        """(pooled dim, map channels, map side) for ``size``-px images."""
+        if size not in self._shapes:
+            was_training = self.training
+            self.eval()
+            try:
+                with torch.no_grad():
+                    device = next(self.parameters()).device
+                    pooled, fmap = self.pooled_and_map(torch.zeros(1, 3, size, size, device=device))
+            finally:
+                self.train(was_training)
+            self._shapes[size] = (pooled.shape[1], fmap.shape[1], fmap.shape[2])
+        return self._shapes[size]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.shapes(self.image_size)[1]
+
+    @property
+    def patch_size(self) -> int:
+        return self.image_size // self.shapes(self.image_size)[2]
+
+    @property
+    def has_class_token(self) -> bool:
+        return True  # the pooled embedding stands for it
+
+    @property
+    def num_heads(self) -> int:
+        """Heads of 64 channels, as in ViTs, or the most of them that divide the channels."""
+        dim = self.embed_dim
+        return next(h for h in range(max(1, dim // 64), 0, -1) if dim % h == 0)
+
+
+def spatial_map(model: nn.Module, features: Tensor, height: int) -> Tensor:
+    """A timm model's ``forward_features`` output as a (B, C, h, w) map: a CNN's NCHW map as it is
+    (NHWC for models that say so, e.g. Swin), a ViT's tokens without the prefix (CLS, register)
+    tokens, on the grid of a ``height``-px input."""
+    if features.ndim == 4:
+        return features.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else features
+    tokens = features[:, getattr(model, "num_prefix_tokens", 0) :]
+    h = height // model.patch_embed.patch_size[0]
+    return tokens.transpose(1, 2).reshape(len(tokens), tokens.shape[-1], h, -1)
+
+
+def timm_encoder(model: nn.Module, image_size: int | None = None) -> FrozenEncoder:
+    """A timm model behind the evaluators' interface: :class:`TimmViTEncoder` for a ViT,
+    :class:`TimmModelEncoder` for anything else."""
+    return TimmViTEncoder(model) if isinstance(model, VisionTransformer) else TimmModelEncoder(model, image_size)
 
 
 def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[FrozenEncoder, dict[str, Any]]:
@@ -79,8 +172,8 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
         if not timm.is_model(name):
             raise UserError(f"{source}: timm has no model {name!r}; `timm.list_models('vit_*')` lists its ViTs")
         info = {"method": "timm", "encoder": {"name": name}, "step": None}
-        vit = _timm_vit(name, timm_weights=weights is None, source=source)
-        return _with_weights(TimmViTEncoder(vit), weights, source), {**info, "weights": weights or "timm"}
+        model = _timm_model(name, timm_weights=weights is None, source=source)
+        return _with_weights(timm_encoder(model), weights, source), {**info, "weights": weights or "timm"}
     path = Path(source)
     if path.is_dir():
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
@@ -95,8 +188,8 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
             "encoder": {"name": config.get("architecture"), **config.get("model_args", {})},
             "step": provenance.get("step"),
         }
-        vit = _timm_vit(f"local-dir:{path}", timm_weights=weights is None, source=source)
-        return _with_weights(TimmViTEncoder(vit), weights, source), {**info, "weights": weights or str(path)}
+        model = _timm_model(f"local-dir:{path}", timm_weights=weights is None, source=source)
+        return _with_weights(timm_encoder(model), weights, source), {**info, "weights": weights or str(path)}
     if path.is_file():
         if weights is None:
             encoder, info = load_checkpoint_encoder(path)
@@ -108,10 +201,13 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
     raise UserError(f"{source} does not exist; pass an ssl-vit .ckpt, an export folder or timm:NAME")
 
 
-def _timm_vit(name: str, timm_weights: bool, source: str) -> VisionTransformer:
-    """timm's model, without a classifier, taking any resolution (as ``ViTEncoder`` does)."""
+def _timm_model(name: str, timm_weights: bool, source: str) -> nn.Module:
+    """timm's model, without a classifier; a ViT taking any resolution (as ``ViTEncoder`` does)."""
     try:
-        return timm.create_model(name, pretrained=timm_weights, num_classes=0, dynamic_img_size=True)
+        try:
+            return timm.create_model(name, pretrained=timm_weights, num_classes=0, dynamic_img_size=True)
+        except TypeError:  # not a ViT: a CNN takes any resolution as it is
+            return timm.create_model(name, pretrained=timm_weights, num_classes=0)
     except (OSError, RuntimeError, ValueError) as err:  # no cached weights offline, a folder timm cannot read
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -124,6 +220,11 @@ def _with_weights(encoder: FrozenEncoder, weights: str | None, source: str) -> F
     """``encoder`` as built (its own or random weights), or with the weights file loaded."""
     if weights is None or weights == "random":
         return encoder
+    if not isinstance(encoder, ViTProperties):
+        raise UserError(
+            f"--weights {weights}: weights files load into ViTs only; {source} is a {type(encoder.model).__name__}, "
+            "pass the folder `ssl-vit distill` exported instead"
+        )
     try:
         encoder.vit.load_state_dict(encoder_state_dict(weights, encoder.vit))
     except RuntimeError as err:

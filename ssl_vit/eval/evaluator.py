@@ -182,7 +182,7 @@ class Evaluator:
         return n
 
     def _image_size(self, encoder: FrozenEncoder) -> int:
-        return self.image_size or encoder.vit.patch_embed.img_size[0]
+        return self.image_size or encoder.image_size
 
     def features(self, encoder: FrozenEncoder) -> tuple[FeatureSet, FeatureSet]:
         """Train and val features (from the cache when it has them)."""
@@ -267,7 +267,7 @@ class Evaluator:
                 epoch_batches,
                 steps_per_epoch=len(train.labels) // batch_size,
                 dim=encoder.embed_dim,
-                num_heads=encoder.vit.blocks[-1].attn.num_heads,
+                num_heads=encoder.num_heads,
                 num_classes=num_classes,
                 epochs=self.attentive_epochs,
                 lr=self.attentive_lr,

@@ -41,6 +41,8 @@ def pooled_features(
         raise UserError(f"unknown pooling {pooling!r}; use cls, mean or cls+mean")
     if pooling.startswith("cls") and not encoder.has_class_token:
         raise UserError(NO_CLASS_TOKEN)
+    if last_blocks > 1 and not hasattr(encoder, "vit"):
+        raise UserError(f"last_blocks {last_blocks} reads a ViT's blocks; this encoder is not a ViT: use last_blocks 1")
     if last_blocks == 1:
         out = encoder(images)
         patches = out.patches

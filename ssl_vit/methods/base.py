@@ -89,11 +89,15 @@ class SSLMethod(L.LightningModule):
                 raise UserError(f"model.init_args.{name} is {value}; a learning rate cannot be negative")
         self.save_hyperparameters()  # the subclass's arguments, for checkpoints and exports
         self.hparams["encoder"] = {**self.encoder_defaults, **encoder}  # what checkpoints and exports rebuild
-        self.encoder = ViTEncoder(**self.hparams["encoder"])
+        self.encoder = self.build_encoder(self.hparams["encoder"])
         self.base_lr, self.min_lr, self.warmup_lr, self.warmup_epochs = base_lr, min_lr, warmup_lr, warmup_epochs
         self.weight_decay, self.weight_decay_end, self.betas = weight_decay, weight_decay_end, tuple(betas)
         self.init_from, self.scale_to_run = init_from, scale_to_run
         self.collapse_watch = CollapseWatch()
+
+    def build_encoder(self, config: dict[str, Any]) -> nn.Module:
+        """The trained encoder from its recipe settings: a ViT (distillation builds any timm model)."""
+        return ViTEncoder(**config)
 
     def ema_encoder_copy(self) -> ViTEncoder:
         """An EMA follower of the encoder (DINO's teacher, I-JEPA's target encoder): the encoder's

@@ -1,0 +1,181 @@
+"""``ssl-vit export --onnx [--int8]``: onnxruntime gives the exported timm model's pooled features,
+the int8 model stays close to them, the report has its numbers, and bad input is one line with
+nothing written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from ssl_vit import onnx_export
+from ssl_vit.cli import main
+from ssl_vit.data import write_shards
+from ssl_vit.errors import UserError
+from ssl_vit.export import export_encoder, write_timm_folder
+from ssl_vit.onnx_export import OnnxOptions, prepare_deploy
+from tests.conftest import OBJECTIVES, fit_briefly, png_bytes, random_images
+
+QUICK = dict(latency_runs=3, throughput_runs=1, calibration_images=16)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny SimCLR checkpoint (random images, no data of its own to calibrate on)."""
+    torch.manual_seed(0)
+    factory, view = OBJECTIVES["simclr"]
+    path = tmp_path_factory.mktemp("run") / "last.ckpt"
+    fit_briefly(factory(), view).save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[str, str]:
+    """Labelled train and val shards of random 16-px images, 3 classes."""
+    root = tmp_path_factory.mktemp("shards")
+    for split, seed in (("train", 0), ("val", 1)):
+        samples = (("png", png_bytes(img), i % 3) for i, img in enumerate(random_images(24, seed=seed)))
+        write_shards(samples, root / split, classes=["a", "b", "c"], source="test", samples_per_shard=12)
+    return str(root / "train"), str(root / "val")
+
+
+@pytest.fixture(scope="module")
+def export(checkpoint, shards, tmp_path_factory) -> Path:
+    options = OnnxOptions(int8=True, train_shards=shards[0], val_shards=shards[1], **QUICK)
+    return export_encoder(checkpoint, tmp_path_factory.mktemp("out") / "export", onnx=options)
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    """Normalised images of uniform random pixels: what the calibration images look like."""
+    pixels = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return ((pixels - mean[:, None, None]) / std[:, None, None]).numpy()
+
+
+def features(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": x})[0]
+
+
+def test_onnx_gives_the_exported_timm_models_pooled_features(export):
+    model = timm.create_model(f"local-dir:{export}", pretrained=True, num_classes=0).eval()
+    for batch in (1, 5):  # the batch axis is dynamic
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+        with torch.no_grad():
+            expected = model.forward_head(model.forward_features(torch.from_numpy(x)), pre_logits=True)
+        torch.testing.assert_close(torch.from_numpy(features(export / "model.onnx", x)), expected, rtol=1e-4, atol=1e-5)
+
+
+def assert_int8_follows_fp32(folder: Path) -> None:
+    x = images(32, seed=1)
+    fp32, int8 = features(folder / "model.onnx", x), features(folder / "model.int8.onnx", x)
+    assert int8.shape == fp32.shape
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(int8), torch.from_numpy(fp32), dim=1)
+    assert cosine.min() > 0.9
+    assert (folder / "model.int8.onnx").stat().st_size < (folder / "model.onnx").stat().st_size / 2
+
+
+def test_int8_vit_is_dynamically_quantised_and_follows_fp32(export):
+    assert_int8_follows_fp32(export)
+    report = json.loads((export / "onnx_report.json").read_text())
+    assert report["int8"]["method"].startswith("onnxruntime quantize_dynamic") and "calibration" not in report["int8"]
+
+
+def test_int8_cnn_is_statically_quantised_on_training_images_and_follows_fp32(shards, tmp_path):
+    cnn = timm.create_model("test_resnet", num_classes=0).eval()
+    cnn.pretrained_cfg = {**cnn.pretrained_cfg, "input_size": (3, 32, 32)}  # small images, quick test
+    options = OnnxOptions(int8=True, train_shards=shards[0], val_shards=shards[1], **QUICK)
+    deploy = prepare_deploy(cnn, options, {})
+    out = write_timm_folder(cnn, tmp_path / "cnn", {}, {}, overwrite=False, deploy=deploy)
+    assert_int8_follows_fp32(out)
+    report = json.loads((out / "onnx_report.json").read_text())
+    assert report["int8"]["method"].startswith("onnxruntime quantize_static")
+    assert report["int8"]["calibration"] == f"16 images of {shards[0]}, evaluation view"
+    with pytest.raises(UserError, match="--train_shards") as stopped:  # no data: one line before any work
+        prepare_deploy(cnn, OnnxOptions(int8=True), {})
+    assert len(str(stopped.value).splitlines()) == 1
+
+
+def test_report_holds_parity_speed_and_knn_of_both_models(export, shards):
+    report = json.loads((export / "onnx_report.json").read_text())
+    assert sorted(p.name for p in export.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.int8.onnx",
+        "model.onnx",
+        "model.safetensors",
+        "onnx_report.json",
+    ]
+    parity = report["parity"]
+    assert parity["images"] == f"16 images of {shards[1]}"  # real images, not random tensors
+    assert parity["relative_diff"] <= 1e-4 and parity["max_abs_diff"] >= 0
+    assert report["int8"]["cosine_to_fp32"] > 0.9
+    assert report["knn"] == {"k": "k=20", "train_shards": shards[0], "val_shards": shards[1]}
+    for kind, name in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+        row = report["models"][kind]
+        assert row["file"] == name and row["megabytes"] > 0
+        assert row["latency_ms_batch1"] > 0 and row["images_per_s_batch64"] > 0
+        assert 0 <= row["knn"]["k=20"]["top1"] <= 100
+
+
+def test_without_data_parity_is_checked_on_random_tensors_and_said_so(checkpoint, tmp_path, capsys):
+    main(["export", str(checkpoint), str(tmp_path / "export"), "--int8"])  # a ViT's int8 needs no calibration
+    report = json.loads((tmp_path / "export" / "onnx_report.json").read_text())
+    assert "random normal tensors" in report["parity"]["images"]
+    assert report["knn"] == {"k": "k=20", "note": "not measured: the checkpoint names no training data"}
+    assert set(report["models"]) == {"fp32", "int8"}
+    out = capsys.readouterr().out
+    assert "onnxruntime fp32 vs PyTorch" in out and "model.int8.onnx" in out
+
+
+def test_missing_onnxruntime_says_which_pip_install(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    assert exit_code("export", str(checkpoint), str(tmp_path / "export"), "--onnx") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'pip install -e ".[deploy]"' in err and "onnxruntime" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_does_not_export_is_one_line_and_nothing_written(checkpoint, tmp_path, monkeypatch, capfd):
+    # aten::linalg_svdvals has no ONNX export at opset 17
+    monkeypatch.setattr(VisionTransformer, "forward_head", lambda self, x, pre_logits=False: torch.linalg.svdvals(x))
+    assert exit_code("export", str(checkpoint), str(tmp_path / "export"), "--onnx") == 2
+    captured = capfd.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and "vit_tiny_patch16_224 does not export" in captured.err
+    assert "Torch IR graph" not in captured.out  # the exporter's C++ dump of the graph
+    assert list(tmp_path.iterdir()) == []  # the staging folder is gone too
+
+
+def test_onnx_that_differs_from_pytorch_stops_the_export(checkpoint, tmp_path, monkeypatch):
+    # A batch-size branch is frozen by tracing at the example's batch of 2: the 16 parity images take the other.
+    def forward_head(self, x, pre_logits=False):
+        pooled = x[:, 0]
+        return pooled if x.shape[0] == 2 else -pooled
+
+    monkeypatch.setattr(VisionTransformer, "forward_head", forward_head)
+    with pytest.raises(UserError, match="differ from PyTorch's"):
+        export_encoder(checkpoint, tmp_path / "export", onnx=OnnxOptions(**QUICK))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_files_are_part_of_what_overwrite_replaces(export, checkpoint, tmp_path):
+    assert set(onnx_export.ONNX_FILES) <= {p.name for p in export.iterdir()}
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for path in export.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    export_encoder(checkpoint, copy, overwrite=True)  # an ONNX export is an export folder
+    assert not (copy / "model.onnx").exists()
+
+
+def exit_code(*args: str) -> int:
+    with pytest.raises(SystemExit) as stopped:
+        main(list(args))
+    return stopped.value.code
