@@ -5,7 +5,7 @@ DINO centre, the lr scaled by the global batch and the EMA teachers all carry th
 for I-JEPA, whose masks are per rank, the mean of each rank's own gradient.
 
 torch's SyncBatchNorm needs a GPU, so on this CPU test the projection heads' BatchNorm layers are
-replaced (in both runs) by ``GatheredBatchNorm1d``, which computes SyncBatchNorm's statistics over
+replaced (in both runs) by ``GatheredBatchNorm``, which computes SyncBatchNorm's statistics over
 every rank's samples; the recipes set ``trainer.sync_batchnorm`` on GPUs.
 """
 
@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import pytest
+import timm
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
+from timm.models import save_for_hf
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ssl_vit.data import MAEView, MultiCropViews, ShardDataModule, TwoViews, write_shards
 from ssl_vit.distributed import gather_with_grad
 from ssl_vit.masking import ContextTargetMasks, PatchMask
-from ssl_vit.methods import DINOv2, ijepa, mae, simmim
+from ssl_vit.methods import DINOv2, Distill, ijepa, mae, simmim
 from tests.conftest import OBJECTIVES, TINY_ENCODER, png_bytes, random_images
 
 WORLD = 2
@@ -42,20 +45,24 @@ MASK_FUNCTIONS = [
 PER_RANK_MASKS = {"ijepa"}
 
 
-class GatheredBatchNorm1d(nn.BatchNorm1d):
-    """SyncBatchNorm's training-mode arithmetic on CPU: statistics over every rank's samples."""
+class GatheredBatchNorm(nn.BatchNorm1d):
+    """SyncBatchNorm's training-mode arithmetic on CPU: statistics over every rank's samples (and,
+    for a CNN's maps, positions)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         everyone = gather_with_grad(x)
-        y = (x - everyone.mean(0)) / torch.sqrt(everyone.var(0, unbiased=False) + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean, var = everyone.mean(dims).view(shape), everyone.var(dims, unbiased=False).view(shape)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
 def gather_batchnorm(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
-        if type(module) is nn.BatchNorm1d:
+        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
             parent, _, attr = name.rpartition(".")
-            replacement = GatheredBatchNorm1d(module.num_features, module.eps, affine=module.affine)
+            replacement = GatheredBatchNorm(module.num_features, module.eps, affine=module.affine)
             replacement.load_state_dict(module.state_dict())
             replacement.requires_grad_(any(p.requires_grad for p in module.parameters()))  # frozen in EMA copies
             setattr(model.get_submodule(parent), attr, replacement)
@@ -80,8 +87,7 @@ class Recorder(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def fit(name: str, data: Any, devices: int) -> dict[str, Any]:
-    factory, _ = OBJECTIVES[name]
+def fit(factory: Callable[..., L.LightningModule], data: Any, devices: int) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
     method = gather_batchnorm(factory(warmup_epochs=1))
     recorder = Recorder()
@@ -139,7 +145,7 @@ def _rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
         data = ShardDataModule(
             shards, VIEWS[view](), batch_size=4, num_workers=0, shuffle_buffer=0, samples_per_epoch=16
         )
-        torch.save({**fit(name, data, devices=WORLD), "masks": masks}, f"{out_dir}/{name}-rank{rank}.pt")
+        torch.save({**fit(OBJECTIVES[name][0], data, devices=WORLD), "masks": masks}, f"{out_dir}/{name}-rank{rank}.pt")
 
 
 def concat(parts: list[Any]) -> Any:
@@ -200,7 +206,7 @@ def test_ddp_matches_one_process_on_the_global_batch(name, ddp_runs, monkeypatch
         assert not torch.equal(*first)
     masks = [concat(list(parts)) for parts in zip(*(r["masks"] for r in ranks), strict=True)]
     replay_masks(masks, monkeypatch)
-    one = fit(name, DataLoader(global_batches, batch_size=None), devices=1)
+    one = fit(OBJECTIVES[name][0], DataLoader(global_batches, batch_size=None), devices=1)
 
     assert one["lrs"] == ranks[0]["lrs"]  # lr scaled by the global batch, 4 x 2 ranks = 8 x 1
     assert len(one["grads"]) == len(ranks[0]["grads"]) == 2
@@ -218,7 +224,7 @@ def test_ddp_gradient_is_the_mean_of_each_ranks_own_gradient(name, ddp_runs, mon
     alone = []
     for rank in ranks:
         replay_masks(rank["masks"][:1], monkeypatch)
-        alone.append(fit(name, DataLoader(rank["batches"][:1], batch_size=None), devices=1)["grads"][0])
+        alone.append(fit(OBJECTIVES[name][0], DataLoader(rank["batches"][:1], batch_size=None), devices=1)["grads"][0])
     mean = {key: (alone[0][key] + alone[1][key]) / 2 for key in alone[0]}
     assert_same_gradients(mean, ranks[0]["grads"][0], step=0)
 
@@ -255,3 +261,40 @@ def test_dinov2_ranks_stay_in_lockstep_with_global_centres(tmp_path):
     for key, value in ranks[0].items():
         torch.testing.assert_close(ranks[1][key], value, rtol=0, atol=0, msg=key)
     assert ranks[0]["center"].abs().sum() > 0 and ranks[0]["patch_center"].abs().sum() > 0
+
+
+def distill_onto(teacher: str) -> Callable[..., L.LightningModule]:
+    """Distillation of ``teacher`` into timm's test ResNet, whose BatchNorm layers see the rank's batch."""
+    return lambda **kw: Distill(teacher, {"name": "test_resnet"}, **kw)
+
+
+def _distill_rank_main(rank: int, port: int, shards: str, teacher: str, out_dir: str) -> None:
+    join_group(rank, port)
+    data = ShardDataModule(shards, MAEView(32), batch_size=4, num_workers=0, shuffle_buffer=0, samples_per_epoch=16)
+    torch.save(fit(distill_onto(teacher), data, devices=WORLD), f"{out_dir}/distill-rank{rank}.pt")
+
+
+@pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode at the start of training")  # the teacher, as meant
+def test_distillation_under_ddp_matches_one_process_on_the_global_batch(tmp_path):
+    """A CNN student's distillation steps under a 2-process group: disjoint shards, ranks in
+    lockstep, and each step's gradients (the projections' included) those of one process on the
+    two ranks' batches, BatchNorm statistics taken over both (``trainer.sync_batchnorm``)."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args)
+    save_for_hf(vit, str(tmp_path / "teacher"), model_args=args, safe_serialization=True)
+    samples = (("png", png_bytes(img), i) for i, img in enumerate(random_images(40)))
+    write_shards(samples, tmp_path / "shards", classes=[str(i) for i in range(40)], source="test", samples_per_shard=5)
+    spawn_args = (free_port(), str(tmp_path / "shards"), str(tmp_path / "teacher"), str(tmp_path))
+    mp.spawn(_distill_rank_main, args=spawn_args, nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"distill-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert_disjoint_shards_in_lockstep(ranks)
+
+    global_batches = [concat(list(parts)) for parts in zip(*(r["batches"] for r in ranks), strict=True)]
+    one = fit(distill_onto(str(tmp_path / "teacher")), DataLoader(global_batches, batch_size=None), devices=1)
+
+    assert one["lrs"] == ranks[0]["lrs"]
+    assert {"global_proj.weight", "dense_proj.weight", "encoder.model.conv1.0.weight"} <= set(one["grads"][0])
+    assert not any(key.startswith("teacher.") for key in one["grads"][0])
+    for step, (want, got) in enumerate(zip(one["grads"], ranks[0]["grads"], strict=True)):
+        assert_same_gradients(want, got, step)
