@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
 from ssl_vit.checkpoint import (
     checkpoint_encoder,
@@ -90,7 +91,7 @@ def export_encoder(
 
 
 def write_timm_folder(
-    model: VisionTransformer,
+    model: nn.Module,
     out: str | Path,
     model_args: dict[str, Any],
     config: dict[str, Any],
@@ -117,7 +118,14 @@ def write_timm_folder(
     return replace_output(out, write, EXPORT_FOLDER, overwrite, reads)
 
 
-def model_card(model: VisionTransformer, record: dict[str, Any]) -> str:
+def pooled_features(model: nn.Module) -> str:
+    """What a timm model's pooled embedding is, in words."""
+    if not isinstance(model, VisionTransformer):
+        return "the last feature map, globally pooled"
+    return "the mean of the patch tokens" if model.global_pool == "avg" else "the CLS token"
+
+
+def model_card(model: nn.Module, record: dict[str, Any]) -> str:
     """A short README for an export folder: what the weights are, where they came from, how to
     load them (the same facts as ``config.json``'s ``ssl_vit`` record)."""
     data = record.get("data", {})
@@ -132,8 +140,7 @@ def model_card(model: VisionTransformer, record: dict[str, Any]) -> str:
         f"- objective: {record.get('objective')} ({record.get('encoder_role', 'encoder')} encoder)",
         f"- optimiser steps: {record.get('step')}",
         f"- training data: `{data.get('train_shards', 'unknown')}`",
-        f"- features: {'the mean of the patch tokens' if model.global_pool == 'avg' else 'the CLS token'} "
-        "(timm's `forward_head(x, pre_logits=True)`)",
+        f"- features: {pooled_features(model)} (timm's `forward_head(x, pre_logits=True)`)",
         "",
         "Evaluation of this checkpoint by the run (top-1 %):",
         "",

@@ -178,7 +178,7 @@ def test_shards_refuses_to_overwrite(workdir):
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_recipe_parses(recipe, tmp_path):
     pretrains = "class_path: ssl_vit.methods." in recipe.read_text()
-    command = "pretrain" if pretrains else "finetune"
+    command = "distill" if "methods.Distill" in recipe.read_text() else "pretrain" if pretrains else "finetune"
     result = in_this_process(tmp_path, command, "--config", str(recipe), "--print_config")
     assert result.returncode == 0, result.stderr
     assert ("class_path: ssl_vit.methods." if pretrains else "init_from: runs/shapes/mae/export") in result.stdout

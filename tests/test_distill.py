@@ -135,8 +135,12 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
             "the student (test_resnet) cannot take the 32-px RGB crops",
         ),
         (["--data.view.init_args.size=48"], "data.view makes 48-px crops, model.init_args.image_size is 32"),
+        (
+            ["--model.init_args.teacher=timm:test_resnet", "--model.init_args.teacher_weights=w.safetensors"],
+            "model.init_args.teacher_weights w.safetensors: weights files load into ViTs only",
+        ),
     ],
-    ids=["missing teacher", "not a teacher", "unknown student", "ViT size", "channels", "crop size"],
+    ids=["missing teacher", "not a teacher", "unknown student", "ViT size", "channels", "crop size", "weights"],
 )
 def test_bad_input_stops_with_one_line_before_any_work(teacher, tmp_path, overrides, expected):
     result = in_this_process(tmp_path, *distill_args(teacher, *overrides))
@@ -175,6 +179,7 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     # The student's export is a timm folder that the evaluators (and timm) load as it was trained.
     exported, info = load_evaluated_encoder(str(run / "export"))
     assert isinstance(exported, TimmModelEncoder) and exported.image_size == 16 and info["method"] == "Distill"
+    assert "- features: the last feature map, globally pooled" in (run / "export/README.md").read_text()
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     student = Distill(str(teacher), CNN_STUDENT, image_size=16)
     student.on_load_checkpoint(ckpt)

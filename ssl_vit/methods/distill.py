@@ -249,8 +249,9 @@ def load_teacher(source: str, weights: str | None, made_by: str | None) -> tuple
         raise UserError(f"teacher {source} not found{how}")
     try:
         return load_evaluated_encoder(source, weights)
-    except UserError as err:
-        raise UserError(f"teacher {source}: {err}") from err
+    except UserError as err:  # its hints name `ssl-vit knn`'s option; here the recipe's field
+        hint = str(err).replace("--weights ", "model.init_args.teacher_weights ")
+        raise UserError(f"teacher {source}: {hint}") from err
     except Exception as err:  # a folder or file that is not what it claims to be
         raise UserError(f"teacher {source} does not load: {_last_line(err)}") from err
 
@@ -261,6 +262,14 @@ def _last_line(err: Exception) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
+def checkpoint_student(ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, str]:
+    """A read distillation checkpoint's student, built from its settings with its trained weights."""
+    student = build_student(dict(ckpt["hyper_parameters"]["encoder"]))
+    weights, role = encoder_weights(ckpt, path)
+    student.load_state_dict(weights)
+    return student, role
+
+
 def export_student(
     checkpoint: str | Path, out: str | Path, overwrite: bool = False, onnx: OnnxOptions | None = None
 ) -> Path:
@@ -268,12 +277,10 @@ def export_student(
     pretrained=True)`` loads, written aside and renamed into place: a ViT as ``ssl-vit export``
     writes it, any other model with the crop size it was trained at as its input size."""
     ckpt = read_checkpoint(checkpoint)
-    config = dict(ckpt["hyper_parameters"]["encoder"])
-    student = build_student(config)
+    student, role = checkpoint_student(ckpt, checkpoint)
     if isinstance(student, ViTEncoder):
         return export_encoder(checkpoint, out, overwrite=overwrite, onnx=onnx)
-    weights, role = encoder_weights(ckpt, checkpoint)
-    student.load_state_dict(weights)
+    config = dict(ckpt["hyper_parameters"]["encoder"])
     deploy = prepare_deploy(student.model, onnx, ckpt.get("datamodule_hyper_parameters", {})) if onnx else None
     size = ckpt["hyper_parameters"]["image_size"]
     # ssl-vit's evaluation view, as export.preprocessing_cfg records it for a ViT.
