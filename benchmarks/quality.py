@@ -137,6 +137,7 @@ def ssl_vit_curve(
             "--pictures.shards", str(data / "val"), "--pictures.every_n_epochs", "0",
             "--checkpoint.dirpath", str(run / "checkpoints"), "--checkpoint.every_n_epochs", "0",
             "--checkpoint.every_n_train_steps", str(every),
+            "--allow_collapse", "true",  # a collapsed run is measured too; its rows say how long it was
         ],
         check=True,
     )  # fmt: skip
