@@ -605,10 +605,14 @@ def recipes(args: list[str]) -> None:
     root = next((d for d in (Path("recipes"), Path(__file__).resolve().parents[1] / "recipes") if d.is_dir()), None)
     if root is None:
         raise UserError("no recipes folder here or in the ssl-vit source tree; run from a checkout of ssl-vit")
-    table = Table("recipe", "what it runs", title=f"recipes in {root}")
-    for path in sorted(root.rglob("*.yaml")):
+    paths = sorted(root.rglob("*.yaml"))
+    names = [str(path.relative_to(root.parent)) for path in paths]
+    table = Table(title=f"recipes in {root}")
+    table.add_column("recipe", no_wrap=True, min_width=max(map(len, names), default=6))  # names are typed: never cut
+    table.add_column("what it runs")
+    for path, name in zip(paths, names, strict=True):
         header = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# ")
-        table.add_row(str(path.relative_to(root.parent)), header.lstrip("# ").strip())
+        table.add_row(name, header.lstrip("# ").strip())
     Console().print(table)
 
 

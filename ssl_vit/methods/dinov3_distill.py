@@ -11,6 +11,7 @@ targets are always Sinkhorn-Knopp-balanced, and the student's iBOT head is alway
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -104,6 +105,15 @@ class DINOv3Distill(DINOv2):
             scale_to_run=scale_to_run,
         )
         self.ema_targets = {}  # the teacher is trained already: nothing follows the student
+        # What DINOv2's methods read from the hyperparameters, which a recipe's LightningCLI fills
+        # with this class's own arguments only.
+        self.hparams.update(
+            centering="sinkhorn_knopp",
+            ibot_separate_head=True,
+            ibot_loss_weight=ibot_loss_weight,
+            **dino_sizes,
+            **{f"ibot_{k}": v for k, v in ibot_sizes.items()},
+        )
         # The teacher's modules replace the EMA copies of the student that DINOv2 built.
         teacher_config = {**hp["encoder"], "drop_path_rate": 0.0}
         self.teacher_encoder = ViTEncoder(**teacher_config)
@@ -130,6 +140,10 @@ class DINOv3Distill(DINOv2):
         for module in (self.teacher_encoder, self.teacher_head, self.teacher_ibot_head):
             module.requires_grad_(False).eval()
         self.hparams["teacher_objective"] = objective
+
+    def on_fit_start(self) -> None:
+        # Lightning warns of modules in eval mode when training starts: the frozen teacher's, as meant.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
     def train(self, mode: bool = True) -> DINOv3Distill:
         super().train(mode)
