@@ -301,11 +301,6 @@ class DistillCLI(PretrainCLI):
         self.model.check_crops(sizes)
         check_batch_fits_model(self.datamodule, self.model)
 
-    def before_fit(self) -> None:
-        super().before_fit()
-        # Lightning warns of modules in eval mode: the frozen teacher's, which is meant to be.
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-
     def export_model(self, checkpoint: Path, out: Path) -> Path:
         return export_student(checkpoint, out, overwrite=True)
 

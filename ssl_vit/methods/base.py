@@ -6,6 +6,7 @@ and logging."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -54,6 +55,9 @@ class SSLMethod(L.LightningModule):
     #: evaluates first (DINO lists its EMA teacher first; MoCo v3 its base encoder, as its
     #: official linear probe and conversion script keep ``base_encoder``).
     encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
+    #: Module paths of frozen, already-trained networks (a distillation teacher): kept in eval mode
+    #: (dropout, drop path and BatchNorm statistics as in inference) whatever mode the rest is in.
+    frozen_modules: ClassVar[tuple[str, ...]] = ()
     #: EMA followers: module path -> the module path it follows (DINO's teacher, MoCo v3's momentum encoder).
     ema_targets: ClassVar[dict[str, str]] = {}
     #: Encoder settings of the objective's official ViT that a recipe may override (SimMIM's layer scale).
@@ -94,6 +98,16 @@ class SSLMethod(L.LightningModule):
         self.weight_decay, self.weight_decay_end, self.betas = weight_decay, weight_decay_end, tuple(betas)
         self.init_from, self.scale_to_run = init_from, scale_to_run
         self.collapse_watch = CollapseWatch()
+
+    def train(self, mode: bool = True) -> SSLMethod:
+        super().train(mode)
+        for path in self.frozen_modules:
+            self.get_submodule(path).eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        if self.frozen_modules:  # Lightning warns of modules in eval mode: these are, as meant
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
     def build_encoder(self, config: dict[str, Any]) -> nn.Module:
         """The trained encoder from its recipe settings: a ViT (distillation builds any timm model)."""

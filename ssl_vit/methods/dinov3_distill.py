@@ -11,7 +11,6 @@ targets are always Sinkhorn-Knopp-balanced, and the student's iBOT head is alway
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +39,7 @@ class DINOv3Distill(DINOv2):
     """
 
     encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
+    frozen_modules = ("teacher_encoder", "teacher_head", "teacher_ibot_head")
 
     def __init__(
         self,
@@ -140,16 +140,6 @@ class DINOv3Distill(DINOv2):
         for module in (self.teacher_encoder, self.teacher_head, self.teacher_ibot_head):
             module.requires_grad_(False).eval()
         self.hparams["teacher_objective"] = objective
-
-    def on_fit_start(self) -> None:
-        # Lightning warns of modules in eval mode when training starts: the frozen teacher's, as meant.
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-
-    def train(self, mode: bool = True) -> DINOv3Distill:
-        super().train(mode)
-        for module in (self.teacher_encoder, self.teacher_head, self.teacher_ibot_head):
-            module.eval()  # a BatchNorm in a DINO teacher's head keeps its statistics
-        return self
 
 
 def read_teacher(source: str) -> dict[str, Any]:

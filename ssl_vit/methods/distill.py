@@ -65,6 +65,7 @@ class Distill(SSLMethod):
 
     #: FD's runs (``configs/pretrain/fd_pretrain__*_300ep.yaml``, README): 300 epochs, 16 GPUs x 128.
     paper_run = PaperRun(epochs=300, steps_per_epoch=1281167 // 2048)
+    frozen_modules = ("teacher",)
     #: ``main_fd.py`` L249-251: lr, warm-up lr and minimum lr x global batch / 512.
     lr_batch_divisor = 512
     lr_bounds_scale_with_batch = True
@@ -104,13 +105,6 @@ class Distill(SSLMethod):
 
     def build_encoder(self, config: dict[str, Any]) -> nn.Module:
         return build_student(config)
-
-    def train(self, mode: bool = True) -> Distill:
-        # Lightning puts the whole module in training mode; the frozen teacher's dropout, drop path
-        # and BatchNorm statistics stay as they are in inference.
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     @torch.no_grad()
     def check_crops(self, sizes: Iterable[int]) -> list[tuple[int, int]]:
