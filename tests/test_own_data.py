@@ -119,8 +119,8 @@ SHORTER = {
 }
 
 
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def readme_section(title: str, page: str = "README.md") -> str:
+    text = (ROOT / page).read_text()
     return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
@@ -175,9 +175,9 @@ def test_an_unlabelled_folder_pretrains_and_says_why_the_probes_are_skipped(user
     assert list((user_folder / "runs/unlabelled/simclr/pictures").glob("health-rankme-*.png"))
 
 
-def test_the_readme_python_example_runs_as_written(user_folder, monkeypatch, capsys):
-    (code,) = re.findall(r"```python\n(.*?)```", readme_section("From Python"), re.S)
+def test_the_python_example_runs_as_written(user_folder, monkeypatch, capsys):
+    (code,) = re.findall(r"```python\n(.*?)```", readme_section("From Python", "docs/recipes-and-data.md"), re.S)
     monkeypatch.chdir(user_folder)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/recipes-and-data.md", "exec"), {})
     assert "k=20" in capsys.readouterr().out
     assert (user_folder / "runs/photos/simclr-python/export/model.safetensors").is_file()
