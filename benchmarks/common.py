@@ -55,7 +55,9 @@ def write_result(
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    partial = out.with_name(out.name + ".partial")  # written aside and renamed: never half a file
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(out)
     return out
 
 

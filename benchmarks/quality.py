@@ -611,7 +611,8 @@ def main() -> None:
     for name, path in datasets.items():
         write_digits_shards(path) if name == "digits" else write_embedded_shards(path, dataset=name)
     datasets.update({name: Path(d) for name, d in (spec.split("=", 1) for spec in args.data)})
-    rows, commit = [], git_commit()
+    commit = git_commit()
+    name_of_results, keep = ("quality_ablations", (*RUN, "overrides")) if args.set else ("quality", RUN)
     for objective in args.objectives:
         for name, data in datasets.items():
             for seed in args.seeds:
@@ -621,17 +622,17 @@ def main() -> None:
                 if objective in LIGHTLY and "lightly" in args.libraries and not args.set:
                     curves["lightly"] = LIGHTLY[objective](data, args.budgets, seed)
                 run = {"dataset": name, "seed": seed, "run_steps": max(args.budgets)}
+                rows = []
                 for library, curve in curves.items():
                     rows += [{"objective": objective, "library": library, **run, **r, "commit": commit} for r in curve]
                     print(objective, name, seed, library, curve, file=sys.stderr)
-    if args.set:
-        rows = [{**r, "overrides": " ".join(args.set)} for r in rows]
-        out = write_result("quality_ablations", device, rows, keep=(*RUN, "overrides"))
-        print(f"wrote {out}")
-        return
-    out = write_result("quality", device, rows, keep=RUN)
-    draw_curves(json.loads(out.read_text())["rows"], out.with_suffix(".png"))  # with the kept rows
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+                if args.set:
+                    rows = [{**r, "overrides": " ".join(args.set)} for r in rows]
+                # Written after every run, so that a benchmark stopped part-way keeps what it measured.
+                out = write_result(name_of_results, device, rows, keep=keep)
+    if not args.set:
+        draw_curves(json.loads(out.read_text())["rows"], out.with_suffix(".png"))  # with the kept rows
+    print(f"wrote {out}" + ("" if args.set else f" and {out.with_suffix('.png')}"))
 
 
 if __name__ == "__main__":
