@@ -15,7 +15,8 @@ small to show.
     python benchmarks/distill.py --teacher runs/shapes/simclr/export
     python benchmarks/distill.py --students resnet --epochs 4
 
-Writes benchmarks/results/distill_<device>.json.
+Writes benchmarks/results/distill_<device>.json; a run of some students replaces their rows and keeps
+the others'.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def main() -> None:
         "distill",
         device,
         rows,
+        keep=("family",),  # a run of some families keeps the others' rows
         teacher=str(teacher),
         data="embedded shapes (5,000 training images, 32 px)",
         cpu_threads=CPU_THREADS,

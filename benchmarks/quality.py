@@ -50,7 +50,7 @@ from ssl_vit.encoder import ViTEncoder
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.features import FeatureSet
 
-OBJECTIVES = ("mae", "simmim", "dino", "dinov2", "mocov3", "simclr", "ijepa")
+OBJECTIVES = ("mae", "simmim", "dino", "dinov2", "dinov3", "mocov3", "simclr", "ijepa")
 EMBEDDED = ("shapes", "glyphs")
 #: Real images an installed package ships (nothing is downloaded): scikit-learn's handwritten digits.
 REAL = ("digits",)

@@ -102,6 +102,22 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     return -torch.log(distance + eps).mean()
 
 
+def gram_loss(
+    student_patches: Tensor, teacher_patches: Tensor, image_level: bool = True, remove_neg: bool = False
+) -> Tensor:
+    """DINOv3's Gram anchoring (``dinov3/loss/gram_loss.py``): the mean squared difference between
+    the Gram matrices of the L2-normalised patch features (B, N, D) of the student and of the Gram
+    teacher; one N x N matrix per image (``image_level``, as DINOv3's configs set it) or one over all
+    the batch's patches. ``remove_neg`` zeroes negative similarities in both. In float32."""
+    student, teacher = F.normalize(student_patches.float(), dim=-1), F.normalize(teacher_patches.float(), dim=-1)
+    if not image_level:
+        student, teacher = student.flatten(0, -2), teacher.flatten(0, -2)
+    student_sim, teacher_sim = student @ student.transpose(-1, -2), teacher @ teacher.transpose(-1, -2)
+    if remove_neg:
+        student_sim, teacher_sim = student_sim.clamp_min(0), teacher_sim.clamp_min(0)
+    return F.mse_loss(student_sim, teacher_sim)
+
+
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2) -> Tensor:
     """MoCo v3's contrastive loss: each query against the keys of the whole global batch (gathered
     from every rank, without gradients), its own key the positive; scaled by 2 x temperature."""

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from ssl_vit.data import MAEView, MultiCropViews, ShardDataModule, TwoViews, write_shards
 from ssl_vit.distributed import gather_with_grad
 from ssl_vit.masking import ContextTargetMasks, PatchMask
-from ssl_vit.methods import DINOv2, Distill, ijepa, mae, simmim
+from ssl_vit.methods import DINOv2, DINOv3, Distill, ijepa, mae, simmim
 from tests.conftest import OBJECTIVES, TINY_ENCODER, png_bytes, random_images
 
 WORLD = 2
@@ -229,10 +229,15 @@ def test_ddp_gradient_is_the_mean_of_each_ranks_own_gradient(name, ddp_runs, mon
     assert_same_gradients(mean, ranks[0]["grads"][0], step=0)
 
 
-def _dinov2_rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
+#: DINOv2, and DINOv3 with its Gram phase (Gram teacher and term) from the second of the two steps.
+DINO_FAMILY = {"dinov2": (DINOv2, {}), "dinov3": (DINOv3, {"gram_start": 0.5})}
+
+
+def _dinov2_rank_main(rank: int, port: int, shards: str, out_dir: str, name: str) -> None:
     join_group(rank, port)
     L.seed_everything(rank, verbose=False)  # each rank draws its own iBOT masks
-    method = DINOv2(TINY_ENCODER, out_dim=32, hidden_dim=24, bottleneck_dim=16, centering="mean")
+    cls, kwargs = DINO_FAMILY[name]
+    method = cls(TINY_ENCODER, out_dim=32, hidden_dim=24, bottleneck_dim=16, centering="mean", **kwargs)
     data = ShardDataModule(
         shards, VIEWS["multicrop"](), batch_size=4, num_workers=0, shuffle_buffer=0, samples_per_epoch=16
     )
@@ -247,20 +252,25 @@ def _dinov2_rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
         enable_model_summary=False,
     )
     trainer.fit(method, datamodule=data)
-    torch.save(method.state_dict(), f"{out_dir}/dinov2-rank{rank}.pt")
+    torch.save(method.state_dict(), f"{out_dir}/{name}-rank{rank}.pt")
 
 
-def test_dinov2_ranks_stay_in_lockstep_with_global_centres(tmp_path):
+@pytest.mark.parametrize("name", DINO_FAMILY)
+def test_dinov2_ranks_stay_in_lockstep_with_global_centres(tmp_path, name):
     """Ranks see different images and draw different masks; after DDP steps their students,
-    EMA teachers and both centres (the CLS one and iBOT's patch one, each averaged over ranks)
-    must still be identical, and the centres must have moved."""
+    EMA teachers (and DINOv3's Gram teacher) and both centres (the CLS one and iBOT's patch one,
+    each averaged over ranks) must still be identical, and the centres must have moved."""
     samples = (("png", png_bytes(img), i) for i, img in enumerate(random_images(40)))
     write_shards(samples, tmp_path / "shards", classes=[str(i) for i in range(40)], source="test", samples_per_shard=5)
-    mp.spawn(_dinov2_rank_main, args=(free_port(), str(tmp_path / "shards"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"dinov2-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    args = (free_port(), str(tmp_path / "shards"), str(tmp_path), name)
+    mp.spawn(_dinov2_rank_main, args=args, nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for key, value in ranks[0].items():
         torch.testing.assert_close(ranks[1][key], value, rtol=0, atol=0, msg=key)
     assert ranks[0]["center"].abs().sum() > 0 and ranks[0]["patch_center"].abs().sum() > 0
+    if name == "dinov3":  # the Gram teacher is the EMA teacher of step 1, which has moved on since
+        gram = {k.removeprefix("gram_teacher."): v for k, v in ranks[0].items() if k.startswith("gram_teacher.")}
+        assert any(not torch.equal(v, ranks[0][f"teacher_encoder.{k}"]) for k, v in gram.items())
 
 
 def distill_onto(teacher: str) -> Callable[..., L.LightningModule]:

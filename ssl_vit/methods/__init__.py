@@ -3,6 +3,7 @@
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.methods.dino import DINO
 from ssl_vit.methods.dinov2 import DINOv2
+from ssl_vit.methods.dinov3 import DINOv3
 from ssl_vit.methods.dinov3_distill import DINOv3Distill
 from ssl_vit.methods.distill import Distill
 from ssl_vit.methods.ijepa import IJEPA
@@ -11,4 +12,16 @@ from ssl_vit.methods.mocov3 import MoCoV3
 from ssl_vit.methods.simclr import SimCLR
 from ssl_vit.methods.simmim import SimMIM
 
-__all__ = ["DINO", "IJEPA", "MAE", "DINOv2", "DINOv3Distill", "Distill", "MoCoV3", "SSLMethod", "SimCLR", "SimMIM"]
+__all__ = [
+    "DINO",
+    "IJEPA",
+    "MAE",
+    "DINOv2",
+    "DINOv3",
+    "DINOv3Distill",
+    "Distill",
+    "MoCoV3",
+    "SSLMethod",
+    "SimCLR",
+    "SimMIM",
+]

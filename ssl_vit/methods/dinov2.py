@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ssl_vit.distributed import mean_over_ranks
 from ssl_vit.ema import frozen_copy
-from ssl_vit.encoder import EncoderConfig
+from ssl_vit.encoder import EncoderConfig, EncoderOutput
 from ssl_vit.errors import UserError
 from ssl_vit.heads import DINOHead
 from ssl_vit.losses import dino_loss, dino_teacher_probs, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher_probs
@@ -176,7 +176,7 @@ class DINOv2(DINO):
         dino = dino_loss(student_cls, cls_targets, len(crops), hp.student_temp)
         ibot = self.ibot_loss(teacher.patches, student.patches, masks, temp) if do_ibot else dino.new_zeros(())
         koleo = sum(koleo_loss(view) for view in student.cls.chunk(2))
-        loss = dino + hp.ibot_loss_weight * ibot + hp.koleo_loss_weight * koleo
+        loss = dino + hp.ibot_loss_weight * ibot + hp.koleo_loss_weight * koleo + self.extra_loss(global_crops, student)
         self.watch_collapse(teacher_cls, teacher_probs=cls_targets)
         self.log_dict(
             {"train/loss": loss, "train/dino_loss": dino, "train/ibot_loss": ibot, "train/koleo_loss": koleo},
@@ -184,6 +184,11 @@ class DINOv2(DINO):
         )
         self.log("train/teacher_temp", temp)
         return loss
+
+    def extra_loss(self, global_crops: Tensor, student: EncoderOutput) -> Tensor:
+        """A weighted term that an objective built on DINOv2 adds, from the global crops and the
+        student's (masked) output on them: DINOv3's Gram anchoring. None in DINOv2."""
+        return student.cls.new_zeros(())
 
     def ibot_loss(self, teacher_patches: Tensor, student_patches: Tensor, masks: Tensor, temp: float) -> Tensor:
         """iBOT on the masked patches: the student's head output against the teacher's targets."""
