@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import ROOT, write_result
+from common import ROOT, git_commit, write_result
 
 from ssl_vit.checkpoint import read_checkpoint
 from ssl_vit.data.shards import write_embedded_shards
@@ -129,7 +129,8 @@ def main() -> None:
         run = work / family
         summary = distil(STUDENTS[family], teacher, shards, run, args.epochs)
         onnx = export_onnx(run, work / f"{family}-export")
-        rows.append({"family": family, "student": STUDENTS[family], "summary": summary, "onnx": onnx})
+        row = {"family": family, "student": STUDENTS[family], "teacher": str(teacher), "commit": git_commit()}
+        rows.append({**row, "summary": summary, "onnx": onnx})
         print(family, json.dumps(rows[-1]["summary"]["models"], indent=1))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = write_result(
