@@ -25,6 +25,17 @@ def tiny(**kwargs) -> DINOv2:
     return DINOv2(TINY_ENCODER, out_dim=32, hidden_dim=24, bottleneck_dim=16, **kwargs)
 
 
+def masked_step_inputs(monkeypatch, b: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """iBOT's masks fixed (10 patches of the first view's second image, 25 of the second view's
+    second image) and two 32-px global and two 16-px local crops of ``b`` random images."""
+    masks = torch.zeros(2 * b, 64, dtype=torch.bool)  # 32-px crops, 4-px patches
+    masks[1, :10] = True
+    masks[b + 1, 20:45] = True
+    monkeypatch.setattr(dinov2_module, "ibot_masks", lambda *args: masks)
+    crops = [torch.randn(b, 3, 32, 32) for _ in range(2)] + [torch.randn(b, 3, 16, 16) for _ in range(2)]
+    return masks, crops
+
+
 def reference_student_loss(method, crops, masks, t_cls, t_patch, ibot_head) -> torch.Tensor:
     """DINO + iBOT + 0.1 x KoLeo of a DINOv2-style student against the given teacher targets, from
     the formulas: the student's global crops are masked (patch embedding replaced by the mask token,
@@ -60,12 +71,7 @@ def test_loss_is_dino_plus_ibot_plus_koleo_with_the_student_masked_and_the_teach
         for p in method.teacher_encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
         method.mask_token.normal_()
-    b, n = 3, 64  # 32-px crops, 4-px patches
-    masks = torch.zeros(2 * b, n, dtype=torch.bool)
-    masks[1, :10] = True
-    masks[4, 20:45] = True
-    monkeypatch.setattr(dinov2_module, "ibot_masks", lambda *args: masks)
-    crops = [torch.randn(b, 3, 32, 32) for _ in range(2)] + [torch.randn(b, 3, 16, 16) for _ in range(2)]
+    masks, crops = masked_step_inputs(monkeypatch, b=3)
     method._trainer = None
     monkeypatch.setattr(DINOv2, "teacher_temperature", lambda self: 0.05)
     monkeypatch.setattr(DINOv2, "log", lambda *a, **k: None)

@@ -7,12 +7,11 @@ import lightning as L
 import pytest
 import torch
 
-import ssl_vit.methods.dinov2 as dinov2_module
 from ssl_vit.errors import UserError
 from ssl_vit.losses import gram_loss
 from ssl_vit.methods import DINOv2, DINOv3
 from tests.conftest import TINY_ENCODER, fit_briefly
-from tests.test_dinov2 import attach_trainer
+from tests.test_dinov2 import attach_trainer, masked_step_inputs
 
 HEAD = dict(out_dim=32, hidden_dim=24, bottleneck_dim=16)
 
@@ -82,12 +81,7 @@ def test_step_is_dinov2s_plus_the_weighted_gram_term(monkeypatch):
         method.mask_token.normal_()
     plain = DINOv2(TINY_ENCODER, centering="mean", **HEAD)
     plain.load_state_dict({k: v for k, v in method.state_dict().items() if not k.startswith("gram_teacher.")})
-    b = 3
-    masks = torch.zeros(2 * b, 64, dtype=torch.bool)
-    masks[1, :10] = True
-    masks[4, 20:45] = True
-    monkeypatch.setattr(dinov2_module, "ibot_masks", lambda *args: masks)
-    crops = [torch.randn(b, 3, 32, 32) for _ in range(2)] + [torch.randn(b, 3, 16, 16) for _ in range(2)]
+    masks, crops = masked_step_inputs(monkeypatch, b=3)
     for module in (method, plain):
         attach_trainer(module, step=60, total_steps=100)  # in the Gram phase, after the rise: weight 2
         for quiet in ("log", "log_dict", "watch_collapse"):

@@ -9,13 +9,12 @@ import timm
 import torch
 import yaml
 
-import ssl_vit.methods.dinov2 as dinov2_module
 from ssl_vit import export_encoder
 from ssl_vit.errors import UserError
 from ssl_vit.methods import DINO, MAE, DINOv2, DINOv3Distill
 from tests.conftest import TINY_ENCODER, fit_briefly
 from tests.fault_injection import in_this_process, write_tiny_shards
-from tests.test_dinov2 import reference_student_loss
+from tests.test_dinov2 import masked_step_inputs, reference_student_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +70,7 @@ def test_loss_is_dinov2s_against_the_frozen_teachers_heads_with_sinkhorn_targets
             torch.testing.assert_close(value, ckpt["state_dict"][f"{name}.{key}"], rtol=0, atol=0)
     with torch.no_grad():
         method.mask_token.normal_()
-    b = 4
-    masks = torch.zeros(2 * b, 64, dtype=torch.bool)
-    masks[1, :10] = True
-    masks[6, 20:45] = True
-    monkeypatch.setattr(dinov2_module, "ibot_masks", lambda *args: masks)
-    crops = [torch.randn(b, 3, 32, 32) for _ in range(2)] + [torch.randn(b, 3, 16, 16) for _ in range(2)]
+    masks, crops = masked_step_inputs(monkeypatch, b=4)
     method._trainer = None
     monkeypatch.setattr(DINOv3Distill, "teacher_temperature", lambda self: 0.05)
     for quiet in ("log", "log_dict", "watch_collapse"):
