@@ -99,15 +99,20 @@ class SSLMethod(L.LightningModule):
         self.init_from, self.scale_to_run = init_from, scale_to_run
         self.collapse_watch = CollapseWatch()
 
-    def train(self, mode: bool = True) -> SSLMethod:
-        super().train(mode)
+    def freeze_modes(self) -> None:
+        """The frozen modules back in eval mode."""
         for path in self.frozen_modules:
             self.get_submodule(path).eval()
+
+    def train(self, mode: bool = True) -> SSLMethod:
+        super().train(mode)
+        self.freeze_modes()
         return self
 
     def on_fit_start(self) -> None:
         if self.frozen_modules:  # Lightning warns of modules in eval mode: these are, as meant
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+        self.freeze_modes()  # before Lightning records the modes it restores during the fit
 
     def build_encoder(self, config: dict[str, Any]) -> nn.Module:
         """The trained encoder from its recipe settings: a ViT (distillation builds any timm model)."""

@@ -64,8 +64,7 @@ class DINOv3(DINOv2):
                 f"model.gram_start {gram_start} is a fraction of the run: from 0 to below 1 (DINOv3: 0.833)"
             )
         super().__init__(encoder, **dinov2_args)
-        # In eval mode from the start: Lightning restores the modes it finds when fitting starts.
-        self.gram_teacher = frozen_copy(self.teacher_encoder).eval()
+        self.gram_teacher = frozen_copy(self.teacher_encoder)
 
     def gram_steps(self) -> tuple[int, int, int]:
         """(start, ramp, update period) in optimiser steps of this run."""
