@@ -1,5 +1,9 @@
-"""The one ViT encoder every objective trains: a timm ``VisionTransformer`` plus the token plumbing
-that self-supervised objectives need (visible-token subsets, mask tokens, other resolutions).
+"""The one ViT encoder every objective trains: a timm ViT plus the token plumbing that
+self-supervised objectives need (visible-token subsets, mask tokens, other resolutions).
+
+The timm ViT is a ``VisionTransformer`` (learned or fixed position embeddings) or an ``Eva``: the
+class of timm's RoPE ViTs, among them DINOv3's own architecture (``vit_small_patch16_dinov3``...:
+rotary positions, storage tokens, layer scale).
 
 The timm model is kept as it is (``ViTEncoder.vit``) so that its state dict is a plain timm state dict.
 """
@@ -12,8 +16,10 @@ import timm
 import torch
 from timm.layers import DropPath
 from timm.models import checkpoint_seq
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from typing_extensions import TypedDict
 
 from ssl_vit.errors import UserError
@@ -36,11 +42,19 @@ class EncoderConfig(TypedDict, total=False):
     global_pool: str
     fc_norm: bool
     reg_tokens: int
+    num_reg_tokens: int  # Eva's name for reg_tokens (DINOv3's storage tokens)
+    rope_rescale_coords: float  # DINOv3's RoPE coordinate augmentation in training (Eva)
+    rope_shift_coords: float
+    rope_jitter_coords: float
     weight_init: str
     init_values: float | None  # layer scale; None turns off a default such as DINOv2's 1e-5
     grad_checkpointing: bool
     pos_embed_resample: Literal["timm", "dino"]
 
+
+#: The timm classes the encoder wraps: timm's ViT and its RoPE ViTs (``Eva``).
+TIMM_VITS = (VisionTransformer, Eva)
+TimmViT = VisionTransformer | Eva
 
 #: Encoder settings that are ssl-vit's, not timm's: left out of an export's timm model arguments.
 NON_TIMM_SETTINGS = ("name", "grad_checkpointing", "pos_embed_resample", "drop_path_uniform")
@@ -70,9 +84,9 @@ class EncoderOutput(NamedTuple):
 
 
 class ViTProperties:
-    """What the evaluators and objectives read off an encoder's timm VisionTransformer (``vit``)."""
+    """What the evaluators and objectives read off an encoder's timm ViT (``vit``)."""
 
-    vit: VisionTransformer
+    vit: TimmViT
 
     @property
     def embed_dim(self) -> int:
@@ -112,7 +126,8 @@ class ViTEncoder(ViTProperties, nn.Module):
     Position embeddings are resampled to the input's patch grid, so one encoder serves 224-px
     global crops and 96-px local crops alike: with timm's antialiased bicubic resampling
     (``pos_embed_resample: timm``, timm's ``dynamic_img_size``) or as DINO and DINOv2 do
-    (``dino``: bicubic without antialiasing, at DINO's scale factor). ``grad_checkpointing``
+    (``dino``: bicubic without antialiasing, at DINO's scale factor). A RoPE ViT (``Eva``) has
+    nothing to resample: its rotary positions are computed for each grid, as in DINOv3's code. ``grad_checkpointing``
     recomputes each block's activations in the backward pass instead of storing them (timm's
     ``set_grad_checkpointing``): less memory for a larger batch or model, about a third more compute.
     ``drop_path_uniform`` drops every block's residual branches at ``drop_path_rate`` (DINOv2's
@@ -136,13 +151,22 @@ class ViTEncoder(ViTProperties, nn.Module):
             vit = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
         except (RuntimeError, TypeError) as err:
             raise UserError(f"cannot build encoder {name!r} with {overrides}: {err}") from err
-        if not isinstance(vit, VisionTransformer):
-            raise UserError(f"encoder {name!r} is a {type(vit).__name__}; ssl-vit needs a timm VisionTransformer")
+        if not isinstance(vit, TIMM_VITS):
+            raise UserError(
+                f"encoder {name!r} is a {type(vit).__name__}; ssl-vit needs a timm ViT "
+                "(VisionTransformer, or Eva for RoPE ViTs such as vit_small_patch16_dinov3)"
+            )
         img, patch = vit.patch_embed.img_size, vit.patch_embed.patch_size
         if img[0] % patch[0] or img[1] % patch[1]:
             raise UserError(
                 f"model.encoder.patch_size {patch[0]}x{patch[1]} does not divide img_size {img[0]}x{img[1]}; "
                 "use an img_size that is a multiple of the patch size"
+            )
+        if "init_values" in overrides and overrides["init_values"] is None and has_layer_scale(vit):
+            # timm drops arguments given as None, so the architecture's own layer scale would stay
+            raise UserError(
+                f"model.encoder.init_values null cannot turn off {name}'s layer scale (timm keeps its default); "
+                "give a value instead (1.0: the blocks at full strength from the first step)"
             )
         vit.set_grad_checkpointing(grad_checkpointing)
         rate = overrides.get("drop_path_rate", 0.0)
@@ -170,6 +194,11 @@ class ViTEncoder(ViTProperties, nn.Module):
 
     def fix_sincos_pos_embed(self) -> None:
         """Replace the learned position embedding by a frozen 2-D sin-cos one (MAE, MoCo v3)."""
+        if self.vit.pos_embed is None:
+            raise UserError(
+                f"this objective fixes a sin-cos position embedding, and {self.name} has none (RoPE positions): "
+                "use a ViT with a position embedding, such as vit_small_patch16_224"
+            )
         pos = sincos_pos_embed_2d(self.embed_dim, self.grid_size, self.vit.num_prefix_tokens)
         self.vit.pos_embed.data.copy_(pos.unsqueeze(0))
         self.vit.pos_embed.requires_grad_(False)
@@ -193,28 +222,43 @@ class ViTEncoder(ViTProperties, nn.Module):
         if mask is not None:
             w = mask.reshape(x.shape[:-1]).unsqueeze(-1).type_as(x)
             x = x * (1 - w) + mask_token.reshape(-1).to(x.dtype) * w
-        x = self._pos_embed(x)  # prefix tokens + patches, position embeddings resampled to the grid
+        x, rope = self._pos_embed(x)  # prefix tokens + patches; positions for this grid
         n_prefix = self.vit.num_prefix_tokens
         if keep_idx is not None:
             x = torch.cat([x[:, :n_prefix], gather_tokens(x[:, n_prefix:], keep_idx)], dim=1)
+            if rope is not None:  # (N, d) per patch -> (B, 1, K, d): each sample's kept patches, all heads
+                rope = rope[keep_idx].unsqueeze(1)
         x = self.vit.norm_pre(x)
-        if self.vit.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_seq(self.vit.blocks, x)
+        checkpointed = self.vit.grad_checkpointing and torch.is_grad_enabled()
+        if rope is None:
+            x = checkpoint_seq(self.vit.blocks, x) if checkpointed else self.vit.blocks(x)
         else:
-            x = self.vit.blocks(x)
+            for block in self.vit.blocks:
+                x = checkpoint(block, x, rope=rope, use_reentrant=False) if checkpointed else block(x, rope=rope)
         return EncoderOutput(self.vit.norm(x), n_prefix, self.has_class_token)
 
-    def _pos_embed(self, x: Tensor) -> Tensor:
+    def _pos_embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The tokens with their absolute position embeddings, and the rotary embedding (RoPE ViTs)."""
         vit = self.vit
-        if self.pos_embed_resample == "timm" or tuple(x.shape[1:3]) == self.grid_size:
+        if isinstance(vit, Eva):
             return vit._pos_embed(x)
+        if self.pos_embed_resample == "timm" or tuple(x.shape[1:3]) == self.grid_size:
+            return vit._pos_embed(x), None
         # timm's _pos_embed with DINO's resampling in place of timm's
         n_pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
         pos = dino_resample_pos_embed(vit.pos_embed, self.grid_size, tuple(x.shape[1:3]), n_pos_prefix)
         x = x.flatten(1, 2)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
         x = torch.cat([*prefix, x + pos], dim=1) if vit.no_embed_class else torch.cat([*prefix, x], dim=1) + pos
-        return vit.pos_drop(x)
+        return vit.pos_drop(x), None
+
+
+def has_layer_scale(vit: TimmViT) -> bool:
+    """Whether the blocks scale their residual branches (timm ViT's ``ls1``, Eva's ``gamma_1``)."""
+    block = vit.blocks[0]
+    return getattr(block, "gamma_1", None) is not None or not isinstance(
+        getattr(block, "ls1", nn.Identity()), nn.Identity
+    )
 
 
 def gather_tokens(tokens: Tensor, idx: Tensor) -> Tensor:

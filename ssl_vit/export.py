@@ -17,8 +17,7 @@ from typing import Any, Literal
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from timm.models import save_for_hf
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models import eva, save_for_hf, vision_transformer
 from torch import nn
 
 from ssl_vit.checkpoint import (
@@ -30,7 +29,7 @@ from ssl_vit.checkpoint import (
     read_checkpoint,
 )
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
-from ssl_vit.encoder import NON_TIMM_SETTINGS
+from ssl_vit.encoder import NON_TIMM_SETTINGS, TIMM_VITS, TimmViT
 from ssl_vit.errors import UserError
 from ssl_vit.eval.report import RECORD_KINDS
 from ssl_vit.onnx_export import ONNX_FILES, Deploy, OnnxOptions, prepare_deploy, require_onnxruntime, write_onnx
@@ -120,7 +119,7 @@ def write_timm_folder(
 
 def pooled_features(model: nn.Module) -> str:
     """What a timm model's pooled embedding is, in words."""
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, TIMM_VITS):
         return "the last feature map, globally pooled"
     return "the mean of the patch tokens" if model.global_pool == "avg" else "the CLS token"
 
@@ -159,7 +158,7 @@ def model_card(model: nn.Module, record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None) -> VisionTransformer:
+def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None) -> TimmViT:
     """The timm model of an ssl-vit checkpoint or of an export folder (classifier head fresh when
     ``num_classes`` > 0)."""
     path = Path(path)
@@ -172,7 +171,7 @@ def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None
     return encoder.vit
 
 
-def encoder_state_dict(path: str | Path, vit: VisionTransformer) -> dict[str, torch.Tensor]:
+def encoder_state_dict(path: str | Path, vit: TimmViT) -> dict[str, torch.Tensor]:
     """timm-keyed encoder weights from an export folder, a timm ``local-dir`` folder, a
     ``.safetensors`` / ``.pth`` state dict or an ssl-vit checkpoint, with position embeddings (and
     patch embeddings) resampled to ``vit``'s image and patch grid."""
@@ -195,7 +194,8 @@ def encoder_state_dict(path: str | Path, vit: VisionTransformer) -> dict[str, to
     else:
         raise UserError(f"encoder weights {path} do not exist")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    return checkpoint_filter_fn(state, vit)
+    # timm's own filters: they also read the official DINOv2 / DINOv3 checkpoints' keys
+    return (eva if isinstance(vit, eva.Eva) else vision_transformer).checkpoint_filter_fn(state, vit)
 
 
 def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[str, Any]:
@@ -224,7 +224,7 @@ def _model_args(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NON_TIMM_SETTINGS}
 
 
-def preprocessing_cfg(vit: VisionTransformer) -> dict[str, Any]:
+def preprocessing_cfg(vit: TimmViT) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` entries for ssl-vit's evaluation view (what ``timm.data``
     resolves a model's transforms from)."""
     size = vit.patch_embed.img_size

@@ -44,7 +44,7 @@ def reference_student_loss(method, crops, masks, t_cls, t_patch, ibot_head) -> t
     x = method.encoder.vit.patch_embed(torch.cat(crops[:2])).flatten(1, 2)
     side = int(x.shape[1] ** 0.5)
     x = torch.where(masks.unsqueeze(-1), method.mask_token.expand_as(x), x).reshape(2 * b, side, side, -1)
-    s = method.encoder.vit.norm(method.encoder.vit.blocks(method.encoder._pos_embed(x)))
+    s = method.encoder.vit.norm(method.encoder.vit.blocks(method.encoder._pos_embed(x)[0]))
     s_cls, s_patch = s[:, 0], s[:, 1:]
     local = method.encoder(torch.cat(crops[2:])).cls
     student = [method.head(c) for c in (*s_cls.chunk(2), *local.chunk(2))]
@@ -291,7 +291,8 @@ def test_patch_centre_is_the_running_mean_of_the_masked_patches_teacher_outputs(
 def test_drop_path_is_uniform_over_the_blocks_in_the_imagenet_recipes():
     # dinov2/models/vision_transformer.py: drop_path_uniform -> [rate] * depth, where timm ramps
     # linspace(0, rate, depth) and leaves the first block without drop path.
-    for recipe in ("imagenet/dinov2_vit_s16.yaml", "imagenet/dinov2_vit_l16.yaml"):
+    dinov3 = ["imagenet/dinov3_vit_s16.yaml", "imagenet/dinov3_vit_b16.yaml"]  # timm's Eva blocks
+    for recipe in ["imagenet/dinov2_vit_s16.yaml", "imagenet/dinov2_vit_l16.yaml", *dinov3]:
         encoder = yaml.safe_load((RECIPES / recipe).read_text())["model"]["init_args"]["encoder"]
         blocks = ViTEncoder(**{**DINOv2.encoder_defaults, **encoder, "depth": 3}).vit.blocks
         official = [encoder["drop_path_rate"]] * 3

@@ -1,19 +1,32 @@
 """DINOv3's Gram anchoring against references written here from dinov3's formulas: the Gram loss,
 its weight and Gram-teacher schedule, and a training step that is DINOv2's plus the weighted term."""
 
+import json
 import math
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
 
+from ssl_vit import export_encoder
+from ssl_vit.checkpoint import load_checkpoint_encoder
+from ssl_vit.data import MultiCropViews
 from ssl_vit.errors import UserError
 from ssl_vit.losses import gram_loss
 from ssl_vit.methods import DINOv2, DINOv3
 from tests.conftest import TINY_ENCODER, fit_briefly
+from tests.fault_injection import in_this_process, write_tiny_shards
 from tests.test_dinov2 import attach_trainer, masked_step_inputs
+from tests.test_encoder import TINY_ROPE_ENCODER
 
 HEAD = dict(out_dim=32, hidden_dim=24, bottleneck_dim=16)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_gram_loss(student, teacher, image_level, remove_neg):
@@ -102,3 +115,106 @@ def test_step_is_dinov2s_plus_the_weighted_gram_term(monkeypatch):
 def test_a_gram_start_outside_the_run_stops_with_one_line():
     with pytest.raises(UserError, match=r"gram_start 1\.5 is a fraction of the run"):
         DINOv3(TINY_ENCODER, gram_start=1.5, **HEAD)
+
+
+def test_dinov3s_own_architecture_trains_and_its_export_loads_in_timm_by_that_name(tmp_path):
+    # timm's vit_small_patch16_dinov3 (RoPE, storage tokens, layer scale) at a tiny size, CLS pooling
+    # as DINOv3 evaluates; iBOT's masks and the local crops go through its rotary positions.
+    method = DINOv3({**TINY_ROPE_ENCODER, "global_pool": "token"}, gram_start=0.5, **HEAD)
+    checkpoint = tmp_path / "run" / "last.ckpt"
+    fit_briefly(method, "multicrop", steps=4).save_checkpoint(checkpoint)
+    out = export_encoder(checkpoint, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["architecture"] == "vit_small_patch16_dinov3"
+    model = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0).eval()
+    encoder, _ = load_checkpoint_encoder(checkpoint)
+    for size in (32, 48):  # RoPE's positions at the training size and above it
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward_features(x), encoder.eval()(x).tokens)
+            torch.testing.assert_close(model(x), encoder(x).cls)
+
+
+def test_the_gram_teacher_reads_its_higher_resolution_crops_resampled_to_the_students_grid(monkeypatch):
+    # ssl_meta_arch.py get_gram_teacher_output: the Gram teacher's patch tokens on the Gram crops,
+    # as an (h, w) map resampled bicubically (align_corners false, no antialias) to the student's.
+    torch.manual_seed(0)
+    method = DINOv3(TINY_ENCODER, gram_start=0.5, gram_ramp=0.0, centering="mean", **HEAD)
+    masks, crops = masked_step_inputs(monkeypatch, b=3)
+    gram_crops = [torch.randn(3, 3, 64, 64) for _ in range(2)]  # 2x the global crops: a 16 x 16 grid
+    attach_trainer(method, step=60, total_steps=100)
+    for quiet in ("log", "log_dict", "watch_collapse"):
+        monkeypatch.setattr(method, quiet, lambda *a, **k: None)
+    monkeypatch.setattr(method, "teacher_temperature", lambda: 0.05)
+    with_gram_crops = method.training_step((crops + gram_crops, None), 0)
+    global_crops = torch.cat(crops[:2])
+    student = method.encoder(global_crops, mask=masks, mask_token=method.mask_token).patches
+    with torch.no_grad():
+        teacher = method.gram_teacher(torch.cat(gram_crops)).patches  # (6, 256, D)
+        grid = teacher.transpose(1, 2).reshape(6, -1, 16, 16)
+        resampled = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False, antialias=False)
+        target = resampled.reshape(6, -1, 64).transpose(1, 2)
+        own = method.gram_teacher(global_crops).patches
+    without = method.training_step((crops, None), 0)
+    expected_change = 2.0 * (
+        reference_gram_loss(student, target, True, False) - reference_gram_loss(student, own, True, False)
+    )
+    torch.testing.assert_close(with_gram_crops - without, expected_change, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(with_gram_crops, without)
+
+
+def test_dinov2_refuses_gram_crops_it_has_no_teacher_for(monkeypatch):
+    method = DINOv2(TINY_ENCODER, **HEAD)
+    attach_trainer(method, step=0)
+    _, crops = masked_step_inputs(monkeypatch, b=2)
+    with pytest.raises(UserError, match=r"has no Gram teacher: drop data\.view\.init_args\.gram_size"):
+        method.training_step((crops + [torch.randn(2, 3, 64, 64)] * 2, None), 0)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_gram_crops_are_the_global_crops_regions_undistorted_at_their_own_size(on_device):
+    # augmentations.py with gram_teacher_crops_size and gram_teacher_no_distortions: one crop at the
+    # larger size, resized down for the student (then distorted), kept undistorted for the Gram teacher.
+    ramp = np.linspace(0, 255, 96, dtype=np.float32)
+    image = Image.fromarray(
+        np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (96, 1)), np.full((96, 96), 90.0)], -1).astype(np.uint8)
+    )
+    view = MultiCropViews(32, 16, 2, global_blur_p=(0.0, 0.0), augment_on_device=on_device, gram_size=64)
+    assert view.sizes == (32, 16, 64)
+    torch.manual_seed(0)
+    crops = view(image)
+    assert [c.shape[-1] for c in crops] == [32, 32, 16, 16, 64, 64]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    gram = [c * std + mean for c in crops[4:]]  # back to [0, 1]
+    if on_device:  # the loader hands the student's crops over undistorted (uint8): they are the Gram crops, smaller
+        for student, big in zip(crops[:2], gram, strict=True):
+            small = F.interpolate(big[None], size=(32, 32), mode="bicubic", antialias=True)[0]
+            assert (student / 255 - small).abs().mean() < 0.02
+        assert view.on_device([torch.zeros(1, 3, 32, 32, dtype=torch.uint8)] * 4 + crops[4:])[4:] == crops[4:]
+    with pytest.raises(UserError, match="gram_size 32 must exceed global_size 32"):
+        MultiCropViews(32, 16, 2, gram_size=32)
+
+
+def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_line(tmp_path):
+    """recipes/quickstart/dinov3_high_res.yaml as a user runs it, shrunk: it starts from the first
+    stage's checkpoint, and its Gram teacher is that checkpoint's EMA teacher throughout."""
+    encoder = {**TINY_ROPE_ENCODER, "global_pool": "token", "init_values": 1.0}
+    first = tmp_path / "first.ckpt"
+    fit_briefly(DINOv3(encoder, **HEAD), "multicrop", steps=2).save_checkpoint(first)
+    recipe = yaml.safe_load((ROOT / "recipes/quickstart/dinov3_high_res.yaml").read_text())
+    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[])
+    recipe["model"]["init_args"].update(init_from=str(first), encoder={**encoder, "img_size": 48}, **HEAD)
+    shards = write_tiny_shards(tmp_path / "shards")
+    recipe["data"].update(train_shards=str(shards), val_shards=str(shards), batch_size=8, num_workers=1)
+    recipe["data"]["shuffle_buffer"] = 16
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = in_this_process(tmp_path, "pretrain", "--config", "recipe.yaml", "--pictures.every_n_epochs", "0")
+    assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: a 2-step run may end collapsed
+    run = tmp_path / "runs/shapes/dinov3_high_res"
+    before = torch.load(first, weights_only=True)["state_dict"]
+    after = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    for key, value in before.items():
+        if key.startswith("teacher_encoder."):
+            torch.testing.assert_close(after[key.replace("teacher_encoder.", "gram_teacher.", 1)], value)
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder."))
+    vit = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True)
+    assert vit.patch_embed.img_size == (48, 48)

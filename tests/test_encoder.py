@@ -130,3 +130,49 @@ def test_compiled_blocks_compute_the_same_step_and_keep_state_dict_keys():
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert list(model.state_dict()) == keys  # exports and checkpoints are unchanged
+
+
+TINY_ROPE_ENCODER = dict(
+    name="vit_small_patch16_dinov3", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_reg_tokens=2
+)
+
+
+def test_a_rope_vit_is_timms_own_forward_at_any_resolution():
+    # DINOv3's architecture in timm (Eva: rotary positions on the patches, CLS + storage tokens).
+    enc = ViTEncoder(**TINY_ROPE_ENCODER).eval()
+    assert enc.num_prefix_tokens == 3 and enc.vit.pos_embed is None
+    for size in (32, 24):  # a global and a local crop: RoPE computes positions for each grid
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(enc(x).tokens, enc.vit.forward_features(x))
+
+
+def test_a_rope_vits_kept_tokens_keep_their_rotary_positions():
+    enc = ViTEncoder(**TINY_ROPE_ENCODER).eval()
+    with torch.no_grad():  # attention sharp enough for positions to matter (at init it is near uniform)
+        for block in enc.vit.blocks:
+            block.attn.qkv.weight.mul_(30)
+    x = torch.randn(2, 3, 32, 32)
+    full = enc(x)
+    # Every patch kept, in another order per sample: attention is order-free, so each token's
+    # output is the full forward's, wherever it sits, only if its rotary position went with it.
+    order = torch.stack([torch.randperm(64) for _ in range(2)])
+    shuffled = enc(x, keep_idx=order)
+    torch.testing.assert_close(shuffled.patches, torch.stack([full.patches[b, order[b]] for b in range(2)]))
+    torch.testing.assert_close(shuffled.cls, full.cls)
+    assert enc(x, keep_idx=order[:, :16]).patches.shape == (2, 16, 64)
+
+
+def test_objectives_that_fix_a_position_embedding_refuse_a_rope_vit():
+    from ssl_vit.methods import MAE
+
+    with pytest.raises(UserError, match="has none \\(RoPE positions\\)"):
+        MAE(encoder=TINY_ROPE_ENCODER)
+
+
+def test_a_layer_scale_that_timm_would_keep_is_refused_not_ignored():
+    # timm drops None arguments: init_values null would leave vit_*_dinov3's 1e-5 layer scale in place.
+    with pytest.raises(UserError, match="init_values null cannot turn off vit_small_patch16_dinov3's layer scale"):
+        ViTEncoder(**TINY_ROPE_ENCODER, init_values=None)
+    assert ViTEncoder(**TINY_ENCODER, init_values=None).vit.blocks[0].ls1.__class__ is torch.nn.Identity
+    gamma = ViTEncoder(**TINY_ROPE_ENCODER, init_values=1.0).vit.blocks[0].gamma_1
+    torch.testing.assert_close(gamma, torch.ones_like(gamma))

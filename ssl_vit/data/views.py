@@ -27,6 +27,7 @@ from ssl_vit.data.photometric import (
     BatchedPhotometric,
     blur_kernel_size,
 )
+from ssl_vit.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,15 +106,26 @@ def augmented_crop(
     (sigma 0.1-2) with ``blur_p``, solarisation with ``solarize_p``. The blur kernel is
     ``blur_kernel`` pixels, or without it about 10% of the crop (23 px at 224), as in BYOL.
     Without ``photometric``, only the crop and flip, as a uint8 tensor for ``BatchedPhotometric``."""
-    geometric = [
-        v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
-        v2.RandomHorizontalFlip(),
-    ]
+    geometric = [v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation), v2.RandomHorizontalFlip()]
+    distortions = photometric_distortions(size, blur_p, solarize_p, photometric, blur_kernel, mean, std)
+    return v2.Compose([*geometric, *distortions.transforms])
+
+
+def photometric_distortions(
+    size: int,
+    blur_p: float,
+    solarize_p: float,
+    photometric: bool = True,
+    blur_kernel: int | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Compose:
+    """What ``augmented_crop`` does after the crop and flip: the distortions and normalisation, or
+    without ``photometric`` only the conversion to a uint8 tensor for ``BatchedPhotometric``."""
     if not photometric:
-        return v2.Compose([*geometric, v2.ToImage()])
+        return v2.Compose([v2.ToImage()])
     return v2.Compose(
         [
-            *geometric,
             v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P),
             v2.RandomGrayscale(p=GRAYSCALE_P),
             v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size, blur_kernel), sigma=BLUR_SIGMA)], p=blur_p),
@@ -167,7 +179,9 @@ class AugmentedCrops:
     def on_device(self, crops: list[Tensor]) -> list[Tensor]:
         if self.photometric is None:
             return crops
-        return [augment(batch) for augment, batch in zip(self.photometric, crops, strict=True)]
+        # crops past the specs' (DINOv3's Gram teacher crops) leave the loader finished
+        distorted = [augment(batch) for augment, batch in zip(self.photometric, crops, strict=False)]
+        return distorted + crops[len(distorted) :]
 
 
 class TwoViews(AugmentedCrops):
@@ -191,7 +205,12 @@ class MultiCropViews(AugmentedCrops):
     probabilities (its released checkpoints trained with (0.0, 0.9): dinov2 PR #411, dinov3 #286)
     and blurs with a 9-px kernel at every crop size (``dinov2/data/transforms.py``). Without
     ``blur_kernel_size`` the kernel spans about 10% of each crop, which at 224 px holds DINO's
-    whole blur (its code blurs with PIL's unbounded Gaussian)."""
+    whole blur (its code blurs with PIL's unbounded Gaussian).
+
+    ``gram_size`` adds DINOv3's Gram teacher crops (``gram_teacher_crops_size`` with
+    ``gram_teacher_no_distortions``, ``dinov3/data/augmentations.py``), last: each global crop is
+    cut at ``gram_size`` px, resized to ``global_size`` for the student and distorted, and kept
+    undistorted at ``gram_size`` for the Gram teacher."""
 
     def __init__(
         self,
@@ -203,6 +222,7 @@ class MultiCropViews(AugmentedCrops):
         augment_on_device: bool = False,
         global_blur_p: tuple[float, float] = (1.0, 0.1),
         blur_kernel_size: int | None = None,
+        gram_size: int | None = None,
     ) -> None:
         solarize_p = (0.0, 0.2)
         k = blur_kernel_size
@@ -211,6 +231,38 @@ class MultiCropViews(AugmentedCrops):
         ]
         local_crops = [CropSpec(local_size, local_scale, 0.5, 0.0, blur_kernel=k)] * num_local
         super().__init__(global_crops + local_crops, augment_on_device)
+        self.gram_size = gram_size
+        if gram_size is None:
+            return
+        if gram_size <= global_size:
+            raise UserError(
+                f"data.view gram_size {gram_size} must exceed global_size {global_size} (DINOv3: 512 for 256); "
+                "leave it out and the Gram teacher sees the global crops"
+            )
+        bicubic = InterpolationMode.BICUBIC
+        self.gram_crop = v2.Compose(
+            [v2.RandomResizedCrop(gram_size, global_scale, interpolation=bicubic), v2.RandomHorizontalFlip()]
+        )
+        self.student_global = [
+            v2.Compose(
+                [
+                    v2.Resize(global_size, interpolation=bicubic),
+                    photometric_distortions(s.size, s.blur_p, s.solarize_p, not augment_on_device, k),
+                ]
+            )
+            for s in global_crops
+        ]
+        self.gram_finish = v2.Compose(to_normalized_tensor(IMAGENET_MEAN, IMAGENET_STD))
+        self.sizes = (*self.sizes, gram_size)
+        self.decode_side = max(self.decode_side, crop_decode_side(gram_size, global_scale))
+
+    def __call__(self, image: Image.Image) -> list[Tensor]:
+        if self.gram_size is None:
+            return super().__call__(image)
+        cut = [self.gram_crop(image) for _ in range(2)]
+        student = [finish(crop) for finish, crop in zip(self.student_global, cut, strict=True)]
+        local = [crop(image) for crop in self.crops[2:]]
+        return [*student, *local, *(self.gram_finish(crop) for crop in cut)]
 
 
 class EvalView(v2.Compose):

@@ -11,11 +11,10 @@ from typing import Any, NamedTuple, Protocol
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ssl_vit.checkpoint import load_checkpoint_encoder, read_checkpoint
-from ssl_vit.encoder import EncoderOutput, ViTEncoder, ViTProperties
+from ssl_vit.encoder import TIMM_VITS, EncoderOutput, TimmViT, ViTEncoder, ViTProperties
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
 
@@ -55,15 +54,15 @@ class FrozenEncoder(Protocol):
 
 
 class TimmViTEncoder(ViTProperties, nn.Module):
-    """A timm VisionTransformer behind the :class:`FrozenEncoder` interface. Its forward is
+    """A timm ViT (``VisionTransformer`` or RoPE ``Eva``) behind the :class:`FrozenEncoder` interface. Its forward is
     timm's ``forward_features`` (patch embedding, position embedding, blocks, final norm): with
     ``dynamic_img_size`` the same computation as ``ViTEncoder``'s forward with timm's position
     embedding resampling, so a checkpoint and its export give the same features."""
 
-    def __init__(self, vit: VisionTransformer) -> None:
+    def __init__(self, vit: TimmViT) -> None:
         super().__init__()
-        if not isinstance(vit, VisionTransformer):
-            raise UserError(f"the evaluators take timm VisionTransformers; this model is a {type(vit).__name__}")
+        if not isinstance(vit, TIMM_VITS):
+            raise UserError(f"the evaluators take timm ViTs; this model is a {type(vit).__name__}")
         self.vit = vit
 
     def forward(self, images: Tensor) -> EncoderOutput:
@@ -152,7 +151,7 @@ def spatial_map(model: nn.Module, features: Tensor, height: int) -> Tensor:
 def timm_encoder(model: nn.Module, image_size: int | None = None) -> FrozenEncoder:
     """A timm model behind the evaluators' interface: :class:`TimmViTEncoder` for a ViT,
     :class:`TimmModelEncoder` for anything else."""
-    return TimmViTEncoder(model) if isinstance(model, VisionTransformer) else TimmModelEncoder(model, image_size)
+    return TimmViTEncoder(model) if isinstance(model, TIMM_VITS) else TimmModelEncoder(model, image_size)
 
 
 def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[FrozenEncoder, dict[str, Any]]:

@@ -43,6 +43,14 @@ def check_ibot_masking(ratio_range: tuple[float, float], mask_probability: float
         )
 
 
+def split_gram_crops(crops: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """A multi-crop batch's student crops (global, then local) and, after them, the crops larger
+    than the global ones: DINOv3's Gram teacher crops (``MultiCropViews``' ``gram_size``)."""
+    larger = [i for i, crop in enumerate(crops) if crop.shape[-1] > crops[0].shape[-1]]
+    first = larger[0] if larger else len(crops)
+    return crops[:first], crops[first:]
+
+
 class DINOv2(DINO):
     """DINOv2 pretraining; defaults are ``ssl_default_config.yaml``'s: DINO head 2048 / 256 /
     65536 shared by the iBOT loss (``ibot_separate_head`` builds its own, ``ibot_hidden_dim`` /
@@ -149,7 +157,7 @@ class DINOv2(DINO):
         return self.head, self.teacher_head
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        crops, _ = batch
+        crops, gram_crops = split_gram_crops(batch[0])
         hp = self.hparams
         global_crops = torch.cat(crops[:2])  # [view 0 of every image; view 1 of every image]
         grid = (global_crops.shape[-2] // self.encoder.patch_size, global_crops.shape[-1] // self.encoder.patch_size)
@@ -176,7 +184,8 @@ class DINOv2(DINO):
         dino = dino_loss(student_cls, cls_targets, len(crops), hp.student_temp)
         ibot = self.ibot_loss(teacher.patches, student.patches, masks, temp) if do_ibot else dino.new_zeros(())
         koleo = sum(koleo_loss(view) for view in student.cls.chunk(2))
-        loss = dino + hp.ibot_loss_weight * ibot + hp.koleo_loss_weight * koleo + self.extra_loss(global_crops, student)
+        extra = self.extra_loss(global_crops, student, gram_crops)
+        loss = dino + hp.ibot_loss_weight * ibot + hp.koleo_loss_weight * koleo + extra
         self.watch_collapse(teacher_cls, teacher_probs=cls_targets)
         self.log_dict(
             {"train/loss": loss, "train/dino_loss": dino, "train/ibot_loss": ibot, "train/koleo_loss": koleo},
@@ -185,9 +194,14 @@ class DINOv2(DINO):
         self.log("train/teacher_temp", temp)
         return loss
 
-    def extra_loss(self, global_crops: Tensor, student: EncoderOutput) -> Tensor:
-        """A weighted term that an objective built on DINOv2 adds, from the global crops and the
-        student's (masked) output on them: DINOv3's Gram anchoring. None in DINOv2."""
+    def extra_loss(self, global_crops: Tensor, student: EncoderOutput, gram_crops: list[Tensor]) -> Tensor:
+        """A weighted term that an objective built on DINOv2 adds, from the global crops, the
+        student's (masked) output on them and the view's Gram teacher crops: DINOv3's Gram
+        anchoring. None in DINOv2, which has no use for Gram teacher crops."""
+        if gram_crops:
+            raise UserError(
+                f"{type(self).__name__} has no Gram teacher: drop data.view.init_args.gram_size (DINOv3 uses it)"
+            )
         return student.cls.new_zeros(())
 
     def ibot_loss(self, teacher_patches: Tensor, student_patches: Tensor, masks: Tensor, temp: float) -> Tensor:

@@ -14,6 +14,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_vit.ema import frozen_copy
@@ -94,14 +95,22 @@ class DINOv3(DINOv2):
         if self.takes_ema_teacher(self.global_step):
             self.gram_teacher.load_state_dict(self.teacher_encoder.state_dict())
 
-    def extra_loss(self, global_crops: Tensor, student: EncoderOutput) -> Tensor:
+    def extra_loss(self, global_crops: Tensor, student: EncoderOutput, gram_crops: list[Tensor]) -> Tensor:
         """The Gram term on the student's masked global crops' patch tokens after the final norm
-        (all of them, ``tokens_used: all``) against the Gram teacher's on the same crops unmasked."""
+        (all of them, ``tokens_used: all``) against the Gram teacher's, unmasked, on the Gram
+        crops (the same crops at a higher resolution, undistorted; its patch features resampled
+        to the student's grid, ``ssl_meta_arch.py`` L496-510) or, without them, on the global crops."""
         weight = self.gram_weight(self.global_step)
         if weight == 0:
             return student.cls.new_zeros(())
         with torch.no_grad():
-            target = self.gram_teacher(global_crops).patches
+            if gram_crops:
+                grid = [side // self.encoder.patch_size for side in global_crops.shape[-2:]]
+                _, tokens = self.gram_teacher.pooled_and_map(torch.cat(gram_crops))
+                tokens = F.interpolate(tokens, size=grid, mode="bicubic", align_corners=False, antialias=False)
+                target = tokens.flatten(2).transpose(1, 2)
+            else:
+                target = self.gram_teacher(global_crops).patches
         hp = self.hparams
         loss = gram_loss(student.patches, target, image_level=hp.gram_image_level, remove_neg=hp.gram_remove_neg)
         self.log_dict({"train/gram_loss": loss, "train/gram_weight": weight})

@@ -18,12 +18,11 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ssl_vit.checkpoint import encoder_weights, read_checkpoint
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
-from ssl_vit.encoder import ViTEncoder
+from ssl_vit.encoder import TIMM_VITS, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval.callback import EvaluationCallback
 from ssl_vit.eval.compare import CPU_THREADS, cost_ratios, headline_accuracy, measure_costs
@@ -231,7 +230,7 @@ def build_student(config: dict[str, Any]) -> nn.Module:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except Exception as err:  # a keyword the architecture does not take, sizes that do not fit
         raise UserError(f"timm cannot build the student {name!r} with {kwargs}: {_last_line(err)}") from err
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, TIMM_VITS):
         return ViTEncoder(name, **kwargs)
     return TimmModelEncoder(model)
 
