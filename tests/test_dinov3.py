@@ -201,7 +201,11 @@ def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_lin
     first = tmp_path / "first.ckpt"
     fit_briefly(DINOv3(encoder, **HEAD), "multicrop", steps=2).save_checkpoint(first)
     recipe = yaml.safe_load((ROOT / "recipes/quickstart/dinov3_high_res.yaml").read_text())
-    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[])
+    knn_at_both_ends = {
+        "class_path": "ssl_vit.eval.EvaluationCallback",
+        "init_args": {"at_start": True, "probes": False},
+    }
+    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[knn_at_both_ends])
     recipe["model"]["init_args"].update(init_from=str(first), encoder={**encoder, "img_size": 48}, **HEAD)
     shards = write_tiny_shards(tmp_path / "shards")
     recipe["data"].update(train_shards=str(shards), val_shards=str(shards), batch_size=8, num_workers=1)
@@ -218,3 +222,6 @@ def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_lin
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder."))
     vit = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True)
     assert vit.patch_embed.img_size == (48, 48)
+    # its starting point is the first stage's weights, and the run says so, not "random init"
+    assert "init_from top-1 %" in result.stdout and "random init" not in result.stdout
+    assert "init_from_results" in json.loads((run / "checkpoints/last.knn.json").read_text())

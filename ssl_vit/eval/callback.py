@@ -56,6 +56,7 @@ class EvaluationCallback(Evaluator, Callback):
         self.probes_at_ends = probes
         self.skipped: str | None = None  # why this run's data cannot be evaluated
         self.baseline: Results | None = None
+        self.baseline_name = "random init"
         self.knn_history: list[tuple[int, float]] = []
 
     def settings(self) -> dict[str, Any]:
@@ -107,12 +108,15 @@ class EvaluationCallback(Evaluator, Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and trainer.ckpt_path is None:  # a resumed run restores the baseline instead
             self.baseline = self._evaluate(trainer, pl_module, probe=self.probes_at_ends)
+            # a run that continues other weights (init_from) starts from them, not from random ones
+            self.baseline_name = "init_from" if getattr(pl_module, "init_from", None) else "random init"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "knn_history": self.knn_history}
+        return {"baseline": self.baseline, "baseline_name": self.baseline_name, "knn_history": self.knn_history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict.get("baseline")
+        self.baseline_name = state_dict.get("baseline_name", "random init")
         self.knn_history = [tuple(point) for point in state_dict.get("knn_history", [])]
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -125,7 +129,8 @@ class EvaluationCallback(Evaluator, Callback):
         results = self._evaluate(trainer, pl_module, probe=self.probes_at_ends)
         if results is None:
             return
-        print_results(f"{type(pl_module).__name__} after {trainer.global_step} steps", results, self.baseline)
+        title = f"{type(pl_module).__name__} after {trainer.global_step} steps"
+        print_results(title, results, self.baseline, self.baseline_name)
         ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.log_dir)
         info = {
             "method": type(pl_module).__name__,
@@ -133,4 +138,12 @@ class EvaluationCallback(Evaluator, Callback):
             "step": trainer.global_step,
         }
         seconds = time.perf_counter() - start
-        write_records(ckpt_dir / "last.ckpt", results, info, self.settings(), seconds, self.baseline)
+        write_records(
+            ckpt_dir / "last.ckpt",
+            results,
+            info,
+            self.settings(),
+            seconds,
+            self.baseline,
+            baseline_name=self.baseline_name,
+        )

@@ -62,14 +62,17 @@ def _rows(results: Results) -> dict[str, dict[str, float]]:
     return rows
 
 
-def print_results(title: str, results: Results, baseline: Results | None = None) -> None:
-    """One row per image-level protocol: top-1 and top-5 (%), and the random-initialisation top-1
-    if known; the dense probe's mIoU and pixel accuracy in a second table."""
+def print_results(
+    title: str, results: Results, baseline: Results | None = None, baseline_name: str = "random init"
+) -> None:
+    """One row per image-level protocol: top-1 and top-5 (%), and the baseline's top-1 if known
+    (the random initialisation, or the weights a run started from); the dense probe's mIoU and
+    pixel accuracy in a second table."""
     console = Console()
     rows = _rows(results)
     if rows:
         table = Table(title=title)
-        for name in ("protocol", "top-1 %", "top-5 %", *(["random init top-1 %"] if baseline else [])):
+        for name in ("protocol", "top-1 %", "top-5 %", *([f"{baseline_name} top-1 %"] if baseline else [])):
             table.add_column(name, justify="left" if name == "protocol" else "right")
         base_rows = _rows(baseline) if baseline else {}
         for name, acc in rows.items():
@@ -81,7 +84,7 @@ def print_results(title: str, results: Results, baseline: Results | None = None)
     if "segmentation" in results:
         base = (baseline or {}).get("segmentation")
         table = Table(title=f"{title}: dense linear probe")
-        for name in ("mIoU %", "pixel accuracy %", *(["random init mIoU %"] if base else [])):
+        for name in ("mIoU %", "pixel accuracy %", *([f"{baseline_name} mIoU %"] if base else [])):
             table.add_column(name, justify="right")
         seg = results["segmentation"]
         table.add_row(f"{seg['miou']:.1f}", f"{seg['pixel_acc']:.1f}", *([f"{base['miou']:.1f}"] if base else []))
@@ -97,6 +100,7 @@ def write_records(
     baseline: Results | None = None,
     stem: Path | None = None,
     tag: str | None = None,
+    baseline_name: str = "random init",
 ) -> list[Path]:
     """``<stem>.<kind>.json`` for each of ``RECORD_KINDS`` in the results: method, encoder, data,
     protocol settings, accuracies and time, each written atomically. ``stem`` defaults to the
@@ -119,7 +123,7 @@ def write_records(
             "seconds": round(seconds, 2),
         }
         if baseline and kind in baseline:
-            record["random_init_results"] = baseline[kind]
+            record[f"{baseline_name.replace(' ', '_')}_results"] = baseline[kind]
         written.append(write_json(stem.with_name(".".join([stem.name, kind, *([tag] if tag else []), "json"])), record))
     return written
 
