@@ -39,6 +39,7 @@ class EncoderConfig(TypedDict, total=False):
     drop_path_rate: float
     drop_path_uniform: bool  # drop_path_rate in every block (DINOv2), not timm's ramp from 0 to it
     class_token: bool
+    pre_norm: bool  # a LayerNorm before the blocks (CLIP's ln_pre)
     global_pool: str
     fc_norm: bool
     reg_tokens: int

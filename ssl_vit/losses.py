@@ -143,6 +143,20 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     return F.cross_entropy(logits, positive)
 
 
+def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    """CLIP's symmetric cross-entropy as open_clip computes it with ``--gather-with-grad
+    --local-loss`` (``open_clip/loss.py`` ``ClipLoss``): this rank's images scored against the
+    texts of the whole global batch and its texts against all images (gathered from every rank
+    with gradients), each pair's own partner the positive; the mean of the two losses.
+
+    image, text: (n, d) L2-normalised embeddings of this rank's pairs; logit_scale: exp of the
+    learned log-scale (1 / temperature)."""
+    labels = _global_index(image.shape[0], image.device)
+    per_image = logit_scale * image @ gather_with_grad(text).T
+    per_text = logit_scale * text @ gather_with_grad(image).T
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
 def _global_index(n: int, device: torch.device) -> Tensor:
     """Indices of this rank's n samples in a batch gathered from every rank."""
     return torch.arange(n, device=device) + world()[0] * n

@@ -5,9 +5,10 @@ users hit elsewhere: gathered negatives and centres with the wrong gradients or 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from ssl_vit.distributed import mean_over_ranks
-from ssl_vit.losses import info_nce, nt_xent, sinkhorn_knopp_teacher_probs
+from ssl_vit.losses import clip_loss, info_nce, nt_xent, sinkhorn_knopp_teacher_probs
 
 WORLD = 2
 
@@ -16,8 +17,10 @@ def _losses_and_grads(z1, z2, q, k):
     z1, z2, q = (t.clone().requires_grad_() for t in (z1, z2, q))
     simclr = nt_xent(z1, z2, 0.1)
     moco = info_nce(q, k, 0.2)
-    (simclr + moco).backward()
-    return {"simclr": simclr.detach(), "moco": moco.detach(), "z1": z1.grad, "z2": z2.grad, "q": q.grad}
+    clip = clip_loss(F.normalize(z1, dim=-1), F.normalize(q, dim=-1), torch.tensor(14.3))  # images z1, texts q
+    (simclr + moco + clip).backward()
+    losses = {"simclr": simclr.detach(), "moco": moco.detach(), "clip": clip.detach()}
+    return {**losses, "z1": z1.grad, "z2": z2.grad, "q": q.grad}
 
 
 def _rank_main(rank, init_file, inputs, out_dir):
@@ -37,7 +40,7 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
     mp.spawn(_rank_main, args=(str(tmp_path / "init"), inputs, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     full = _losses_and_grads(inputs["z1"], inputs["z2"], inputs["q"], inputs["k"])
-    for name in ("simclr", "moco"):  # the global loss is the mean of the ranks' losses
+    for name in ("simclr", "moco", "clip"):  # the global loss is the mean of the ranks' losses
         torch.testing.assert_close(sum(r[name] for r in ranks) / WORLD, full[name])
     for name in ("z1", "z2", "q"):  # DDP averages gradients over ranks: rank grad / WORLD = global grad
         torch.testing.assert_close(torch.cat([r[name] for r in ranks]) / WORLD, full[name])

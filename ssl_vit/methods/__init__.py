@@ -1,5 +1,7 @@
 """One file per objective; each is a LightningModule built on :class:`SSLMethod`."""
 
+from typing import Any
+
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.methods.dino import DINO
 from ssl_vit.methods.dinov2 import DINOv2
@@ -13,6 +15,7 @@ from ssl_vit.methods.simclr import SimCLR
 from ssl_vit.methods.simmim import SimMIM
 
 __all__ = [
+    "CLIP",
     "DINO",
     "IJEPA",
     "MAE",
@@ -25,3 +28,13 @@ __all__ = [
     "SimCLR",
     "SimMIM",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # CLIP's text tower is open_clip's: imported when a recipe names it (the `clip` extra), not
+    # by every other objective's run.
+    if name == "CLIP":
+        from ssl_vit.methods.clip import CLIP
+
+        return CLIP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -66,7 +66,9 @@ class SSLMethod(L.LightningModule):
     lr_batch_divisor: ClassVar[int] = 256
     #: ``linear`` (the factor above) or ``sqrt``: base_lr x sqrt(global batch / lr_batch_divisor),
     #: DINOv2's rule for AdamW, which I-JEPA (one lr at one batch, no rule of its own) follows too.
-    lr_batch_rule: ClassVar[Literal["linear", "sqrt"]] = "linear"
+    lr_batch_rule: ClassVar[Literal["linear", "sqrt", "none"]] = "linear"
+    #: AdamW's epsilon: PyTorch's default, or the official code's (open_clip's 1e-6 for ViTs).
+    adam_eps: ClassVar[float] = 1e-8
     #: SimMIM scales its warm-up start and minimum lr by the batch too; the others take them as they are.
     lr_bounds_scale_with_batch: ClassVar[bool] = False
     #: I-JEPA's schedulers step before each update, so update k uses their value at k + 1.
@@ -204,6 +206,8 @@ class SSLMethod(L.LightningModule):
     def lr_batch_scale(self, global_batch: int) -> float:
         """The peak lr's factor for the global batch, by ``lr_batch_rule``."""
         ratio = global_batch / self.lr_batch_divisor
+        if self.lr_batch_rule == "none":  # open_clip: base_lr is the lr at any batch
+            return 1.0
         return math.sqrt(ratio) if self.lr_batch_rule == "sqrt" else ratio
 
     def learning_rate(self, step: int, per_device_batch: int) -> float:
@@ -255,7 +259,7 @@ class SSLMethod(L.LightningModule):
             )
         ]
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(param_groups, lr=0.0, betas=self.betas, fused=fused)
+        return torch.optim.AdamW(param_groups, lr=0.0, betas=self.betas, eps=self.adam_eps, fused=fused)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None

@@ -1,0 +1,106 @@
+"""CLIP against references written here from open_clip's formulas: the symmetric loss, the
+logit-scale clamp, the weight-decay exemptions and the optimiser settings."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ssl_vit.methods import CLIP
+from tests.conftest import TINY_ENCODER
+
+TINY_TEXT = dict(embed_dim=16, context_length=12, vocab_size=50, text_width=32, text_heads=2, text_layers=1)
+
+
+def reference_clip_loss(image, text, scale):
+    """open_clip ClipLoss on one process: logits = scale x image @ text.T; cross-entropy of each
+    row (an image against every text) and each column (a text against every image) with the
+    pair's own partner as the target, averaged, then the mean of the two directions."""
+    logits = scale * image @ text.T
+    n = len(image)
+    rows = sum(-F.log_softmax(logits[i], dim=0)[i] for i in range(n)) / n
+    cols = sum(-F.log_softmax(logits[:, j], dim=0)[j] for j in range(n)) / n
+    return (rows + cols) / 2
+
+
+def tokens(n: int, seed: int = 0) -> torch.Tensor:
+    """Caption-like token ids: start token, words, end-of-text (the largest id, where open_clip
+    pools), zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, TINY_TEXT["context_length"], dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(3, 10, (), generator=g))
+        out[i, 0] = 47
+        out[i, 1:length] = torch.randint(1, 46, (length - 1,), generator=g)
+        out[i, length] = 49
+    return out
+
+
+def test_the_step_is_the_symmetric_loss_of_the_normalised_projected_towers(monkeypatch):
+    torch.manual_seed(0)
+    method = CLIP(TINY_ENCODER, **TINY_TEXT)
+    monkeypatch.setattr(method, "log", lambda *a, **k: None)
+    monkeypatch.setattr(method, "watch_collapse", lambda *a, **k: None)
+    images, ids = torch.randn(5, 3, 32, 32), tokens(5)
+    loss = method.training_step((images, ids), 0)
+    vit = method.encoder.vit
+    cls = vit.norm(vit.blocks(vit._pos_embed(vit.patch_embed(images))))[:, 0]  # timm's CLS pooling
+    image = F.normalize(cls @ method.image_projection, dim=-1)
+    text = F.normalize(method.text(ids), dim=-1)
+    expected = reference_clip_loss(image, text, 1 / 0.07)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert method.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_clip_loss_is_lowest_for_matching_pairs():
+    from ssl_vit.losses import clip_loss
+
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(6, 8), dim=-1)
+    matched = clip_loss(image, image, torch.tensor(100.0))
+    shuffled = clip_loss(image, image[torch.randperm(6)], torch.tensor(100.0))
+    torch.testing.assert_close(matched, reference_clip_loss(image, image, 100.0))
+    assert matched < 0.1 < shuffled
+
+
+def test_the_logit_scale_is_clamped_to_ln_100_after_each_optimiser_step():
+    method = CLIP(TINY_ENCODER, **TINY_TEXT)
+    method._trainer = None
+    with torch.no_grad():
+        method.logit_scale.fill_(6.0)
+    method.after_optimizer_step(0)
+    assert method.logit_scale.item() == pytest.approx(math.log(100))
+    with torch.no_grad():
+        method.logit_scale.fill_(-1.0)
+    method.after_optimizer_step(1)
+    assert method.logit_scale.item() == 0.0
+
+
+def test_open_clips_decay_exemptions_and_optimiser_settings():
+    method = CLIP(TINY_ENCODER, **TINY_TEXT)
+    optimizer = method.configure_optimizers()
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {name for name, p in method.named_parameters() if id(p) in decayed}
+    # open_clip's exclude: p.ndim < 2 or "bn"/"ln"/"bias" in the name or logit_scale
+    for name, p in method.named_parameters():
+        excluded = p.ndim < 2 or "bias" in name or "logit_scale" in name or name == "encoder.vit.cls_token"
+        assert (name not in names) == excluded, name
+    assert {"image_projection", "text.token_embedding.weight", "text.positional_embedding"} <= names
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-6 for g in optimizer.param_groups)
+    assert method.lr_batch_scale(32768) == method.lr_batch_scale(64) == 1.0  # --lr is the lr at any batch
+
+
+def test_a_short_run_trains_both_towers_and_keeps_the_scale_in_bounds():
+    torch.manual_seed(0)
+    method = CLIP(TINY_ENCODER, **TINY_TEXT, base_lr=1.0, warmup_epochs=0)  # a large step for the scale
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), tokens(8)), batch_size=4)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    L.Trainer(max_steps=2, accelerator="cpu", **quiet).fit(method, data)
+    moved = {n for n, p in method.named_parameters() if not torch.equal(p, before[n])}
+    assert {"image_projection", "logit_scale", "text.text_projection"} <= moved
+    assert any(n.startswith("encoder.") for n in moved) and any(n.startswith("text.transformer.") for n in moved)
+    assert 0 <= method.logit_scale.item() <= math.log(100)
