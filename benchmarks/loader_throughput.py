@@ -49,7 +49,7 @@ def write_images(root: Path, n: int, size: int) -> None:
     samples = []
     for i in range(n):
         label = i % 10
-        image, _ = shapes_image(label, np.random.default_rng(i), min(size, 256))
+        image, *_ = shapes_image(label, np.random.default_rng(i), min(size, 256))
         if size > 256:  # a large photo: drawing the shapes at full size would take minutes
             image = image.resize((size, size), Image.Resampling.BICUBIC)
         buf = io.BytesIO()

@@ -1,16 +1,33 @@
-"""CLIP against references written here from open_clip's formulas: the symmetric loss, the
-logit-scale clamp, the weight-decay exemptions and the optimiser settings."""
+"""CLIP against references written here from open_clip's formulas (the symmetric loss, the
+logit-scale clamp, the weight-decay exemptions and the optimiser settings), and the captions it
+reads: tokenised as open_clip tokenises, bad ones skipped and counted."""
 
+import logging
 import math
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+import webdataset as wds
+import yaml
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssl_vit.data import write_shards
+from ssl_vit.data.embedded import CLASSES
+from ssl_vit.data.pipeline import ShardDataset
+from ssl_vit.data.shards import resolve_shards, write_embedded_shards
+from ssl_vit.data.views import EvalView
 from ssl_vit.methods import CLIP
+from ssl_vit.methods.clip import CaptionTokens
 from tests.conftest import TINY_ENCODER
+from tests.fault_injection import in_this_process, png
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_TEXT = dict(embed_dim=16, context_length=12, vocab_size=50, text_width=32, text_heads=2, text_layers=1)
 
@@ -104,3 +121,80 @@ def test_a_short_run_trains_both_towers_and_keeps_the_scale_in_bounds():
     assert {"image_projection", "logit_scale", "text.text_projection"} <= moved
     assert any(n.startswith("encoder.") for n in moved) and any(n.startswith("text.transformer.") for n in moved)
     assert 0 <= method.logit_scale.item() <= math.log(100)
+
+
+def captioned_shards(folder, captions, labels=None):
+    """One 32-px random image per caption (bytes, or None for no caption member), in 2 shards."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, caption in enumerate(captions):
+        image = png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        samples.append(("png", image, None if labels is None else labels[i], None, None))
+        if caption is not None:
+            samples[-1] = (*samples[-1][:4], caption)
+    write_shards(samples, folder, classes=[], source="test", samples_per_shard=max(1, len(captions) // 2))
+    return folder
+
+
+def read_all(dataset):
+    return list(dataset._read(list(dataset.urls)))
+
+
+def test_captions_are_read_tokenised_and_bad_ones_skipped_and_counted(tmp_path, caplog):
+    tokenize = CaptionTokens(context_length=8)
+    folder = captioned_shards(
+        tmp_path / "shards", ["a red ring", None, "   ", "one two three four five six seven", "ok"]
+    )
+    # non-UTF-8 bytes, written by hand: write_shards takes text
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with wds.TarWriter(str(broken / "shard-000000.tar")) as sink:
+        sink.write({"__key__": "x", "png": png(np.zeros((32, 32, 3), np.uint8)), "txt": b"caf\xe9"})
+    urls = [str(p) for p in sorted(folder.glob("*.tar"))] + [str(broken / "shard-000000.tar")]
+    dataset = ShardDataset(urls, EvalView(32), captions=tokenize)
+    with caplog.at_level(logging.WARNING):
+        samples = read_all(dataset)
+    assert [tokens.tolist() for _, tokens in samples] == [
+        tokenize("a red ring")[0].tolist(),
+        tokenize("one two three four five six seven")[0].tolist(),
+        tokenize("ok")[0].tolist(),
+    ]
+    assert samples[1][1][-1] == 49407  # cut as open_clip cuts: the end-of-text token stays last
+    assert dataset.skipped.value == 3 and dataset.truncated.value == 1
+    for why in ("no caption (.txt member)", "empty caption", "caption is not UTF-8 text"):
+        assert why in caplog.text
+    assert "ignoring .txt" not in caplog.text  # captions are a member ssl-vit reads
+
+
+def test_a_folder_of_images_reads_each_images_caption_from_its_txt(tmp_path):
+    (tmp_path / "photos").mkdir()
+    for name, caption in (("a", "a cat"), ("b", "a dog")):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photos" / f"{name}.png")
+        (tmp_path / "photos" / f"{name}.txt").write_text(caption)
+    urls, _ = resolve_shards(str(tmp_path / "photos"))
+    tokenize = CaptionTokens(context_length=8)
+    samples = read_all(ShardDataset(urls, EvalView(32), captions=tokenize))
+    assert sorted(t.tolist() for _, t in samples) == sorted(tokenize(c)[0].tolist() for c in ("a cat", "a dog"))
+
+
+def test_the_embedded_shapes_carry_captions_of_what_was_drawn(tmp_path):
+    write_embedded_shards(tmp_path / "shapes")
+    member = next(iter(wds.WebDataset(str(tmp_path / "shapes/val/shard-000000.tar"), shardshuffle=False)))
+    caption, label = member["txt"].decode(), int(member["cls"])
+    assert CLASSES[label] in caption and "background" in caption
+
+
+def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path):
+    """As a user runs it, shrunk: captioned shards in, a trained checkpoint and an image-tower export out."""
+    recipe = yaml.safe_load((ROOT / "recipes/quickstart/clip.yaml").read_text())
+    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[])
+    recipe["model"]["init_args"].update(text_layers=1)
+    captions = [f"caption number {i}" for i in range(32)]
+    shards = captioned_shards(tmp_path / "shards", captions, labels=[i % 4 for i in range(32)])
+    recipe["data"].update(train_shards=str(shards), val_shards=str(shards), batch_size=8, num_workers=1)
+    recipe["data"]["shuffle_buffer"] = 16
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = in_this_process(tmp_path, "pretrain", "--config", "recipe.yaml", "--pictures.every_n_epochs", "0")
+    assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: random images may end flagged collapsed
+    vit = timm.create_model(f"local-dir:{tmp_path / 'runs/shards/clip/export'}", pretrained=True)
+    assert vit.embed_dim == 128

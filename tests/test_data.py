@@ -162,14 +162,14 @@ def test_embedded_dataset_is_deterministic_and_balanced(dataset):
     classes = DATASETS[dataset][0]
     first = list(itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 200))
     again = list(itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 200))
-    assert Counter(label for *_, label in first) == Counter({c: 200 // len(classes) for c in range(len(classes))})
-    assert all(img.size == (32, 32) and img.mode == "RGB" for img, _, _ in first)
+    assert Counter(s.label for s in first) == Counter({c: 200 // len(classes) for c in range(len(classes))})
+    assert all(s.image.size == (32, 32) and s.image.mode == "RGB" for s in first)
     pairs = zip(first, again, strict=True)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _, _), (b, _, _) in pairs)
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.caption == b.caption for a, b in pairs)
     other = next(embedded_samples("val", seed=1, dataset=dataset))[0]
     assert not np.array_equal(np.asarray(first[0][0]), np.asarray(other))
     # images of one class differ from each other (colours, positions, clutter): no duplicates
-    assert len({np.asarray(img).tobytes() for img, _, _ in first}) == len(first)
+    assert len({np.asarray(s.image).tobytes() for s in first}) == len(first)
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
@@ -177,7 +177,7 @@ def test_embedded_label_maps_mark_the_object_with_its_class(dataset):
     """Each label map is the image's size, holds only 0 (background) and the image's class + 1,
     and marks some but (for drawn shapes and digits) not all pixels; the object's pixels differ
     in colour from the background's."""
-    for image, mask, label in itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 100):
+    for image, mask, label, _ in itertools.islice(embedded_samples("val", seed=0, dataset=dataset), 100):
         labels = np.asarray(mask)
         assert mask.size == image.size and set(np.unique(labels)) <= {0, label + 1}
         on = labels == label + 1

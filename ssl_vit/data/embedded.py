@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -35,10 +36,11 @@ SPLITS = {"train": 500, "val": 100}  # images per class
 _SUPERSAMPLE = 4  # draw at 4x and downsample, for anti-aliased edges
 
 
-def shapes_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[Image.Image, Image.Image]:
-    """One image of class ``label`` drawn with randomness from ``rng``, and its label map: ``label
-    + 1`` on the shape's pixels (on every pixel for the textures, which fill the image), 0
-    (background) elsewhere and under the distractor stroke."""
+def shapes_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[Image.Image, Image.Image, str]:
+    """One image of class ``label`` drawn with randomness from ``rng``, its label map (``label +
+    1`` on the shape's pixels, on every pixel for the textures, which fill the image; 0, the
+    background, elsewhere and under the distractor stroke) and its caption, made from what was
+    drawn: "a small red ring on a blue background, top left, crossed by a green stroke"."""
     s = size * _SUPERSAMPLE
     fg, bg = _contrasting_colours(rng)
     img = Image.new("RGB", (s, s), bg)
@@ -49,9 +51,12 @@ def shapes_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[
     if name in ("stripes", "checkerboard", "dots"):
         img = _texture(name, rng, s, fg, bg)
         mask = Image.new("L", (s, s), label + 1)
+        caption = f"{colour_name(fg)} {name} on {colour_name(bg)}"
     else:
         radius = s * rng.uniform(0.18, 0.4)
         cx, cy = rng.uniform(radius * 0.7, s - radius * 0.7, size=2)
+        size_word = "small" if radius < 0.29 * s else "large"
+        caption = f"a {size_word} {colour_name(fg)} {name} on {_a(colour_name(bg))} background, {_place(cx, cy, s)}"
         angle = rng.uniform(0, 2 * math.pi)
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
         for draw, fill in zip(draws, fills, strict=True):  # the same geometry on the image and the map
@@ -76,21 +81,24 @@ def shapes_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         ImageDraw.Draw(img).line([x0, y0, x1, y1], fill=colour, width=s // 24)
         ImageDraw.Draw(mask).line([x0, y0, x1, y1], fill=0, width=s // 24)
+        caption += f", crossed by {_a(colour_name(colour))} stroke"
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-    noise = rng.normal(0, rng.uniform(0, 20), size=(size, size, 3))
+    sigma = rng.uniform(0, 20)
+    noise = rng.normal(0, sigma, size=(size, size, 3))
     image = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
-    return image, _majority_downsample(mask, _SUPERSAMPLE)
+    return image, _majority_downsample(mask, _SUPERSAMPLE), caption + (", noisy" if sigma > 10 else "")
 
 
 GLYPH_CLASSES = tuple("0123456789")
 _CLUTTER = "ABCDEFGHKLMNPRSTUVWXYZ"
 
 
-def glyphs_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[Image.Image, Image.Image]:
-    """One image of digit ``label`` drawn with randomness from ``rng``, and its label map: ``label
-    + 1`` on the digit's pixels, 0 (background, the clutter letter included) elsewhere."""
+def glyphs_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[Image.Image, Image.Image, str]:
+    """One image of digit ``label`` drawn with randomness from ``rng``, its label map (``label + 1``
+    on the digit's pixels, 0, the background with the clutter letter, elsewhere) and its caption:
+    "the digit 7 in red over a letter K on blue noise"."""
     s = size * _SUPERSAMPLE
     fg, bg = _contrasting_colours(rng)
     img = Image.fromarray(_pink_noise(rng, s, bg))
@@ -113,23 +121,68 @@ def glyphs_image(label: int, rng: np.random.Generator, size: int = 32) -> tuple[
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     noise = rng.normal(0, rng.uniform(0, 12), size=(size, size, 3))
     image = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
-    return image, _majority_downsample(mask, _SUPERSAMPLE)
+    caption = (
+        f"the digit {GLYPH_CLASSES[label]} in {colour_name(fg)} over a letter {clutter} on {colour_name(bg)} noise"
+    )
+    return image, _majority_downsample(mask, _SUPERSAMPLE), caption
 
 
 DATASETS = {"shapes": (CLASSES, shapes_image), "glyphs": (GLYPH_CLASSES, glyphs_image)}
 
 
-def embedded_samples(
-    split: str, seed: int = 0, size: int = 32, dataset: str = "shapes"
-) -> Iterator[tuple[Image.Image, Image.Image, int]]:
-    """All (image, label map, label) triples of a split of an embedded dataset, classes
-    interleaved; sample i depends only on (seed, split, i), so any subset can be regenerated."""
+class EmbeddedSample(NamedTuple):
+    image: Image.Image
+    label_map: Image.Image
+    label: int
+    caption: str
+
+
+def embedded_samples(split: str, seed: int = 0, size: int = 32, dataset: str = "shapes") -> Iterator[EmbeddedSample]:
+    """All samples of a split of an embedded dataset, classes interleaved; sample i depends only
+    on (seed, split, i), so any subset can be regenerated."""
     classes, draw = DATASETS[dataset]
     per_class = SPLITS[split]
     split_id = list(SPLITS).index(split)
     for i in range(per_class * len(classes)):
         label = i % len(classes)
-        yield *draw(label, np.random.default_rng([seed, split_id, i]), size), label
+        image, label_map, caption = draw(label, np.random.default_rng([seed, split_id, i]), size)
+        yield EmbeddedSample(image, label_map, label, caption)
+
+
+#: Colour names for captions, at their sRGB values.
+COLOUR_NAMES = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "grey": (128, 128, 128),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 40),
+    "cyan": (40, 210, 220),
+    "magenta": (210, 40, 200),
+    "orange": (245, 140, 20),
+    "purple": (120, 40, 160),
+    "brown": (130, 80, 30),
+    "pink": (250, 160, 190),
+    "dark green": (20, 80, 30),
+    "navy": (20, 30, 100),
+}
+
+
+def colour_name(rgb: tuple[int, ...]) -> str:
+    """The name in ``COLOUR_NAMES`` nearest to an RGB colour."""
+    return min(COLOUR_NAMES, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLOUR_NAMES[name], rgb, strict=True)))
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _place(cx: float, cy: float, s: int) -> str:
+    """Where a shape's centre is: "centre", or "top left" and the like."""
+    if abs(cx - s / 2) < 0.15 * s and abs(cy - s / 2) < 0.15 * s:
+        return "centre"
+    return f"{'top' if cy < s / 2 else 'bottom'} {'left' if cx < s / 2 else 'right'}"
 
 
 def mask_classes(dataset: str) -> list[str]:

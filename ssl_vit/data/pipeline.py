@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import tv_tensors
 
 from ssl_vit.data.shards import (
+    CAPTION_MEMBER,
     HELDOUT_SUFFIX,
     IMAGE_EXTENSIONS,
     MASK_MEMBER,
@@ -52,7 +53,9 @@ from ssl_vit.errors import UserError
 
 log = logging.getLogger(__name__)
 
-READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "cls", "json", MASK_MEMBER))
+READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "cls", "json", MASK_MEMBER, CAPTION_MEMBER))
+#: A caption -> its token ids, and whether they were cut to the context (CLIP's ``CaptionTokens``).
+CaptionTokenizer = Callable[[str], tuple[torch.Tensor, bool]]
 NO_LABEL = -1
 IGNORE_PIXEL = -100  # a label map's 255 ("ignore", VOC's and ADE20K's convention), as cross-entropy skips it
 
@@ -110,6 +113,19 @@ def decode_sample(
         raise CorruptSample(f"malformed cls {sample['cls'][:20]!r}") from err
 
 
+def decode_caption(sample: dict[str, Any]) -> str:
+    """A sample's caption: its ``txt`` member as UTF-8 text, surrounding whitespace removed."""
+    if CAPTION_MEMBER not in sample:
+        raise CorruptSample("no caption (.txt member)")
+    try:
+        caption = sample[CAPTION_MEMBER].decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise CorruptSample(f"caption is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not caption:
+        raise CorruptSample("empty caption")
+    return caption
+
+
 def decode_mask(sample: dict[str, Any], size: tuple[int, int]) -> tv_tensors.Mask:
     """A sample's label map (``seg.png``: one class index per pixel, 255 = ignore) as an (H, W)
     int64 mask, 255 mapped to ``IGNORE_PIXEL``; it must be the image's ``size``."""
@@ -145,8 +161,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 class ShardDataset(IterableDataset):
     """Samples of a list of shard URLs, transformed by ``view``; yields ``(view(image), label)``,
-    or with ``masks`` ``view(image, label_map)`` (the view transforms both alike: see
-    :func:`decode_mask`).
+    with ``masks`` ``view(image, label_map)`` (the view transforms both alike: see
+    :func:`decode_mask`), or with ``captions`` ``(view(image), token ids)``: each sample's
+    caption tokenised in the worker; a sample without a readable caption is skipped and counted
+    like a corrupt image, a caption longer than the context is cut and counted.
 
     Images are decoded at reduced size when the view says how many pixels it needs (its
     ``decode_side``; see ``decode_sample``), and not at all when they declare more than
@@ -180,11 +198,13 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         masks: bool = False,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        captions: CaptionTokenizer | None = None,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
         self.view = view
         self.masks = masks
+        self.captions = captions
         self.max_image_pixels = max_image_pixels
         # A label map is decoded at full size, so its image must be too.
         self.decode_side: int | None = None if masks else getattr(view, "decode_side", None)
@@ -200,6 +220,7 @@ class ShardDataset(IterableDataset):
         # Shared with the workers, which count what they read and skip; reset at each epoch's start.
         self.read = mp.Value("l", 0)
         self.skipped = mp.Value("l", 0)
+        self.truncated = mp.Value("l", 0)
         self._skips_logged = 0  # per reader (each worker has its own copy)
         self._shard_failed = False
         self._ignored: set[str] = set()
@@ -258,9 +279,19 @@ class ShardDataset(IterableDataset):
                     self.read.value += 1
                 try:
                     image, label = decode_sample(sample, self.decode_side, self.max_image_pixels)
-                    yield (image, decode_mask(sample, image.size)) if self.masks else (image, label)
+                    if self.masks:
+                        yield image, decode_mask(sample, image.size)
+                    else:
+                        yield image, self._tokens(sample) if self.captions else label
                 except CorruptSample as err:
                     self._count_skip(f"sample {sample.get('__key__')} of {shard}: {err}")
+
+    def _tokens(self, sample: dict[str, Any]) -> torch.Tensor:
+        tokens, cut = self.captions(decode_caption(sample))
+        if cut:
+            with self.truncated.get_lock():
+                self.truncated.value += 1
+        return tokens
 
     def _samples(self, shard: Shard) -> Iterator[dict[str, Any]]:
         """A shard's samples as webdataset dicts (``__key__``, image member, ``cls``...), undecoded."""
@@ -276,6 +307,9 @@ class ShardDataset(IterableDataset):
                     log.warning("cannot read %s: %s", Path(shard.root) / path, err.strerror)
                 if label is not None:
                     sample["cls"] = str(label).encode()
+                caption = (Path(shard.root) / path).with_suffix(".txt")
+                if self.captions and caption.is_file():  # photo.jpg's caption is photo.txt
+                    sample[CAPTION_MEMBER] = caption.read_bytes()
                 yield sample
         else:
             members = wds.tarfile_to_samples(handler=self._on_shard_error, select_files=self._is_read_member)
@@ -303,7 +337,7 @@ class ShardDataset(IterableDataset):
             return True
         if ext not in self._ignored:
             self._ignored.add(ext)
-            log.warning("ignoring .%s members (first: %s): ssl-vit reads only images, cls and json", ext, name)
+            log.warning("ignoring .%s members (first: %s): ssl-vit reads only images, cls, txt and json", ext, name)
         return False
 
     def start_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -311,7 +345,7 @@ class ShardDataset(IterableDataset):
         (the samples of the batches before ``start_batch`` are read again, and counted)."""
         self.epoch = epoch
         self.start_batch = start_batch
-        self.read.value = self.skipped.value = 0
+        self.read.value = self.skipped.value = self.truncated.value = 0
 
     def check_skips(self, max_fraction: float) -> None:
         """Stop when the data is mostly broken rather than train on what is left of it."""
@@ -324,9 +358,10 @@ class ShardDataset(IterableDataset):
             )
 
     def log_epoch_summary(self) -> None:
-        skipped, read = self.skipped.value, self.read.value
-        report = log.warning if skipped else log.info
-        report("epoch %d: read %d samples, skipped %d unreadable", self.epoch, read, skipped)
+        skipped, read, cut = self.skipped.value, self.read.value, self.truncated.value
+        report = log.warning if skipped or cut else log.info
+        captions = f", cut {cut} captions to the text context" if self.captions else ""
+        report("epoch %d: read %d samples, skipped %d unreadable%s", self.epoch, read, skipped, captions)
 
 
 def role_batches(batches: int, role: int, num_workers: int) -> int:
@@ -541,6 +576,8 @@ class ShardDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             max_image_pixels=self.max_image_pixels,
+            # an image-text objective (CLIP) reads captions, tokenised by its own tokenizer
+            captions=getattr(self.trainer.lightning_module, "caption_tokens", None) if self.trainer else None,
         )
 
     def train_dataloader(self) -> DataLoader:

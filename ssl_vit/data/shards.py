@@ -28,6 +28,7 @@ INDEX_FILE = "dataset.json"
 SHARD_FOLDER = OutputKind(f"a shard folder (shard-*.tar, {INDEX_FILE})", ("shard-*.tar", INDEX_FILE))
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MASK_MEMBER = "seg.png"  # a sample's label map for dense probes: 8-bit PNG of class indices
+CAPTION_MEMBER = "txt"  # a sample's caption, UTF-8 (image-text objectives: CLIP)
 
 
 @dataclass
@@ -44,8 +45,13 @@ class ShardIndex:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
-#: One sample to write: (image extension, image bytes, class or None[, label-map PNG bytes or None]).
-Sample = tuple[str, bytes, int | None] | tuple[str, bytes, int | None, bytes | None]
+#: One sample to write: (image extension, image bytes, class or None[, label-map PNG bytes or
+#: None[, caption or None]]).
+Sample = (
+    tuple[str, bytes, int | None]
+    | tuple[str, bytes, int | None, bytes | None]
+    | tuple[str, bytes, int | None, bytes | None, str | None]
+)
 
 
 def write_shards(
@@ -61,7 +67,8 @@ def write_shards(
 ) -> ShardIndex:
     """Write samples as tar shards plus ``dataset.json``; a ``None`` class writes no ``cls``
     member (unlabelled data), a label map a ``seg.png`` member (one class index per pixel, 255 =
-    ignore; ``mask_classes`` names the indices, by default "0" up to the largest index written).
+    ignore; ``mask_classes`` names the indices, by default "0" up to the largest index written),
+    a caption a UTF-8 ``txt`` member.
 
     The shards are written into a temporary folder beside ``out_dir`` and renamed into place at the
     end, so an interrupted run leaves no half-written shard folder. ``overwrite`` replaces a shard
@@ -83,14 +90,17 @@ def write_shards(
             # the tar parsing the loader workers do per sample.
             mtime=int(time.time()),
         ) as sink:
-            for ext, data, label, *mask in samples:
+            for ext, data, label, *extra in samples:
+                mask, caption = (*extra, None, None)[:2]
                 sample = {"__key__": f"{count:09d}", ext: data}
                 if label is not None:
                     sample["cls"] = str(label).encode()
-                if mask and mask[0] is not None:
-                    sample[MASK_MEMBER] = mask[0]
+                if mask is not None:
+                    sample[MASK_MEMBER] = mask
                     if mask_classes is None:
-                        largest_mask_label = max(largest_mask_label, _largest_label(mask[0]))
+                        largest_mask_label = max(largest_mask_label, _largest_label(mask))
+                if caption is not None:
+                    sample[CAPTION_MEMBER] = caption.encode()
                 sink.write(sample)
                 count += 1
         shards = sorted(p.name for p in folder.glob("shard-*.tar"))
@@ -197,8 +207,8 @@ def write_embedded_shards(
     return {
         split: write_shards(
             (
-                ("png", _png_bytes(img), label, _png_bytes(mask))
-                for img, mask, label in embedded.embedded_samples(split, seed, dataset=dataset)
+                ("png", _png_bytes(sample.image), sample.label, _png_bytes(sample.label_map), sample.caption)
+                for sample in embedded.embedded_samples(split, seed, dataset=dataset)
             ),
             Path(out_root) / split,
             classes=list(classes),

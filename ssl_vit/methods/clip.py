@@ -25,12 +25,28 @@ from ssl_vit.methods.base import SSLMethod
 from ssl_vit.schedules import PaperRun
 
 try:
+    from open_clip.tokenizer import SimpleTokenizer
     from open_clip.transformer import TextTransformer
 except ImportError as err:  # the `clip` extra
     raise UserError(f"CLIP's text tower is open_clip's ({err}): pip install 'ssl-vit[clip]'") from err
 
 #: open_clip's ViT-B/32 on LAION-400M: 32 epochs at a global batch of 32,768.
 LAION_STEPS_PER_EPOCH = 400_000_000 // 32_768
+
+
+class CaptionTokens:
+    """A caption -> its ``context_length`` token ids as open_clip tokenises it (``SimpleTokenizer``:
+    cleaned, lower-cased BPE between start- and end-of-text tokens, zero-padded; a longer caption
+    is cut so that the end-of-text token stays last), and whether it was cut. Plain and
+    picklable: the loader workers run it (``ShardDataset``'s ``captions``)."""
+
+    def __init__(self, context_length: int) -> None:
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+
+    def __call__(self, caption: str) -> tuple[Tensor, bool]:
+        cut = len(self.tokenizer.encode(caption)) + 2 > self.context_length  # + start and end of text
+        return self.tokenizer(caption)[0], cut
 
 
 class CLIP(SSLMethod):
@@ -88,6 +104,7 @@ class CLIP(SSLMethod):
             output_dim=embed_dim,
         )
         self.logit_scale = nn.Parameter(torch.tensor(init_logit_scale))
+        self.caption_tokens = CaptionTokens(context_length)  # what the data module reads captions with
 
     def embed_images(self, images: Tensor) -> Tensor:
         pooled = self.encoder.vit.forward_head(self.encoder(images).tokens, pre_logits=True)
