@@ -2,6 +2,7 @@
 logit-scale clamp, the weight-decay exemptions and the optimiser settings), and the captions it
 reads: tokenised as open_clip tokenises, bad ones skipped and counted."""
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 import yaml
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -132,7 +135,8 @@ def captioned_shards(folder, captions, labels=None):
         samples.append(("png", image, None if labels is None else labels[i], None, None))
         if caption is not None:
             samples[-1] = (*samples[-1][:4], caption)
-    write_shards(samples, folder, classes=[], source="test", samples_per_shard=max(1, len(captions) // 2))
+    classes = [] if labels is None else ["cat", "dog", "car", "tree"]
+    write_shards(samples, folder, classes=classes, source="test", samples_per_shard=max(1, len(captions) // 2))
     return folder
 
 
@@ -187,7 +191,11 @@ def test_the_embedded_shapes_carry_captions_of_what_was_drawn(tmp_path):
 def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path):
     """As a user runs it, shrunk: captioned shards in, a trained checkpoint and an image-tower export out."""
     recipe = yaml.safe_load((ROOT / "recipes/quickstart/clip.yaml").read_text())
-    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[])
+    knn_at_both_ends = {
+        "class_path": "ssl_vit.eval.EvaluationCallback",
+        "init_args": {"at_start": True, "probes": False},
+    }
+    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[knn_at_both_ends])
     recipe["model"]["init_args"].update(text_layers=1)
     captions = [f"caption number {i}" for i in range(32)]
     shards = captioned_shards(tmp_path / "shards", captions, labels=[i % 4 for i in range(32)])
@@ -198,3 +206,26 @@ def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path):
     assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: random images may end flagged collapsed
     vit = timm.create_model(f"local-dir:{tmp_path / 'runs/shards/clip/export'}", pretrained=True)
     assert vit.embed_dim == 128
+    # zero-shot from the shards' class names, in the end-of-run table and records
+    assert "zero-shot" in result.stdout
+    record = json.loads((tmp_path / "runs/shards/clip/checkpoints/last.zeroshot.json").read_text())
+    assert set(record["results"]) == {"top1", "top5"} and "random_init_results" in record
+
+
+def test_zero_shot_is_open_clips_prompt_ensemble_classifier():
+    """zero_shot_classifier.py: per class, the mean of its prompts' normalised text embeddings,
+    normalised; each image to the class of highest cosine with its normalised projected embedding."""
+    torch.manual_seed(0)
+    method = CLIP(TINY_ENCODER, **{**TINY_TEXT, "vocab_size": 49408}).eval()
+    names = ["cat", "dog", "car"]
+    pooled, labels = torch.randn(40, 64), torch.randint(0, 3, (40,))
+    tokenizer = SimpleTokenizer(context_length=TINY_TEXT["context_length"])
+    classes = []
+    with torch.no_grad():
+        for name in names:
+            prompts = [F.normalize(method.text(tokenizer(t(name))), dim=-1)[0] for t in SIMPLE_IMAGENET_TEMPLATES]
+            classes.append(F.normalize(torch.stack(prompts).mean(0), dim=0))
+        scores = F.normalize(pooled @ method.image_projection, dim=-1) @ torch.stack(classes).T
+    top1 = 100 * (scores.argmax(1) == labels).float().mean().item()
+    result = method.zero_shot(pooled, labels, names)
+    assert result["top1"] == pytest.approx(top1, abs=1e-3) and result["top5"] == 100.0  # 3 classes: all in the top 5

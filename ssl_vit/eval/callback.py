@@ -74,12 +74,27 @@ class EvaluationCallback(Evaluator, Callback):
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
                 train, val = self.features(encoder)
                 results = self.results(encoder, train, val, probe=probe)
+                results.update(self.zero_shot(pl_module, val))
             logged = {**metrics(results), "eval/seconds": time.perf_counter() - start}
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=trainer.global_step)
             self.draw(trainer, results, val)
         trainer.strategy.barrier("ssl_vit_evaluation")
         return results
+
+    def zero_shot(self, pl_module: L.LightningModule, val: FeatureSet) -> Results:
+        """An image-text objective's zero-shot accuracy (CLIP's ``zero_shot``) on the evaluation
+        features, from the val shards' class names, when those features are its pooled embedding."""
+        zero_shot, names = getattr(pl_module, "zero_shot", None), shard_class_names(self.val_shards)
+        if zero_shot is None or not names:
+            return {}
+        pooled_as = {"token": "cls", "avg": "mean"}.get(pl_module.evaluated_encoder.vit.global_pool)
+        if (self.pooling, self.last_blocks) != (pooled_as, 1):
+            rank_zero_warn(
+                f"zero-shot skipped: it reads the pooled embedding ({pooled_as}), the evaluation {self.pooling}"
+            )
+            return {}
+        return {"zeroshot": zero_shot(val.features, val.labels, names)}
 
     def draw(self, trainer: L.Trainer, results: Results, val: FeatureSet) -> None:
         """The k-NN curve so far and a PCA map of the validation features, in ``pictures/``."""

@@ -15,7 +15,7 @@ from rich.table import Table
 from ssl_vit.eval.evaluator import Results
 
 #: The evaluation records written beside a checkpoint, ``<stem>.<kind>.json``, one per protocol.
-RECORD_KINDS = ("knn", "probe", "attentive", "segmentation")
+RECORD_KINDS = ("knn", "probe", "attentive", "segmentation", "zeroshot")
 #: The Evaluator settings each protocol depends on (besides the data and ``COMMON_SETTINGS``): what
 #: its record lists, and what its standalone command takes.
 COMMON_SETTINGS = ("image_size", "batch_size", "num_workers", "seed")
@@ -40,6 +40,7 @@ PROTOCOL_SETTINGS = {
         "token_cache_gib",
     ),
     "segmentation": ("probe_batch_size", "seg_epochs", "seg_lr", "seg_weight_decay", "token_cache_gib"),
+    "zeroshot": ("pooling",),
 }
 
 
@@ -50,6 +51,7 @@ def metrics(results: Results) -> dict[str, float]:
     flat.update({f"eval/probe_{top}": v for top, v in results.get("probe", {}).items()})
     flat.update({f"eval/attentive_{top}": v for top, v in results.get("attentive", {}).items()})
     flat.update({f"eval/seg_{name}": v for name, v in results.get("segmentation", {}).items()})
+    flat.update({f"eval/zeroshot_{top}": v for top, v in results.get("zeroshot", {}).items()})
     return flat
 
 
@@ -59,6 +61,8 @@ def _rows(results: Results) -> dict[str, dict[str, float]]:
         rows["linear probe"] = results["probe"]
     if "attentive" in results:
         rows["attentive probe"] = results["attentive"]
+    if "zeroshot" in results:
+        rows["zero-shot"] = results["zeroshot"]
     return rows
 
 

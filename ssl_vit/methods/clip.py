@@ -12,11 +12,13 @@ the ``open-clip-torch`` wheel: nothing is downloaded).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from ssl_vit.encoder import EncoderConfig
 from ssl_vit.errors import UserError
@@ -27,6 +29,7 @@ from ssl_vit.schedules import PaperRun
 try:
     from open_clip.tokenizer import SimpleTokenizer
     from open_clip.transformer import TextTransformer
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 except ImportError as err:  # the `clip` extra
     raise UserError(f"CLIP's text tower is open_clip's ({err}): pip install 'ssl-vit[clip]'") from err
 
@@ -121,6 +124,25 @@ class CLIP(SSLMethod):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", self.logit_scale.exp())
         return loss
+
+    @torch.no_grad()
+    def zero_shot(self, pooled: Tensor, labels: Tensor, class_names: Sequence[str]) -> dict[str, float]:
+        """Zero-shot classification as open_clip evaluates it (``zero_shot_classifier.py``
+        ``build_zero_shot_classifier`` with ``zero_shot_metadata.py``'s 7 ``SIMPLE_IMAGENET_TEMPLATES``):
+        each class is the normalised mean of its prompts' normalised text embeddings, each image
+        goes to the class nearest its own embedding. ``pooled``: the image tower's pooled features,
+        as the evaluator extracted them. Top-1 / top-5 accuracy, %."""
+        prompts = [template(name) for name in class_names for template in SIMPLE_IMAGENET_TEMPLATES]
+        tokens = torch.stack([self.caption_tokens(prompt)[0] for prompt in prompts]).to(self.device)
+        per_prompt = self.embed_texts(tokens).reshape(len(class_names), len(SIMPLE_IMAGENET_TEMPLATES), -1)
+        classes = F.normalize(per_prompt.mean(dim=1), dim=-1)
+        logits = F.normalize(pooled.to(self.device) @ self.image_projection, dim=-1) @ classes.T
+        labels, n = labels.to(self.device), len(class_names)
+
+        def accuracy(k: int) -> float:
+            return round(100 * multiclass_accuracy(logits, labels, n, top_k=k, average="micro").item(), 3)
+
+        return {"top1": accuracy(1), "top5": accuracy(min(5, n))}  # top-5 over all classes when fewer, as the probes
 
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
