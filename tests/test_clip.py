@@ -181,6 +181,20 @@ def test_a_folder_of_images_reads_each_images_caption_from_its_txt(tmp_path):
     assert sorted(t.tolist() for _, t in samples) == sorted(tokenize(c)[0].tolist() for c in ("a cat", "a dog"))
 
 
+def test_shards_written_from_a_folder_keep_each_images_caption(tmp_path):
+    (tmp_path / "photos").mkdir()
+    for name, caption in (("a", b"a cat"), ("b", b"caf\xe9"), ("c", None)):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photos" / f"{name}.png")
+        if caption is not None:
+            (tmp_path / "photos" / f"{name}.txt").write_bytes(caption)
+    result = in_this_process(tmp_path, "shards", "imagefolder", "photos", "shards")
+    assert result.returncode == 0, result.stderr
+    members = {s["__key__"]: s.get("txt") for s in wds.WebDataset(str(tmp_path / "shards/shard-000000.tar"))}
+    assert sorted(members.values(), key=str) == sorted([b"a cat", b"caf\xe9", None], key=str)  # bytes as written
+    dataset = ShardDataset([str(tmp_path / "shards/shard-000000.tar")], EvalView(32), captions=CaptionTokens(8))
+    assert len(read_all(dataset)) == 1 and dataset.skipped.value == 2  # the reader judges them: not UTF-8, none
+
+
 def test_the_embedded_shapes_carry_captions_of_what_was_drawn(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "SPLITS", {"train": 2, "val": 2})  # a few images per class
     write_embedded_shards(tmp_path / "shapes")

@@ -46,11 +46,11 @@ class ShardIndex:
 
 
 #: One sample to write: (image extension, image bytes, class or None[, label-map PNG bytes or
-#: None[, caption or None]]).
+#: None[, caption (text, or its UTF-8 bytes as read) or None]]).
 Sample = (
     tuple[str, bytes, int | None]
     | tuple[str, bytes, int | None, bytes | None]
-    | tuple[str, bytes, int | None, bytes | None, str | None]
+    | tuple[str, bytes, int | None, bytes | None, str | bytes | None]
 )
 
 
@@ -100,7 +100,7 @@ def write_shards(
                     if mask_classes is None:
                         largest_mask_label = max(largest_mask_label, _largest_label(mask))
                 if caption is not None:
-                    sample[CAPTION_MEMBER] = caption.encode()
+                    sample[CAPTION_MEMBER] = caption.encode() if isinstance(caption, str) else caption
                 sink.write(sample)
                 count += 1
         shards = sorted(p.name for p in folder.glob("shard-*.tar"))
@@ -138,7 +138,8 @@ def image_folder_samples(
     root: str | Path, seed: int = 0, masks: str | Path | None = None
 ) -> tuple[list[str], Iterator[Sample]]:
     """Class names and the samples of an ImageFolder tree (one sub-folder per class), or of a
-    flat folder of images (unlabelled: no classes, no ``cls`` members).
+    flat folder of images (unlabelled: no classes, no ``cls`` members). An image's caption, for
+    image-text objectives, is the text file beside it (``a/b.txt`` for ``a/b.jpg``), if any.
 
     With ``masks``, a parallel folder of label maps (ADE20k / VOC style: 8-bit PNGs of class
     indices, 255 = ignore, the image's size): the map of ``root/a/b.jpg`` is ``masks/a/b.png``.
@@ -162,13 +163,14 @@ def image_folder_samples(
     def samples() -> Iterator[Sample]:
         for path, label in files:
             ext, data = path.suffix.lower().lstrip("."), path.read_bytes()
-            if masks is None:
-                yield ext, data, label
-                continue
-            mask_path = (masks / path.relative_to(root)).with_suffix(".png")
-            mask = mask_path.read_bytes()
-            _check_label_map(mask, mask_path, Image.open(io.BytesIO(data)).size)
-            yield ext, data, label, mask
+            caption_path = path.with_suffix(".txt")  # photo.jpg's caption is photo.txt, kept as its bytes
+            caption = caption_path.read_bytes() if caption_path.is_file() else None
+            mask = None
+            if masks is not None:
+                mask_path = (masks / path.relative_to(root)).with_suffix(".png")
+                mask = mask_path.read_bytes()
+                _check_label_map(mask, mask_path, Image.open(io.BytesIO(data)).size)
+            yield ext, data, label, mask, caption
 
     return classes, samples()
 
