@@ -237,6 +237,24 @@ def pretrain_in_this_process(folder: Path, *args: str) -> subprocess.CompletedPr
     return in_this_process(folder, "pretrain", *args)
 
 
+#: An end-of-run evaluation callback for shrunk recipe runs: k-NN (and zero-shot) at both ends, no probes.
+KNN_AT_BOTH_ENDS = {"class_path": "ssl_vit.eval.EvaluationCallback", "init_args": {"at_start": True, "probes": False}}
+
+
+def pretrain_recipe_briefly(
+    folder: Path, recipe: str, shards: Path, model_args: dict, callbacks: list | None = None
+) -> subprocess.CompletedProcess:
+    """A shipped recipe as a user runs it, shrunk: 2 steps on ``shards`` (its evaluation data too),
+    batch 8, one loader worker, ``model_args`` over its model's, no pictures."""
+    config = yaml.safe_load((ROOT / recipe).read_text())
+    config["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=callbacks or [])
+    config["model"]["init_args"].update(model_args)
+    data = dict(train_shards=str(shards), val_shards=str(shards), batch_size=8, num_workers=1, shuffle_buffer=16)
+    config["data"].update(data)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(config))
+    return pretrain_in_this_process(folder, "--config", "recipe.yaml", "--pictures.every_n_epochs", "0")
+
+
 def fault(callback: str, **init_args) -> list[str]:
     """Command-line arguments adding one of this module's fault callbacks to the run."""
     args = [f"--trainer.callbacks+=tests.fault_injection.{callback}"]

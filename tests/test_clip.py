@@ -5,7 +5,6 @@ reads: tokenised as open_clip tokenises, bad ones skipped and counted."""
 import json
 import logging
 import math
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -14,7 +13,6 @@ import timm
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-import yaml
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
@@ -28,9 +26,7 @@ from ssl_vit.data.views import EvalView
 from ssl_vit.methods import CLIP
 from ssl_vit.methods.clip import CaptionTokens
 from tests.conftest import TINY_ENCODER
-from tests.fault_injection import in_this_process, png
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fault_injection import KNN_AT_BOTH_ENDS, in_this_process, png, pretrain_recipe_briefly
 
 TINY_TEXT = dict(embed_dim=16, context_length=12, vocab_size=50, text_width=32, text_heads=2, text_layers=1)
 
@@ -205,19 +201,10 @@ def test_the_embedded_shapes_carry_captions_of_what_was_drawn(tmp_path, monkeypa
 
 def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path):
     """As a user runs it, shrunk: captioned shards in, a trained checkpoint and an image-tower export out."""
-    recipe = yaml.safe_load((ROOT / "recipes/quickstart/clip.yaml").read_text())
-    knn_at_both_ends = {
-        "class_path": "ssl_vit.eval.EvaluationCallback",
-        "init_args": {"at_start": True, "probes": False},
-    }
-    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[knn_at_both_ends])
-    recipe["model"]["init_args"].update(text_layers=1)
     captions = [f"caption number {i}" for i in range(32)]
     shards = captioned_shards(tmp_path / "shards", captions, labels=[i % 4 for i in range(32)])
-    recipe["data"].update(train_shards=str(shards), val_shards=str(shards), batch_size=8, num_workers=1)
-    recipe["data"]["shuffle_buffer"] = 16
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = in_this_process(tmp_path, "pretrain", "--config", "recipe.yaml", "--pictures.every_n_epochs", "0")
+    recipe = "recipes/quickstart/clip.yaml"
+    result = pretrain_recipe_briefly(tmp_path, recipe, shards, {"text_layers": 1}, callbacks=[KNN_AT_BOTH_ENDS])
     assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: random images may end flagged collapsed
     vit = timm.create_model(f"local-dir:{tmp_path / 'runs/shards/clip/export'}", pretrained=True)
     assert vit.embed_dim == 128

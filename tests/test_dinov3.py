@@ -3,7 +3,6 @@ its weight and Gram-teacher schedule, and a training step that is DINOv2's plus 
 
 import json
 import math
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 from ssl_vit import export_encoder
@@ -21,12 +19,11 @@ from ssl_vit.errors import UserError
 from ssl_vit.losses import gram_loss
 from ssl_vit.methods import DINOv2, DINOv3
 from tests.conftest import TINY_ENCODER, fit_briefly
-from tests.fault_injection import in_this_process, write_tiny_shards
+from tests.fault_injection import KNN_AT_BOTH_ENDS, pretrain_recipe_briefly, write_tiny_shards
 from tests.test_dinov2 import attach_trainer, masked_step_inputs
 from tests.test_encoder import TINY_ROPE_ENCODER
 
 HEAD = dict(out_dim=32, hidden_dim=24, bottleneck_dim=16)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_gram_loss(student, teacher, image_level, remove_neg):
@@ -200,18 +197,10 @@ def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_lin
     encoder = {**TINY_ROPE_ENCODER, "global_pool": "token", "init_values": 1.0}
     first = tmp_path / "first.ckpt"
     fit_briefly(DINOv3(encoder, **HEAD), "multicrop", steps=2).save_checkpoint(first)
-    recipe = yaml.safe_load((ROOT / "recipes/quickstart/dinov3_high_res.yaml").read_text())
-    knn_at_both_ends = {
-        "class_path": "ssl_vit.eval.EvaluationCallback",
-        "init_args": {"at_start": True, "probes": False},
-    }
-    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[knn_at_both_ends])
-    recipe["model"]["init_args"].update(init_from=str(first), encoder={**encoder, "img_size": 48}, **HEAD)
     shards = write_tiny_shards(tmp_path / "shards")
-    recipe["data"].update(train_shards=str(shards), val_shards=str(shards), batch_size=8, num_workers=1)
-    recipe["data"]["shuffle_buffer"] = 16
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = in_this_process(tmp_path, "pretrain", "--config", "recipe.yaml", "--pictures.every_n_epochs", "0")
+    stage = {"init_from": str(first), "encoder": {**encoder, "img_size": 48}, **HEAD}
+    recipe = "recipes/quickstart/dinov3_high_res.yaml"
+    result = pretrain_recipe_briefly(tmp_path, recipe, shards, stage, callbacks=[KNN_AT_BOTH_ENDS])
     assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: a 2-step run may end collapsed
     run = tmp_path / "runs/shapes/dinov3_high_res"
     before = torch.load(first, weights_only=True)["state_dict"]

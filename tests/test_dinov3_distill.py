@@ -7,16 +7,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import yaml
 
 from ssl_vit import export_encoder
 from ssl_vit.errors import UserError
 from ssl_vit.methods import DINO, MAE, DINOv2, DINOv3Distill
 from tests.conftest import TINY_ENCODER, fit_briefly
-from tests.fault_injection import in_this_process, write_tiny_shards
+from tests.fault_injection import pretrain_recipe_briefly, write_tiny_shards
 from tests.test_dinov2 import masked_step_inputs, reference_student_loss
-
-ROOT = Path(__file__).resolve().parents[1]
 
 #: A student narrower and shallower than the teacher (TINY_ENCODER: 64-d, 2 blocks), same 4-px patches.
 STUDENT = {**TINY_ENCODER, "embed_dim": 32, "depth": 1}
@@ -133,14 +130,9 @@ def test_teachers_that_cannot_teach_stop_with_one_line(dinov2_teacher, tmp_path)
 def test_the_quickstart_recipe_runs_from_the_command_line_and_exports_the_student(dinov2_teacher, tmp_path):
     """As a user runs it (LightningCLI records only DINOv3Distill's own arguments): a few steps of
     the quickstart, shrunk, ending with the student's export and its health and collapse watch."""
-    recipe = yaml.safe_load((ROOT / "recipes/quickstart/dinov3_distill.yaml").read_text())
-    recipe["trainer"].update(max_steps=2, max_epochs=-1, logger=False, callbacks=[])
-    recipe["model"]["init_args"].update(teacher=str(dinov2_teacher), encoder=STUDENT)
     shards = write_tiny_shards(tmp_path / "shards")
-    recipe["data"].update(train_shards=str(shards), val_shards=str(shards), batch_size=8, num_workers=1)
-    recipe["data"]["shuffle_buffer"] = 16
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = in_this_process(tmp_path, "pretrain", "--config", "recipe.yaml", "--pictures.every_n_epochs", "0")
+    student = {"teacher": str(dinov2_teacher), "encoder": STUDENT}
+    result = pretrain_recipe_briefly(tmp_path, "recipes/quickstart/dinov3_distill.yaml", shards, student)
     assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: a 2-step run may end collapsed
     vit = timm.create_model(f"local-dir:{tmp_path / 'runs/shards/dinov3distill/export'}", pretrained=True)
     assert vit.embed_dim == STUDENT["embed_dim"]
