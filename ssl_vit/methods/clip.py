@@ -48,8 +48,14 @@ class CaptionTokens:
         self.context_length = context_length
 
     def __call__(self, caption: str) -> tuple[Tensor, bool]:
-        cut = len(self.tokenizer.encode(caption)) + 2 > self.context_length  # + start and end of text
-        return self.tokenizer(caption)[0], cut
+        # SimpleTokenizer.__call__'s truncation, on one encoding that also tells whether it cut
+        words = self.tokenizer.encode(caption)
+        cut = len(words) + 2 > self.context_length  # + start and end of text
+        kept = [self.tokenizer.sot_token_id, *words][: self.context_length - 1]
+        ids = [*kept, self.tokenizer.eot_token_id]
+        tokens = torch.zeros(self.context_length, dtype=torch.long)
+        tokens[: len(ids)] = torch.tensor(ids)
+        return tokens, cut
 
 
 class CLIP(SSLMethod):
