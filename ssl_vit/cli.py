@@ -6,9 +6,11 @@
     ssl-vit knn CHECKPOINT --train_shards TRAIN --val_shards VAL [--pooling cls|mean|cls+mean ...]
     ssl-vit probe CHECKPOINT --train_shards TRAIN --val_shards VAL [--head linear|attentive|linear+attentive ...]
     ssl-vit segprobe CHECKPOINT --train_shards TRAIN --val_shards VAL [--seg_epochs 20 ...]
-    ssl-vit export CHECKPOINT OUT [--format timm|state_dict] [--role teacher|student] [--overwrite] [--onnx [--int8]]
+    ssl-vit export CHECKPOINT OUT [--format timm|state_dict|open_clip] [--role ROLE] [--overwrite] [--onnx [--int8]]
+    ssl-vit zeroshot CLIP_CHECKPOINT_OR_OPEN_CLIP_FOLDER --val_shards VAL [--image_size N ...]
     ssl-vit shards embedded OUT_DIR
     ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N] [--masks MASK_DIR]
+    ssl-vit shards captions TABLE.csv|.tsv OUT_DIR [--image-key filepath] [--caption-key title]
     ssl-vit recipes
 
 ``pretrain`` is Lightning's CLI (``fit``): every field of a recipe can be overridden on the command
@@ -55,12 +57,14 @@ from ssl_vit.checkpoint import (
 )
 from ssl_vit.data.embedded import DATASETS
 from ssl_vit.data.pipeline import ShardDataModule
-from ssl_vit.data.shards import image_folder_samples, write_embedded_shards, write_shards
+from ssl_vit.data.shards import caption_table_samples, image_folder_samples, write_embedded_shards, write_shards
+from ssl_vit.data.views import EvalView
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.eval import EvaluationCallback, Evaluator
 from ssl_vit.eval.compare import print_comparison
 from ssl_vit.eval.encoders import load_evaluated_encoder, standalone_record_stem
+from ssl_vit.eval.image_text import evaluate_image_text
 from ssl_vit.eval.report import (
     COMMON_SETTINGS,
     PROTOCOL_SETTINGS,
@@ -76,7 +80,7 @@ from ssl_vit.health import HealthCallback
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.methods.distill import Distill, export_student, side_by_side
 from ssl_vit.onnx_export import OnnxOptions
-from ssl_vit.pictures import PicturesCallback
+from ssl_vit.pictures import PicturesCallback, shard_class_names
 from ssl_vit.progress import ImagesPerSecondBar, ModuleTable, print_run_summary, run_summary
 
 COMMANDS = {
@@ -87,8 +91,11 @@ COMMANDS = {
     "probe": "linear (MAE's protocol) or attentive (V-JEPA's) probe accuracy of a frozen encoder (checkpoint, export, "
     "timm model)",
     "segprobe": "dense linear-probe mIoU of a frozen encoder's patch tokens on shards with label maps (DINOv2's)",
-    "export": "write a checkpoint's encoder as a timm model folder (config.json + model.safetensors)",
-    "shards": "write WebDataset tar shards from an ImageFolder tree or the embedded dataset",
+    "export": "write a checkpoint's encoder as a timm model folder (config.json + model.safetensors), or a whole "
+    "CLIP as an open_clip folder",
+    "zeroshot": "zero-shot accuracy and image-text retrieval recall of a CLIP checkpoint or open_clip folder on shards",
+    "shards": "write WebDataset tar shards from an ImageFolder tree, a CSV/TSV of images and captions, or the "
+    "embedded dataset",
     "recipes": "list the shipped recipes, one line each",
 }
 
@@ -594,6 +601,43 @@ def evaluate(command: str, args: list[str]) -> None:
         Console(soft_wrap=True).print(f"wrote {path}")
 
 
+def zeroshot(args: list[str]) -> None:
+    """``ssl-vit zeroshot``: the image-text protocols of the end-of-run table on any shards, from a
+    CLIP checkpoint or an open_clip folder; records as ``knn`` writes them (never the run's own)."""
+    parser = argparse.ArgumentParser(prog="ssl-vit zeroshot", description=COMMANDS["zeroshot"])
+    parser.add_argument(
+        "model", help="a CLIP .ckpt written by `ssl-vit pretrain`, its run folder, or an open_clip folder"
+    )
+    parser.add_argument(
+        "--val_shards",
+        required=True,
+        help="labelled shards (zero-shot from their class names) and/or captioned ones (retrieval)",
+    )
+    parser.add_argument("--image_size", type=int, default=None, help="default: the model's training resolution")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--out", default=None, help="folder for the records; default: beside the model")
+    opts = parser.parse_args(args)
+    from ssl_vit.methods.clip import load_image_text_model  # the `clip` extra
+
+    model, image_size, info = load_image_text_model(opts.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": opts.image_size or image_size}
+    settings |= {"batch_size": opts.batch_size, "num_workers": opts.num_workers}
+    start = time.perf_counter()
+    view = EvalView(settings["image_size"])
+    names = shard_class_names(opts.val_shards)
+    results = evaluate_image_text(model, opts.val_shards, view, names, opts.batch_size, opts.num_workers)
+    if not results:
+        raise UserError(f"{opts.val_shards} has neither class labels (for zero-shot) nor captions (for retrieval)")
+    seconds = time.perf_counter() - start
+    print_results(f"zero-shot evaluation of {opts.model}", results)
+    stem, tag = standalone_record_stem(opts.model, opts.out), settings_tag(opts.model, None, settings)
+    for path in write_records(opts.model, results, info, settings, seconds, stem=stem, tag=tag):
+        Console(soft_wrap=True).print(f"wrote {path}")
+
+
 def recipes(args: list[str]) -> None:
     """Every recipe under ./recipes (or the source checkout's), with the first line of its header."""
     argparse.ArgumentParser(prog="ssl-vit recipes", description=COMMANDS["recipes"]).parse_args(args)
@@ -619,9 +663,10 @@ def export(args: list[str]) -> None:
     parser.add_argument("out", help="the folder to write (a .safetensors file with --format state_dict)")
     parser.add_argument(
         "--format",
-        choices=["timm", "state_dict"],
+        choices=["timm", "state_dict", "open_clip"],
         default="timm",
-        help="timm: a folder timm.create_model('local-dir:OUT', pretrained=True) loads; state_dict: one file",
+        help="timm: a folder timm.create_model('local-dir:OUT', pretrained=True) loads; state_dict: one file; "
+        "open_clip (CLIP only): both towers, a folder open_clip.create_model_and_transforms('local-dir:OUT') loads",
     )
     parser.add_argument(
         "--role", default=None, help="which encoder (teacher/student); default: the one the paper evaluates"
@@ -658,6 +703,15 @@ def export(args: list[str]) -> None:
             calibration_images=opts.calibration_images,
         )
     checkpoint = run_checkpoint(Path(opts.checkpoint)) if Path(opts.checkpoint).is_dir() else opts.checkpoint
+    if opts.format == "open_clip":
+        from ssl_vit.methods.clip import export_open_clip  # the `clip` extra
+
+        out = export_open_clip(checkpoint, opts.out, overwrite=opts.overwrite)
+        Console(soft_wrap=True).print(
+            f'wrote {out} from {checkpoint}\nload it with open_clip.create_model_and_transforms("local-dir:{out}") '
+            f'and open_clip.get_tokenizer("local-dir:{out}")'
+        )
+        return
     if objective_name(read_checkpoint(checkpoint)) == Distill.__name__ and opts.format == "timm":
         out = export_student(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
     else:
@@ -716,7 +770,16 @@ def shards(args: list[str]) -> None:
     folder.add_argument(
         "--masks", default=None, help="a parallel folder of label maps (PNG of class indices) for dense probes"
     )
-    for p in (emb, folder):
+    table = sub.add_parser(
+        "captions", help="a CSV/TSV of image paths and captions (open_clip's --csv-* layout) -> OUT_DIR, for CLIP"
+    )
+    table.add_argument("table", help="a header row, then one image path (relative to the table's folder) and caption")
+    table.add_argument("out_dir")
+    table.add_argument("--separator", default=None, help="default: a comma for .csv, a tab otherwise")
+    table.add_argument("--image-key", default="filepath", help="the column of image paths (open_clip's default)")
+    table.add_argument("--caption-key", default="title", help="the column of captions (open_clip's default)")
+    table.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    for p in (emb, folder, table):
         p.add_argument("--samples-per-shard", type=int, default=None)
         p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     opts = parser.parse_args(args)
@@ -730,22 +793,30 @@ def shards(args: list[str]) -> None:
             dataset=opts.dataset,
         )
     else:
-        classes, samples = image_folder_samples(opts.src_dir, masks=opts.masks)
+        if opts.source == "captions":
+            classes, reads = [], [opts.table, str(Path(opts.table).parent)]
+            samples = caption_table_samples(opts.table, opts.separator, opts.image_key, opts.caption_key)
+        else:
+            classes, samples = image_folder_samples(opts.src_dir, masks=opts.masks)
+            reads = [opts.src_dir, *([opts.masks] if opts.masks else [])]
         index = write_shards(
             samples,
             opts.out_dir,
             classes=classes,
-            source=f"imagefolder {opts.src_dir}",
+            source=f"{opts.source} {opts.table if opts.source == 'captions' else opts.src_dir}",
             samples_per_shard=opts.samples_per_shard or 1000,
             max_shard_bytes=opts.max_shard_bytes,
             overwrite=opts.overwrite,
-            reads=[opts.src_dir, *([opts.masks] if opts.masks else [])],
+            reads=reads,
         )
         indexes = {"": index}
     for split, index in indexes.items():
         where = f"{opts.out_dir}/{split}" if split else opts.out_dir
         n_classes, n_shards = len(index.classes), len(index.shards)
-        console.print(f"wrote {index.num_samples} samples of {n_classes} classes in {n_shards} shards to {where}")
+        captioned = f" ({index.captions} with captions)" if index.captions else ""
+        console.print(
+            f"wrote {index.num_samples} samples of {n_classes} classes in {n_shards} shards to {where}{captioned}"
+        )
 
 
 def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
@@ -783,7 +854,8 @@ def main(argv: list[str] | None = None) -> None:
             evaluate(command, rest)
         else:
             training = {"pretrain": pretrain, "finetune": finetune, "distill": distill}
-            {**training, "export": export, "shards": shards, "recipes": recipes}[command](rest)
+            commands = {"export": export, "shards": shards, "zeroshot": zeroshot, "recipes": recipes}
+            {**training, **commands}[command](rest)
     except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
         sys.exit(128 + signal.SIGTERM)
     except (UserError, argparse.ArgumentError, MisconfigurationException) as err:

@@ -2,12 +2,15 @@
 logit-scale clamp, the weight-decay exemptions and the optimiser settings), and the captions it
 reads: tokenised as open_clip tokenises, bad ones skipped and counted."""
 
+import csv
 import json
 import logging
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
+import open_clip
 import pytest
 import timm
 import torch
@@ -16,6 +19,7 @@ import webdataset as wds
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_vit.data import embedded, write_shards
@@ -23,8 +27,10 @@ from ssl_vit.data.embedded import CLASSES
 from ssl_vit.data.pipeline import ShardDataset
 from ssl_vit.data.shards import resolve_shards, write_embedded_shards
 from ssl_vit.data.views import EvalView
+from ssl_vit.errors import UserError
+from ssl_vit.eval.image_text import class_embeddings, evaluate_image_text, retrieval_recall, zero_shot_accuracy
 from ssl_vit.methods import CLIP
-from ssl_vit.methods.clip import CaptionTokens
+from ssl_vit.methods.clip import CaptionTokens, open_clip_folder_contents
 from tests.conftest import TINY_ENCODER
 from tests.fault_injection import KNN_AT_BOTH_ENDS, in_this_process, png, pretrain_recipe_briefly
 
@@ -214,6 +220,11 @@ def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path):
     assert "zero-shot" in result.stdout
     record = json.loads((tmp_path / "runs/shards/clip/checkpoints/last.zeroshot.json").read_text())
     assert set(record["results"]) == {"top1", "top5"} and "random_init_results" in record
+    # retrieval among the evaluation split's captioned pairs (the held-out tenth of 32: 3 or 4)
+    assert "image -> text" in result.stdout and "text -> image" in result.stdout
+    record = json.loads((tmp_path / "runs/shards/clip/checkpoints/last.retrieval.json").read_text())
+    assert set(record["results"]["image_to_text"]) == {"R@1", "R@5", "R@10"} and record["results"]["pairs"] >= 2
+    assert "random_init_results" in record
 
 
 def test_zero_shot_is_open_clips_prompt_ensemble_classifier():
@@ -222,14 +233,169 @@ def test_zero_shot_is_open_clips_prompt_ensemble_classifier():
     torch.manual_seed(0)
     method = CLIP(TINY_ENCODER, **{**TINY_TEXT, "vocab_size": 49408}).eval()
     names = ["cat", "dog", "car"]
-    pooled, labels = torch.randn(40, 64), torch.randint(0, 3, (40,))
+    images, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 3, (40,))
     tokenizer = SimpleTokenizer(context_length=TINY_TEXT["context_length"])
     classes = []
     with torch.no_grad():
         for name in names:
             prompts = [F.normalize(method.text(tokenizer(t(name))), dim=-1)[0] for t in SIMPLE_IMAGENET_TEMPLATES]
             classes.append(F.normalize(torch.stack(prompts).mean(0), dim=0))
-        scores = F.normalize(pooled @ method.image_projection, dim=-1) @ torch.stack(classes).T
+        pooled = method.encoder.vit.forward_head(method.encoder(images).tokens, pre_logits=True)
+        image = F.normalize(pooled @ method.image_projection, dim=-1)
+        scores = image @ torch.stack(classes).T
+        result = zero_shot_accuracy(method.embed_images(images), labels, class_embeddings(method, names, "cpu"))
     top1 = 100 * (scores.argmax(1) == labels).float().mean().item()
-    result = method.zero_shot(pooled, labels, names)
     assert result["top1"] == pytest.approx(top1, abs=1e-3) and result["top5"] == 100.0  # 3 classes: all in the top 5
+
+
+def reference_recall(image, text, k):
+    """open_clip's get_clip_metrics: each query's rank is where its own pair falls in the
+    descending sort of its scores; R@k = the fraction ranked below k."""
+    out = {}
+    for name, logits in (("image_to_text", image @ text.T), ("text_to_image", text @ image.T)):
+        ranks = [int((torch.argsort(row, descending=True) == i).nonzero()) for i, row in enumerate(logits)]
+        out[name] = 100 * sum(r < k for r in ranks) / len(ranks)
+    return out
+
+
+def test_retrieval_recall_is_open_clips_and_lets_identical_captions_tie():
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(30, 8), dim=-1), F.normalize(torch.randn(30, 8), dim=-1)
+    text = F.normalize(text + 0.6 * image, dim=-1)  # pairs alike, not perfectly
+    recalls = retrieval_recall(image, text)
+    for k in (1, 5, 10):
+        expected = reference_recall(image, text, k)
+        for direction in ("image_to_text", "text_to_image"):
+            assert recalls[direction][f"R@{k}"] == pytest.approx(expected[direction], abs=1e-3)
+    assert 0 < recalls["image_to_text"]["R@1"] < recalls["image_to_text"]["R@10"] < 100  # the case tests something
+    # two alike images captioned alike: image 1's own caption ties with image 0's, so neither is a miss
+    image = F.normalize(torch.randn(30, 8), dim=-1)
+    image[1] = F.normalize(image[0] + 0.01 * torch.randn(8), dim=0)
+    text = image.clone()
+    text[1] = text[0]
+    assert retrieval_recall(image, text)["image_to_text"]["R@1"] == 100.0
+    assert reference_recall(image, text, 1)["image_to_text"] < 100.0  # where open_clip's sort counts one a miss
+
+
+def test_image_text_evaluation_reads_labels_and_captions_from_the_same_shards(tmp_path):
+    """Zero-shot from the class names and retrieval over the captioned pairs, each against its
+    reference on the model's own embeddings of the same images."""
+    torch.manual_seed(0)
+    method = CLIP(TINY_ENCODER, **{**TINY_TEXT, "vocab_size": 49408}).eval()
+    captions = [f"photo {i}" for i in range(12)]
+    shards = captioned_shards(tmp_path / "shards", captions, labels=[i % 3 for i in range(12)])
+    names = ["cat", "dog", "car"]
+    results = evaluate_image_text(method, str(shards), EvalView(32), names, batch_size=5, num_workers=0)
+    urls, _ = resolve_shards(str(shards))
+    images = torch.stack([image for image, _ in ShardDataset(urls, EvalView(32), shuffle_shards=False)])
+    labels = torch.tensor([i % 3 for i in range(12)])
+    with torch.no_grad():
+        image = method.embed_images(images)
+        text = method.embed_texts(torch.stack([method.caption_tokens(c)[0] for c in captions]))
+        expected = zero_shot_accuracy(image, labels, class_embeddings(method, names, "cpu"))
+    assert results["zeroshot"] == expected
+    assert results["retrieval"] == {**retrieval_recall(image, text), "pairs": 12}
+
+
+OPEN_CLIP_TOWERS = {
+    # timm's CLIP ViT: pre-norm, no patch bias, CLS pooling
+    "clip": dict(name="vit_base_patch32_clip_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+    # a plain timm ViT: patch bias, mean pooling (norm after pooling), layer scale
+    "plain": {**TINY_ENCODER, "global_pool": "avg", "init_values": 0.1},
+}
+
+
+@pytest.mark.parametrize("tower", list(OPEN_CLIP_TOWERS))
+def test_open_clip_loads_the_model_alone_with_the_same_embeddings(tmp_path, tower):
+    torch.manual_seed(0)
+    method = CLIP(OPEN_CLIP_TOWERS[tower], **{**TINY_TEXT, "vocab_size": 49408}).eval()
+    with torch.no_grad():  # weights unlike any initialisation, so that every one must land in its place
+        for p in method.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config, state = open_clip_folder_contents(method)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    save_file(state, str(tmp_path / "open_clip_model.safetensors"))
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path}")
+    images, captions = torch.randn(4, 3, 32, 32), ["a red ring", "a cat on a mat", "x", "top left, noisy"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encode_image(images, normalize=True), method.embed_images(images))
+        ours = torch.stack([method.caption_tokens(c)[0] for c in captions])
+        assert torch.equal(tokenizer(captions), ours)
+        torch.testing.assert_close(model.encode_text(ours, normalize=True), method.embed_texts(ours))
+    assert model.logit_scale.item() == pytest.approx(method.logit_scale.item())
+
+
+def test_an_image_tower_open_clip_cannot_hold_is_refused_in_one_line():
+    rope = dict(name="vit_small_patch16_dinov3", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2)
+    with pytest.raises(
+        UserError, match="open_clip's ViT has learned absolute positions only; this image tower is a Eva"
+    ):
+        open_clip_folder_contents(CLIP(rope, **TINY_TEXT))
+
+
+def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_export(tmp_path):
+    """As a user runs them: pretrain briefly, `ssl-vit export --format open_clip`, then
+    `ssl-vit zeroshot` on the run folder and on the export."""
+    captions = [f"caption number {i}" for i in range(24)]
+    shards = captioned_shards(tmp_path / "shards", captions, labels=[i % 4 for i in range(24)])
+    result = pretrain_recipe_briefly(tmp_path, "recipes/quickstart/clip.yaml", shards, {"text_layers": 1})
+    assert result.returncode in (0, 3), result.stderr[-3000:]
+    run = tmp_path / "runs/shards/clip"
+    result = in_this_process(tmp_path, "export", str(run / "checkpoints/last.ckpt"), "oc", "--format", "open_clip")
+    assert result.returncode == 0, result.stderr
+    assert "local-dir:oc" in result.stdout
+    records = []
+    for model in (str(run), "oc"):
+        result = in_this_process(tmp_path, "zeroshot", model, "--val_shards", "shards", "--num_workers", "0")
+        assert result.returncode == 0, result.stderr
+        assert "zero-shot" in result.stdout and "image -> text" in result.stdout
+        written = sorted((tmp_path / model).parent.glob(f"{Path(model).name}.*.eval-*.json"))
+        assert [p.name.split(".")[1] for p in written] == ["retrieval", "zeroshot"]
+        records.append([json.loads(p.read_text())["results"] for p in written])
+    assert records[0] == records[1] and records[0][0]["pairs"] == 24
+    bad = in_this_process(tmp_path, "zeroshot", str(run / "export"), "--val_shards", "shards")
+    assert bad.returncode == 2 and "a timm export holds the image tower only" in bad.stderr
+
+
+def test_shards_written_from_a_caption_table_pair_each_image_with_its_caption(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img" / f"{name}.png")
+    captions = {"img/a.png": "a cat, on a mat", "img/b.png": 'the "big" dog', "img/c.png": ""}
+    with (tmp_path / "pairs.csv").open("w", newline="") as f:  # open_clip's columns; quoting as csv writes it
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "title"])
+        writer.writerows(captions.items())
+    result = in_this_process(tmp_path, "shards", "captions", "pairs.csv", "shards")
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 samples of 0 classes in 1 shards to shards (3 with captions)" in result.stdout
+    members = [s["txt"].decode() for s in wds.WebDataset(str(tmp_path / "shards/shard-000000.tar"), shardshuffle=False)]
+    assert members == list(captions.values())  # the table's order, text as given
+    dataset = ShardDataset([str(tmp_path / "shards/shard-000000.tar")], EvalView(32), captions=CaptionTokens(12))
+    assert len(read_all(dataset)) == 2 and dataset.skipped.value == 1  # the empty caption is the reader's to count
+    # a TSV with other column names, and the mistakes a user makes, each in one line
+    (tmp_path / "pairs.tsv").write_text("path\ttext\nimg/a.png\ta cat\n")
+    ok = in_this_process(
+        tmp_path, "shards", "captions", "pairs.tsv", "tsv", "--image-key", "path", "--caption-key", "text"
+    )
+    assert ok.returncode == 0, ok.stderr
+    wrong_keys = in_this_process(tmp_path, "shards", "captions", "pairs.tsv", "x")
+    assert wrong_keys.returncode == 2 and "has no 'filepath' or 'title' column" in wrong_keys.stderr
+    (tmp_path / "gone.tsv").write_text("filepath\ttitle\nimg/a.png\ta\nimg/zz.png\tb\n")
+    gone = in_this_process(tmp_path, "shards", "captions", "gone.tsv", "y")
+    assert gone.returncode == 2 and "1 of 2 images in gone.tsv do not exist (first: img/zz.png)" in gone.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_clip_on_shards_without_captions_stops_in_one_line(tmp_path):
+    shards = captioned_shards(tmp_path / "shards", [None] * 16, labels=[i % 4 for i in range(16)])
+    result = pretrain_recipe_briefly(tmp_path, "recipes/quickstart/clip.yaml", shards, {"text_layers": 1})
+    assert result.returncode == 2
+    assert "has no captions (a .txt beside each image)" in result.stderr and "Traceback" not in result.stderr
+    old = tmp_path / "old"  # shards whose index predates the caption count: the first sample is read
+    write_shards([("png", png(np.zeros((8, 8, 3), np.uint8)), 0)] * 16, old, ["a"], "test", samples_per_shard=8)
+    index = json.loads((old / "dataset.json").read_text())
+    (old / "dataset.json").write_text(json.dumps({k: v for k, v in index.items() if k != "captions"}))
+    result = pretrain_recipe_briefly(tmp_path, "recipes/quickstart/clip.yaml", old, {"text_layers": 1})
+    assert result.returncode == 2 and "has no captions" in result.stderr

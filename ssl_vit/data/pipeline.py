@@ -44,6 +44,7 @@ from ssl_vit.data.shards import (
     TRAIN_SUFFIX,
     ImageFiles,
     Shard,
+    ShardIndex,
     SplitPart,
     is_heldout,
     resolve_shards,
@@ -566,6 +567,10 @@ class ShardDataModule(L.LightningDataModule):
             raise UserError(
                 f"{total} samples per epoch are fewer than one global batch ({self.batch_size} x {world} devices)"
             )
+        # an image-text objective (CLIP) reads captions, tokenised by its own tokenizer
+        captions = getattr(self.trainer.lightning_module, "caption_tokens", None) if self.trainer else None
+        if captions is not None:
+            self.check_captions(urls, index, captions)
         self.train_set = ShardDataset(
             urls,
             self.view,
@@ -576,9 +581,24 @@ class ShardDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             max_image_pixels=self.max_image_pixels,
-            # an image-text objective (CLIP) reads captions, tokenised by its own tokenizer
-            captions=getattr(self.trainer.lightning_module, "caption_tokens", None) if self.trainer else None,
+            captions=captions,
         )
+
+    def check_captions(self, urls: list[Shard], index: ShardIndex | None, captions: CaptionTokenizer) -> None:
+        """Stop in one line when the training data has no captions at all (the index's count, or
+        else its first sample), rather than skip every sample."""
+        if index is not None and index.captions is not None:
+            captioned = index.captions > 0
+        else:
+            first = next(ShardDataset(urls[:1], self.view, captions=captions)._samples(urls[0]), {})
+            captioned = CAPTION_MEMBER in first
+        if not captioned:
+            raise UserError(
+                f"{self.train_shards} has no captions (a .txt beside each image), and this objective trains on image + "
+                "caption pairs; write shards with them: `ssl-vit shards imagefolder DIR OUT` (photo.txt beside "
+                "photo.jpg) or `ssl-vit shards captions TABLE.tsv OUT` (an embedded dataset written before ssl-vit "
+                "gave it captions is written again, with them, once you remove its folder)"
+            )
 
     def train_dataloader(self) -> DataLoader:
         return EpochLoader(

@@ -7,6 +7,7 @@ class names by index, shard names, source), so a recipe can name just the folder
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -38,6 +39,7 @@ class ShardIndex:
     shards: list[str]
     source: str
     mask_classes: list[str] | None = None  # names of the label-map values, when samples carry ``seg.png``
+    captions: int | None = None  # how many samples carry a caption (``txt``); None: written before this was counted
 
     @classmethod
     def read(cls, folder: Path) -> ShardIndex | None:
@@ -79,7 +81,7 @@ def write_shards(
 
     def write(folder: Path) -> None:
         nonlocal index
-        count, largest_mask_label = 0, -1
+        count, captions, largest_mask_label = 0, 0, -1
         with wds.ShardWriter(
             str(folder / "shard-%06d.tar"),
             maxcount=samples_per_shard,
@@ -101,13 +103,14 @@ def write_shards(
                         largest_mask_label = max(largest_mask_label, _largest_label(mask))
                 if caption is not None:
                     sample[CAPTION_MEMBER] = caption.encode() if isinstance(caption, str) else caption
+                    captions += 1
                 sink.write(sample)
                 count += 1
         shards = sorted(p.name for p in folder.glob("shard-*.tar"))
         mask_names = mask_classes
         if mask_names is None and largest_mask_label >= 0:
             mask_names = [str(i) for i in range(largest_mask_label + 1)]
-        index = ShardIndex(count, list(classes), shards, source, mask_names)
+        index = ShardIndex(count, list(classes), shards, source, mask_names, captions)
         (folder / INDEX_FILE).write_text(json.dumps(asdict(index), indent=1))
 
     replace_output(out_dir, write, SHARD_FOLDER, overwrite, reads)
@@ -173,6 +176,38 @@ def image_folder_samples(
             yield ext, data, label, mask, caption
 
     return classes, samples()
+
+
+def caption_table_samples(
+    table: str | Path, separator: str | None = None, image_key: str = "filepath", caption_key: str = "title"
+) -> Iterator[Sample]:
+    """The image + caption pairs a CSV/TSV lists, as open_clip's ``CsvDataset`` reads them (a header
+    row; ``--csv-img-key filepath``, ``--csv-caption-key title``; paths relative to the table's
+    folder unless absolute), unlabelled, in the table's order. The separator is a comma for
+    ``.csv`` and a tab otherwise (open_clip's default), unless given. Every image is checked to
+    exist before anything is written; captions are written as given (the reader counts an empty one)."""
+    table = Path(table)
+    if not table.is_file():
+        raise UserError(f"caption table {table} does not exist")
+    separator = separator or ("," if table.suffix.lower() == ".csv" else "\t")
+    with table.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=separator)
+        missing_keys = [k for k in (image_key, caption_key) if k not in (reader.fieldnames or [])]
+        if missing_keys:
+            raise UserError(
+                f"{table} has no {' or '.join(repr(k) for k in missing_keys)} column (its header: "
+                f"{reader.fieldnames}, separator {separator!r}); name the columns with --image-key / --caption-key"
+            )
+        rows = [(table.parent / row[image_key], row[caption_key] or "") for row in reader]
+    if not rows:
+        raise UserError(f"{table} lists no images")
+    missing = [path for path, _ in rows if not path.is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(rows)} images in {table} do not exist (first: {missing[0]})")
+    unknown = [path for path, _ in rows if path.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS]
+    if unknown:
+        raise UserError(f"{unknown[0]} in {table} is not a {'/'.join(IMAGE_EXTENSIONS)} image")
+    return ((path.suffix.lower().lstrip("."), path.read_bytes(), None, None, caption) for path, caption in rows)
 
 
 def _check_label_map(mask: bytes, path: Path, image_size: tuple[int, int]) -> None:

@@ -12,10 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ssl_vit.data.views import EvalView
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator, Results
 from ssl_vit.eval.features import FeatureSet
+from ssl_vit.eval.image_text import ImageTextModel, evaluate_image_text
 from ssl_vit.eval.report import metrics, print_results, write_records
 from ssl_vit.pictures import embedding_picture, line_chart, save_picture, shard_class_names
 
@@ -67,34 +69,27 @@ class EvaluationCallback(Evaluator, Callback):
         }
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
-        results = None
-        if trainer.is_global_zero and not self.skipped:
+        results: Results = {}
+        if trainer.is_global_zero:
             start = time.perf_counter()
             encoder = pl_module.evaluated_encoder
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
-                train, val = self.features(encoder)
-                results = self.results(encoder, train, val, probe=probe)
-                results.update(self.zero_shot(pl_module, val))
-            logged = {**metrics(results), "eval/seconds": time.perf_counter() - start}
-            for logger in trainer.loggers:
-                logger.log_metrics(logged, step=trainer.global_step)
-            self.draw(trainer, results, val)
+                if not self.skipped:
+                    train, val = self.features(encoder)
+                    results = self.results(encoder, train, val, probe=probe)
+                    self.draw(trainer, results, val)
+                if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe
+                    view = EvalView(self._image_size(encoder))
+                    names = shard_class_names(self.val_shards) if not self.skipped else None
+                    results.update(
+                        evaluate_image_text(pl_module, self.val_shards, view, names, self.batch_size, self.num_workers)
+                    )
+            if results:
+                logged = {**metrics(results), "eval/seconds": time.perf_counter() - start}
+                for logger in trainer.loggers:
+                    logger.log_metrics(logged, step=trainer.global_step)
         trainer.strategy.barrier("ssl_vit_evaluation")
-        return results
-
-    def zero_shot(self, pl_module: L.LightningModule, val: FeatureSet) -> Results:
-        """An image-text objective's zero-shot accuracy (CLIP's ``zero_shot``) on the evaluation
-        features, from the val shards' class names, when those features are its pooled embedding."""
-        zero_shot, names = getattr(pl_module, "zero_shot", None), shard_class_names(self.val_shards)
-        if zero_shot is None or not names:
-            return {}
-        pooled_as = {"token": "cls", "avg": "mean"}.get(pl_module.evaluated_encoder.vit.global_pool)
-        if (self.pooling, self.last_blocks) != (pooled_as, 1):
-            rank_zero_warn(
-                f"zero-shot skipped: it reads the pooled embedding ({pooled_as}), the evaluation {self.pooling}"
-            )
-            return {}
-        return {"zeroshot": zero_shot(val.features, val.labels, names)}
+        return results or None
 
     def draw(self, trainer: L.Trainer, results: Results, val: FeatureSet) -> None:
         """The k-NN curve so far and a PCA map of the validation features, in ``pictures/``."""
@@ -113,7 +108,10 @@ class EvaluationCallback(Evaluator, Callback):
             self.train_shards, self.val_shards = trainer.datamodule.evaluation_data()
             self.skipped = self.unlabelled()
             if self.skipped:
-                rank_zero_warn(f"{self.skipped}; k-NN and the probes are skipped (RankMe and pictures need no labels)")
+                kept = "; zero-shot too" if isinstance(pl_module, ImageTextModel) else ""
+                rank_zero_warn(
+                    f"{self.skipped}; k-NN and the probes are skipped{kept} (RankMe and pictures need no labels)"
+                )
             elif self.segmentation and self.without_label_maps():
                 self.segmentation = False
                 rank_zero_warn(f"{self.val_shards} has no label maps (seg.png): the dense probe is skipped")

@@ -15,7 +15,7 @@ from rich.table import Table
 from ssl_vit.eval.evaluator import Results
 
 #: The evaluation records written beside a checkpoint, ``<stem>.<kind>.json``, one per protocol.
-RECORD_KINDS = ("knn", "probe", "attentive", "segmentation", "zeroshot")
+RECORD_KINDS = ("knn", "probe", "attentive", "segmentation", "zeroshot", "retrieval")
 #: The Evaluator settings each protocol depends on (besides the data and ``COMMON_SETTINGS``): what
 #: its record lists, and what its standalone command takes.
 COMMON_SETTINGS = ("image_size", "batch_size", "num_workers", "seed")
@@ -40,7 +40,8 @@ PROTOCOL_SETTINGS = {
         "token_cache_gib",
     ),
     "segmentation": ("probe_batch_size", "seg_epochs", "seg_lr", "seg_weight_decay", "token_cache_gib"),
-    "zeroshot": ("pooling",),
+    "zeroshot": (),  # the model's own image and text embeddings
+    "retrieval": (),
 }
 
 
@@ -52,6 +53,9 @@ def metrics(results: Results) -> dict[str, float]:
     flat.update({f"eval/attentive_{top}": v for top, v in results.get("attentive", {}).items()})
     flat.update({f"eval/seg_{name}": v for name, v in results.get("segmentation", {}).items()})
     flat.update({f"eval/zeroshot_{top}": v for top, v in results.get("zeroshot", {}).items()})
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = results.get("retrieval", {}).get(direction, {})
+        flat.update({f"eval/retrieval_{direction}_{k}": v for k, v in recalls.items()})
     return flat
 
 
@@ -92,6 +96,16 @@ def print_results(
             table.add_column(name, justify="right")
         seg = results["segmentation"]
         table.add_row(f"{seg['miou']:.1f}", f"{seg['pixel_acc']:.1f}", *([f"{base['miou']:.1f}"] if base else []))
+        console.print(table)
+    if "retrieval" in results:
+        retrieval, base = results["retrieval"], (baseline or {}).get("retrieval")
+        table = Table(title=f"{title}: retrieval among {retrieval['pairs']} image-caption pairs")
+        recalls = list(retrieval["image_to_text"])
+        for name in ("direction", *(f"{k} %" for k in recalls), *([f"{baseline_name} {recalls[0]} %"] if base else [])):
+            table.add_column(name, justify="left" if name == "direction" else "right")
+        for direction in ("image_to_text", "text_to_image"):
+            row = [direction.replace("_to_", " -> "), *(f"{v:.1f}" for v in retrieval[direction].values())]
+            table.add_row(*row, *([f"{base[direction][recalls[0]]:.1f}"] if base else []))
         console.print(table)
 
 

@@ -11,25 +11,31 @@ the ``open-clip-torch`` wheel: nothing is downloaded).
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torchmetrics.functional.classification import multiclass_accuracy
 
+from ssl_vit.checkpoint import newest_complete_checkpoint, objective_name, read_checkpoint
+from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import EncoderConfig
 from ssl_vit.errors import UserError
 from ssl_vit.losses import clip_loss
 from ssl_vit.methods.base import SSLMethod
+from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 from ssl_vit.schedules import PaperRun
 
 try:
+    import open_clip
     from open_clip.tokenizer import SimpleTokenizer
     from open_clip.transformer import TextTransformer
-    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 except ImportError as err:  # the `clip` extra
     raise UserError(f"CLIP's text tower is open_clip's ({err}): pip install 'ssl-vit[clip]'") from err
 
@@ -131,25 +137,6 @@ class CLIP(SSLMethod):
         self.log("train/logit_scale", self.logit_scale.exp())
         return loss
 
-    @torch.no_grad()
-    def zero_shot(self, pooled: Tensor, labels: Tensor, class_names: Sequence[str]) -> dict[str, float]:
-        """Zero-shot classification as open_clip evaluates it (``zero_shot_classifier.py``
-        ``build_zero_shot_classifier`` with ``zero_shot_metadata.py``'s 7 ``SIMPLE_IMAGENET_TEMPLATES``):
-        each class is the normalised mean of its prompts' normalised text embeddings, each image
-        goes to the class nearest its own embedding. ``pooled``: the image tower's pooled features,
-        as the evaluator extracted them. Top-1 / top-5 accuracy, %."""
-        prompts = [template(name) for name in class_names for template in SIMPLE_IMAGENET_TEMPLATES]
-        tokens = torch.stack([self.caption_tokens(prompt)[0] for prompt in prompts]).to(self.device)
-        per_prompt = self.embed_texts(tokens).reshape(len(class_names), len(SIMPLE_IMAGENET_TEMPLATES), -1)
-        classes = F.normalize(per_prompt.mean(dim=1), dim=-1)
-        logits = F.normalize(pooled.to(self.device) @ self.image_projection, dim=-1) @ classes.T
-        labels, n = labels.to(self.device), len(class_names)
-
-        def accuracy(k: int) -> float:
-            return round(100 * multiclass_accuracy(logits, labels, n, top_k=k, average="micro").item(), 3)
-
-        return {"top1": accuracy(1), "top5": accuracy(min(5, n))}  # top-5 over all classes when fewer, as the probes
-
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
         # open_clip_train/train.py: clamp to [0, ln 100] after each optimiser step
@@ -161,3 +148,174 @@ class CLIP(SSLMethod):
         embedding, which is timm's (1, 1, D) CLS token here) and the logit scale; the token and
         position embeddings and projections decay."""
         return super().decays(name, param) and name != "encoder.vit.cls_token"
+
+
+def load_clip(checkpoint: str | Path) -> CLIP:
+    """The CLIP model of a ``.ckpt`` that ``ssl-vit pretrain`` wrote, built from its settings."""
+    ckpt = read_checkpoint(checkpoint)
+    if objective_name(ckpt) != CLIP.__name__:
+        raise UserError(f"{checkpoint} is a {objective_name(ckpt)} checkpoint; this needs a CLIP one (image and text)")
+    settings = inspect.signature(CLIP).parameters
+    model = CLIP(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in settings and k != "init_from"})
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+#: What ``ssl-vit export --format open_clip`` writes, and what --overwrite may replace.
+OPEN_CLIP_FOLDER = OutputKind(
+    "an open_clip folder (open_clip_config.json, open_clip_model.safetensors)",
+    ("open_clip_config.json", "open_clip_model.safetensors"),
+)
+
+
+def open_clip_vision(vit: nn.Module, projection: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A timm ViT and its projection as open_clip's own ``VisionTransformer``: its ``vision_cfg``
+    and ``visual.*`` weights, the same function of the image. timm's patch bias (open_clip's patch
+    convolution has none) is added to the patch positions, which it always meets; missing
+    attention and MLP biases are zeros."""
+    if type(vit) is not VisionTransformer:
+        raise UserError(
+            f"open_clip's ViT has learned absolute positions only; this image tower is a {type(vit).__name__}"
+        )
+    pooling = {"token": "tok", "avg": "avg"}.get(vit.global_pool)
+    unsupported = {
+        "no class token": not vit.has_class_token or vit.no_embed_class,
+        "register tokens": vit.num_reg_tokens > 0,
+        f"global_pool {vit.global_pool!r}": pooling is None,
+        "a patch-embedding norm": not isinstance(vit.patch_embed.norm, nn.Identity),
+        "q/k norms or other attention extras": any(
+            not isinstance(getattr(b.attn, n, nn.Identity()), nn.Identity)
+            for b in vit.blocks
+            for n in ("q_norm", "k_norm", "norm")
+        ),
+        "an activation other than GELU": any(
+            type(b.mlp.act) is not nn.GELU or b.mlp.act.approximate != "none" for b in vit.blocks
+        ),
+    }
+    found = [what for what, present in unsupported.items() if present]
+    if found:
+        raise UserError(f"open_clip's VisionTransformer cannot hold this image tower ({', '.join(found)})")
+    width, first = vit.embed_dim, vit.blocks[0]
+    cfg = {
+        "image_size": vit.patch_embed.img_size[0],
+        "patch_size": vit.patch_embed.patch_size[0],
+        "width": width,
+        "layers": len(vit.blocks),
+        "head_width": width // first.attn.num_heads,
+        "mlp_ratio": first.mlp.fc1.out_features / width,
+        "ls_init_value": 1.0 if hasattr(first.ls1, "gamma") else None,  # any value: the weights replace it
+        "no_ln_pre": isinstance(vit.norm_pre, nn.Identity),
+        "pool_type": pooling,
+        "final_ln_after_pool": pooling == "avg",  # timm's avg pooling norms after pooling (fc_norm)
+        "norm_kwargs": {"eps": vit.norm_pre.eps if not isinstance(vit.norm_pre, nn.Identity) else first.norm1.eps},
+    }
+    pos = vit.pos_embed[0].clone()
+    if vit.patch_embed.proj.bias is not None:
+        pos[1:] += vit.patch_embed.proj.bias
+    state = {
+        "conv1.weight": vit.patch_embed.proj.weight,
+        "class_embedding": vit.cls_token.reshape(width),
+        "positional_embedding": pos,
+        "proj": projection,
+        **_norm("ln_post", vit.fc_norm if pooling == "avg" else vit.norm),
+        **({} if cfg["no_ln_pre"] else _norm("ln_pre", vit.norm_pre)),
+    }
+    for i, block in enumerate(vit.blocks):
+        prefix, attn, mlp = f"transformer.resblocks.{i}.", block.attn, block.mlp
+        state.update(_norm(prefix + "ln_1", block.norm1) | _norm(prefix + "ln_2", block.norm2))
+        state.update(_linear(prefix + "attn.in_proj_", attn.qkv) | _linear(prefix + "attn.out_proj.", attn.proj))
+        state.update(_linear(prefix + "mlp.c_fc.", mlp.fc1) | _linear(prefix + "mlp.c_proj.", mlp.fc2))
+        if cfg["ls_init_value"] is not None:
+            state |= {prefix + "ls_1.gamma": block.ls1.gamma, prefix + "ls_2.gamma": block.ls2.gamma}
+    return cfg, {f"visual.{k}": v.detach().contiguous() for k, v in state.items()}
+
+
+def _norm(name: str, norm: nn.LayerNorm) -> dict[str, Tensor]:
+    return {f"{name}.weight": norm.weight, f"{name}.bias": norm.bias}
+
+
+def _linear(prefix: str, linear: nn.Linear) -> dict[str, Tensor]:
+    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+    return {f"{prefix}weight": linear.weight, f"{prefix}bias": bias}
+
+
+def open_clip_folder_contents(model: CLIP) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``open_clip_config.json`` and the weights of ``model`` as open_clip's ``CustomTextCLIP``:
+    the image tower as its ``VisionTransformer``, the text tower as it is (it is open_clip's
+    ``TextTransformer``), the logit scale."""
+    vision_cfg, state = open_clip_vision(model.encoder.vit, model.image_projection)
+    hp, vit = model.hparams, model.encoder.vit
+    text_cfg = {
+        "context_length": hp.context_length,
+        "vocab_size": hp.vocab_size,
+        "width": hp.text_width,
+        "heads": hp.text_heads,
+        "layers": hp.text_layers,
+    }
+    state |= {f"text.{k}": v.detach().contiguous() for k, v in model.text.state_dict().items()}
+    state["logit_scale"] = model.logit_scale.detach().clone()
+    size = vit.patch_embed.img_size[0]
+    preprocess = {"size": size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic"}
+    model_cfg = {"embed_dim": hp.embed_dim, "custom_text": True, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}, state
+
+
+def export_open_clip(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """A CLIP checkpoint as a folder that ``open_clip.create_model_and_transforms("local-dir:OUT")``
+    and ``open_clip.get_tokenizer("local-dir:OUT")`` load, written atomically; ``overwrite``
+    replaces an earlier open_clip folder only."""
+    check_replaceable(out, OPEN_CLIP_FOLDER, overwrite, reads=[checkpoint])
+    config, state = open_clip_folder_contents(load_clip(checkpoint))
+
+    def write(folder: Path) -> None:
+        (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+        save_file(state, str(folder / "open_clip_model.safetensors"))
+
+    return replace_output(out, write, OPEN_CLIP_FOLDER, overwrite, reads=[checkpoint])
+
+
+class OpenCLIPFolder(nn.Module):
+    """A folder ``open_clip.create_model("local-dir:...")`` loads (as ``export_open_clip`` writes
+    them), with the embeddings and tokenizer the image-text protocols use: the same protocol
+    numbers from the export as from its checkpoint."""
+
+    def __init__(self, folder: str | Path) -> None:
+        super().__init__()
+        config_path = Path(folder) / "open_clip_config.json"
+        if not config_path.is_file():
+            raise UserError(
+                f"{folder} has no open_clip_config.json; pass a CLIP .ckpt, a run folder or an open_clip folder"
+            )
+        model_cfg = json.loads(config_path.read_text()).get("model_cfg", {})
+        text_cfg = model_cfg.get("text_cfg", {})
+        if text_cfg.get("hf_tokenizer_name"):
+            raise UserError(f"{folder} uses a Hugging Face tokenizer; ssl-vit reads captions with open_clip's own")
+        self.model = open_clip.create_model(f"local-dir:{folder}")
+        self.caption_tokens = CaptionTokens(text_cfg.get("context_length", 77))
+        self.image_size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        return self.model.encode_image(images, normalize=True)
+
+    def embed_texts(self, tokens: Tensor) -> Tensor:
+        return self.model.encode_text(tokens, normalize=True)
+
+
+def load_image_text_model(source: str | Path) -> tuple[nn.Module, int, dict[str, Any]]:
+    """A CLIP checkpoint or an open_clip folder as an image-text model, its image size, and what
+    it is (for the records)."""
+    path = Path(source)
+    if path.is_dir() and (path / "open_clip_config.json").is_file():
+        model = OpenCLIPFolder(path)
+        return model, model.image_size, {"method": "CLIP", "format": "open_clip", "step": None}
+    if path.is_dir():
+        newest = newest_complete_checkpoint((path / "checkpoints", "*.ckpt"), (path, "*.ckpt"))
+        if newest is None:
+            raise UserError(
+                f"{path} holds no checkpoint and no open_clip_config.json; pass a CLIP .ckpt, its run folder, or a "
+                "folder `ssl-vit export --format open_clip` wrote (a timm export holds the image tower only)"
+            )
+        path = newest
+    model = load_clip(path)
+    step = read_checkpoint(path, mmap=True).get("global_step")
+    return model, model.encoder.image_size, {"method": "CLIP", "checkpoint": str(path), "step": step}
