@@ -633,8 +633,9 @@ def zeroshot(args: list[str]) -> None:
         raise UserError(f"{opts.val_shards} has neither class labels (for zero-shot) nor captions (for retrieval)")
     seconds = time.perf_counter() - start
     print_results(f"zero-shot evaluation of {opts.model}", results)
-    stem, tag = standalone_record_stem(opts.model, opts.out), settings_tag(opts.model, None, settings)
-    for path in write_records(opts.model, results, info, settings, seconds, stem=stem, tag=tag):
+    evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read
+    stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings)
+    for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):
         Console(soft_wrap=True).print(f"wrote {path}")
 
 

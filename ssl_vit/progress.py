@@ -75,10 +75,10 @@ def run_summary(
     trainer: L.Trainer, model: L.LightningModule, seconds: float, checkpoint: Path | None, export_dir: Path | None
 ) -> dict[str, Any]:
     """What a finished run produced: its objective, encoder, steps, time, final loss, the end-of-run
-    k-NN / probe / attentive-probe top-1 (from the evaluation records its evaluation wrote at its last step), how
-    many steps its outputs were collapsed (objectives that watch for it), the last RankMe of its
-    representation and how many steps that had collapsed (:class:`HealthCallback`), and where
-    things are."""
+    k-NN / probe / attentive-probe / zero-shot top-1, mIoU and retrieval R@1 (from the evaluation
+    records its evaluation wrote at its last step), how many steps its outputs were collapsed
+    (objectives that watch for it), the last RankMe of its representation and how many steps that
+    had collapsed (:class:`HealthCallback`), and where things are."""
     accuracy = {}
     for kind in RECORD_KINDS:
         record = Path(trainer.checkpoint_callback.dirpath) / f"last.{kind}.json"
@@ -106,6 +106,8 @@ def run_summary(
         "probe_top1": accuracy.get("probe", {}).get("top1"),
         "attentive_top1": accuracy.get("attentive", {}).get("top1"),
         "seg_miou": accuracy.get("segmentation", {}).get("miou"),
+        "zeroshot_top1": accuracy.get("zeroshot", {}).get("top1"),  # image-text objectives
+        "retrieval_image_to_text_R@1": accuracy.get("retrieval", {}).get("image_to_text", {}).get("R@1"),
         "collapsed_steps": watch.collapsed_steps if watch.last_check is not None else None,  # watched objectives
         "rankme_cls": last_health("rankme_cls"),
         "rankme_mean": last_health("rankme_mean"),

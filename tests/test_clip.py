@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import math
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -346,11 +345,11 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
     assert result.returncode == 0, result.stderr
     assert "local-dir:oc" in result.stdout
     records = []
-    for model in (str(run), "oc"):
+    for model, stem in ((str(run), run / "checkpoints/last"), ("oc", tmp_path / "oc")):
         result = in_this_process(tmp_path, "zeroshot", model, "--val_shards", "shards", "--num_workers", "0")
         assert result.returncode == 0, result.stderr
         assert "zero-shot" in result.stdout and "image -> text" in result.stdout
-        written = sorted((tmp_path / model).parent.glob(f"{Path(model).name}.*.eval-*.json"))
+        written = sorted(stem.parent.glob(f"{stem.name}.*.eval-*.json"))  # a run's beside the checkpoint read
         assert [p.name.split(".")[1] for p in written] == ["retrieval", "zeroshot"]
         records.append([json.loads(p.read_text())["results"] for p in written])
     assert records[0] == records[1] and records[0][0]["pairs"] == 24
