@@ -368,9 +368,17 @@ class SSLMethod(L.LightningModule):
                 else f"the embeddings' spread (per-dimension std x sqrt(dim)) is {spread:.4f} < {watch.threshold}; "
                 "every image maps to nearly the same output"
             )
+            # A teacher uniform before any update: the cause is the data as a random encoder sees it.
+            advice = (
+                "Before any update: the freshly initialised encoder hardly tells these images apart (grey images "
+                "that differ in a few strokes on one background do this), and this objective only sharpens what it "
+                "already tells apart; objectives with negatives (SimCLR, MoCo v3) or pixel targets (MAE) learn from "
+                "such a start in short runs."
+                if uniform and step == 0
+                else "Check the learning rate, temperatures and augmentations."
+            )
             rank_zero_warn(
                 f"{type(self).__name__} {watch.state(step)} at step {step}, "
-                f"{watch.collapsed_steps} steps collapsed so far: {what}. "
-                "Check the learning rate, temperatures and augmentations."
+                f"{watch.collapsed_steps} steps collapsed so far: {what}. {advice}"
             )
         self.log("train/collapsed_steps", float(watch.collapsed_steps))
