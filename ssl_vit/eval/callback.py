@@ -73,14 +73,14 @@ class EvaluationCallback(Evaluator, Callback):
         if trainer.is_global_zero:
             start = time.perf_counter()
             encoder = pl_module.evaluated_encoder
+            names = shard_class_names(self.val_shards) if not self.skipped else None
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
                 if not self.skipped:
                     train, val = self.features(encoder)
                     results = self.results(encoder, train, val, probe=probe)
-                    self.draw(trainer, results, val)
+                    self.draw(trainer, results, val, names)
                 if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe
                     view = EvalView(self._image_size(encoder))
-                    names = shard_class_names(self.val_shards) if not self.skipped else None
                     results.update(
                         evaluate_image_text(pl_module, self.val_shards, view, names, self.batch_size, self.num_workers)
                     )
@@ -91,14 +91,13 @@ class EvaluationCallback(Evaluator, Callback):
         trainer.strategy.barrier("ssl_vit_evaluation")
         return results or None
 
-    def draw(self, trainer: L.Trainer, results: Results, val: FeatureSet) -> None:
+    def draw(self, trainer: L.Trainer, results: Results, val: FeatureSet, names: list[str] | None) -> None:
         """The k-NN curve so far and a PCA map of the validation features, in ``pictures/``."""
         k = "k=20" if "k=20" in results["knn"] else next(iter(results["knn"]))
         self.knn_history.append((trainer.global_step, results["knn"][k]["top1"]))
         curve = line_chart({f"k-NN {k} top-1 %": self.knn_history}, "k-NN accuracy", y_label="top-1 %")
         save_picture(trainer, "knn", curve)
         title = f"evaluation features, PCA, step {trainer.global_step}"
-        names = shard_class_names(self.val_shards)
         save_picture(trainer, "embedding_pca", embedding_picture(val.features, val.labels, title, class_names=names))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
