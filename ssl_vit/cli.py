@@ -705,6 +705,10 @@ def export(args: list[str]) -> None:
         )
     checkpoint = run_checkpoint(Path(opts.checkpoint)) if Path(opts.checkpoint).is_dir() else opts.checkpoint
     if opts.format == "open_clip":
+        if onnx is not None or opts.role:
+            raise UserError(
+                "--onnx, --int8 and --role apply to an encoder export; leave them out with --format open_clip"
+            )
         from ssl_vit.methods.clip import export_open_clip  # the `clip` extra
 
         out = export_open_clip(checkpoint, opts.out, overwrite=opts.overwrite)

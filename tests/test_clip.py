@@ -344,6 +344,8 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
     result = in_this_process(tmp_path, "export", str(run / "checkpoints/last.ckpt"), "oc", "--format", "open_clip")
     assert result.returncode == 0, result.stderr
     assert "local-dir:oc" in result.stdout
+    onnx = in_this_process(tmp_path, "export", str(run), "oc2", "--format", "open_clip", "--onnx")
+    assert onnx.returncode == 2 and "leave them out with --format open_clip" in onnx.stderr
     records = []
     for model, stem in ((str(run), run / "checkpoints/last"), ("oc", tmp_path / "oc")):
         result = in_this_process(tmp_path, "zeroshot", model, "--val_shards", "shards", "--num_workers", "0")
