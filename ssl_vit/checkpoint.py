@@ -167,6 +167,14 @@ def newest_complete_checkpoint(*places: tuple[str | Path, str]) -> Path | None:
     return None
 
 
+def run_checkpoint(run: Path, remedy: str = "pass a run folder or a .ckpt") -> Path:
+    """The newest complete checkpoint of a run folder (or of a checkpoints folder)."""
+    newest = newest_complete_checkpoint((run / "checkpoints", "*.ckpt"), (run, "*.ckpt"))
+    if newest is None:
+        raise UserError(f"{run} holds no complete checkpoint, nor does {run}/checkpoints; {remedy}")
+    return newest
+
+
 def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> str | None:
     """What differs between a checkpoint and the run about to resume from it (``None`` if nothing
     does). ``run`` holds what this run was asked for: ``objective``, ``encoder``, and, to resume a

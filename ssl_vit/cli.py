@@ -54,6 +54,7 @@ from ssl_vit.checkpoint import (
     read_checkpoint,
     remove_dead_writers_files,
     resume_mismatch,
+    run_checkpoint,
 )
 from ssl_vit.data.embedded import DATASETS
 from ssl_vit.data.pipeline import ShardDataModule
@@ -751,14 +752,6 @@ def print_onnx_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     if "note" in knn:
         console.print(f"k-NN {knn['note']}", highlight=False)
-
-
-def run_checkpoint(run: Path) -> Path:
-    """The newest complete checkpoint of a run folder (or of a checkpoints folder)."""
-    newest = newest_complete_checkpoint((run / "checkpoints", "*.ckpt"), (run, "*.ckpt"))
-    if newest is None:
-        raise UserError(f"{run} holds no complete checkpoint, nor does {run}/checkpoints; pass a run folder or a .ckpt")
-    return newest
 
 
 def shards(args: list[str]) -> None:

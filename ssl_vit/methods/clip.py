@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.checkpoint import newest_complete_checkpoint, objective_name, read_checkpoint
+from ssl_vit.checkpoint import objective_name, read_checkpoint, run_checkpoint
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import EncoderConfig
 from ssl_vit.errors import UserError
@@ -152,7 +152,11 @@ class CLIP(SSLMethod):
 
 def load_clip(checkpoint: str | Path) -> CLIP:
     """The CLIP model of a ``.ckpt`` that ``ssl-vit pretrain`` wrote, built from its settings."""
-    ckpt = read_checkpoint(checkpoint)
+    return clip_from_checkpoint(read_checkpoint(checkpoint), checkpoint)
+
+
+def clip_from_checkpoint(ckpt: dict[str, Any], checkpoint: str | Path) -> CLIP:
+    """The CLIP model of a read checkpoint (``checkpoint`` names it in messages)."""
     if objective_name(ckpt) != CLIP.__name__:
         raise UserError(f"{checkpoint} is a {objective_name(ckpt)} checkpoint; this needs a CLIP one (image and text)")
     settings = inspect.signature(CLIP).parameters
@@ -309,13 +313,11 @@ def load_image_text_model(source: str | Path) -> tuple[nn.Module, int, dict[str,
         model = OpenCLIPFolder(path)
         return model, model.image_size, {"method": "CLIP", "format": "open_clip", "step": None}
     if path.is_dir():
-        newest = newest_complete_checkpoint((path / "checkpoints", "*.ckpt"), (path, "*.ckpt"))
-        if newest is None:
-            raise UserError(
-                f"{path} holds no checkpoint and no open_clip_config.json; pass a CLIP .ckpt, its run folder, or a "
-                "folder `ssl-vit export --format open_clip` wrote (a timm export holds the image tower only)"
-            )
-        path = newest
-    model = load_clip(path)
-    step = read_checkpoint(path, mmap=True).get("global_step")
-    return model, model.encoder.image_size, {"method": "CLIP", "checkpoint": str(path), "step": step}
+        path = run_checkpoint(
+            path,
+            "it has no open_clip_config.json either; pass a CLIP .ckpt, its run folder, or a folder "
+            "`ssl-vit export --format open_clip` wrote (a timm export holds the image tower only)",
+        )
+    ckpt = read_checkpoint(path)
+    model = clip_from_checkpoint(ckpt, path)
+    return model, model.encoder.image_size, {"method": "CLIP", "checkpoint": str(path), "step": ckpt.get("global_step")}
