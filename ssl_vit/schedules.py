@@ -4,7 +4,7 @@ so a resumed run recomputes them from the restored global step."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 
 class PaperRun(NamedTuple):
@@ -23,13 +23,23 @@ EMA_MAX_WINDOW_RUN_FRACTION = 0.05
 
 
 def warmup_cosine(
-    step: int, total_steps: int, warmup_steps: int, peak: float, final: float, start: float = 0.0
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    peak: float,
+    final: float,
+    start: float = 0.0,
+    warmup_shape: Literal["linear", "cosine"] = "linear",
 ) -> float:
-    """Linear warm-up from ``start`` to ``peak`` over ``warmup_steps``, then half-cosine to ``final``
-    at ``total_steps`` (MAE's per-iteration ``adjust_learning_rate``; SimMIM warms up from its
-    ``WARMUP_LR``)."""
+    """Warm-up from ``start`` to ``peak`` over ``warmup_steps``, then half-cosine to ``final`` at
+    ``total_steps`` (MAE's per-iteration ``adjust_learning_rate``; SimMIM warms up from its
+    ``WARMUP_LR``). The warm-up is linear, or with ``warmup_shape: cosine`` a half-cosine rise
+    (DINOv3's high-resolution stage: its ``CosineScheduler`` from 0 up to the lr)."""
     if step < warmup_steps:
-        return start + (peak - start) * step / warmup_steps
+        progress = step / warmup_steps
+        if warmup_shape == "cosine":
+            progress = (1.0 - math.cos(math.pi * progress)) / 2
+        return start + (peak - start) * progress
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -1,6 +1,7 @@
 """DINOv3's Gram anchoring against references written here from dinov3's formulas: the Gram loss,
 its weight and Gram-teacher schedule, and a training step that is DINOv2's plus the weighted term."""
 
+import itertools
 import json
 import math
 
@@ -14,13 +15,13 @@ from PIL import Image
 
 from ssl_vit import export_encoder
 from ssl_vit.checkpoint import load_checkpoint_encoder
-from ssl_vit.data import MultiCropViews
+from ssl_vit.data import MixedResolutionViews, MultiCropViews, ShardDataset, resolve_shards
 from ssl_vit.errors import UserError
 from ssl_vit.losses import gram_loss
 from ssl_vit.methods import DINOv2, DINOv3
 from tests.conftest import TINY_ENCODER, fit_briefly
 from tests.fault_injection import KNN_AT_BOTH_ENDS, pretrain_recipe_briefly, write_tiny_shards
-from tests.test_dinov2 import attach_trainer, masked_step_inputs
+from tests.test_dinov2 import attach_trainer, masked_step_inputs, tiny
 from tests.test_encoder import TINY_ROPE_ENCODER
 
 HEAD = dict(out_dim=32, hidden_dim=24, bottleneck_dim=16)
@@ -214,3 +215,114 @@ def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_lin
     # its starting point is the first stage's weights, and the run says so, not "random init"
     assert "init_from top-1 %" in result.stdout and "random init" not in result.stdout
     assert "init_from_results" in json.loads((run / "checkpoints/last.knn.json").read_text())
+
+
+def mixed_views(on_device: bool = False) -> MixedResolutionViews:
+    args = dict(num_local=1, global_blur_p=(0.0, 0.0), augment_on_device=on_device)
+    sets = [(32, 16, 48), (48, 16, 64), (48, 24, 64)]
+    views = [MultiCropViews(g, local, gram_size=gram, **args) for g, local, gram in sets]
+    return MixedResolutionViews(views, [0.5, 0.3, 0.2])
+
+
+def test_mixed_resolutions_draw_one_crop_size_set_per_batch_with_the_configs_ratios():
+    # CombinedDataLoader: one loader (crop-size set) per iteration, with probabilities
+    # global_local_crop_pairs_ratios.
+    mix = mixed_views()
+    drawn = []
+    for j in range(3000):
+        mix.start_batch(f"0:0:{j}")
+        drawn.append(mix.views.index(mix.current))
+    assert np.allclose(np.bincount(drawn) / len(drawn), [0.5, 0.3, 0.2], atol=0.03)
+    mix.start_batch("0:0:7")
+    first = mix.current
+    mix.start_batch("0:0:8")
+    mix.start_batch("0:0:7")
+    assert mix.current is first  # the batch's key alone decides
+    assert mix.sizes == (32, 16, 48, 64, 24) and mix.decode_side == max(v.decode_side for v in mix.views)
+
+
+def batch_sizes(dataset: ShardDataset, num_workers: int, batches: int) -> list[tuple[int, ...]]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=dataset.batch_size, num_workers=num_workers)
+    return [tuple(crop.shape[-1] for crop in crops) for crops, _ in itertools.islice(loader, batches)]
+
+
+def test_every_rank_and_worker_crops_a_batch_at_the_sizes_its_place_in_the_epoch_draws(tmp_path):
+    # As the official GLOBAL_HOMOGENEOUS mode: the same seeded draw on every rank, a whole batch at
+    # one size set; here keyed on the batch's place in the epoch, whichever worker makes it.
+    urls, _ = resolve_shards(str(write_tiny_shards(tmp_path / "shards")))
+    mix = mixed_views()
+    expected = []
+    for j in range(8):
+        mix.start_batch(f"0:0:{j}")
+        s = mix.current.sizes
+        expected.append((s[0], s[0], s[1], s[2], s[2]))
+    assert len(set(expected)) > 1  # the draw varies over these batches
+    ranks = [ShardDataset(urls, mixed_views(), batch_size=4, batches_per_epoch=8, rank=r, world_size=2) for r in (0, 1)]
+    assert batch_sizes(ranks[0], 2, 8) == batch_sizes(ranks[1], 2, 8) == expected
+    assert batch_sizes(ranks[0], 0, 8) == expected
+
+
+def test_mixed_resolutions_finish_a_batch_on_the_device_with_the_view_that_made_it():
+    mix = mixed_views(on_device=True)
+    for i, view in enumerate(mix.views):
+        view.on_device = lambda crops, i=i: i
+    for i, (g, local, gram) in enumerate([(32, 16, 48), (48, 16, 64), (48, 24, 64)]):
+        crops = [torch.zeros(2, 3, side, side, dtype=torch.uint8) for side in (g, g, local, gram, gram)]
+        assert mix.on_device(crops) == i
+
+
+def test_mixed_resolutions_refuse_ratios_that_do_not_fit_their_views_in_one_line():
+    views = [MultiCropViews(32, 16, 1), MultiCropViews(48, 16, 1)]
+    with pytest.raises(UserError, match="2 views and 3 ratios"):
+        MixedResolutionViews(views, [0.5, 0.3, 0.2])
+    with pytest.raises(UserError, match="must be non-negative and sum to 1"):
+        MixedResolutionViews(views, [0.5, 0.3])
+    with pytest.raises(UserError, match="crops of the same sizes"):
+        MixedResolutionViews([MultiCropViews(32, 16, 1), MultiCropViews(32, 16, 2)], [0.5, 0.5])
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_multi_crop_views_flip_only_when_asked(flip):
+    # DINOv3's configs set horizontal_flips: false for every crop, the Gram teacher's included.
+    left_bright = np.zeros((64, 64, 3), dtype=np.uint8)
+    left_bright[:, :32] = 255
+    view = MultiCropViews(
+        32,
+        16,
+        2,
+        global_scale=(0.9, 1.0),
+        local_scale=(0.9, 1.0),
+        augment_on_device=True,
+        gram_size=48,
+        horizontal_flip=flip,
+    )
+    torch.manual_seed(0)
+    flipped = []
+    for _ in range(20):
+        for crop in view(Image.fromarray(left_bright)):
+            half = crop.shape[-1] // 2
+            flipped.append(bool(crop[..., :half].float().mean() < crop[..., half:].float().mean()))
+    assert any(flipped) if flip else not any(flipped)
+
+
+def test_the_lr_can_rise_by_a_half_cosine_as_the_high_resolution_stage():
+    # build_schedulers_v2 with lr start 0, peak 0, end E, cosine_epochs W: E (1 - cos(pi t / W)) / 2, then E.
+    linear, cosine = DINOv3(TINY_ENCODER, **HEAD), DINOv3(TINY_ENCODER, lr_warmup="cosine", **HEAD)
+    for method in (linear, cosine):
+        attach_trainer(method, step=0)  # 100 epochs of 10 steps: the 10 warm-up epochs are 100 steps
+        method._trainer.world_size = 1
+    peak = cosine.learning_rate(100, 1024)
+    assert peak == pytest.approx(4e-3)
+    for step in (0, 1, 30, 50, 99):
+        assert cosine.learning_rate(step, 1024) == pytest.approx(peak * (1 - math.cos(math.pi * step / 100)) / 2)
+        assert linear.learning_rate(step, 1024) == pytest.approx(peak * step / 100)
+
+
+def test_the_teacher_momentum_can_be_held_as_the_high_resolution_stage():
+    # high_res_adapt: momentum start = peak = end = 0.999; DINOv2's final_momentum_teacher defaults to 1.
+    held = tiny(teacher_momentum=0.999, teacher_momentum_end=0.999, scale_to_run=False)
+    default = tiny(teacher_momentum=0.999, scale_to_run=False)
+    for method in (held, default):
+        attach_trainer(method, step=0)
+    assert [held.ema_momentum(s) for s in (0, 500, 999)] == pytest.approx([0.999] * 3)
+    assert default.ema_momentum(0) == pytest.approx(0.999) and default.ema_momentum(1000) == pytest.approx(1.0)

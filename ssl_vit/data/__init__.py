@@ -8,11 +8,12 @@ from ssl_vit.data.shards import (
     write_embedded_shards,
     write_shards,
 )
-from ssl_vit.data.views import EvalView, MAEView, MultiCropViews, SimMIMView, TwoViews
+from ssl_vit.data.views import EvalView, MAEView, MixedResolutionViews, MultiCropViews, SimMIMView, TwoViews
 
 __all__ = [
     "EvalView",
     "MAEView",
+    "MixedResolutionViews",
     "MultiCropViews",
     "ShardDataModule",
     "ShardDataset",

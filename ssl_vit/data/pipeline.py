@@ -254,11 +254,18 @@ class ShardDataset(IterableDataset):
             batches_made = role_batches(self.start_batch, role, num_workers)
             # Past the samples of the batches this role made before a resume: read and decoded, not viewed.
             collections.deque(itertools.islice(samples, batches_made * self.batch_size), maxlen=0)
+        begin_batch = getattr(self.view, "start_batch", None)
         for i, (image, target) in enumerate(samples):
-            # Only in a worker: in the training process the view draws from the run's generators,
-            # which checkpoints save and restore.
-            if info is not None and i % self.batch_size == 0:
-                seed_generators(f"{reader}:{batches_made + i // self.batch_size}")
+            if i % self.batch_size == 0:
+                role_batch = batches_made + i // self.batch_size
+                # Only in a worker: in the training process the view draws from the run's
+                # generators, which checkpoints save and restore.
+                if info is not None:
+                    seed_generators(f"{reader}:{role_batch}")
+                # A view that settles something per batch (MixedResolutionViews' crop sizes) is
+                # told the batch's place in the epoch, the same on every rank.
+                if begin_batch is not None:
+                    begin_batch(f"{self.seed}:{self.epoch}:{role + num_workers * role_batch}")
             yield self.view(image, target) if self.masks else (self.view(image), target)
 
     def _cycle(self, shards: list[str], reader: str) -> Iterator[tuple[Image.Image, int]]:

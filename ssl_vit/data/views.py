@@ -9,7 +9,9 @@ decode JPEGs at reduced size down to it.
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,13 +102,18 @@ def augmented_crop(
     blur_kernel: int | None = None,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    flip: bool = True,
 ) -> v2.Compose:
     """One BYOL-style crop: RandomResizedCrop (``interpolation``: bicubic as DINO's, bilinear as
-    MoCo v3's), flip, colour jitter 0.4/0.4/0.2/0.1 with p = 0.8, grayscale p = 0.2, Gaussian blur
-    (sigma 0.1-2) with ``blur_p``, solarisation with ``solarize_p``. The blur kernel is
-    ``blur_kernel`` pixels, or without it about 10% of the crop (23 px at 224), as in BYOL.
-    Without ``photometric``, only the crop and flip, as a uint8 tensor for ``BatchedPhotometric``."""
-    geometric = [v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation), v2.RandomHorizontalFlip()]
+    MoCo v3's), flip (unless ``flip`` is false), colour jitter 0.4/0.4/0.2/0.1 with p = 0.8,
+    grayscale p = 0.2, Gaussian blur (sigma 0.1-2) with ``blur_p``, solarisation with
+    ``solarize_p``. The blur kernel is ``blur_kernel`` pixels, or without it about 10% of the crop
+    (23 px at 224), as in BYOL. Without ``photometric``, only the crop and flip, as a uint8 tensor
+    for ``BatchedPhotometric``."""
+    geometric = [
+        v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
+        *([v2.RandomHorizontalFlip()] if flip else []),
+    ]
     distortions = photometric_distortions(size, blur_p, solarize_p, photometric, blur_kernel, mean, std)
     return v2.Compose([*geometric, *distortions.transforms])
 
@@ -145,6 +152,7 @@ class CropSpec:
     solarize_p: float
     interpolation: InterpolationMode = InterpolationMode.BICUBIC
     blur_kernel: int | None = None  # pixels; None: about 10% of the crop
+    flip: bool = True
 
 
 class AugmentedCrops:
@@ -158,7 +166,14 @@ class AugmentedCrops:
     def __init__(self, specs: list[CropSpec], augment_on_device: bool = False) -> None:
         self.crops = [
             augmented_crop(
-                s.size, s.scale, s.blur_p, s.solarize_p, not augment_on_device, s.interpolation, s.blur_kernel
+                s.size,
+                s.scale,
+                s.blur_p,
+                s.solarize_p,
+                not augment_on_device,
+                s.interpolation,
+                s.blur_kernel,
+                flip=s.flip,
             )
             for s in specs
         ]
@@ -207,6 +222,8 @@ class MultiCropViews(AugmentedCrops):
     ``blur_kernel_size`` the kernel spans about 10% of each crop, which at 224 px holds DINO's
     whole blur (its code blurs with PIL's unbounded Gaussian).
 
+    ``horizontal_flip: false`` turns the flips off, as DINOv3's configs do (``horizontal_flips``).
+
     ``gram_size`` adds DINOv3's Gram teacher crops (``gram_teacher_crops_size`` with
     ``gram_teacher_no_distortions``, ``dinov3/data/augmentations.py``), last: each global crop is
     cut at ``gram_size`` px, resized to ``global_size`` for the student and distorted, and kept
@@ -223,13 +240,15 @@ class MultiCropViews(AugmentedCrops):
         global_blur_p: tuple[float, float] = (1.0, 0.1),
         blur_kernel_size: int | None = None,
         gram_size: int | None = None,
+        horizontal_flip: bool = True,
     ) -> None:
         solarize_p = (0.0, 0.2)
-        k = blur_kernel_size
+        k, flip = blur_kernel_size, horizontal_flip
         global_crops = [
-            CropSpec(global_size, global_scale, global_blur_p[i], solarize_p[i], blur_kernel=k) for i in range(2)
+            CropSpec(global_size, global_scale, global_blur_p[i], solarize_p[i], blur_kernel=k, flip=flip)
+            for i in range(2)
         ]
-        local_crops = [CropSpec(local_size, local_scale, 0.5, 0.0, blur_kernel=k)] * num_local
+        local_crops = [CropSpec(local_size, local_scale, 0.5, 0.0, blur_kernel=k, flip=flip)] * num_local
         super().__init__(global_crops + local_crops, augment_on_device)
         self.gram_size = gram_size
         if gram_size is None:
@@ -241,7 +260,10 @@ class MultiCropViews(AugmentedCrops):
             )
         bicubic = InterpolationMode.BICUBIC
         self.gram_crop = v2.Compose(
-            [v2.RandomResizedCrop(gram_size, global_scale, interpolation=bicubic), v2.RandomHorizontalFlip()]
+            [
+                v2.RandomResizedCrop(gram_size, global_scale, interpolation=bicubic),
+                *([v2.RandomHorizontalFlip()] if flip else []),
+            ]
         )
         self.student_global = [
             v2.Compose(
@@ -263,6 +285,51 @@ class MultiCropViews(AugmentedCrops):
         student = [finish(crop) for finish, crop in zip(self.student_global, cut, strict=True)]
         local = [crop(image) for crop in self.crops[2:]]
         return [*student, *local, *(self.gram_finish(crop) for crop in cut)]
+
+
+class MixedResolutionViews:
+    """DINOv3's high-resolution adaptation: several multi-crop views (each its own global, local
+    and Gram crop sizes), one of them per batch, drawn with probabilities ``ratios``
+    (``global_local_crop_pairs_ratios``; ``CombinedDataLoader`` in ``dinov3/data/meta_loaders.py``
+    picks one loader per iteration with a seeded generator). The pipeline calls ``start_batch``
+    with the batch's key, which is the same on every rank, so all ranks draw the same sizes for a
+    step, as the official ``GLOBAL_HOMOGENEOUS`` mode does."""
+
+    def __init__(self, views: list[MultiCropViews], ratios: list[float]) -> None:
+        if len(views) != len(ratios) or not views:
+            raise UserError(
+                f"data.view has {len(views)} views and {len(ratios)} ratios; give one ratio per view "
+                "(DINOv3: 5 views, ratios [0.3, 0.3, 0.3, 0.05, 0.05])"
+            )
+        if any(r < 0 for r in ratios) or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
+            raise UserError(f"data.view ratios {list(ratios)} must be non-negative and sum to 1")
+        by_sizes = {view.sizes: view for view in views}
+        if len(by_sizes) < len(views):
+            raise UserError(
+                "two of data.view's views make crops of the same sizes; give each crop-size set once, with the "
+                "sum of their ratios"
+            )
+        self.views = list(views)
+        self.ratios = list(ratios)
+        self._by_sizes = by_sizes
+        self.sizes = tuple(dict.fromkeys(size for view in views for size in view.sizes))
+        self.decode_side = max(view.decode_side for view in views)
+        self.current = self.views[0]
+
+    def start_batch(self, key: str) -> None:
+        """Pick this batch's view from ``key`` alone (not from the generators the crops draw from)."""
+        draw = random.Random(key).random()
+        cumulative = itertools.accumulate(self.ratios)
+        index = next((i for i, bound in enumerate(cumulative) if draw < bound), len(self.views) - 1)
+        self.current = self.views[index]
+
+    def __call__(self, image: Image.Image) -> list[Tensor]:
+        return self.current(image)
+
+    def on_device(self, crops: list[Tensor]) -> list[Tensor]:
+        # In the training process, the batch's crop sizes tell which view made it.
+        sizes = tuple(dict.fromkeys(crop.shape[-1] for crop in crops))
+        return self._by_sizes[sizes].on_device(crops)
 
 
 class EvalView(v2.Compose):

@@ -73,6 +73,8 @@ class SSLMethod(L.LightningModule):
     lr_bounds_scale_with_batch: ClassVar[bool] = False
     #: I-JEPA's schedulers step before each update, so update k uses their value at k + 1.
     schedule_step_offset: ClassVar[int] = 0
+    #: The lr's rise to its peak: linear, or a half-cosine (DINOv3's high-resolution stage sets it).
+    lr_warmup_shape: Literal["linear", "cosine"] = "linear"
     #: The paper's reference run, which ``scale_to_run`` scales schedule lengths and momenta from.
     paper_run: ClassVar[PaperRun]
 
@@ -220,6 +222,7 @@ class SSLMethod(L.LightningModule):
             peak=self.base_lr * scale,
             final=self.min_lr * bounds_scale,
             start=self.warmup_lr * bounds_scale,
+            warmup_shape=self.lr_warmup_shape,
         )
 
     def decays(self, name: str, param: nn.Parameter) -> bool:

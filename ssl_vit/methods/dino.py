@@ -32,8 +32,9 @@ def embed_crops(encoder: ViTEncoder, head: nn.Module, crops: list[Tensor]) -> Te
 class DINO(SSLMethod):
     """DINO pretraining. Defaults are the paper's ViT-S/16 settings: head 2048 / 256 / 65536 with a
     normalised last layer frozen for the first epoch, student temperature 0.1, teacher 0.04 ->
-    0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine), AdamW with lr
-    5e-4 x batch / 256 (10 warm-up epochs, cosine to 1e-6) and weight decay 0.04 -> 0.4 (cosine),
+    0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine; the end is
+    ``teacher_momentum_end``), AdamW with lr 5e-4 x batch / 256 (10 warm-up epochs, cosine to
+    1e-6) and weight decay 0.04 -> 0.4 (cosine),
     per-parameter gradient clipping at 3.0, local crops' position embeddings resampled as DINO does.
     ``centering: sinkhorn_knopp`` replaces the centre by DINOv2's Sinkhorn-Knopp targets (the
     quickstart uses them with the official code's constant teacher temperature 0.04; on small
@@ -64,6 +65,7 @@ class DINO(SSLMethod):
         center_momentum: float = 0.9,
         centering: Literal["mean", "sinkhorn_knopp"] = "mean",
         teacher_momentum: float = 0.996,
+        teacher_momentum_end: float = 1.0,
         clip_grad: float = 3.0,
         base_lr: float = 5e-4,
         weight_decay: float = 0.04,
@@ -155,5 +157,8 @@ class DINO(SSLMethod):
 
     def ema_momentum(self, step: int) -> float:
         # main_dino.py: after optimiser step `it`, the teacher follows with momentum_schedule[it].
+        # DINO's code ends at 1; DINOv2's final_momentum_teacher is a setting (1.0 there too).
         start = self.run_momentum(self.hparams.teacher_momentum)
-        return cosine_to(step, int(self.trainer.estimated_stepping_batches), start, 1.0)
+        end = self.hparams.teacher_momentum_end
+        end = self.run_momentum(end) if end < 1 else 1.0
+        return cosine_to(step, int(self.trainer.estimated_stepping_batches), start, end)

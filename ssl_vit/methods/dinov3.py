@@ -11,7 +11,7 @@ copy of the EMA teacher taken when the phase starts and refreshed a few times ea
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,8 @@ class DINOv3(DINOv2):
         gram_image_level: one Gram matrix per image (the configs' ``img_level: true``), else one
             over the batch's patches.
         gram_remove_neg: zero negative similarities (``remove_neg``, false in the configs).
+        lr_warmup: the lr's rise, ``linear`` as in DINOv2 or ``cosine`` as the high-resolution
+            stage's schedule (``dinov3_vit7b16_high_res_adapt.yaml``: 0 -> 1.25e-5 over 10 epochs).
     """
 
     frozen_modules: ClassVar[tuple[str, ...]] = ("gram_teacher",)
@@ -58,6 +60,7 @@ class DINOv3(DINOv2):
         gram_loss_weight: float = 2.0,
         gram_image_level: bool = True,
         gram_remove_neg: bool = False,
+        lr_warmup: Literal["linear", "cosine"] = "linear",
         **dinov2_args: Any,
     ) -> None:
         if not 0 <= gram_start < 1:
@@ -65,6 +68,7 @@ class DINOv3(DINOv2):
                 f"model.gram_start {gram_start} is a fraction of the run: from 0 to below 1 (DINOv3: 0.833)"
             )
         super().__init__(encoder, **dinov2_args)
+        self.lr_warmup_shape = lr_warmup
         self.gram_teacher = frozen_copy(self.teacher_encoder)
 
     def gram_steps(self) -> tuple[int, int, int]:
