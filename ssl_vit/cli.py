@@ -148,8 +148,11 @@ class RunCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = self.config_init[self.subcommand]["trainer"]
         precision = default_precision(trainer.get("accelerator", "auto"), trainer.get("precision"))
-        if trainer.get("default_root_dir") is None:  # Lightning's default, the current folder, mixes runs
+        root = trainer.get("default_root_dir")
+        if root is None:  # Lightning's default, the current folder, mixes runs
             kwargs["default_root_dir"] = default_run_folder(self.datamodule.train_shards, self.run_name())
+        elif "{data}" in root:  # a second stage's folder beside its first stage's (runs/{data}/dinov3_high_res)
+            kwargs["default_root_dir"] = root.replace("{data}", data_name(self.datamodule.train_shards))
         trainer = super().instantiate_trainer(**kwargs, precision=precision)
         self.datamodule.check_launch(trainer.world_size)  # before DDP launches a process per device
         return trainer
@@ -159,6 +162,9 @@ class RunCLI(LightningCLI):
         return type(self.model).__name__.lower()
 
     def before_fit(self) -> None:
+        if getattr(self.model, "init_from", None):  # before the run's own checkpoints are matched against it
+            self.model.init_from = same_data_init_from(self.model.init_from, self.datamodule.train_shards)
+            self.model.hparams["init_from"] = self.model.init_from
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         root = Path(self.trainer.default_root_dir)
@@ -380,13 +386,35 @@ def collapse_verdict(summary: dict[str, Any]) -> str | None:
     )
 
 
-def default_run_folder(train_shards: str, name: str) -> str:
-    """``runs/<data>/<name>``, where ``<data>`` names the training data: its folder, or the folder
-    above one named ``train`` (``data/shapes/train`` -> ``runs/shapes/mae``)."""
+def data_name(train_shards: str) -> str:
+    """What a run folder calls its training data: the data's folder, or the folder above one
+    named ``train`` (``data/shapes/train`` -> ``shapes``)."""
     path = Path(train_shards.split("#")[0].rstrip("/"))
     folder = path.parent if path.name == "train" or "{" in path.name or path.suffix == ".tar" else path
-    data = re.sub(r"[^\w.-]+", "-", folder.name).strip("-.") or "data"
-    return str(Path("runs") / data / name)
+    return re.sub(r"[^\w.-]+", "-", folder.name).strip("-.") or "data"
+
+
+def default_run_folder(train_shards: str, name: str) -> str:
+    """``runs/<data>/<name>`` (``data/shapes/train`` -> ``runs/shapes/mae``)."""
+    return str(Path("runs") / data_name(train_shards) / name)
+
+
+def same_data_init_from(init_from: str, train_shards: str) -> str:
+    """``init_from`` with ``{data}`` replaced by the training data's name (as in
+    ``trainer.default_root_dir``), so that a recipe that continues an earlier run (DINOv3's
+    high-resolution stage) continues the one on the same data: ``runs/{data}/dinov3/...`` is
+    ``runs/photos/dinov3/...`` for ``--data.train_shards photos``.
+    Such a starting point must exist: the recipe's own data's run is never taken in its place."""
+    if "{data}" not in init_from:
+        return init_from
+    path = init_from.replace("{data}", data_name(train_shards))
+    if not Path(path).exists():
+        raise UserError(
+            f"model.init_args.init_from {init_from} is {path} for this data, which does not exist: this recipe "
+            "continues an earlier run on the same images, so train that one first with the same "
+            "--data.train_shards, or point --model.init_args.init_from at a checkpoint or export"
+        )
+    return path
 
 
 def own_newest_checkpoint(callback: RunCheckpoint) -> Path | None:

@@ -196,14 +196,19 @@ def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_lin
     """recipes/quickstart/dinov3_high_res.yaml as a user runs it, shrunk: it starts from the first
     stage's checkpoint, and its Gram teacher is that checkpoint's EMA teacher throughout."""
     encoder = {**TINY_ROPE_ENCODER, "global_pool": "token", "init_values": 1.0}
-    first = tmp_path / "first.ckpt"
-    fit_briefly(DINOv3(encoder, **HEAD), "multicrop", steps=2).save_checkpoint(first)
-    shards = write_tiny_shards(tmp_path / "shards")
-    stage = {"init_from": str(first), "encoder": {**encoder, "img_size": 48}, **HEAD}
+    shards = write_tiny_shards(tmp_path / "photos")
+    stage = {"encoder": {**encoder, "img_size": 64}, **HEAD}
     recipe = "recipes/quickstart/dinov3_high_res.yaml"
+    result = pretrain_recipe_briefly(tmp_path, recipe, shards, stage)
+    assert result.returncode == 2 and "init_from runs/{data}/dinov3/checkpoints/last.ckpt is" in result.stderr
+    assert "runs/photos/dinov3/checkpoints/last.ckpt for this data, which does not exist" in result.stderr
+    # the first stage's run on the same data, where the quickstart puts it
+    first = tmp_path / "runs/photos/dinov3/checkpoints/last.ckpt"
+    first.parent.mkdir(parents=True)
+    fit_briefly(DINOv3(encoder, **HEAD), "multicrop", steps=2).save_checkpoint(first)
     result = pretrain_recipe_briefly(tmp_path, recipe, shards, stage, callbacks=[KNN_AT_BOTH_ENDS])
     assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: a 2-step run may end collapsed
-    run = tmp_path / "runs/shapes/dinov3_high_res"
+    run = tmp_path / "runs/photos/dinov3_high_res"
     before = torch.load(first, weights_only=True)["state_dict"]
     after = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     for key, value in before.items():
@@ -211,7 +216,7 @@ def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_lin
             torch.testing.assert_close(after[key.replace("teacher_encoder.", "gram_teacher.", 1)], value)
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder."))
     vit = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True)
-    assert vit.patch_embed.img_size == (48, 48)
+    assert vit.patch_embed.img_size == (64, 64)
     # its starting point is the first stage's weights, and the run says so, not "random init"
     assert "init_from top-1 %" in result.stdout and "random init" not in result.stdout
     assert "init_from_results" in json.loads((run / "checkpoints/last.knn.json").read_text())
