@@ -13,8 +13,9 @@ views) and DINO (multi-crop), each with and without ``augment_on_device``: data 
 
 Every part has a time budget; what would overrun it is recorded as ``"skipped": "time"``, and the
 JSON is rewritten after every measurement, so a run cut short still leaves its results. Without
-webdataset (which ssl_vit imports) or lightly, the parts that need them record
-``"skipped": "not installed: ..."``.
+webdataset (which ssl_vit imports), lightly or open_clip (CLIP's text tower), the parts that need
+them record ``"skipped": "not installed: ..."``. DINOv3 runs in its Gram phase and CLIP with
+open_clip's ViT-B text tower, on the same image encoders.
 
     PYTHONPATH=. python benchmarks/gpu_check.py                 # on a GPU: benchmarks/results/gpu_check_cuda.json
     python benchmarks/gpu_check.py --smoke --out /tmp/check.json  # the same code paths on a CPU in seconds
@@ -65,6 +66,7 @@ FULL_HEADS = dict(
     decoder=dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
     simmim=dict(mask_patch_size=32),
     ijepa={},
+    clip={},  # open_clip's ViT-B text tower: 77 tokens, 512 wide, 12 layers
 )
 SMOKE = dict(
     size=32,
@@ -74,6 +76,7 @@ SMOKE = dict(
     decoder=dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
     simmim=dict(mask_patch_size=8),
     ijepa=dict(predictor_dim=32, predictor_depth=1, min_keep=4),  # 3 x 3 target blocks on the 8 x 8 grid
+    clip=dict(embed_dim=16, context_length=12, vocab_size=50, text_width=32, text_heads=2, text_layers=1),
 )
 MODELS = {  # name -> (encoder config, heads)
     "vit_s16": (dict(name="vit_small_patch16_224", img_size=224), FULL_HEADS),
@@ -82,8 +85,17 @@ MODELS = {  # name -> (encoder config, heads)
 SMOKE_MODELS = {
     "tiny": (dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2), SMOKE)
 }
-OBJECTIVES = ("MAE", "SimMIM", "DINO", "DINOv2", "MoCoV3", "SimCLR", "IJEPA")
-VIEWS = {"MAE": "single", "SimMIM": "single", "IJEPA": "single", "MoCoV3": "two", "SimCLR": "two"}  # else multicrop
+OBJECTIVES = ("MAE", "SimMIM", "DINO", "DINOv2", "DINOv3", "MoCoV3", "SimCLR", "IJEPA", "CLIP")
+VIEWS = {  # else multicrop
+    "MAE": "single",
+    "SimMIM": "single",
+    "IJEPA": "single",
+    "MoCoV3": "two",
+    "SimCLR": "two",
+    "CLIP": "captioned",
+}
+#: Packages an objective needs beyond ssl-vit's own (the `clip` extra): its row says when they are missing.
+REQUIRES = {"CLIP": "open_clip"}
 
 
 class Clock:
@@ -154,16 +166,19 @@ def attention_kernels(encoders: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def builders(encoder: dict[str, Any], h: dict[str, Any]) -> dict[str, Callable[[], L.LightningModule]]:
-    from ssl_vit.methods import DINO, IJEPA, MAE, DINOv2, MoCoV3, SimCLR, SimMIM
+    from ssl_vit.methods import CLIP, DINO, IJEPA, MAE, DINOv2, DINOv3, MoCoV3, SimCLR, SimMIM
 
     return {
         "MAE": lambda: MAE(encoder, **h["decoder"]),
         "SimMIM": lambda: SimMIM(encoder, **h["simmim"]),
         "DINO": lambda: DINO(encoder, **h["dino_head"]),
         "DINOv2": lambda: DINOv2(encoder, **h["dino_head"]),
+        # in its Gram phase from the first step, so the Gram teacher's pass and loss are timed too
+        "DINOv3": lambda: DINOv3(encoder, gram_start=0.0, gram_ramp=0.0, **h["dino_head"]),
         "MoCoV3": lambda: MoCoV3(encoder, **h["heads"]),
         "SimCLR": lambda: SimCLR(encoder, **h["heads"]),
         "IJEPA": lambda: IJEPA(encoder, **h["ijepa"]),
+        "CLIP": lambda: CLIP(encoder, **h["clip"]),
     }
 
 
@@ -180,9 +195,17 @@ def lightly_builders(encoder: dict[str, Any], h: dict[str, Any]) -> dict[str, Ca
     }
 
 
-def synthetic_batch(view: str, batch: int, size: int, local: int) -> tuple[Any, torch.Tensor]:
+def synthetic_batch(view: str, batch: int, h: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+    """Random images as the objective's view makes them, with labels, or with caption tokens
+    (``captioned``: words, then the end-of-text token, the vocabulary's last, where CLIP pools)."""
     g = torch.Generator().manual_seed(0)
+    size, local = h["size"], h["local"]
     images = lambda side: torch.randn(batch, 3, side, side, generator=g)  # noqa: E731
+    if view == "captioned":
+        context, vocab = h["clip"].get("context_length", 77), h["clip"].get("vocab_size", 49408)
+        tokens = torch.randint(1, vocab - 1, (batch, context), generator=g)
+        tokens[torch.arange(batch), torch.randint(2, context, (batch,), generator=g)] = vocab - 1
+        return images(size), tokens
     views = {
         "single": lambda: images(size),
         "two": lambda: [images(size), images(size)],
@@ -234,9 +257,15 @@ def step_rows(report: Report, args: argparse.Namespace, clock: Clock, deadline: 
         ours = builders(encoder, h)
         theirs = {} if lightly_missing else lightly_builders(encoder, h)
         for objective in OBJECTIVES:
-            batch = synthetic_batch(VIEWS.get(objective, "multicrop"), args.batch, h["size"], h["local"])
             row: dict[str, Any] = {"model": model, "objective": objective, "batch": args.batch}
             report.rows.append(row)
+            missing = missing_packages(REQUIRES[objective]) if objective in REQUIRES else []
+            if missing:
+                skipped = {"skipped": f"not installed: {missing[0]}"}
+                row.update({mode: dict(skipped) for mode in ("eager", "compiled", "lightly")})
+                report.write()
+                continue
+            batch = synthetic_batch(VIEWS.get(objective, "multicrop"), args.batch, h)
             runs = {"eager": (ours[objective], None), "compiled": (ours[objective], compile_kwargs)}
             if objective in theirs:
                 runs["lightly"] = (theirs[objective], None)

@@ -14,21 +14,35 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_vit.data.photometric import BatchedPhotometric
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import compile_blocks
-from ssl_vit.methods import DINOv2
+from ssl_vit.methods import DINOv2, DINOv3
 from tests.conftest import OBJECTIVES, TINY_ENCODER, _RandomViews
 from tests.test_views import torchvision_photometric
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DINO_HEAD = dict(out_dim=32, hidden_dim=24, bottleneck_dim=16)
 EVERY_OBJECTIVE = {
     **OBJECTIVES,
-    "dinov2": (lambda **kw: DINOv2(TINY_ENCODER, out_dim=32, hidden_dim=24, bottleneck_dim=16, **kw), "multicrop"),
+    "dinov2": (lambda **kw: DINOv2(TINY_ENCODER, **DINO_HEAD, **kw), "multicrop"),
+    # in its Gram phase from the first step
+    "dinov3": (lambda **kw: DINOv3(TINY_ENCODER, gram_start=0.0, gram_ramp=0.0, **DINO_HEAD, **kw), "multicrop"),
+    "clip": (lambda **kw: tiny_clip(**kw), "captioned"),
 }
+
+
+def tiny_clip(**kwargs) -> L.LightningModule:
+    pytest.importorskip("open_clip")  # the `clip` extra, which the lent GPU machine may lack
+    from ssl_vit.methods import CLIP
+    from tests.test_clip import TINY_TEXT
+
+    return CLIP(TINY_ENCODER, **TINY_TEXT, **kwargs)
+
+
 # A steady teacher temperature and Sinkhorn-Knopp centering (the quickstart's): with the default
 # warming temperature and mean centering, DINO's cross-entropy rises while the teacher sharpens,
 # however well the student fits (seen on a CPU in bf16), so falling would test nothing.
@@ -48,7 +62,7 @@ def test_gpu_check_smoke_run_measures_every_objective(tmp_path: Path):
     )
     record = json.loads(out.read_text())
     rows = {row["objective"]: row for row in record["rows"]}
-    assert set(rows) == {"MAE", "SimMIM", "DINO", "DINOv2", "MoCoV3", "SimCLR", "IJEPA"}
+    assert set(rows) == {"MAE", "SimMIM", "DINO", "DINOv2", "DINOv3", "MoCoV3", "SimCLR", "IJEPA", "CLIP"}
     for name, row in rows.items():
         numbers = [row["gflop_per_img"], row["eager"]["img_per_s"], row["compiled"]["img_per_s"]]
         if "img_per_s" in row["lightly"]:  # lightly installed, and step_throughput.py builds this objective
@@ -86,8 +100,15 @@ def train_on_fixed_images(
         callbacks=[recorder, *callbacks],
         **trainer_args,
     )
-    trainer.fit(method, DataLoader(_RandomViews(view, num_images=16), batch_size=16))
+    images = fixed_captioned_images(16) if view == "captioned" else _RandomViews(view, num_images=16)
+    trainer.fit(method, DataLoader(images, batch_size=16))
     return recorder.losses
+
+
+def fixed_captioned_images(n: int) -> TensorDataset:
+    from tests.test_clip import tokens
+
+    return TensorDataset(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)), tokens(n))
 
 
 @needs_cuda
@@ -95,7 +116,7 @@ def train_on_fixed_images(
 def test_bf16_losses_are_finite_and_fall_on_fixed_images(objective: str):
     build, view = EVERY_OBJECTIVE[objective]
     # A high lr without warm-up: 30 steps on one batch fit it, masks drawn afresh each step.
-    teacher = STEADY_TEACHER if objective in ("dino", "dinov2") else {}
+    teacher = STEADY_TEACHER if objective in ("dino", "dinov2", "dinov3") else {}
     losses = train_on_fixed_images(build(base_lr=5e-3, warmup_epochs=0, **teacher), view, steps=30)
     assert all(math.isfinite(loss) for loss in losses), losses
     assert sum(losses[-5:]) < sum(losses[:5]), losses
