@@ -92,7 +92,7 @@ def test_evaluation_reads_the_val_folder_beside_train_or_else_the_held_out_part(
 
 def test_workers_fit_the_shards_there_are(numbered_shards, caplog):
     folder, _ = numbered_shards  # 8 shards
-    module = ShardDataModule(str(folder), view=lambda i: i, val_shards=str(folder), num_workers=6)
+    module = ShardDataModule(str(folder), view=lambda i: i, val_shards=str(folder), batch_size=4, num_workers=6)
     with caplog.at_level(logging.WARNING):
         module.check_launch(world_size=2)
     assert module.num_workers == 4 and "data.num_workers 6 -> 4" in caplog.text
@@ -173,6 +173,19 @@ def test_an_unlabelled_folder_pretrains_and_says_why_the_probes_are_skipped(user
     assert len(skipped) == 1 and "unlabelled has no class labels" in skipped[0]
     assert (user_folder / "runs/unlabelled/simclr/export/model.safetensors").is_file()
     assert list((user_folder / "runs/unlabelled/simclr/pictures").glob("health-rankme-*.png"))
+
+
+def test_a_folder_smaller_than_one_batch_stops_before_the_run_with_the_batch_to_use(user_folder):
+    image_folder(user_folder / "few", ["cats", "dogs"], per_class=20)
+    _, index = resolve_shards(str(user_folder / "few") + "#train")
+    first = readme_commands("Your own images")[0]
+    result = run([arg.replace("photos", "few") for arg in first], user_folder)
+    assert result.returncode == 2
+    assert (
+        f"{index.num_samples} samples per epoch are fewer than one global batch (128 x 1 devices); set "
+        f"--data.batch_size {index.num_samples} or less" in result.stderr
+    )
+    assert not (user_folder / "runs/few").exists()  # stopped before the trainer wrote anything
 
 
 def test_the_python_example_runs_as_written(user_folder, monkeypatch, capsys):

@@ -530,7 +530,8 @@ class ShardDataModule(L.LightningDataModule):
             raise UserError(f"data.num_workers is {self.num_workers}; use 0 (load in the training process) or more")
         if self.embedded_to_write():
             return  # prepare_data writes them; setup checks again
-        urls, _ = resolve_shards(self.training_shards())
+        urls, index = resolve_shards(self.training_shards())
+        self.batches_per_epoch(index, world_size)
         per_device = len(urls) // world_size
         if per_device == 0:
             raise UserError(
@@ -562,18 +563,27 @@ class ShardDataModule(L.LightningDataModule):
         """What training reads: ``train_shards``, less the held-out part when evaluation reads it."""
         return self.evaluation_data()[0]
 
+    def batches_per_epoch(self, index: ShardIndex | None, world_size: int) -> int:
+        """Whole global batches in an epoch; a run that cannot fill one stops in one line."""
+        total = self.samples_per_epoch or (index.num_samples if index else None)
+        if total is None:
+            raise UserError(f"the number of samples in {self.train_shards!r} is unknown; set data.samples_per_epoch")
+        batches = total // (self.batch_size * world_size)
+        if batches == 0:
+            fix = "add images or use fewer devices"
+            if total >= world_size:
+                fix = f"set --data.batch_size {total // world_size} or less, or add images"
+            raise UserError(
+                f"{total} samples per epoch are fewer than one global batch ({self.batch_size} x {world_size} "
+                f"devices); {fix}"
+            )
+        return batches
+
     def setup(self, stage: str) -> None:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self.check_launch(world)
         urls, index = resolve_shards(self.training_shards())
-        total = self.samples_per_epoch or (index.num_samples if index else None)
-        if total is None:
-            raise UserError(f"the number of samples in {self.train_shards!r} is unknown; set data.samples_per_epoch")
-        batches = total // (self.batch_size * world)
-        if batches == 0:
-            raise UserError(
-                f"{total} samples per epoch are fewer than one global batch ({self.batch_size} x {world} devices)"
-            )
+        batches = self.batches_per_epoch(index, world)
         # an image-text objective (CLIP) reads captions, tokenised by its own tokenizer
         captions = getattr(self.trainer.lightning_module, "caption_tokens", None) if self.trainer else None
         if captions is not None:
