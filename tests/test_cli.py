@@ -229,13 +229,28 @@ def test_every_command_the_readme_and_docs_name_runs(capsys):
     assert listed.returncode == 0 and all(Path(r).name in listed.stdout for r in recipes)
 
 
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_every_link_in_the_readme_and_docs_resolves(page):
     text = re.sub(r"```.*?```|`[^`\n]+`", "", page.read_text(), flags=re.S)  # code is not links
     targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text)
-    files = {t.split("#")[0] for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)} - {""}
+    local = [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+    files = {t.split("#")[0] for t in local} - {""}
     missing = sorted(f for f in files if not (page.parent / f).exists())
     assert not missing, f"{page_id(page)} links to missing files: {missing}"
+    to_headings = [t.split("#", 1) for t in local if "#" in t]
+    broken = [
+        f"{name}#{anchor}"
+        for name, anchor in to_headings
+        if (page.parent / name if name else page).suffix == ".md"
+        and anchor not in heading_anchors(page.parent / name if name else page)
+    ]
+    assert not broken, f"{page_id(page)} links to headings that do not exist: {broken}"
 
 
 PLACEHOLDERS = {"N": "2", "LR": "0.001", "PATH": "x", "DIR": "runs/x", "SHARDS": "data/x"}
