@@ -243,13 +243,11 @@ def test_every_link_in_the_readme_and_docs_resolves(page):
     files = {t.split("#")[0] for t in local} - {""}
     missing = sorted(f for f in files if not (page.parent / f).exists())
     assert not missing, f"{page_id(page)} links to missing files: {missing}"
-    to_headings = [t.split("#", 1) for t in local if "#" in t]
-    broken = [
-        f"{name}#{anchor}"
-        for name, anchor in to_headings
-        if (page.parent / name if name else page).suffix == ".md"
-        and anchor not in heading_anchors(page.parent / name if name else page)
-    ]
+    broken = []
+    for name, anchor in (t.split("#", 1) for t in local if "#" in t):
+        target = page.parent / name if name else page
+        if target.suffix == ".md" and anchor not in heading_anchors(target):
+            broken.append(f"{name}#{anchor}")
     assert not broken, f"{page_id(page)} links to headings that do not exist: {broken}"
 
 
