@@ -127,6 +127,10 @@ def test_quickstart_recipes_resolve_to_their_documented_values():
     assert moco.run_epochs(moco.warmup_epochs) == pytest.approx(40 * 8 / 300)
     mae = recipe_method(RECIPES / "quickstart/mae.yaml")  # lightly's constant lr: no warm-up, peak = floor
     assert (mae.run_epochs(mae.warmup_epochs), mae.base_lr * mae.lr_batch_scale(128)) == (0, mae.min_lr)
+    simmim = recipe_method(RECIPES / "quickstart/simmim.yaml")  # the same constant 1.5e-4 at batch 128
+    assert simmim.run_epochs(simmim.warmup_epochs) == 0
+    last = simmim.trainer.estimated_stepping_batches - 1
+    assert simmim.learning_rate(0, 128) == simmim.learning_rate(last, 128) == pytest.approx(1.5e-4)
     ijepa = recipe_method(RECIPES / "quickstart/ijepa.yaml")  # 16 epochs x 39 steps; 625 steps per paper epoch
     assert ijepa.run_epochs(ijepa.warmup_epochs) == pytest.approx(40 * 16 / 300)
     # I-JEPA's target momentum is the paper's at any length: the scaled one (0.9 here) collapsed it.
