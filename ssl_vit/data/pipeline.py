@@ -531,13 +531,13 @@ class ShardDataModule(L.LightningDataModule):
         if self.embedded_to_write():
             return  # prepare_data writes them; setup checks again
         urls, index = resolve_shards(self.training_shards())
-        self.batches_per_epoch(index, world_size)
         per_device = len(urls) // world_size
         if per_device == 0:
             raise UserError(
                 f"{len(urls)} shards cannot feed {world_size} devices without two readers sharing a shard; write "
                 "more, smaller shards (`ssl-vit shards --samples-per-shard`)"
             )
+        self.batches_per_epoch(index, world_size)
         if self.num_workers > per_device:
             log.warning(
                 "data.num_workers %d -> %d: %d shards feed at most %d readers per device (write more, smaller shards "
