@@ -523,13 +523,20 @@ class ShardDataModule(L.LightningDataModule):
 
     def check_launch(self, world_size: int) -> None:
         """Fail with one message when the batch or the shards cannot feed ``world_size`` ranks;
-        the CLI calls it before any process is launched, ``setup`` again on every rank."""
+        the CLI calls it before any process is launched, ``setup`` the same checks on every rank."""
+        self._check_settings()
+        if not self.embedded_to_write():  # else prepare_data writes them and setup checks them
+            self.training_data(world_size)
+
+    def _check_settings(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"data.batch_size is {self.batch_size}; it is the batch per device and must be at least 1")
         if self.num_workers < 0:
             raise UserError(f"data.num_workers is {self.num_workers}; use 0 (load in the training process) or more")
-        if self.embedded_to_write():
-            return  # prepare_data writes them; setup checks again
+
+    def training_data(self, world_size: int) -> tuple[list[Shard], ShardIndex | None, int]:
+        """The training shards, their index and the whole global batches in an epoch, checked to feed
+        ``world_size`` ranks (``data.num_workers`` lowered to the shards each rank has)."""
         urls, index = resolve_shards(self.training_shards())
         per_device = len(urls) // world_size
         if per_device == 0:
@@ -537,7 +544,7 @@ class ShardDataModule(L.LightningDataModule):
                 f"{len(urls)} shards cannot feed {world_size} devices without two readers sharing a shard; write "
                 "more, smaller shards (`ssl-vit shards --samples-per-shard`)"
             )
-        self.batches_per_epoch(index, world_size)
+        batches = self.batches_per_epoch(index, world_size)
         if self.num_workers > per_device:
             log.warning(
                 "data.num_workers %d -> %d: %d shards feed at most %d readers per device (write more, smaller shards "
@@ -548,6 +555,7 @@ class ShardDataModule(L.LightningDataModule):
                 per_device,
             )
             self.num_workers = per_device
+        return urls, index, batches
 
     def evaluation_data(self) -> tuple[str, str]:
         """The shards evaluation reads as (train, val): ``val_shards`` when set, else the ``val``
@@ -581,9 +589,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self.check_launch(world)
-        urls, index = resolve_shards(self.training_shards())
-        batches = self.batches_per_epoch(index, world)
+        self._check_settings()
+        urls, index, batches = self.training_data(world)
         # an image-text objective (CLIP) reads captions, tokenised by its own tokenizer
         captions = getattr(self.trainer.lightning_module, "caption_tokens", None) if self.trainer else None
         if captions is not None:
