@@ -381,7 +381,8 @@ def collapse_verdict(summary: dict[str, Any]) -> str | None:
     which = "; ".join(f"{count} of {steps} steps by {check}" for check, count in failed.items())
     return (
         f"its outputs stayed collapsed for more than {COLLAPSED_RUN_FRACTION:.0%} of the run ({which}), so its "
-        "features are not to be trusted; see the warnings and pictures/health-*.png for when it began "
+        "features are not to be trusted; see the warnings and pictures/health-*.png for when it began, and "
+        "docs/recipes-and-data.md#which-objective-to-start-with for objectives that learn on such data "
         "(--allow_collapse true exits 0 anyway)"
     )
 

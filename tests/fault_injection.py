@@ -306,7 +306,7 @@ def uninterrupted(work: Path) -> tuple[int, dict[str, torch.Tensor]]:
     folder = work / "uninterrupted"
     folder.mkdir(exist_ok=True)
     if not (folder / "run/checkpoints/last.ckpt").exists():
-        result = pretrain(folder, "--config", str(recipe(folder, work / "shards")))
+        result = pretrain_in_this_process(folder, "--config", str(recipe(folder, work / "shards")))
         assert result.returncode == 0, result.stderr[-3000:]
     return last_state(folder)
 
@@ -351,7 +351,7 @@ def case_sigterm(work: Path) -> Outcome:
 def case_truncated_checkpoint(work: Path) -> Outcome:
     """The newest checkpoint is cut short (a full disk, a half copy): the run falls back to the one before."""
     folder, config = new_run(work, "truncated", **{"trainer.max_epochs": 2})
-    first = pretrain(folder, "--config", config)
+    first = pretrain_in_this_process(folder, "--config", config)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt_dir = folder / "run/checkpoints"
     last = (ckpt_dir / "last.ckpt").read_bytes()
@@ -650,7 +650,7 @@ def case_kill_mid_epoch(work: Path) -> Outcome:
         "checkpoint.every_n_train_steps": 1,
     }
     ref_folder, ref_config = new_run(work, "mid_epoch_uninterrupted", **overrides)
-    reference = pretrain(ref_folder, "--config", ref_config)
+    reference = pretrain_in_this_process(ref_folder, "--config", ref_config)
     assert reference.returncode == 0, reference.stderr[-3000:]
     folder, config = new_run(work, "kill_mid_epoch", **overrides)
     killed = pretrain(folder, "--config", config, *fault("KillAt", step=KILLED_AFTER_STEP + 1))

@@ -110,7 +110,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
         "segprobe": ["--seg_epochs=2"],
     }
     for command, protocol in protocols.items():  # each command takes its own protocols' options only
-        result = ssl_vit(command, str(ckpt_dir / "last.ckpt"), *data, *protocol, cwd=workdir)
+        result = in_this_process(workdir, command, str(ckpt_dir / "last.ckpt"), *data, *protocol)
         assert result.returncode == 0, result.stderr[-3000:]
     for kind in kinds:  # in files of their own: the run's records are left as they were
         (record,) = ckpt_dir.glob(f"last.{kind}.eval-*.json")
@@ -144,7 +144,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     assert {"pictures/reconstruction", "pictures/attention"} <= set(events.Tags()["images"])
 
     # Export: a folder timm loads by itself, with the run's evaluation in its provenance.
-    result = ssl_vit("export", str(ckpt_dir / "last.ckpt"), "export/mae", cwd=workdir)
+    result = in_this_process(workdir, "export", str(ckpt_dir / "last.ckpt"), "export/mae")
     assert result.returncode == 0, result.stderr[-3000:]
     model = timm.create_model(f"local-dir:{workdir / 'export/mae'}", pretrained=True, num_classes=10)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
@@ -152,7 +152,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     assert provenance["knn"] == in_run["knn"]["results"] and provenance["step"] == 8
     assert provenance["attentive"] == in_run["attentive"]["results"]
     assert provenance["objective"] == "MAE" and provenance["data"]["train_shards"] == "data/shapes/train"
-    again = ssl_vit("export", str(ckpt_dir / "last.ckpt"), "export/mae", cwd=workdir)
+    again = in_this_process(workdir, "export", str(ckpt_dir / "last.ckpt"), "export/mae")
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
@@ -166,12 +166,12 @@ def test_evaluating_something_that_is_not_a_checkpoint_is_one_clear_message(tmp_
 
 
 def test_shards_offers_both_embedded_datasets(tmp_path):
-    result = ssl_vit("shards", "embedded", "--help", cwd=tmp_path)
+    result = in_this_process(tmp_path, "shards", "embedded", "--help")
     assert result.returncode == 0 and "shapes" in result.stdout and "glyphs" in result.stdout
 
 
 def test_shards_refuses_to_overwrite(workdir):
-    result = ssl_vit("shards", "embedded", "data/shapes", cwd=workdir)
+    result = in_this_process(workdir, "shards", "embedded", "data/shapes")
     assert result.returncode == 2 and "already exists" in result.stderr
 
 
@@ -225,7 +225,7 @@ def test_every_command_the_readme_and_docs_name_runs(capsys):
             assert done.code == 0, f"`ssl-vit {command}` in {', '.join(pages)} exits {done.code}"
     assert recipes_named(ROOT / "README.md"), "the README names no recipe"
     recipes = set().union(*map(recipes_named, PAGES))
-    listed = ssl_vit("recipes", cwd=ROOT)
+    listed = in_this_process(ROOT, "recipes")
     assert listed.returncode == 0 and all(Path(r).name in listed.stdout for r in recipes)
 
 
@@ -289,6 +289,9 @@ def test_a_run_collapsed_for_more_than_a_tenth_of_its_steps_failed():
     assert collapse_verdict(summary(15, 0)) is None and collapse_verdict(summary(None, None)) is None
     assert "141 of 150 steps by its objective's collapse check" in collapse_verdict(summary(141, 3))
     assert "16 of 150 steps by its features' RankMe" in collapse_verdict(summary(None, 16))
+    # It names the docs section on what learns from such a start; the section must exist.
+    page, anchor = re.search(r"(docs/[\w-]+\.md)#([\w-]+)", collapse_verdict(summary(141, 3))).groups()
+    assert anchor in heading_anchors(ROOT / page)
 
 
 @pytest.mark.parametrize(
