@@ -5,6 +5,7 @@ probe and an attentive probe; lightly's documented example of the same objective
 same timm encoder, data, batch, budgets and seed, where lightly has one (MAE, SimMIM, DINO,
 DINOv2, SimCLR, I-JEPA; its MoCo example is MoCo v2).
 
+    pip install -e ".[bench]"                                     # lightly, and scikit-learn for the digits
     python benchmarks/quality.py                                  # every objective, the embedded and real datasets
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624 --seeds 0 1 2
     python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
@@ -61,7 +62,10 @@ DIGITS_VAL_EVERY = 6
 def write_digits_shards(root: Path) -> None:
     """scikit-learn's ``load_digits`` (1,797 real 8 x 8 handwritten digits, 16 grey levels, ten
     classes) as ``root/train`` and ``root/val`` shards of 32-px RGB PNGs, bicubic-upscaled."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit('benchmarks/quality.py: the digits need scikit-learn: pip install -e ".[bench]"') from None
 
     digits = load_digits()
     classes = [str(c) for c in digits.target_names]

@@ -74,6 +74,18 @@ def test_every_rank_gets_the_same_number_of_batches(tmp_path: Path):
     assert counts == [5, 5]
 
 
+def test_a_shuffle_buffer_larger_than_the_data_repeats_no_image_within_an_epoch(numbered_shards):
+    # 40 images, 2 readers of 20 each, 2 batches of 8 per reader: a buffer of 1000 holds each
+    # reader's whole pass, and must not fill up with copies of it from the passes after.
+    urls, _ = resolve_shards(str(numbered_shards[0]))
+    ds = ShardDataset(urls, as_array, batch_size=8, batches_per_epoch=4, shuffle_buffer=1000, seed=1)
+    for epoch in range(2):
+        ds.start_epoch(epoch)
+        labels = [int(label) for _, labels in DataLoader(ds, batch_size=8, num_workers=2) for label in labels]
+        assert len(labels) == 32 and len(set(labels)) == 32, sorted(Counter(labels).values())
+        assert ds.read.value == 40  # each reader read its shards once
+
+
 def test_shard_order_is_keyed_on_seed_and_epoch(numbered_shards):
     urls, _ = resolve_shards(str(numbered_shards[0]))
     ds = ShardDataset(urls, as_array, seed=0)

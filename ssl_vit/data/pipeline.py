@@ -244,9 +244,10 @@ class ShardDataset(IterableDataset):
         role = (worker + self.start_batch) % num_workers
         reader = f"{self.seed}:{self.epoch}:{self.rank}:{role}"
         shards = self.reader_shards(role, num_workers)
-        samples = self._cycle(shards, reader) if self.batches_per_epoch is not None else self._read(shards)
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(reader))(samples)
+        if self.batches_per_epoch is not None:
+            samples = self._cycle(shards, reader)
+        else:
+            samples = self._shuffled(self._read(shards), reader)
         batches_made = 0
         if self.batches_per_epoch is not None:  # this role's exact share of the epoch's batches
             share = role_batches(self.batches_per_epoch, role, num_workers)
@@ -268,12 +269,19 @@ class ShardDataset(IterableDataset):
                     begin_batch(f"{self.seed}:{self.epoch}:{role + num_workers * role_batch}")
             yield self.view(image, target) if self.masks else (self.view(image), target)
 
+    def _shuffled(self, samples: Iterator[Any], key: str) -> Iterator[Any]:
+        if self.shuffle_buffer <= 1:
+            return samples
+        return wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(key))(samples)
+
     def _cycle(self, shards: list[str], reader: str) -> Iterator[tuple[Image.Image, int]]:
+        # Each pass over the shards is shuffled on its own: a buffer larger than a small folder
+        # would otherwise hold copies of its images from the next passes, and put them in one batch.
         for n_pass in itertools.count():
             order = list(shards)
             random.Random(f"{reader}:{n_pass}").shuffle(order)
             got_any = False
-            for sample in self._read(order):
+            for sample in self._shuffled(self._read(order), f"{reader}:{n_pass}"):
                 got_any = True
                 yield sample
             if not got_any:
