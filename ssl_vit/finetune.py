@@ -83,8 +83,9 @@ class LabelledShardDataModule(ShardDataModule):
                 )
             if index is not None and len(index.classes) != num_classes:
                 raise UserError(
-                    f"data.{split} {shards!r} has {len(index.classes)} classes but model.num_classes is "
-                    f"{num_classes}; set model.num_classes to {len(index.classes)}"
+                    f"data.{split} {shards!r} has {len(index.classes)} classes ({', '.join(index.classes[:8])}"
+                    f"{', ...' if len(index.classes) > 8 else ''}) but model.num_classes is {num_classes}; set "
+                    f"model.num_classes to {len(index.classes)}"
                 )
 
     def val_dataloader(self) -> DataLoader:

@@ -43,6 +43,31 @@ def test_imagefolder_shards_round_trip(tmp_path: Path):
     assert len(got) == 12
 
 
+def test_a_messy_folder_reads_every_image_format_and_says_what_it_leaves_out(tmp_path: Path, caplog):
+    images = random_images(6, seed=2)
+    formats = {"a.bmp": "BMP", "b.tif": "TIFF", "c.TIFF": "TIFF", "d.gif": "GIF", "e.JPG": "JPEG", "f.png": "PNG"}
+    for (name, fmt), img in zip(formats.items(), images, strict=True):
+        folder = tmp_path / "photos" / ("red cars" if name < "d" else "café")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / name, format=fmt)
+    (tmp_path / "photos/empty folder").mkdir()
+    (tmp_path / "photos/notes.txt").write_text("not an image")
+    (tmp_path / "photos/Thumbs.db").write_bytes(b"\0")
+    (tmp_path / "photos/.DS_Store").write_bytes(b"\0")  # hidden: not worth a word
+    Image.fromarray(images[0]).save(tmp_path / "photos/stray.png")
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.data.shards"):
+        urls, index = resolve_shards(str(tmp_path / "photos"))
+        resolve_shards(str(tmp_path / "photos"))  # said once, not at every look
+    assert index.classes == ["café", "red cars"] and index.num_samples == 6  # the empty folder is no class
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "2 files that are not images (.db, .txt)" in said and "'empty folder'" in said
+    assert "1 images beside the class folders" in said
+    got = read_all(urls)
+    assert sorted(label for _, label in got) == [0, 0, 0, 1, 1, 1]
+    pixels = {np.asarray(img).tobytes() for img, _ in got}
+    assert all(images[i].tobytes() in pixels for i in (0, 1, 2, 5))  # lossless formats come back exactly
+
+
 def test_readers_split_shards_disjointly_across_ranks_and_workers(numbered_shards):
     folder, _ = numbered_shards
     urls, _ = resolve_shards(str(folder))

@@ -133,6 +133,6 @@ def test_a_class_count_other_than_the_shards_stops_fine_tuning_with_one_line(exp
     for num_classes in (5, 3):  # the shards have 4: a head with more outputs than classes, or fewer
         result = finetune(exported, train, val, tmp_path / "run", f"--model.num_classes={num_classes}")
         assert result.returncode == 2
-        assert f"has 4 classes but model.num_classes is {num_classes}" in result.stderr
+        assert f"has 4 classes (a, b, c, d) but model.num_classes is {num_classes}" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert not list((tmp_path / "run").rglob("*.ckpt"))

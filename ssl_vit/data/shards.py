@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -25,9 +26,11 @@ from ssl_vit.data import embedded
 from ssl_vit.errors import UserError
 from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 
+log = logging.getLogger(__name__)
+
 INDEX_FILE = "dataset.json"
 SHARD_FOLDER = OutputKind(f"a shard folder (shard-*.tar, {INDEX_FILE})", ("shard-*.tar", INDEX_FILE))
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MASK_MEMBER = "seg.png"  # a sample's label map for dense probes: 8-bit PNG of class indices
 CAPTION_MEMBER = "txt"  # a sample's caption, UTF-8 (image-text objectives: CLIP)
 
@@ -119,22 +122,60 @@ def write_shards(
 
 def image_files(root: Path) -> tuple[list[str], list[tuple[Path, int | None]]]:
     """Class names and the image files (with their class index) of an ImageFolder tree, one
-    sub-folder per class; a folder without sub-folders is unlabelled (no classes, label None)."""
+    sub-folder per class; a folder without sub-folders is unlabelled (no classes, label None).
+    A sub-folder without images is not a class; what is left out is said once, in one line."""
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    folders = [(root / name, label) for label, name in enumerate(classes)] or [(root, None)]
-    files = [
-        (path, label)
-        for folder, label in folders
-        for path in sorted(folder.rglob("*"))
-        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not path.name.startswith(".")
-    ]
+    visible = [path for path in sorted(root.rglob("*")) if not _hidden(path.relative_to(root))]
+    images = [path for path in visible if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+    with_images = {path.relative_to(root).parts[0] for path in images if path.parent != root}
+    sub_folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = [name for name in sub_folders if name in with_images]
+    label = {name: i for i, name in enumerate(classes)}
+    if classes:  # images beside the class folders belong to no class
+        files = [(path, label[path.relative_to(root).parts[0]]) for path in images if path.parent != root]
+    else:
+        files = [(path, None) for path in images]
     if not files:
         raise UserError(
             f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}; expected images, or one sub-folder of them per class"
         )
+    _say_what_is_left_out(root, visible, files, [name for name in sub_folders if name not in label])
     return classes, files
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+_left_out_said: set[Path] = set()
+
+
+def _say_what_is_left_out(
+    root: Path, visible: list[Path], files: list[tuple[Path, int | None]], empty: list[str]
+) -> None:
+    """One warning per folder and process: the files and sub-folders that are not read, and why."""
+    if root.resolve() in _left_out_said:
+        return
+    _left_out_said.add(root.resolve())
+    read = {path for path, _ in files} | {path.with_suffix(".txt") for path, _ in files}  # and their captions
+    unread = [path for path in visible if path not in read and path.is_file()]
+    beside = [path for path in unread if path.parent == root and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+    other = [path for path in unread if path not in beside]
+    parts = []
+    if other:
+        kinds = sorted({path.suffix.lower() or path.name for path in other})
+        parts.append(
+            f"{len(other)} files that are not images ({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''})"
+        )
+    if beside:
+        parts.append(f"{len(beside)} images beside the class folders, in no class")
+    if empty:
+        parts.append(f"{len(empty)} sub-folders without images ({', '.join(repr(name) for name in empty[:5])})")
+    if parts:
+        log.warning(
+            "%s: left out %s; images are read from %s files", root, "; ".join(parts), "/".join(IMAGE_EXTENSIONS)
+        )
 
 
 def image_folder_samples(
