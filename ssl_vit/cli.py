@@ -190,7 +190,35 @@ class RunCLI(LightningCLI):
             problem = checkpoint_problem(path) or resume_mismatch(path, read_checkpoint(path, mmap=True), run)
             if problem:
                 raise UserError(f"--ckpt_path {path} cannot be resumed by this run: {problem}")
+        if config["ckpt_path"] and Path(config["ckpt_path"]).is_file():
+            self.stop_if_finished(Path(config["ckpt_path"]), root)
         self.started = time.perf_counter()
+
+    def stop_if_finished(self, checkpoint: Path, root: Path) -> None:
+        """A finished run started again would train nothing and then write its summary, export and
+        records over the ones it finished with: it says so, shows the summary it finished with and
+        exits as that run did."""
+        ckpt = read_checkpoint(checkpoint, mmap=True)
+        epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        loop, step, epoch = self.trainer.fit_loop, ckpt["global_step"], epochs.get("processed", 0)
+        if 0 <= loop.max_steps <= step:
+            limit = f"trainer.max_steps {loop.max_steps}"
+        elif loop.max_epochs is not None and 0 <= loop.max_epochs <= epoch:
+            limit = f"trainer.max_epochs {loop.max_epochs}"
+        else:
+            return
+        summary_path = root / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        if self.trainer.is_global_zero:
+            if summary:
+                print_run_summary(summary)
+            where = f"its summary above is {summary_path}" if summary else "it has no summary"
+            Console(stderr=True, soft_wrap=True).print(
+                f"{root} is finished ({checkpoint.name}: step {step}, epoch {epoch}, {limit}): nothing was trained "
+                f"and nothing written; {where}. To train it longer, raise the limit (e.g. --trainer.max_epochs)"
+            )
+        failed = bool(summary and summary.get("failed"))
+        sys.exit(COLLAPSED_EXIT_CODE if failed and not self.config_init[self.subcommand].get("allow_collapse") else 0)
 
     def checkpoint_to_resume(self, auto_resume: bool, ckpt_dir: Path, root: Path, run: dict[str, Any]) -> str | None:
         """The run's newest complete checkpoint, when there is one and it is this run's: same

@@ -575,6 +575,23 @@ def case_fresh_start_in_a_used_run_folder(work: Path) -> Outcome:
     )
 
 
+def case_finished_run_started_again(work: Path) -> Outcome:
+    """The same command again once the run has finished: there is nothing to train, and Lightning
+    alone would write a summary of 0 seconds and no loss, records and a log folder of that empty
+    run. It says the run is finished, shows the summary it finished with and writes nothing."""
+    folder, config, files = copy_of_uninterrupted(work, "finished")
+    result = pretrain_in_this_process(folder, "--config", config)
+    said = "is finished" in result.stderr and "nothing was trained" in result.stderr
+    new = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p not in files)
+    ok = result.returncode == 0 and said and untouched(files) and not new
+    return Outcome(
+        "say it is finished, exit 0; every file as it was, none added",
+        f"rc {result.returncode}, said={said}, untouched={untouched(files)}, new files {new[:3]}",
+        ok,
+        "none" if untouched(files) else "yes",
+    )
+
+
 def case_moved_run_folder_with_brackets(work: Path) -> Outcome:
     """A finished run's folder moved to a path with glob characters ('exp[1]'), then trained one
     epoch longer: it resumes its own last checkpoint (the path is not a pattern)."""
@@ -760,6 +777,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_truncated_checkpoint,
     case_checkpoint_with_a_hole,
     case_fresh_start_in_a_used_run_folder,
+    case_finished_run_started_again,
     case_moved_run_folder_with_brackets,
     case_another_runs_checkpoints,
     case_broken_data,
