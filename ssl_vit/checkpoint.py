@@ -187,6 +187,9 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
         "train_shards": ckpt.get("datamodule_hyper_parameters", {}).get("train_shards"),
         "init_from": hparams.get("init_from"),
     }
+    if isinstance(run.get("train_shards"), str) and isinstance(written["train_shards"], str):  # photos/ is photos
+        run = {**run, "train_shards": run["train_shards"].rstrip("/")}
+        written["train_shards"] = written["train_shards"].rstrip("/")
     for key in ("objective", "encoder", "train_shards", "init_from"):
         if key in run and written[key] != run[key] and written[key] != "?":
             if key == "encoder":

@@ -187,6 +187,9 @@ def test_missing_shards_are_a_clear_error(tmp_path: Path):
         resolve_shards(str(tmp_path / "train-{0..1}.tar"))
     with pytest.raises(UserError, match="no shards found"):
         resolve_shards(str(tmp_path))
+    Image.fromarray(random_images(1)[0]).save(tmp_path / "IMG_0000.jpg")
+    with pytest.raises(UserError, match=f"IMG_0000.jpg is a file, not a folder .* give its folder \\({tmp_path}\\)"):
+        resolve_shards(str(tmp_path / "IMG_0000.jpg"))
 
 
 def test_pipe_urls_are_kept_as_written():

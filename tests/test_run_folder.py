@@ -93,6 +93,7 @@ def checkpoint_of(folder: Path) -> dict:
     ("change", "expected"),
     [
         ({}, None),
+        ({"train_shards": "data/shapes/train/"}, None),  # the same folder, as tab completion writes it
         ({"objective": "DINO"}, "its objective is 'MAE', this run's 'DINO'"),
         ({"encoder": {**ENCODER, "depth": 2}}, "its encoder differs in depth (1 there, 2 here)"),
         ({"train_shards": "shards/mine"}, "its train_shards is 'data/shapes/train', this run's 'shards/mine'"),

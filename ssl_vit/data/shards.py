@@ -383,6 +383,11 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
                 raise UserError(f"{spec} holds shard folders ({', '.join(nested)}), not shards; name one of them")
             return _image_folder(path)
         urls = [str(path / name) for name in names]
+    elif path.is_file() and not path.name.endswith((".tar", ".tar.gz", ".tgz")):
+        raise UserError(
+            f"{spec} is a file, not a folder of images or of tar shards; give its folder ({path.parent}) or the folder "
+            "of your images"
+        )
     else:
         urls = list(braceexpand(spec))
         index = None
