@@ -99,6 +99,7 @@ def replace_output(
         if kind.folder:
             new.mkdir()  # not the staging folder itself, which mkdtemp makes private to its owner
         write(new)
+        give_default_permissions(new)
         try:
             _move_into_place(new, target, old)
         except OSError as err:
@@ -121,3 +122,14 @@ def _move_into_place(new: Path, target: Path, old: Path) -> None:
         if os.path.lexists(old):
             os.rename(old, target)
         raise
+
+
+def give_default_permissions(path: Path) -> None:
+    """Give ``path`` (a file, or every file in a folder) the permissions a new file of the user's
+    gets: 0o666 less the umask. Files written through a private temporary file (``mkstemp``,
+    safetensors' ``save_file``) are readable by their owner alone, and an export or a result is
+    often shared with others."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, 0o666 & ~mask)

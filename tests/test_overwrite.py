@@ -17,6 +17,7 @@ from ssl_vit.cli import main
 from ssl_vit.data import write_shards
 from ssl_vit.data.shards import write_embedded_shards
 from ssl_vit.errors import UserError
+from ssl_vit.eval.report import write_json
 from tests.conftest import OBJECTIVES, fit_briefly, png_bytes, random_images
 
 
@@ -193,6 +194,19 @@ def test_overwrite_replaces_an_export_with_a_new_one(tmp_path, run):
     state_dict = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "encoder.safetensors", fmt="state_dict")
     export_encoder(run / "checkpoints/epoch=0000.ckpt", state_dict, fmt="state_dict", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.safetensors", "export", "run"]
+
+
+def test_exports_and_records_get_the_permissions_of_any_new_file_of_the_user(tmp_path, run):
+    # safetensors and mkstemp write files only their owner can read; an export is often shared
+    old_mask = os.umask(0o022)
+    try:
+        out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "export")
+        state_dict = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "encoder.safetensors", fmt="state_dict")
+        record = write_json(tmp_path / "record.json", {"k=20": 50.0})
+    finally:
+        os.umask(old_mask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [*out.iterdir(), state_dict, record]}
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 def test_overwrite_replaces_existing_shards(tmp_path):

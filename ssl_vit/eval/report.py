@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssl_vit.eval.evaluator import Results
+from ssl_vit.replace import give_default_permissions
 
 #: The evaluation records written beside a checkpoint, ``<stem>.<kind>.json``, one per protocol.
 RECORD_KINDS = ("knn", "probe", "attentive", "segmentation", "zeroshot", "retrieval")
@@ -153,6 +154,7 @@ def write_json(path: Path, record: dict[str, Any]) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2)
+        give_default_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
