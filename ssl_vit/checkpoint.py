@@ -258,6 +258,13 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):  # Ctrl-C may land mid-step: nothing is saved from it
+            newest = self.last_model_path or "none yet: it would start afresh"
+            rank_zero_warn(
+                f"interrupted at step {trainer.global_step}; run the same command again to resume from the "
+                f"newest checkpoint ({newest})"
+            )
+            return
         if not isinstance(exception, SIGTERMException) or self.dirpath is None:
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"

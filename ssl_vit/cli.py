@@ -534,7 +534,11 @@ TRAINING_OPTIONS = {
     "pretrain": [
         ("--config RECIPE", "a YAML recipe (`ssl-vit recipes` lists the shipped ones); every key below overrides it"),
         ("--trainer.default_root_dir DIR", "the run folder: checkpoints, export, pictures, logs and summary"),
-        ("--data.train_shards SHARDS", "a shard folder (`ssl-vit shards`), a brace pattern or pipe:/remote URLs"),
+        (
+            "--data.train_shards DATA",
+            "a folder of images (a sub-folder per class, or none) or of shards (`ssl-vit shards`), a brace "
+            "pattern or pipe:/remote URLs",
+        ),
         ("--data.batch_size N", "images per device and step"),
         ("--data.num_workers N", "loader processes per device"),
         ("--trainer.max_epochs N", "length of the run"),
@@ -700,7 +704,7 @@ def zeroshot(args: list[str]) -> None:
 def recipes(args: list[str]) -> None:
     """Every recipe under ./recipes (or the source checkout's), with the first line of its header."""
     argparse.ArgumentParser(prog="ssl-vit recipes", description=COMMANDS["recipes"]).parse_args(args)
-    root = next((d for d in (Path("recipes"), Path(__file__).resolve().parents[1] / "recipes") if d.is_dir()), None)
+    root = next((d for d in (Path("recipes"), SOURCE_TREE / "recipes") if d.is_dir()), None)
     if root is None:
         raise UserError("no recipes folder here or in the ssl-vit source tree; run from a checkout of ssl-vit")
     paths = sorted(root.rglob("*.yaml"))
@@ -874,6 +878,10 @@ def shards(args: list[str]) -> None:
         )
 
 
+#: The checkout ssl-vit runs from (an editable install): its recipes/ are the shipped recipes.
+SOURCE_TREE = Path(__file__).resolve().parents[1]
+
+
 def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
     """One line out of jsonargparse's nested report on a bad recipe or override."""
     text = str(err)
@@ -883,6 +891,15 @@ def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
         if command in TRAINING_OPTIONS:
             return f"unknown recipe key '{key}'; `ssl-vit {command} --help` lists the common keys"
         return f"unknown option '--{key}'; `ssl-vit {command} --help` lists the accepted ones"
+    missing = re.search(r"Parser key \"config\":\s*File does not exist: '([^']+)'", text)
+    if missing:
+        path = Path(missing.group(1))
+        shipped = SOURCE_TREE / path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else None
+        if shipped is not None and shipped.is_file():
+            return (
+                f"recipe {path} does not exist; the shipped one is {shipped}: give that path, or run from {SOURCE_TREE}"
+            )
+        return f"recipe {path} does not exist; `ssl-vit recipes` lists the shipped recipes"
     noise = ("Does not validate", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
     return " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise))
 

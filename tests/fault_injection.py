@@ -348,6 +348,25 @@ def case_sigterm(work: Path) -> Outcome:
     )
 
 
+def case_ctrl_c(work: Path) -> Outcome:
+    """Ctrl-C (SIGINT) in epoch 2: Lightning stops; the run says where the same command resumes
+    from, and it does, to the uninterrupted run's end."""
+    folder, config = new_run(work, "ctrl_c")
+    stopped = pretrain(folder, "--config", config, *fault("KillAt", step=STEPS_PER_EPOCH + 3, signal="SIGINT"))
+    said = "run the same command again to resume from the newest checkpoint" in stopped.stderr
+    again = pretrain_in_this_process(folder, "--config", config)
+    step, _ = last_state(folder)
+    ref_step, _ = uninterrupted(work)
+    resumed = "resuming from" in again.stderr
+    ok = stopped.returncode != 0 and said and again.returncode == 0 and resumed and step == ref_step
+    return Outcome(
+        f"stop, say how to resume; the same command resumes to step {ref_step}",
+        f"rc {stopped.returncode}, said={said}; resumed={resumed}, rc {again.returncode}, step {step}",
+        ok,
+        "none" if checkpoints_intact(folder) and resumed else "yes",
+    )
+
+
 def case_truncated_checkpoint(work: Path) -> Outcome:
     """The newest checkpoint is cut short (a full disk, a half copy): the run falls back to the one before."""
     folder, config = new_run(work, "truncated", **{"trainer.max_epochs": 2})
@@ -774,6 +793,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_sigkill,
     case_kill_mid_epoch,
     case_sigterm,
+    case_ctrl_c,
     case_truncated_checkpoint,
     case_checkpoint_with_a_hole,
     case_fresh_start_in_a_used_run_folder,

@@ -63,6 +63,14 @@ def test_unknown_recipe_key_stops_before_any_work(tmp_path, where):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
+def test_a_recipe_path_outside_the_checkout_names_the_shipped_recipe(tmp_path):
+    result = in_this_process(tmp_path, "pretrain", "--config", "recipes/quickstart/simclr.yaml")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"the shipped one is {ROOT / 'recipes/quickstart/simclr.yaml'}" in result.stderr
+    result = in_this_process(tmp_path, "pretrain", "--config", "mine.yaml")
+    assert result.returncode == 2 and "mine.yaml does not exist; `ssl-vit recipes` lists" in result.stderr
+
+
 def test_missing_shards_stop_with_one_message(tmp_path):
     result = in_this_process(
         tmp_path,
