@@ -68,6 +68,25 @@ def test_a_messy_folder_reads_every_image_format_and_says_what_it_leaves_out(tmp
     assert all(images[i].tobytes() in pixels for i in (0, 1, 2, 5))  # lossless formats come back exactly
 
 
+def test_a_broken_image_file_is_named_by_its_path_once_per_run(tmp_path: Path, caplog):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, img in enumerate(random_images(7, seed=3)):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"")  # a failed download
+    urls, _ = resolve_shards(str(folder))
+    ds = ShardDataset(urls, as_array, batch_size=2, batches_per_epoch=3, shuffle_buffer=100, seed=0)
+    for epoch in range(3):  # the loader's workers are new processes every epoch
+        ds.start_epoch(epoch)
+        assert len(list(DataLoader(ds, batch_size=2, num_workers=1))) == 3
+        assert (ds.skipped.value, ds.read.value) == (1, 8)  # each file read once an epoch
+    assert ds.skips_logged.value == 1  # named in the first epoch only
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.data.pipeline"):
+        list(ShardDataset(urls, as_array))  # in this process, where the log can be read
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert skipped == [f"skipped {folder / 'broken.jpg'}: undecodable jpg: cannot identify image file"]
+
+
 def test_readers_split_shards_disjointly_across_ranks_and_workers(numbered_shards):
     folder, _ = numbered_shards
     urls, _ = resolve_shards(str(folder))

@@ -24,6 +24,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,9 @@ NO_LABEL = -1
 IGNORE_PIXEL = -100  # a label map's 255 ("ignore", VOC's and ADE20K's convention), as cross-entropy skips it
 
 View = Callable[[Image.Image], Any]
-#: A reader logs its first few skipped samples one by one; the epoch summary counts them all.
-SKIPS_LOGGED_PER_READER = 5
+#: A dataset logs the first few samples it skips by name, in the first epoch it reads (every epoch
+#: reads the same data); each epoch's summary counts them all.
+SKIPS_LOGGED = 5
 #: The skip fraction is judged only once this many samples were skipped (one bad file is not "mostly broken").
 MIN_SKIPS_TO_JUDGE = 10
 #: Images declaring more pixels are skipped before decoding, for pretraining and evaluation alike:
@@ -105,13 +107,24 @@ def decode_sample(
     except CorruptSample:
         raise
     except Exception as err:
-        raise CorruptSample(f"undecodable {ext}: {err}") from err
+        # PIL names the buffer it read from ("<_io.BytesIO object at 0x...>"), which says nothing here
+        raise CorruptSample(
+            f"undecodable {ext}: {re.sub(r' ?<_io.BytesIO object at 0x[0-9a-f]+>', '', str(err))}"
+        ) from err
     if "cls" not in sample:
         return image, NO_LABEL
     try:
         return image, int(sample["cls"])
     except ValueError as err:
         raise CorruptSample(f"malformed cls {sample['cls'][:20]!r}") from err
+
+
+def sample_name(key: str | None, shard: Shard) -> str:
+    """How a skipped sample is named to the user: an image file by its path, else key and shard."""
+    files = shard.shard if isinstance(shard, SplitPart) else shard
+    if isinstance(files, ImageFiles):
+        return str(Path(files.root) / str(key))
+    return f"sample {key} of {shard}"
 
 
 def decode_caption(sample: dict[str, Any]) -> str:
@@ -222,7 +235,8 @@ class ShardDataset(IterableDataset):
         self.read = mp.Value("l", 0)
         self.skipped = mp.Value("l", 0)
         self.truncated = mp.Value("l", 0)
-        self._skips_logged = 0  # per reader (each worker has its own copy)
+        self.skips_logged = mp.Value("l", 0)  # shared by the workers
+        self.first_epoch: int | None = None
         self._shard_failed = False
         self._ignored: set[str] = set()
 
@@ -300,7 +314,7 @@ class ShardDataset(IterableDataset):
                     else:
                         yield image, self._tokens(sample) if self.captions else label
                 except CorruptSample as err:
-                    self._count_skip(f"sample {sample.get('__key__')} of {shard}: {err}")
+                    self._count_skip(f"{sample_name(sample.get('__key__'), shard)}: {err}")
 
     def _tokens(self, sample: dict[str, Any]) -> torch.Tensor:
         tokens, cut = self.captions(decode_caption(sample))
@@ -341,9 +355,13 @@ class ShardDataset(IterableDataset):
     def _count_skip(self, what: str) -> None:
         with self.skipped.get_lock():
             self.skipped.value += 1
-        if self._skips_logged < SKIPS_LOGGED_PER_READER:
-            self._skips_logged += 1
-            log.warning("skipped %s", what)
+        if self.first_epoch not in (None, self.epoch):
+            return
+        with self.skips_logged.get_lock():
+            if self.skips_logged.value >= SKIPS_LOGGED:
+                return
+            self.skips_logged.value += 1
+        log.warning("skipped %s", what)
 
     def _is_read_member(self, name: str) -> bool:
         """Read only image, class and JSON members; anything else (``.pyd``, ``.pickle``...) is
@@ -360,6 +378,7 @@ class ShardDataset(IterableDataset):
         """Read ``epoch`` from its batch ``start_batch`` on; the counts start again from zero
         (the samples of the batches before ``start_batch`` are read again, and counted)."""
         self.epoch = epoch
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
         self.start_batch = start_batch
         self.read.value = self.skipped.value = self.truncated.value = 0
 
