@@ -280,6 +280,17 @@ class PretrainCLI(RunCLI):
             help="torch.compile every transformer block (encoder, teacher, decoder) in place before training",
         )
 
+    def before_instantiate_classes(self) -> None:
+        # A distillation recipe's teacher "runs/{data}/simclr/export" is the one trained on this
+        # run's images, found as the run folders are named (before the model loads it).
+        config = self.config[self.subcommand]
+        model = getattr(config.model, "init_args", config.model)
+        teacher = getattr(model, "teacher", None)
+        if isinstance(teacher, str) and "{data}" in teacher:
+            model.teacher = teacher.replace("{data}", data_name(config.data.train_shards))
+            if getattr(model, "teacher_made_by", None):
+                model.teacher_made_by += f" --data.train_shards {config.data.train_shards}"
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         self.check_recipe()  # before the trainer starts printing
         return super().instantiate_trainer(**kwargs)

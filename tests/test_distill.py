@@ -124,6 +124,11 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
     "overrides, expected",
     [
         (["--model.init_args.teacher=runs/x/export"], "teacher runs/x/export not found: run `ssl-vit pretrain"),
+        (  # the recipe's teacher, for the user's own images
+            ["--model.init_args.teacher=runs/{data}/simclr/export", "--data.train_shards=photos"],
+            "teacher runs/photos/simclr/export not found: run `ssl-vit pretrain --config "
+            "recipes/quickstart/simclr.yaml --data.train_shards photos` first",
+        ),
         (["--model.init_args.teacher=."], "is not a timm model folder"),
         (["--model.init_args.student.name=resnet1"], "timm has no model 'resnet1'; did you mean resnet18"),
         (
@@ -140,7 +145,16 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
             "model.init_args.teacher_weights w.safetensors: weights files load into ViTs only",
         ),
     ],
-    ids=["missing teacher", "not a teacher", "unknown student", "ViT size", "channels", "crop size", "weights"],
+    ids=[
+        "missing teacher",
+        "teacher of other data",
+        "not a teacher",
+        "unknown student",
+        "ViT size",
+        "channels",
+        "crop size",
+        "weights",
+    ],
 )
 def test_bad_input_stops_with_one_line_before_any_work(teacher, tmp_path, overrides, expected):
     result = in_this_process(tmp_path, *distill_args(teacher, *overrides))
