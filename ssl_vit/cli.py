@@ -388,7 +388,8 @@ class FineTuneCLI(RunCLI):
         summary = {
             "objective": "fine-tuning",
             "weights": hp.init_from if hp.init_from and hp.pretrained else "random initialisation",
-            "encoder": ", ".join(f"{k}={v}" for k, v in hp.encoder.items()),
+            # as fine-tuned (MAE's average pooling and fc_norm), not as the weights were pretrained
+            "encoder": ", ".join(f"{k}={v}" for k, v in {"name": hp.encoder["name"], **self.model.model_args}.items()),
             "steps": trainer.global_step,
             "seconds": round(time.perf_counter() - self.started, 1),
             "val_top1": results.get("top1"),
