@@ -75,16 +75,18 @@ def test_a_broken_image_file_is_named_by_its_path_once_per_run(tmp_path: Path, c
         Image.fromarray(img).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"")  # a failed download
     urls, _ = resolve_shards(str(folder))
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.data.pipeline"):
+        list(ShardDataset(urls, as_array))  # an evaluation pass, in this process, where the log can be read
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert skipped == [f"skipped {folder / 'broken.jpg'}: undecodable jpg: cannot identify image file"]
+    (folder / "cut.png").write_bytes(png_bytes(random_images(1)[0])[:60])  # seen by the training loader first
+    urls, _ = resolve_shards(str(folder))
     ds = ShardDataset(urls, as_array, batch_size=2, batches_per_epoch=3, shuffle_buffer=100, seed=0)
     for epoch in range(3):  # the loader's workers are new processes every epoch
         ds.start_epoch(epoch)
         assert len(list(DataLoader(ds, batch_size=2, num_workers=1))) == 3
-        assert (ds.skipped.value, ds.read.value) == (1, 8)  # each file read once an epoch
-    assert ds.skips_logged.value == 1  # named in the first epoch only
-    with caplog.at_level(logging.WARNING, logger="ssl_vit.data.pipeline"):
-        list(ShardDataset(urls, as_array))  # in this process, where the log can be read
-    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
-    assert skipped == [f"skipped {folder / 'broken.jpg'}: undecodable jpg: cannot identify image file"]
+        assert (ds.skipped.value, ds.read.value) == (2, 9)  # each file read once an epoch
+    assert ds.skips_logged.value == 1  # cut.png, once: broken.jpg was named before
 
 
 def test_readers_split_shards_disjointly_across_ranks_and_workers(numbered_shards):
@@ -128,6 +130,10 @@ def test_a_shuffle_buffer_larger_than_the_data_repeats_no_image_within_an_epoch(
         labels = [int(label) for _, labels in DataLoader(ds, batch_size=8, num_workers=2) for label in labels]
         assert len(labels) == 32 and len(set(labels)) == 32, sorted(Counter(labels).values())
         assert ds.read.value == 40  # each reader read its shards once
+    # 3 batches of 12 over 2 workers: one makes 2 (24 images), which half the shards (20) cannot fill
+    ds = ShardDataset(urls, as_array, batch_size=12, batches_per_epoch=3, shuffle_buffer=1000, seed=1)
+    labels = [int(label) for _, labels in DataLoader(ds, batch_size=12, num_workers=2) for label in labels]
+    assert len(labels) == 36 and len(set(labels)) == 36, sorted(Counter(labels).values())
 
 
 def test_shard_order_is_keyed_on_seed_and_epoch(numbered_shards):

@@ -62,9 +62,27 @@ NO_LABEL = -1
 IGNORE_PIXEL = -100  # a label map's 255 ("ignore", VOC's and ADE20K's convention), as cross-entropy skips it
 
 View = Callable[[Image.Image], Any]
-#: A dataset logs the first few samples it skips by name, in the first epoch it reads (every epoch
-#: reads the same data); each epoch's summary counts them all.
+#: A dataset names the first few samples it skips, each only the first time this run meets it
+#: (every epoch and every evaluation reads the same files again); epoch summaries count them all.
 SKIPS_LOGGED = 5
+#: What this run has named already: hashes of the skipped samples' names, in memory shared with
+#: the loader workers it forks.
+_named_skips = mp.Array("q", 4096, lock=False)
+_named_count = mp.Value("l", 0)
+
+
+def first_time_named(name: str) -> bool:
+    """Whether ``name`` was not named before in this run (and is now recorded as named)."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little", signed=True)
+    with _named_count.get_lock():
+        count = _named_count.value
+        if count >= len(_named_skips) or key in _named_skips[:count]:
+            return False
+        _named_skips[count] = key
+        _named_count.value = count + 1
+    return True
+
+
 #: The skip fraction is judged only once this many samples were skipped (one bad file is not "mostly broken").
 MIN_SKIPS_TO_JUDGE = 10
 #: Images declaring more pixels are skipped before decoding, for pretraining and evaluation alike:
@@ -236,7 +254,7 @@ class ShardDataset(IterableDataset):
         self.skipped = mp.Value("l", 0)
         self.truncated = mp.Value("l", 0)
         self.skips_logged = mp.Value("l", 0)  # shared by the workers
-        self.first_epoch: int | None = None
+        self._shard: Shard | None = None  # the shard being read, and whether it failed
         self._shard_failed = False
         self._ignored: set[str] = set()
 
@@ -246,11 +264,20 @@ class ShardDataset(IterableDataset):
         return self.batches_per_epoch * self.batch_size
 
     def reader_shards(self, role: int, num_workers: int) -> list[str]:
-        """The shards one (rank, role) reader owns this epoch: disjoint from every other reader's."""
+        """The shards one (rank, role) reader owns this epoch: disjoint from every other reader's.
+        In training, each reader's share of the shards follows its share of the epoch's batches (3
+        batches over 2 workers: 2 and 1), so that a small folder is not read twice by one reader
+        while another leaves part of its own unread."""
         shards = list(self.urls)
         if self.shuffle_shards:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
-        return shards[self.rank * num_workers + role :: self.world_size * num_workers]
+        reader, readers = self.rank * num_workers + role, self.world_size * num_workers
+        if self.batches_per_epoch is None:
+            return shards[reader::readers]
+        shares = [role_batches(self.batches_per_epoch, r % num_workers, num_workers) for r in range(readers)]
+        counts = shard_counts(shares, len(shards))
+        start = sum(counts[:reader])
+        return shards[start : start + counts[reader]]
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         info = get_worker_info()
@@ -303,7 +330,7 @@ class ShardDataset(IterableDataset):
 
     def _read(self, shards: list[Shard]) -> Iterator[tuple[Image.Image, int]]:
         for shard in shards:
-            self._shard_failed = False
+            self._shard, self._shard_failed = shard, False
             for sample in self._samples(shard):
                 with self.read.get_lock():
                     self.read.value += 1
@@ -314,7 +341,8 @@ class ShardDataset(IterableDataset):
                     else:
                         yield image, self._tokens(sample) if self.captions else label
                 except CorruptSample as err:
-                    self._count_skip(f"{sample_name(sample.get('__key__'), shard)}: {err}")
+                    name = sample_name(sample.get("__key__"), shard)
+                    self._count_skip(name, f"{name}: {err}")
 
     def _tokens(self, sample: dict[str, Any]) -> torch.Tensor:
         tokens, cut = self.captions(decode_caption(sample))
@@ -349,13 +377,14 @@ class ShardDataset(IterableDataset):
         # webdataset reports one broken tar stream at several levels: count it once per shard.
         if not self._shard_failed:
             self._shard_failed = True
-            self._count_skip(f"unreadable shard data ({type(err).__name__}: {err}); the rest of that shard is lost")
+            what = f"unreadable shard data ({type(err).__name__}: {err}); the rest of that shard is lost"
+            self._count_skip(str(self._shard), what)
         return True
 
-    def _count_skip(self, what: str) -> None:
+    def _count_skip(self, name: str, what: str) -> None:
         with self.skipped.get_lock():
             self.skipped.value += 1
-        if self.first_epoch not in (None, self.epoch):
+        if not first_time_named(name):
             return
         with self.skips_logged.get_lock():
             if self.skips_logged.value >= SKIPS_LOGGED:
@@ -378,7 +407,6 @@ class ShardDataset(IterableDataset):
         """Read ``epoch`` from its batch ``start_batch`` on; the counts start again from zero
         (the samples of the batches before ``start_batch`` are read again, and counted)."""
         self.epoch = epoch
-        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
         self.start_batch = start_batch
         self.read.value = self.skipped.value = self.truncated.value = 0
 
@@ -403,6 +431,17 @@ def role_batches(batches: int, role: int, num_workers: int) -> int:
     """How many of an epoch's first ``batches`` batches reader ``role`` makes (they are dealt
     round-robin)."""
     return batches // num_workers + (role < batches % num_workers)
+
+
+def shard_counts(shares: list[int], num_shards: int) -> list[int]:
+    """How many of ``num_shards`` shards each reader owns, given its share of the batches: each
+    reader with a share gets one, then each next shard goes to the reader with the most batches
+    per shard, which keeps the most any reader must read of its own shards per epoch lowest."""
+    counts = [1 if share else 0 for share in shares]
+    for _ in range(num_shards - sum(counts)):
+        neediest = max(range(len(shares)), key=lambda r: shares[r] / counts[r] if counts[r] else 0)
+        counts[neediest] += 1
+    return counts
 
 
 def seed_generators(key: str) -> None:
