@@ -47,6 +47,8 @@ class KillAt(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self.step:
+            if self.signal == "SIGINT":  # as at a terminal: a job started in the background ignores Ctrl-C
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
