@@ -65,14 +65,14 @@ View = Callable[[Image.Image], Any]
 #: A dataset names the first few samples it skips, each only the first time this run meets it
 #: (every epoch and every evaluation reads the same files again); epoch summaries count them all.
 SKIPS_LOGGED = 5
-#: What this run has named already: hashes of the skipped samples' names, in memory shared with
-#: the loader workers it forks.
+#: What this process (a run) has named already: hashes of the skipped samples' names, in memory
+#: shared with the loader workers it forks.
 _named_skips = mp.Array("q", 4096, lock=False)
 _named_count = mp.Value("l", 0)
 
 
 def first_time_named(name: str) -> bool:
-    """Whether ``name`` was not named before in this run (and is now recorded as named)."""
+    """Whether ``name`` was not named before in this process (and is now recorded as named)."""
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little", signed=True)
     with _named_count.get_lock():
         count = _named_count.value
