@@ -523,7 +523,11 @@ CONFIG_CASES = [
             "--trainer.strategy=ddp",
         ],
     ),
-    bad_config("missing_shards", "shards of", lambda f, w: _tiny(f, w, **{"data.train_shards": str(f / "nowhere")})),
+    bad_config(
+        "missing_data",
+        "nowhere does not exist: give a folder of images",
+        lambda f, w: _tiny(f, w, **{"data.train_shards": str(f / "nowhere")}),
+    ),
     bad_config(
         "bf16_on_cpu",
         "trainer.precision bf16-mixed asks for bf16, but this run is on a CPU",

@@ -212,6 +212,8 @@ def test_missing_shards_are_a_clear_error(tmp_path: Path):
         resolve_shards(str(tmp_path / "train-{0..1}.tar"))
     with pytest.raises(UserError, match="no shards found"):
         resolve_shards(str(tmp_path))
+    with pytest.raises(UserError, match="fotos does not exist: give a folder of images"):
+        resolve_shards(str(tmp_path / "fotos"))  # a misspelled folder
     Image.fromarray(random_images(1)[0]).save(tmp_path / "IMG_0000.jpg")
     with pytest.raises(UserError, match=f"IMG_0000.jpg is a file, not a folder .* give its folder \\({tmp_path}\\)"):
         resolve_shards(str(tmp_path / "IMG_0000.jpg"))

@@ -396,6 +396,11 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
     if _is_remote(urls[0]):
         return urls, index
     missing = [u for u in urls if not Path(u).is_file()]
+    if urls == [spec] and missing and not spec.endswith((".tar", ".tar.gz", ".tgz")):
+        raise UserError(
+            f"{spec} does not exist: give a folder of images (one sub-folder per class, or none) or of shards "
+            "written by `ssl-vit shards`"
+        )
     if missing:
         raise UserError(
             f"{len(missing)} of {len(urls)} shards of {spec!r} are missing (first: {missing[0]}); "
