@@ -33,6 +33,7 @@ SHARD_FOLDER = OutputKind(f"a shard folder (shard-*.tar, {INDEX_FILE})", ("shard
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MASK_MEMBER = "seg.png"  # a sample's label map for dense probes: 8-bit PNG of class indices
 CAPTION_MEMBER = "txt"  # a sample's caption, UTF-8 (image-text objectives: CLIP)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # a data path naming one shard file
 
 
 @dataclass
@@ -383,7 +384,7 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
                 raise UserError(f"{spec} holds shard folders ({', '.join(nested)}), not shards; name one of them")
             return _image_folder(path)
         urls = [str(path / name) for name in names]
-    elif path.is_file() and not path.name.endswith((".tar", ".tar.gz", ".tgz")):
+    elif path.is_file() and not path.name.endswith(SHARD_SUFFIXES):
         raise UserError(
             f"{spec} is a file, not a folder of images or of tar shards; give its folder ({path.parent}) or the folder "
             "of your images"
@@ -396,7 +397,7 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
     if _is_remote(urls[0]):
         return urls, index
     missing = [u for u in urls if not Path(u).is_file()]
-    if urls == [spec] and missing and not spec.endswith((".tar", ".tar.gz", ".tgz")):
+    if urls == [spec] and missing and not spec.endswith(SHARD_SUFFIXES):
         raise UserError(
             f"{spec} does not exist: give a folder of images (one sub-folder per class, or none) or of shards "
             "written by `ssl-vit shards`"
