@@ -663,7 +663,7 @@ def evaluate(command: str, args: list[str]) -> None:
     if command == "segprobe":
         results = {"segmentation": evaluator.segmentation_probe(encoder)}
     else:
-        train, val = evaluator.features(encoder)
+        train, val = evaluator.features(encoder, tokens=command == "probe")
         results = {"knn": evaluator.knn(train, val)} if command == "knn" else evaluator.probes(encoder, train, val)
     seconds = time.perf_counter() - start
     step = f" (step {info['step']})" if info["step"] is not None else ""

@@ -194,6 +194,36 @@ def test_attentive_probe_beats_chance_on_a_separable_encoder(tmp_path):
     assert results["probe"]["top1"] > 90.0
 
 
+def test_the_probes_read_each_split_once_and_score_as_with_a_pass_each(tmp_path, monkeypatch):
+    """The pooled features and the attentive probe's tokens come from one pass over each split;
+    the accuracies are those of a separate token pass (which pooled features from a cache need)."""
+    import ssl_vit.eval.features as features_module
+
+    train = labelled_shards(tmp_path / "train", 60, 3, seed=0)
+    val = labelled_shards(tmp_path / "val", 30, 3, seed=1)
+    passes = []
+
+    class CountedShards(features_module.ShardDataset):
+        def __iter__(self):
+            passes.append(self.urls)
+            return super().__iter__()
+
+    monkeypatch.setattr(features_module, "ShardDataset", CountedShards)
+    settings = dict(head="linear+attentive", attentive_epochs=3, probe_epochs=3, probe_batch_size=20, num_workers=0)
+    torch.manual_seed(0)
+    encoder = ViTEncoder(**TINY_ENCODER)
+    one_pass = Evaluator(train, val, **settings).run(encoder)
+    assert len(passes) == 2  # train, val
+    train_set, val_set = Evaluator(train, val, **settings).features(encoder, tokens=True)
+    assert train_set.tokens.shape == (60, 64, TINY_ENCODER["embed_dim"]) and val_set.tokens.shape[0] == 30
+    cache = str(tmp_path / "cache")
+    Evaluator(train, val, **settings, cache_dir=cache).features(encoder)  # pooled features only, saved
+    passes.clear()
+    separate = Evaluator(train, val, **settings, cache_dir=cache).run(encoder)
+    assert len(passes) == 2  # the pooled features from the cache, a token pass over each split
+    assert one_pass == separate
+
+
 def test_augmented_probe_path_runs_through_the_frozen_encoder(tmp_path):
     train = labelled_shards(tmp_path / "train", 100, 5, seed=0)
     val = labelled_shards(tmp_path / "val", 50, 5, seed=1)

@@ -76,7 +76,7 @@ class EvaluationCallback(Evaluator, Callback):
             names = shard_class_names(self.val_shards) if not self.skipped else None
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
                 if not self.skipped:
-                    train, val = self.features(encoder)
+                    train, val = self.features(encoder, tokens=probe)
                     results = self.results(encoder, train, val, probe=probe)
                     self.draw(trainer, results, val, names)
                 if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe

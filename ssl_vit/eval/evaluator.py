@@ -184,8 +184,10 @@ class Evaluator:
     def _image_size(self, encoder: FrozenEncoder) -> int:
         return self.image_size or encoder.image_size
 
-    def features(self, encoder: FrozenEncoder) -> tuple[FeatureSet, FeatureSet]:
-        """Train and val features (from the cache when it has them)."""
+    def features(self, encoder: FrozenEncoder, tokens: bool = False) -> tuple[FeatureSet, FeatureSet]:
+        """Train and val features (from the cache when it has them). With ``tokens``, the same pass
+        keeps the patch tokens the attentive probe trains on, when they fit in ``token_cache_gib``."""
+        budget = int(self.token_cache_gib * 2**30) if tokens and self._attentive_reads_cached_tokens() else 0
         result = []
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
             cached = (
@@ -204,12 +206,20 @@ class Evaluator:
                 self.last_blocks,
                 self.batch_size,
                 self.num_workers,
+                token_bytes=budget,
             )
+            # val's tokens share the budget with train's
+            budget = budget - feats.tokens.numel() * feats.tokens.element_size() if feats.tokens is not None else 0
             if cached:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 save_features(cached, feats)
             result.append(feats)
         return result[0], result[1]
+
+    def _attentive_reads_cached_tokens(self) -> bool:
+        # With last_blocks > 1 the pooled pass reads the blocks through another path than the
+        # attentive probe's tokens; with probe_augment the probe trains on fresh crops.
+        return "attentive" in self.head and not self.probe_augment and self.last_blocks == 1
 
     def knn(self, train: FeatureSet, val: FeatureSet) -> dict[str, Accuracy]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,8 +264,13 @@ class Evaluator:
         features of the same shards) give the sample counts and the classes."""
         num_classes = self.num_classes(train, val)
         batch_size = min(self.probe_batch_size, len(train.labels))
-        if not self.probe_augment and self._tokens_fit(encoder, len(train.labels) + len(val.labels)):
-            train_tokens, val_tokens = self._tokens(encoder, self.train_shards), self._tokens(encoder, self.val_shards)
+        kept = train.tokens is not None and val.tokens is not None
+        if not self.probe_augment and (kept or self._tokens_fit(encoder, len(train.labels) + len(val.labels))):
+            if kept:  # from the pass that gave the pooled features
+                train_tokens, val_tokens = (FeatureSet(split.tokens, split.labels) for split in (train, val))
+            else:  # pooled features read from cache_dir, or a pass that kept no tokens
+                train_tokens = self._tokens(encoder, self.train_shards)
+                val_tokens = self._tokens(encoder, self.val_shards)
             epoch_batches = cached_feature_batches(train_tokens, batch_size, self.seed)
             val_batches: Iterable[tuple[Tensor, Tensor]] = feature_chunks(val_tokens)
         else:
@@ -279,7 +294,7 @@ class Evaluator:
     def run(self, encoder: FrozenEncoder, probe: bool = True) -> Results:
         """k-NN and, if ``probe``, the probes ``head`` names:
         ``{"knn": {"k=20": {"top1", "top5"}, ...}, "probe": {...}, "attentive": {...}}``."""
-        return self.results(encoder, *self.features(encoder), probe=probe)
+        return self.results(encoder, *self.features(encoder, tokens=probe), probe=probe)
 
     def results(self, encoder: FrozenEncoder, train: FeatureSet, val: FeatureSet, probe: bool = True) -> Results:
         """:meth:`run` on features already extracted."""

@@ -26,6 +26,7 @@ TokenPooling = Literal["cls", "mean", "cls+mean", "patches"]  # patches: (B, N, 
 class FeatureSet(NamedTuple):
     features: Tensor  # (N, D) float32; (N, L, D) for patch tokens
     labels: Tensor  # (N,) int64
+    tokens: Tensor | None = None  # (N, L, D) the last block's patch tokens, when kept from the same pass
 
 
 def pooled_features(
@@ -37,6 +38,14 @@ def pooled_features(
     With ``last_blocks = n > 1`` the CLS part is the concatenation of the final-normed CLS tokens
     of the last n blocks (DINO's ``n_last_blocks``); the mean is always over the last block.
     """
+    pooled, patches = pooled_and_patches(encoder, images, pooling, last_blocks)
+    return patches if pooling == "patches" else pooled
+
+
+def pooled_and_patches(
+    encoder: FrozenEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1
+) -> tuple[Tensor, Tensor]:
+    """:func:`pooled_features` and the last block's patch tokens, from one forward pass."""
     if pooling not in ("cls", "mean", "cls+mean", "patches"):
         raise UserError(f"unknown pooling {pooling!r}; use cls, mean or cls+mean")
     if pooling.startswith("cls") and not encoder.has_class_token:
@@ -54,12 +63,12 @@ def pooled_features(
         cls = torch.cat([prefix[:, 0] for _, prefix in per_block], dim=-1) if pooling.startswith("cls") else None
         patches = per_block[-1][0]
     if pooling == "cls":
-        return cls
+        return cls, patches
     if pooling == "mean":
-        return patches.mean(dim=1)
+        return patches.mean(dim=1), patches
     if pooling == "cls+mean":
-        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
-    return patches
+        return torch.cat([cls, patches.mean(dim=1)], dim=-1), patches
+    return patches, patches
 
 
 @torch.no_grad()
@@ -68,10 +77,18 @@ def frozen_features(
 ) -> Tensor:
     """Pooled float32 features of a batch through the frozen encoder, on its device (bf16
     autocast on GPU)."""
+    return frozen_pooled_and_patches(encoder, images, pooling, last_blocks)[0]
+
+
+@torch.no_grad()
+def frozen_pooled_and_patches(
+    encoder: FrozenEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1
+) -> tuple[Tensor, Tensor]:
+    """:func:`frozen_features` and the last block's float32 patch tokens, from one forward pass."""
     device = next(encoder.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        features = pooled_features(encoder, images.to(device, non_blocking=True), pooling, last_blocks)
-    return features.float()
+        pooled, patches = pooled_and_patches(encoder, images.to(device, non_blocking=True), pooling, last_blocks)
+    return pooled.float(), patches.float()
 
 
 @torch.no_grad()
@@ -84,25 +101,34 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 2,
     masks: bool = False,
+    token_bytes: int = 0,
 ) -> FeatureSet:
     """Features and labels of every sample of labelled ``shards``, in a fixed order, on the
     encoder's device (bf16 autocast on GPU); with ``masks`` the labels are the samples' label
-    maps, (N, H, W), through the same view as the images."""
+    maps, (N, H, W), through the same view as the images. With ``token_bytes``, the same pass
+    also keeps the last block's patch tokens (``tokens``) for the token probes, unless they
+    would take more than that many bytes."""
     urls, _ = resolve_shards(shards)
     dataset = ShardDataset(urls, view, shuffle_shards=False, masks=masks)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))
     was_training = encoder.training
     encoder.eval()
-    features, labels = [], []
+    features, labels, tokens = [], [], []
+    kept_bytes = 0
     try:
         for images, batch_labels in loader:
-            features.append(frozen_features(encoder, images, pooling, last_blocks).cpu())
+            pooled, patches = frozen_pooled_and_patches(encoder, images, pooling, last_blocks)
+            features.append(pooled.cpu())
             labels.append(batch_labels)
+            kept_bytes += patches.numel() * patches.element_size()
+            if token_bytes and kept_bytes <= token_bytes:
+                tokens.append(patches.cpu())
     finally:
         encoder.train(was_training)
     if not features:
         raise UserError(f"no readable samples in {shards!r}; an evaluation split cannot be empty")
-    result = FeatureSet(torch.cat(features), torch.cat(labels).long())
+    kept = torch.cat(tokens) if token_bytes and kept_bytes <= token_bytes else None
+    result = FeatureSet(torch.cat(features), torch.cat(labels).long(), kept)
     if (result.labels == NO_LABEL).any():
         raise UserError(f"{shards!r} has samples without a class label (cls); evaluation needs labelled shards")
     return result
