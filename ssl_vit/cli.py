@@ -80,7 +80,7 @@ from ssl_vit.guards import NonFiniteGuard
 from ssl_vit.health import HealthCallback
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.methods.distill import Distill, export_student, side_by_side
-from ssl_vit.onnx_export import OnnxOptions
+from ssl_vit.onnx_export import ONNX_FILES, OnnxOptions
 from ssl_vit.pictures import PicturesCallback, shard_class_names
 from ssl_vit.progress import ImagesPerSecondBar, ModuleTable, print_run_summary, run_summary
 
@@ -791,6 +791,8 @@ def export(args: list[str]) -> None:
             f'and open_clip.get_tokenizer("local-dir:{out}")'
         )
         return
+    # An ONNX model of the earlier weights would not describe the new ones: --overwrite drops it; say so.
+    replaced_onnx = [name for name in ONNX_FILES if opts.overwrite and (Path(opts.out) / name).is_file()]
     if objective_name(read_checkpoint(checkpoint)) == Distill.__name__ and opts.format == "timm":
         out = export_student(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
     else:
@@ -802,6 +804,10 @@ def export(args: list[str]) -> None:
         console.print(f"load it with {load}")
     if onnx is not None:
         print_onnx_report(json.loads((Path(out) / "onnx_report.json").read_text()), console)
+    gone = [name for name in replaced_onnx if not (Path(out) / name).exists()]
+    if gone:
+        again = "--onnx --int8" if "model.int8.onnx" in gone else "--onnx"
+        console.print(f"{', '.join(gone)} of the earlier weights are gone; {again} writes them for these")
 
 
 def print_onnx_report(report: dict[str, Any], console: Console) -> None:

@@ -165,14 +165,19 @@ def test_onnx_that_differs_from_pytorch_stops_the_export(checkpoint, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
-def test_onnx_files_are_part_of_what_overwrite_replaces(export, checkpoint, tmp_path):
+def test_onnx_files_are_part_of_what_overwrite_replaces_and_the_export_says_so(export, checkpoint, tmp_path, capsys):
     assert set(onnx_export.ONNX_FILES) <= {p.name for p in export.iterdir()}
     copy = tmp_path / "export"
     copy.mkdir()
     for path in export.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
-    export_encoder(checkpoint, copy, overwrite=True)  # an ONNX export is an export folder
+    main(["export", str(checkpoint), str(copy), "--overwrite"])  # an ONNX export is an export folder
     assert not (copy / "model.onnx").exists()
+    said = capsys.readouterr().out
+    assert "model.onnx, model.int8.onnx, onnx_report.json of the earlier weights are gone" in said
+    assert "--onnx --int8 writes them for these" in said
+    main(["export", str(checkpoint), str(copy), "--overwrite"])  # nothing of the kind left to lose
+    assert "earlier weights" not in capsys.readouterr().out
 
 
 def exit_code(*args: str) -> int:
