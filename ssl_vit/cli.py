@@ -26,6 +26,7 @@ import importlib.metadata
 import inspect
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -721,13 +722,18 @@ def recipes(args: list[str]) -> None:
         raise UserError("no recipes folder here or in the ssl-vit source tree; run from a checkout of ssl-vit")
     paths = sorted(root.rglob("*.yaml"))
     names = [str(path.relative_to(root.parent)) for path in paths]
+    headers = [next((line for line in path.read_text().splitlines() if line.startswith("#")), "# ") for path in paths]
+    rows = [(name, header.lstrip("# ").strip()) for name, header in zip(names, headers, strict=True)]
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: a line per recipe, for grep, never wrapped
+        print("\n".join(f"{name}\t{what}" for name, what in rows))
+        return
     table = Table(title=f"recipes in {root}")
     table.add_column("recipe", no_wrap=True, min_width=max(map(len, names), default=6))  # names are typed: never cut
     table.add_column("what it runs")
-    for path, name in zip(paths, names, strict=True):
-        header = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# ")
-        table.add_row(name, header.lstrip("# ").strip())
-    Console().print(table)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def export(args: list[str]) -> None:
@@ -948,6 +954,9 @@ def main(argv: list[str] | None = None) -> None:
             {**training, **commands}[command](rest)
     except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
         sys.exit(128 + signal.SIGTERM)
+    except BrokenPipeError:  # `ssl-vit recipes | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere
+        sys.exit(128 + signal.SIGPIPE)
     except (UserError, argparse.ArgumentError, MisconfigurationException) as err:
         # Lightning's MisconfigurationException is its own word on a bad setting (e.g. max_epochs -5).
         message = recipe_error_message(err, command) if isinstance(err, argparse.ArgumentError) else str(err)

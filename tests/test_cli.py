@@ -233,8 +233,10 @@ def test_every_command_the_readme_and_docs_name_runs(capsys):
             assert done.code == 0, f"`ssl-vit {command}` in {', '.join(pages)} exits {done.code}"
     assert recipes_named(ROOT / "README.md"), "the README names no recipe"
     recipes = set().union(*map(recipes_named, PAGES))
-    listed = in_this_process(ROOT, "recipes")
+    listed = in_this_process(ROOT, "recipes")  # not a terminal: a line per recipe, "path<TAB>what it runs"
     assert listed.returncode == 0 and all(Path(r).name in listed.stdout for r in recipes)
+    lines = dict(line.split("\t") for line in listed.stdout.splitlines())
+    assert lines["recipes/quickstart/mae.yaml"] == RECIPE.read_text().splitlines()[0].lstrip("# ").strip()
 
 
 def heading_anchors(page: Path) -> set[str]:
