@@ -10,12 +10,23 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich.console import Console
+from rich.progress import Task
 from rich.table import Table
+from rich.text import Text
 
 from ssl_vit.eval.report import RECORD_KINDS
 from ssl_vit.health import HealthCallback
+
+
+class MeasuredSpeedColumn(ProcessingSpeedColumn):
+    """Lightning's it/s column, blank until rich has measured a speed: an epoch of one step would
+    otherwise show "0.00it/s"."""
+
+    def render(self, task: Task) -> Text:
+        return Text("") if task.speed is None else super().render(task)
 
 
 class ImagesPerSecondBar(RichProgressBar):
@@ -41,6 +52,10 @@ class ImagesPerSecondBar(RichProgressBar):
             return None
         elapsed = self._marks[-1][0] - self._marks[0][0]
         return sum(n for _, n in self._marks[1:]) / elapsed if elapsed > 0 else None
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        *columns, speed = super().configure_columns(trainer)
+        return [*columns, MeasuredSpeedColumn(speed.style)]
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)

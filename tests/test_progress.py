@@ -1,0 +1,17 @@
+"""What the terminal shows while a run trains."""
+
+from rich.progress import Progress
+
+from ssl_vit.progress import MeasuredSpeedColumn
+
+
+def test_the_speed_column_is_blank_until_a_speed_is_measured():
+    clock = iter(float(t) for t in range(100))
+    column = MeasuredSpeedColumn("white")
+    progress = Progress(column, get_time=lambda: next(clock), disable=True)
+    task = progress.add_task("epoch", total=4)
+    progress.advance(task, 1)  # one step, as in an epoch of one batch: no speed yet, and no "0.00it/s"
+    assert column.render(progress.tasks[0]).plain == ""
+    progress.advance(task, 1)
+    shown = column.render(progress.tasks[0]).plain
+    assert shown.endswith("it/s") and shown != "0.00it/s"
