@@ -59,7 +59,13 @@ from ssl_vit.checkpoint import (
 )
 from ssl_vit.data.embedded import DATASETS
 from ssl_vit.data.pipeline import ShardDataModule
-from ssl_vit.data.shards import caption_table_samples, image_folder_samples, write_embedded_shards, write_shards
+from ssl_vit.data.shards import (
+    caption_table_samples,
+    image_folder_samples,
+    shard_size,
+    write_embedded_shards,
+    write_shards,
+)
 from ssl_vit.data.views import EvalView
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
@@ -863,7 +869,13 @@ def shards(args: list[str]) -> None:
     table.add_argument("--caption-key", default="title", help="the column of captions (open_clip's default)")
     table.add_argument("--max-shard-bytes", type=int, default=1 << 30)
     for p in (emb, folder, table):
-        p.add_argument("--samples-per-shard", type=int, default=None)
+        p.add_argument(
+            "--samples-per-shard",
+            type=int,
+            default=None,
+            help="default: 250 (embedded), else 1,000, fewer below 64,000 images: at least 64 shards, so that every "
+            "loader worker can read its own share of an epoch's images once",
+        )
         p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     opts = parser.parse_args(args)
     console = Console()
@@ -879,15 +891,17 @@ def shards(args: list[str]) -> None:
         if opts.source == "captions":
             classes, reads = [], [opts.table, str(Path(opts.table).parent)]
             samples = caption_table_samples(opts.table, opts.separator, opts.image_key, opts.caption_key)
+            size = 1000
         else:
-            classes, samples = image_folder_samples(opts.src_dir, masks=opts.masks)
+            classes, samples, count = image_folder_samples(opts.src_dir, masks=opts.masks)
             reads = [opts.src_dir, *([opts.masks] if opts.masks else [])]
+            size = shard_size(count)
         index = write_shards(
             samples,
             opts.out_dir,
             classes=classes,
             source=f"{opts.source} {opts.table if opts.source == 'captions' else opts.src_dir}",
-            samples_per_shard=opts.samples_per_shard or 1000,
+            samples_per_shard=opts.samples_per_shard or size,
             max_shard_bytes=opts.max_shard_bytes,
             overwrite=opts.overwrite,
             reads=reads,

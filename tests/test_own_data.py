@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from ssl_vit.data import ShardDataModule, ShardDataset, resolve_shards
-from ssl_vit.data.shards import FILES_PER_GROUP, HELDOUT_FRACTION, is_heldout
+from ssl_vit.data.shards import FILES_PER_GROUP, HELDOUT_FRACTION, MIN_GROUPS, is_heldout
 from ssl_vit.errors import UserError
 
 from .conftest import random_images
+from .fault_injection import in_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,11 +49,30 @@ def test_an_image_folder_is_read_directly_with_its_classes(tmp_path):
     root = image_folder(tmp_path / "photos", ["cat", "dog", "owl"], per_class=50)
     shards, index = resolve_shards(str(root))
     assert index.classes == ["cat", "dog", "owl"] and index.num_samples == 150
-    assert len(shards) == -(-150 // FILES_PER_GROUP)  # groups of files: several loader workers can read them
+    # groups of files, small enough for several loader workers to each own a share fitting its batches
+    assert len(shards) >= MIN_GROUPS and max(len(group.files) for group in shards) <= FILES_PER_GROUP
     samples = read_all(str(root))
     assert len(samples) == 150 and sorted({label for _, label in samples}) == [0, 1, 2]
     expected = {np.asarray(Image.open(p).convert("RGB")).tobytes() for p in root.rglob("*.png")}
     assert {pixels for pixels, _ in samples} == expected
+
+
+@pytest.mark.parametrize("read_as", ["folder", "shards"])
+def test_an_epoch_of_a_small_folder_reads_every_training_image_once(tmp_path, read_as):
+    """About 108 training images, 3 batches of 32 over 2 loader workers (2 batches and 1): neither
+    worker runs out of its own images and reads them twice (a new user's 120-image folder did),
+    whether the folder is read directly or through the shards `ssl-vit shards imagefolder` writes."""
+    root = image_folder(tmp_path / "photos", ["cat", "dog", "owl"], per_class=40)
+    if read_as == "shards":
+        assert in_this_process(tmp_path, "shards", "imagefolder", "photos", "shards").returncode == 0
+        root = tmp_path / "shards"
+    shards, index = resolve_shards(f"{root}#train")
+    dataset = ShardDataset(shards, np.asarray, batch_size=32, batches_per_epoch=3, shuffle_buffer=1000)
+    loader = DataLoader(dataset, batch_size=32, num_workers=2)
+    images = [image.numpy().tobytes() for batch, _ in loader for image in batch]
+    assert len(images) == 96 and len(set(images)) == 96
+    if read_as == "folder":  # (a shard folder's index knows only the expected size of a part)
+        assert dataset.read.value == index.num_samples  # one pass: each worker read its own images once
 
 
 def test_an_unlabelled_folder_has_no_classes(tmp_path):

@@ -115,7 +115,7 @@ def test_image_folder_with_masks(tmp_path):
             folder = tmp_path / root / ("red", "blue")[label]
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i}.png").write_bytes(data)
-    classes, samples = image_folder_samples(tmp_path / "images", masks=tmp_path / "maps")
+    classes, samples, _ = image_folder_samples(tmp_path / "images", masks=tmp_path / "maps")
     index = write_shards(samples, tmp_path / "shards", classes=classes, source="test")
     assert classes == ["blue", "red"] and index.mask_classes == ["0", "1", "2"]
 

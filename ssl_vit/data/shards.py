@@ -181,9 +181,9 @@ def _say_what_is_left_out(
 
 def image_folder_samples(
     root: str | Path, seed: int = 0, masks: str | Path | None = None
-) -> tuple[list[str], Iterator[Sample]]:
-    """Class names and the samples of an ImageFolder tree (one sub-folder per class), or of a
-    flat folder of images (unlabelled: no classes, no ``cls`` members). An image's caption, for
+) -> tuple[list[str], Iterator[Sample], int]:
+    """Class names, the samples and their number, of an ImageFolder tree (one sub-folder per class),
+    or of a flat folder of images (unlabelled: no classes, no ``cls`` members). An image's caption, for
     image-text objectives, is the text file beside it (``a/b.txt`` for ``a/b.jpg``), if any.
 
     With ``masks``, a parallel folder of label maps (ADE20k / VOC style: 8-bit PNGs of class
@@ -217,7 +217,7 @@ def image_folder_samples(
                 _check_label_map(mask, mask_path, Image.open(io.BytesIO(data)).size)
             yield ext, data, label, mask, caption
 
-    return classes, samples()
+    return classes, samples(), len(files)
 
 
 def caption_table_samples(
@@ -337,9 +337,19 @@ Shard = str | ImageFiles | SplitPart
 #: rest: a run given one folder of images evaluates on images it never trained on.
 HELDOUT_SUFFIX, TRAIN_SUFFIX = "#heldout", "#train"
 HELDOUT_FRACTION = 0.1
-#: Image files per reader group when a folder of images is read directly: small enough that a
-#: few hundred images feed several loader workers, large enough to keep reads sequential.
-FILES_PER_GROUP = 64
+
+
+def shard_size(num_samples: int, most: int = 1000) -> int:
+    """How many samples to write per tar shard: ``most``, fewer in a small dataset, so that it is
+    cut into at least ``MIN_GROUPS`` shards (why: see ``MIN_GROUPS``)."""
+    return max(1, min(most, num_samples // MIN_GROUPS))
+
+
+#: Image files per reader group when a folder of images is read directly (at most), and the fewest
+#: groups a folder is cut into: loader workers own whole groups, in proportion to their share of an
+#: epoch's batches, so a small folder needs many small groups for no worker to run out of images
+#: (and repeat some) while another leaves part of its own unread.
+FILES_PER_GROUP, MIN_GROUPS = 64, 64
 
 
 def is_heldout(key: str) -> bool:
@@ -355,7 +365,7 @@ def resolve_shards(spec: str) -> tuple[list[Shard], ShardIndex | None]:
     ``spec`` is a folder written by ``ssl-vit shards``, a brace pattern of local tar files
     (``/data/train-{000000..000127}.tar``), remote/``pipe:`` URLs, used exactly as written
     (``pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -``), or a folder of image files
-    (an ImageFolder tree, or unlabelled images), read directly in groups of ``FILES_PER_GROUP``.
+    (an ImageFolder tree, or unlabelled images), read directly in groups of up to ``FILES_PER_GROUP``.
     Any of them ending in ``#heldout`` / ``#train`` names that part of the held-out split.
     """
     part = next((suffix for suffix in (HELDOUT_SUFFIX, TRAIN_SUFFIX) if spec.endswith(suffix)), None)
@@ -364,11 +374,12 @@ def resolve_shards(spec: str) -> tuple[list[Shard], ShardIndex | None]:
     if part is None:
         return shards, index
     heldout = part == HELDOUT_SUFFIX
-    if index is not None:
-        if all(isinstance(shard, ImageFiles) for shard in shards):
-            count = sum(is_heldout(path) == heldout for shard in shards for path, _ in shard.files)
-        else:  # the keys are in the shards: the expected share
-            count = round(index.num_samples * (HELDOUT_FRACTION if heldout else 1 - HELDOUT_FRACTION))
+    if all(isinstance(shard, ImageFiles) for shard in shards):  # a folder of images: group the part's own files
+        files = [file for shard in shards for file in shard.files if is_heldout(file[0]) == heldout]
+        source = f"{index.source}, {part[1:]} part"
+        return group_files(shards[0].root, files), replace(index, num_samples=len(files), source=source)
+    if index is not None:  # the keys are in the shards: the expected share
+        count = round(index.num_samples * (HELDOUT_FRACTION if heldout else 1 - HELDOUT_FRACTION))
         index = replace(index, num_samples=count, source=f"{index.source}, {part[1:]} part")
     return [SplitPart(shard, heldout) for shard in shards], index
 
@@ -423,11 +434,13 @@ def _image_folder(root: Path) -> tuple[list[str | ImageFiles], ShardIndex]:
         ) from None
     random.Random(0).shuffle(files)  # each group mixes classes
     relative = [(str(path.relative_to(root)), label) for path, label in files]
-    groups = [
-        ImageFiles(str(root), tuple(relative[i : i + FILES_PER_GROUP]))
-        for i in range(0, len(relative), FILES_PER_GROUP)
-    ]
-    return groups, ShardIndex(len(files), classes, [], f"image folder {root}")
+    return group_files(str(root), relative), ShardIndex(len(files), classes, [], f"image folder {root}")
+
+
+def group_files(root: str, files: list[tuple[str, int | None]]) -> list[str | ImageFiles]:
+    """A folder's image files (paths relative to ``root``, with their class) as reader groups."""
+    size = shard_size(len(files), most=FILES_PER_GROUP)
+    return [ImageFiles(root, tuple(files[i : i + size])) for i in range(0, len(files), size)]
 
 
 def _is_remote(url: str) -> bool:
