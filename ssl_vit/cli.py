@@ -199,6 +199,11 @@ class RunCLI(LightningCLI):
                 raise UserError(f"--ckpt_path {path} cannot be resumed by this run: {problem}")
         if config["ckpt_path"] and Path(config["ckpt_path"]).is_file():
             self.stop_if_finished(Path(config["ckpt_path"]), root)
+            if self.trainer.is_global_zero:
+                Console(stderr=True, soft_wrap=True).print(
+                    f"resuming from {config['ckpt_path']} (to start afresh instead, give the run a folder of its own: "
+                    "--trainer.default_root_dir runs/NEW)"
+                )
         self.started = time.perf_counter()
 
     def stop_if_finished(self, checkpoint: Path, root: Path) -> None:
@@ -209,9 +214,10 @@ class RunCLI(LightningCLI):
         epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
         loop, step, epoch = self.trainer.fit_loop, ckpt["global_step"], epochs.get("processed", 0)
         if 0 <= loop.max_steps <= step:
-            limit = f"trainer.max_steps {loop.max_steps}"
+            reached, longer = f"step {step} of trainer.max_steps {loop.max_steps}", f"--trainer.max_steps {2 * step}"
         elif loop.max_epochs is not None and 0 <= loop.max_epochs <= epoch:
-            limit = f"trainer.max_epochs {loop.max_epochs}"
+            reached = f"epoch {epoch} of trainer.max_epochs {loop.max_epochs}"
+            longer = f"--trainer.max_epochs {2 * epoch}"
         else:
             return
         summary_path = root / "summary.json"
@@ -221,8 +227,8 @@ class RunCLI(LightningCLI):
                 print_run_summary(summary)
             where = f"its summary above is {summary_path}" if summary else "it has no summary"
             Console(stderr=True, soft_wrap=True).print(
-                f"{root} is finished ({checkpoint.name}: step {step}, epoch {epoch}, {limit}): nothing was trained "
-                f"and nothing written; {where}. To train it longer, raise the limit (e.g. --trainer.max_epochs)"
+                f"{root} is finished ({checkpoint.name}: {reached}): nothing was trained and nothing written; "
+                f"{where}. To train it longer, raise the limit (e.g. {longer})"
             )
         failed = bool(summary and summary.get("failed"))
         sys.exit(COLLAPSED_EXIT_CODE if failed and not self.config_init[self.subcommand].get("allow_collapse") else 0)
@@ -251,7 +257,6 @@ class RunCLI(LightningCLI):
         problem = resume_mismatch(newest, read_checkpoint(newest, mmap=True), run)
         if problem:
             raise UserError(f"{newest} is not this run's to resume: {problem}; {fresh}")
-        Console(stderr=True, soft_wrap=True).print(f"resuming from {newest} (a new run folder starts afresh)")
         return str(newest)
 
     def instantiate_classes(self) -> None:
