@@ -808,7 +808,7 @@ def export(args: list[str]) -> None:
             f'and open_clip.get_tokenizer("local-dir:{out}")'
         )
         return
-    # An ONNX model of the earlier weights would not describe the new ones: --overwrite drops it; say so.
+    # An ONNX model made for the replaced export need not describe this one: --overwrite drops it; say so.
     replaced_onnx = [name for name in ONNX_FILES if opts.overwrite and (Path(opts.out) / name).is_file()]
     if objective_name(read_checkpoint(checkpoint)) == Distill.__name__ and opts.format == "timm":
         out = export_student(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
@@ -824,7 +824,8 @@ def export(args: list[str]) -> None:
     gone = [name for name in replaced_onnx if not (Path(out) / name).exists()]
     if gone:
         again = "--onnx --int8" if "model.int8.onnx" in gone else "--onnx"
-        console.print(f"{', '.join(gone)} of the earlier weights are gone; {again} writes them for these")
+        names = " and ".join([", ".join(gone[:-1]), gone[-1]] if len(gone) > 1 else gone)
+        console.print(f"--overwrite removed {names}, made for the export it replaced; {again} writes them for this one")
 
 
 def print_onnx_report(report: dict[str, Any], console: Console) -> None:

@@ -174,10 +174,10 @@ def test_onnx_files_are_part_of_what_overwrite_replaces_and_the_export_says_so(e
     main(["export", str(checkpoint), str(copy), "--overwrite"])  # an ONNX export is an export folder
     assert not (copy / "model.onnx").exists()
     said = capsys.readouterr().out
-    assert "model.onnx, model.int8.onnx, onnx_report.json of the earlier weights are gone" in said
-    assert "--onnx --int8 writes them for these" in said
+    assert "--overwrite removed model.onnx, model.int8.onnx and onnx_report.json, made for the export" in said
+    assert "--onnx --int8 writes them for this one" in said
     main(["export", str(checkpoint), str(copy), "--overwrite"])  # nothing of the kind left to lose
-    assert "earlier weights" not in capsys.readouterr().out
+    assert "removed" not in capsys.readouterr().out
 
 
 def exit_code(*args: str) -> int:
