@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -731,10 +732,10 @@ def recipes(args: list[str]) -> None:
     root = next((d for d in (Path("recipes"), SOURCE_TREE / "recipes") if d.is_dir()), None)
     if root is None:
         raise UserError("no recipes folder here or in the ssl-vit source tree; run from a checkout of ssl-vit")
-    paths = sorted(root.rglob("*.yaml"))
-    names = [str(path.relative_to(root.parent)) for path in paths]
-    headers = [next((line for line in path.read_text().splitlines() if line.startswith("#")), "# ") for path in paths]
-    rows = [(name, header.lstrip("# ").strip()) for name, header in zip(names, headers, strict=True)]
+    # The quickstarts first; names as they can be given from here (absolute for the source tree's).
+    paths = sorted(root.rglob("*.yaml"), key=lambda path: (path.parent.name != "quickstart", path))
+    names = [str(path.relative_to(root.parent) if root == Path("recipes") else path) for path in paths]
+    rows = [(name, recipe_summary(path)) for name, path in zip(names, paths, strict=True)]
     console = Console()
     if not console.is_terminal:  # piped or redirected: a line per recipe, for grep, never wrapped
         print("\n".join(f"{name}\t{what}" for name, what in rows))
@@ -745,6 +746,14 @@ def recipes(args: list[str]) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def recipe_summary(path: Path) -> str:
+    """The first sentence of a recipe's header comment."""
+    lines = path.read_text().splitlines()
+    header = itertools.takewhile(lambda line: line.startswith("#") and line.strip() != "#", lines)
+    paragraph = " ".join(line.lstrip("# ").strip() for line in header)
+    return paragraph.split(". ")[0].removesuffix(".")
 
 
 def export(args: list[str]) -> None:
