@@ -131,8 +131,13 @@ def model_card(model: nn.Module, record: dict[str, Any]) -> str:
     results = [f"- {kind}: {json.dumps(record[kind])}" for kind in RECORD_KINDS if kind in record] or [
         "- none recorded with this checkpoint"
     ]
+    architecture = model.default_cfg.get("architecture", type(model).__name__)
+    if isinstance(model, TIMM_VITS):  # the name is timm's base; config.json's model_args change its shape
+        patch, size = model.patch_embed.patch_size[0], model.patch_embed.img_size[0]
+        shape = f"{len(model.blocks)} blocks, {model.embed_dim}-d, {patch}-px patches, {size}-px images"
+        architecture = f"{architecture} with {shape}"
     lines = [
-        f"# {model.default_cfg.get('architecture', type(model).__name__)}, {record.get('objective', 'ssl-vit')}",
+        f"# {architecture}, {record.get('objective', 'ssl-vit')}",
         "",
         f"Weights written by ssl-vit {record.get('ssl_vit_version', '')} from `{record.get('checkpoint')}`.",
         "",

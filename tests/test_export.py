@@ -76,6 +76,9 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     assert prov["ssl_vit_version"] == ssl_vit.__version__
     card = (out / "README.md").read_text()
     assert f"optimiser steps: {prov['step']}" in card and 'create_model("local-dir:' in card
+    # the heading gives the shape the weights have, not only the timm name it is built from
+    shape = f"{TINY_ENCODER['depth']} blocks, {TINY_ENCODER['embed_dim']}-d, {TINY_ENCODER['patch_size']}-px patches"
+    assert card.startswith(f"# vit_tiny_patch16_224 with {shape}, 32-px images, {prov['objective']}\n")
     objective = checkpoint.parent.name.split("-")[0]
     assert prov["objective"].lower() == objective and prov["step"] == 2
     assert prov["encoder_role"] == EVALUATED_ROLE.get(objective, "student")
