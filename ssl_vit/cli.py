@@ -668,6 +668,8 @@ def evaluate(command: str, args: list[str]) -> None:
     cfg = parser.parse_args(args).as_dict()
     source, weights, out = cfg.pop("encoder"), cfg.pop("weights"), cfg.pop("out")
     evaluator = Evaluator(**cfg)
+    # data without what the command reads stops here, before any loading
+    evaluator.check_shards(labels=command != "segprobe", label_maps=command == "segprobe")
     torch.manual_seed(evaluator.seed)  # --weights random: the same initialisation every time
     encoder, info = load_evaluated_encoder(source, weights)
     if torch.cuda.is_available():

@@ -258,7 +258,7 @@ def test_last_blocks_concatenates_cls_of_each_block(tmp_path):
 def test_bad_evaluation_data_is_a_clear_error(tmp_path):
     encoder = ViTEncoder(**TINY_ENCODER)
     unlabelled = labelled_shards(tmp_path / "unlabelled", 10, 2, seed=4, with_labels=False)
-    with pytest.raises(UserError, match="without a class label"):
+    with pytest.raises(UserError, match="has images without a class; k-NN and the probes need labelled images"):
         Evaluator(unlabelled, unlabelled, num_workers=0).features(encoder)
     train = labelled_shards(tmp_path / "train", 20, 4, seed=5)
     val = labelled_shards(tmp_path / "val", 20, 3, seed=6)

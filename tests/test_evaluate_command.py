@@ -7,15 +7,17 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
 from ssl_vit.cli import main
+from ssl_vit.data import write_shards
 from ssl_vit.export import export_encoder
 from tests.conftest import OBJECTIVES, fit_briefly
-from tests.test_segmentation import region_shards  # labelled shards with label maps: every command reads them
+from tests.test_segmentation import colour_region_sample, region_shards  # shards with label maps
 
 # Few epochs and images: these tests check where numbers come from and go, not their quality.
 SETTINGS = {
@@ -97,3 +99,27 @@ def test_an_encoder_that_is_none_of_these_is_one_line_naming_what_is_accepted(ca
         assert exit_.value.code == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and "timm" in error, error
+
+
+def test_each_command_checks_its_data_has_what_it_reads_before_loading_anything(capsys, run, tmp_path, monkeypatch):
+    """Label maps without classes: k-NN and the probes stop with one line before the encoder is
+    loaded; the dense probe, which reads the maps only, runs."""
+    rng = np.random.default_rng(0)
+    regions = (colour_region_sample(rng, i % 2) for i in range(32))
+    samples = [(ext, image, None, label_map) for ext, image, _, label_map in regions]
+    unlabelled = write_shards(samples, tmp_path / "maps_only", classes=[], source="test")
+    assert unlabelled.classes == [] and unlabelled.mask_classes
+    import ssl_vit.cli as cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "load_evaluated_encoder", lambda *args: loaded.append(args) or pytest.fail("loaded"))
+    maps_only = {**run, "train": tmp_path / "maps_only", "val": tmp_path / "maps_only"}
+    for command in ("knn", "probe"):
+        with pytest.raises(SystemExit) as exit_:
+            evaluate(capsys, command, run["checkpoint"], maps_only)
+        error = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(error.splitlines()) == 1 and "need labelled images" in error, error
+    assert not loaded
+    monkeypatch.undo()
+    record = evaluate(capsys, "segprobe", run["checkpoint"], maps_only)
+    assert "miou" in json.loads(record.read_text())["results"]

@@ -75,6 +75,12 @@ def test_an_epoch_of_a_small_folder_reads_every_training_image_once(tmp_path, re
         assert dataset.read.value == index.num_samples  # one pass: each worker read its own images once
 
 
+def test_a_misspelled_part_of_the_split_names_the_two_parts(tmp_path):
+    root = image_folder(tmp_path / "photos", ["a", "b"], per_class=5)
+    with pytest.raises(UserError, match=f"'#heldot' is not a part of the split; use {root}#train or {root}#heldout"):
+        resolve_shards(f"{root}#heldot")
+
+
 def test_an_unlabelled_folder_has_no_classes(tmp_path):
     root = image_folder(tmp_path / "photos", None)
     _, index = resolve_shards(str(root))

@@ -370,6 +370,10 @@ def resolve_shards(spec: str) -> tuple[list[Shard], ShardIndex | None]:
     """
     part = next((suffix for suffix in (HELDOUT_SUFFIX, TRAIN_SUFFIX) if spec.endswith(suffix)), None)
     base = spec.removesuffix(part) if part else spec
+    folder, hash_sign, name = spec.rpartition("#")
+    if part is None and hash_sign and Path(folder).exists():
+        parts = f"{folder}{TRAIN_SUFFIX} or {folder}{HELDOUT_SUFFIX}"
+        raise UserError(f"{spec}: '#{name}' is not a part of the split; use {parts}")
     shards, index = _resolve(base)
     if part is None:
         return shards, index

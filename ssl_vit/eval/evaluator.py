@@ -136,20 +136,20 @@ class Evaluator:
             name: getattr(self, name) for name in inspect.signature(Evaluator.__init__).parameters if name != "self"
         }
 
-    def check_shards(self) -> None:
-        """Fail before any work if a split is missing or known to be unlabelled (or, for the dense
-        probe, to have no label maps)."""
-        if self.segmentation and self.without_label_maps():
+    def check_shards(self, labels: bool = True, label_maps: bool | None = None) -> None:
+        """Fail before any work if a split is missing or known to have no class labels (when
+        ``labels``) or no label maps (when ``label_maps``; by default, when the dense probe runs)."""
+        if (self.segmentation if label_maps is None else label_maps) and self.without_label_maps():
             raise UserError(
                 f"evaluation shards {self.train_shards!r} / {self.val_shards!r} have no label maps (seg.png), "
                 "which the dense probe (segmentation: true) needs; write shards with them (`ssl-vit shards "
                 "embedded`, or `ssl-vit shards imagefolder --masks MASK_DIR`), or turn the dense probe off"
             )
-        unlabelled = self.unlabelled()
+        unlabelled = self.unlabelled() if labels else None
         if unlabelled:
             raise UserError(
-                f"evaluation: {unlabelled}; k-NN and linear probes need labelled shards: write them with "
-                "`ssl-vit shards imagefolder` from one sub-folder per class"
+                f"evaluation: {unlabelled}; k-NN and the probes need labelled images: one sub-folder per class, or "
+                "shards written from such a folder"
             )
 
     def unlabelled(self) -> str | None:

@@ -130,7 +130,10 @@ def extract_features(
     kept = torch.cat(tokens) if token_bytes and kept_bytes <= token_bytes else None
     result = FeatureSet(torch.cat(features), torch.cat(labels).long(), kept)
     if (result.labels == NO_LABEL).any():
-        raise UserError(f"{shards!r} has samples without a class label (cls); evaluation needs labelled shards")
+        raise UserError(
+            f"{shards} has images without a class; k-NN and the probes need labelled images (one sub-folder per class, "
+            "or shards written from such a folder)"
+        )
     return result
 
 
