@@ -205,6 +205,8 @@ class RunCLI(LightningCLI):
                     f"resuming from {config['ckpt_path']} (to start afresh instead, give the run a folder of its own: "
                     "--trainer.default_root_dir runs/NEW)"
                 )
+        elif getattr(self.model, "init_from", None) and self.trainer.is_global_zero:
+            Console(stderr=True, soft_wrap=True).print(f"the encoder starts from {self.model.init_from} (init_from)")
         self.started = time.perf_counter()
 
     def stop_if_finished(self, checkpoint: Path, root: Path) -> None:

@@ -189,7 +189,7 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
     assert list(run_folder.glob("export.knn.eval-*.json"))  # beside the export, not the run's own records
     assert (user_folder / "runs/photos/finetune/export/model.safetensors").is_file()
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
-    assert continued["steps"] > 0
+    assert continued["steps"] > 0 and "the encoder starts from runs/photos/simclr/export (init_from)" in result.stderr
 
 
 def test_an_unlabelled_folder_pretrains_and_says_why_the_probes_are_skipped(user_folder):
