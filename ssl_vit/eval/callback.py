@@ -60,6 +60,7 @@ class EvaluationCallback(Evaluator, Callback):
         self.baseline: Results | None = None
         self.baseline_name = "random init"
         self.knn_history: list[tuple[int, float]] = []
+        self.val_images: int | None = None  # how many the last evaluation counted
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -77,6 +78,7 @@ class EvaluationCallback(Evaluator, Callback):
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
                 if not self.skipped:
                     train, val = self.features(encoder, tokens=probe)
+                    self.val_images = len(val.labels)
                     results = self.results(encoder, train, val, probe=probe)
                     self.draw(trainer, results, val, names)
                 if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe
@@ -142,7 +144,7 @@ class EvaluationCallback(Evaluator, Callback):
         if results is None:
             return
         title = f"{type(pl_module).__name__} after {trainer.global_step} steps"
-        print_results(title, results, self.baseline, self.baseline_name)
+        print_results(title, results, self.baseline, self.baseline_name, self.val_images)
         ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.log_dir)
         info = {
             "method": type(pl_module).__name__,

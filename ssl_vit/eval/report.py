@@ -72,15 +72,21 @@ def _rows(results: Results) -> dict[str, dict[str, float]]:
 
 
 def print_results(
-    title: str, results: Results, baseline: Results | None = None, baseline_name: str = "random init"
+    title: str,
+    results: Results,
+    baseline: Results | None = None,
+    baseline_name: str = "random init",
+    val_images: int | None = None,
 ) -> None:
     """One row per image-level protocol: top-1 and top-5 (%), and the baseline's top-1 if known
-    (the random initialisation, or the weights a run started from); the dense probe's mIoU and
-    pixel accuracy in a second table."""
+    (the random initialisation, or the weights a run started from), with how many evaluation
+    images they count, if given; the dense probe's mIoU and pixel accuracy in a second table."""
     console = Console()
     rows = _rows(results)
     if rows:
-        table = Table(title=title)
+        # On a small held-out part a difference of a point or two may be one image.
+        caption = f"over {val_images} evaluation images: one is {100 / val_images:.2g} points" if val_images else None
+        table = Table(title=title, caption=caption)
         for name in ("protocol", "top-1 %", "top-5 %", *([f"{baseline_name} top-1 %"] if baseline else [])):
             table.add_column(name, justify="left" if name == "protocol" else "right")
         base_rows = _rows(baseline) if baseline else {}
