@@ -138,7 +138,10 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"{summary['objective']} run", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
-    for key, value in summary.items():
-        if value is not None:
-            table.add_row(key.replace("_", " "), str(value))
-    Console().print(table)
+    rows = [(key.replace("_", " "), str(value)) for key, value in summary.items() if value is not None]
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # a log file: as wide as the rows, so no path is cut in two
+        console = Console(width=max(80, max(len(key) + len(value) for key, value in rows) + 7))
+    console.print(table)

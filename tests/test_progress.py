@@ -2,7 +2,7 @@
 
 from rich.progress import Progress
 
-from ssl_vit.progress import MeasuredSpeedColumn
+from ssl_vit.progress import MeasuredSpeedColumn, print_run_summary
 
 
 def test_the_speed_column_is_blank_until_a_speed_is_measured():
@@ -15,3 +15,10 @@ def test_the_speed_column_is_blank_until_a_speed_is_measured():
     progress.advance(task, 1)
     shown = column.render(progress.tasks[0]).plain
     assert shown.endswith("it/s") and shown != "0.00it/s"
+
+
+def test_a_run_summary_in_a_log_keeps_every_path_whole(capsys):
+    checkpoint = "runs/a_folder_of_photos_with_a_long_name/simclr/checkpoints/last.ckpt"
+    print_run_summary({"objective": "SimCLR", "steps": 8, "checkpoint": checkpoint, "export": None})
+    shown = capsys.readouterr().out  # not a terminal: no 80-column limit
+    assert any(checkpoint in line for line in shown.splitlines()) and "export" not in shown
