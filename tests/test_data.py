@@ -61,7 +61,7 @@ def test_a_messy_folder_reads_every_image_format_and_says_what_it_leaves_out(tmp
     assert index.classes == ["café", "red cars"] and index.num_samples == 6  # the empty folder is no class
     (said,) = [r.getMessage() for r in caplog.records]
     assert "2 files that are not images (.db, .txt)" in said and "'empty folder'" in said
-    assert "1 images beside the class folders" in said
+    assert "1 image beside the class folders" in said and "1 sub-folder without images" in said
     got = read_all(urls)
     assert sorted(label for _, label in got) == [0, 0, 0, 1, 1, 1]
     pixels = {np.asarray(img).tobytes() for img, _ in got}

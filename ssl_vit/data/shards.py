@@ -167,16 +167,22 @@ def _say_what_is_left_out(
     if other:
         kinds = sorted({path.suffix.lower() or path.name for path in other})
         parts.append(
-            f"{len(other)} files that are not images ({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''})"
+            f"{counted(len(other), 'file')} that {'is not an image' if len(other) == 1 else 'are not images'} "
+            f"({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''})"
         )
     if beside:
-        parts.append(f"{len(beside)} images beside the class folders, in no class")
+        parts.append(f"{counted(len(beside), 'image')} beside the class folders, in no class")
     if empty:
-        parts.append(f"{len(empty)} sub-folders without images ({', '.join(repr(name) for name in empty[:5])})")
+        parts.append(f"{counted(len(empty), 'sub-folder')} without images ({', '.join(map(repr, empty[:5]))})")
     if parts:
         log.warning(
             "%s: left out %s; images are read from %s files", root, "; ".join(parts), "/".join(IMAGE_EXTENSIONS)
         )
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def image_folder_samples(
