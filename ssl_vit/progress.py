@@ -57,6 +57,12 @@ class ImagesPerSecondBar(RichProgressBar):
         *columns, speed = super().configure_columns(trainer)
         return [*columns, MeasuredSpeedColumn(speed.style)]
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's "Epoch 2/-2" when max_epochs is -1 (no limit, the run stops at max_steps)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)

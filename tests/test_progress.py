@@ -1,8 +1,11 @@
 """What the terminal shows while a run trains."""
 
+from types import SimpleNamespace
+
+import pytest
 from rich.progress import Progress
 
-from ssl_vit.progress import MeasuredSpeedColumn, print_run_summary
+from ssl_vit.progress import ImagesPerSecondBar, MeasuredSpeedColumn, print_run_summary
 
 
 def test_the_speed_column_is_blank_until_a_speed_is_measured():
@@ -22,3 +25,10 @@ def test_a_run_summary_in_a_log_keeps_every_path_whole(capsys):
     print_run_summary({"objective": "SimCLR", "steps": 8, "checkpoint": checkpoint, "export": None})
     shown = capsys.readouterr().out  # not a terminal: no 80-column limit
     assert any(checkpoint in line for line in shown.splitlines()) and "export" not in shown
+
+
+@pytest.mark.parametrize(("max_epochs", "shown"), [(-1, "Epoch 2"), (5, "Epoch 2/4")])
+def test_the_bar_counts_epochs_out_of_a_limit_only_when_there_is_one(max_epochs, shown):
+    bar = ImagesPerSecondBar()
+    bar._trainer = SimpleNamespace(max_epochs=max_epochs)
+    assert bar._get_train_description(2).strip() == shown
