@@ -666,13 +666,15 @@ def case_checkpoint_with_a_hole(work: Path) -> Outcome:
     leftover = ckpt_dir / f".last.ckpt.{socket.gethostname().replace('.', '_')}-{int(dead.stdout)}.tmp"
     leftover.write_bytes(b"half a checkpoint")
     result = pretrain(folder, "--config", config)
-    resumed_from = next((line for line in result.stderr.splitlines() if "resuming from" in line), "")
+    # the checkpoint before is the last epoch's: the run is finished by it, and says so
+    resumed_from = next((line for line in result.stderr.splitlines() if "is finished (" in line), "")
     warned = "skipping checkpoint" in result.stderr and "does not match" in result.stderr
-    fell_back = f"epoch={EPOCHS - 1:04d}" in resumed_from
+    by_the_one_before = f"(epoch={EPOCHS - 1:04d}-step={EPOCHS * STEPS_PER_EPOCH}.ckpt: epoch {EPOCHS} of "
+    fell_back = by_the_one_before in resumed_from
     ok = result.returncode == 0 and warned and fell_back and not leftover.exists()
     return Outcome(
-        "skip it (SHA-256), resume from the one before; dead writer's file removed",
-        f"rc {result.returncode}, warned={warned}, {resumed_from.strip()[:60] or 'did not resume'}, "
+        "skip it (SHA-256), fall back on the one before; dead writer's file removed",
+        f"rc {result.returncode}, warned={warned}, {resumed_from.strip()[:90] or 'did not fall back'}, "
         f"leftover removed={not leftover.exists()}",
         ok,
         "none" if fell_back else "yes",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.fault_injection import in_this_process
@@ -171,8 +172,11 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
 def test_evaluating_something_that_is_not_a_checkpoint_is_one_clear_message(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     (tmp_path / "notes.yaml").write_text("a: 1\n")
+    for name in ("cat", "dog"):  # labelled images: the data is right, only the encoder is not
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name / "0.png")
     for path, message in (("other.pt", "is not an ssl-vit checkpoint"), ("notes.yaml", "is not an ssl-vit checkpoint")):
-        result = in_this_process(tmp_path, "knn", path, "--train_shards=x", "--val_shards=y")
+        result = in_this_process(tmp_path, "knn", path, "--train_shards=photos", "--val_shards=photos")
         assert result.returncode == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
 
