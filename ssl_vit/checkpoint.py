@@ -9,6 +9,7 @@ import pickle
 import random
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,14 +236,29 @@ class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, plus what a run needs to survive being stopped: checkpoints
     hold the RNG states (a resumed run draws the same random numbers), and a SIGTERM (a scheduler
     pre-empting the job, a SLURM requeue) saves ``last.ckpt`` after the step in flight, before
-    the process exits."""
+    the process exits. They also hold the seconds the run has taken to reach them, so that a
+    resumed run's :meth:`seconds` counts its earlier sessions too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seconds_before, self._session_start = 0.0, time.perf_counter()
+
+    def seconds(self) -> float:
+        """Wall-clock seconds of the run: this session's, and the earlier sessions' up to the
+        checkpoint it resumed from."""
+        return self._seconds_before + time.perf_counter() - self._session_start
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._seconds_before, self._session_start = 0.0, time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": rng_states()}
+        return {**super().state_dict(), "rng": rng_states(), "seconds": self.seconds()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         rng = state.pop("rng", None)
+        self._seconds_before = state.pop("seconds", 0.0)
         super().load_state_dict(state)
         if rng is not None:
             set_rng_states(rng)

@@ -165,6 +165,11 @@ class RunCLI(LightningCLI):
         self.datamodule.check_launch(trainer.world_size)  # before DDP launches a process per device
         return trainer
 
+    def seconds(self) -> float:
+        """The run's wall-clock seconds so far, its earlier sessions' included when it resumed."""
+        checkpoints = self.trainer.checkpoint_callback
+        return checkpoints.seconds() if isinstance(checkpoints, RunCheckpoint) else time.perf_counter() - self.started
+
     def run_name(self) -> str:
         """The run's name within its data's runs folder: the objective's."""
         return type(self.model).__name__.lower()
@@ -328,7 +333,7 @@ class PretrainCLI(RunCLI):
         export_dir = None
         if self.config_init[self.subcommand]["export"] and last is not None:
             export_dir = self.export_model(last, Path(trainer.default_root_dir) / "export")
-        summary = run_summary(trainer, self.model, time.perf_counter() - self.started, last, export_dir)
+        summary = run_summary(trainer, self.model, self.seconds(), last, export_dir)
         summary["failed"] = collapse_verdict(summary)
         write_json(Path(trainer.default_root_dir) / "summary.json", summary)
         print_run_summary(summary)
@@ -406,7 +411,7 @@ class FineTuneCLI(RunCLI):
             # as fine-tuned (MAE's average pooling and fc_norm), not as the weights were pretrained
             "encoder": ", ".join(f"{k}={v}" for k, v in {"name": hp.encoder["name"], **self.model.model_args}.items()),
             "steps": trainer.global_step,
-            "seconds": round(time.perf_counter() - self.started, 1),
+            "seconds": round(self.seconds(), 1),
             "val_top1": results.get("top1"),
             "val_top5": results.get("top5"),
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),

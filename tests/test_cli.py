@@ -97,6 +97,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     ckpt_dir = workdir / "runs/shapes/mae/checkpoints"
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # 128 samples / batch 32
+    (first_seconds,) = [state["seconds"] for name, state in ckpt["callbacks"].items() if "RunCheckpoint" in name]
 
     second = ssl_vit(*args, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -148,6 +149,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     }
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["knn_k20_top1"] == in_run["knn"]["results"]["k=20"]["top1"]
+    assert summary["seconds"] > first_seconds > 1  # the first session's seconds count too
     assert "MAE run" in second.stdout and "knn k20 top1" in second.stdout and summary["rankme_cls"] > 1
     logs = sorted((run / "lightning_logs").glob("version_*"))
     assert (logs[-1] / "config.yaml").exists()

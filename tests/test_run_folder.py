@@ -18,6 +18,7 @@ import torch
 from ssl_vit.checkpoint import (
     RUN_KEY,
     AtomicCheckpointIO,
+    RunCheckpoint,
     checksum_path,
     file_sha256,
     newest_complete_checkpoint,
@@ -148,3 +149,13 @@ def test_last_checkpoint_holds_the_final_step_when_checkpoints_are_every_n_steps
     )
     trainer.fit(factory(), torch.utils.data.DataLoader(_RandomViews(view), batch_size=2))
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_a_resumed_run_counts_the_seconds_of_its_earlier_sessions():
+    """The summary's seconds of a resumed run: the seconds its checkpoint had taken to reach, and
+    this session's."""
+    state = RunCheckpoint().state_dict()
+    assert 0 <= state["seconds"] < 5
+    resumed = RunCheckpoint()
+    resumed.load_state_dict({**state, "seconds": 1000.0})
+    assert 1000.0 <= resumed.seconds() < 1005.0 and RunCheckpoint().seconds() < 5
