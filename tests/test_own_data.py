@@ -75,6 +75,25 @@ def test_an_epoch_of_a_small_folder_reads_every_training_image_once(tmp_path, re
         assert dataset.read.value == index.num_samples  # one pass: each worker read its own images once
 
 
+def test_an_unreadable_image_is_counted_once_and_a_top_up_pass_apart(tmp_path, caplog):
+    """One broken file among 96: the epoch's 3 batches of 32 need one image more than the folder
+    holds, so a reader reads a few of its images again; the epoch's line counts every file once,
+    the broken one once, and the images read again apart (a new user's line said "read 224
+    samples, skipped 2" for 160 files and one broken)."""
+    root = image_folder(tmp_path / "photos", ["cat", "dog"], per_class=48)
+    next((root / "cat").iterdir()).write_bytes(b"\xff\xd8 not a jpeg")
+    shards, _ = resolve_shards(str(root))
+    dataset = ShardDataset(shards, np.asarray, batch_size=32, batches_per_epoch=3, shuffle_buffer=1000)
+    with caplog.at_level(logging.INFO, logger="ssl_vit.data.pipeline"):
+        images = [image for batch, _ in DataLoader(dataset, batch_size=32, num_workers=2) for image in batch]
+        dataset.log_epoch_summary()
+    assert len(images) == 96 and (dataset.read.value, dataset.skipped.value) == (96, 1)
+    assert 1 <= dataset.read_again.value <= 32 + 1  # one batch's buffer, not another whole pass
+    said = caplog.records[-1].getMessage()
+    again = f"read {dataset.read_again.value} of them again to fill the epoch's batches"
+    assert said == f"epoch 0: read 96 samples, skipped 1 unreadable; {again}"
+
+
 def test_a_misspelled_part_of_the_split_names_the_two_parts(tmp_path):
     root = image_folder(tmp_path / "photos", ["a", "b"], per_class=5)
     with pytest.raises(UserError, match=f"'#heldot' is not a part of the split; use {root}#train or {root}#heldout"):

@@ -251,6 +251,7 @@ class ShardDataset(IterableDataset):
         self.start_batch = 0  # the epoch's first batch: > 0 when a run resumes mid-epoch
         # Shared with the workers, which count what they read and skip; reset at each epoch's start.
         self.read = mp.Value("l", 0)
+        self.read_again = mp.Value("l", 0)  # by passes after a reader's first (see _cycle)
         self.skipped = mp.Value("l", 0)
         self.truncated = mp.Value("l", 0)
         self.skips_logged = mp.Value("l", 0)  # shared by the workers
@@ -310,43 +311,50 @@ class ShardDataset(IterableDataset):
                     begin_batch(f"{self.seed}:{self.epoch}:{role + num_workers * role_batch}")
             yield self.view(image, target) if self.masks else (self.view(image), target)
 
-    def _shuffled(self, samples: Iterator[Any], key: str) -> Iterator[Any]:
-        if self.shuffle_buffer <= 1:
+    def _shuffled(self, samples: Iterator[Any], key: str, buffer: int | None = None) -> Iterator[Any]:
+        buffer = self.shuffle_buffer if buffer is None else buffer
+        if buffer <= 1:
             return samples
-        return wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(key))(samples)
+        return wds.shuffle(buffer, buffer, rng=random.Random(key))(samples)
 
     def _cycle(self, shards: list[str], reader: str) -> Iterator[tuple[Image.Image, int]]:
         # Each pass over the shards is shuffled on its own: a buffer larger than a small folder
         # would otherwise hold copies of its images from the next passes, and put them in one batch.
+        # A pass after the first tops up a reader whose shards are a little short of its batches
+        # (unreadable images, a split that is not even): a buffer of one batch reads little more
+        # than it needs. Its samples are counted apart: they were read and judged in the first pass.
         for n_pass in itertools.count():
             order = list(shards)
             random.Random(f"{reader}:{n_pass}").shuffle(order)
             got_any = False
-            for sample in self._shuffled(self._read(order), f"{reader}:{n_pass}"):
+            buffer = self.shuffle_buffer if n_pass == 0 else min(self.shuffle_buffer, self.batch_size)
+            for sample in self._shuffled(self._read(order, again=n_pass > 0), f"{reader}:{n_pass}", buffer):
                 got_any = True
                 yield sample
             if not got_any:
                 raise UserError(f"no readable sample in shards {shards[:3]}...; check the shards' contents")
 
-    def _read(self, shards: list[Shard]) -> Iterator[tuple[Image.Image, int]]:
+    def _read(self, shards: list[Shard], again: bool = False) -> Iterator[tuple[Image.Image, int]]:
+        counter = self.read_again if again else self.read
         for shard in shards:
             self._shard, self._shard_failed = shard, False
             for sample in self._samples(shard):
-                with self.read.get_lock():
-                    self.read.value += 1
+                with counter.get_lock():
+                    counter.value += 1
                 try:
                     image, label = decode_sample(sample, self.decode_side, self.max_image_pixels)
                     if self.masks:
                         yield image, decode_mask(sample, image.size)
                     else:
-                        yield image, self._tokens(sample) if self.captions else label
+                        yield image, self._tokens(sample, count=not again) if self.captions else label
                 except CorruptSample as err:
-                    name = sample_name(sample.get("__key__"), shard)
-                    self._count_skip(name, f"{name}: {err}")
+                    if not again:
+                        name = sample_name(sample.get("__key__"), shard)
+                        self._count_skip(name, f"{name}: {err}")
 
-    def _tokens(self, sample: dict[str, Any]) -> torch.Tensor:
+    def _tokens(self, sample: dict[str, Any], count: bool = True) -> torch.Tensor:
         tokens, cut = self.captions(decode_caption(sample))
-        if cut:
+        if cut and count:
             with self.truncated.get_lock():
                 self.truncated.value += 1
         return tokens
@@ -408,7 +416,7 @@ class ShardDataset(IterableDataset):
         (the samples of the batches before ``start_batch`` are read again, and counted)."""
         self.epoch = epoch
         self.start_batch = start_batch
-        self.read.value = self.skipped.value = self.truncated.value = 0
+        self.read.value = self.read_again.value = self.skipped.value = self.truncated.value = 0
 
     def check_skips(self, max_fraction: float) -> None:
         """Stop when the data is mostly broken rather than train on what is left of it."""
@@ -424,7 +432,10 @@ class ShardDataset(IterableDataset):
         skipped, read, cut = self.skipped.value, self.read.value, self.truncated.value
         report = log.warning if skipped or cut else log.info
         captions = f", cut {cut} captions to the text context" if self.captions else ""
-        report("epoch %d: read %d samples, skipped %d unreadable%s", self.epoch, read, skipped, captions)
+        again = self.read_again.value
+        # one reader short of its batches reads some of its samples again; say so, with the count apart
+        topped_up = f"; read {again} of them again to fill the epoch's batches" if again else ""
+        report("epoch %d: read %d samples, skipped %d unreadable%s%s", self.epoch, read, skipped, captions, topped_up)
 
 
 def role_batches(batches: int, role: int, num_workers: int) -> int:
