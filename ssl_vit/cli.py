@@ -751,11 +751,13 @@ def recipes(args: list[str]) -> None:
     if not console.is_terminal:  # piped or redirected: a line per recipe, for grep, never wrapped
         print("\n".join(f"{name}\t{what}" for name, what in rows))
         return
-    table = Table(title=f"recipes in {root}")
-    table.add_column("recipe", no_wrap=True, min_width=max(map(len, names), default=6))  # names are typed: never cut
+    # On screen, paths under the title's folder, so the summaries keep room (piped: whole paths).
+    table = Table(title=f"recipes in {root.resolve()}{os.sep}")
+    shown = [str(path.relative_to(root)) for path in paths]
+    table.add_column("recipe", no_wrap=True, min_width=max(map(len, shown), default=6))  # names are typed: never cut
     table.add_column("what it runs")
-    for row in rows:
-        table.add_row(*row)
+    for name, (_, what) in zip(shown, rows, strict=True):
+        table.add_row(name, what)
     console.print(table)
 
 

@@ -157,7 +157,7 @@ class Evaluator:
         for shards in (self.train_shards, self.val_shards):
             _, index = resolve_shards(shards)
             if index is not None and not index.classes:
-                return f"{shards.split('#')[0]} has no class labels (images in one sub-folder per class)"
+                return f"{shards.split('#')[0]} has no class labels (they come from one sub-folder per class)"
         return None
 
     def without_label_maps(self) -> bool:

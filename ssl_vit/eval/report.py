@@ -85,7 +85,7 @@ def print_results(
     rows = _rows(results)
     if rows:
         # On a small held-out part a difference of a point or two may be one image.
-        caption = f"over {val_images} evaluation images: one is {100 / val_images:.2g} points" if val_images else None
+        caption = f"{val_images} images, {100 / val_images:.2g} points each" if val_images else None
         table = Table(title=title, caption=caption)
         for name in ("protocol", "top-1 %", "top-5 %", *([f"{baseline_name} top-1 %"] if baseline else [])):
             table.add_column(name, justify="left" if name == "protocol" else "right")
