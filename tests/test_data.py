@@ -2,6 +2,7 @@ import io
 import itertools
 import logging
 import pickle
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -87,6 +88,20 @@ def test_a_broken_image_file_is_named_by_its_path_once_per_run(tmp_path: Path, c
         assert len(list(DataLoader(ds, batch_size=2, num_workers=1))) == 3
         assert (ds.skipped.value, ds.read.value) == (2, 9)  # each file read once an epoch
     assert ds.skips_logged.value == 1  # cut.png, once: broken.jpg was named before
+
+
+def test_a_broken_image_written_to_shards_is_named_by_its_file(tmp_path: Path, caplog):
+    for name in ("cats", "dogs"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        Image.fromarray(random_images(1, seed=len(name))[0]).save(tmp_path / "photos" / name / "0.png")
+    (tmp_path / "photos/cats/broken.jpg").write_bytes(b"")
+    classes, samples, _ = image_folder_samples(tmp_path / "photos")
+    write_shards(samples, tmp_path / "shards", classes=classes, source="test")
+    urls, _ = resolve_shards(str(tmp_path / "shards"))
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.data.pipeline"):
+        assert len(list(ShardDataset(urls, as_array))) == 2
+    (skipped,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert re.fullmatch(r"skipped cats/broken\.jpg \(sample \d+ of .+\.tar\): undecodable jpg: .+", skipped)
 
 
 def test_readers_split_shards_disjointly_across_ranks_and_workers(numbered_shards):

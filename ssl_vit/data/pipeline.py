@@ -21,6 +21,7 @@ import collections
 import hashlib
 import io
 import itertools
+import json
 import logging
 import multiprocessing as mp
 import random
@@ -42,6 +43,7 @@ from ssl_vit.data.shards import (
     HELDOUT_SUFFIX,
     IMAGE_EXTENSIONS,
     MASK_MEMBER,
+    SOURCE_MEMBER,
     TRAIN_SUFFIX,
     ImageFiles,
     Shard,
@@ -137,12 +139,17 @@ def decode_sample(
         raise CorruptSample(f"malformed cls {sample['cls'][:20]!r}") from err
 
 
-def sample_name(key: str | None, shard: Shard) -> str:
-    """How a skipped sample is named to the user: an image file by its path, else key and shard."""
-    files = shard.shard if isinstance(shard, SplitPart) else shard
+def sample_name(sample: dict[str, Any], shard: Shard) -> str:
+    """How a skipped sample is named to the user: an image file by its path, else key and shard,
+    and the file the shard's sample was written from, when the shard says."""
+    key, files = sample.get("__key__"), shard.shard if isinstance(shard, SplitPart) else shard
     if isinstance(files, ImageFiles):
         return str(Path(files.root) / str(key))
-    return f"sample {key} of {shard}"
+    try:
+        source = json.loads(sample[SOURCE_MEMBER])["source"]
+    except (KeyError, TypeError, ValueError):  # no such member, or not ours
+        return f"sample {key} of {shard}"
+    return f"{source} (sample {key} of {shard})"
 
 
 def decode_caption(sample: dict[str, Any]) -> str:
@@ -349,7 +356,7 @@ class ShardDataset(IterableDataset):
                         yield image, self._tokens(sample, count=not again) if self.captions else label
                 except CorruptSample as err:
                     if not again:
-                        name = sample_name(sample.get("__key__"), shard)
+                        name = sample_name(sample, shard)
                         self._count_skip(name, f"{name}: {err}")
 
     def _tokens(self, sample: dict[str, Any], count: bool = True) -> torch.Tensor:

@@ -52,12 +52,16 @@ class ShardIndex:
 
 
 #: One sample to write: (image extension, image bytes, class or None[, label-map PNG bytes or
-#: None[, caption (text, or its UTF-8 bytes as read) or None]]).
+#: None[, caption (text, or its UTF-8 bytes as read) or None[, the image file's path or None]]]).
 Sample = (
     tuple[str, bytes, int | None]
     | tuple[str, bytes, int | None, bytes | None]
     | tuple[str, bytes, int | None, bytes | None, str | bytes | None]
+    | tuple[str, bytes, int | None, bytes | None, str | bytes | None, str | None]
 )
+#: The member that names the file a sample was written from (``{"source": "cats/a.jpg"}``), so
+#: that an image that does not decode can be named by its file.
+SOURCE_MEMBER = "json"
 
 
 def write_shards(
@@ -97,8 +101,10 @@ def write_shards(
             mtime=int(time.time()),
         ) as sink:
             for ext, data, label, *extra in samples:
-                mask, caption = (*extra, None, None)[:2]
+                mask, caption, source = (*extra, None, None, None)[:3]
                 sample = {"__key__": f"{count:09d}", ext: data}
+                if source is not None:
+                    sample[SOURCE_MEMBER] = json.dumps({"source": source}).encode()
                 if label is not None:
                     sample["cls"] = str(label).encode()
                 if mask is not None:
@@ -221,7 +227,7 @@ def image_folder_samples(
                 mask_path = (masks / path.relative_to(root)).with_suffix(".png")
                 mask = mask_path.read_bytes()
                 _check_label_map(mask, mask_path, Image.open(io.BytesIO(data)).size)
-            yield ext, data, label, mask, caption
+            yield ext, data, label, mask, caption, str(path.relative_to(root))
 
     return classes, samples(), len(files)
 
@@ -255,7 +261,9 @@ def caption_table_samples(
     unknown = [path for path, _ in rows if path.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS]
     if unknown:
         raise UserError(f"{unknown[0]} in {table} is not a {'/'.join(IMAGE_EXTENSIONS)} image")
-    return ((path.suffix.lower().lstrip("."), path.read_bytes(), None, None, caption) for path, caption in rows)
+    return (
+        (path.suffix.lower().lstrip("."), path.read_bytes(), None, None, caption, str(path)) for path, caption in rows
+    )
 
 
 def _check_label_map(mask: bytes, path: Path, image_size: tuple[int, int]) -> None:
