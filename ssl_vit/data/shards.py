@@ -101,10 +101,10 @@ def write_shards(
             mtime=int(time.time()),
         ) as sink:
             for ext, data, label, *extra in samples:
-                mask, caption, source = (*extra, None, None, None)[:3]
+                mask, caption, image_file = (*extra, None, None, None)[:3]
                 sample = {"__key__": f"{count:09d}", ext: data}
-                if source is not None:
-                    sample[SOURCE_MEMBER] = json.dumps({"source": source}).encode()
+                if image_file is not None:
+                    sample[SOURCE_MEMBER] = json.dumps({"source": image_file}).encode()
                 if label is not None:
                     sample["cls"] = str(label).encode()
                 if mask is not None:
