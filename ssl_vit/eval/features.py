@@ -84,11 +84,12 @@ def frozen_features(
 def frozen_pooled_and_patches(
     encoder: FrozenEncoder, images: Tensor, pooling: TokenPooling = "cls", last_blocks: int = 1
 ) -> tuple[Tensor, Tensor]:
-    """:func:`frozen_features` and the last block's float32 patch tokens, from one forward pass."""
+    """:func:`frozen_features` and the last block's patch tokens (as computed: bf16 on GPU), from
+    one forward pass."""
     device = next(encoder.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         pooled, patches = pooled_and_patches(encoder, images.to(device, non_blocking=True), pooling, last_blocks)
-    return pooled.float(), patches.float()
+    return pooled.float(), patches
 
 
 @torch.no_grad()
@@ -120,9 +121,9 @@ def extract_features(
             pooled, patches = frozen_pooled_and_patches(encoder, images, pooling, last_blocks)
             features.append(pooled.cpu())
             labels.append(batch_labels)
-            kept_bytes += patches.numel() * patches.element_size()
-            if token_bytes and kept_bytes <= token_bytes:
-                tokens.append(patches.cpu())
+            kept_bytes += patches.numel() * 4  # as kept: float32
+            if token_bytes and kept_bytes <= token_bytes:  # converted only when kept
+                tokens.append(patches.float().cpu())
     finally:
         encoder.train(was_training)
     if not features:
