@@ -743,21 +743,21 @@ def recipes(args: list[str]) -> None:
     root = next((d for d in (Path("recipes"), SOURCE_TREE / "recipes") if d.is_dir()), None)
     if root is None:
         raise UserError("no recipes folder here or in the ssl-vit source tree; run from a checkout of ssl-vit")
-    # The quickstarts first; names as they can be given from here (absolute for the source tree's).
-    paths = sorted(root.rglob("*.yaml"), key=lambda path: (path.parent.name != "quickstart", path))
-    names = [str(path.relative_to(root.parent) if root == Path("recipes") else path) for path in paths]
-    rows = [(name, recipe_summary(path)) for name, path in zip(names, paths, strict=True)]
+    paths = sorted(root.rglob("*.yaml"), key=lambda path: (path.parent.name != "quickstart", path))  # quickstarts first
+    summaries = [recipe_summary(path) for path in paths]
     console = Console()
     if not console.is_terminal:  # piped or redirected: a line per recipe, for grep, never wrapped
-        print("\n".join(f"{name}\t{what}" for name, what in rows))
+        # paths as they can be given from here (absolute for the source tree's)
+        names = [path.relative_to(root.parent) if root == Path("recipes") else path for path in paths]
+        print("\n".join(f"{name}\t{what}" for name, what in zip(names, summaries, strict=True)))
         return
-    # On screen, paths under the title's folder, so the summaries keep room (piped: whole paths).
+    # On screen, paths under the title's folder, so the summaries keep room.
     table = Table(title=f"recipes in {root.resolve()}{os.sep}")
     shown = [str(path.relative_to(root)) for path in paths]
     table.add_column("recipe", no_wrap=True, min_width=max(map(len, shown), default=6))  # names are typed: never cut
     table.add_column("what it runs")
-    for name, (_, what) in zip(shown, rows, strict=True):
-        table.add_row(name, what)
+    for row in zip(shown, summaries, strict=True):
+        table.add_row(*row)
     console.print(table)
 
 
