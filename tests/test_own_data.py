@@ -117,6 +117,16 @@ def test_the_held_out_part_is_disjoint_deterministic_and_a_tenth(tmp_path):
     assert abs(sum(map(is_heldout, keys)) / len(keys) - HELDOUT_FRACTION) < 0.01
 
 
+def test_a_folder_and_the_shards_written_from_it_hold_out_the_same_images(tmp_path):
+    """A run on the folder and a run on its shards evaluate on the same images (the shards keep
+    each image's path, and the split hashes it)."""
+    root = image_folder(tmp_path / "photos", ["a", "b"], per_class=60)
+    assert in_this_process(tmp_path, "shards", "imagefolder", "photos", "shards").returncode == 0
+    for part in ("#heldout", "#train"):
+        from_folder, from_shards = read_all(f"{root}{part}"), read_all(f"{tmp_path / 'shards'}{part}")
+        assert sorted(from_folder) == sorted(from_shards) and from_folder
+
+
 def test_the_held_out_part_of_shards_is_split_by_sample(numbered_shards):
     folder, images = numbered_shards
     train, heldout = read_all(f"{folder}#train"), read_all(f"{folder}#heldout")

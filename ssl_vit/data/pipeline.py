@@ -152,6 +152,18 @@ def sample_name(sample: dict[str, Any], shard: Shard) -> str:
     return f"{source} (sample {key} of {shard})"
 
 
+def split_key(sample: dict[str, Any], shard: str | ImageFiles) -> str:
+    """What the held-out split hashes for a sample: its image's path in the folder, which shards
+    written from a folder keep (so a folder and its shards hold out the same images), else its
+    shard's file name and key."""
+    if isinstance(shard, ImageFiles):
+        return sample["__key__"]
+    try:
+        return str(json.loads(sample[SOURCE_MEMBER])["source"])
+    except (KeyError, TypeError, ValueError):
+        return f"{Path(shard).name}/{sample['__key__']}"
+
+
 def decode_caption(sample: dict[str, Any]) -> str:
     """A sample's caption: its ``txt`` member as UTF-8 text, surrounding whitespace removed."""
     if CAPTION_MEMBER not in sample:
@@ -369,8 +381,7 @@ class ShardDataset(IterableDataset):
     def _samples(self, shard: Shard) -> Iterator[dict[str, Any]]:
         """A shard's samples as webdataset dicts (``__key__``, image member, ``cls``...), undecoded."""
         if isinstance(shard, SplitPart):
-            prefix = "" if isinstance(shard.shard, ImageFiles) else f"{Path(shard.shard).name}/"
-            yield from (s for s in self._samples(shard.shard) if is_heldout(prefix + s["__key__"]) == shard.heldout)
+            yield from (s for s in self._samples(shard.shard) if is_heldout(split_key(s, shard.shard)) == shard.heldout)
         elif isinstance(shard, ImageFiles):
             for path, label in shard.files:
                 sample: dict[str, Any] = {"__key__": path}
