@@ -59,9 +59,10 @@ from ssl_vit.checkpoint import (
     run_checkpoint,
 )
 from ssl_vit.data.embedded import DATASETS
-from ssl_vit.data.pipeline import ShardDataModule
+from ssl_vit.data.pipeline import ShardDataModule, decodable_samples
 from ssl_vit.data.shards import (
     caption_table_samples,
+    counted,
     image_folder_samples,
     shard_size,
     write_embedded_shards,
@@ -925,7 +926,7 @@ def shards(args: list[str]) -> None:
             reads = [opts.src_dir, *([opts.masks] if opts.masks else [])]
             size = shard_size(count)
         index = write_shards(
-            samples,
+            decodable_samples(samples),
             opts.out_dir,
             classes=classes,
             source=f"{opts.source} {opts.table if opts.source == 'captions' else opts.src_dir}",
@@ -937,10 +938,11 @@ def shards(args: list[str]) -> None:
         indexes = {"": index}
     for split, index in indexes.items():
         where = f"{opts.out_dir}/{split}" if split else opts.out_dir
-        n_classes, n_shards = len(index.classes), len(index.shards)
+        classes = f"of {counted(len(index.classes), 'class', 'classes')}" if index.classes else "without classes"
         captioned = f" ({index.captions} with captions)" if index.captions else ""
         console.print(
-            f"wrote {index.num_samples} samples of {n_classes} classes in {n_shards} shards to {where}{captioned}"
+            f"wrote {counted(index.num_samples, 'sample')} {classes} in {counted(len(index.shards), 'shard')} to "
+            f"{where}{captioned}"
         )
 
 

@@ -371,7 +371,7 @@ def test_shards_written_from_a_caption_table_pair_each_image_with_its_caption(tm
         writer.writerows(captions.items())
     result = in_this_process(tmp_path, "shards", "captions", "pairs.csv", "shards")
     assert result.returncode == 0, result.stderr
-    assert "wrote 3 samples of 0 classes in 1 shards to shards (3 with captions)" in result.stdout
+    assert "wrote 3 samples without classes in 1 shard to shards (3 with captions)" in result.stdout
     members = [s["txt"].decode() for s in wds.WebDataset(str(tmp_path / "shards/shard-000000.tar"), shardshuffle=False)]
     assert members == list(captions.values())  # the table's order, text as given
     dataset = ShardDataset([str(tmp_path / "shards/shard-000000.tar")], EvalView(32), captions=CaptionTokens(12))

@@ -26,7 +26,8 @@ import logging
 import multiprocessing as mp
 import random
 import re
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,11 @@ from ssl_vit.data.shards import (
     SOURCE_MEMBER,
     TRAIN_SUFFIX,
     ImageFiles,
+    Sample,
     Shard,
     ShardIndex,
     SplitPart,
+    counted,
     is_heldout,
     resolve_shards,
     write_embedded_shards,
@@ -137,6 +140,23 @@ def decode_sample(
         return image, int(sample["cls"])
     except ValueError as err:
         raise CorruptSample(f"malformed cls {sample['cls'][:20]!r}") from err
+
+
+def decodable_samples(samples: Iterable[Sample]) -> Iterator[Sample]:
+    """The samples whose image decodes as the loader decodes it; the others are left out of the
+    shards being written, and named in one line at the end (found once, not skipped every epoch)."""
+    broken = []
+    for sample in samples:
+        try:  # at an eighth of a JPEG's size: enough to find a broken file, a fraction of the work
+            decode_sample({sample[0]: sample[1]}, min_side=64, max_pixels=sys.maxsize)
+        except CorruptSample as err:
+            broken.append(f"{sample[5] if len(sample) > 5 else 'an image'}: {err}")
+            continue
+        yield sample
+    if broken:
+        first = "; ".join(broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
+        do = "does" if len(broken) == 1 else "do"
+        log.warning("left out %s that %s not decode (%s)", counted(len(broken), "image"), do, first)
 
 
 def sample_name(sample: dict[str, Any], shard: Shard) -> str:

@@ -186,9 +186,9 @@ def _say_what_is_left_out(
         )
 
 
-def counted(n: int, noun: str) -> str:
-    """``1 image``, ``2 images``."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 image``, ``2 images`` (``plural`` where it is not the noun and an s)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def image_folder_samples(
