@@ -417,6 +417,7 @@ def _knn(
         return {"k": k, "note": f"not measured: {unlabelled}"}
     train, val = (_features(sessions, shards, input_size) for shards in (deploy.train, deploy.val))
     results = {kind: evaluator.knn(train[kind], val[kind]) for kind in sessions}
+    k = next(iter(results[next(iter(sessions))]))  # all the training images, where they are fewer than k
     return {"k": k, "train_shards": deploy.train, "val_shards": deploy.val, "results": results}
 
 

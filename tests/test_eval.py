@@ -46,6 +46,21 @@ def test_knn_equals_brute_force_reference(chunk_size):
         assert got[k]["top5"] == pytest.approx(top5, abs=1e-3), k
 
 
+def test_knn_reports_only_the_ks_the_training_images_allow(tmp_path):
+    """A k above the number of training images would be all of them again under another name
+    (a new user's 150 images showed k=200); all of them count as one k where every k is larger."""
+    g = torch.Generator().manual_seed(0)
+    val = FeatureSet(torch.randn(20, 8, generator=g), torch.randint(0, 3, (20,), generator=g))
+    shards = labelled_shards(tmp_path / "shards", 6, num_classes=3, seed=0)  # its 3 classes; features below
+    evaluator = Evaluator(shards, shards, knn_ks=[10, 20, 100, 200])
+    for n, keys in ((150, ["k=10", "k=20", "k=100"]), (100, ["k=10", "k=20", "k=100"]), (8, ["k=8"])):
+        train = FeatureSet(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+        got = evaluator.knn(train, val)
+        assert list(got) == keys
+        if n <= 100:  # the last k is every training image
+            assert got[keys[-1]] == knn_classify(train.features, train.labels, val.features, val.labels, 3, ks=[n])[n]
+
+
 def test_knn_tied_votes_go_to_the_lower_class():
     # Each query sits exactly between two training points of different classes: equal votes.
     train_x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])

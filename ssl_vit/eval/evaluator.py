@@ -222,14 +222,17 @@ class Evaluator:
         return "attentive" in self.head and not self.probe_augment and self.last_blocks == 1
 
     def knn(self, train: FeatureSet, val: FeatureSet) -> dict[str, Accuracy]:
+        """k-NN accuracy for each of ``knn_ks`` up to the number of training images (a larger k
+        would be all of them again, under another name); for all of them when every k is larger."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        ks = [k for k in self.knn_ks if k <= len(train.labels)] or [len(train.labels)]
         accuracies = knn_classify(
             train.features.to(device),
             train.labels,
             val.features,
             val.labels,
             self.num_classes(train, val),
-            self.knn_ks,
+            ks,
             self.knn_temperature,
             self.knn_chunk_size,
         )
