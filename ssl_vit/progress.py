@@ -148,6 +148,7 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     for row in rows:
         table.add_row(*row)
     console = Console()
-    if not console.is_terminal:  # a log file: as wide as the rows, so no path is cut in two
-        console = Console(width=max(80, max(len(key) + len(value) for key, value in rows) + 7))
+    if not console.is_terminal:  # a log file: wide enough for no path (one word) to be cut in two
+        words = [len(key) + len(value) for key, value in rows if " " not in value]  # sentences wrap
+        console = Console(width=max(80, *words) + 7)
     console.print(table)

@@ -22,9 +22,11 @@ def test_the_speed_column_is_blank_until_a_speed_is_measured():
 
 def test_a_run_summary_in_a_log_keeps_every_path_whole(capsys):
     checkpoint = "runs/a_folder_of_photos_with_a_long_name/simclr/checkpoints/last.ckpt"
-    print_run_summary({"objective": "SimCLR", "steps": 8, "checkpoint": checkpoint, "export": None})
-    shown = capsys.readouterr().out  # not a terminal: no 80-column limit
-    assert any(checkpoint in line for line in shown.splitlines()) and "export" not in shown
+    failed = "its outputs stayed collapsed for more than 10% of the run, " * 4  # a sentence, which wraps
+    print_run_summary({"objective": "SimCLR", "steps": 8, "checkpoint": checkpoint, "export": None, "failed": failed})
+    shown = capsys.readouterr().out.splitlines()  # not a terminal: no 80-column limit
+    assert any(checkpoint in line for line in shown) and not any("export" in line for line in shown)
+    assert max(map(len, shown)) < len(failed)
 
 
 @pytest.mark.parametrize(("max_epochs", "shown"), [(-1, "Epoch 2"), (5, "Epoch 2/4")])
