@@ -62,7 +62,6 @@ from ssl_vit.data.embedded import DATASETS
 from ssl_vit.data.pipeline import ShardDataModule, decodable_samples
 from ssl_vit.data.shards import (
     caption_table_samples,
-    counted,
     image_folder_samples,
     shard_size,
     write_embedded_shards,
@@ -70,7 +69,7 @@ from ssl_vit.data.shards import (
 )
 from ssl_vit.data.views import EvalView
 from ssl_vit.encoder import compile_blocks
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, counted
 from ssl_vit.eval import EvaluationCallback, Evaluator
 from ssl_vit.eval.compare import print_comparison
 from ssl_vit.eval.encoders import load_evaluated_encoder, standalone_record_stem

@@ -1,4 +1,4 @@
-"""The one exception type users see as a message rather than a traceback."""
+"""The one exception type users see as a message rather than a traceback, and how messages count."""
 
 
 class UserError(Exception):
@@ -6,3 +6,8 @@ class UserError(Exception):
 
     The message says what was wrong and what to do; the CLI prints it on one line and exits 2.
     """
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 image``, ``2 images`` (``plural`` where it is not the noun and an s)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -51,12 +51,11 @@ from ssl_vit.data.shards import (
     Shard,
     ShardIndex,
     SplitPart,
-    counted,
     is_heldout,
     resolve_shards,
     write_embedded_shards,
 )
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, counted
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ssl_vit.data import embedded
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, counted
 from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 
 log = logging.getLogger(__name__)
@@ -184,11 +184,6 @@ def _say_what_is_left_out(
         log.warning(
             "%s: left out %s; images are read from %s files", root, "; ".join(parts), "/".join(IMAGE_EXTENSIONS)
         )
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``1 image``, ``2 images`` (``plural`` where it is not the noun and an s)."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def image_folder_samples(

@@ -18,7 +18,7 @@ from ssl_vit.checkpoint import objective_name, read_checkpoint
 from ssl_vit.distributed import clip_grad_norms_, gradient_shard_group
 from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, counted
 from ssl_vit.export import encoder_state_dict
 from ssl_vit.guards import CollapseWatch
 from ssl_vit.health import embedding_spread, teacher_health
@@ -382,6 +382,6 @@ class SSLMethod(L.LightningModule):
             )
             rank_zero_warn(
                 f"{type(self).__name__} {watch.state(step)} at step {step}, "
-                f"{watch.collapsed_steps} steps collapsed so far: {what}. {advice}"
+                f"{counted(watch.collapsed_steps, 'step')} collapsed so far: {what}. {advice}"
             )
         self.log("train/collapsed_steps", float(watch.collapsed_steps))
