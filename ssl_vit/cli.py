@@ -414,6 +414,7 @@ class FineTuneCLI(RunCLI):
             "seconds": round(self.seconds(), 1),
             "val_top1": results.get("top1"),
             "val_top5": results.get("top5"),
+            "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
             "export": str(export_dir) if export_dir else None,
             "logs": trainer.log_dir,

@@ -20,6 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import Tensor
 from torch.utils.data import DataLoader
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_vit.checkpoint import read_checkpoint
@@ -181,6 +182,7 @@ class FineTune(L.LightningModule):
         self.criterion = SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(label_smoothing)
         self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.val_images = SumMetric()  # what the accuracies count, summed over devices
 
     def load_encoder(self, path: str) -> None:
         """The pretrained encoder into the classifier: everything but the new head and fc-norm
@@ -218,11 +220,13 @@ class FineTune(L.LightningModule):
         logits = self.model(images)
         self.top1.update(logits, labels)
         self.top5.update(logits, labels)
+        self.val_images.update(len(labels))
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({"val/top1": 100 * self.top1.compute(), "val/top5": 100 * self.top5.compute()}, prog_bar=True)
-        self.top1.reset()
-        self.top5.reset()
+        self.log("val/images", self.val_images.compute())
+        for metric in (self.top1, self.top5, self.val_images):
+            metric.reset()
 
     def peak_lr(self, per_device_batch: int) -> float:
         world = self.trainer.world_size * self.trainer.accumulate_grad_batches

@@ -97,6 +97,7 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 8 and 0 <= summary["val_top1"] <= 100 and summary["weights"] == str(exported)
+    assert summary["val_images"] == 32  # what the accuracy counts
     assert "global_pool=avg" in summary["encoder"]  # as fine-tuned, whatever the export pooled with
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 8
