@@ -164,11 +164,8 @@ def sample_name(sample: dict[str, Any], shard: Shard) -> str:
     key, files = sample.get("__key__"), shard.shard if isinstance(shard, SplitPart) else shard
     if isinstance(files, ImageFiles):
         return str(Path(files.root) / str(key))
-    try:
-        source = json.loads(sample[SOURCE_MEMBER])["source"]
-    except (KeyError, TypeError, ValueError):  # no such member, or not ours
-        return f"sample {key} of {shard}"
-    return f"{source} (sample {key} of {shard})"
+    source = sample_source(sample)
+    return f"sample {key} of {shard}" if source is None else f"{source} (sample {key} of {shard})"
 
 
 def split_key(sample: dict[str, Any], shard: str | ImageFiles) -> str:
@@ -177,10 +174,16 @@ def split_key(sample: dict[str, Any], shard: str | ImageFiles) -> str:
     shard's file name and key."""
     if isinstance(shard, ImageFiles):
         return sample["__key__"]
+    source = sample_source(sample)
+    return f"{Path(shard).name}/{sample['__key__']}" if source is None else source
+
+
+def sample_source(sample: dict[str, Any]) -> str | None:
+    """The file a shard's sample was written from, when the shard says (``SOURCE_MEMBER``)."""
     try:
         return str(json.loads(sample[SOURCE_MEMBER])["source"])
-    except (KeyError, TypeError, ValueError):
-        return f"{Path(shard).name}/{sample['__key__']}"
+    except (KeyError, TypeError, ValueError):  # no such member, or not ours
+        return None
 
 
 def decode_caption(sample: dict[str, Any]) -> str:
