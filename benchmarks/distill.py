@@ -120,25 +120,27 @@ def main() -> None:
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     parser.add_argument("--epochs", type=int, default=yaml.safe_load(RECIPE.read_text())["trainer"]["max_epochs"])
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ssl-vit-distill-"))
-    write_embedded_shards(work / "shapes", dataset="shapes")
-    shards = work / "shapes" / "train"
-    teacher = Path(args.teacher) if args.teacher else make_teacher(work, shards)
-    rows = []
-    for family in args.students:
-        run = work / family
-        summary = distil(STUDENTS[family], teacher, shards, run, args.epochs)
-        onnx = export_onnx(run, work / f"{family}-export")
-        row = {"family": family, "student": STUDENTS[family], "teacher": str(teacher), "commit": git_commit()}
-        rows.append({**row, "summary": summary, "onnx": onnx})
-        print(family, json.dumps(rows[-1]["summary"]["models"], indent=1))
+    teacher_name = args.teacher or "the SimCLR quickstart, trained by this benchmark"
+    with tempfile.TemporaryDirectory(prefix="ssl-vit-distill-") as tmp:  # data, teacher and students go with it
+        work = Path(tmp)
+        write_embedded_shards(work / "shapes", dataset="shapes")
+        shards = work / "shapes" / "train"
+        teacher = Path(args.teacher) if args.teacher else make_teacher(work, shards)
+        rows = []
+        for family in args.students:
+            run = work / family
+            summary = distil(STUDENTS[family], teacher, shards, run, args.epochs)
+            onnx = export_onnx(run, work / f"{family}-export")
+            row = {"family": family, "student": STUDENTS[family], "teacher": teacher_name, "commit": git_commit()}
+            rows.append({**row, "summary": summary, "onnx": onnx})
+            print(family, json.dumps(rows[-1]["summary"]["models"], indent=1))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = write_result(
         "distill",
         device,
         rows,
         keep=("family",),  # a run of some families keeps the others' rows
-        teacher=str(teacher),
+        teacher=teacher_name,
         data="embedded shapes (5,000 training images, 32 px)",
         cpu_threads=CPU_THREADS,
         costs_at_224px=costs_at_scale(),

@@ -209,19 +209,20 @@ def main() -> None:
     parser.add_argument("--decoder", nargs=3, type=int, default=[128, 2, 4], metavar=("DIM", "DEPTH", "HEADS"))
     args = parser.parse_args()
     args.eval_at = {args.steps}
-    work = Path(tempfile.mkdtemp(prefix="ssl-vit-mae-swap-"))
-    rows = []
-    for name in args.datasets:
-        data = work / name
-        write_embedded_shards(data, dataset=name)
-        for seed in args.seeds:
-            images = batches(data, args.steps, args.batch_size, seed)
-            for variant in args.variants:
-                if variant == "lightly-same-init" and seed != args.seeds[0]:
-                    continue
-                for r in train(variant, data, images, seed, args):
-                    rows.append({"dataset": name, **r})
-                    print({k: v for k, v in rows[-1].items() if k != "losses"}, file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="ssl-vit-mae-swap-") as tmp:  # the written data goes with it
+        work = Path(tmp)
+        rows = []
+        for name in args.datasets:
+            data = work / name
+            write_embedded_shards(data, dataset=name)
+            for seed in args.seeds:
+                images = batches(data, args.steps, args.batch_size, seed)
+                for variant in args.variants:
+                    if variant == "lightly-same-init" and seed != args.seeds[0]:
+                        continue
+                    for r in train(variant, data, images, seed, args):
+                        rows.append({"dataset": name, **r})
+                        print({k: v for k, v in rows[-1].items() if k != "losses"}, file=sys.stderr, flush=True)
     out = write_result(
         "mae_swap", "cpu", rows, keep=("dataset",), lr=args.lr, decoder=args.decoder, batch_size=args.batch_size
     )

@@ -625,6 +625,34 @@ def spread(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+def measure(args: argparse.Namespace, work: Path, device: str) -> Path:
+    """Runs every (objective, dataset, seed) of `args` in `work`; returns the results file."""
+    datasets = {name: work / name for name in args.datasets}
+    for name, path in datasets.items():
+        WRITE_REAL[name](path) if name in WRITE_REAL else write_embedded_shards(path, dataset=name)
+    datasets.update({name: Path(d) for name, d in (spec.split("=", 1) for spec in args.data)})
+    commit = git_commit()
+    name_of_results, keep = ("quality_ablations", (*RUN, "overrides")) if args.set else ("quality", RUN)
+    for objective in args.objectives:
+        for name, data in datasets.items():
+            for seed in args.seeds:
+                curves = {}
+                if "ssl-vit" in args.libraries:
+                    curves["ssl-vit"] = ssl_vit_curve(objective, data, args.budgets, seed, work, args.set)
+                if objective in LIGHTLY and "lightly" in args.libraries and not args.set:
+                    curves["lightly"] = LIGHTLY[objective](data, args.budgets, seed)
+                run = {"dataset": name, "seed": seed, "run_steps": max(args.budgets)}
+                rows = []
+                for library, curve in curves.items():
+                    rows += [{"objective": objective, "library": library, **run, **r, "commit": commit} for r in curve]
+                    print(objective, name, seed, library, curve, file=sys.stderr)
+                if args.set:
+                    rows = [{**r, "overrides": " ".join(args.set)} for r in rows]
+                # Written after every run, so that a benchmark stopped part-way keeps what it measured.
+                out = write_result(name_of_results, device, rows, keep=keep)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
@@ -656,30 +684,9 @@ def main() -> None:
         rows = [r for f in files if f.exists() for r in json.loads(f.read_text())["rows"]]
         print(summary_table(rows, args.objectives))
         return
-    work = Path(tempfile.mkdtemp(prefix="ssl-vit-quality-"))
-    datasets = {name: work / name for name in args.datasets}
-    for name, path in datasets.items():
-        WRITE_REAL[name](path) if name in WRITE_REAL else write_embedded_shards(path, dataset=name)
-    datasets.update({name: Path(d) for name, d in (spec.split("=", 1) for spec in args.data)})
-    commit = git_commit()
-    name_of_results, keep = ("quality_ablations", (*RUN, "overrides")) if args.set else ("quality", RUN)
-    for objective in args.objectives:
-        for name, data in datasets.items():
-            for seed in args.seeds:
-                curves = {}
-                if "ssl-vit" in args.libraries:
-                    curves["ssl-vit"] = ssl_vit_curve(objective, data, args.budgets, seed, work, args.set)
-                if objective in LIGHTLY and "lightly" in args.libraries and not args.set:
-                    curves["lightly"] = LIGHTLY[objective](data, args.budgets, seed)
-                run = {"dataset": name, "seed": seed, "run_steps": max(args.budgets)}
-                rows = []
-                for library, curve in curves.items():
-                    rows += [{"objective": objective, "library": library, **run, **r, "commit": commit} for r in curve]
-                    print(objective, name, seed, library, curve, file=sys.stderr)
-                if args.set:
-                    rows = [{**r, "overrides": " ".join(args.set)} for r in rows]
-                # Written after every run, so that a benchmark stopped part-way keeps what it measured.
-                out = write_result(name_of_results, device, rows, keep=keep)
+    # The data and run folders are the benchmark's own: they go when it ends; the results stay.
+    with tempfile.TemporaryDirectory(prefix="ssl-vit-quality-") as work:
+        out = measure(args, Path(work), device)
     if not args.set:
         draw_curves(json.loads(out.read_text())["rows"], out.with_suffix(".png"))  # with the kept rows
     print(f"wrote {out}" + ("" if args.set else f" and {out.with_suffix('.png')}"))
