@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ssl_vit.checkpoint import AtomicCheckpointIO, newest_complete_checkpoint, rng_states, set_rng_states
 from ssl_vit.cli import default_precision
-from ssl_vit.data.pipeline import ShardDataset, to_rgb
+from ssl_vit.data.pipeline import ShardDataset, decode_sample, to_rgb
+from ssl_vit.data.shards import image_folder_samples
 from ssl_vit.errors import UserError
 from tests.fault_injection import CASES, WouldRunCode, odd_mode_images, prepare, write_broken_shard
 
@@ -46,6 +47,40 @@ def test_odd_image_modes_become_rgb():
     rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
     rgba.putpixel((1, 0), (10, 20, 30, 255))
     assert np.asarray(to_rgb(rgba)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+
+
+def sideways_photo(orientation: int) -> bytes:
+    """A JPEG stored 40 wide and 20 high, red on its left half, with an EXIF orientation tag."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_a_phone_photo_is_read_upright_as_viewers_show_it(tmp_path, monkeypatch):
+    # Orientation 6: shown turned 90 degrees clockwise, so 20 wide, 40 high, the red half on top.
+    for min_side in (None, 8):  # decoded whole, and at reduced size (JPEG draft mode)
+        image, _ = decode_sample({"jpg": sideways_photo(6)}, min_side=min_side)
+        pixels = np.asarray(image)
+        assert pixels.shape[:2] == ((40, 20) if min_side is None else (20, 10))
+        assert pixels[1, 1, 0] > 200 and pixels[-2, 1, 0] < 50
+    # Orientation 3: turned 180 degrees, the red half on the right.
+    pixels = np.asarray(decode_sample({"jpg": sideways_photo(3)})[0])
+    assert pixels.shape[:2] == (20, 40) and pixels[1, -2, 0] > 200 and pixels[1, 1, 0] < 50
+    # EXIF that PIL fails on (Pillow #8605: a zero denominator) leaves the pixels as stored; the
+    # image is not skipped.
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageOps, "exif_transpose", lambda img: 1 / 0)
+        assert decode_sample({"jpg": sideways_photo(6)})[0].size == (40, 20)
+    # A label map drawn on the photo as shown (20 x 40) is its size.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "images" / "photo.jpg").write_bytes(sideways_photo(6))
+    Image.new("L", (20, 40)).save(tmp_path / "maps" / "photo.png")
+    assert len(list(image_folder_samples(tmp_path / "images", masks=tmp_path / "maps")[1])) == 1
 
 
 def test_broken_shard_counts_and_never_unpickles(tmp_path):

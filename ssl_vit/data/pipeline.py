@@ -53,6 +53,7 @@ from ssl_vit.data.shards import (
     SplitPart,
     is_heldout,
     resolve_shards,
+    upright,
     write_embedded_shards,
 )
 from ssl_vit.errors import UserError, counted
@@ -102,7 +103,8 @@ class CorruptSample(Exception):
 def decode_sample(
     sample: dict[str, Any], min_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> tuple[Image.Image, int]:
-    """An RGB image and its integer class (``NO_LABEL`` when the sample has no ``cls``).
+    """An RGB image, upright (see ``upright``), and its integer class (``NO_LABEL`` when the sample
+    has no ``cls``).
 
     An image whose header declares more than ``max_pixels`` is not decoded (a 12000 x 12000 PNG
     takes hundreds of megabytes however small its file); it is a ``CorruptSample``. (PIL refuses
@@ -125,7 +127,7 @@ def decode_sample(
                 )
             if min_side:
                 img.draft("RGB", (min_side, min_side))  # a no-op for formats other than JPEG
-            image = to_rgb(img)
+            image = to_rgb(upright(img))
     except CorruptSample:
         raise
     except Exception as err:

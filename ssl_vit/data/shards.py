@@ -20,7 +20,7 @@ from pathlib import Path
 
 import webdataset as wds
 from braceexpand import braceexpand
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from ssl_vit.data import embedded
 from ssl_vit.errors import UserError, counted
@@ -221,7 +221,7 @@ def image_folder_samples(
             if masks is not None:
                 mask_path = (masks / path.relative_to(root)).with_suffix(".png")
                 mask = mask_path.read_bytes()
-                _check_label_map(mask, mask_path, Image.open(io.BytesIO(data)).size)
+                _check_label_map(mask, mask_path, upright(Image.open(io.BytesIO(data))).size)
             yield ext, data, label, mask, caption, str(path.relative_to(root))
 
     return classes, samples(), len(files)
@@ -259,6 +259,18 @@ def caption_table_samples(
     return (
         (path.suffix.lower().lstrip("."), path.read_bytes(), None, None, caption, str(path)) for path, caption in rows
     )
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: a camera that stores its pixels sideways and an EXIF
+    orientation tag (most phone photos) gives the image it was taken as, and a label map is taken
+    to be drawn on that image. A malformed EXIF block leaves the pixels as stored."""
+    try:
+        if img.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # EXIF written by other tools is often broken; the pixels are still good
+        return img
 
 
 def _check_label_map(mask: bytes, path: Path, image_size: tuple[int, int]) -> None:
