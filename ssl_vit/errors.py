@@ -11,3 +11,8 @@ class UserError(Exception):
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     """``1 image``, ``2 images`` (``plural`` where it is not the noun and an s)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def first_few(items: list[str], most: int = 3) -> str:
+    """``a; b; c; and 2 more``: what a message names of a long list."""
+    return "; ".join(items[:most]) + (f"; and {len(items) - most} more" if len(items) > most else "")

@@ -18,7 +18,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ssl_vit.data import ShardDataModule, ShardDataset, resolve_shards
-from ssl_vit.data.shards import FILES_PER_GROUP, HELDOUT_FRACTION, MIN_GROUPS, is_heldout
+from ssl_vit.data.shards import (
+    FILES_PER_GROUP,
+    HELDOUT_FRACTION,
+    MIN_GROUPS,
+    image_folder_samples,
+    is_heldout,
+    write_shards,
+)
 from ssl_vit.errors import UserError
 
 from .conftest import random_images
@@ -73,6 +80,37 @@ def test_an_epoch_of_a_small_folder_reads_every_training_image_once(tmp_path, re
     assert len(images) == 96 and len(set(images)) == 96
     if read_as == "folder":  # (a shard folder's index knows only the expected size of a part)
         assert dataset.read.value == index.num_samples  # one pass: each worker read its own images once
+
+
+def test_class_folders_linked_in_are_read_once_and_a_broken_link_is_named(tmp_path, caplog):
+    """A dataset assembled with ``ln -s`` (as torchvision's ImageFolder reads it): class folders
+    that are links are read; a link back up the tree is not followed twice; a link to a file that
+    is gone is skipped and named once, by its path and why (it was named every epoch, then called
+    "no image member")."""
+    image_folder(tmp_path / "elsewhere", ["cat", "dog"], per_class=4)
+    root = tmp_path / "photos"
+    root.mkdir()
+    for name in ("cat", "dog"):
+        (root / name).symlink_to(tmp_path / "elsewhere" / name, target_is_directory=True)
+    (root / "cat" / "up").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a loop
+    (root / "dog" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    shards, index = resolve_shards(str(root))
+    assert index.classes == ["cat", "dog"] and index.num_samples == 9
+    dataset = ShardDataset(shards, np.asarray, shuffle_shards=False)
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.data.pipeline"):
+        assert sorted(label for _ in range(2) for _, label in dataset) == [0] * 8 + [1] * 8
+    assert dataset.skipped.value == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"skipped {root / 'dog' / 'gone.png'}: cannot read the file (No such file or directory)"]
+    # Shards written from it leave the broken link out, and say so, rather than stop with a traceback.
+    caplog.clear()
+    classes, samples, _ = image_folder_samples(root)
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.data.shards"):
+        index = write_shards(samples, tmp_path / "shards", classes=classes, source="test")
+    assert index.num_samples == 8
+    assert [r.getMessage() for r in caplog.records] == [
+        "left out 1 image that cannot be read (dog/gone.png: No such file or directory)"
+    ]
 
 
 def test_an_unreadable_image_is_counted_once_and_a_top_up_pass_apart(tmp_path, caplog):

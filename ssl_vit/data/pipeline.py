@@ -56,7 +56,7 @@ from ssl_vit.data.shards import (
     upright,
     write_embedded_shards,
 )
-from ssl_vit.errors import UserError, counted
+from ssl_vit.errors import UserError, counted, first_few
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "cls", "json", MASK_MEMBER, CAPT
 #: A caption -> its token ids, and whether they were cut to the context (CLIP's ``CaptionTokens``).
 CaptionTokenizer = Callable[[str], tuple[torch.Tensor, bool]]
 NO_LABEL = -1
+UNREADABLE = "__unreadable__"  # why an image file of a folder could not be read, in its sample
 IGNORE_PIXEL = -100  # a label map's 255 ("ignore", VOC's and ADE20K's convention), as cross-entropy skips it
 
 View = Callable[[Image.Image], Any]
@@ -116,7 +117,7 @@ def decode_sample(
     nothing because no crop of the view is ever taken from fewer than ``min_side`` pixels."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
-        raise CorruptSample(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
+        raise CorruptSample(sample.get(UNREADABLE, f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})"))
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:  # reads the header only
             width, height = img.size
@@ -155,9 +156,8 @@ def decodable_samples(samples: Iterable[Sample]) -> Iterator[Sample]:
             continue
         yield sample
     if broken:
-        first = "; ".join(broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
         do = "does" if len(broken) == 1 else "do"
-        log.warning("left out %s that %s not decode (%s)", counted(len(broken), "image"), do, first)
+        log.warning("left out %s that %s not decode (%s)", counted(len(broken), "image"), do, first_few(broken))
 
 
 def sample_name(sample: dict[str, Any], shard: Shard) -> str:
@@ -411,8 +411,8 @@ class ShardDataset(IterableDataset):
                 sample: dict[str, Any] = {"__key__": path}
                 try:
                     sample[Path(path).suffix.lower().lstrip(".")] = (Path(shard.root) / path).read_bytes()
-                except OSError as err:  # decode_sample counts the sample without an image as a skip
-                    log.warning("cannot read %s: %s", Path(shard.root) / path, err.strerror)
+                except OSError as err:  # a broken link, a file gone or not ours: skipped and named once
+                    sample[UNREADABLE] = f"cannot read the file ({err.strerror})"
                 if label is not None:
                     sample["cls"] = str(label).encode()
                 caption = (Path(shard.root) / path).with_suffix(".txt")

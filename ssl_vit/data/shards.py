@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -23,7 +24,7 @@ from braceexpand import braceexpand
 from PIL import ExifTags, Image, ImageOps
 
 from ssl_vit.data import embedded
-from ssl_vit.errors import UserError, counted
+from ssl_vit.errors import UserError, counted, first_few
 from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def image_files(root: Path) -> tuple[list[str], list[tuple[Path, int | None]]]:
     A sub-folder without images is not a class; what is left out is said once, in one line."""
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
-    visible = [path for path in sorted(root.rglob("*")) if not _hidden(path.relative_to(root))]
+    visible = [path for path in _files_under(root) if not _hidden(path.relative_to(root))]
     images = [path for path in visible if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
     with_images = {path.relative_to(root).parts[0] for path in images if path.parent != root}
     sub_folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -149,6 +150,20 @@ def image_files(root: Path) -> tuple[list[str], list[tuple[Path, int | None]]]:
         )
     _say_what_is_left_out(root, visible, files, [name for name in sub_folders if name not in label])
     return classes, files
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted, through symlinked folders too (a dataset assembled with
+    ``ln -s``, which torchvision's ImageFolder also follows), each real folder once (no link loops)."""
+    files, seen = [], set()
+    for folder, sub_folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            sub_folders.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names]
+    return sorted(files)
 
 
 def _hidden(relative: Path) -> bool:
@@ -213,8 +228,13 @@ def image_folder_samples(
     random.Random(seed).shuffle(files)
 
     def samples() -> Iterator[Sample]:
+        unreadable = []
         for path, label in files:
-            ext, data = path.suffix.lower().lstrip("."), path.read_bytes()
+            try:
+                ext, data = path.suffix.lower().lstrip("."), path.read_bytes()
+            except OSError as err:  # a broken link, a file gone since it was listed, not ours to read
+                unreadable.append(f"{path.relative_to(root)}: {err.strerror}")
+                continue
             caption_path = path.with_suffix(".txt")  # photo.jpg's caption is photo.txt, kept as its bytes
             caption = caption_path.read_bytes() if caption_path.is_file() else None
             mask = None
@@ -223,6 +243,9 @@ def image_folder_samples(
                 mask = mask_path.read_bytes()
                 _check_label_map(mask, mask_path, upright(Image.open(io.BytesIO(data))).size)
             yield ext, data, label, mask, caption, str(path.relative_to(root))
+        if unreadable:
+            images = counted(len(unreadable), "image")
+            log.warning("left out %s that cannot be read (%s)", images, first_few(unreadable))
 
     return classes, samples(), len(files)
 
