@@ -43,6 +43,12 @@ def test_odd_image_modes_become_rgb():
     # 16-bit greyscale is scaled, not clipped: 65535 -> 255, 256 -> 1.
     grey16 = Image.fromarray(np.array([[0, 256, 65535]], dtype=np.uint16))
     assert np.asarray(to_rgb(grey16))[0, :, 0].tolist() == [0, 1, 255]
+    # 32-bit float greyscale (scientific TIFFs) is 0..1, or stretched when it goes beyond; never all
+    # black, as PIL's own conversion makes 0..1 (NaN as 0).
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0, np.nan]], dtype=np.float32))
+    assert np.asarray(to_rgb(floats))[0, :, 0].tolist() == [0, 128, 255, 0]
+    floats = Image.fromarray(np.array([[-100.0, 1900.0, 3900.0]], dtype=np.float32))
+    assert np.asarray(to_rgb(floats))[0, :, 0].tolist() == [0, 128, 255]
     # Transparent pixels show the white background, not the colour they happen to hold.
     rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
     rgba.putpixel((1, 0), (10, 20, 30, 255))

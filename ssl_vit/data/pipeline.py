@@ -222,11 +222,16 @@ def decode_mask(sample: dict[str, Any], size: tuple[int, int]) -> tv_tensors.Mas
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """An 8-bit RGB image from any mode: 16/32-bit greyscale is scaled (not clipped) to 8 bits, and
+    """An 8-bit RGB image from any mode: 16/32-bit greyscale is scaled (not clipped) to 8 bits, 32-bit
+    float greyscale taken as 0..1 or, when its values go beyond, stretched from its least to its most, and
     transparency is composited onto white (rather than dropped, which shows whatever colour the
     transparent pixels happen to hold)."""
     if img.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs): 0..65535
         img = Image.fromarray((np.asarray(img, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
+    elif img.mode == "F":  # 32-bit float TIFFs: 0..1 by convention (scikit-image's), else stretched
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
+        img = Image.fromarray((255 * (values - low) / max(high - low, 1e-12)).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
