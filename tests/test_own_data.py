@@ -138,6 +138,17 @@ def test_a_misspelled_part_of_the_split_names_the_two_parts(tmp_path):
         resolve_shards(f"{root}#heldot")
 
 
+def test_a_folder_given_from_home_as_a_recipe_writes_it_is_found(tmp_path, monkeypatch):
+    """``train_shards: ~/photos`` in a YAML recipe (or quoted on the command line) reaches ssl-vit
+    unexpanded; like torchvision's datasets, ssl-vit expands it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    image_folder(tmp_path / "photos" / "train", ["cat", "dog"], per_class=4)
+    image_folder(tmp_path / "photos" / "val", ["cat", "dog"], per_class=2)
+    assert resolve_shards("~/photos/train#heldout")[1].source.startswith(f"image folder {tmp_path}")
+    module = ShardDataModule("~/photos/train", view=lambda img: img)
+    assert module.evaluation_data() == (f"{tmp_path}/photos/train", f"{tmp_path}/photos/val")
+
+
 def test_an_unlabelled_folder_has_no_classes(tmp_path):
     root = image_folder(tmp_path / "photos", None)
     _, index = resolve_shards(str(root))

@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
+import os
 import random
 import re
 import sys
@@ -618,9 +619,9 @@ class ShardDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["view"])  # plain values only: checkpoints load weights_only
-        self.train_shards = train_shards
+        self.train_shards = os.path.expanduser(train_shards)  # a recipe's ``~/photos``: no shell expands it
         self.view = view
-        self.val_shards = val_shards
+        self.val_shards = val_shards and os.path.expanduser(val_shards)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer

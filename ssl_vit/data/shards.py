@@ -412,6 +412,7 @@ def resolve_shards(spec: str) -> tuple[list[Shard], ShardIndex | None]:
     (an ImageFolder tree, or unlabelled images), read directly in groups of up to ``FILES_PER_GROUP``.
     Any of them ending in ``#heldout`` / ``#train`` names that part of the held-out split.
     """
+    spec = os.path.expanduser(spec)  # a recipe's ``~/photos``, which no shell expands
     part = next((suffix for suffix in (HELDOUT_SUFFIX, TRAIN_SUFFIX) if spec.endswith(suffix)), None)
     base = spec.removesuffix(part) if part else spec
     folder, hash_sign, name = spec.rpartition("#")
