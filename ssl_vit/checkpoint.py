@@ -266,6 +266,17 @@ class RunCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_KEY] = {"folder": str(Path(trainer.default_root_dir).resolve())}
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved after its epoch ended (at the end of a run, below) resumes at the next
+        # epoch's first batch. With trainer.max_steps set, Lightning restores any checkpoint as if
+        # mid-epoch: the finished epoch's batch count would carry into the next epoch, which then
+        # yields only the batches left of that count (1 of 4 in the run that showed it).
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs, batches = loop.get("epoch_progress", {}).get("current"), loop.get("epoch_loop.batch_progress")
+        if epochs and batches and epochs["processed"] == epochs["ready"]:
+            batches["current"] = dict.fromkeys(batches["current"], 0)
+            batches["is_last_batch"] = False
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning saves last.ckpt at the end only if it never saved one, so a run checkpointing
         # every N steps would end with a last.ckpt older than its final weights, and the export and

@@ -34,6 +34,7 @@ from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.masking import patch_mask_to_pixels
+from ssl_vit.periodic import Periodic
 
 #: Ten distinguishable colours (Tableau 10, RGB in [0, 1]), for I-JEPA's target blocks.
 PALETTE = matplotlib.colormaps["tab10"].colors
@@ -364,20 +365,23 @@ def held_images(shards: str, size: int, num_images: int) -> Tensor | None:
     return torch.stack(images) if images else None
 
 
-class PicturesCallback(L.Callback):
-    """Every ``every_n_epochs`` epochs and at the end of a run: the objective's pictures of the
-    same ``num_images`` images (the first ones of ``shards``; default: the run's evaluation data,
-    ``ShardDataModule.evaluation_data``), and the loss curve, in ``pictures/`` and the logger.
+class PicturesCallback(Periodic):
+    """Every ``every_n_steps`` steps or ``every_n_epochs`` epochs (:class:`~ssl_vit.periodic.Periodic`)
+    and at the end of a run: the objective's pictures of the same ``num_images`` images (the first
+    ones of ``shards``; default: the run's evaluation data, ``ShardDataModule.evaluation_data``),
+    and the loss curve, in ``pictures/`` and the logger.
 
     An objective draws by implementing ``pictures(images) -> {name: [column, ...]}`` (columns of
     displayable (B, 3, H, W) images in [0, 1]); MAE and SimMIM draw reconstructions, DINO its
     attention maps.
     """
 
-    def __init__(self, shards: str | None = None, num_images: int = 8, every_n_epochs: int = 0) -> None:
+    def __init__(
+        self, shards: str | None = None, num_images: int = 8, every_n_steps: int = 0, every_n_epochs: int = 0
+    ) -> None:
+        super().__init__(every_n_steps, every_n_epochs)
         self.shards = shards
         self.num_images = num_images
-        self.every_n_epochs = every_n_epochs
         self.images: Tensor | None = None
         self.losses: list[tuple[int, float]] = []
 
@@ -388,11 +392,10 @@ class PicturesCallback(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         if trainer.global_step % trainer.log_every_n_steps == 0 and outputs is not None:
             self.losses.append((trainer.global_step, float(outputs["loss"])))
+        super().on_train_batch_end(trainer, pl_module, outputs, *args)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != trainer.max_epochs:
-            self.draw(trainer, pl_module)
+    def periodic(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.draw(trainer, pl_module)

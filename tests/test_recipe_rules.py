@@ -53,9 +53,10 @@ def test_ema_window_bounds():
     assert 1 / (1 - capped) == pytest.approx(EMA_MAX_WINDOW_RUN_FRACTION * 400)
 
 
-def recipe_method(path: Path, encoder: dict | None = None, **trainer_overrides):
+def recipe_method(path: Path, encoder: dict | None = None, samples: int = 5000, **trainer_overrides):
     """The recipe's objective with a stand-in trainer that has the recipe's run shape (steps per
-    epoch from the data size, global batch and accumulation; total steps from the epochs);
+    epoch from the data size, by default the embedded shapes' train split, global batch and
+    accumulation; total steps from max_steps or the epochs, whichever ends first, as Lightning's);
     ``encoder`` fields replace the recipe's (a smaller ViT where only the schedules matter)."""
     recipe = yaml.safe_load(path.read_text())
     module, _, name = recipe["model"]["class_path"].rpartition(".")
@@ -66,13 +67,14 @@ def recipe_method(path: Path, encoder: dict | None = None, **trainer_overrides):
     data = recipe["data"]
     world = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
     accumulate = trainer.get("accumulate_grad_batches", 1)
-    samples = data.get("samples_per_epoch") or 5000  # the embedded shapes' train split
+    samples = data.get("samples_per_epoch") or samples
     batches = samples // (data["batch_size"] * world)  # every epoch drops its last partial batch, as in the pipeline
+    limits = [trainer.get("max_steps", -1), math.ceil(batches / accumulate) * trainer.get("max_epochs", -1)]
     method._trainer = SimpleNamespace(
         num_training_batches=batches,
         accumulate_grad_batches=accumulate,
         world_size=world,
-        estimated_stepping_batches=math.ceil(batches / accumulate) * trainer["max_epochs"],
+        estimated_stepping_batches=min(limit for limit in limits if limit >= 0),
     )
     return method
 
@@ -143,3 +145,15 @@ def test_scale_to_run_off_keeps_the_recipe_values():
     dino.scale_to_run = False
     assert dino.run_epochs(dino.warmup_epochs) == 10
     assert dino.run_momentum(dino.hparams.teacher_momentum) == 0.996
+
+
+@pytest.mark.parametrize("recipe", ["simclr", "dino", "mae", "ijepa"])
+def test_a_quickstart_does_the_same_steps_on_any_folder(recipe):
+    """The quickstarts' budget is in steps: a folder of 1,000 images gets the shapes' 312 (624)
+    steps, with the same warm-up and lr in steps, not 8 epochs of 7 steps (a new user's first run
+    on a folder of 420 images trained 16 steps and ended below its random initialisation)."""
+    shapes, folder = (recipe_method(RECIPES / f"quickstart/{recipe}.yaml", samples=n) for n in (5000, 1000))
+    assert folder.trainer.estimated_stepping_batches == shapes.trainer.estimated_stepping_batches >= 312
+    total = shapes.trainer.estimated_stepping_batches
+    for step in (0, 20, 41, 42, total // 2, total - 1):
+        assert folder.learning_rate(step, 128) == pytest.approx(shapes.learning_rate(step, 128))

@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ssl_vit.data.views import EvalView
@@ -19,10 +18,11 @@ from ssl_vit.eval.evaluator import Evaluator, Results
 from ssl_vit.eval.features import FeatureSet
 from ssl_vit.eval.image_text import ImageTextModel, evaluate_image_text
 from ssl_vit.eval.report import metrics, print_results, write_records
+from ssl_vit.periodic import Periodic
 from ssl_vit.pictures import embedding_picture, line_chart, save_picture, shard_class_names
 
 
-class EvaluationCallback(Evaluator, Callback):
+class EvaluationCallback(Evaluator, Periodic):
     """Runs the :class:`Evaluator` on the model's encoder during pretraining (on rank 0; the other
     ranks wait) and logs ``eval/knn_k20_top1``-style metrics at the current step.
 
@@ -35,7 +35,8 @@ class EvaluationCallback(Evaluator, Callback):
             (``ShardDataModule.evaluation_data``: its ``val`` folder or held-out part). When that
             data has no class labels, the evaluation is skipped with one line (health and
             pictures need none), and without label maps the dense probe is.
-        every_n_epochs: also run k-NN after every n-th epoch (0 = only at the end).
+        every_n_steps, every_n_epochs: also run k-NN every n optimiser steps, or after every n-th
+            epoch (0 = only at the end; see :class:`~ssl_vit.periodic.Periodic`).
         at_start: evaluate the freshly initialised encoder before training (the baseline).
         probes: run the probes ``head`` names (linear, attentive) at the start and the end too
             (k-NN always runs).
@@ -46,14 +47,15 @@ class EvaluationCallback(Evaluator, Callback):
         self,
         train_shards: str | None = None,
         val_shards: str | None = None,
+        every_n_steps: int = 0,
         every_n_epochs: int = 0,
         at_start: bool = False,
         probes: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(train_shards or "", val_shards or "", **kwargs)
+        Evaluator.__init__(self, train_shards or "", val_shards or "", **kwargs)
+        Periodic.__init__(self, every_n_steps, every_n_epochs)
         self.follows_data = train_shards is None and val_shards is None
-        self.every_n_epochs = every_n_epochs
         self.at_start = at_start
         self.probes_at_ends = probes
         self.skipped: str | None = None  # why this run's data cannot be evaluated
@@ -61,13 +63,6 @@ class EvaluationCallback(Evaluator, Callback):
         self.baseline_name = "random init"
         self.knn_history: list[tuple[int, float]] = []
         self.val_images: int | None = None  # how many the last evaluation counted
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            k: v
-            for k, v in super().settings().items()
-            if k not in ("every_n_epochs", "at_start", "probes", "probes_at_ends", "baseline", "knn_history")
-        }
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
         results: Results = {}
@@ -133,10 +128,8 @@ class EvaluationCallback(Evaluator, Callback):
         self.baseline_name = state_dict.get("baseline_name", "random init")
         self.knn_history = [tuple(point) for point in state_dict.get("knn_history", [])]
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != trainer.max_epochs:
-            self._evaluate(trainer, pl_module, probe=False)
+    def periodic(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluate(trainer, pl_module, probe=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         start = time.perf_counter()
