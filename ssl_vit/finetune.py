@@ -30,7 +30,7 @@ from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict, preprocessing_cfg, write_timm_folder
-from ssl_vit.schedules import warmup_cosine
+from ssl_vit.schedules import PaperRun, scaled_epochs, warmup_cosine
 
 
 class FineTuneView:
@@ -129,12 +129,17 @@ def architecture(init_from: str) -> EncoderConfig:
     )
 
 
+#: MAE's fine-tuning of ViT-B/16 (100 epochs at batch 1024), whose 5 warm-up epochs a shorter run
+#: shrinks in proportion (``scaled_epochs``, as the objectives' ``scale_to_run``).
+MAE_FINETUNE = PaperRun(epochs=100, steps_per_epoch=1281167 // 1024)
+
+
 class FineTune(L.LightningModule):
     """MAE's fine-tuning, its ViT-B/16 command (FINETUNE.md) as defaults: a timm ViT with
     ``num_classes`` outputs, average-pooled patch tokens and fc-norm (the pretrained final norm
     is dropped, as MAE does), drop path 0.1, AdamW (0.9, 0.999), lr = base_lr 5e-4 x global
-    batch / 256 with ``warmup_epochs`` (5 of MAE's 100) of per-step linear warm-up then cosine to
-    ``min_lr``, layer-wise lr decay 0.65 (MAE's ViT-L: 0.75, base_lr 1e-3, drop path 0.2),
+    batch / 256 with ``warmup_epochs`` (5 of MAE's 100; a shorter run's in proportion) of per-step
+    linear warm-up then cosine to ``min_lr``, layer-wise lr decay 0.65 (MAE's ViT-L: 0.75, base_lr 1e-3, drop path 0.2),
     weight decay 0.05 except on biases, norms, position embeddings and tokens; Mixup 0.8 /
     CutMix 1.0 with label smoothing 0.1 (soft-target cross-entropy).
 
@@ -235,12 +240,19 @@ class FineTune(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = round(self.hparams.warmup_epochs * steps_per_epoch)
+        warmup_epochs = scaled_epochs(self.hparams.warmup_epochs, total / steps_per_epoch, MAE_FINETUNE)
+        warmup = round(warmup_epochs * steps_per_epoch)
         peak = self.peak_lr(len(batch[1]))
         lr = warmup_cosine(self.global_step, total, warmup, peak, self.hparams.min_lr)
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.log("train/lr", lr)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A run that reaches max_steps mid-epoch (a budget in steps, as the quickstart's) would end
+        # without validating; stopping on that batch makes Lightning validate there, as at an epoch's end.
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = param_groups_layer_decay(
