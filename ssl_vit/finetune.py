@@ -139,9 +139,9 @@ class FineTune(L.LightningModule):
     ``num_classes`` outputs, average-pooled patch tokens and fc-norm (the pretrained final norm
     is dropped, as MAE does), drop path 0.1, AdamW (0.9, 0.999), lr = base_lr 5e-4 x global
     batch / 256 with ``warmup_epochs`` (5 of MAE's 100; a shorter run's in proportion) of per-step
-    linear warm-up then cosine to ``min_lr``, layer-wise lr decay 0.65 (MAE's ViT-L: 0.75, base_lr 1e-3, drop path 0.2),
-    weight decay 0.05 except on biases, norms, position embeddings and tokens; Mixup 0.8 /
-    CutMix 1.0 with label smoothing 0.1 (soft-target cross-entropy).
+    linear warm-up then cosine to ``min_lr``, layer-wise lr decay 0.65 (MAE's ViT-L: 0.75, base_lr
+    1e-3, drop path 0.2), weight decay 0.05 except on biases, norms, position embeddings and
+    tokens; Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (soft-target cross-entropy).
 
     Args:
         init_from: an export folder, ssl-vit checkpoint, timm ``local-dir`` folder or timm
