@@ -21,8 +21,10 @@ class Periodic(L.Callback):
     def periodic(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise NotImplementedError
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        batch_idx, step = args[-1], trainer.global_step
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0  # not between accumulated batches
         if self.every_n_steps and stepped and step % self.every_n_steps == 0 and step != trainer.max_steps:
             self.periodic(trainer, pl_module)
