@@ -25,6 +25,7 @@ from ssl_vit.checkpoint import (
     remove_dead_writers_files,
     resume_mismatch,
 )
+from ssl_vit.cli import default_run_folder
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
 
@@ -159,3 +160,18 @@ def test_a_resumed_run_counts_the_seconds_of_its_earlier_sessions():
     resumed = RunCheckpoint()
     resumed.load_state_dict({**state, "seconds": 1000.0})
     assert 1000.0 <= resumed.seconds() < 1005.0 and RunCheckpoint().seconds() < 5
+
+
+@pytest.mark.parametrize(
+    ("train_shards", "folder"),
+    [
+        ("data/shapes/train", "runs/shapes/mae"),
+        ("photos/", "runs/photos/mae"),
+        ("photos#train", "runs/photos/mae"),
+        ("set #1", "runs/set-1/mae"),  # a '#' in a folder's own name is part of it
+        ("set #2#heldout", "runs/set-2/mae"),
+        ("/data/train-{000000..000127}.tar", "runs/data/mae"),
+    ],
+)
+def test_the_run_folder_is_named_after_the_data(train_shards, folder):
+    assert default_run_folder(train_shards, "mae") == folder
