@@ -685,17 +685,17 @@ def evaluate(command: str, args: list[str]) -> None:
     if torch.cuda.is_available():
         encoder = encoder.cuda()
     start = time.perf_counter()
-    val_images = None
+    counts: dict[str, int] = {}  # the images and classes the accuracies count
     if command == "segprobe":
         results = {"segmentation": evaluator.segmentation_probe(encoder)}
     else:
         train, val = evaluator.features(encoder, tokens=command == "probe")
         results = {"knn": evaluator.knn(train, val)} if command == "knn" else evaluator.probes(encoder, train, val)
-        val_images = len(val.labels)
+        counts = {"val_images": len(val.labels), "classes": evaluator.num_classes(train, val)}
     seconds = time.perf_counter() - start
     step = f" (step {info['step']})" if info["step"] is not None else ""
     Console(soft_wrap=True).print(f"{info['method']} encoder of {source}{step}, weights: {info['weights']}")
-    print_results(f"{command} evaluation", results, val_images=val_images)
+    print_results(f"{command} evaluation", results, **counts)
     settings = evaluator.settings()
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings)
     for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):

@@ -109,7 +109,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     # The end-of-run evaluation: a table, JSON records, and the random-init baseline kept across the resume.
     assert "k-NN k=20" in second.stdout and "linear probe" in second.stdout and "attentive probe" in second.stdout
     assert "dense linear probe" in second.stdout and "mIoU" in second.stdout
-    assert "500 images, 0.2 points each" in second.stdout  # what a point is worth
+    assert "500 images of 10 classes, 0.2 points each" in second.stdout  # what a point is worth
     kinds = ("knn", "probe", "attentive", "segmentation")
     in_run = {kind: json.loads((ckpt_dir / f"last.{kind}.json").read_text()) for kind in kinds}
     assert in_run["knn"]["step"] == 8 and in_run["knn"]["method"] == "MAE"

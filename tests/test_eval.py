@@ -13,6 +13,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator, EvalView, FeatureSet, extract_features, knn_classify, load_features, save_features
 from ssl_vit.eval.attentive import AttentiveProbeHead, train_attentive_probe
 from ssl_vit.eval.linear import cached_feature_batches, feature_chunks, probe_accuracy, train_linear_probe
+from ssl_vit.eval.report import print_results
 from tests.conftest import TINY_ENCODER, png_bytes, random_images
 
 
@@ -311,3 +312,12 @@ def test_attentive_probe_trains_the_probe_only(tmp_path, monkeypatch):
     start, trained = (h.state_dict() for h in heads[0])
     moved = [not torch.equal(start[k], trained[k]) for k in start]
     assert all(moved)  # every probe tensor (query, norms, projections, classifier) left its start
+
+
+def test_the_results_table_leaves_out_top5_where_it_cannot_be_below_100(capsys):
+    results = {"knn": {"k=20": {"top1": 61.0, "top5": 100.0}}}
+    print_results("k-NN", results, val_images=41, classes=3)
+    three = capsys.readouterr().out
+    assert "41 images of 3 classes, 2.4 points each" in three and "top-5" not in three
+    print_results("k-NN", results, val_images=41, classes=10)
+    assert "top-5" in capsys.readouterr().out

@@ -62,7 +62,7 @@ class EvaluationCallback(Evaluator, Periodic):
         self.baseline: Results | None = None
         self.baseline_name = "random init"
         self.knn_history: list[tuple[int, float]] = []
-        self.val_images: int | None = None  # how many the last evaluation counted
+        self.counts: dict[str, int] = {}  # the images and classes the last evaluation counted
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
         results: Results = {}
@@ -73,7 +73,7 @@ class EvaluationCallback(Evaluator, Periodic):
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
                 if not self.skipped:
                     train, val = self.features(encoder, tokens=probe)
-                    self.val_images = len(val.labels)
+                    self.counts = {"val_images": len(val.labels), "classes": self.num_classes(train, val)}
                     results = self.results(encoder, train, val, probe=probe)
                     self.draw(trainer, results, val, names)
                 if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe
@@ -137,7 +137,7 @@ class EvaluationCallback(Evaluator, Periodic):
         if results is None:
             return
         title = f"{type(pl_module).__name__} after {trainer.global_step} steps"
-        print_results(title, results, self.baseline, self.baseline_name, self.val_images)
+        print_results(title, results, self.baseline, self.baseline_name, **self.counts)
         ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.log_dir)
         info = {
             "method": type(pl_module).__name__,

@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ssl_vit.errors import counted
 from ssl_vit.eval.evaluator import Results
 from ssl_vit.replace import give_default_permissions
 
@@ -77,21 +78,31 @@ def print_results(
     baseline: Results | None = None,
     baseline_name: str = "random init",
     val_images: int | None = None,
+    classes: int | None = None,
 ) -> None:
     """One row per image-level protocol: top-1 and top-5 (%), and the baseline's top-1 if known
     (the random initialisation, or the weights a run started from), with how many evaluation
-    images they count, if given; the dense probe's mIoU and pixel accuracy in a second table."""
+    images and classes they count, if given (no top-5 column for 5 classes or fewer, where it is
+    100 whatever the encoder); the dense probe's mIoU and pixel accuracy in a second table."""
     console = Console()
     rows = _rows(results)
     if rows:
         # On a small held-out part a difference of a point or two may be one image.
-        caption = f"{val_images} images, {100 / val_images:.2g} points each" if val_images else None
-        table = Table(title=title, caption=caption)
-        for name in ("protocol", "top-1 %", "top-5 %", *([f"{baseline_name} top-1 %"] if baseline else [])):
+        of_classes = f" of {counted(classes, 'class', 'classes')}" if classes else ""
+        caption = f"{val_images} images{of_classes}, {100 / val_images:.2g} points each" if val_images else None
+        top5 = not classes or classes > 5
+        table = Table(title=title, caption=caption, min_width=len(caption or ""))  # the caption on one line
+        columns = [
+            "protocol",
+            "top-1 %",
+            *(["top-5 %"] if top5 else []),
+            *([f"{baseline_name} top-1 %"] if baseline else []),
+        ]
+        for name in columns:
             table.add_column(name, justify="left" if name == "protocol" else "right")
         base_rows = _rows(baseline) if baseline else {}
         for name, acc in rows.items():
-            row = [name, f"{acc['top1']:.1f}", f"{acc['top5']:.1f}"]
+            row = [name, f"{acc['top1']:.1f}", *([f"{acc['top5']:.1f}"] if top5 else [])]
             if baseline:
                 row.append(f"{base_rows[name]['top1']:.1f}" if name in base_rows else "")
             table.add_row(*row)
