@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_vit.data import embedded, write_shards
 from ssl_vit.data.embedded import CLASSES
-from ssl_vit.data.pipeline import ShardDataset
+from ssl_vit.data.pipeline import ShardDataset, captioned_only
 from ssl_vit.data.shards import resolve_shards, write_embedded_shards
 from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError
@@ -166,8 +166,9 @@ def test_captions_are_read_tokenised_and_bad_ones_skipped_and_counted(tmp_path, 
         open_clip("ok")[0].tolist(),
     ]
     assert samples[1][1][-1] == 49407  # cut as open_clip cuts: the end-of-text token stays last
-    assert dataset.skipped.value == 3 and dataset.truncated.value == 1
-    for why in ("no caption (.txt member)", "empty caption", "caption is not UTF-8 text"):
+    # an image without a caption is not a pair, and is left out apart from the unreadable ones
+    assert dataset.skipped.value == 2 and dataset.uncaptioned.value == 1 and dataset.truncated.value == 1
+    for why in ("empty caption", "caption is not UTF-8 text"):
         assert why in caplog.text
     assert "ignoring .txt" not in caplog.text  # captions are a member ssl-vit reads
 
@@ -184,6 +185,33 @@ def test_a_folder_of_images_reads_each_images_caption_from_its_txt(tmp_path):
     assert sorted(t.tolist() for _, t in samples) == sorted(open_clip(c)[0].tolist() for c in ("a cat", "a dog"))
 
 
+def test_images_without_a_caption_are_left_out_and_the_epoch_counts_those_with_one(tmp_path, caplog):
+    """A folder where some images have no caption beside them: CLIP trains on the pairs (as
+    open_clip's loader does), says once how many are left out, and sizes its epoch by the pairs;
+    shards written from it size theirs by their captioned count, split parts in proportion."""
+    (tmp_path / "photos").mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+        if i % 4 == 0:
+            (tmp_path / "photos" / f"{i}.txt").write_text(f"photo {i}")
+    urls, index = resolve_shards(str(tmp_path / "photos"))
+    with caplog.at_level(logging.WARNING):
+        kept, captioned = captioned_only(urls, index)
+    assert captioned.num_samples == 5
+    assert "15 of the 20 images have no caption (photo.txt beside photo.jpg) and are left out" in caplog.text
+    dataset = ShardDataset(kept, EvalView(32), captions=CaptionTokens(8))
+    assert len(read_all(dataset)) == 5 and dataset.uncaptioned.value == 0 and dataset.skipped.value == 0
+
+    assert in_this_process(tmp_path, "shards", "imagefolder", "photos", "shards").returncode == 0
+    shards, index = resolve_shards(str(tmp_path / "shards"))
+    assert (index.num_samples, index.captions) == (20, 5)
+    assert captioned_only(shards, index)[1].num_samples == 5
+    _, train_part = resolve_shards(str(tmp_path / "shards") + "#train")
+    assert (train_part.num_samples, train_part.captions) == (18, 4)  # nine tenths of each, rounded
+    dataset = ShardDataset(shards, EvalView(32), captions=CaptionTokens(8))
+    assert len(read_all(dataset)) == 5 and dataset.uncaptioned.value == 15 and dataset.skipped.value == 0
+
+
 def test_shards_written_from_a_folder_keep_each_images_caption(tmp_path):
     (tmp_path / "photos").mkdir()
     for name, caption in (("a", b"a cat"), ("b", b"caf\xe9"), ("c", None)):
@@ -196,7 +224,8 @@ def test_shards_written_from_a_folder_keep_each_images_caption(tmp_path):
     members = {s["__key__"]: s.get("txt") for s in wds.WebDataset(shards, shardshuffle=False)}
     assert sorted(members.values(), key=str) == sorted([b"a cat", b"caf\xe9", None], key=str)  # bytes as written
     dataset = ShardDataset(shards, EvalView(32), captions=CaptionTokens(8))
-    assert len(read_all(dataset)) == 1 and dataset.skipped.value == 2  # the reader judges them: not UTF-8, none
+    assert len(read_all(dataset)) == 1  # the reader judges them: not UTF-8, none
+    assert dataset.skipped.value == 1 and dataset.uncaptioned.value == 1
 
 
 def test_the_embedded_shapes_carry_captions_of_what_was_drawn(tmp_path, monkeypatch):
@@ -207,13 +236,16 @@ def test_the_embedded_shapes_carry_captions_of_what_was_drawn(tmp_path, monkeypa
     assert CLASSES[label] in caption and "background" in caption
 
 
-def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path):
-    """As a user runs it, shrunk: captioned shards in, a trained checkpoint and an image-tower export out."""
-    captions = [f"caption number {i}" for i in range(32)]
+def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path, caplog):
+    """As a user runs it, shrunk: captioned shards in (a few images without a caption, left out), a
+    trained checkpoint and an image-tower export out."""
+    captions = [f"caption number {i}" if i % 8 else None for i in range(32)]
     shards = captioned_shards(tmp_path / "shards", captions, labels=[i % 4 for i in range(32)])
     recipe = "recipes/quickstart/clip.yaml"
-    result = pretrain_recipe_briefly(tmp_path, recipe, shards, {"text_layers": 1}, callbacks=[KNN_AT_BOTH_ENDS])
+    with caplog.at_level(logging.INFO):
+        result = pretrain_recipe_briefly(tmp_path, recipe, shards, {"text_layers": 1}, callbacks=[KNN_AT_BOTH_ENDS])
     assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: random images may end flagged collapsed
+    assert "4 of the 32 images have no caption (photo.txt beside photo.jpg) and are left out" in caplog.text
     vit = timm.create_model(f"local-dir:{tmp_path / 'runs/shards/clip/export'}", pretrained=True)
     assert vit.embed_dim == 128
     # zero-shot from the shards' class names, in the end-of-run table and records

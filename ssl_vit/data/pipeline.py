@@ -18,6 +18,7 @@ reader and batch position, so the rest of the epoch is the uninterrupted run's, 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -52,6 +53,7 @@ from ssl_vit.data.shards import (
     Shard,
     ShardIndex,
     SplitPart,
+    group_files,
     is_heldout,
     resolve_shards,
     upright,
@@ -302,6 +304,7 @@ class ShardDataset(IterableDataset):
         self.read = mp.Value("l", 0)
         self.read_again = mp.Value("l", 0)  # by passes after a reader's first (see _cycle)
         self.skipped = mp.Value("l", 0)
+        self.uncaptioned = mp.Value("l", 0)  # samples an image-text objective leaves out: they are not pairs
         self.truncated = mp.Value("l", 0)
         self.skips_logged = mp.Value("l", 0)  # shared by the workers
         self._shard: Shard | None = None  # the shard being read, and whether it failed
@@ -390,6 +393,11 @@ class ShardDataset(IterableDataset):
             for sample in self._samples(shard):
                 with counter.get_lock():
                     counter.value += 1
+                if self.captions and CAPTION_MEMBER not in sample and UNREADABLE not in sample:
+                    if not again:
+                        with self.uncaptioned.get_lock():
+                            self.uncaptioned.value += 1
+                    continue
                 try:
                     image, label = decode_sample(sample, self.decode_side, self.max_image_pixels)
                     if self.masks:
@@ -464,7 +472,8 @@ class ShardDataset(IterableDataset):
         (the samples of the batches before ``start_batch`` are read again, and counted)."""
         self.epoch = epoch
         self.start_batch = start_batch
-        self.read.value = self.read_again.value = self.skipped.value = self.truncated.value = 0
+        for counter in (self.read, self.read_again, self.skipped, self.uncaptioned, self.truncated):
+            counter.value = 0
 
     def check_skips(self, max_fraction: float) -> None:
         """Stop when the data is mostly broken rather than train on what is left of it."""
@@ -480,10 +489,39 @@ class ShardDataset(IterableDataset):
         skipped, read, cut = self.skipped.value, self.read.value, self.truncated.value
         report = log.warning if skipped or cut else log.info
         captions = f", cut {cut} captions to the text context" if self.captions else ""
+        if self.uncaptioned.value:
+            captions = f", left out {self.uncaptioned.value} without a caption{captions}"
         again = self.read_again.value
         # one reader short of its batches reads some of its samples again; say so, with the count apart
         topped_up = f"; read {again} of them again to fill the epoch's batches" if again else ""
         report("epoch %d: read %d samples, skipped %d unreadable%s%s", self.epoch, read, skipped, captions, topped_up)
+
+
+def captioned_only(urls: list[Shard], index: ShardIndex | None) -> tuple[list[Shard], ShardIndex | None]:
+    """The training data of an image-text objective: a folder's images that have a caption beside
+    them (open_clip's loader drops samples without one too), or shards whose epoch is sized by
+    their captioned samples; how many are left out is said once. Samples without a caption are
+    left out as they are read, and counted apart from unreadable ones."""
+    if index is None or not index.num_samples:
+        return urls, index
+    kept = urls
+    if all(isinstance(shard, ImageFiles) for shard in urls):
+        root = urls[0].root
+        files = [f for shard in urls for f in shard.files if (Path(root) / f[0]).with_suffix(".txt").is_file()]
+        captions, kept = len(files), (group_files(root, files) if files else urls)
+    else:
+        captions = index.captions  # None for shards written before ssl-vit counted them
+    captioned = index.num_samples if captions is None else min(captions, index.num_samples)
+    if 0 < captioned < index.num_samples:
+        log.warning(
+            "%s: %d of the %s have no caption (photo.txt beside photo.jpg) and are left out; training reads the "
+            "%s that do",
+            index.source,
+            index.num_samples - captioned,
+            counted(index.num_samples, "image"),
+            counted(captioned, "image"),
+        )
+    return kept, dataclasses.replace(index, num_samples=captioned or index.num_samples, captions=captions)
 
 
 def role_batches(batches: int, role: int, num_workers: int) -> int:
@@ -659,10 +697,13 @@ class ShardDataModule(L.LightningDataModule):
         if self.num_workers < 0:
             raise UserError(f"data.num_workers is {self.num_workers}; use 0 (load in the training process) or more")
 
-    def training_data(self, world_size: int) -> tuple[list[Shard], ShardIndex | None, int]:
+    def training_data(self, world_size: int, captioned: bool = False) -> tuple[list[Shard], ShardIndex | None, int]:
         """The training shards, their index and the whole global batches in an epoch, checked to feed
-        ``world_size`` ranks (``data.num_workers`` lowered to the shards each rank has)."""
+        ``world_size`` ranks (``data.num_workers`` lowered to the shards each rank has); with
+        ``captioned``, of the samples that have a caption."""
         urls, index = resolve_shards(self.training_shards())
+        if captioned:
+            urls, index = captioned_only(urls, index)
         per_device = len(urls) // world_size
         if per_device == 0:
             raise UserError(
@@ -715,9 +756,9 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self._check_settings()
-        urls, index, batches = self.training_data(world)
         # an image-text objective (CLIP) reads captions, tokenised by its own tokenizer
         captions = getattr(self.trainer.lightning_module, "caption_tokens", None) if self.trainer else None
+        urls, index, batches = self.training_data(world, captioned=captions is not None)
         if captions is not None:
             self.check_captions(urls, index, captions)
         self.train_set = ShardDataset(

@@ -428,8 +428,14 @@ def resolve_shards(spec: str) -> tuple[list[Shard], ShardIndex | None]:
         source = f"{index.source}, {part[1:]} part"
         return group_files(shards[0].root, files), replace(index, num_samples=len(files), source=source)
     if index is not None:  # the keys are in the shards: the expected share
-        count = round(index.num_samples * (HELDOUT_FRACTION if heldout else 1 - HELDOUT_FRACTION))
-        index = replace(index, num_samples=count, source=f"{index.source}, {part[1:]} part")
+        fraction = HELDOUT_FRACTION if heldout else 1 - HELDOUT_FRACTION
+        captions = round(index.captions * fraction) if index.captions is not None else None
+        index = replace(
+            index,
+            num_samples=round(index.num_samples * fraction),
+            captions=captions,
+            source=f"{index.source}, {part[1:]} part",
+        )
     return [SplitPart(shard, heldout) for shard in shards], index
 
 
