@@ -171,6 +171,8 @@ class FineTune(L.LightningModule):
         self.save_hyperparameters()
         if encoder is None and init_from is None:
             raise UserError("set model.init_from (weights to fine-tune) or model.encoder (an architecture)")
+        if num_classes < 2:
+            raise UserError(f"model.num_classes is {num_classes}; a classifier needs two or more classes")
         config = dict(encoder or architecture(init_from))
         self.hparams.encoder = dict(config)  # the architecture, in the checkpoint, whatever gave it
         args = {k: v for k, v in config.items() if k not in NON_TIMM_SETTINGS}

@@ -27,6 +27,8 @@ from ssl_vit.data.shards import (
     write_shards,
 )
 from ssl_vit.errors import UserError
+from ssl_vit.eval import Evaluator
+from ssl_vit.finetune import FineTune
 
 from .conftest import random_images
 from .fault_injection import in_this_process
@@ -153,6 +155,18 @@ def test_an_unlabelled_folder_has_no_classes(tmp_path):
     root = image_folder(tmp_path / "photos", None)
     _, index = resolve_shards(str(root))
     assert index.classes == [] and {label for _, label in read_all(str(root))} == {-1}
+
+
+def test_a_folder_with_one_class_folder_is_evaluated_as_unlabelled(tmp_path):
+    """Every image in one sub-folder (photos/2024/...): one class, which no k-NN or probe can score;
+    evaluation says so in one line instead of failing, and a one-class classifier stops at once."""
+    root = image_folder(tmp_path / "photos", ["2024"], per_class=10)
+    evaluator = Evaluator(f"{root}#train", f"{root}#heldout")
+    assert "has one class folder (2024), and class labels need two or more" in evaluator.unlabelled()
+    with pytest.raises(UserError, match="one class folder"):
+        evaluator.check_shards()
+    with pytest.raises(UserError, match="num_classes is 1; a classifier needs two or more classes"):
+        FineTune(num_classes=1, encoder={"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8})
 
 
 def test_the_held_out_part_is_disjoint_deterministic_and_a_tenth(tmp_path):

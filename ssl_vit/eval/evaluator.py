@@ -158,6 +158,11 @@ class Evaluator:
             _, index = resolve_shards(shards)
             if index is not None and not index.classes:
                 return f"{shards.split('#')[0]} has no class labels (they come from one sub-folder per class)"
+            if index is not None and len(index.classes) == 1:  # e.g. every image in photos/2024/
+                return (
+                    f"{shards.split('#')[0]} has one class folder ({index.classes[0]}), and class labels need two or "
+                    "more (one sub-folder per class)"
+                )
         return None
 
     def without_label_maps(self) -> bool:
