@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import statistics
@@ -354,6 +355,9 @@ def _quantize(fp32: Path, int8: Path, method: Int8Method, calibration: list[np.n
             return None if batch is None else {"images": batch}
 
     prepared = int8.with_name("model.prepared.onnx")  # inside the staging folder, removed below
+    # onnxruntime's quantiser logs through the root logger (logging.info), which gives the root
+    # Python's default handler: every later message of the command would print as "WARNING:name:...".
+    root_handlers = list(logging.root.handlers)
     try:
         # onnxruntime's advice before quantising: shape inference and graph optimisation (fused ops).
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
@@ -373,6 +377,7 @@ def _quantize(fp32: Path, int8: Path, method: Int8Method, calibration: list[np.n
         )
     finally:
         prepared.unlink(missing_ok=True)
+        logging.root.handlers[:] = root_handlers
 
 
 def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -5,6 +5,7 @@ nothing written."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ssl_vit.cli import main
 from ssl_vit.data import write_shards
 from ssl_vit.errors import UserError
 from ssl_vit.export import export_encoder, write_timm_folder
-from ssl_vit.onnx_export import OnnxOptions, prepare_deploy
+from ssl_vit.onnx_export import OnnxOptions, _quantize, prepare_deploy
 from tests.conftest import OBJECTIVES, fit_briefly, png_bytes, random_images
 
 QUICK = dict(latency_runs=3, throughput_runs=1, calibration_images=16)
@@ -184,3 +185,11 @@ def exit_code(*args: str) -> int:
     with pytest.raises(SystemExit) as stopped:
         main(list(args))
     return stopped.value.code
+
+
+def test_quantising_leaves_the_root_logger_as_it_was(export, tmp_path, monkeypatch):
+    """onnxruntime's quantiser calls logging.info, which gives a root logger without handlers
+    Python's default one; the command's own messages would then print as "WARNING:name:..."."""
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a command, outside pytest's capture
+    _quantize(export / "model.onnx", tmp_path / "model.int8.onnx", "dynamic", [])
+    assert logging.root.handlers == [] and (tmp_path / "model.int8.onnx").is_file()
