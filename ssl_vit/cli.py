@@ -731,9 +731,12 @@ def zeroshot(args: list[str]) -> None:
     names = shard_class_names(opts.val_shards)
     results = evaluate_image_text(model, opts.val_shards, view, names, opts.batch_size, opts.num_workers)
     if not results:
-        raise UserError(f"{opts.val_shards} has neither class labels (for zero-shot) nor captions (for retrieval)")
+        labels = "one class folder" if names and len(names) == 1 else "no class labels"
+        raise UserError(
+            f"{opts.val_shards} has {labels} (zero-shot needs two or more classes) and no captions (for retrieval)"
+        )
     seconds = time.perf_counter() - start
-    print_results(f"zero-shot evaluation of {opts.model}", results)
+    print_results(f"zero-shot evaluation of {opts.model}", results, classes=len(names) if names else None)
     evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read
     stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings)
     for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):

@@ -327,6 +327,9 @@ def test_image_text_evaluation_reads_labels_and_captions_from_the_same_shards(tm
         expected = zero_shot_accuracy(image, labels, class_embeddings(method, names, "cpu"))
     assert results["zeroshot"] == expected
     assert results["retrieval"] == {**retrieval_recall(image, text), "pairs": 12}
+    # one class: zero-shot would score 100 whatever the model, and is left out
+    one_class = evaluate_image_text(method, str(shards), EvalView(32), ["cat"], batch_size=5, num_workers=0)
+    assert "zeroshot" not in one_class and one_class["retrieval"] == results["retrieval"]
 
 
 OPEN_CLIP_TOWERS = {

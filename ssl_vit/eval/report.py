@@ -91,7 +91,7 @@ def print_results(
         of_classes = f" of {counted(classes, 'class', 'classes')}" if classes else ""
         caption = f"{val_images} images{of_classes}, {100 / val_images:.2g} points each" if val_images else None
         top5 = not classes or classes > 5
-        table = Table(title=title, caption=caption, min_width=len(caption or ""))  # the caption on one line
+        table = Table(title=title, caption=caption, min_width=max(len(title), len(caption or "")))  # each on one line
         columns = [
             "protocol",
             "top-1 %",
