@@ -2,6 +2,7 @@
 KoLeo terms against formulas written out here, with the frozen teacher's own encoder and heads
 and Sinkhorn-Knopp targets; a teacher that never changes; one line for each teacher that cannot teach."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,9 @@ def test_a_dino_teacher_teaches_without_ibot(tmp_path):
 def test_teachers_that_cannot_teach_stop_with_one_line(dinov2_teacher, tmp_path):
     with pytest.raises(UserError, match="is not a checkpoint file"):
         DINOv3Distill(str(tmp_path / "missing.ckpt"), STUDENT)
+    made_by = "ssl-vit pretrain --config recipes/quickstart/dinov2.yaml --data.train_shards photos"
+    with pytest.raises(UserError, match=f"missing.ckpt not found: run `{re.escape(made_by)}` first"):
+        DINOv3Distill(str(tmp_path / "missing.ckpt"), STUDENT, teacher_made_by=made_by)
     mae = save(MAE(TINY_ENCODER, decoder_dim=32, decoder_depth=1, decoder_heads=2), tmp_path / "mae.ckpt", "single")
     with pytest.raises(UserError, match="trained with MAE; DINOv3's distillation needs a teacher with DINO heads"):
         DINOv3Distill(str(mae), STUDENT)

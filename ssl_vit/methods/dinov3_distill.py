@@ -34,6 +34,7 @@ class DINOv3Distill(DINOv2):
 
     Args:
         teacher: the teacher checkpoint.
+        teacher_made_by: the command that makes a missing teacher, named when it is missing.
         encoder: the student ViT.
         ibot_loss_weight: None for 1.0 with a DINOv2 teacher and 0 (no iBOT term) with a DINO one.
     """
@@ -45,6 +46,7 @@ class DINOv3Distill(DINOv2):
         self,
         teacher: str,
         encoder: EncoderConfig,
+        teacher_made_by: str | None = None,
         mask_ratio_range: tuple[float, float] = (0.1, 0.5),
         mask_probability: float = 0.5,
         ibot_loss_weight: float | None = None,
@@ -65,7 +67,7 @@ class DINOv3Distill(DINOv2):
         betas: tuple[float, float] = (0.9, 0.999),
         scale_to_run: bool = True,
     ) -> None:
-        ckpt = read_teacher(teacher)
+        ckpt = read_teacher(teacher, teacher_made_by)
         objective, hp = objective_name(ckpt), ckpt["hyper_parameters"]
         if ibot_loss_weight is None:
             ibot_loss_weight = TEACHER_OBJECTIVES[objective]
@@ -142,9 +144,11 @@ class DINOv3Distill(DINOv2):
         self.hparams["teacher_objective"] = objective
 
 
-def read_teacher(source: str) -> dict[str, Any]:
+def read_teacher(source: str, made_by: str | None = None) -> dict[str, Any]:
     """The teacher checkpoint, or one line saying why it cannot teach."""
     path = Path(source)
+    if made_by and not path.exists():
+        raise UserError(f"teacher {source} not found: run `{made_by}` first")
     if not path.is_file():
         raise UserError(
             f"teacher {source} is not a checkpoint file; pass a DINO or DINOv2 .ckpt from `ssl-vit pretrain` "
