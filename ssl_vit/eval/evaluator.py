@@ -140,10 +140,11 @@ class Evaluator:
         """Fail before any work if a split is missing or known to have no class labels (when
         ``labels``) or no label maps (when ``label_maps``; by default, when the dense probe runs)."""
         if (self.segmentation if label_maps is None else label_maps) and self.without_label_maps():
+            off = ", or turn the dense probe off" if label_maps is None else ""  # a recipe's setting, not segprobe's
             raise UserError(
                 f"evaluation shards {self.train_shards!r} / {self.val_shards!r} have no label maps (seg.png), "
                 "which the dense probe (segmentation: true) needs; write shards with them (`ssl-vit shards "
-                "embedded`, or `ssl-vit shards imagefolder --masks MASK_DIR`), or turn the dense probe off"
+                f"embedded`, or `ssl-vit shards imagefolder --masks MASK_DIR`){off}"
             )
         unlabelled = self.unlabelled() if labels else None
         if unlabelled:
