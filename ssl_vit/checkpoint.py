@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pickle
@@ -121,6 +122,53 @@ def remove_dead_writers_files(folder: str | Path) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+#: Held by the run training in its folder (``RunCLI``), see :func:`lock_run_folder`.
+LOCK_FILE = ".ssl-vit.lock"
+_held_locks: list[tuple[int, Path]] = []  # (descriptor, path) of the run folders this process holds
+
+
+def lock_run_folder(root: str | Path) -> None:
+    """Hold ``root``'s lock file until :func:`release_run_folders`: a second run started in the
+    same folder stops in one line, naming the first, instead of resuming the first one's
+    checkpoints while it trains and writing its checkpoints, export and summary between the first
+    one's. The lock is the kernel's (``flock``), so a killed run holds none; the file, with the
+    holder's pid, host and start time, is removed when the run ends (a killed run's is taken over)."""
+    path = Path(root) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"{root} is in use by another run ({holder}); wait for it to end, or give this run a folder of "
+                "its own (--trainer.default_root_dir runs/NEW)"
+            ) from None
+        except OSError as err:  # a filesystem without locks (Lustre mounted without flock, some NFS)
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            rank_zero_warn(f"{root} cannot be locked ({err.strerror}): a second run started in it would not be stopped")
+            return
+        # The holder before us may have removed the file between our open and our lock: lock the file there now.
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}\n".encode(), 0)
+    _held_locks.append((fd, path))
+
+
+def release_run_folders() -> None:
+    """Remove the lock files of the run folders this process holds and release them (the end of
+    a run, however it ends short of a kill)."""
+    while _held_locks:
+        fd, path = _held_locks.pop()
+        path.unlink(missing_ok=True)  # while still held: no other run holds this file meanwhile
+        os.close(fd)  # closing the descriptor releases its flock
 
 
 def _process_exists(pid: int) -> bool:

@@ -51,9 +51,11 @@ from ssl_vit.checkpoint import (
     RunCheckpoint,
     checkpoint_problem,
     checkpoints_in,
+    lock_run_folder,
     newest_complete_checkpoint,
     objective_name,
     read_checkpoint,
+    release_run_folders,
     remove_dead_writers_files,
     resume_mismatch,
     run_checkpoint,
@@ -205,8 +207,12 @@ class RunCLI(LightningCLI):
             problem = checkpoint_problem(path) or resume_mismatch(path, read_checkpoint(path, mmap=True), run)
             if problem:
                 raise UserError(f"--ckpt_path {path} cannot be resumed by this run: {problem}")
-        if config["ckpt_path"] and Path(config["ckpt_path"]).is_file():
+        resumes = bool(config["ckpt_path"]) and Path(config["ckpt_path"]).is_file()
+        if resumes:
             self.stop_if_finished(Path(config["ckpt_path"]), root)
+        if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
+            lock_run_folder(root)
+        if resumes:
             if self.trainer.is_global_zero:
                 Console(stderr=True, soft_wrap=True).print(
                     f"resuming from {config['ckpt_path']} (to start afresh instead, give the run a folder of its own: "
@@ -546,22 +552,25 @@ def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataM
     # A run shorter than its logging interval still logs (the progress bar and the end-of-run table).
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
     command = cli.command
-    # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
-    # "--weights_only" first so that a user's own value, later on the line, wins.
-    cli(
-        model,
-        data,
-        subclass_mode_model=issubclass(model, SSLMethod),
-        args=["fit", "--weights_only=true", *args],
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [ModuleTable()]},
-        # No abbreviations: "--trainer.max_epoch 2" is a typo to report, not max_epochs.
-        parser_kwargs={
-            "exit_on_error": False,
-            "allow_abbrev": False,
-            "fit": {"prog": f"ssl-vit {command}", "exit_on_error": False, "allow_abbrev": False},
-        },
-    )
+    try:
+        # Checkpoints are loaded as tensors and plain containers only (never arbitrary pickles);
+        # "--weights_only" first so that a user's own value, later on the line, wins.
+        cli(
+            model,
+            data,
+            subclass_mode_model=issubclass(model, SSLMethod),
+            args=["fit", "--weights_only=true", *args],
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [ModuleTable()]},
+            # No abbreviations: "--trainer.max_epoch 2" is a typo to report, not max_epochs.
+            parser_kwargs={
+                "exit_on_error": False,
+                "allow_abbrev": False,
+                "fit": {"prog": f"ssl-vit {command}", "exit_on_error": False, "allow_abbrev": False},
+            },
+        )
+    finally:
+        release_run_folders()
 
 
 #: The options most runs set, for ``ssl-vit pretrain|finetune --help``; ``--help-all`` lists every key.

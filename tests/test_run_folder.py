@@ -5,6 +5,8 @@ checkpoint with a hole) are in ``tests/fault_injection.py``."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import pickle
 import socket
@@ -16,12 +18,15 @@ import pytest
 import torch
 
 from ssl_vit.checkpoint import (
+    LOCK_FILE,
     RUN_KEY,
     AtomicCheckpointIO,
     RunCheckpoint,
     checksum_path,
     file_sha256,
+    lock_run_folder,
     newest_complete_checkpoint,
+    release_run_folders,
     remove_dead_writers_files,
     resume_mismatch,
 )
@@ -175,3 +180,40 @@ def test_a_resumed_run_counts_the_seconds_of_its_earlier_sessions():
 )
 def test_the_run_folder_is_named_after_the_data(train_shards, folder):
     assert default_run_folder(train_shards, "mae") == folder
+
+
+def test_a_second_run_in_a_folder_in_use_stops_and_a_killed_holder_leaves_no_lock(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ssl_vit.checkpoint import lock_run_folder as lock; "
+            f"lock({str(tmp_path)!r}); print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match=rf"is in use by another run \(pid {holder.pid} on {socket.gethostname()}"):
+            lock_run_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / LOCK_FILE).is_file()  # a killed holder leaves its file, but not its lock
+    lock_run_folder(tmp_path)
+    release_run_folders()
+    assert not (tmp_path / LOCK_FILE).exists()  # a run that ends removes its own
+    lock_run_folder(tmp_path)
+    release_run_folders()
+
+
+def test_a_folder_on_a_filesystem_without_locks_trains_with_a_warning(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot be locked \\(Function not implemented\\): a second run"):
+        lock_run_folder(tmp_path)
+    release_run_folders()
