@@ -1,6 +1,6 @@
 """The ``ssl-vit`` command.
 
-    ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_epochs 5 ...] [--ckpt_path last]
+    ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_steps 624 ...] [--ckpt_path last]
     ssl-vit finetune --config recipes/quickstart/finetune.yaml [--model.init_args.pretrained false ...]
     ssl-vit distill --config recipes/quickstart/distill.yaml [--model.init_args.student '{name: resnet18}' ...]
     ssl-vit knn CHECKPOINT --train_shards TRAIN --val_shards VAL [--pooling cls|mean|cls+mean ...]
@@ -585,7 +585,7 @@ TRAINING_OPTIONS = {
         ),
         ("--data.batch_size N", "images per device and step"),
         ("--data.num_workers N", "loader processes per device"),
-        ("--trainer.max_epochs N", "length of the run"),
+        ("--trainer.max_steps N", "length of the run in optimiser steps (in epochs: --trainer.max_epochs N --trainer.max_steps -1)"),
         ("--trainer.devices N", "devices (GPUs) per node; --trainer.num_nodes for several nodes"),
         ("--model.init_args.base_lr LR", "base learning rate (lr = base_lr x global batch / the objective's divisor)"),
         ("--model.init_args.init_from PATH", "start the encoder from an export folder, timm weights or a checkpoint"),
@@ -602,7 +602,7 @@ TRAINING_OPTIONS = {
         ("--data.train_shards SHARDS", "labelled shards to train on"),
         ("--data.val_shards SHARDS", "labelled shards to report accuracy on"),
         ("--trainer.default_root_dir DIR", "the run folder: checkpoints, export, logs and summary"),
-        ("--trainer.max_epochs N", "length of the run"),
+        ("--trainer.max_steps N", "length of the run in optimiser steps (in epochs: --trainer.max_epochs N --trainer.max_steps -1)"),
         ("--ckpt_path PATH", "resume from this checkpoint instead of the run's newest"),
     ],
     "distill": [
@@ -612,7 +612,7 @@ TRAINING_OPTIONS = {
         ("--model.init_args.image_size N", "the crops both see; data.view.init_args.size must match"),
         ("--data.train_shards SHARDS", "the images to distil on (labels are only for the evaluation)"),
         ("--trainer.default_root_dir DIR", "the run folder: checkpoints, export, pictures, logs and summaries"),
-        ("--trainer.max_epochs N", "length of the run"),
+        ("--trainer.max_steps N", "length of the run in optimiser steps (in epochs: --trainer.max_epochs N --trainer.max_steps -1)"),
         ("--data.batch_size N", "images per device and step"),
         ("--ckpt_path PATH", "resume from this checkpoint instead of the run's newest"),
         ("--export false", "skip the end-of-run export of the student to <run folder>/export"),
