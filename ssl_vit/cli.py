@@ -573,6 +573,7 @@ def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataM
         release_run_folders()
 
 
+RUN_LENGTH = ("--trainer.max_steps N", "optimiser steps (in epochs: --trainer.max_epochs N --trainer.max_steps -1)")
 #: The options most runs set, for ``ssl-vit pretrain|finetune --help``; ``--help-all`` lists every key.
 TRAINING_OPTIONS = {
     "pretrain": [
@@ -585,7 +586,7 @@ TRAINING_OPTIONS = {
         ),
         ("--data.batch_size N", "images per device and step"),
         ("--data.num_workers N", "loader processes per device"),
-        ("--trainer.max_steps N", "length of the run in optimiser steps (in epochs: --trainer.max_epochs N --trainer.max_steps -1)"),
+        RUN_LENGTH,
         ("--trainer.devices N", "devices (GPUs) per node; --trainer.num_nodes for several nodes"),
         ("--model.init_args.base_lr LR", "base learning rate (lr = base_lr x global batch / the objective's divisor)"),
         ("--model.init_args.init_from PATH", "start the encoder from an export folder, timm weights or a checkpoint"),
@@ -602,7 +603,7 @@ TRAINING_OPTIONS = {
         ("--data.train_shards SHARDS", "labelled shards to train on"),
         ("--data.val_shards SHARDS", "labelled shards to report accuracy on"),
         ("--trainer.default_root_dir DIR", "the run folder: checkpoints, export, logs and summary"),
-        ("--trainer.max_steps N", "length of the run in optimiser steps (in epochs: --trainer.max_epochs N --trainer.max_steps -1)"),
+        RUN_LENGTH,
         ("--ckpt_path PATH", "resume from this checkpoint instead of the run's newest"),
     ],
     "distill": [
@@ -612,7 +613,7 @@ TRAINING_OPTIONS = {
         ("--model.init_args.image_size N", "the crops both see; data.view.init_args.size must match"),
         ("--data.train_shards SHARDS", "the images to distil on (labels are only for the evaluation)"),
         ("--trainer.default_root_dir DIR", "the run folder: checkpoints, export, pictures, logs and summaries"),
-        ("--trainer.max_steps N", "length of the run in optimiser steps (in epochs: --trainer.max_epochs N --trainer.max_steps -1)"),
+        RUN_LENGTH,
         ("--data.batch_size N", "images per device and step"),
         ("--ckpt_path PATH", "resume from this checkpoint instead of the run's newest"),
         ("--export false", "skip the end-of-run export of the student to <run folder>/export"),
