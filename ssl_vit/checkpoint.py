@@ -136,9 +136,15 @@ def lock_run_folder(root: str | Path) -> None:
     one's. The lock is the kernel's (``flock``), so a killed run holds none; the file, with the
     holder's pid, host and start time, is removed when the run ends (a killed run's is taken over)."""
     path = Path(root) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(
+                f"the run folder {root} cannot be written ({err.strerror}); give the run one it can write "
+                "(--trainer.default_root_dir DIR)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

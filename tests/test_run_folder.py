@@ -217,3 +217,9 @@ def test_a_folder_on_a_filesystem_without_locks_trains_with_a_warning(tmp_path, 
     with pytest.warns(UserWarning, match="cannot be locked \\(Function not implemented\\): a second run"):
         lock_run_folder(tmp_path)
     release_run_folders()
+
+
+def test_a_run_folder_that_cannot_be_written_stops_in_one_line(tmp_path):
+    (tmp_path / "runs").write_text("a file where the runs folder would be")
+    with pytest.raises(UserError, match=r"the run folder .*runs/photos cannot be written \(Not a directory\)"):
+        lock_run_folder(tmp_path / "runs/photos")
