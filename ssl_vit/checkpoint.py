@@ -156,7 +156,6 @@ def lock_run_folder(root: str | Path) -> None:
             ) from None
         except OSError as err:  # a filesystem without locks (Lustre mounted without flock, some NFS)
             os.close(fd)
-            path.unlink(missing_ok=True)
             rank_zero_warn(f"{root} cannot be locked ({err.strerror}): a second run started in it would not be stopped")
             return
         # The holder before us may have removed the file between our open and our lock: lock the file there now.
