@@ -280,6 +280,8 @@ def test_bad_evaluation_data_is_a_clear_error(tmp_path):
     val = labelled_shards(tmp_path / "val", 20, 3, seed=6)
     with pytest.raises(UserError, match="different classes"):
         Evaluator(train, val, num_workers=0).run(encoder)
+    with pytest.raises(UserError, match="different classes"):
+        Evaluator(train, val, num_workers=0).check_shards()  # before any image is read
     empty = tmp_path / "empty"
     write_shards(iter(()), empty, classes=["a"], source="test")
     with pytest.raises(UserError, match="cannot be empty"):

@@ -103,6 +103,8 @@ class EvaluationCallback(Evaluator, Periodic):
         elif not self.train_shards:
             self.train_shards, self.val_shards = trainer.datamodule.evaluation_data()
             self.skipped = self.unlabelled()
+            if not self.skipped:
+                self.indexed_classes()  # a val folder with other classes than train's stops before any work
             if self.skipped:
                 kept = "; zero-shot too" if isinstance(pl_module, ImageTextModel) else ""
                 rank_zero_warn(

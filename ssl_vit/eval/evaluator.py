@@ -152,6 +152,8 @@ class Evaluator:
                 f"evaluation: {unlabelled}; k-NN and the probes need labelled images: one sub-folder per class, or "
                 "shards written from such a folder"
             )
+        if labels:
+            self.indexed_classes()
 
     def unlabelled(self) -> str | None:
         """Why the shards cannot be evaluated with labels (``None`` when they can, or are not indexed)."""
@@ -171,7 +173,9 @@ class Evaluator:
         indexes = [resolve_shards(shards)[1] for shards in (self.train_shards, self.val_shards)]
         return any(index is not None and not index.mask_classes for index in indexes)
 
-    def num_classes(self, train: FeatureSet, val: FeatureSet) -> int:
+    def indexed_classes(self) -> list[str]:
+        """The class names the splits' indexes give (none when neither is indexed); splits that
+        name different classes stop here, before any image is read."""
         classes = {}
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
             _, index = resolve_shards(shards)
@@ -182,7 +186,10 @@ class Evaluator:
                 f"train and val shards name different classes ({len(classes['train'])} vs {len(classes['val'])}); "
                 "write both splits from the same class folders"
             )
-        n = len(classes.get("train") or classes.get("val") or []) or int(train.labels.max()) + 1
+        return classes.get("train") or classes.get("val") or []
+
+    def num_classes(self, train: FeatureSet, val: FeatureSet) -> int:
+        n = len(self.indexed_classes()) or int(train.labels.max()) + 1
         if int(val.labels.max()) >= n or int(train.labels.max()) >= n:
             raise UserError(f"a label is >= the number of classes ({n}); train and val labels do not match")
         return n
