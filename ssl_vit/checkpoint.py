@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -159,8 +160,9 @@ def lock_run_folder(root: str | Path) -> None:
             rank_zero_warn(f"{root} cannot be locked ({err.strerror}): a second run started in it would not be stopped")
             return
         # The holder before us may have removed the file between our open and our lock: lock the file there now.
-        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
         os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}\n".encode(), 0)
