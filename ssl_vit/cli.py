@@ -81,6 +81,7 @@ from ssl_vit.eval.image_text import evaluate_image_text
 from ssl_vit.eval.report import (
     COMMON_SETTINGS,
     PROTOCOL_SETTINGS,
+    accuracy_counts,
     print_results,
     settings_tag,
     write_json,
@@ -701,7 +702,7 @@ def evaluate(command: str, args: list[str]) -> None:
     else:
         train, val = evaluator.features(encoder, tokens=command == "probe")
         results = {"knn": evaluator.knn(train, val)} if command == "knn" else evaluator.probes(encoder, train, val)
-        counts = {"val_images": len(val.labels), "classes": evaluator.num_classes(train, val)}
+        counts = accuracy_counts(train, val)
     seconds = time.perf_counter() - start
     step = f" (step {info['step']})" if info["step"] is not None else ""
     Console(soft_wrap=True).print(f"{info['method']} encoder of {source}{step}, weights: {info['weights']}")

@@ -17,7 +17,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator, Results
 from ssl_vit.eval.features import FeatureSet
 from ssl_vit.eval.image_text import ImageTextModel, evaluate_image_text
-from ssl_vit.eval.report import metrics, print_results, write_records
+from ssl_vit.eval.report import accuracy_counts, metrics, print_results, write_records
 from ssl_vit.periodic import Periodic
 from ssl_vit.pictures import embedding_picture, line_chart, save_picture, shard_class_names
 
@@ -73,7 +73,7 @@ class EvaluationCallback(Evaluator, Periodic):
             with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's RNG
                 if not self.skipped:
                     train, val = self.features(encoder, tokens=probe)
-                    self.counts = {"val_images": len(val.labels), "classes": self.num_classes(train, val)}
+                    self.counts = accuracy_counts(train, val)
                     results = self.results(encoder, train, val, probe=probe)
                     self.draw(trainer, results, val, names)
                 if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ssl_vit.errors import counted
 from ssl_vit.eval.evaluator import Results
+from ssl_vit.eval.features import FeatureSet
 from ssl_vit.replace import give_default_permissions
 
 #: The evaluation records written beside a checkpoint, ``<stem>.<kind>.json``, one per protocol.
@@ -70,6 +71,12 @@ def _rows(results: Results) -> dict[str, dict[str, float]]:
     if "zeroshot" in results:
         rows["zero-shot"] = results["zeroshot"]
     return rows
+
+
+def accuracy_counts(train: FeatureSet, val: FeatureSet) -> dict[str, int]:
+    """What an evaluation's accuracies count, for :func:`print_results`: the evaluation images and
+    the classes their labels run over (from the features already read, not the folders again)."""
+    return {"val_images": len(val.labels), "classes": int(max(train.labels.max(), val.labels.max())) + 1}
 
 
 def print_results(
