@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -22,6 +23,7 @@ from ssl_vit.data.shards import (
     FILES_PER_GROUP,
     HELDOUT_FRACTION,
     MIN_GROUPS,
+    image_files,
     image_folder_samples,
     is_heldout,
     write_shards,
@@ -113,6 +115,48 @@ def test_class_folders_linked_in_are_read_once_and_a_broken_link_is_named(tmp_pa
     assert [r.getMessage() for r in caplog.records] == [
         "left out 1 image that cannot be read (dog/gone.png: No such file or directory)"
     ]
+
+
+@pytest.mark.parametrize("disk_order", ["by name", "reversed"])
+def test_a_folder_and_a_link_to_it_read_the_first_by_name_whatever_the_disks_order(tmp_path, monkeypatch, disk_order):
+    """A class folder and a link to it in the same tree: the images are read once, under the first
+    name in order ("cat", not "zebra"), whatever order the disk lists them in."""
+    root = image_folder(tmp_path / "photos", ["cat", "dog"], per_class=3)
+    (root / "zebra").symlink_to(root / "cat", target_is_directory=True)
+    scandir = os.scandir
+
+    class Listed:  # os.scandir's iterator, in the order given (os.walk uses it with `with` and `next`)
+        def __init__(self, path):
+            self.entries = iter(sorted(scandir(path), key=lambda e: e.name, reverse=disk_order == "reversed"))
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(os, "scandir", Listed)
+    classes, files = image_files(root)
+    assert classes == ["cat", "dog"] and sorted(path for path, _ in files)[:3] == [f"cat/00{i}.png" for i in range(3)]
+
+
+def test_a_folder_resolved_again_sees_images_added_since(tmp_path):
+    """A run resolves its folders many times; the second resolve of a changed folder reads the
+    change, not the first listing (the classes are worked out again only when the listing changed)."""
+    root = image_folder(tmp_path / "photos", ["cat", "dog"], per_class=5)
+    assert resolve_shards(str(root))[1].num_samples == 10
+    assert resolve_shards(str(root))[1].num_samples == 10
+    Image.new("RGB", (8, 8)).save(root / "dog" / "new.png")
+    (root / "owl").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "owl" / "first.png")
+    _, index = resolve_shards(str(root))
+    assert index.num_samples == 12 and index.classes == ["cat", "dog", "owl"]
 
 
 def test_an_unreadable_image_is_counted_once_and_a_top_up_pass_apart(tmp_path, caplog):

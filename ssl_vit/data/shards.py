@@ -128,20 +128,35 @@ def write_shards(
     return index
 
 
-def image_files(root: Path) -> tuple[list[str], list[tuple[Path, int | None]]]:
-    """Class names and the image files (with their class index) of an ImageFolder tree, one
-    sub-folder per class; a folder without sub-folders is unlabelled (no classes, label None).
-    A sub-folder without images is not a class; what is left out is said once, in one line."""
+def image_files(root: Path) -> tuple[list[str], list[tuple[str, int | None]]]:
+    """Class names and the image files (paths relative to ``root``, with their class index) of an
+    ImageFolder tree, one sub-folder per class; a folder without sub-folders is unlabelled (no
+    classes, label None). A sub-folder without images is not a class; what is left out is said once,
+    in one line. A run resolves its folders many times (training, evaluation, pictures): the
+    listing is walked each time, and classified again only when it changed."""
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
-    visible = [path for path in _files_under(root) if not _hidden(path.relative_to(root))]
-    images = [path for path in visible if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
-    with_images = {path.relative_to(root).parts[0] for path in images if path.parent != root}
+    listing = _files_under(root)
+    key = root.resolve()
+    if key not in _indexed or _indexed[key][0] != listing:
+        _indexed[key] = listing, _classify(root, listing)
+    classes, files = _indexed[key][1]
+    return list(classes), list(files)  # copies: callers shuffle them
+
+
+#: The last listing of each image folder and its classes and files, by resolved folder.
+_indexed: dict[Path, tuple[list[str], tuple[list[str], list[tuple[str, int | None]]]]] = {}
+
+
+def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str, int | None]]]:
+    visible = [path for path in listing if not _hidden(path)]
+    images = [path for path in visible if _extension(path) in IMAGE_EXTENSIONS]
+    with_images = {path.split("/", 1)[0] for path in images if "/" in path}
     sub_folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = [name for name in sub_folders if name in with_images]
     label = {name: i for i, name in enumerate(classes)}
     if classes:  # images beside the class folders belong to no class
-        files = [(path, label[path.relative_to(root).parts[0]]) for path in images if path.parent != root]
+        files = [(path, label[path.split("/", 1)[0]]) for path in images if "/" in path]
     else:
         files = [(path, None) for path in images]
     if not files:
@@ -152,41 +167,62 @@ def image_files(root: Path) -> tuple[list[str], list[tuple[Path, int | None]]]:
     return classes, files
 
 
-def _files_under(root: Path) -> list[Path]:
-    """Every file under ``root``, sorted, through symlinked folders too (a dataset assembled with
-    ``ln -s``, which torchvision's ImageFolder also follows), each real folder once (no link loops)."""
-    files, seen = [], set()
-    for folder, sub_folders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            sub_folders.clear()
-            continue
-        seen.add(real)
-        files += [Path(folder) / name for name in names]
-    return sorted(files)
+def _files_under(root: Path) -> list[str]:
+    """Every file under ``root`` ('/'-separated, relative to it), in path order, through symlinked
+    folders too (a dataset assembled with ``ln -s``, which torchvision's ImageFolder also follows).
+    Each real folder is read once, under its shortest name (then the first by name): a link back
+    up the tree or to a sibling class does not take that folder's images. Strings, not Paths: a
+    folder may hold millions."""
+    files, seen, level = [], {os.path.realpath(root)}, [""]
+    while level:  # breadth first, so that a folder is met under its shortest name first
+        below = []
+        for prefix in level:
+            try:
+                entries = sorted(os.scandir(root / prefix), key=lambda entry: entry.name)
+            except OSError:  # unreadable, or gone since it was listed: its images are not ours to read
+                continue
+            for entry in entries:
+                if entry.is_dir():
+                    real = os.path.realpath(entry.path)
+                    if real not in seen:
+                        seen.add(real)
+                        below.append(prefix + entry.name + "/")
+                else:
+                    files.append(prefix + entry.name)
+        level = below
+    return sorted(files, key=lambda path: path.split("/"))  # Path's order: part by part
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _extension(relative: str) -> str:
+    return os.path.splitext(relative)[1].lower().lstrip(".")
+
+
+def _caption_of(relative: str) -> str:
+    """The caption file of an image: ``a/b.txt`` for ``a/b.jpg``."""
+    return os.path.splitext(relative)[0] + ".txt"
 
 
 _left_out_said: set[Path] = set()
 
 
 def _say_what_is_left_out(
-    root: Path, visible: list[Path], files: list[tuple[Path, int | None]], empty: list[str]
+    root: Path, visible: list[str], files: list[tuple[str, int | None]], empty: list[str]
 ) -> None:
     """One warning per folder and process: the files and sub-folders that are not read, and why."""
     if root.resolve() in _left_out_said:
         return
     _left_out_said.add(root.resolve())
-    read = {path for path, _ in files} | {path.with_suffix(".txt") for path, _ in files}  # and their captions
-    unread = [path for path in visible if path not in read and path.is_file()]
-    beside = [path for path in unread if path.parent == root and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+    read = {path for path, _ in files} | {_caption_of(path) for path, _ in files}
+    unread = [path for path in visible if path not in read and (root / path).is_file()]
+    beside = [path for path in unread if "/" not in path and _extension(path) in IMAGE_EXTENSIONS]
     other = [path for path in unread if path not in beside]
     parts = []
     if other:
-        kinds = sorted({path.suffix.lower() or path.name for path in other})
+        kinds = sorted({Path(path).suffix.lower() or Path(path).name for path in other})
         parts.append(
             f"{counted(len(other), 'file')} that {'is not an image' if len(other) == 1 else 'are not images'} "
             f"({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''})"
@@ -218,11 +254,11 @@ def image_folder_samples(
     classes, files = image_files(root)
     if masks is not None:
         masks = Path(masks)
-        missing = [p for p, _ in files if not (masks / p.relative_to(root)).with_suffix(".png").is_file()]
+        missing = [path for path, _ in files if not (masks / path).with_suffix(".png").is_file()]
         if missing:
-            first = (masks / missing[0].relative_to(root)).with_suffix(".png")
+            first = (masks / missing[0]).with_suffix(".png")
             raise UserError(
-                f"{len(missing)} of {len(files)} images have no label map (first: {first} for {missing[0]}); "
+                f"{len(missing)} of {len(files)} images have no label map (first: {first} for {root / missing[0]}); "
                 "--masks needs one PNG per image at the same relative path"
             )
     random.Random(seed).shuffle(files)
@@ -231,18 +267,18 @@ def image_folder_samples(
         unreadable = []
         for path, label in files:
             try:
-                ext, data = path.suffix.lower().lstrip("."), path.read_bytes()
+                ext, data = _extension(path), (root / path).read_bytes()
             except OSError as err:  # a broken link, a file gone since it was listed, not ours to read
-                unreadable.append(f"{path.relative_to(root)}: {err.strerror}")
+                unreadable.append(f"{path}: {err.strerror}")
                 continue
-            caption_path = path.with_suffix(".txt")  # photo.jpg's caption is photo.txt, kept as its bytes
+            caption_path = root / _caption_of(path)  # photo.jpg's caption is photo.txt, kept as its bytes
             caption = caption_path.read_bytes() if caption_path.is_file() else None
             mask = None
             if masks is not None:
-                mask_path = (masks / path.relative_to(root)).with_suffix(".png")
+                mask_path = (masks / path).with_suffix(".png")
                 mask = mask_path.read_bytes()
                 _check_label_map(mask, mask_path, upright(Image.open(io.BytesIO(data))).size)
-            yield ext, data, label, mask, caption, str(path.relative_to(root))
+            yield ext, data, label, mask, caption, path
         if unreadable:
             images = counted(len(unreadable), "image")
             log.warning("left out %s that cannot be read (%s)", images, first_few(unreadable))
@@ -488,8 +524,7 @@ def _image_folder(root: Path) -> tuple[list[str | ImageFiles], ShardIndex]:
             f"{'/'.join(IMAGE_EXTENSIONS)} images in it (one sub-folder per class, or none for unlabelled images)"
         ) from None
     random.Random(0).shuffle(files)  # each group mixes classes
-    relative = [(str(path.relative_to(root)), label) for path, label in files]
-    return group_files(str(root), relative), ShardIndex(len(files), classes, [], f"image folder {root}")
+    return group_files(str(root), files), ShardIndex(len(files), classes, [], f"image folder {root}")
 
 
 def group_files(root: str, files: list[tuple[str, int | None]]) -> list[str | ImageFiles]:
