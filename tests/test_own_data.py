@@ -250,17 +250,36 @@ def test_the_held_out_part_of_shards_is_split_by_sample(numbered_shards):
     assert sorted(label for _, label in train + heldout) == list(range(len(images)))
 
 
-def test_evaluation_reads_the_val_folder_beside_train_or_else_the_held_out_part(tmp_path):
+@pytest.mark.parametrize("val", ["val", "valid", "validation"])
+def test_evaluation_reads_the_val_folder_beside_train_or_else_the_held_out_part(tmp_path, val):
+    """torchvision's ``val`` beside ``train``, or Roboflow's and Kaggle's ``valid``."""
     photos = image_folder(tmp_path / "photos", ["a", "b"])
     module = ShardDataModule(str(photos), view=lambda i: i)
     assert module.evaluation_data() == (f"{photos}#train", f"{photos}#heldout")
     assert module.training_shards() == f"{photos}#train"
     split = tmp_path / "split"
-    image_folder(split / "train", ["a", "b"]), image_folder(split / "val", ["a", "b"])
+    for name, classes in (("train", ["a", "b"]), (val, ["a", "b"]), ("test", ["a"])):
+        image_folder(split / name, classes)
     module = ShardDataModule(str(split / "train"), view=lambda i: i)
-    assert module.evaluation_data() == (str(split / "train"), str(split / "val"))
+    assert module.evaluation_data() == (str(split / "train"), str(split / val))
     explicit = ShardDataModule(str(photos), view=lambda i: i, val_shards=str(split / "val"))
     assert explicit.evaluation_data() == (str(photos), str(split / "val"))
+
+
+@pytest.mark.parametrize("splits", [["train", "val"], ["test", "train", "valid"]])
+def test_a_folder_of_split_folders_is_not_read_as_classes(tmp_path, splits):
+    """``pets/train/cat``, ``pets/val/cat`` given as ``pets``: it was read as two classes, "train"
+    and "val", so training read the val images and the probes reported train-versus-val accuracy."""
+    for split in splits:
+        image_folder(tmp_path / "pets" / split, ["cat", "dog"], per_class=2)
+    said = f"holds the folders {' and '.join(splits)}, a dataset's splits, not its classes; give {tmp_path}/pets/train"
+    with pytest.raises(UserError, match=re.escape(said)):
+        resolve_shards(str(tmp_path / "pets"))
+    with pytest.raises(UserError, match=re.escape(said)):
+        image_folder_samples(tmp_path / "pets")  # `ssl-vit shards imagefolder pets ...`
+    image_folder(tmp_path / "trains" / "train", ["cat"], per_class=2)  # a class may be called train
+    image_folder(tmp_path / "trains", ["bus"], per_class=2)
+    assert resolve_shards(str(tmp_path / "trains"))[1].classes == ["bus", "train"]
 
 
 def test_workers_fit_the_shards_there_are(numbered_shards, caplog):

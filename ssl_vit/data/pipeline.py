@@ -48,6 +48,7 @@ from ssl_vit.data.shards import (
     MASK_MEMBER,
     SOURCE_MEMBER,
     TRAIN_SUFFIX,
+    VAL_FOLDERS,
     ImageFiles,
     Sample,
     Shard,
@@ -725,10 +726,12 @@ class ShardDataModule(L.LightningDataModule):
 
     def evaluation_data(self) -> tuple[str, str]:
         """The shards evaluation reads as (train, val): ``val_shards`` when set, else the ``val``
-        folder beside a ``train`` folder, else the two parts of ``train_shards``'s held-out split."""
+        (or ``valid``, ``validation``) folder beside a ``train`` folder, else the two parts of
+        ``train_shards``'s held-out split."""
         if self.val_shards:
             return self.train_shards, self.val_shards
-        sibling = Path(self.train_shards).parent / "val"
+        beside = [Path(self.train_shards).parent / name for name in VAL_FOLDERS]
+        sibling = next((folder for folder in beside if folder.exists()), beside[0])
         if Path(self.train_shards).name == "train" and (sibling.exists() or self.embedded_to_write()):
             return self.train_shards, str(sibling)
         return self.train_shards + TRAIN_SUFFIX, self.train_shards + HELDOUT_SUFFIX

@@ -128,6 +128,10 @@ def write_shards(
     return index
 
 
+class NoImages(UserError):
+    """A folder without images: where shards could be given instead, the message says so."""
+
+
 def image_files(root: Path) -> tuple[list[str], list[tuple[str, int | None]]]:
     """Class names and the image files (paths relative to ``root``, with their class index) of an
     ImageFolder tree, one sub-folder per class; a folder without sub-folders is unlabelled (no
@@ -154,13 +158,19 @@ def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str
     with_images = {path.split("/", 1)[0] for path in images if "/" in path}
     sub_folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = [name for name in sub_folders if name in with_images]
+    splits = [name for name in classes if name in SPLIT_FOLDERS]
+    if "train" in splits and len(splits) > 1:  # torchvision's layout, given one level too high
+        raise UserError(
+            f"{root} holds the folders {' and '.join(splits)}, a dataset's splits, not its classes; give "
+            f"{root / 'train'} as the data (a val folder beside it is what runs evaluate on)"
+        )
     label = {name: i for i, name in enumerate(classes)}
     if classes:  # images beside the class folders belong to no class
         files = [(path, label[path.split("/", 1)[0]]) for path in images if "/" in path]
     else:
         files = [(path, None) for path in images]
     if not files:
-        raise UserError(
+        raise NoImages(
             f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}; expected images, or one sub-folder of them per class"
         )
     _say_what_is_left_out(root, visible, files, [name for name in sub_folders if name not in label])
@@ -417,6 +427,10 @@ Shard = str | ImageFiles | SplitPart
 #: rest: a run given one folder of images evaluates on images it never trained on.
 HELDOUT_SUFFIX, TRAIN_SUFFIX = "#heldout", "#train"
 HELDOUT_FRACTION = 0.1
+#: The names of a validation folder beside a ``train`` folder (torchvision's ``val``; Roboflow's and
+#: Kaggle's ``valid``), in the order they are looked for; with ``test``, a dataset's split folders.
+VAL_FOLDERS = ("val", "valid", "validation")
+SPLIT_FOLDERS = ("train", *VAL_FOLDERS, "test")
 
 
 def shard_size(num_samples: int, most: int = 1000) -> int:
@@ -518,7 +532,7 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
 def _image_folder(root: Path) -> tuple[list[str | ImageFiles], ShardIndex]:
     try:
         classes, files = image_files(root)
-    except UserError:
+    except NoImages:
         raise UserError(
             f"no shards found at {str(root)!r}, nor images: write shards there with `ssl-vit shards`, or put "
             f"{'/'.join(IMAGE_EXTENSIONS)} images in it (one sub-folder per class, or none for unlabelled images)"
