@@ -287,12 +287,23 @@ def set_rng_states(states: dict[str, Any]) -> None:
 RUN_KEY = "ssl_vit_run"
 
 
+def training_over(trainer: L.Trainer) -> bool:
+    """Whether the run has reached its step or epoch limit (the fit loop's ``done``, which also
+    prints that it stopped)."""
+    loop = trainer.fit_loop
+    if 0 <= loop.max_steps <= trainer.global_step:
+        return True
+    return loop.max_epochs is not None and 0 <= loop.max_epochs <= loop.epoch_progress.current.processed
+
+
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, plus what a run needs to survive being stopped: checkpoints
     hold the RNG states (a resumed run draws the same random numbers), and a SIGTERM (a scheduler
     pre-empting the job, a SLURM requeue) saves ``last.ckpt`` after the step in flight, before
     the process exits. They also hold the seconds the run has taken to reach them, so that a
-    resumed run's :meth:`seconds` counts its earlier sessions too."""
+    resumed run's :meth:`seconds` counts its earlier sessions too. The final state is saved as
+    soon as training ends, before the end-of-run evaluation and export; a run stopped during
+    those does only them when it is started again (``RunCLI.stop_if_finished``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -332,15 +343,29 @@ class RunCheckpoint(ModelCheckpoint):
             batches["current"] = dict.fromkeys(batches["current"], 0)
             batches["is_last_batch"] = False
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # Training is over (the fit loop ends the epoch at the step limit too): its final state is
+        # kept before the end-of-run evaluation, pictures and export, which can take long.
+        if self.save_last and training_over(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning saves last.ckpt at the end only if it never saved one, so a run checkpointing
-        # every N steps would end with a last.ckpt older than its final weights, and the export and
-        # summary would report that older state.
+        # Saved again after the end-of-run evaluation, whose results (the k-NN curve) the
+        # callbacks' state then holds for a run continued longer. (Lightning itself saves last.ckpt
+        # at the end only if it never saved one.)
+        self._last_global_step_saved = -1
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):  # Ctrl-C may land mid-step: nothing is saved from it
+            if training_over(trainer):
+                rank_zero_warn(
+                    f"interrupted after the last step ({trainer.global_step}), saved in {self.last_model_path}; run "
+                    "the same command again to do the end-of-run evaluation and export"
+                )
+                return
             newest = self.last_model_path or "none yet: it would start afresh"
             rank_zero_warn(
                 f"interrupted at step {trainer.global_step}; run the same command again to resume from the "

@@ -209,8 +209,10 @@ class RunCLI(LightningCLI):
             if problem:
                 raise UserError(f"--ckpt_path {path} cannot be resumed by this run: {problem}")
         resumes = bool(config["ckpt_path"]) and Path(config["ckpt_path"]).is_file()
-        if resumes:
-            self.stop_if_finished(Path(config["ckpt_path"]), root)
+        if resumes and self.stop_if_finished(Path(config["ckpt_path"]), root) == "end only":
+            # Restored at its limit, Lightning would skip the training loop and, with it, the
+            # on_train_end hooks that evaluate, draw and check the run's end: run just those.
+            self.trainer.fit_loop.run = self.trainer.fit_loop.on_run_end
         if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
             lock_run_folder(root)
         if resumes:
@@ -223,10 +225,11 @@ class RunCLI(LightningCLI):
             Console(stderr=True, soft_wrap=True).print(f"the encoder starts from {self.model.init_from} (init_from)")
         self.started = time.perf_counter()
 
-    def stop_if_finished(self, checkpoint: Path, root: Path) -> None:
+    def stop_if_finished(self, checkpoint: Path, root: Path) -> str | None:
         """A finished run started again would train nothing and then write its summary, export and
         records over the ones it finished with: it says so, shows the summary it finished with and
-        exits as that run did."""
+        exits as that run did. One stopped after its last step, before its summary of that step was
+        written, is to do its end-of-run work only ("end only")."""
         ckpt = read_checkpoint(checkpoint, mmap=True)
         epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
         loop, step, epoch = self.trainer.fit_loop, ckpt["global_step"], epochs.get("processed", 0)
@@ -236,18 +239,23 @@ class RunCLI(LightningCLI):
             reached = f"epoch {epoch} of trainer.max_epochs {loop.max_epochs}"
             longer = f"--trainer.max_epochs {2 * epoch}"
         else:
-            return
+            return None
         summary_path = root / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        if not summary or summary.get("steps") != step:  # stopped during its end-of-run evaluation or export
+            if self.trainer.is_global_zero:
+                Console(stderr=True, soft_wrap=True).print(
+                    f"{root} trained to its limit ({reached}) but was stopped before its end-of-run evaluation, "
+                    "export and summary were done: doing them now"
+                )
+            return "end only"
         if self.trainer.is_global_zero:
-            if summary:
-                print_run_summary(summary)
-            where = f"its summary above is {summary_path}" if summary else "it has no summary"
+            print_run_summary(summary)
             Console(stderr=True, soft_wrap=True).print(
                 f"{root} is finished ({checkpoint.name}: {reached}): nothing was trained and nothing written; "
-                f"{where}. To train it longer, raise the limit (e.g. {longer})"
+                f"its summary above is {summary_path}. To train it longer, raise the limit (e.g. {longer})"
             )
-        failed = bool(summary and summary.get("failed"))
+        failed = bool(summary.get("failed"))
         sys.exit(COLLAPSED_EXIT_CODE if failed and not self.config_init[self.subcommand].get("allow_collapse") else 0)
 
     def checkpoint_to_resume(self, auto_resume: bool, ckpt_dir: Path, root: Path, run: dict[str, Any]) -> str | None:

@@ -52,6 +52,14 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class InterruptAtEnd(L.Callback):
+    """Ctrl-C once the last step is done, as the end-of-run work (evaluation, export) runs."""
+
+    def on_train_end(self, trainer: L.Trainer, *args) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (see KillAt)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 class NaNInputAt(L.Callback):
     """Fills the batch of optimiser step ``step`` with NaN, so its loss and gradients are NaN."""
 
@@ -366,6 +374,31 @@ def case_ctrl_c(work: Path) -> Outcome:
         f"rc {stopped.returncode}, said={said}; resumed={resumed}, rc {again.returncode}, step {step}",
         ok,
         "none" if checkpoints_intact(folder) and resumed else "yes",
+    )
+
+
+def case_ctrl_c_after_the_last_step(work: Path) -> Outcome:
+    """Ctrl-C during the end-of-run work, with checkpoints every 5 steps of 24: the last step is
+    kept, and the same command again does only the evaluation, export and summary. (The run kept
+    step 20 and trained the rest again; with a checkpoint at the last step, it said "is finished"
+    and never wrote the export or the summary.)"""
+    end_of_run_knn = {"class_path": "ssl_vit.eval.EvaluationCallback", "init_args": {"probes": False}}
+    overrides = {"checkpoint.every_n_epochs": None, "checkpoint.every_n_train_steps": 5}
+    folder, config = new_run(work, "ctrl_c_at_end", **overrides, **{"trainer.callbacks": [end_of_run_knn]})
+    stopped = pretrain(folder, "--config", config, *fault("InterruptAtEnd"))
+    kept, _ = last_state(folder)
+    again = pretrain_in_this_process(folder, "--config", config)
+    summary_path = folder / "run/summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    done = summary.get("steps") == kept and summary.get("knn_k20_top1") is not None
+    done = done and (folder / "run/export/model.safetensors").is_file() and "trained to its limit" in again.stderr
+    ok = stopped.returncode != 0 and kept == EPOCHS * STEPS_PER_EPOCH and again.returncode == 0 and done
+    return Outcome(
+        f"keep step {EPOCHS * STEPS_PER_EPOCH}; the same command evaluates, exports and writes the summary",
+        f"rc {stopped.returncode}, kept step {kept}; then rc {again.returncode}, summary of step "
+        f"{summary.get('steps')} with k-NN {summary.get('knn_k20_top1')}, ended={done}",
+        ok,
+        "none" if kept == EPOCHS * STEPS_PER_EPOCH else "yes",
     )
 
 
@@ -805,6 +838,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_kill_mid_epoch,
     case_sigterm,
     case_ctrl_c,
+    case_ctrl_c_after_the_last_step,
     case_truncated_checkpoint,
     case_checkpoint_with_a_hole,
     case_fresh_start_in_a_used_run_folder,
