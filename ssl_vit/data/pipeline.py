@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -468,6 +469,11 @@ class ShardDataset(IterableDataset):
             log.warning("ignoring .%s members (first: %s): ssl-vit reads only images, cls, txt and json", ext, name)
         return False
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The shards and the files in them, in order: a folder's images added or removed change it."""
+        return hashlib.sha256(repr(self.urls).encode()).hexdigest()[:16]
+
     def start_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Read ``epoch`` from its batch ``start_batch`` on; the counts start again from zero
         (the samples of the batches before ``start_batch`` are read again, and counted)."""
@@ -586,10 +592,10 @@ class EpochLoader(DataLoader):
                 self.dataset.log_epoch_summary()
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str]:
         return {"epoch": self.epoch, "batches": self.batches_yielded, **self._layout()}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+    def load_state_dict(self, state_dict: dict[str, int | str]) -> None:
         self._resume_state = dict(state_dict)
 
     def _first_batch(self) -> int:
@@ -598,22 +604,28 @@ class EpochLoader(DataLoader):
         # A state saved after an epoch's last batch resumes at the next epoch's first.
         if state is None or state["epoch"] != self.epoch:
             return 0
-        saved = {key: state.get(key) for key in self._layout()}
-        if saved != self._layout():
+        now = self._layout()
+        changed = [
+            "the training data's files" if key == "data" else f"{key} {state.get(key)} -> {value}"
+            for key, value in now.items()
+            if state.get(key) != value
+        ]
+        if changed:
             log.warning(
-                "the checkpoint stopped after batch %d of epoch %d with %s, this run has %s: batches would not "
-                "line up, so epoch %d is read again from the epoch's first batch",
+                "the checkpoint stopped after batch %d of epoch %d; %s changed since, so its batches would not line "
+                "up: epoch %d is read again from its first batch",
                 state["batches"],
                 self.epoch,
-                saved,
-                self._layout(),
+                ", ".join(changed),
                 self.epoch,
             )
             return 0
         return state["batches"]
 
-    def _layout(self) -> dict[str, int]:
-        return {"batch_size": self.batch_size, "num_workers": self.num_workers, "world_size": self.dataset.world_size}
+    def _layout(self) -> dict[str, int | str]:
+        """What lays an epoch's batches out over workers and ranks, the data's files included."""
+        layout = {"batch_size": self.batch_size, "num_workers": self.num_workers, "world_size": self.dataset.world_size}
+        return {**layout, "data": self.dataset.fingerprint}
 
 
 class ShardDataModule(L.LightningDataModule):
