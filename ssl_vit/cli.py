@@ -3,9 +3,9 @@
     ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_steps 624 ...] [--ckpt_path last]
     ssl-vit finetune --config recipes/quickstart/finetune.yaml [--model.init_args.pretrained false ...]
     ssl-vit distill --config recipes/quickstart/distill.yaml [--model.init_args.student '{name: resnet18}' ...]
-    ssl-vit knn CHECKPOINT --train_shards TRAIN --val_shards VAL [--pooling cls|mean|cls+mean ...]
-    ssl-vit probe CHECKPOINT --train_shards TRAIN --val_shards VAL [--head linear|attentive|linear+attentive ...]
-    ssl-vit segprobe CHECKPOINT --train_shards TRAIN --val_shards VAL [--seg_epochs 20 ...]
+    ssl-vit knn CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--pooling cls|mean|cls+mean ...]
+    ssl-vit probe CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--head linear|attentive|linear+attentive ...]
+    ssl-vit segprobe CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--seg_epochs 20 ...]
     ssl-vit export CHECKPOINT OUT [--format timm|state_dict|open_clip] [--role ROLE] [--overwrite] [--onnx [--int8]]
     ssl-vit zeroshot CLIP_CHECKPOINT_OR_OPEN_CLIP_FOLDER --val_shards VAL [--image_size N ...]
     ssl-vit shards embedded OUT_DIR
@@ -61,7 +61,7 @@ from ssl_vit.checkpoint import (
     run_checkpoint,
 )
 from ssl_vit.data.embedded import DATASETS
-from ssl_vit.data.pipeline import ShardDataModule, decodable_samples
+from ssl_vit.data.pipeline import ShardDataModule, decodable_samples, evaluation_split
 from ssl_vit.data.shards import (
     HELDOUT_SUFFIX,
     TRAIN_SUFFIX,
@@ -686,15 +686,22 @@ def evaluate(command: str, args: list[str]) -> None:
     # Only the options of this command's protocols (the others keep their defaults).
     kinds = {"knn": ["knn"], "probe": ["probe", "attentive"], "segprobe": ["segmentation"]}[command]
     wanted = {
-        "train_shards",
-        "val_shards",
+        "train_shards",  # and --val_shards, optional here (below)
         "cache_dir",
         *COMMON_SETTINGS,
         *(s for k in kinds for s in PROTOCOL_SETTINGS[k]),
     }
     wanted |= {"head"} if command == "probe" else set()
     parser.add_class_arguments(Evaluator, skip=set(inspect.signature(Evaluator).parameters) - wanted)
+    parser.add_argument(
+        "--val_shards",
+        type=str | None,
+        default=None,
+        help="labelled shards to score; default: as a run reads its data, the val (or valid) folder beside a "
+        "train folder, else the held-out tenth of --train_shards against the rest",
+    )
     cfg = parser.parse_args(args).as_dict()
+    cfg["train_shards"], cfg["val_shards"] = evaluation_split(cfg["train_shards"], cfg["val_shards"])
     source, weights, out = cfg.pop("encoder"), cfg.pop("weights"), cfg.pop("out")
     evaluator = Evaluator(**cfg)
     # data without what the command reads stops here, before any loading

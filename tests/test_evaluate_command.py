@@ -17,6 +17,7 @@ from ssl_vit.cli import main
 from ssl_vit.data import write_shards
 from ssl_vit.export import export_encoder
 from tests.conftest import OBJECTIVES, fit_briefly
+from tests.test_own_data import image_folder
 from tests.test_segmentation import colour_region_sample, region_shards  # shards with label maps
 
 # Few epochs and images: these tests check where numbers come from and go, not their quality.
@@ -89,6 +90,23 @@ def test_a_timm_model_at_random_or_from_a_weights_file(capsys, run, command, tmp
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "weights.safetensors"))
     from_file = evaluate(capsys, command, f"timm:{TIMM_NAME}", run, "--weights", "weights.safetensors", *small)
     assert json.loads(from_file.read_text())["results"] == record["results"]
+
+
+@pytest.mark.parametrize("layout", ["one folder", "train and valid"])
+def test_without_val_shards_a_command_reads_the_data_as_a_run_does(capsys, run, tmp_path, layout):
+    """`ssl-vit knn EXPORT --train_shards photos`: the held-out tenth of photos against the rest,
+    or the val (valid) folder beside a train folder, as the run that made the export evaluated."""
+    if layout == "one folder":
+        train = image_folder(tmp_path / "photos", ["cat", "dog"], per_class=20)
+        expected = (f"{train}#train", f"{train}#heldout")
+    else:
+        train = image_folder(tmp_path / "pets" / "train", ["cat", "dog"], per_class=6)
+        image_folder(tmp_path / "pets" / "valid", ["cat", "dog"], per_class=2)
+        expected = (str(train), str(tmp_path / "pets" / "valid"))
+    main(["knn", str(run["export"]), "--train_shards", str(train), "--num_workers", "0", *SETTINGS["knn"]])
+    written = re.findall(r"^wrote (.+)$", capsys.readouterr().out, flags=re.MULTILINE)
+    data = json.loads(Path(written[0]).read_text())["data"]
+    assert (data["train_shards"], data["val_shards"]) == expected
 
 
 def test_an_encoder_that_is_none_of_these_is_one_line_naming_what_is_accepted(capsys, run, tmp_path):

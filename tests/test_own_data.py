@@ -351,7 +351,9 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
     run_folder = user_folder / "runs/photos/simclr"
     assert {"checkpoints", "export", "pictures", "summary.json"} <= {p.name for p in run_folder.iterdir()}
     assert json.loads((run_folder / "summary.json").read_text())["knn_k20_top1"] is not None
-    assert list(run_folder.glob("export.knn.eval-*.json"))  # beside the export, not the run's own records
+    records = list(run_folder.glob("export.knn.eval-*.json"))  # beside the export, not the run's own records
+    data = {"train_shards": "photos#train", "val_shards": "photos#heldout"}  # what the run evaluated on
+    assert records and all(json.loads(record.read_text())["data"] == data for record in records)
     assert (user_folder / "runs/photos/finetune/export/model.safetensors").is_file()
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
     assert continued["steps"] > 0 and "the encoder starts from runs/photos/simclr/export (init_from)" in result.stderr

@@ -556,6 +556,19 @@ def seed_generators(key: str) -> None:
     np.random.seed(seed % 2**32)
 
 
+def evaluation_split(train_shards: str, val_shards: str | None = None, val_to_come: bool = False) -> tuple[str, str]:
+    """The (train, val) data that evaluating on ``train_shards`` reads: ``val_shards`` when given,
+    else the ``val`` (or ``valid``, ``validation``) folder beside a ``train`` folder (or the one
+    about to be written, ``val_to_come``), else the two parts of ``train_shards``'s held-out split."""
+    if val_shards:
+        return train_shards, val_shards
+    beside = [Path(train_shards).parent / name for name in VAL_FOLDERS]
+    sibling = next((folder for folder in beside if folder.exists()), beside[0])
+    if Path(train_shards).name == "train" and (sibling.exists() or val_to_come):
+        return train_shards, str(sibling)
+    return train_shards + TRAIN_SUFFIX, train_shards + HELDOUT_SUFFIX
+
+
 class EpochLoader(DataLoader):
     """A DataLoader that tells its ShardDataset the epoch before the workers start, so shard order
     is keyed on (seed, epoch) and a resumed run reads the same order (Lightning only calls
@@ -737,16 +750,8 @@ class ShardDataModule(L.LightningDataModule):
         return urls, index, batches
 
     def evaluation_data(self) -> tuple[str, str]:
-        """The shards evaluation reads as (train, val): ``val_shards`` when set, else the ``val``
-        (or ``valid``, ``validation``) folder beside a ``train`` folder, else the two parts of
-        ``train_shards``'s held-out split."""
-        if self.val_shards:
-            return self.train_shards, self.val_shards
-        beside = [Path(self.train_shards).parent / name for name in VAL_FOLDERS]
-        sibling = next((folder for folder in beside if folder.exists()), beside[0])
-        if Path(self.train_shards).name == "train" and (sibling.exists() or self.embedded_to_write()):
-            return self.train_shards, str(sibling)
-        return self.train_shards + TRAIN_SUFFIX, self.train_shards + HELDOUT_SUFFIX
+        """The shards evaluation reads as (train, val) (:func:`evaluation_split`)."""
+        return evaluation_split(self.train_shards, self.val_shards, val_to_come=bool(self.embedded_to_write()))
 
     def training_shards(self) -> str:
         """What training reads: ``train_shards``, less the held-out part when evaluation reads it."""
