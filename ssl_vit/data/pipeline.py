@@ -55,6 +55,8 @@ from ssl_vit.data.shards import (
     Shard,
     ShardIndex,
     SplitPart,
+    caption_file,
+    extension,
     group_files,
     is_heldout,
     resolve_shards,
@@ -426,13 +428,13 @@ class ShardDataset(IterableDataset):
             for path, label in shard.files:
                 sample: dict[str, Any] = {"__key__": path}
                 try:
-                    sample[Path(path).suffix.lower().lstrip(".")] = (Path(shard.root) / path).read_bytes()
+                    sample[extension(path)] = (Path(shard.root) / path).read_bytes()
                 except OSError as err:  # a broken link, a file gone or not ours: skipped and named once
                     sample[UNREADABLE] = f"cannot read the file ({err.strerror})"
                 if label is not None:
                     sample["cls"] = str(label).encode()
-                caption = (Path(shard.root) / path).with_suffix(".txt")
-                if self.captions and caption.is_file():  # photo.jpg's caption is photo.txt
+                caption = Path(shard.root) / caption_file(path)
+                if self.captions and caption.is_file():
                     sample[CAPTION_MEMBER] = caption.read_bytes()
                 yield sample
         else:
@@ -514,7 +516,7 @@ def captioned_only(urls: list[Shard], index: ShardIndex | None) -> tuple[list[Sh
     kept = urls
     if all(isinstance(shard, ImageFiles) for shard in urls):
         root = urls[0].root
-        files = [f for shard in urls for f in shard.files if (Path(root) / f[0]).with_suffix(".txt").is_file()]
+        files = [f for shard in urls for f in shard.files if (Path(root) / caption_file(f[0])).is_file()]
         captions, kept = len(files), (group_files(root, files) if files else urls)
     else:
         captions = index.captions  # None for shards written before ssl-vit counted them

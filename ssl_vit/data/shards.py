@@ -154,7 +154,7 @@ _indexed: dict[Path, tuple[list[str], tuple[list[str], list[tuple[str, int | Non
 
 def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str, int | None]]]:
     visible = [path for path in listing if not _hidden(path)]
-    images = [path for path in visible if _extension(path) in IMAGE_EXTENSIONS]
+    images = [path for path in visible if extension(path) in IMAGE_EXTENSIONS]
     with_images = {path.split("/", 1)[0] for path in images if "/" in path}
     sub_folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = [name for name in sub_folders if name in with_images]
@@ -207,13 +207,14 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
-def _extension(relative: str) -> str:
-    return os.path.splitext(relative)[1].lower().lstrip(".")
+def extension(path: str) -> str:
+    """A file's extension, lower case, without its dot: ``jpg`` for ``a/b.JPG``."""
+    return os.path.splitext(path)[1].lower().lstrip(".")
 
 
-def _caption_of(relative: str) -> str:
-    """The caption file of an image: ``a/b.txt`` for ``a/b.jpg``."""
-    return os.path.splitext(relative)[0] + ".txt"
+def caption_file(image: str) -> str:
+    """An image's caption file, beside it (image-text objectives): ``a/b.txt`` for ``a/b.jpg``."""
+    return os.path.splitext(image)[0] + ".txt"
 
 
 _left_out_said: set[Path] = set()
@@ -226,9 +227,9 @@ def _say_what_is_left_out(
     if root.resolve() in _left_out_said:
         return
     _left_out_said.add(root.resolve())
-    read = {path for path, _ in files} | {_caption_of(path) for path, _ in files}
+    read = {path for path, _ in files} | {caption_file(path) for path, _ in files}
     unread = [path for path in visible if path not in read and (root / path).is_file()]
-    beside = [path for path in unread if "/" not in path and _extension(path) in IMAGE_EXTENSIONS]
+    beside = [path for path in unread if "/" not in path and extension(path) in IMAGE_EXTENSIONS]
     other = [path for path in unread if path not in beside]
     parts = []
     if other:
@@ -277,11 +278,11 @@ def image_folder_samples(
         unreadable = []
         for path, label in files:
             try:
-                ext, data = _extension(path), (root / path).read_bytes()
+                ext, data = extension(path), (root / path).read_bytes()
             except OSError as err:  # a broken link, a file gone since it was listed, not ours to read
                 unreadable.append(f"{path}: {err.strerror}")
                 continue
-            caption_path = root / _caption_of(path)  # photo.jpg's caption is photo.txt, kept as its bytes
+            caption_path = root / caption_file(path)  # photo.jpg's caption is photo.txt, kept as its bytes
             caption = caption_path.read_bytes() if caption_path.is_file() else None
             mask = None
             if masks is not None:
