@@ -61,11 +61,10 @@ class FineTuneView:
 
 
 class LabelledShardDataModule(ShardDataModule):
-    """The pretraining pipeline over labelled ``train_shards``, plus ``val_shards`` read once per
-    validation through the evaluation view (each rank its own shards)."""
-
-    def __init__(self, *args: Any, val_shards: str, **kwargs: Any) -> None:
-        super().__init__(*args, val_shards=val_shards, **kwargs)
+    """The pretraining pipeline over labelled ``train_shards``, plus the validation data read once
+    per validation through the evaluation view (each rank its own shards): ``val_shards``, else as
+    pretraining evaluates (the val folder beside a train folder, else the held-out tenth, which
+    training then leaves out)."""
 
     def classes(self) -> list[str] | None:
         _, index = resolve_shards(self.train_shards)
@@ -74,7 +73,7 @@ class LabelledShardDataModule(ShardDataModule):
     def check_labels(self, num_classes: int) -> None:
         """Before any work: both splits labelled, with exactly the classes the model has (a head
         with more outputs than the shards have classes trains and scores outputs no label names)."""
-        for split, shards in (("train_shards", self.train_shards), ("val_shards", self.val_shards)):
+        for split, shards in zip(("train_shards", "val_shards"), self.evaluation_data(), strict=True):
             _, index = resolve_shards(shards)
             if index is not None and not index.classes:
                 raise UserError(
@@ -90,7 +89,7 @@ class LabelledShardDataModule(ShardDataModule):
                 )
 
     def val_dataloader(self) -> DataLoader:
-        urls, _ = resolve_shards(self.val_shards)
+        urls, _ = resolve_shards(self.evaluation_data()[1])
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         size = self.view.size
         dataset = ShardDataset(

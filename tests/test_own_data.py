@@ -30,7 +30,7 @@ from ssl_vit.data.shards import (
 )
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
-from ssl_vit.finetune import FineTune
+from ssl_vit.finetune import FineTune, FineTuneView, LabelledShardDataModule
 
 from .conftest import random_images
 from .fault_injection import in_this_process
@@ -280,6 +280,17 @@ def test_a_folder_of_split_folders_is_not_read_as_classes(tmp_path, splits):
     image_folder(tmp_path / "trains" / "train", ["cat"], per_class=2)  # a class may be called train
     image_folder(tmp_path / "trains", ["bus"], per_class=2)
     assert resolve_shards(str(tmp_path / "trains"))[1].classes == ["bus", "train"]
+
+
+def test_fine_tuning_without_val_shards_validates_on_what_a_run_evaluates_on(tmp_path):
+    """`ssl-vit finetune ... --data.train_shards photos`: it validated on the recipe's own
+    data/shapes/val (or stopped naming it); now on the held-out tenth, which training leaves out."""
+    photos = image_folder(tmp_path / "photos", ["a", "b"], per_class=30)
+    data = LabelledShardDataModule(str(photos), view=FineTuneView(size=16), batch_size=4, num_workers=0)
+    data.check_labels(2)
+    assert data.training_shards() == f"{photos}#train"
+    validated = [label for _, labels in data.val_dataloader() for label in labels.tolist()]
+    assert len(validated) == resolve_shards(f"{photos}#heldout")[1].num_samples > 0
 
 
 def test_workers_fit_the_shards_there_are(numbered_shards, caplog):
