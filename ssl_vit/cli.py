@@ -415,6 +415,8 @@ class FineTuneCLI(RunCLI):
         trainer = self.trainer
         if not trainer.is_global_zero or trainer.interrupted:
             return
+        if "val/top1" not in trainer.callback_metrics:  # a run that did only its end this session (stop_if_finished)
+            trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         metrics = trainer.callback_metrics
         results = {k: round(float(metrics[f"val/{k}"]), 3) for k in ("top1", "top5") if f"val/{k}" in metrics}
         export_dir = None

@@ -106,6 +106,15 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
 
+    # stopped before its summary (a Ctrl-C during the export): the same command validates the last
+    # step's weights again and writes the same summary (it wrote one without the accuracy)
+    (tmp_path / "run/summary.json").unlink()
+    again = finetune(exported, train, val, tmp_path / "run", *overrides)
+    assert again.returncode == 0 and "trained to its limit" in again.stderr, again.stderr[-3000:]
+    ended = json.loads((tmp_path / "run/summary.json").read_text())
+    kept = ("steps", "val_top1", "val_images")
+    assert [ended[k] for k in kept] == [summary[k] for k in kept]
+
     model = timm.create_model(f"local-dir:{tmp_path / 'run/export'}", pretrained=True).eval()
     assert model.pretrained_cfg["label_names"] == ["a", "b", "c", "d"]
     finetuned = FineTune(num_classes=4, init_from=str(exported))
