@@ -15,6 +15,7 @@ from ssl_vit.data import write_shards
 from ssl_vit.errors import UserError
 from ssl_vit.finetune import FineTune
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly, png_bytes, random_images
+from tests.fault_injection import in_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,13 +82,23 @@ def labelled_shards(folder: Path, n: int) -> str:
     return str(folder)
 
 
-def finetune(exported: Path, train: str, val: str, run: Path, *overrides: str) -> subprocess.CompletedProcess:
+def finetune_args(exported: Path, train: str, val: str, run: Path, *overrides: str) -> list[str]:
     """``ssl-vit finetune`` with the quickstart recipe on tiny shards, as a user runs it."""
     recipe = str(ROOT / "recipes/quickstart/finetune.yaml")
     args = [f"--model.init_from={exported}", f"--data.train_shards={train}", f"--data.val_shards={val}"]
     args += ["--data.batch_size=16", "--data.num_workers=1", f"--trainer.default_root_dir={run}", *overrides]
-    command = [sys.executable, "-m", "ssl_vit.cli", "finetune", "--config", recipe, *args]
+    return ["finetune", "--config", recipe, *args]
+
+
+def finetune(*args: str | Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ssl_vit.cli", *finetune_args(*args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def finetune_stopping_early(tmp_path: Path, *args: str | Path) -> subprocess.CompletedProcess:
+    """The same, for runs that stop before any training: in this process, without a new
+    interpreter's seconds of imports."""
+    return in_this_process(tmp_path, *finetune_args(*args))
 
 
 def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_path):
@@ -137,7 +148,9 @@ def test_mixup_and_cutmix_targets_are_distributions(exported):
 def test_unlabelled_shards_stop_fine_tuning_with_one_line(exported, tmp_path):
     unlabelled = (("png", png_bytes(img), None) for img in random_images(32, size=32))
     write_shards(unlabelled, tmp_path / "train", classes=[], source="test", samples_per_shard=16)
-    result = finetune(exported, str(tmp_path / "train"), str(tmp_path / "train"), tmp_path / "run")
+    result = finetune_stopping_early(
+        tmp_path, exported, str(tmp_path / "train"), str(tmp_path / "train"), tmp_path / "run"
+    )
     assert result.returncode == 2
     assert "has no class labels" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "run").rglob("*.ckpt"))
@@ -146,7 +159,9 @@ def test_unlabelled_shards_stop_fine_tuning_with_one_line(exported, tmp_path):
 def test_a_class_count_other_than_the_shards_stops_fine_tuning_with_one_line(exported, tmp_path):
     train, val = labelled_shards(tmp_path / "train", 32), labelled_shards(tmp_path / "val", 16)
     for num_classes in (5, 3):  # the shards have 4: a head with more outputs than classes, or fewer
-        result = finetune(exported, train, val, tmp_path / "run", f"--model.num_classes={num_classes}")
+        result = finetune_stopping_early(
+            tmp_path, exported, train, val, tmp_path / "run", f"--model.num_classes={num_classes}"
+        )
         assert result.returncode == 2
         assert f"has 4 classes (a, b, c, d) but model.num_classes is {num_classes}" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
