@@ -173,7 +173,9 @@ def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str
         raise NoImages(
             f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}; expected images, or one sub-folder of them per class"
         )
-    _say_what_is_left_out(root, visible, files, [name for name in sub_folders if name not in label])
+    class_of = {os.path.realpath(root / name): name for name in classes}
+    links = {name: class_of.get(os.path.realpath(root / name)) for name in sub_folders if name not in label}
+    _say_what_is_left_out(root, visible, files, links)
     return classes, files
 
 
@@ -221,9 +223,10 @@ _left_out_said: set[Path] = set()
 
 
 def _say_what_is_left_out(
-    root: Path, visible: list[str], files: list[tuple[str, int | None]], empty: list[str]
+    root: Path, visible: list[str], files: list[tuple[str, int | None]], left_out: dict[str, str | None]
 ) -> None:
-    """One warning per folder and process: the files and sub-folders that are not read, and why."""
+    """One warning per folder and process: the files and sub-folders that are not read, and why.
+    ``left_out``: each sub-folder that is no class, with the class it is a link to (or None)."""
     if root.resolve() in _left_out_said:
         return
     _left_out_said.add(root.resolve())
@@ -240,8 +243,14 @@ def _say_what_is_left_out(
         )
     if beside:
         parts.append(f"{counted(len(beside), 'image')} beside the class folders, in no class")
+    empty = [name for name, target in left_out.items() if target is None]
+    links = [f"{name!r} -> {target!r}" for name, target in left_out.items() if target is not None]
     if empty:
         parts.append(f"{counted(len(empty), 'sub-folder')} without images ({', '.join(map(repr, empty[:5]))})")
+    if links:
+        parts.append(
+            f"{counted(len(links), 'link')} to a class folder, read once under its own name ({', '.join(links[:5])})"
+        )
     if parts:
         log.warning(
             "%s: left out %s; images are read from %s files", root, "; ".join(parts), "/".join(IMAGE_EXTENSIONS)

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ssl_vit.data.views import EvalView
 from ssl_vit.encoder import NO_CLASS_TOKEN
@@ -112,7 +112,8 @@ class EvaluationCallback(Evaluator, Periodic):
                 )
             elif self.segmentation and self.without_label_maps():
                 self.segmentation = False
-                rank_zero_warn(f"{self.val_shards} has no label maps (seg.png): the dense probe is skipped")
+                # most folders have none: a line of information, not a warning on every user's run
+                rank_zero_info(f"the dense probe is skipped: {self.val_shards} has no label maps (seg.png)")
         if self.pooling.startswith("cls") and not pl_module.evaluated_encoder.has_class_token:
             raise UserError(f"trainer.callbacks EvaluationCallback pooling {self.pooling}: {NO_CLASS_TOKEN}")
 
