@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -23,7 +24,8 @@ import subprocess
 import sys
 import tarfile
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +212,7 @@ def recipe(folder: Path, shards: Path, **overrides) -> Path:
 
 
 def pretrain(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """``ssl-vit pretrain ARGS`` in a process of its own, for runs that a fault kills or signals."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run(
         [sys.executable, "-m", "ssl_vit.cli", "pretrain", *args],
@@ -221,15 +224,44 @@ def pretrain(folder: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@contextlib.contextmanager
+def stderr_as_a_new_process_shows_it(stderr: io.StringIO) -> Iterator[None]:
+    """Into ``stderr``, what a new process would show there and pytest would otherwise keep or send
+    elsewhere: warnings (under a new interpreter's filters), the lines of loggers whose handler
+    writes to the stderr of when they were made (Lightning's), and WARNING records of loggers
+    without handlers of their own."""
+    loggers = [logging.root, *logging.Logger.manager.loggerDict.values()]
+    handlers = [h for log in loggers if isinstance(log, logging.Logger) for h in log.handlers]
+    streams = {h: h.stream for h in handlers if type(h) is logging.StreamHandler}
+    for handler in streams:
+        handler.setStream(stderr)
+    unhandled = logging.StreamHandler(stderr)
+    unhandled.setLevel(logging.WARNING)
+    logging.root.addHandler(unhandled)
+    try:
+        with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line)
+            )
+            yield
+    finally:
+        logging.root.removeHandler(unhandled)
+        for handler, stream in streams.items():
+            handler.setStream(stream)
+
+
 def in_this_process(folder: Path, *argv: str) -> subprocess.CompletedProcess:
-    """``ssl-vit ARGV`` run by this process (in ``folder``), for commands that stop before any
-    training: a new interpreter would spend seconds importing torch and Lightning per case."""
+    """``ssl-vit ARGV`` run by this process (in ``folder``), for every command that no fault kills
+    or signals: a new interpreter would spend seconds importing torch and Lightning per command."""
     from ssl_vit.cli import main
 
     stdout, stderr, here = io.StringIO(), io.StringIO(), Path.cwd()
     os.chdir(folder)
     try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+        with stderr_as_a_new_process_shows_it(stderr), contextlib.redirect_stdout(stdout):
             try:
                 main(list(argv))
                 code = 0
@@ -325,7 +357,7 @@ def case_sigkill(work: Path) -> Outcome:
     """SIGKILL in the middle of epoch 2; the same command again resumes from epoch 1's checkpoint."""
     folder, config = new_run(work, "sigkill")
     killed = pretrain(folder, "--config", config, *fault("KillAt", step=STEPS_PER_EPOCH + 3))
-    again = pretrain(folder, "--config", config)
+    again = pretrain_in_this_process(folder, "--config", config)
     step, params = last_state(folder)
     ref_step, ref_params = uninterrupted(work)
     diff = max_difference(params, ref_params)
@@ -346,7 +378,7 @@ def case_sigterm(work: Path) -> Outcome:
     term_step = STEPS_PER_EPOCH + 3
     stopped = pretrain(folder, "--config", config, *fault("KillAt", step=term_step, signal="SIGTERM"))
     saved_step, _ = last_state(folder)
-    again = pretrain(folder, "--config", config)
+    again = pretrain_in_this_process(folder, "--config", config)
     step, _ = last_state(folder)
     ref_step, _ = uninterrupted(work)
     ok = stopped.returncode == 128 + signal.SIGTERM and saved_step == term_step and step == ref_step
@@ -410,7 +442,7 @@ def case_truncated_checkpoint(work: Path) -> Outcome:
     ckpt_dir = folder / "run/checkpoints"
     last = (ckpt_dir / "last.ckpt").read_bytes()
     (ckpt_dir / "last.ckpt").write_bytes(last[: len(last) // 2])
-    again = pretrain(folder, "--config", str(recipe(folder, work / "shards")))
+    again = pretrain_in_this_process(folder, "--config", str(recipe(folder, work / "shards")))
     step, _ = last_state(folder)
     warned = "skipping checkpoint" in again.stderr and "last.ckpt" in again.stderr
     resumed_from = next((line for line in again.stderr.splitlines() if "resuming from" in line), "")
@@ -432,7 +464,7 @@ def case_broken_data(work: Path) -> Outcome:
     write_broken_shard(shards / "broken.tar", marker)
     overrides = {"data.samples_per_epoch": 16, "data.batch_size": 4, "data.shuffle_buffer": 0}
     config = recipe(folder, shards / "broken.tar", **overrides, **{"data.max_skip_fraction": 0.5})
-    result = pretrain(folder, "--config", str(config), "--trainer.max_epochs=1")
+    result = pretrain_in_this_process(folder, "--config", str(config), "--trainer.max_epochs=1")
     summary = next((line for line in result.stderr.splitlines() if "epoch 0: read" in line), "")
     # 16 kept samples = 2 whole passes over the shard's 11 (the last kept sample ends only where the
     # cut tail begins); its unreadable ones are counted in the first.
@@ -452,7 +484,7 @@ def case_mostly_broken_data(work: Path) -> Outcome:
     shards.mkdir(parents=True)
     write_broken_shard(shards / "broken.tar", folder / "unpickled")
     config = recipe(folder, shards / "broken.tar", **{"data.samples_per_epoch": 64, "data.batch_size": 4})
-    result = pretrain(folder, "--config", str(config))
+    result = pretrain_in_this_process(folder, "--config", str(config))
     ok = result.returncode == 2 and "data.max_skip_fraction" in result.stderr and "Traceback" not in result.stderr
     return Outcome(
         "stop with one message naming data.max_skip_fraction",
@@ -466,7 +498,7 @@ def case_nan_loss(work: Path) -> Outcome:
     """NaN at step 5: the guard cannot tell bad data from parameters broken by step 4's update
     (a too high lr looks the same), so the state it keeps is the one from before that update."""
     folder, config = new_run(work, "nan")
-    result = pretrain(folder, "--config", config, *fault("NaNInputAt", step=5))
+    result = pretrain_in_this_process(folder, "--config", config, *fault("NaNInputAt", step=5))
     saved = folder / "run/checkpoints/last-good-step=00000004.ckpt"
     message = last_line(result.stderr)
     ckpt = torch.load(saved, weights_only=True) if saved.exists() else {}
@@ -482,7 +514,9 @@ def case_nan_loss(work: Path) -> Outcome:
 
 def case_nan_skipped(work: Path) -> Outcome:
     folder, config = new_run(work, "nan_skip")
-    result = pretrain(folder, "--config", config, "--nonfinite.action=skip", *fault("NaNInputAt", step=5))
+    result = pretrain_in_this_process(
+        folder, "--config", config, "--nonfinite.action=skip", *fault("NaNInputAt", step=5)
+    )
     step, params = last_state(folder) if result.returncode == 0 else (0, {})
     finite = all_finite(params)
     warned = "non-finite loss at step 5 of MAE: step skipped" in result.stderr
@@ -658,7 +692,7 @@ def case_moved_run_folder_with_brackets(work: Path) -> Outcome:
     epoch longer: it resumes its own last checkpoint (the path is not a pattern)."""
     folder, _, _ = copy_of_uninterrupted(work, "exp[1]")
     config = str(recipe(folder, work / "shards", **{"trainer.max_epochs": EPOCHS + 1}))
-    result = pretrain(folder, "--config", config)
+    result = pretrain_in_this_process(folder, "--config", config)
     step, _ = last_state(folder)
     resumed = "resuming from" in result.stderr
     ok = result.returncode == 0 and resumed and step == (EPOCHS + 1) * STEPS_PER_EPOCH
@@ -699,7 +733,7 @@ def case_checkpoint_with_a_hole(work: Path) -> Outcome:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = ckpt_dir / f".last.ckpt.{socket.gethostname().replace('.', '_')}-{int(dead.stdout)}.tmp"
     leftover.write_bytes(b"half a checkpoint")
-    result = pretrain(folder, "--config", config)
+    result = pretrain_in_this_process(folder, "--config", config)
     # the checkpoint before is the last epoch's: the run is finished by it, and says so
     resumed_from = next((line for line in result.stderr.splitlines() if "is finished (" in line), "")
     warned = "skipping checkpoint" in result.stderr and "does not match" in result.stderr
@@ -735,7 +769,7 @@ def case_kill_mid_epoch(work: Path) -> Outcome:
     folder, config = new_run(work, "kill_mid_epoch", **overrides)
     killed = pretrain(folder, "--config", config, *fault("KillAt", step=KILLED_AFTER_STEP + 1))
     saved_step, _ = last_state(folder)
-    again = pretrain(folder, "--config", config)
+    again = pretrain_in_this_process(folder, "--config", config)
     step, params = last_state(folder)
     ref_step, ref_params = last_state(ref_folder)
     diff = max_difference(params, ref_params)
@@ -759,13 +793,9 @@ def case_overwrite_current_or_checkpoint_folder(work: Path) -> Outcome:
     (folder / "run/checkpoints/last.ckpt").write_bytes((work / "uninterrupted/run/checkpoints/last.ckpt").read_bytes())
     (folder / "notes.txt").write_text("the user's own file")
     files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    command = [sys.executable, "-m", "ssl_vit.cli", "export", "run/checkpoints/last.ckpt"]
     refused, observed = True, []
     for out in (".", "run/checkpoints"):
-        result = subprocess.run(
-            [*command, out, "--overwrite"], cwd=folder, capture_output=True, text=True, timeout=300, env=env
-        )
+        result = in_this_process(folder, "export", "run/checkpoints/last.ckpt", out, "--overwrite")
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         refused = refused and result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
         message = (errors or [last_line(result.stderr)])[0].split("error: ", 1)[-1]
@@ -791,11 +821,11 @@ def case_lr_blowup_recovered(work: Path) -> Outcome:
     gradients are NaN). The run stops and keeps the state from before that update; the same
     command with base_lr 1e-3 resumes from it and finishes with parameters of normal size."""
     folder, config = new_run(work, "lr_blowup")
-    blown = pretrain(folder, "--config", config, "--model.init_args.base_lr=1e6")
+    blown = pretrain_in_this_process(folder, "--config", config, "--model.init_args.base_lr=1e6")
     message = last_line(blown.stderr)
     saved = list((folder / "run/checkpoints").glob("last-good-step=*.ckpt"))
     saved_state = torch.load(saved[0], weights_only=True)["state_dict"] if len(saved) == 1 else {}
-    resumed = pretrain(folder, "--config", config, "--model.init_args.base_lr=1e-3")
+    resumed = pretrain_in_this_process(folder, "--config", config, "--model.init_args.base_lr=1e-3")
     from_saved = len(saved) == 1 and f"resuming from {saved[0]}" in resumed.stderr
     step, params = last_state(folder) if resumed.returncode == 0 else (0, {})
     ref_step, reference = uninterrupted(work)
@@ -818,11 +848,11 @@ def case_collapsed_run_fails(work: Path) -> Outcome:
     """A run whose outputs stay collapsed from step 2 of 24: it finishes, exports and writes its
     summary, then says it failed and exits 3; --allow_collapse true exits 0."""
     folder, config = new_run(work, "collapsed", **{"trainer.max_epochs": 1})
-    failed = pretrain(folder, "--config", config, *fault("CollapsedFrom", step=2))
+    failed = pretrain_in_this_process(folder, "--config", config, *fault("CollapsedFrom", step=2))
     summary = json.loads((folder / "run/summary.json").read_text()) if (folder / "run/summary.json").exists() else {}
     said = "run failed" in last_line(failed.stderr) and "collapsed" in str(summary.get("failed"))
     # The same finished run again, told to keep going: it resumes at its end and exits 0.
-    kept_going = pretrain(folder, "--config", config, "--allow_collapse=true")
+    kept_going = pretrain_in_this_process(folder, "--config", config, "--allow_collapse=true")
     ok = failed.returncode == 3 and said and (folder / "run/export/model.safetensors").is_file()
     ok = ok and kept_going.returncode == 0
     return Outcome(

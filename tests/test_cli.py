@@ -47,7 +47,7 @@ def ssl_vit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def workdir(tmp_path_factory) -> Path:
     """A folder with the embedded dataset at data/shapes, where the quickstart recipe looks."""
     work = tmp_path_factory.mktemp("work")
-    result = ssl_vit("shards", "embedded", "data/shapes", cwd=work)
+    result = in_this_process(work, "shards", "embedded", "data/shapes")
     assert result.returncode == 0, result.stderr
     assert "wrote 5000 samples of 10 classes in 20 shards" in result.stdout
     return work
@@ -92,14 +92,14 @@ def test_missing_shards_stop_with_one_message(tmp_path):
 
 def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(workdir):
     args = ["pretrain", "--config", str(RECIPE), *TINY]
-    first = ssl_vit(*args, "--trainer.max_epochs=1", cwd=workdir)
+    first = in_this_process(workdir, *args, "--trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt_dir = workdir / "runs/shapes/mae/checkpoints"
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # 128 samples / batch 32
     (first_seconds,) = [state["seconds"] for name, state in ckpt["callbacks"].items() if "RunCheckpoint" in name]
 
-    second = ssl_vit(*args, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=workdir)
+    second = ssl_vit(*args, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=workdir)  # a new process, as a user's
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Restoring states from the checkpoint" in second.stdout + second.stderr
     resumed = torch.load(ckpt_dir / "last.ckpt", weights_only=True)

@@ -3,7 +3,6 @@ formula, and ``ssl-vit finetune`` writes a classifier timm loads and predicts wi
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -90,15 +89,10 @@ def finetune_args(exported: Path, train: str, val: str, run: Path, *overrides: s
     return ["finetune", "--config", recipe, *args]
 
 
-def finetune(*args: str | Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "ssl_vit.cli", *finetune_args(*args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
-def finetune_stopping_early(tmp_path: Path, *args: str | Path) -> subprocess.CompletedProcess:
-    """The same, for runs that stop before any training: in this process, without a new
-    interpreter's seconds of imports."""
-    return in_this_process(tmp_path, *finetune_args(*args))
+def finetune(folder: Path, *args: str | Path) -> subprocess.CompletedProcess:
+    """``ssl-vit finetune ARGS`` run by this process in ``folder``, without a new interpreter's
+    seconds of imports."""
+    return in_this_process(folder, *finetune_args(*args))
 
 
 def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_path):
@@ -107,7 +101,7 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     # budget is in steps, so a large folder's run ends mid-epoch; it used to end unvalidated, or
     # report the accuracy of the last epoch's end rather than of its final weights)
     overrides = ["--model.num_classes=4", "--data.shuffle_buffer=16", "--trainer.max_steps=3"]
-    result = finetune(exported, train, val, tmp_path / "run", *overrides)
+    result = finetune(tmp_path, exported, train, val, tmp_path / "run", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 3 and 0 <= summary["val_top1"] <= 100 and summary["weights"] == str(exported)
@@ -120,7 +114,7 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     # stopped before its summary (a Ctrl-C during the export): the same command validates the last
     # step's weights again and writes the same summary (it wrote one without the accuracy)
     (tmp_path / "run/summary.json").unlink()
-    again = finetune(exported, train, val, tmp_path / "run", *overrides)
+    again = finetune(tmp_path, exported, train, val, tmp_path / "run", *overrides)
     assert again.returncode == 0 and "trained to its limit" in again.stderr, again.stderr[-3000:]
     ended = json.loads((tmp_path / "run/summary.json").read_text())
     kept = ("steps", "val_top1", "val_images")
@@ -148,9 +142,7 @@ def test_mixup_and_cutmix_targets_are_distributions(exported):
 def test_unlabelled_shards_stop_fine_tuning_with_one_line(exported, tmp_path):
     unlabelled = (("png", png_bytes(img), None) for img in random_images(32, size=32))
     write_shards(unlabelled, tmp_path / "train", classes=[], source="test", samples_per_shard=16)
-    result = finetune_stopping_early(
-        tmp_path, exported, str(tmp_path / "train"), str(tmp_path / "train"), tmp_path / "run"
-    )
+    result = finetune(tmp_path, exported, str(tmp_path / "train"), str(tmp_path / "train"), tmp_path / "run")
     assert result.returncode == 2
     assert "has no class labels" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "run").rglob("*.ckpt"))
@@ -159,9 +151,7 @@ def test_unlabelled_shards_stop_fine_tuning_with_one_line(exported, tmp_path):
 def test_a_class_count_other_than_the_shards_stops_fine_tuning_with_one_line(exported, tmp_path):
     train, val = labelled_shards(tmp_path / "train", 32), labelled_shards(tmp_path / "val", 16)
     for num_classes in (5, 3):  # the shards have 4: a head with more outputs than classes, or fewer
-        result = finetune_stopping_early(
-            tmp_path, exported, train, val, tmp_path / "run", f"--model.num_classes={num_classes}"
-        )
+        result = finetune(tmp_path, exported, train, val, tmp_path / "run", f"--model.num_classes={num_classes}")
         assert result.returncode == 2
         assert f"has 4 classes (a, b, c, d) but model.num_classes is {num_classes}" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +117,12 @@ def test_class_folders_linked_in_are_read_once_and_a_broken_link_is_named(tmp_pa
 
 
 @pytest.mark.parametrize("disk_order", ["by name", "reversed"])
-def test_a_folder_and_a_link_to_it_read_the_first_by_name_whatever_the_disks_order(tmp_path, monkeypatch, disk_order):
+def test_a_folder_and_a_link_to_it_read_the_first_by_name_whatever_the_disks_order(
+    tmp_path, monkeypatch, caplog, disk_order
+):
     """A class folder and a link to it in the same tree: the images are read once, under the first
-    name in order ("cat", not "zebra"), whatever order the disk lists them in."""
+    name in order ("cat", not "zebra"), whatever order the disk lists them in; the warning says the
+    link was left out as a link, not as a folder without images."""
     root = image_folder(tmp_path / "photos", ["cat", "dog"], per_class=3)
     (root / "zebra").symlink_to(root / "cat", target_is_directory=True)
     scandir = os.scandir
@@ -144,6 +146,9 @@ def test_a_folder_and_a_link_to_it_read_the_first_by_name_whatever_the_disks_ord
     monkeypatch.setattr(os, "scandir", Listed)
     classes, files = image_files(root)
     assert classes == ["cat", "dog"] and sorted(path for path, _ in files)[:3] == [f"cat/00{i}.png" for i in range(3)]
+    (said,) = [record.getMessage() for record in caplog.records if "left out" in record.getMessage()]
+    assert "left out 1 link to a class folder, read once under its own name ('zebra' -> 'cat');" in said
+    assert "without images" not in said
 
 
 def test_a_folder_resolved_again_sees_images_added_since(tmp_path):
@@ -335,8 +340,7 @@ def readme_commands(title: str) -> list[list[str]]:
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    args = [*args, *SHORTER.get(args[0], [])]
-    return subprocess.run([sys.executable, "-m", "ssl_vit.cli", *args], cwd=cwd, capture_output=True, text=True)
+    return in_this_process(cwd, *args, *SHORTER.get(args[0], []))
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +363,9 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
         result = run(args, user_folder)
         assert result.returncode == 0, f"ssl-vit {' '.join(args)}:\n{result.stderr[-3000:]}"
         assert "Traceback" not in result.stderr
+        if args == commands[0]:  # nothing to warn of on a labelled folder (it has no label maps: a line says so)
+            assert "warning" not in result.stderr.lower(), result.stderr
+            assert "the dense probe is skipped: photos#heldout has no label maps (seg.png)" in result.stderr
     run_folder = user_folder / "runs/photos/simclr"
     assert {"checkpoints", "export", "pictures", "summary.json"} <= {p.name for p in run_folder.iterdir()}
     assert json.loads((run_folder / "summary.json").read_text())["knn_k20_top1"] is not None
