@@ -91,17 +91,24 @@ def test_loader_workers_leave_the_training_process_rng_alone(tmp_path):
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-@pytest.mark.parametrize("change", ["num_workers", "data"])
+@pytest.mark.parametrize("change", ["num_workers", "data", "unrecorded"])
 def test_a_state_from_another_loader_layout_restarts_the_epoch(tmp_path, caplog, change):
-    """Another number of workers, or data whose files changed since the checkpoint (images added
-    to a folder): the batches would not line up, so the epoch starts again, with a warning."""
+    """Another number of workers, data whose files changed since the checkpoint (images added to a
+    folder), or a state that does not record its files (an older ssl-vit's): the batches may not
+    line up, so the epoch starts again, with a warning that says which."""
     urls = write_shards_with_corrupt_samples(tmp_path / "shards")
-    before = (urls[:-1], 2) if change == "data" else (urls, 1)  # (shards, workers) when the state was saved
+    before = (urls[:-1], 2) if change == "data" else (urls, 1 if change == "num_workers" else 2)
     state = {**training_loader(*before).state_dict(), "epoch": EPOCH, "batches": 2}
+    if change == "unrecorded":
+        del state["data"]
     expected = [labels for _, labels in training_loader(urls, num_workers=2)]
     loader = training_loader(urls, num_workers=2)
     loader.load_state_dict(state)
     labels = [labels for _, labels in loader]
-    said = "the training data's files changed" if change == "data" else "num_workers 1 -> 2 changed"
-    assert f"; {said} since, so its batches would not line up: epoch {EPOCH} is read again" in caplog.text
+    said = {
+        "num_workers": "num_workers 1 -> 2 changed since",
+        "data": "the training data's files changed since",
+        "unrecorded": "it does not record its data's files",
+    }[change]
+    assert f"; {said}, so its batches may not line up: epoch {EPOCH} is read again" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(labels, expected, strict=True))

@@ -621,17 +621,19 @@ class EpochLoader(DataLoader):
             return 0
         now = self._layout()
         changed = [
-            "the training data's files" if key == "data" else f"{key} {state.get(key)} -> {value}"
+            "the training data's files" if key == "data" else f"{key} {state[key]} -> {value}"
             for key, value in now.items()
-            if state.get(key) != value
+            if key in state and state[key] != value
         ]
-        if changed:
+        unrecorded = [key for key in now if key not in state]  # a checkpoint of an older ssl-vit
+        if changed or unrecorded:
+            why = f"{', '.join(changed)} changed since" if changed else "it does not record its data's files"
             log.warning(
-                "the checkpoint stopped after batch %d of epoch %d; %s changed since, so its batches would not line "
-                "up: epoch %d is read again from its first batch",
+                "the checkpoint stopped after batch %d of epoch %d; %s, so its batches may not line up: epoch %d "
+                "is read again from its first batch",
                 state["batches"],
                 self.epoch,
-                ", ".join(changed),
+                why,
                 self.epoch,
             )
             return 0
