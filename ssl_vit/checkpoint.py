@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ssl_vit.data.shards import data_location
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 
@@ -243,17 +244,27 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
         "train_shards": ckpt.get("datamodule_hyper_parameters", {}).get("train_shards"),
         "init_from": hparams.get("init_from"),
     }
-    if isinstance(run.get("train_shards"), str) and isinstance(written["train_shards"], str):  # photos/ is photos
-        run = {**run, "train_shards": run["train_shards"].rstrip("/")}
-        written["train_shards"] = written["train_shards"].rstrip("/")
+    # Where its data was, whatever folder the run was started from (photos, ./photos/ and its full
+    # path are one); a checkpoint of an older ssl-vit records only the words, read from here.
+    recorded = ckpt.get(RUN_KEY, {}).get("data")
+    shards = written["train_shards"]
+    location = recorded or (data_location(shards) if isinstance(shards, str) else None)
     for key in ("objective", "encoder", "train_shards", "init_from"):
-        if key in run and written[key] != run[key] and written[key] != "?":
-            if key == "encoder":
-                keys = sorted(k for k in {*written[key], *run[key]} if written[key].get(k) != run[key].get(k))
-                return "its encoder differs in " + ", ".join(
-                    f"{k} ({written[key].get(k)} there, {run[key].get(k)} here)" for k in keys
-                )
-            return f"its {key} is {written[key]!r}, this run's {run[key]!r}"
+        if key not in run:
+            continue
+        if key == "train_shards" and location is not None and isinstance(run[key], str):
+            differs = data_location(run[key]) != location
+        else:
+            differs = written[key] != run[key] and written[key] != "?"
+        if not differs:
+            continue
+        if key == "encoder":
+            keys = sorted(k for k in {*written[key], *run[key]} if written[key].get(k) != run[key].get(k))
+            return "its encoder differs in " + ", ".join(
+                f"{k} ({written[key].get(k)} there, {run[key].get(k)} here)" for k in keys
+            )
+        where = f" ({recorded})" if key == "train_shards" and recorded else ""
+        return f"its {key} is {written[key]!r}{where}, this run's {run[key]!r}"
     folder = ckpt.get(RUN_KEY, {}).get("folder")
     here = Path(run["folder"]).resolve() if "folder" in run else None
     if here is not None and folder is not None and Path(folder) != here and here not in path.resolve().parents:
@@ -331,6 +342,9 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_KEY] = {"folder": str(Path(trainer.default_root_dir).resolve())}
+        train_shards = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("train_shards")
+        if isinstance(train_shards, str):
+            checkpoint[RUN_KEY]["data"] = data_location(train_shards)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A checkpoint saved after its epoch ended (at the end of a run, below) resumes at the next

@@ -98,8 +98,11 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # 128 samples / batch 32
     (first_seconds,) = [state["seconds"] for name, state in ckpt["callbacks"].items() if "RunCheckpoint" in name]
+    assert ckpt["ssl_vit_run"]["data"] == str(workdir.resolve() / "data/shapes/train")  # where, not how it was written
 
-    second = ssl_vit(*args, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=workdir)  # a new process, as a user's
+    # a new process, as a user's, with the same data written another way
+    again = [*args, "--data.train_shards=./data/shapes/train/", "--trainer.max_epochs=2", "--ckpt_path=last"]
+    second = ssl_vit(*again, cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Restoring states from the checkpoint" in second.stdout + second.stderr
     resumed = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
@@ -166,7 +169,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     provenance = json.loads((workdir / "export/mae/config.json").read_text())["ssl_vit"]
     assert provenance["knn"] == in_run["knn"]["results"] and provenance["step"] == 8
     assert provenance["attentive"] == in_run["attentive"]["results"]
-    assert provenance["objective"] == "MAE" and provenance["data"]["train_shards"] == "data/shapes/train"
+    assert provenance["objective"] == "MAE" and provenance["data"]["train_shards"] == "./data/shapes/train/"
     again = in_this_process(workdir, "export", str(ckpt_dir / "last.ckpt"), "export/mae")
     assert again.returncode == 2 and "--overwrite" in again.stderr
 

@@ -31,6 +31,7 @@ from ssl_vit.checkpoint import (
     resume_mismatch,
 )
 from ssl_vit.cli import default_run_folder
+from ssl_vit.data.shards import data_location
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
 
@@ -117,6 +118,25 @@ def test_a_resume_names_what_differs_from_the_run(tmp_path, change, expected):
         run[key] = tmp_path / value if key == "folder" else value
     problem = resume_mismatch(path, checkpoint_of(run_folder), run)
     assert problem == expected if expected is None else expected in problem
+
+
+def test_a_resume_compares_where_the_data_is_not_how_it_was_written(tmp_path, monkeypatch):
+    """The checkpoint records where its data was: the same folder given from elsewhere or as a
+    full path resumes, and another folder of the same name, given from another place, does not."""
+    for home in ("a", "b"):
+        (tmp_path / home / "photos").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    ckpt = checkpoint_of(tmp_path / "run")
+    ckpt["datamodule_hyper_parameters"]["train_shards"] = "photos"
+    ckpt[RUN_KEY]["data"] = data_location("photos")
+    run = {"objective": "MAE", "encoder": ENCODER, "init_from": None, "folder": tmp_path / "run"}
+    path = tmp_path / "run/checkpoints/last.ckpt"
+    for same in ("./photos/", str(tmp_path / "a/photos"), "../a/photos"):
+        assert resume_mismatch(path, ckpt, {**run, "train_shards": same}) is None, same
+    assert "its train_shards is 'photos' (" in resume_mismatch(path, ckpt, {**run, "train_shards": "photos#train"})
+    monkeypatch.chdir(tmp_path / "b")
+    problem = resume_mismatch(path, ckpt, {**run, "train_shards": "photos"})
+    assert problem == f"its train_shards is 'photos' ({tmp_path / 'a/photos'}), this run's 'photos'"
 
 
 def test_a_moved_run_folder_still_resumes_its_own_checkpoints(tmp_path):

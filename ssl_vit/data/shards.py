@@ -559,3 +559,14 @@ def group_files(root: str, files: list[tuple[str, int | None]]) -> list[str | Im
 
 def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
+
+
+def data_location(spec: str) -> str:
+    """Where a shard specification points, whatever folder it was given from: a local path made
+    absolute with its links resolved (``photos``, ``./photos/`` and ``/home/me/photos`` are one),
+    its ``#part`` kept; remote URLs as written."""
+    spec = os.path.expanduser(spec)
+    if _is_remote(spec):
+        return spec
+    path, hash_sign, part = spec.partition("#")
+    return os.path.realpath(path) + hash_sign + part
