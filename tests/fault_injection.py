@@ -232,7 +232,11 @@ def stderr_as_a_new_process_shows_it(stderr: io.StringIO) -> Iterator[None]:
     without handlers of their own."""
     loggers = [logging.root, *logging.Logger.manager.loggerDict.values()]
     handlers = [h for log in loggers if isinstance(log, logging.Logger) for h in log.handlers]
-    streams = {h: h.stream for h in handlers if type(h) is logging.StreamHandler}
+    streams = {
+        h: h.stream
+        for h in handlers
+        if type(h) is logging.StreamHandler and h.stream not in (sys.stdout, sys.__stdout__)
+    }
     for handler in streams:
         handler.setStream(stderr)
     unhandled = logging.StreamHandler(stderr)
