@@ -126,6 +126,7 @@ def test_a_resume_compares_where_the_data_is_not_how_it_was_written(tmp_path, mo
     for home in ("a", "b"):
         (tmp_path / home / "photos").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "a")
+    assert data_location("photos#2/") == str(tmp_path / "a/photos#2")  # a '#' of the folder's own name
     ckpt = checkpoint_of(tmp_path / "run")
     ckpt["datamodule_hyper_parameters"]["train_shards"] = "photos"
     ckpt[RUN_KEY]["data"] = data_location("photos")

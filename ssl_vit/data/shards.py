@@ -568,5 +568,5 @@ def data_location(spec: str) -> str:
     spec = os.path.expanduser(spec)
     if _is_remote(spec):
         return spec
-    path, hash_sign, part = spec.partition("#")
-    return os.path.realpath(path) + hash_sign + part
+    part = next((suffix for suffix in (HELDOUT_SUFFIX, TRAIN_SUFFIX) if spec.endswith(suffix)), "")
+    return os.path.realpath(spec.removesuffix(part)) + part
