@@ -232,6 +232,16 @@ def run_checkpoint(run: Path, remedy: str = "pass a run folder or a .ckpt") -> P
     return newest
 
 
+#: What a run reads that can be written many ways (``photos``, ``./photos/``, its full path): a
+#: checkpoint records, and a resume compares, where it is.
+LOCATED = ("train_shards", "init_from")
+
+
+def located(key: str, spec: str) -> str:
+    """Where ``spec``, the run's ``train_shards`` or ``init_from``, points; timm's names as written."""
+    return spec if key == "init_from" and spec.startswith("timm:") else data_location(spec)
+
+
 def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> str | None:
     """What differs between a checkpoint and the run about to resume from it (``None`` if nothing
     does). ``run`` holds what this run was asked for: ``objective``, ``encoder``, and, to resume a
@@ -244,16 +254,14 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
         "train_shards": ckpt.get("datamodule_hyper_parameters", {}).get("train_shards"),
         "init_from": hparams.get("init_from"),
     }
-    # Where its data was, whatever folder the run was started from (photos, ./photos/ and its full
-    # path are one); a checkpoint of an older ssl-vit records only the words, read from here.
-    recorded = ckpt.get(RUN_KEY, {}).get("data")
-    shards = written["train_shards"]
-    location = recorded or (data_location(shards) if isinstance(shards, str) else None)
+    recorded = ckpt.get(RUN_KEY, {})
     for key in ("objective", "encoder", "train_shards", "init_from"):
         if key not in run:
             continue
-        if key == "train_shards" and location is not None and isinstance(run[key], str):
-            differs = data_location(run[key]) != location
+        where = recorded.get(key)
+        if key in LOCATED and isinstance(run[key], str) and isinstance(written[key], str):
+            # a checkpoint of an older ssl-vit records only the words: read from here
+            differs = located(key, run[key]) != (where or located(key, written[key]))
         else:
             differs = written[key] != run[key] and written[key] != "?"
         if not differs:
@@ -263,8 +271,8 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
             return "its encoder differs in " + ", ".join(
                 f"{k} ({written[key].get(k)} there, {run[key].get(k)} here)" for k in keys
             )
-        where = f" ({recorded})" if key == "train_shards" and recorded else ""
-        return f"its {key} is {written[key]!r}{where}, this run's {run[key]!r}"
+        at = f" ({where})" if where and where != written[key] else ""
+        return f"its {key} is {written[key]!r}{at}, this run's {run[key]!r}"
     folder = ckpt.get(RUN_KEY, {}).get("folder")
     here = Path(run["folder"]).resolve() if "folder" in run else None
     if here is not None and folder is not None and Path(folder) != here and here not in path.resolve().parents:
@@ -342,9 +350,11 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_KEY] = {"folder": str(Path(trainer.default_root_dir).resolve())}
-        train_shards = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("train_shards")
-        if isinstance(train_shards, str):
-            checkpoint[RUN_KEY]["data"] = data_location(train_shards)
+        given = {
+            "train_shards": getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("train_shards"),
+            "init_from": pl_module.hparams.get("init_from"),
+        }
+        checkpoint[RUN_KEY] |= {key: located(key, spec) for key, spec in given.items() if isinstance(spec, str)}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A checkpoint saved after its epoch ended (at the end of a run, below) resumes at the next

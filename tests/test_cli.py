@@ -98,7 +98,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # 128 samples / batch 32
     (first_seconds,) = [state["seconds"] for name, state in ckpt["callbacks"].items() if "RunCheckpoint" in name]
-    assert ckpt["ssl_vit_run"]["data"] == str(workdir.resolve() / "data/shapes/train")  # where, not how it was written
+    assert ckpt["ssl_vit_run"]["train_shards"] == str(workdir.resolve() / "data/shapes/train")  # where, not the words
 
     # a new process, as a user's, with the same data written another way
     again = [*args, "--data.train_shards=./data/shapes/train/", "--trainer.max_epochs=2", "--ckpt_path=last"]

@@ -24,6 +24,7 @@ from ssl_vit.checkpoint import (
     RunCheckpoint,
     checksum_path,
     file_sha256,
+    located,
     lock_run_folder,
     newest_complete_checkpoint,
     release_run_folders,
@@ -120,24 +121,32 @@ def test_a_resume_names_what_differs_from_the_run(tmp_path, change, expected):
     assert problem == expected if expected is None else expected in problem
 
 
-def test_a_resume_compares_where_the_data_is_not_how_it_was_written(tmp_path, monkeypatch):
-    """The checkpoint records where its data was: the same folder given from elsewhere or as a
-    full path resumes, and another folder of the same name, given from another place, does not."""
+def test_a_resume_compares_where_the_data_and_weights_are_not_how_they_were_written(tmp_path, monkeypatch):
+    """The checkpoint records where its data and starting weights were: the same folder given from
+    elsewhere or as a full path resumes, and another folder of the same name, given from another
+    place, does not; timm's names are compared as written."""
     for home in ("a", "b"):
         (tmp_path / home / "photos").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "a")
     assert data_location("photos#2/") == str(tmp_path / "a/photos#2")  # a '#' of the folder's own name
     ckpt = checkpoint_of(tmp_path / "run")
     ckpt["datamodule_hyper_parameters"]["train_shards"] = "photos"
-    ckpt[RUN_KEY]["data"] = data_location("photos")
-    run = {"objective": "MAE", "encoder": ENCODER, "init_from": None, "folder": tmp_path / "run"}
+    ckpt["hyper_parameters"]["init_from"] = "export"
+    ckpt[RUN_KEY] |= {"train_shards": located("train_shards", "photos"), "init_from": located("init_from", "export")}
+    run = {"objective": "MAE", "encoder": ENCODER, "folder": tmp_path / "run"}
     path = tmp_path / "run/checkpoints/last.ckpt"
-    for same in ("./photos/", str(tmp_path / "a/photos"), "../a/photos"):
-        assert resume_mismatch(path, ckpt, {**run, "train_shards": same}) is None, same
+    for written in ("./{}/", str(tmp_path / "a/{}"), "../a/{}"):
+        same = {"train_shards": written.format("photos"), "init_from": written.format("export")}
+        assert resume_mismatch(path, ckpt, {**run, **same}) is None, same
     assert "its train_shards is 'photos' (" in resume_mismatch(path, ckpt, {**run, "train_shards": "photos#train"})
     monkeypatch.chdir(tmp_path / "b")
-    problem = resume_mismatch(path, ckpt, {**run, "train_shards": "photos"})
+    problem = resume_mismatch(path, ckpt, {**run, "train_shards": "photos", "init_from": "export"})
     assert problem == f"its train_shards is 'photos' ({tmp_path / 'a/photos'}), this run's 'photos'"
+    assert "its init_from is 'export' (" in resume_mismatch(path, ckpt, {**run, "init_from": "export"})
+    ckpt["hyper_parameters"]["init_from"] = "timm:vit_tiny_patch16_224"
+    ckpt[RUN_KEY]["init_from"] = located("init_from", "timm:vit_tiny_patch16_224")
+    assert ckpt[RUN_KEY]["init_from"] == "timm:vit_tiny_patch16_224"  # a name, not a file of this folder
+    assert resume_mismatch(path, ckpt, {**run, "init_from": "timm:vit_tiny_patch16_224"}) is None
 
 
 def test_a_moved_run_folder_still_resumes_its_own_checkpoints(tmp_path):
