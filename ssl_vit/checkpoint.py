@@ -273,7 +273,7 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
             )
         at = f" ({where})" if where and where != written[key] else ""
         return f"its {key} is {written[key]!r}{at}, this run's {run[key]!r}"
-    folder = ckpt.get(RUN_KEY, {}).get("folder")
+    folder = recorded.get("folder")
     here = Path(run["folder"]).resolve() if "folder" in run else None
     if here is not None and folder is not None and Path(folder) != here and here not in path.resolve().parents:
         return f"it was written by the run in {folder}, not by this run ({here})"

@@ -101,8 +101,8 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     assert ckpt["ssl_vit_run"]["train_shards"] == str(workdir.resolve() / "data/shapes/train")  # where, not the words
 
     # a new process, as a user's, with the same data written another way
-    again = [*args, "--data.train_shards=./data/shapes/train/", "--trainer.max_epochs=2", "--ckpt_path=last"]
-    second = ssl_vit(*again, cwd=workdir)
+    resume = [*args, "--data.train_shards=./data/shapes/train/", "--trainer.max_epochs=2", "--ckpt_path=last"]
+    second = ssl_vit(*resume, cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Restoring states from the checkpoint" in second.stdout + second.stderr
     resumed = torch.load(ckpt_dir / "last.ckpt", weights_only=True)

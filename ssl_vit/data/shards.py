@@ -473,8 +473,7 @@ def resolve_shards(spec: str) -> tuple[list[Shard], ShardIndex | None]:
     Any of them ending in ``#heldout`` / ``#train`` names that part of the held-out split.
     """
     spec = os.path.expanduser(spec)  # a recipe's ``~/photos``, which no shell expands
-    part = next((suffix for suffix in (HELDOUT_SUFFIX, TRAIN_SUFFIX) if spec.endswith(suffix)), None)
-    base = spec.removesuffix(part) if part else spec
+    base, part = split_part(spec)
     folder, hash_sign, name = spec.rpartition("#")
     if part is None and hash_sign and Path(folder).exists():
         parts = f"{folder}{TRAIN_SUFFIX} or {folder}{HELDOUT_SUFFIX}"
@@ -568,5 +567,12 @@ def data_location(spec: str) -> str:
     spec = os.path.expanduser(spec)
     if _is_remote(spec):
         return spec
-    part = next((suffix for suffix in (HELDOUT_SUFFIX, TRAIN_SUFFIX) if spec.endswith(suffix)), "")
-    return os.path.realpath(spec.removesuffix(part)) + part
+    base, part = split_part(spec)
+    return os.path.realpath(base) + (part or "")
+
+
+def split_part(spec: str) -> tuple[str, str | None]:
+    """A shard specification without its part of the held-out split, and that part
+    (``#train`` / ``#heldout``, or None)."""
+    part = next((suffix for suffix in (HELDOUT_SUFFIX, TRAIN_SUFFIX) if spec.endswith(suffix)), None)
+    return (spec.removesuffix(part) if part else spec), part
