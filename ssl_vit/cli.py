@@ -905,6 +905,17 @@ def print_onnx_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     if "note" in knn:
         console.print(f"k-NN {knn['note']}", highlight=False)
+    fp32, int8 = report["models"]["fp32"], report["models"].get("int8")
+    # Small models gain nothing from int8 arithmetic and lose time to its (de)quantisation steps.
+    if int8 and (
+        int8["latency_ms_batch1"] > fp32["latency_ms_batch1"]
+        and int8["images_per_s_batch64"] < fp32["images_per_s_batch64"]
+    ):
+        console.print(
+            "model.int8.onnx is slower than model.onnx on this CPU at batch 1 and 64: deploy model.onnx "
+            "here, or time both on the CPU you deploy to",
+            highlight=False,
+        )
 
 
 def shards(args: list[str]) -> None:
