@@ -63,11 +63,10 @@ from ssl_vit.checkpoint import (
 from ssl_vit.data.embedded import DATASETS
 from ssl_vit.data.pipeline import ShardDataModule, decodable_samples, evaluation_split
 from ssl_vit.data.shards import (
-    HELDOUT_SUFFIX,
-    TRAIN_SUFFIX,
     caption_table_samples,
     image_folder_samples,
     shard_size,
+    split_part,
     write_embedded_shards,
     write_shards,
 )
@@ -470,7 +469,7 @@ def collapse_verdict(summary: dict[str, Any]) -> str | None:
 def data_name(train_shards: str) -> str:
     """What a run folder calls its training data: the data's folder, or the folder above one
     named ``train`` (``data/shapes/train`` -> ``shapes``)."""
-    path = Path(train_shards.removesuffix(HELDOUT_SUFFIX).removesuffix(TRAIN_SUFFIX).rstrip("/"))
+    path = Path(split_part(train_shards)[0].rstrip("/"))
     folder = path.parent if path.name == "train" or "{" in path.name or path.suffix == ".tar" else path
     return re.sub(r"[^\w.-]+", "-", folder.name).strip("-.") or "data"
 
