@@ -1,11 +1,13 @@
 """Evaluators against brute-force references, on synthetic features and tiny shards."""
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ssl_vit.data import write_shards
 from ssl_vit.encoder import ViTEncoder
@@ -260,6 +262,34 @@ def test_features_are_deterministic_and_cache_round_trips(tmp_path):
     save_features(tmp_path / "f.safetensors", first)
     loaded = load_features(tmp_path / "f.safetensors")
     assert torch.equal(loaded.features, first.features) and torch.equal(loaded.labels, first.labels)
+
+
+def test_the_feature_cache_serves_only_the_same_encoder_on_the_same_data(tmp_path):
+    """Features read back for other weights or for changed images would report another model's
+    numbers as this one's."""
+    train = labelled_shards(tmp_path / "train", 20, 2, seed=0)
+    photos = tmp_path / "photos"  # an image folder, to which the user adds an image later
+    for i, pixels in enumerate(random_images(10, size=32, seed=1)):
+        (photos / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(photos / f"c{i % 2}" / f"{i}.png")
+    cache = tmp_path / "cache"
+    cached = Evaluator(train, str(photos), num_workers=0, cache_dir=str(cache))
+    torch.manual_seed(0)
+    trained = ViTEncoder(**TINY_ENCODER)
+    torch.manual_seed(1)
+    other = ViTEncoder(**TINY_ENCODER)
+    for encoder in (trained, other, trained):  # the last from the cache
+        read = cached.features(encoder)
+        for got, want in zip(read, Evaluator(train, str(photos), num_workers=0).features(encoder), strict=True):
+            torch.testing.assert_close(got.features, want.features)
+            assert torch.equal(got.labels, want.labels)
+    Image.fromarray(random_images(1, size=32, seed=2)[0]).save(photos / "c1" / "new.png")
+    assert len(cached.features(trained)[1].labels) == 11
+    files = sorted(cache.iterdir())
+    assert len(files) == 5  # train and val of each encoder, and the changed folder's val
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(file.stat().st_mode & 0o777 == 0o666 & ~mask for file in files)  # no temporary files, shareable
 
 
 def test_last_blocks_concatenates_cls_of_each_block(tmp_path):

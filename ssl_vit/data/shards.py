@@ -571,6 +571,29 @@ def data_location(spec: str) -> str:
     return os.path.realpath(base) + (part or "")
 
 
+def data_fingerprint(spec: str) -> str:
+    """A hash of what a shard specification reads now: where it points, and each local file's
+    name, size and modification time (remote URLs as written), so that data added, removed or
+    rewritten since gives another hash."""
+    shards, _ = resolve_shards(spec)
+    entries: list[object] = [data_location(spec)]
+    for shard in shards:
+        files = shard.shard if isinstance(shard, SplitPart) else shard
+        if isinstance(files, ImageFiles):
+            root = Path(files.root)
+            entries += [(name, label, *_size_and_time(root / name)) for name, label in files.files]
+        elif _is_remote(files):
+            entries.append(files)
+        else:
+            entries.append((files, *_size_and_time(Path(files))))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def split_part(spec: str) -> tuple[str, str | None]:
     """A shard specification without its part of the held-out split, and that part
     (``#train`` / ``#heldout``, or None)."""

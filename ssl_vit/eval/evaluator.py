@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -22,6 +21,7 @@ from ssl_vit.eval.features import (
     FeatureSet,
     Pooling,
     extract_features,
+    feature_cache_files,
     frozen_features,
     load_features,
     save_features,
@@ -201,20 +201,23 @@ class Evaluator:
         """Train and val features (from the cache when it has them). With ``tokens``, the same pass
         keeps the patch tokens the attentive probe trains on, when they fit in ``token_cache_gib``."""
         budget = int(self.token_cache_gib * 2**30) if tokens and self._attentive_reads_cached_tokens() else 0
+        splits = {"train": self.train_shards, "val": self.val_shards}
+        size = self._image_size(encoder)
+        cache = (
+            feature_cache_files(self.cache_dir, encoder, splits, size, self.pooling, self.last_blocks)
+            if self.cache_dir
+            else {}
+        )
         result = []
-        for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
-            cached = (
-                Path(self.cache_dir) / f"{split}-{self.pooling}-last{self.last_blocks}.safetensors"
-                if self.cache_dir
-                else None
-            )
+        for split, shards in splits.items():
+            cached = cache.get(split)
             if cached and cached.exists():
                 result.append(load_features(cached))
                 continue
             feats = extract_features(
                 encoder,
                 shards,
-                EvalView(self._image_size(encoder)),
+                EvalView(size),
                 self.pooling,
                 self.last_blocks,
                 self.batch_size,
@@ -224,7 +227,6 @@ class Evaluator:
             # val's tokens share the budget with train's
             budget = budget - feats.tokens.numel() * feats.tokens.element_size() if feats.tokens is not None else 0
             if cached:
-                cached.parent.mkdir(parents=True, exist_ok=True)
                 save_features(cached, feats)
             result.append(feats)
         return result[0], result[1]

@@ -3,6 +3,9 @@ through the evaluation view, and a safetensors cache so several probes reuse one
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -12,9 +15,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ssl_vit.data.pipeline import NO_LABEL, ShardDataset, View
-from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.shards import data_fingerprint, resolve_shards
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
+from ssl_vit.replace import give_default_permissions
 
 if TYPE_CHECKING:  # ssl_vit.eval.encoders loads weights through ssl_vit.export, which imports this package
     from ssl_vit.eval.encoders import FrozenEncoder
@@ -138,8 +142,40 @@ def extract_features(
     return result
 
 
+def feature_cache_files(
+    cache_dir: str | Path,
+    encoder: FrozenEncoder,
+    splits: dict[str, str],
+    image_size: int,
+    pooling: Pooling,
+    last_blocks: int,
+) -> dict[str, Path]:
+    """Where each split's pooled features are cached (``splits``: name -> shards), named by a hash
+    of everything they depend on (the encoder's weights, the data as it is now, the crop size, the
+    pooling), so that another model, other weights or changed images never read them back."""
+    digest = hashlib.sha256(json.dumps([type(encoder).__name__, image_size, pooling, last_blocks]).encode())
+    for name, tensor in encoder.state_dict().items():
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    files = {}
+    for split, shards in splits.items():
+        key = digest.copy()
+        key.update(data_fingerprint(shards).encode())
+        files[split] = Path(cache_dir) / f"{split}-{pooling}-last{last_blocks}-{key.hexdigest()[:16]}.safetensors"
+    return files
+
+
 def save_features(path: str | Path, features: FeatureSet) -> None:
-    save_file({"features": features.features.contiguous(), "labels": features.labels.contiguous()}, str(path))
+    """Written under a temporary name, then renamed: an interrupted write leaves no cache file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({"features": features.features.contiguous(), "labels": features.labels.contiguous()}, str(tmp))
+        give_default_permissions(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_features(path: str | Path) -> FeatureSet:
