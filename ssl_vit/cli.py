@@ -297,6 +297,8 @@ class RunCLI(LightningCLI):
 
 class PretrainCLI(RunCLI):
     command = "pretrain"
+    #: Where a run that failed by collapsing sends its user.
+    collapse_remedy = "docs/recipes-and-data.md#which-objective-to-start-with for objectives that learn on such data"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
@@ -307,7 +309,7 @@ class PretrainCLI(RunCLI):
             type=bool,
             default=False,
             help=f"exit 0 even when the run's outputs stayed collapsed for more than "
-            f"{COLLAPSED_RUN_FRACTION:.0%} of its steps (it exits {COLLAPSED_EXIT_CODE} otherwise)",
+            f"{COLLAPSED_RUN_FRACTION:.0%} of its steps or at its end (it exits {COLLAPSED_EXIT_CODE} otherwise)",
         )
         parser.add_argument(
             "--compile",
@@ -350,14 +352,14 @@ class PretrainCLI(RunCLI):
         if self.config_init[self.subcommand]["export"] and last is not None:
             export_dir = self.export_model(last, Path(trainer.default_root_dir) / "export")
         summary = run_summary(trainer, self.model, self.seconds(), last, export_dir)
-        summary["failed"] = collapse_verdict(summary)
+        summary["failed"] = collapse_verdict(summary, self.collapse_remedy)
         write_json(Path(trainer.default_root_dir) / "summary.json", summary)
         print_run_summary(summary)
         self.end_of_run_report(summary)
         if summary["failed"]:
             keep_going = self.config_init[self.subcommand]["allow_collapse"]
             Console(stderr=True).print(
-                f"[bold red]ssl-vit pretrain: run failed:[/] {summary['failed']}", soft_wrap=True
+                f"[bold red]ssl-vit {self.command}: run failed:[/] {summary['failed']}", soft_wrap=True
             )
             if not keep_going:
                 sys.exit(COLLAPSED_EXIT_CODE)
@@ -376,6 +378,7 @@ class DistillCLI(PretrainCLI):
     the teacher and student side by side (``distill_summary.json``)."""
 
     command = "distill"
+    collapse_remedy = "docs/distillation.md#when-the-student-collapses for what to check"
 
     def run_name(self) -> str:
         return f"distill-{self.model.hparams.encoder['name']}"
@@ -442,27 +445,33 @@ class FineTuneCLI(RunCLI):
 
 
 #: A run whose outputs stayed collapsed (a uniform teacher, features on nearly one line) for more
-#: than this fraction of its steps failed: its encoder is not what it was trained to be.
+#: than this fraction of its steps, or were collapsed at its end, failed: its encoder is not what
+#: it was trained to be.
 COLLAPSED_RUN_FRACTION = 0.1
 COLLAPSED_EXIT_CODE = 3
+#: The summary's count and end state of each collapse check, by what the verdict calls it.
+COLLAPSE_CHECKS = {
+    "its objective's collapse check (e.g. a uniform teacher)": ("collapsed_steps", "collapsed_at_end"),
+    "its features' RankMe": ("representation_collapsed_steps", "representation_collapsed_at_end"),
+}
 
 
-def collapse_verdict(summary: dict[str, Any]) -> str | None:
-    """Why a finished run failed by collapsing (``None`` if it did not), from its summary."""
+def collapse_verdict(summary: dict[str, Any], remedy: str) -> str | None:
+    """Why a finished run failed by collapsing (``None`` if it did not), from its summary;
+    ``remedy`` says where to look next."""
     steps = summary["steps"] or 0
-    checks = {
-        "its objective's collapse check (e.g. a uniform teacher)": summary.get("collapsed_steps") or 0,
-        "its features' RankMe": summary.get("representation_collapsed_steps") or 0,
-    }
-    failed = {check: count for check, count in checks.items() if steps and count > COLLAPSED_RUN_FRACTION * steps}
-    if not failed:
+    found = []
+    for check, (count_key, end_key) in COLLAPSE_CHECKS.items():
+        count = summary.get(count_key) or 0
+        if steps and count > COLLAPSED_RUN_FRACTION * steps:
+            found.append(f"{count} of {steps} steps by {check}, more than {COLLAPSED_RUN_FRACTION:.0%} of the run")
+        elif summary.get(end_key):
+            found.append(f"at its last check, by {check}")
+    if not found:
         return None
-    which = "; ".join(f"{count} of {steps} steps by {check}" for check, count in failed.items())
     return (
-        f"its outputs stayed collapsed for more than {COLLAPSED_RUN_FRACTION:.0%} of the run ({which}), so its "
-        "features are not to be trusted; see the warnings and pictures/health-*.png for when it began, and "
-        "docs/recipes-and-data.md#which-objective-to-start-with for objectives that learn on such data "
-        "(--allow_collapse true exits 0 anyway)"
+        f"its outputs stayed collapsed ({'; '.join(found)}), so its features are not to be trusted; see the warnings "
+        f"and pictures/health-*.png for when it began, and {remedy} (--allow_collapse true exits 0 anyway)"
     )
 
 
@@ -850,6 +859,9 @@ def export(args: list[str]) -> None:
             calibration_images=opts.calibration_images,
         )
     checkpoint = run_checkpoint(Path(opts.checkpoint)) if Path(opts.checkpoint).is_dir() else opts.checkpoint
+    failed = failed_run(Path(checkpoint))
+    if failed:
+        warnings.warn(f"{checkpoint} ends a run that failed: {failed}", stacklevel=1)
     if opts.format == "open_clip":
         if onnx is not None or opts.role:
             raise UserError(
@@ -881,6 +893,17 @@ def export(args: list[str]) -> None:
         again = "--onnx --int8" if "model.int8.onnx" in gone else "--onnx"
         names = " and ".join([", ".join(gone[:-1]), gone[-1]] if len(gone) > 1 else gone)
         console.print(f"--overwrite removed {names}, made for the export it replaced; {again} writes them for this one")
+
+
+def failed_run(checkpoint: Path) -> str | None:
+    """Why the run that ``checkpoint`` ends failed (its ``summary.json``'s verdict), if it did."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):  # the run folder, or its checkpoints/
+        summary = folder / "summary.json"
+        if summary.is_file():
+            record = json.loads(summary.read_text())
+            ends_it = Path(record.get("checkpoint") or "").name == checkpoint.name
+            return record.get("failed") if ends_it else None
+    return None
 
 
 def print_onnx_report(report: dict[str, Any], console: Console) -> None:

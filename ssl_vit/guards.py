@@ -293,11 +293,16 @@ class CollapseWatch:
     """Counts the steps a run's outputs stay collapsed (spread below ``threshold``, or another
     sign the objective checks) and says when to warn: at the onset, and again every
     ``repeat_every`` steps for as long as it lasts, so a run that stays collapsed keeps saying
-    so. Its state goes into checkpoints."""
+    so. Its state goes into checkpoints.
+
+    The steps between two checks count only when both found the outputs collapsed; a check that
+    finds a collapse after a healthy one counts its own step. A collapse seen at one check
+    between healthy ones may have lasted one step or all the steps between them (the checks can
+    be far apart), so it is not counted as if it had lasted."""
 
     def __init__(self, threshold: float = 0.05) -> None:
         self.threshold = threshold
-        self.collapsed_steps = 0  # steps spent collapsed, counted between checks
+        self.collapsed_steps = 0  # steps spent collapsed, counted between checks that both saw it
         self.since: int | None = None  # the step the current collapse began
         self.last_check: int | None = None
         self.last_warning = 0
@@ -309,10 +314,11 @@ class CollapseWatch:
         if not collapsed:
             self.since = None
             return False
-        self.collapsed_steps += max(1, elapsed)
         if self.since is None:
+            self.collapsed_steps += 1
             self.since = self.last_warning = step
             return True
+        self.collapsed_steps += max(1, elapsed)
         if step - self.last_warning >= repeat_every:
             self.last_warning = step
             return True

@@ -154,8 +154,7 @@ class HealthCallback(L.Callback):
             rank_zero_warn(
                 f"{type(pl_module).__name__}'s representation {self.watch.state(step)} at step {step} "
                 f"({self.watch.collapsed_steps} steps so far): the RankMe of its features on held images is "
-                f"{rank:.2f} < {self.min_rankme}, every image on nearly one line. Check the learning rate, "
-                "temperatures and augmentations."
+                f"{rank:.2f} < {self.min_rankme}, every image on nearly one line. {pl_module.collapse_advice}"
             )
 
     def schedule_next(self, trainer: L.Trainer, step: int, check_seconds: float) -> None:

@@ -130,9 +130,11 @@ def run_summary(
         "zeroshot_top1": accuracy.get("zeroshot", {}).get("top1"),  # image-text objectives
         "retrieval_image_to_text_R@1": accuracy.get("retrieval", {}).get("image_to_text", {}).get("R@1"),
         "collapsed_steps": watch.collapsed_steps if watch.last_check is not None else None,  # watched objectives
+        "collapsed_at_end": watch.since is not None if watch.last_check is not None else None,
         "rankme_cls": last_health("rankme_cls"),
         "rankme_mean": last_health("rankme_mean"),
         "representation_collapsed_steps": health.watch.collapsed_steps if health and health.history else None,
+        "representation_collapsed_at_end": health.watch.since is not None if health and health.history else None,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "export": str(export_dir) if export_dir else None,
         "pictures": str(pictures) if pictures.exists() else None,

@@ -17,7 +17,7 @@ from ssl_vit.eval import Evaluator
 from ssl_vit.eval.encoders import TimmModelEncoder, load_evaluated_encoder
 from ssl_vit.methods import Distill
 from tests.conftest import fit_briefly
-from tests.fault_injection import in_this_process, write_tiny_shards
+from tests.fault_injection import fault, in_this_process, write_tiny_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/quickstart/distill.yaml"
@@ -207,3 +207,14 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     again, _ = load_evaluated_encoder(str(tmp_path / "again"))
     torch.testing.assert_close(again.eval()(images).cls, exported(images).cls)
     assert (tmp_path / "again/model.onnx").exists()
+    assert "failed" not in standalone.stderr
+
+    # A run whose student collapses fails as `ssl-vit distill`, pointing to what to check; its export warns.
+    collapsed = in_this_process(
+        tmp_path, *command, "--trainer.default_root_dir=runs/collapsed", *fault("CollapsedFrom", step=0)
+    )
+    assert collapsed.returncode == 3, collapsed.stderr[-3000:]
+    assert "ssl-vit distill: run failed" in collapsed.stderr
+    assert "docs/distillation.md#when-the-student-collapses" in collapsed.stderr
+    warned = in_this_process(tmp_path, "export", "runs/collapsed", "collapsed-export")
+    assert warned.returncode == 0 and "checkpoints/last.ckpt ends a run that failed: its outputs" in warned.stderr

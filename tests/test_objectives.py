@@ -288,17 +288,22 @@ def test_a_lasting_collapse_keeps_warning_and_is_counted():
             model.watch_collapse(collapsed if step >= 20 else torch.randn(32, 16))
         warned_at += [step for w in caught if f"collapsed (since step 20) at step {step}" in str(w.message)]
     assert warned_at == [30, 40, 50, 60, 70, 80, 90]  # after the onset's warning, every tenth of the run
-    assert model.collapse_watch.since == 20 and model.collapse_watch.collapsed_steps == 80  # steps 20-99
+    assert model.collapse_watch.since == 20 and model.collapse_watch.collapsed_steps == 76  # steps 20-95, checked
 
 
-def test_collapse_watch_counts_steps_between_checks_and_resets_on_recovery():
+def test_collapse_watch_counts_steps_between_collapsed_checks_and_resets_on_recovery():
     watch = CollapseWatch(threshold=0.05)
     assert watch.update(0, False, repeat_every=50) is False
     assert watch.update(10, True, repeat_every=50) is True  # onset
     assert watch.update(20, True, repeat_every=50) is False
     assert watch.update(30, False, repeat_every=50) is False and watch.since is None  # recovered
     assert watch.update(40, True, repeat_every=50) is True  # a new collapse warns again
-    assert watch.collapsed_steps == 30
+    assert watch.collapsed_steps == 1 + 10 + 1  # onset's step, 10-20 (both checks collapsed), onset's step
+    # A collapse seen at one check between healthy ones far apart counts as its own step only.
+    sparse = CollapseWatch()
+    for step, collapsed in ((0, False), (10, True), (60, False)):
+        sparse.update(step, collapsed, repeat_every=6)
+    assert sparse.collapsed_steps == 1 and sparse.since is None
     resumed = CollapseWatch()
     resumed.load_state_dict(watch.state_dict())
     assert resumed.state_dict() == watch.state_dict()

@@ -151,7 +151,7 @@ def test_shards_without_label_maps_stop_the_dense_probe_in_one_line(tmp_path):
     samples = (("png", png_bytes(np.zeros((8, 8, 3), np.uint8)), i % 2) for i in range(4))
     write_shards(samples, tmp_path / "s", classes=["a", "b"], source="test")
     evaluator = Evaluator(str(tmp_path / "s"), str(tmp_path / "s"), segmentation=True)
-    with pytest.raises(UserError, match=r"have no label maps .*, or turn the dense probe off$"):
+    with pytest.raises(UserError, match=r"have no label maps .*, or turn the dense probe off \(segmentation: false\)$"):
         evaluator.check_shards()  # a recipe's dense probe: its setting can be turned off
-    with pytest.raises(UserError, match=r"have no label maps .*--masks MASK_DIR`\)$"):
+    with pytest.raises(UserError, match=r"have no label maps .*--masks MAPS` .*docs/evaluation.md\)$"):
         evaluator.check_shards(labels=False, label_maps=True)  # `ssl-vit segprobe`: the probe is the command

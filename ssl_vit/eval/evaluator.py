@@ -140,11 +140,12 @@ class Evaluator:
         """Fail before any work if a split is missing or known to have no class labels (when
         ``labels``) or no label maps (when ``label_maps``; by default, when the dense probe runs)."""
         if (self.segmentation if label_maps is None else label_maps) and self.without_label_maps():
-            off = ", or turn the dense probe off" if label_maps is None else ""  # a recipe's setting, not segprobe's
+            # A recipe's dense probe can be turned off; `ssl-vit segprobe` is the probe.
+            off = ", or turn the dense probe off (segmentation: false)" if label_maps is None else ""
             raise UserError(
-                f"evaluation shards {self.train_shards!r} / {self.val_shards!r} have no label maps (seg.png), "
-                "which the dense probe (segmentation: true) needs; write shards with them (`ssl-vit shards "
-                f"embedded`, or `ssl-vit shards imagefolder --masks MASK_DIR`){off}"
+                f"{self.train_shards!r} / {self.val_shards!r} have no label maps (a class-index PNG per image), which "
+                "the dense probe needs: write the images with theirs into shards, `ssl-vit shards imagefolder IMAGES "
+                f"OUT --masks MAPS` (the map of IMAGES/a/b.jpg is MAPS/a/b.png; docs/evaluation.md){off}"
             )
         unlabelled = self.unlabelled() if labels else None
         if unlabelled:

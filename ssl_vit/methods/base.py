@@ -58,6 +58,8 @@ class SSLMethod(L.LightningModule):
     #: Module paths of frozen, already-trained networks (a distillation teacher): kept in eval mode
     #: (dropout, drop path and BatchNorm statistics as in inference) whatever mode the rest is in.
     frozen_modules: ClassVar[tuple[str, ...]] = ()
+    #: What the collapse warnings tell the user to check.
+    collapse_advice: ClassVar[str] = "Check the learning rate, temperatures and augmentations."
     #: EMA followers: module path -> the module path it follows (DINO's teacher, MoCo v3's momentum encoder).
     ema_targets: ClassVar[dict[str, str]] = {}
     #: Encoder settings of the objective's official ViT that a recipe may override (SimMIM's layer scale).
@@ -378,7 +380,7 @@ class SSLMethod(L.LightningModule):
                 "already tells apart; objectives with negatives (SimCLR, MoCo v3) or pixel targets (MAE) learn from "
                 "such a start in short runs."
                 if uniform and step == 0
-                else "Check the learning rate, temperatures and augmentations."
+                else self.collapse_advice
             )
             rank_zero_warn(
                 f"{type(self).__name__} {watch.state(step)} at step {step}, "
