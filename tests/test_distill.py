@@ -189,6 +189,7 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
         assert row["knn_k20_top1"] is not None and row["probe_top1"] is not None
     assert summary["models"]["student"]["model"] == "test_resnet"
     assert "teacher and student after 2" in result.stdout and "CPU img/s" in result.stdout
+    assert f"│ {summary['models']['teacher']['model']} │" in result.stdout  # whole in a log, not cut to 80 columns
 
     # The student's export is a timm folder that the evaluators (and timm) load as it was trained.
     exported, info = load_evaluated_encoder(str(run / "export"))

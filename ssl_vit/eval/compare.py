@@ -125,7 +125,10 @@ def print_comparison(summary: dict[str, Any]) -> None:
             continue
         ratio = _cell(summary["student_over_teacher"].get(key), "{:.2f}x")
         table.add_row(label, *(_cell(row.get(key), formats.get(key, "{:.1f}")) for row in models.values()), ratio)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log or a job's output: whole, not fitted to 80 columns with the names cut
+        console = Console(width=max(console.width, Console(width=1000).measure(table).maximum))
+    console.print(table)
 
 
 def cost_ratios(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float]:
