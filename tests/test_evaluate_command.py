@@ -74,6 +74,9 @@ def test_a_checkpoint_and_its_export_score_the_same_and_leave_the_run_records_al
     # the same evaluation again replaces its own record; other settings write beside it
     assert evaluate(capsys, command, run["checkpoint"], run) == of_checkpoint
     assert evaluate(capsys, command, run["checkpoint"], run, "--seed", "1") != of_checkpoint
+    # the export's architecture at random: the record names neither the export's objective nor its step
+    of_random = json.loads(evaluate(capsys, command, run["export"], run, "--weights", "random").read_text())
+    assert (of_random["method"], of_random["step"], of_random["weights"]) == ("timm", None, "random")
 
 
 @pytest.mark.parametrize("command", sorted(SETTINGS))

@@ -181,7 +181,8 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
                 "a folder written by `ssl-vit export`, or timm:NAME"
             )
         config = json.loads((path / "config.json").read_text())
-        provenance = config.get("ssl_vit", {})
+        # Other weights in the folder's architecture: not what the folder's run trained, nor at its step.
+        provenance = config.get("ssl_vit", {}) if weights is None else {}
         info = {
             "method": provenance.get("objective", "timm"),
             "encoder": {"name": config.get("architecture"), **config.get("model_args", {})},
