@@ -166,7 +166,9 @@ class RunCLI(LightningCLI):
         elif "{data}" in root:  # a second stage's folder beside its first stage's (runs/{data}/dinov3_high_res)
             kwargs["default_root_dir"] = root.replace("{data}", data_name(self.datamodule.train_shards))
         trainer = super().instantiate_trainer(**kwargs, precision=precision)
-        self.datamodule.check_launch(trainer.world_size)  # before DDP launches a process per device
+        # before DDP launches a process per device, and before the logger writes: a refused run writes nothing
+        captioned = getattr(self.model, "caption_tokens", None) is not None  # an image-text objective's pairs
+        self.datamodule.check_launch(trainer.world_size, captioned=captioned)
         return trainer
 
     def seconds(self) -> float:

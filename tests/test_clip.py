@@ -31,7 +31,7 @@ from ssl_vit.eval.image_text import class_embeddings, evaluate_image_text, retri
 from ssl_vit.methods import CLIP
 from ssl_vit.methods.clip import CaptionTokens, open_clip_folder_contents
 from tests.conftest import TINY_ENCODER
-from tests.fault_injection import KNN_AT_BOTH_ENDS, in_this_process, png, pretrain_recipe_briefly
+from tests.fault_injection import KNN_AT_BOTH_ENDS, ROOT, in_this_process, png, pretrain_recipe_briefly
 
 TINY_TEXT = dict(embed_dim=16, context_length=12, vocab_size=50, text_width=32, text_heads=2, text_layers=1)
 
@@ -210,6 +210,25 @@ def test_images_without_a_caption_are_left_out_and_the_epoch_counts_those_with_o
     assert (train_part.num_samples, train_part.captions) == (18, 4)  # nine tenths of each, rounded
     dataset = ShardDataset(shards, EvalView(32), captions=CaptionTokens(8))
     assert len(read_all(dataset)) == 5 and dataset.uncaptioned.value == 15 and dataset.skipped.value == 0
+
+
+def test_a_batch_larger_than_the_captioned_images_stops_naming_their_count_before_writing(tmp_path):
+    """The batch-size advice counts the pairs, so following it works; and the run stops before its
+    logger writes anything."""
+    (tmp_path / "photos").mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+        if i % 2:
+            (tmp_path / "photos" / f"{i}.txt").write_text(f"photo {i}")
+    _, train_part = captioned_only(*resolve_shards(str(tmp_path / "photos#train")))
+    recipe = str(ROOT / "recipes/quickstart/clip.yaml")
+    result = in_this_process(tmp_path, "pretrain", "--config", recipe, "--data.train_shards", "photos")
+    assert result.returncode == 2
+    n = train_part.num_samples  # the training part's captioned images
+    assert f"{n} samples per epoch are fewer than one global batch (128 x 1 devices); set --data.batch_size {n}" in (
+        result.stderr
+    )
+    assert result.stderr.count("have no caption") == 1 and not (tmp_path / "runs").exists()
 
 
 def test_shards_written_from_a_folder_keep_each_images_caption(tmp_path):

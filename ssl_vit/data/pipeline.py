@@ -714,12 +714,13 @@ class ShardDataModule(L.LightningDataModule):
             log.warning("writing the embedded %s dataset to %s", dataset, Path(self.train_shards).parent)
             write_embedded_shards(Path(self.train_shards).parent, dataset=dataset)
 
-    def check_launch(self, world_size: int) -> None:
-        """Fail with one message when the batch or the shards cannot feed ``world_size`` ranks;
-        the CLI calls it before any process is launched, ``setup`` the same checks on every rank."""
+    def check_launch(self, world_size: int, captioned: bool = False) -> None:
+        """Fail with one message when the batch or the shards cannot feed ``world_size`` ranks
+        (``captioned``: with the samples that have a caption); the CLI calls it before any process
+        is launched, ``setup`` the same checks on every rank."""
         self._check_settings()
         if not self.embedded_to_write():  # else prepare_data writes them and setup checks them
-            self.training_data(world_size)
+            self.training_data(world_size, captioned=captioned)
 
     def _check_settings(self) -> None:
         if self.batch_size < 1:
