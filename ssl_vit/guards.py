@@ -289,6 +289,10 @@ class NonFiniteGuard(L.Callback):
             self.history[name].values.extend(values)
 
 
+#: What a collapse warning advises at step 0, before any update: no setting has acted yet.
+BEFORE_ANY_UPDATE = "Before any update: the model as initialised; the next checks say whether training spreads it."
+
+
 class CollapseWatch:
     """Counts the steps a run's outputs stay collapsed (spread below ``threshold``, or another
     sign the objective checks) and says when to warn: at the onset, and again every

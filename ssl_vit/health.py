@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ssl_vit.guards import CollapseWatch
+from ssl_vit.guards import BEFORE_ANY_UPDATE, CollapseWatch
 from ssl_vit.pictures import held_images, line_chart, save_picture
 
 #: The legend names of the health series in the pictures.
@@ -154,7 +154,8 @@ class HealthCallback(L.Callback):
             rank_zero_warn(
                 f"{type(pl_module).__name__}'s representation {self.watch.state(step)} at step {step} "
                 f"({self.watch.collapsed_steps} steps so far): the RankMe of its features on held images is "
-                f"{rank:.2f} < {self.min_rankme}, every image on nearly one line. {pl_module.collapse_advice}"
+                f"{rank:.2f} < {self.min_rankme}, every image on nearly one line. "
+                + (BEFORE_ANY_UPDATE if step == 0 else pl_module.collapse_advice)
             )
 
     def schedule_next(self, trainer: L.Trainer, step: int, check_seconds: float) -> None:

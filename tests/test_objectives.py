@@ -249,8 +249,11 @@ def test_mocov3_freezes_patch_projection_and_uses_fixed_positions():
 def test_collapse_is_reported_with_the_step():
     model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
     model.log = lambda *args, **kwargs: None
+    trainer = SimpleNamespace(log_every_n_steps=10, estimated_stepping_batches=100, global_step=0)
+    model._trainer = trainer
     model.watch_collapse(torch.randn(32, 16))  # healthy: no warning
-    with pytest.warns(UserWarning, match="has collapsed at step 0.*Check the learning rate"):
+    trainer.global_step = 10
+    with pytest.warns(UserWarning, match="has collapsed at step 10.*Check the learning rate"):
         model.watch_collapse(torch.ones(32, 16) + 1e-7 * torch.randn(32, 16))
 
 
@@ -272,6 +275,11 @@ def test_a_uniform_teacher_is_a_collapse_even_with_spread_embeddings():
         model.collapse_watch = CollapseWatch()
         model.watch_collapse(logits, probs)
         assert (model.collapse_watch.since is not None) == collapsed
+    # outputs on one point before any update: no setting has acted yet, so none is blamed
+    model.collapse_watch = CollapseWatch()
+    with pytest.warns(UserWarning, match="spread .* Before any update: the model as initialised") as caught:
+        model.watch_collapse(torch.ones(32, 16))
+    assert "learning rate" not in str(caught[0].message)
 
 
 def test_a_lasting_collapse_keeps_warning_and_is_counted():

@@ -20,7 +20,7 @@ from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError, counted
 from ssl_vit.export import encoder_state_dict
-from ssl_vit.guards import CollapseWatch
+from ssl_vit.guards import BEFORE_ANY_UPDATE, CollapseWatch
 from ssl_vit.health import embedding_spread, teacher_health
 from ssl_vit.pictures import attention_columns, pca_columns
 from ssl_vit.schedules import PaperRun, cosine_to, scaled_ema_momentum, scaled_epochs, warmup_cosine
@@ -373,15 +373,17 @@ class SSLMethod(L.LightningModule):
                 else f"the embeddings' spread (per-dimension std x sqrt(dim)) is {spread:.4f} < {watch.threshold}; "
                 "every image maps to nearly the same output"
             )
-            # A teacher uniform before any update: the cause is the data as a random encoder sees it.
-            advice = (
-                "Before any update: the freshly initialised encoder hardly tells these images apart (grey images "
-                "that differ in a few strokes on one background do this), and this objective only sharpens what it "
-                "already tells apart; objectives with negatives (SimCLR, MoCo v3) or pixel targets (MAE) learn from "
-                "such a start in short runs."
-                if uniform and step == 0
-                else self.collapse_advice
-            )
+            # Before any update no setting has acted yet: the cause is the data as a random encoder sees it.
+            advice = self.collapse_advice
+            if step == 0 and uniform:
+                advice = (
+                    "Before any update: the freshly initialised encoder hardly tells these images apart (grey images "
+                    "that differ in a few strokes on one background do this), and this objective only sharpens what "
+                    "it already tells apart; objectives with negatives (SimCLR, MoCo v3) or pixel targets (MAE) learn "
+                    "from such a start in short runs."
+                )
+            elif step == 0:
+                advice = BEFORE_ANY_UPDATE
             rank_zero_warn(
                 f"{type(self).__name__} {watch.state(step)} at step {step}, "
                 f"{counted(watch.collapsed_steps, 'step')} collapsed so far: {what}. {advice}"
