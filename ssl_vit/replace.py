@@ -41,9 +41,9 @@ class OutputKind:
         others = sorted(entry for entry in path.iterdir() if entry.is_dir() or not self._named(entry))
         checkpoints = [entry for entry in others if entry.suffix == ".ckpt"]
         if checkpoints:
-            return f"it holds the checkpoint {checkpoints[0].name}"
+            return f"it also holds the checkpoint {checkpoints[0].name}"
         if others:
-            return f"it holds {others[0].name}{'/' if others[0].is_dir() else ''}"
+            return f"it also holds {others[0].name}{'/' if others[0].is_dir() else ''}"
         return None
 
     def _named(self, path: Path) -> bool:
@@ -67,7 +67,11 @@ def check_replaceable(out: str | Path, kind: OutputKind, overwrite: bool, reads:
     reason = kind.foreign(target)
     empty_folder = target.is_dir() and not any(target.iterdir())
     if reason and (overwrite or empty_folder):
-        raise UserError(f"{out} is not {kind.what}: {reason}; --overwrite replaces nothing else, choose another path")
+        holds_more = kind.folder and target.is_dir()  # an output folder and something else
+        raise UserError(
+            f"{out} is not {'only ' if holds_more else ''}{kind.what}: {reason}; --overwrite replaces only what "
+            "ssl-vit writes, so move that out or choose another path"
+        )
     if not (overwrite or empty_folder):
         advice = "choose another path" if reason else "choose another path or pass --overwrite"
         raise UserError(f"{out} already exists and is not empty; {advice}")

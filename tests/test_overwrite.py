@@ -154,7 +154,7 @@ def test_a_folder_holding_a_foreign_file_is_not_replaced(tmp_path, run, kind):
         out = shard_folder(tmp_path / "out")
     (out / "notes.txt").write_text("mine")
     before = snapshot(tmp_path)
-    with pytest.raises(UserError, match=r"notes\.txt"):
+    with pytest.raises(UserError, match=r"is not only an? \w+ folder .*: it also holds notes\.txt; --overwrite"):
         if kind == "export":
             export_encoder(run / "checkpoints/last.ckpt", out, overwrite=True)
         else:
