@@ -436,7 +436,7 @@ class FineTuneCLI(RunCLI):
             "steps": trainer.global_step,
             "seconds": round(self.seconds(), 1),
             "val_top1": results.get("top1"),
-            "val_top5": results.get("top5") if hp.num_classes > 5 else None,  # else 100 whatever the model
+            "val_top5": results.get("top5"),  # None of five classes or fewer
             "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
             "export": str(export_dir) if export_dir else None,
