@@ -117,5 +117,6 @@ class DINOv3(DINOv2):
                 target = self.gram_teacher(global_crops).patches
         hp = self.hparams
         loss = gram_loss(student.patches, target, image_level=hp.gram_image_level, remove_neg=hp.gram_remove_neg)
-        self.log_dict({"train/gram_loss": loss, "train/gram_weight": weight})
+        self.log("train/gram_loss", loss, prog_bar=True)  # beside DINOv2's terms, which train/loss also sums
+        self.log("train/gram_weight", weight)
         return weight * loss
