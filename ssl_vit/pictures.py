@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.masking import patch_mask_to_pixels
 from ssl_vit.periodic import Periodic
+from ssl_vit.replace import file_in_one_step
 
 #: Ten distinguishable colours (Tableau 10, RGB in [0, 1]), for I-JEPA's target blocks.
 PALETTE = matplotlib.colormaps["tab10"].colors
@@ -63,9 +63,8 @@ def save_picture(trainer: L.Trainer, name: str, picture: Figure | Image.Image) -
     folder = picture_folder(trainer)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-step={trainer.global_step:08d}.png"
-    tmp = path.with_name(f".{path.name}.tmp")
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with file_in_one_step(path) as tmp:
+        picture.save(tmp, format="PNG")
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             array = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)

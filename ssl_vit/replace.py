@@ -10,11 +10,12 @@ it depends on nothing else in ssl-vit, so both can import it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,20 @@ def _move_into_place(new: Path, target: Path, old: Path) -> None:
         if os.path.lexists(old):
             os.rename(old, target)
         raise
+
+
+@contextlib.contextmanager
+def file_in_one_step(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write; when the block ends it is renamed
+    to ``path`` with the user's default permissions, and removed if the block fails: a reader never
+    sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        give_default_permissions(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def give_default_permissions(path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -18,7 +17,7 @@ from ssl_vit.data.pipeline import NO_LABEL, ShardDataset, View
 from ssl_vit.data.shards import data_fingerprint, resolve_shards
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
-from ssl_vit.replace import give_default_permissions
+from ssl_vit.replace import file_in_one_step
 
 if TYPE_CHECKING:  # ssl_vit.eval.encoders loads weights through ssl_vit.export, which imports this package
     from ssl_vit.eval.encoders import FrozenEncoder
@@ -166,16 +165,11 @@ def feature_cache_files(
 
 
 def save_features(path: str | Path, features: FeatureSet) -> None:
-    """Written under a temporary name, then renamed: an interrupted write leaves no cache file."""
+    """Whole or not at all: an interrupted write leaves no cache file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with file_in_one_step(path) as tmp:
         save_file({"features": features.features.contiguous(), "labels": features.labels.contiguous()}, str(tmp))
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_features(path: str | Path) -> FeatureSet:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from rich.table import Table
 from ssl_vit.errors import counted
 from ssl_vit.eval.evaluator import Results
 from ssl_vit.eval.features import FeatureSet
-from ssl_vit.replace import give_default_permissions
+from ssl_vit.replace import file_in_one_step
 
 #: The evaluation records written beside a checkpoint, ``<stem>.<kind>.json``, one per protocol.
 RECORD_KINDS = ("knn", "probe", "attentive", "segmentation", "zeroshot", "retrieval")
@@ -174,15 +172,8 @@ def write_records(
 def write_json(path: Path, record: dict[str, Any]) -> Path:
     """Temporary file, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-        give_default_permissions(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with file_in_one_step(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
     return path
 
 
