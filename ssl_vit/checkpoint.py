@@ -399,7 +399,7 @@ class RunCheckpoint(ModelCheckpoint):
         if not isinstance(exception, SIGTERMException) or self.dirpath is None:
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state (Lightning logs a line when not told)
         rank_zero_warn(
             f"received SIGTERM at step {trainer.global_step}: saved {path}; run the same command again to resume"
         )
@@ -473,6 +473,13 @@ def load_checkpoint_encoder(path: str | Path, role: str | None = None) -> tuple[
 
 def checkpoint_encoder(ckpt: dict[str, Any], path: str | Path, role: str | None = None) -> tuple[ViTEncoder, str]:
     """Build a read checkpoint's encoder from its settings and load one of its encoders' weights."""
+    if objective_name(ckpt) == FINE_TUNING:
+        run = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else Path(path).parent
+        raise UserError(
+            f"{path} is a fine-tuning run's checkpoint, not a pretraining run's: the classifier it trained is the "
+            f'timm folder the run exported, {run / "export"} (timm.create_model("local-dir:{run / "export"}", '
+            "pretrained=True) loads it, head and label names included)"
+        )
     encoder = ViTEncoder(**ckpt["hyper_parameters"]["encoder"])
     weights, role = encoder_weights(ckpt, path, role)
     missing, unexpected = encoder.load_state_dict(weights, strict=False)
@@ -483,7 +490,13 @@ def checkpoint_encoder(ckpt: dict[str, Any], path: str | Path, role: str | None 
     return encoder, role
 
 
+#: What ``objective_name`` calls a checkpoint of ``ssl-vit finetune``.
+FINE_TUNING = "FineTune"
+
+
 def objective_name(ckpt: dict[str, Any]) -> str:
     """The objective a checkpoint was trained with; ``?`` where it does not say."""
     hparams = ckpt.get("hyper_parameters", {})
+    if "_class_path" not in hparams and "num_classes" in hparams:  # ssl-vit finetune's (no subclass mode)
+        return FINE_TUNING
     return ckpt.get("ssl_vit", {}).get("objective") or hparams.get("_class_path", "?").rsplit(".", 1)[-1]

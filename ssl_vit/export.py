@@ -28,7 +28,7 @@ from ssl_vit.checkpoint import (
     objective_name,
     read_checkpoint,
 )
-from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
+from ssl_vit.data.views import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import NON_TIMM_SETTINGS, TIMM_VITS, TimmViT
 from ssl_vit.errors import UserError
 from ssl_vit.eval.report import RECORD_KINDS
@@ -238,7 +238,7 @@ def preprocessing_cfg(vit: TimmViT) -> dict[str, Any]:
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
         "interpolation": "bicubic",
-        "crop_pct": 224 / 256,
+        "crop_pct": EVAL_CROP_PCT,
         "classifier": "head",
     }
 

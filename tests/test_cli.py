@@ -284,7 +284,8 @@ PLACEHOLDERS = {"N": "2", "LR": "0.001", "PATH": "x", "DIR": "runs/x", "SHARDS":
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
 def test_training_help_fits_a_screen_and_names_only_keys_the_parser_takes(command, capsys):
-    from ssl_vit.cli import TRAINING_OPTIONS, main
+    from ssl_vit.cli import main
+    from ssl_vit.cli.training import TRAINING_OPTIONS
 
     main([command, "--help"])
     short = capsys.readouterr().out
@@ -309,7 +310,7 @@ def test_version_and_unknown_commands(capsys):
 
 
 def test_a_run_collapsed_for_more_than_a_tenth_of_its_steps_or_at_its_end_failed():
-    from ssl_vit.cli import DistillCLI, PretrainCLI, collapse_verdict
+    from ssl_vit.cli.training import DistillCLI, PretrainCLI, collapse_verdict
 
     def verdict(collapsed=None, representation=None, collapsed_at_end=None, representation_at_end=None):
         summary = {

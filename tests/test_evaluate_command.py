@@ -130,7 +130,7 @@ def test_each_command_checks_its_data_has_what_it_reads_before_loading_anything(
     samples = [(ext, image, None, label_map) for ext, image, _, label_map in regions]
     unlabelled = write_shards(samples, tmp_path / "maps_only", classes=[], source="test")
     assert unlabelled.classes == [] and unlabelled.mask_classes
-    import ssl_vit.cli as cli
+    import ssl_vit.cli.tools as cli
 
     loaded = []
     monkeypatch.setattr(cli, "load_evaluated_encoder", lambda *args: loaded.append(args) or pytest.fail("loaded"))

@@ -129,6 +129,13 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(model(x), finetuned.model.eval()(x))
 
+    # `ssl-vit export` of the run (a user wanting its ONNX) names the folder that holds the classifier
+    # (it said "encoder weights do not match its settings (missing ['vit.cls_token', ...])")
+    exported_again = in_this_process(tmp_path, "export", str(tmp_path / "run"), str(tmp_path / "again"))
+    assert exported_again.returncode == 2 and not (tmp_path / "again").exists()
+    assert "is a fine-tuning run's checkpoint" in exported_again.stderr
+    assert f"local-dir:{tmp_path / 'run/export'}" in " ".join(exported_again.stderr.split())
+
 
 def test_mixup_and_cutmix_targets_are_distributions(exported):
     module = FineTune(num_classes=5, init_from=str(exported))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import onnxruntime as ort
 import pytest
 import timm
 import torch
+from PIL import Image
 from rich.console import Console
 from timm.models.vision_transformer import VisionTransformer
 
 from ssl_vit import onnx_export
-from ssl_vit.cli import main, print_onnx_report
-from ssl_vit.data import write_shards
+from ssl_vit.cli import main
+from ssl_vit.cli.tools import print_onnx_report
+from ssl_vit.data import EvalView, write_shards
 from ssl_vit.errors import UserError
 from ssl_vit.export import export_encoder, write_timm_folder
 from ssl_vit.onnx_export import OnnxOptions, _quantize, prepare_deploy
@@ -73,6 +76,21 @@ def test_onnx_gives_the_exported_timm_models_pooled_features(export):
         with torch.no_grad():
             expected = model.forward_head(model.forward_features(torch.from_numpy(x)), pre_logits=True)
         torch.testing.assert_close(torch.from_numpy(features(export / "model.onnx", x)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_docs_deployment_snippet_gives_the_features_the_run_evaluated(export, tmp_path):
+    """docs/export-and-finetune.md's onnxruntime example, run as written on one photo: the
+    features of the evaluation view of that photo."""
+    page = (Path(__file__).parents[1] / "docs" / "export-and-finetune.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", page, re.S) if "onnxruntime" in block]
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(photo)
+    scope = {}
+    exec(compile(code.replace("export/simclr", str(export)).replace("photo.jpg", str(photo)), "docs", "exec"), scope)
+    model = timm.create_model(f"local-dir:{export}", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        expected = model(EvalView(32)(Image.open(photo).convert("RGB"))[None])
+    torch.testing.assert_close(torch.from_numpy(scope["features"]), expected, rtol=1e-4, atol=1e-5)
 
 
 def assert_int8_follows_fp32(folder: Path, mean_cosine: float) -> None:

@@ -166,8 +166,8 @@ def test_a_folder_resolved_again_sees_images_added_since(tmp_path):
 
 def test_an_unreadable_image_is_counted_once_and_a_top_up_pass_apart(tmp_path, caplog):
     """One broken file among 96: the epoch's 3 batches of 32 need one image more than the folder
-    holds, so a reader reads a few of its images again; the epoch's line counts every file once,
-    the broken one once, and the images read again apart (a new user's line said "read 224
+    holds, so a reader takes one of its images again; the epoch's line counts every file once,
+    the broken one once, and the image taken again apart (a new user's line said "read 224
     samples, skipped 2" for 160 files and one broken)."""
     root = image_folder(tmp_path / "photos", ["cat", "dog"], per_class=48)
     next((root / "cat").iterdir()).write_bytes(b"\xff\xd8 not a jpeg")
@@ -177,10 +177,26 @@ def test_an_unreadable_image_is_counted_once_and_a_top_up_pass_apart(tmp_path, c
         images = [image for batch, _ in DataLoader(dataset, batch_size=32, num_workers=2) for image in batch]
         dataset.log_epoch_summary()
     assert len(images) == 96 and (dataset.read.value, dataset.skipped.value) == (96, 1)
-    assert 1 <= dataset.read_again.value <= 32 + 1  # one batch's buffer, not another whole pass
+    assert dataset.read_again.value == 1  # the one image the epoch lacks, not a buffer's worth
     said = caplog.records[-1].getMessage()
     again = f"read {dataset.read_again.value} of them again to fill the epoch's batches"
     assert said == f"epoch 0: read 96 samples, skipped 1 unreadable; {again}"
+
+
+def test_a_top_up_decodes_about_as_many_images_as_the_epoch_lacks(tmp_path, monkeypatch):
+    """A folder one image short of its batches used to decode a batch's worth of images again (a
+    new user's line: "read 126 of them again" for one broken file among 385) to take one."""
+    import ssl_vit.data.pipeline as pipeline
+
+    root = image_folder(tmp_path / "photos", ["cat", "dog"], per_class=48)
+    next((root / "cat").iterdir()).write_bytes(b"\xff\xd8 not a jpeg")
+    shards, _ = resolve_shards(str(root))
+    decoded = []
+    decode = pipeline.decode_sample
+    monkeypatch.setattr(pipeline, "decode_sample", lambda *args: decoded.append(1) or decode(*args))
+    dataset = ShardDataset(shards, np.asarray, batch_size=32, batches_per_epoch=3, shuffle_buffer=1000)
+    assert len(list(dataset)) == 96 and dataset.read_again.value == 1
+    assert len(decoded) <= 96 + 2  # every file once, then the one image lacking (webdataset reads ahead by one)
 
 
 def test_a_misspelled_part_of_the_split_names_the_two_parts(tmp_path):

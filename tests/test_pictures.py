@@ -50,6 +50,7 @@ def one_line(text: str) -> str:
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_each_objective_draws_its_pictures(name):
+    assert name in EXPECTED, f"add the pictures {name} draws to EXPECTED"
     factory, _ = OBJECTIVES[name]
     method = factory().eval()
     images = torch.randn(3, 3, 32, 32)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ssl_vit.checkpoint import AtomicCheckpointIO, newest_complete_checkpoint, rng_states, set_rng_states
-from ssl_vit.cli import default_precision
+from ssl_vit.cli.training import default_precision
 from ssl_vit.data.pipeline import ShardDataset, decode_sample, to_rgb
 from ssl_vit.data.shards import image_folder_samples
 from ssl_vit.errors import UserError

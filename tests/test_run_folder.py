@@ -31,7 +31,7 @@ from ssl_vit.checkpoint import (
     remove_dead_writers_files,
     resume_mismatch,
 )
-from ssl_vit.cli import default_run_folder
+from ssl_vit.cli.training import default_run_folder
 from ssl_vit.data.shards import data_location
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict

@@ -78,8 +78,20 @@ def test_no_crop_of_a_view_is_taken_from_fewer_pixels_than_it_outputs(view, size
         assert side >= MultiCropViews(32, 16, 0).decode_side
 
 
-def test_eval_view_needs_its_resize_side():
-    assert EvalView(32).decode_side == round(32 * 256 / 224)
+@pytest.mark.parametrize("size", [32, 48, 96, 224])
+def test_timm_prepares_an_image_from_an_exports_config_as_the_evaluation_did(size):
+    """A user deploying an export prepares images with timm's transform from its pretrained_cfg;
+    at 32 px that resized to 36 where the evaluation view resized to 37 (round, not floor)."""
+    import timm.data
+
+    from ssl_vit.export import preprocessing_cfg
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=size, patch_size=16 if size % 16 == 0 else 8)
+    config = timm.data.resolve_data_config(pretrained_cfg=preprocessing_cfg(vit))
+    image = Image.fromarray(np.random.default_rng(size).integers(0, 256, (size * 3, size * 2, 3), dtype=np.uint8))
+    view = EvalView(size)
+    torch.testing.assert_close(view(image), timm.data.create_transform(**config)(image), rtol=0, atol=1e-6)
+    assert view.decode_side == min(timm.data.create_transform(**config).transforms[0](image).size)
 
 
 def test_shard_dataset_hands_the_view_a_reduced_decode(tmp_path: Path):

@@ -342,14 +342,12 @@ class ShardDataset(IterableDataset):
         role = (worker + self.start_batch) % num_workers
         reader = f"{self.seed}:{self.epoch}:{self.rank}:{role}"
         shards = self.reader_shards(role, num_workers)
-        if self.batches_per_epoch is not None:
-            samples = self._cycle(shards, reader)
-        else:
-            samples = self._shuffled(self._read(shards), reader)
         batches_made = 0
-        if self.batches_per_epoch is not None:  # this role's exact share of the epoch's batches
+        if self.batches_per_epoch is None:
+            samples = self._shuffled(self._read(shards), reader)
+        else:  # this role's exact share of the epoch's batches
             share = role_batches(self.batches_per_epoch, role, num_workers)
-            samples = itertools.islice(samples, share * self.batch_size)
+            samples = self._cycle(shards, reader, share * self.batch_size)
             batches_made = role_batches(self.start_batch, role, num_workers)
             # Past the samples of the batches this role made before a resume: read and decoded, not viewed.
             collections.deque(itertools.islice(samples, batches_made * self.batch_size), maxlen=0)
@@ -373,30 +371,39 @@ class ShardDataset(IterableDataset):
             return samples
         return wds.shuffle(buffer, buffer, rng=random.Random(key))(samples)
 
-    def _cycle(self, shards: list[str], reader: str) -> Iterator[tuple[Image.Image, int]]:
-        # Each pass over the shards is shuffled on its own: a buffer larger than a small folder
-        # would otherwise hold copies of its images from the next passes, and put them in one batch.
-        # A pass after the first tops up a reader whose shards are a little short of its batches
-        # (unreadable images, a split that is not even): a buffer of one batch reads little more
-        # than it needs. Its samples are counted apart: they were read and judged in the first pass.
+    def _cycle(self, shards: list[str], reader: str, total: int) -> Iterator[tuple[Image.Image, int]]:
+        """``total`` samples: a pass over the shards, then as many passes as a reader whose shards
+        are a little short of its batches (unreadable images, a split that is not even) needs to
+        top them up. The samples it takes again are counted apart: they were read and judged in the
+        first pass."""
+        # Each pass is shuffled on its own: a buffer larger than a small folder would otherwise hold
+        # copies of its images from the next passes, and put them in one batch. A top-up's buffer
+        # is what it lacks, so that it decodes about that many images, not a buffer's worth.
+        taken = 0
         for n_pass in itertools.count():
             order = list(shards)
             random.Random(f"{reader}:{n_pass}").shuffle(order)
             got_any = False
-            buffer = self.shuffle_buffer if n_pass == 0 else min(self.shuffle_buffer, self.batch_size)
+            buffer = self.shuffle_buffer if n_pass == 0 else min(self.shuffle_buffer, total - taken)
             for sample in self._shuffled(self._read(order, again=n_pass > 0), f"{reader}:{n_pass}", buffer):
                 got_any = True
+                if n_pass > 0:
+                    with self.read_again.get_lock():
+                        self.read_again.value += 1
                 yield sample
+                taken += 1
+                if taken == total:
+                    return
             if not got_any:
                 raise UserError(f"no readable sample in shards {shards[:3]}...; check the shards' contents")
 
     def _read(self, shards: list[Shard], again: bool = False) -> Iterator[tuple[Image.Image, int]]:
-        counter = self.read_again if again else self.read
         for shard in shards:
             self._shard, self._shard_failed = shard, False
             for sample in self._samples(shard):
-                with counter.get_lock():
-                    counter.value += 1
+                if not again:
+                    with self.read.get_lock():
+                        self.read.value += 1
                 if self.captions and CAPTION_MEMBER not in sample and UNREADABLE not in sample:
                     if not again:
                         with self.uncaptioned.get_lock():

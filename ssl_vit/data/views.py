@@ -33,6 +33,8 @@ from ssl_vit.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The evaluation crop's share of the resized image (224 of 256), as timm's ``crop_pct``.
+EVAL_CROP_PCT = 224 / 256
 
 
 def crop_decode_side(size: int, scale: tuple[float, float], min_ratio: float = 3 / 4) -> int:
@@ -333,21 +335,24 @@ class MixedResolutionViews:
 
 
 class EvalView(v2.Compose):
-    """Resize the short side to ``size * 256/224`` (bicubic), then centre-crop ``size``: the
-    evaluation view of DINO / MAE (256 -> 224 at ImageNet scale), scaled down for small images."""
+    """Resize the short side to ``floor(size / crop_pct)`` (bicubic), then centre-crop ``size``: the
+    evaluation view of DINO / MAE (256 -> 224 at ImageNet scale), scaled to other sizes as MAE's
+    ``int(input_size / crop_pct)`` and timm's eval transform do, so that timm, given an export's
+    ``pretrained_cfg``, prepares an image exactly as the evaluation did."""
 
     def __init__(
         self,
         size: int = 224,
-        resize_ratio: float = 256 / 224,
+        crop_pct: float = EVAL_CROP_PCT,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
+        side = math.floor(size / crop_pct)
         super().__init__(
             [
-                v2.Resize(round(size * resize_ratio), interpolation=InterpolationMode.BICUBIC),
+                v2.Resize(side, interpolation=InterpolationMode.BICUBIC),
                 v2.CenterCrop(size),
                 *to_normalized_tensor(mean, std),
             ]
         )
-        self.decode_side = round(size * resize_ratio)
+        self.decode_side = side

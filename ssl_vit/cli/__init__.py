@@ -1,0 +1,108 @@
+"""The ``ssl-vit`` command.
+
+    ssl-vit pretrain --config recipes/quickstart/mae.yaml [--trainer.max_steps 624 ...] [--ckpt_path last]
+    ssl-vit finetune --config recipes/quickstart/finetune.yaml [--model.init_args.pretrained false ...]
+    ssl-vit distill --config recipes/quickstart/distill.yaml [--model.init_args.student '{name: resnet18}' ...]
+    ssl-vit knn CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--pooling cls|mean|cls+mean ...]
+    ssl-vit probe CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--head linear|attentive|linear+attentive ...]
+    ssl-vit segprobe CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--seg_epochs 20 ...]
+    ssl-vit export CHECKPOINT OUT [--format timm|state_dict|open_clip] [--role ROLE] [--overwrite] [--onnx [--int8]]
+    ssl-vit zeroshot CLIP_CHECKPOINT_OR_OPEN_CLIP_FOLDER --val_shards VAL [--image_size N ...]
+    ssl-vit shards embedded OUT_DIR
+    ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N] [--masks MASK_DIR]
+    ssl-vit shards captions TABLE.csv|.tsv OUT_DIR [--image-key filepath] [--caption-key title]
+    ssl-vit recipes
+
+``pretrain`` is Lightning's CLI (``fit``): every field of a recipe can be overridden on the command
+line. Running the same command again resumes from the run's newest complete checkpoint (after a
+crash, a kill or a pre-emption); ``--ckpt_path PATH`` resumes from another, ``--auto_resume false``
+starts afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from rich.console import Console
+from rich.markup import escape
+
+from ssl_vit.cli import tools, training
+from ssl_vit.cli.tools import SOURCE_TREE, evaluate, export, recipes, shards, zeroshot
+from ssl_vit.cli.training import TRAINING_OPTIONS, distill, finetune, pretrain, training_help
+from ssl_vit.errors import UserError
+
+COMMANDS = {**training.COMMANDS, **tools.COMMANDS}
+
+
+def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
+    """One line out of jsonargparse's nested report on a bad recipe or override."""
+    text = str(err)
+    unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --([^= ]+)", text)
+    if unknown:
+        key = unknown.group(1) or unknown.group(2)
+        if command in TRAINING_OPTIONS:
+            return f"unknown recipe key '{key}'; `ssl-vit {command} --help` lists the common keys"
+        return f"unknown option '--{key}'; `ssl-vit {command} --help` lists the accepted ones"
+    missing = re.search(r"Parser key \"config\":\s*File does not exist: '([^']+)'", text)
+    if missing:
+        path = Path(missing.group(1))
+        shipped = SOURCE_TREE / path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else None
+        if shipped is not None and shipped.is_file():
+            return (
+                f"recipe {path} does not exist; the shipped one is {shipped}: give that path, or run from {SOURCE_TREE}"
+            )
+        return f"recipe {path} does not exist; `ssl-vit recipes` lists the shipped recipes"
+    noise = ("Does not validate", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
+    return " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run_command(argv)
+    except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
+        sys.exit(128 + signal.SIGTERM)
+    except BrokenPipeError:  # `ssl-vit recipes | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere
+        sys.exit(128 + signal.SIGPIPE)
+    except (UserError, argparse.ArgumentError, MisconfigurationException) as err:
+        command = argv[0]
+        # Lightning's MisconfigurationException is its own word on a bad setting (e.g. max_epochs -5).
+        message = recipe_error_message(err, command) if isinstance(err, argparse.ArgumentError) else str(err)
+        # escape: a message is plain text, and rich would take `.[deploy]` in one for markup and drop it
+        Console(stderr=True).print(
+            f"[bold red]ssl-vit {command}: error:[/] {escape(message)}", highlight=False, soft_wrap=True
+        )
+        sys.exit(2)
+
+
+def run_command(argv: list[str]) -> None:
+    """``ssl-vit COMMAND ARGS``, the usage without a known command, or a training command's help."""
+    if argv[:1] == ["--version"]:
+        print(f"ssl-vit {importlib.metadata.version('ssl-vit')}")
+        return
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {what}" for name, what in COMMANDS.items()]
+        usage = "usage: ssl-vit COMMAND ... (ssl-vit COMMAND --help for its options; ssl-vit --version)"
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        unknown = "" if asked or not argv else f"ssl-vit: error: unknown command '{argv[0]}'\n"
+        print(f"{unknown}{usage}\n\ncommands:\n" + "\n".join(lines), file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
+    command, rest = argv[0], argv[1:]
+    if command in TRAINING_OPTIONS and any(arg in ("-h", "--help") for arg in rest):
+        print(training_help(command))
+        return
+    rest = ["--help" if arg == "--help-all" else arg for arg in rest]
+    if command in ("knn", "probe", "segprobe"):
+        evaluate(command, rest)
+        return
+    trains = {"pretrain": pretrain, "finetune": finetune, "distill": distill}
+    reads = {"export": export, "shards": shards, "zeroshot": zeroshot, "recipes": recipes}
+    {**trains, **reads}[command](rest)

@@ -1,0 +1,3 @@
+from ssl_vit.cli import main
+
+main()

@@ -1,0 +1,409 @@
+"""The commands that read a run, a model or data: ``ssl-vit knn``, ``probe``, ``segprobe``,
+``zeroshot``, ``export``, ``shards`` and ``recipes``."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jsonargparse
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ssl_vit.checkpoint import (
+    objective_name,
+    read_checkpoint,
+    run_checkpoint,
+)
+from ssl_vit.data.embedded import DATASETS
+from ssl_vit.data.pipeline import decodable_samples, evaluation_split
+from ssl_vit.data.shards import (
+    caption_table_samples,
+    image_folder_samples,
+    shard_size,
+    write_embedded_shards,
+    write_shards,
+)
+from ssl_vit.data.views import EvalView
+from ssl_vit.errors import UserError, counted
+from ssl_vit.eval import Evaluator
+from ssl_vit.eval.encoders import load_evaluated_encoder, standalone_record_stem
+from ssl_vit.eval.image_text import evaluate_image_text
+from ssl_vit.eval.report import (
+    COMMON_SETTINGS,
+    PROTOCOL_SETTINGS,
+    accuracy_counts,
+    print_results,
+    settings_tag,
+    write_records,
+)
+from ssl_vit.export import export_encoder
+from ssl_vit.methods.distill import Distill, export_student
+from ssl_vit.onnx_export import ONNX_FILES, OnnxOptions
+from ssl_vit.pictures import shard_class_names
+
+COMMANDS = {
+    "knn": "k-NN accuracy of a frozen encoder (checkpoint, export, timm model) on labelled shards (DINO's protocol)",
+    "probe": "linear (MAE's protocol) or attentive (V-JEPA's) probe accuracy of a frozen encoder (checkpoint, export, "
+    "timm model)",
+    "segprobe": "dense linear-probe mIoU of a frozen encoder's patch tokens on shards with label maps (DINOv2's)",
+    "export": "write a checkpoint's encoder as a timm model folder (config.json + model.safetensors), or a whole "
+    "CLIP as an open_clip folder",
+    "zeroshot": "zero-shot accuracy and image-text retrieval recall of a CLIP checkpoint or open_clip folder on shards",
+    "shards": "write WebDataset tar shards from an ImageFolder tree, a CSV/TSV of images and captions, or the "
+    "embedded dataset",
+    "recipes": "list the shipped recipes, one line each",
+}
+
+#: The checkout ssl-vit runs from (an editable install): its recipes/ are the shipped recipes.
+SOURCE_TREE = Path(__file__).resolve().parents[2]
+
+
+def evaluate(command: str, args: list[str]) -> None:
+    """``ssl-vit knn`` / ``probe`` / ``segprobe``: print a table and write the records, under names
+    of their own (``<stem>.<kind>.eval-<settings hash>.json``), never the run's own ones."""
+    parser = jsonargparse.ArgumentParser(prog=f"ssl-vit {command}", description=COMMANDS[command], exit_on_error=False)
+    parser.add_argument(
+        "encoder",
+        help="a .ckpt written by `ssl-vit pretrain`, a folder written by `ssl-vit export` (or any timm local-dir "
+        "folder with model.safetensors), or timm:NAME",
+    )
+    parser.add_argument(
+        "--weights",
+        type=str | None,
+        default=None,
+        help="default: the encoder's own (for timm:NAME, timm's released weights, from its cache); random: its "
+        "architecture at random initialisation (seeded by --seed); or a weights file or export folder to load",
+    )
+    parser.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="folder for the records; default: beside the checkpoint or export folder, the current folder for "
+        "timm:NAME",
+    )
+    # Only the options of this command's protocols (the others keep their defaults).
+    kinds = {"knn": ["knn"], "probe": ["probe", "attentive"], "segprobe": ["segmentation"]}[command]
+    wanted = {
+        "train_shards",  # and --val_shards, optional here (below)
+        "cache_dir",
+        *COMMON_SETTINGS,
+        *(s for k in kinds for s in PROTOCOL_SETTINGS[k]),
+    }
+    wanted |= {"head"} if command == "probe" else set()
+    parser.add_class_arguments(Evaluator, skip=set(inspect.signature(Evaluator).parameters) - wanted)
+    parser.add_argument(
+        "--val_shards",
+        type=str | None,
+        default=None,
+        help="labelled shards to score; default: as a run reads its data, the val (or valid) folder beside a "
+        "train folder, else the held-out tenth of --train_shards against the rest",
+    )
+    cfg = parser.parse_args(args).as_dict()
+    cfg["train_shards"], cfg["val_shards"] = evaluation_split(cfg["train_shards"], cfg["val_shards"])
+    source, weights, out = cfg.pop("encoder"), cfg.pop("weights"), cfg.pop("out")
+    evaluator = Evaluator(**cfg)
+    # data without what the command reads stops here, before any loading
+    evaluator.check_shards(labels=command != "segprobe", label_maps=command == "segprobe")
+    torch.manual_seed(evaluator.seed)  # --weights random: the same initialisation every time
+    encoder, info = load_evaluated_encoder(source, weights)
+    if torch.cuda.is_available():
+        encoder = encoder.cuda()
+    start = time.perf_counter()
+    counts: dict[str, int] = {}  # the images and classes the accuracies count
+    if command == "segprobe":
+        results = {"segmentation": evaluator.segmentation_probe(encoder)}
+    else:
+        train, val = evaluator.features(encoder, tokens=command == "probe")
+        results = {"knn": evaluator.knn(train, val)} if command == "knn" else evaluator.probes(encoder, train, val)
+        counts = accuracy_counts(train, val)
+    seconds = time.perf_counter() - start
+    step = f" (step {info['step']})" if info["step"] is not None else ""
+    Console(soft_wrap=True).print(f"{info['method']} encoder of {source}{step}, weights: {info['weights']}")
+    print_results(f"{command} evaluation", results, **counts)
+    settings = evaluator.settings()
+    stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings)
+    for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
+        Console(soft_wrap=True).print(f"wrote {path}")
+
+
+def zeroshot(args: list[str]) -> None:
+    """``ssl-vit zeroshot``: the image-text protocols of the end-of-run table on any shards, from a
+    CLIP checkpoint or an open_clip folder; records as ``knn`` writes them (never the run's own)."""
+    parser = argparse.ArgumentParser(prog="ssl-vit zeroshot", description=COMMANDS["zeroshot"])
+    parser.add_argument(
+        "model", help="a CLIP .ckpt written by `ssl-vit pretrain`, its run folder, or an open_clip folder"
+    )
+    parser.add_argument(
+        "--val_shards",
+        required=True,
+        help="labelled shards (zero-shot from their class names) and/or captioned ones (retrieval)",
+    )
+    parser.add_argument("--image_size", type=int, default=None, help="default: the model's training resolution")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--out", default=None, help="folder for the records; default: beside the model")
+    opts = parser.parse_args(args)
+    from ssl_vit.methods.clip import load_image_text_model  # the `clip` extra
+
+    model, image_size, info = load_image_text_model(opts.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": opts.image_size or image_size}
+    settings |= {"batch_size": opts.batch_size, "num_workers": opts.num_workers}
+    start = time.perf_counter()
+    view = EvalView(settings["image_size"])
+    names = shard_class_names(opts.val_shards)
+    results = evaluate_image_text(model, opts.val_shards, view, names, opts.batch_size, opts.num_workers)
+    if not results:
+        labels = "one class folder" if names and len(names) == 1 else "no class labels"
+        raise UserError(
+            f"{opts.val_shards} has {labels} (zero-shot needs two or more classes) and no captions (for retrieval)"
+        )
+    seconds = time.perf_counter() - start
+    print_results(f"zero-shot evaluation of {opts.model}", results, classes=len(names) if names else None)
+    evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read
+    stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings)
+    for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):
+        Console(soft_wrap=True).print(f"wrote {path}")
+
+
+def recipes(args: list[str]) -> None:
+    """Every recipe under ./recipes (or the source checkout's), with the first line of its header."""
+    argparse.ArgumentParser(prog="ssl-vit recipes", description=COMMANDS["recipes"]).parse_args(args)
+    root = next((d for d in (Path("recipes"), SOURCE_TREE / "recipes") if d.is_dir()), None)
+    if root is None:
+        raise UserError("no recipes folder here or in the ssl-vit source tree; run from a checkout of ssl-vit")
+    paths = sorted(root.rglob("*.yaml"), key=lambda path: (path.parent.name != "quickstart", path))  # quickstarts first
+    summaries = [recipe_summary(path) for path in paths]
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: a line per recipe, for grep, never wrapped
+        # paths as they can be given from here (absolute for the source tree's)
+        names = [path.relative_to(root.parent) if root == Path("recipes") else path for path in paths]
+        print("\n".join(f"{name}\t{what}" for name, what in zip(names, summaries, strict=True)))
+        return
+    # On screen, paths under the title's folder, so the summaries keep room.
+    table = Table(title=f"recipes in {root.resolve()}{os.sep}")
+    shown = [str(path.relative_to(root)) for path in paths]
+    table.add_column("recipe", no_wrap=True, min_width=max(map(len, shown), default=6))  # names are typed: never cut
+    table.add_column("what it runs")
+    for row in zip(shown, summaries, strict=True):
+        table.add_row(*row)
+    console.print(table)
+
+
+def recipe_summary(path: Path) -> str:
+    """The first sentence of a recipe's header comment."""
+    lines = path.read_text().splitlines()
+    header = itertools.takewhile(lambda line: line.startswith("#") and line.strip() != "#", lines)
+    paragraph = " ".join(line.lstrip("# ").strip() for line in header)
+    return paragraph.split(". ")[0].removesuffix(".")
+
+
+def export(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ssl-vit export", description=COMMANDS["export"])
+    parser.add_argument(
+        "checkpoint", help="a .ckpt written by `ssl-vit pretrain`, or a run folder (its newest complete checkpoint)"
+    )
+    parser.add_argument("out", help="the folder to write (a .safetensors file with --format state_dict)")
+    parser.add_argument(
+        "--format",
+        choices=["timm", "state_dict", "open_clip"],
+        default="timm",
+        help="timm: a folder timm.create_model('local-dir:OUT', pretrained=True) loads; state_dict: one file; "
+        "open_clip (CLIP only): both towers, a folder open_clip.create_model_and_transforms('local-dir:OUT') loads",
+    )
+    parser.add_argument(
+        "--role", default=None, help="which encoder (teacher/student); default: the one the paper evaluates"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write OUT/model.onnx (the pooled embedding, dynamic batch), checked against PyTorch and "
+        "measured (latency, throughput, k-NN) in OUT/onnx_report.json",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write OUT/model.int8.onnx (implies --onnx): dynamic int8 for a ViT, static for a CNN, "
+        "calibrated on training images",
+    )
+    parser.add_argument(
+        "--train_shards",
+        default=None,
+        help="for --onnx: the k-NN bank and int8 calibration images (default: the run's)",
+    )
+    parser.add_argument("--val_shards", default=None, help="for --onnx: the k-NN queries (default: the run's)")
+    parser.add_argument(
+        "--calibration_images", type=int, default=OnnxOptions.calibration_images, help="for a CNN's --int8"
+    )
+    opts = parser.parse_args(args)
+    onnx = None
+    if opts.onnx or opts.int8:
+        onnx = OnnxOptions(
+            int8=opts.int8,
+            train_shards=opts.train_shards,
+            val_shards=opts.val_shards,
+            calibration_images=opts.calibration_images,
+        )
+    checkpoint = run_checkpoint(Path(opts.checkpoint)) if Path(opts.checkpoint).is_dir() else opts.checkpoint
+    failed = failed_run(Path(checkpoint))
+    if failed:
+        warnings.warn(f"{checkpoint} ends a run that failed: {failed}", stacklevel=1)
+    if opts.format == "open_clip":
+        if onnx is not None or opts.role:
+            raise UserError(
+                "--onnx, --int8 and --role apply to an encoder export; leave them out with --format open_clip"
+            )
+        from ssl_vit.methods.clip import export_open_clip  # the `clip` extra
+
+        out = export_open_clip(checkpoint, opts.out, overwrite=opts.overwrite)
+        Console(soft_wrap=True).print(
+            f'wrote {out} from {checkpoint}\nload it with open_clip.create_model_and_transforms("local-dir:{out}") '
+            f'and open_clip.get_tokenizer("local-dir:{out}")'
+        )
+        return
+    # An ONNX model made for the replaced export need not describe this one: --overwrite drops it; say so.
+    replaced_onnx = [name for name in ONNX_FILES if opts.overwrite and (Path(opts.out) / name).is_file()]
+    if objective_name(read_checkpoint(checkpoint)) == Distill.__name__ and opts.format == "timm":
+        out = export_student(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
+    else:
+        out = export_encoder(checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite, onnx=onnx)
+    console = Console(soft_wrap=True)
+    console.print(f"wrote {out} from {checkpoint}")
+    if opts.format == "timm":
+        load = f'timm.create_model("local-dir:{out}", pretrained=True, num_classes=N)'
+        console.print(f"load it with {load}")
+    if onnx is not None:
+        print_onnx_report(json.loads((Path(out) / "onnx_report.json").read_text()), console)
+    gone = [name for name in replaced_onnx if not (Path(out) / name).exists()]
+    if gone:
+        again = "--onnx --int8" if "model.int8.onnx" in gone else "--onnx"
+        names = " and ".join([", ".join(gone[:-1]), gone[-1]] if len(gone) > 1 else gone)
+        console.print(f"--overwrite removed {names}, made for the export it replaced; {again} writes them for this one")
+
+
+def failed_run(checkpoint: Path) -> str | None:
+    """Why the run that ``checkpoint`` ends failed (its ``summary.json``'s verdict), if it did."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):  # the run folder, or its checkpoints/
+        summary = folder / "summary.json"
+        if summary.is_file():
+            record = json.loads(summary.read_text())
+            ends_it = Path(record.get("checkpoint") or "").name == checkpoint.name
+            return record.get("failed") if ends_it else None
+    return None
+
+
+def print_onnx_report(report: dict[str, Any], console: Console) -> None:
+    """The parity line and one row per ONNX model: size, speed and k-NN accuracy."""
+    parity = report["parity"]
+    console.print(
+        f"onnxruntime fp32 vs PyTorch on {parity['images']}: max abs difference {parity['max_abs_diff']:.2e}, "
+        f"relative {parity['relative_diff']:.2e} (tolerance {parity['tolerance']:.0e})",
+        highlight=False,
+    )
+    if "int8" in report:
+        console.print(f"int8 vs fp32 features: mean cosine {report['int8']['cosine_to_fp32']:.4f}", highlight=False)
+    knn, k = report["knn"], report["knn"]["k"]
+    table = Table(
+        "model", "MB", "batch-1 ms", "batch-64 img/s", f"{k} top-1 %", title=f"onnxruntime on {report['cpu']}"
+    )
+    for row in report["models"].values():
+        accuracy = f"{row['knn'][k]['top1']:.1f}" if "knn" in row else "-"
+        speed = f"{row['latency_ms_batch1']:.2f}", f"{row['images_per_s_batch64']:.0f}"
+        table.add_row(row["file"], f"{row['megabytes']:.2f}", *speed, accuracy)
+    console.print(table)
+    if "note" in knn:
+        console.print(f"k-NN {knn['note']}", highlight=False)
+    fp32, int8 = report["models"]["fp32"], report["models"].get("int8")
+    # Small models gain nothing from int8 arithmetic and lose time to its (de)quantisation steps.
+    if int8 and (
+        int8["latency_ms_batch1"] > fp32["latency_ms_batch1"]
+        and int8["images_per_s_batch64"] < fp32["images_per_s_batch64"]
+    ):
+        console.print(
+            "model.int8.onnx is slower than model.onnx on this CPU at batch 1 and 64: deploy model.onnx "
+            "here, or time both on the CPU you deploy to",
+            highlight=False,
+        )
+
+
+def shards(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ssl-vit shards", description=COMMANDS["shards"])
+    sub = parser.add_subparsers(dest="source", required=True)
+    emb = sub.add_parser("embedded", help="an embedded dataset: writes OUT_DIR/train and OUT_DIR/val")
+    emb.add_argument("out_dir")
+    emb.add_argument("--dataset", choices=list(DATASETS), default="shapes")
+    emb.add_argument("--seed", type=int, default=0)
+    folder = sub.add_parser("imagefolder", help="an ImageFolder tree (one sub-folder per class) -> OUT_DIR")
+    folder.add_argument("src_dir")
+    folder.add_argument("out_dir")
+    folder.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    folder.add_argument(
+        "--masks", default=None, help="a parallel folder of label maps (PNG of class indices) for dense probes"
+    )
+    table = sub.add_parser(
+        "captions", help="a CSV/TSV of image paths and captions (open_clip's --csv-* layout) -> OUT_DIR, for CLIP"
+    )
+    table.add_argument("table", help="a header row, then one image path (relative to the table's folder) and caption")
+    table.add_argument("out_dir")
+    table.add_argument("--separator", default=None, help="default: a comma for .csv, a tab otherwise")
+    table.add_argument("--image-key", default="filepath", help="the column of image paths (open_clip's default)")
+    table.add_argument("--caption-key", default="title", help="the column of captions (open_clip's default)")
+    table.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    for p in (emb, folder, table):
+        p.add_argument(
+            "--samples-per-shard",
+            type=int,
+            default=None,
+            help="default: 250 (embedded), else 1,000, fewer below 64,000 images: at least 64 shards, so that every "
+            "loader worker can read its own share of an epoch's images once",
+        )
+        p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    opts = parser.parse_args(args)
+    console = Console()
+    if opts.source == "embedded":
+        indexes = write_embedded_shards(
+            opts.out_dir,
+            samples_per_shard=opts.samples_per_shard or 250,
+            seed=opts.seed,
+            overwrite=opts.overwrite,
+            dataset=opts.dataset,
+        )
+    else:
+        if opts.source == "captions":
+            classes, reads = [], [opts.table, str(Path(opts.table).parent)]
+            samples = caption_table_samples(opts.table, opts.separator, opts.image_key, opts.caption_key)
+            size = 1000
+        else:
+            classes, samples, count = image_folder_samples(opts.src_dir, masks=opts.masks)
+            reads = [opts.src_dir, *([opts.masks] if opts.masks else [])]
+            size = shard_size(count)
+        index = write_shards(
+            decodable_samples(samples),
+            opts.out_dir,
+            classes=classes,
+            source=f"{opts.source} {opts.table if opts.source == 'captions' else opts.src_dir}",
+            samples_per_shard=opts.samples_per_shard or size,
+            max_shard_bytes=opts.max_shard_bytes,
+            overwrite=opts.overwrite,
+            reads=reads,
+        )
+        indexes = {"": index}
+    for split, index in indexes.items():
+        where = f"{opts.out_dir}/{split}" if split else opts.out_dir
+        classes = f"of {counted(len(index.classes), 'class', 'classes')}" if index.classes else "without classes"
+        captioned = f" ({index.captions} with captions)" if index.captions else ""
+        console.print(
+            f"wrote {counted(index.num_samples, 'sample')} {classes} in {counted(len(index.shards), 'shard')} to "
+            f"{where}{captioned}"
+        )
