@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -488,6 +489,16 @@ def checkpoint_encoder(ckpt: dict[str, Any], path: str | Path, role: str | None 
             f"{path}: encoder weights do not match its settings (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return encoder, role
+
+
+def ending_summary(checkpoint: Path) -> dict[str, Any] | None:
+    """The ``summary.json`` of the run that ``checkpoint`` ends, when it names that checkpoint."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):  # the run folder, or its checkpoints/
+        summary = folder / "summary.json"
+        if summary.is_file():
+            record = json.loads(summary.read_text())
+            return record if Path(record.get("checkpoint") or "").name == checkpoint.name else None
+    return None
 
 
 #: What ``objective_name`` calls a checkpoint of ``ssl-vit finetune``.

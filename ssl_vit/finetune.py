@@ -8,6 +8,7 @@ epoch. At the end ``ssl-vit finetune`` writes a timm folder *with* the classifie
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,15 @@ from torch.utils.data import DataLoader
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_vit.checkpoint import read_checkpoint
+from ssl_vit.checkpoint import ending_summary, read_checkpoint
 from ssl_vit.data.pipeline import ShardDataModule, ShardDataset
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
 from ssl_vit.errors import UserError
-from ssl_vit.export import encoder_state_dict, preprocessing_cfg, write_timm_folder
+from ssl_vit.export import EXPORT_FOLDER, encoder_state_dict, preprocessing_cfg, write_timm_folder
+from ssl_vit.onnx_export import Deploy, OnnxOptions, prepare_deploy
+from ssl_vit.replace import check_replaceable
 from ssl_vit.schedules import PaperRun, scaled_epochs, warmup_cosine
 
 
@@ -267,9 +270,18 @@ class FineTune(L.LightningModule):
         return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=fused)
 
 
-def export_classifier(module: FineTune, out: str | Path, classes: list[str] | None, results: dict[str, Any]) -> Path:
+def export_classifier(
+    module: FineTune,
+    out: str | Path,
+    classes: list[str] | None,
+    results: dict[str, Any],
+    overwrite: bool = True,
+    reads: list[str | Path] = (),
+    deploy: Deploy | None = None,
+) -> Path:
     """The fine-tuned classifier, head included, as a timm folder (``label_names`` from the
-    shards' classes), with where it came from and its val accuracy in ``config.json``."""
+    shards' classes), with where it came from and its val accuracy in ``config.json``;
+    ``deploy`` adds its ONNX models (logits)."""
     cfg = {**preprocessing_cfg(module.model), "num_classes": module.hparams.num_classes}
     if classes:
         cfg["label_names"] = classes
@@ -279,4 +291,30 @@ def export_classifier(module: FineTune, out: str | Path, classes: list[str] | No
         "results": results,
     }
     args = {k: v for k, v in module.model_args.items() if k not in ("num_classes", "drop_path_rate")}
-    return write_timm_folder(module.model, out, args, {"pretrained_cfg": cfg, "ssl_vit": provenance}, overwrite=True)
+    config = {"pretrained_cfg": cfg, "ssl_vit": provenance}
+    return write_timm_folder(module.model, out, args, config, overwrite, reads, deploy)
+
+
+def export_finetuned(
+    checkpoint: str | Path, out: str | Path, overwrite: bool = False, onnx: OnnxOptions | None = None
+) -> Path:
+    """A fine-tuning checkpoint's classifier as its run exports it (``ssl-vit export`` of a
+    fine-tuning run: another checkpoint of it, or with ``onnx`` its ONNX models too); the class
+    names from its training data where that can be read here, the accuracy from the run's
+    ``summary.json`` where it ends with this checkpoint."""
+    check_replaceable(out, EXPORT_FOLDER, overwrite, reads=[checkpoint])  # before the slow checkpoint read
+    ckpt = read_checkpoint(checkpoint)
+    settings = {k: v for k, v in ckpt["hyper_parameters"].items() if k in inspect.signature(FineTune).parameters}
+    module = FineTune(**{**settings, "pretrained": False})  # its architecture, then its weights
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    module.model.load_state_dict(weights)
+    data = ckpt.get("datamodule_hyper_parameters", {})
+    deploy = prepare_deploy(module.model, onnx, data) if onnx else None
+    try:
+        _, index = resolve_shards(data["train_shards"])
+    except (KeyError, UserError):  # the run's data is not here: the classifier without its class names
+        index = None
+    classes = index.classes if index and index.classes else None
+    summary = ending_summary(Path(checkpoint)) or {}
+    results = {k: summary[f"val_{k}"] for k in ("top1", "top5") if summary.get(f"val_{k}") is not None}
+    return export_classifier(module, out, classes, results, overwrite, reads=[checkpoint], deploy=deploy)

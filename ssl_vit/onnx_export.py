@@ -174,14 +174,21 @@ class PooledEmbedding(nn.Module):
 
 def write_onnx(folder: Path, deploy: Deploy) -> dict[str, Any]:
     """Add ``model.onnx`` (and ``model.int8.onnx``) and ``onnx_report.json`` to the timm export
-    ``folder``; return the report. Raises a ``UserError`` when the model does not export or
-    onnxruntime's fp32 features differ from PyTorch's."""
+    ``folder``; return the report. An encoder's models output its pooled features, measured by
+    k-NN; a classifier's (a folder with ``num_classes``, as ``ssl-vit finetune`` writes) its
+    logits, measured by top-1 accuracy. Raises a ``UserError`` when the model does not export or
+    onnxruntime's fp32 outputs differ from PyTorch's."""
     config = json.loads((folder / "config.json").read_text())
     name = config.get("architecture", "the model")
-    model = PooledEmbedding(timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)).eval()
-    input_size = tuple(model.model.pretrained_cfg["input_size"])
+    classifier = bool(config.get("num_classes"))
+    if classifier:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    else:
+        model = PooledEmbedding(timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)).eval()
+    output = "logits" if classifier else "features"
+    input_size = tuple(config["pretrained_cfg"]["input_size"])
     fp32 = folder / "model.onnx"
-    _export(model, fp32, input_size, name)
+    _export(model, fp32, input_size, name, output)
     sessions = {"fp32": _session(fp32)}
 
     images, source = _parity_images(deploy, input_size)
@@ -193,7 +200,7 @@ def write_onnx(folder: Path, deploy: Deploy) -> dict[str, Any]:
     parity = {"images": source, "max_abs_diff": max_abs, "relative_diff": relative, "tolerance": PARITY_TOLERANCE}
     if not relative <= PARITY_TOLERANCE:  # also catches NaN
         raise UserError(
-            f"onnxruntime's fp32 features of {name} differ from PyTorch's by {relative:.2e} relative (max abs "
+            f"onnxruntime's fp32 {output} of {name} differ from PyTorch's by {relative:.2e} relative (max abs "
             f"{max_abs:.2e}, tolerance {PARITY_TOLERANCE:.0e}) on {source}; the model does not export faithfully"
         )
 
@@ -205,7 +212,9 @@ def write_onnx(folder: Path, deploy: Deploy) -> dict[str, Any]:
             "mean": config["pretrained_cfg"].get("mean"),
             "std": config["pretrained_cfg"].get("std"),
         },
-        "output": "features: timm's forward_head(forward_features(images), pre_logits=True)",
+        "output": "logits: timm's model(images)"
+        if classifier
+        else "features: timm's forward_head(forward_features(images), pre_logits=True)",
         "exporter": f"torch {torch.__version__} torch.onnx.export (TorchScript, dynamo=False), opset {OPSET}",
         "onnxruntime": importlib.metadata.version("onnxruntime"),
         "cpu": f"{_cpu_name()}, {os.cpu_count()} threads",
@@ -229,9 +238,13 @@ def write_onnx(folder: Path, deploy: Deploy) -> dict[str, Any]:
     }
     for kind, session in sessions.items():
         report["models"][kind].update(_speed(session, input_size, deploy.options))
-    report["knn"] = _knn(sessions, deploy, input_size)
-    for kind, accuracy in report["knn"].pop("results", {}).items():
-        report["models"][kind]["knn"] = accuracy
+    protocol = "top1" if classifier else "knn"
+    if classifier:
+        report[protocol] = _top1(sessions, deploy, input_size, config["pretrained_cfg"].get("label_names"))
+    else:
+        report[protocol] = _knn(sessions, deploy, input_size)
+    for kind, accuracy in report[protocol].pop("results", {}).items():
+        report["models"][kind][protocol] = accuracy
     (folder / "onnx_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -244,7 +257,7 @@ def _cpu_name() -> str:
     return name or platform.processor() or platform.machine()
 
 
-def _export(model: nn.Module, path: Path, input_size: tuple[int, ...], name: str) -> None:
+def _export(model: nn.Module, path: Path, input_size: tuple[int, ...], name: str, output: str) -> None:
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
         # The exporter's deprecation and tracer warnings are noise here: the parity check decides.
@@ -255,8 +268,8 @@ def _export(model: nn.Module, path: Path, input_size: tuple[int, ...], name: str
                 (example,),
                 str(path),
                 input_names=["images"],
-                output_names=["features"],
-                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                output_names=[output],
+                dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}},
                 opset_version=OPSET,
                 dynamo=False,
             )
@@ -425,6 +438,32 @@ def _knn(
     results = {kind: evaluator.knn(train[kind], val[kind]) for kind in sessions}
     k = next(iter(results[next(iter(sessions))]))  # all the training images, where they are fewer than k
     return {"k": k, "train_shards": deploy.train, "val_shards": deploy.val, "results": results}
+
+
+def _top1(
+    sessions: dict[str, onnxruntime.InferenceSession],
+    deploy: Deploy,
+    input_size: tuple[int, ...],
+    label_names: list[str] | None,
+) -> dict[str, Any]:
+    """Top-1 accuracy (%) of each classifier's logits on the evaluation images, whose classes
+    must be the classifier's (the same names in the same order)."""
+    if deploy.val is None:
+        return {"note": f"not measured: {deploy.note}"}
+    _, index = resolve_shards(deploy.val)
+    if index is None or index.classes != label_names:
+        classes = f"classes {index.classes}" if index and index.classes else "no classes"
+        return {"note": f"not measured: {deploy.val} has {classes}, the classifier's are {label_names}"}
+    correct, count = dict.fromkeys(sessions, 0), 0
+    for images, labels in _eval_loader(deploy.val, input_size):
+        for kind, session in sessions.items():
+            predicted = torch.from_numpy(_run(session, images.numpy())).argmax(dim=1)
+            correct[kind] += int((predicted == labels).sum())
+        count += len(labels)
+    if not count:
+        raise UserError(f"no readable samples in {deploy.val!r}; an evaluation split cannot be empty")
+    results = {kind: round(100 * hits / count, 2) for kind, hits in correct.items()}
+    return {"val_shards": deploy.val, "images": count, "results": results}
 
 
 def _features(

@@ -471,9 +471,9 @@ def case_broken_data(work: Path) -> Outcome:
     config = recipe(folder, shards / "broken.tar", **overrides, **{"data.max_skip_fraction": 0.5})
     result = pretrain_in_this_process(folder, "--config", str(config), "--trainer.max_epochs=1")
     summary = next((line for line in result.stderr.splitlines() if "epoch 0: read" in line), "")
-    # 16 kept samples = 2 whole passes over the shard's 11 (the last kept sample ends only where the
-    # cut tail begins); its unreadable ones are counted in the first.
-    expected = "read 11 samples, skipped 5 unreadable; read 11 of them again"
+    # 16 kept samples = 2 whole passes over the shard's 8 readable ones (the last ends only where the
+    # cut tail begins); its unreadable ones are counted in the first, the 8 taken again apart.
+    expected = "read 11 samples, skipped 5 unreadable; read 8 of them again"
     ok = result.returncode == 0 and expected in summary and not marker.exists()
     return Outcome(
         f"run to the end, {expected}, pickle never loaded",

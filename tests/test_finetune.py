@@ -5,6 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -129,12 +130,26 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(model(x), finetuned.model.eval()(x))
 
-    # `ssl-vit export` of the run (a user wanting its ONNX) names the folder that holds the classifier
-    # (it said "encoder weights do not match its settings (missing ['vit.cls_token', ...])")
-    exported_again = in_this_process(tmp_path, "export", str(tmp_path / "run"), str(tmp_path / "again"))
-    assert exported_again.returncode == 2 and not (tmp_path / "again").exists()
-    assert "is a fine-tuning run's checkpoint" in exported_again.stderr
-    assert f"local-dir:{tmp_path / 'run/export'}" in " ".join(exported_again.stderr.split())
+    # `ssl-vit export` of the run, for its ONNX: the classifier again, with its logits in ONNX (it said
+    # "encoder weights do not match its settings (missing ['vit.cls_token', ...])")
+    out = tmp_path / "classifier"
+    onnx = ["--onnx", "--int8", "--train_shards", train, "--val_shards", val]
+    exported_again = in_this_process(tmp_path, "export", str(tmp_path / "run"), str(out), *onnx)
+    assert exported_again.returncode == 0, exported_again.stderr[-3000:]
+    again = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert again.pretrained_cfg["label_names"] == ["a", "b", "c", "d"]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x))
+    report = json.loads((out / "onnx_report.json").read_text())
+    assert report["output"].startswith("logits") and report["top1"]["images"] == 32
+    assert report["models"]["fp32"]["top1"] == pytest.approx(summary["val_top1"], abs=0.01)  # the run's own
+    assert 0 <= report["models"]["int8"]["top1"] <= 100
+    assert "top-1 %" in exported_again.stdout
+    # k-NN reads pretrained encoders: given this checkpoint, it names the classifier's folder
+    knn = in_this_process(tmp_path, "knn", str(tmp_path / "run/checkpoints/last.ckpt"), "--train_shards", train)
+    assert knn.returncode == 2 and "is a fine-tuning run's checkpoint" in knn.stderr
+    assert f"local-dir:{tmp_path / 'run/export'}" in " ".join(knn.stderr.split())
 
 
 def test_mixup_and_cutmix_targets_are_distributions(exported):

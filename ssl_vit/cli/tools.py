@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ssl_vit.checkpoint import (
+    FINE_TUNING,
+    ending_summary,
     objective_name,
     read_checkpoint,
     run_checkpoint,
@@ -46,6 +48,7 @@ from ssl_vit.eval.report import (
     write_records,
 )
 from ssl_vit.export import export_encoder
+from ssl_vit.finetune import export_finetuned
 from ssl_vit.methods.distill import Distill, export_student
 from ssl_vit.onnx_export import ONNX_FILES, OnnxOptions
 from ssl_vit.pictures import shard_class_names
@@ -274,15 +277,23 @@ def export(args: list[str]) -> None:
         return
     # An ONNX model made for the replaced export need not describe this one: --overwrite drops it; say so.
     replaced_onnx = [name for name in ONNX_FILES if opts.overwrite and (Path(opts.out) / name).is_file()]
-    if objective_name(read_checkpoint(checkpoint)) == Distill.__name__ and opts.format == "timm":
+    objective = objective_name(read_checkpoint(checkpoint))
+    if objective == FINE_TUNING:
+        if opts.format != "timm" or opts.role:
+            raise UserError(
+                "a fine-tuning run's classifier is exported as a timm folder; leave out --format and --role"
+            )
+        out = export_finetuned(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
+    elif objective == Distill.__name__ and opts.format == "timm":
         out = export_student(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
     else:
         out = export_encoder(checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite, onnx=onnx)
     console = Console(soft_wrap=True)
     console.print(f"wrote {out} from {checkpoint}")
     if opts.format == "timm":
-        load = f'timm.create_model("local-dir:{out}", pretrained=True, num_classes=N)'
-        console.print(f"load it with {load}")
+        head = ", its head and label names included" if objective == FINE_TUNING else ""
+        classes = "" if head else ", num_classes=N"
+        console.print(f'load it with timm.create_model("local-dir:{out}", pretrained=True{classes}){head}')
     if onnx is not None:
         print_onnx_report(json.loads((Path(out) / "onnx_report.json").read_text()), console)
     gone = [name for name in replaced_onnx if not (Path(out) / name).exists()]
@@ -294,36 +305,32 @@ def export(args: list[str]) -> None:
 
 def failed_run(checkpoint: Path) -> str | None:
     """Why the run that ``checkpoint`` ends failed (its ``summary.json``'s verdict), if it did."""
-    for folder in (checkpoint.parent, checkpoint.parent.parent):  # the run folder, or its checkpoints/
-        summary = folder / "summary.json"
-        if summary.is_file():
-            record = json.loads(summary.read_text())
-            ends_it = Path(record.get("checkpoint") or "").name == checkpoint.name
-            return record.get("failed") if ends_it else None
-    return None
+    return (ending_summary(checkpoint) or {}).get("failed")
 
 
 def print_onnx_report(report: dict[str, Any], console: Console) -> None:
-    """The parity line and one row per ONNX model: size, speed and k-NN accuracy."""
+    """The parity line and one row per ONNX model: size, speed and accuracy (an encoder's k-NN, a
+    classifier's top-1)."""
     parity = report["parity"]
     console.print(
         f"onnxruntime fp32 vs PyTorch on {parity['images']}: max abs difference {parity['max_abs_diff']:.2e}, "
         f"relative {parity['relative_diff']:.2e} (tolerance {parity['tolerance']:.0e})",
         highlight=False,
     )
+    output = report["output"].split(":")[0]  # features or logits
     if "int8" in report:
-        console.print(f"int8 vs fp32 features: mean cosine {report['int8']['cosine_to_fp32']:.4f}", highlight=False)
-    knn, k = report["knn"], report["knn"]["k"]
-    table = Table(
-        "model", "MB", "batch-1 ms", "batch-64 img/s", f"{k} top-1 %", title=f"onnxruntime on {report['cpu']}"
-    )
+        console.print(f"int8 vs fp32 {output}: mean cosine {report['int8']['cosine_to_fp32']:.4f}", highlight=False)
+    classifier = "top1" in report
+    protocol = report["top1" if classifier else "knn"]
+    heading = "top-1 %" if classifier else f"{protocol['k']} top-1 %"
+    table = Table("model", "MB", "batch-1 ms", "batch-64 img/s", heading, title=f"onnxruntime on {report['cpu']}")
     for row in report["models"].values():
-        accuracy = f"{row['knn'][k]['top1']:.1f}" if "knn" in row else "-"
+        accuracy = row.get("top1") if classifier else row.get("knn", {}).get(protocol["k"], {}).get("top1")
         speed = f"{row['latency_ms_batch1']:.2f}", f"{row['images_per_s_batch64']:.0f}"
-        table.add_row(row["file"], f"{row['megabytes']:.2f}", *speed, accuracy)
+        table.add_row(row["file"], f"{row['megabytes']:.2f}", *speed, "-" if accuracy is None else f"{accuracy:.1f}")
     console.print(table)
-    if "note" in knn:
-        console.print(f"k-NN {knn['note']}", highlight=False)
+    if "note" in protocol:
+        console.print(f"{'top-1' if classifier else 'k-NN'} {protocol['note']}", highlight=False)
     fp32, int8 = report["models"]["fp32"], report["models"].get("int8")
     # Small models gain nothing from int8 arithmetic and lose time to its (de)quantisation steps.
     if int8 and (

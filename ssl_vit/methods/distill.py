@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_vit.checkpoint import encoder_weights, read_checkpoint
-from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
+from ssl_vit.data.views import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import TIMM_VITS, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval.callback import EvaluationCallback
@@ -283,7 +283,7 @@ def export_student(
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
         "interpolation": "bicubic",
-        "crop_pct": 224 / 256,
+        "crop_pct": EVAL_CROP_PCT,
     }
     record = {"pretrained_cfg": preprocessing, "ssl_vit": provenance(ckpt, checkpoint, role)}
     model_args = {k: v for k, v in config.items() if k != "name"}
