@@ -6,17 +6,17 @@
     ssl-vit knn CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--pooling cls|mean|cls+mean ...]
     ssl-vit probe CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--head linear|attentive|linear+attentive ...]
     ssl-vit segprobe CHECKPOINT --train_shards TRAIN [--val_shards VAL] [--seg_epochs 20 ...]
-    ssl-vit export CHECKPOINT OUT [--format timm|state_dict|open_clip] [--role ROLE] [--overwrite] [--onnx [--int8]]
+    ssl-vit export RUN_OR_CKPT OUT [--format timm|state_dict|open_clip] [--role ROLE] [--overwrite] [--onnx [--int8]]
     ssl-vit zeroshot CLIP_CHECKPOINT_OR_OPEN_CLIP_FOLDER --val_shards VAL [--image_size N ...]
     ssl-vit shards embedded OUT_DIR
     ssl-vit shards imagefolder SRC_DIR OUT_DIR [--samples-per-shard N] [--masks MASK_DIR]
     ssl-vit shards captions TABLE.csv|.tsv OUT_DIR [--image-key filepath] [--caption-key title]
     ssl-vit recipes
 
-``pretrain`` is Lightning's CLI (``fit``): every field of a recipe can be overridden on the command
-line. Running the same command again resumes from the run's newest complete checkpoint (after a
-crash, a kill or a pre-emption); ``--ckpt_path PATH`` resumes from another, ``--auto_resume false``
-starts afresh.
+The commands that train (Lightning's CLI on a recipe: every field can be overridden on the command
+line, and the same command again resumes the run) are in ``training.py``; the ones that read a
+run, a model or data in ``tools.py``. This module dispatches, and turns a ``UserError`` into one
+line and exit status 2.
 """
 
 from __future__ import annotations
