@@ -13,7 +13,7 @@ small to show.
 
     python benchmarks/distill.py                                   # makes the SimCLR quickstart teacher
     python benchmarks/distill.py --teacher runs/shapes/simclr/export
-    python benchmarks/distill.py --students resnet --epochs 4
+    python benchmarks/distill.py --students resnet --steps 156
 
 Writes benchmarks/results/distill_<device>.json; a run of some students replaces their rows and keeps
 the others'.
@@ -68,19 +68,19 @@ def make_teacher(work: Path, shards: Path) -> Path:
         [
             "ssl-vit", "pretrain", "--config", str(TEACHER_RECIPE),
             "--data.train_shards", str(shards), "--data.generate_embedded", "false",
-            "--trainer.default_root_dir", str(run), "--pictures.every_n_epochs", "0",
+            "--trainer.default_root_dir", str(run), "--pictures.every_n_steps", "0",
         ],
         check=True,
     )  # fmt: skip
     return run / "export"
 
 
-def distil(student: dict[str, Any], teacher: Path, shards: Path, run: Path, epochs: int) -> dict[str, Any]:
+def distil(student: dict[str, Any], teacher: Path, shards: Path, run: Path, steps: int) -> dict[str, Any]:
     """One ``ssl-vit distill`` run of the quickstart recipe with ``student`` and k-NN at every
     quarter of the run: its summary (teacher and student side by side) and its k-NN history."""
     cfg = yaml.safe_load(RECIPE.read_text())
     cfg["model"]["init_args"]["student"] = student
-    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_epochs"] = max(1, epochs // 4)
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_steps"] = max(1, steps // 4)
     run.mkdir(parents=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     subprocess.run(
@@ -88,8 +88,8 @@ def distil(student: dict[str, Any], teacher: Path, shards: Path, run: Path, epoc
             "ssl-vit", "distill", "--config", str(run / "recipe.yaml"),
             "--model.init_args.teacher", str(teacher),
             "--data.train_shards", str(shards), "--data.generate_embedded", "false",
-            "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(run),
-            "--pictures.every_n_epochs", "0", "--export", "false",
+            "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(run),
+            "--pictures.every_n_steps", "0", "--export", "false",
         ],
         check=True,
     )  # fmt: skip
@@ -118,7 +118,7 @@ def main() -> None:
         "--teacher", default=None, help="a teacher ssl-vit loads (default: make the SimCLR quickstart's)"
     )
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
-    parser.add_argument("--epochs", type=int, default=yaml.safe_load(RECIPE.read_text())["trainer"]["max_epochs"])
+    parser.add_argument("--steps", type=int, default=yaml.safe_load(RECIPE.read_text())["trainer"]["max_steps"])
     args = parser.parse_args()
     teacher_name = args.teacher or "the SimCLR quickstart, trained by this benchmark"
     with tempfile.TemporaryDirectory(prefix="ssl-vit-distill-") as tmp:  # data, teacher and students go with it
@@ -129,7 +129,7 @@ def main() -> None:
         rows = []
         for family in args.students:
             run = work / family
-            summary = distil(STUDENTS[family], teacher, shards, run, args.epochs)
+            summary = distil(STUDENTS[family], teacher, shards, run, args.steps)
             onnx = export_onnx(run, work / f"{family}-export")
             row = {"family": family, "student": STUDENTS[family], "teacher": teacher_name, "commit": git_commit()}
             rows.append({**row, "summary": summary, "onnx": onnx})
