@@ -126,35 +126,48 @@ def pooled_features(model: nn.Module) -> str:
 
 def model_card(model: nn.Module, record: dict[str, Any]) -> str:
     """A short README for an export folder: what the weights are, where they came from, how to
-    load them (the same facts as ``config.json``'s ``ssl_vit`` record)."""
+    load them (the same facts as ``config.json``'s ``ssl_vit`` record): an encoder's, or a
+    fine-tuned classifier's (a model with classes)."""
     data = record.get("data", {})
-    results = [f"- {kind}: {json.dumps(record[kind])}" for kind in RECORD_KINDS if kind in record] or [
-        "- none recorded with this checkpoint"
-    ]
     architecture = model.default_cfg.get("architecture", type(model).__name__)
     if isinstance(model, TIMM_VITS):  # the name is timm's base; config.json's model_args change its shape
         patch, size = model.patch_embed.patch_size[0], model.patch_embed.img_size[0]
         shape = f"{len(model.blocks)} blocks, {model.embed_dim}-d, {patch}-px patches, {size}-px images"
         architecture = f"{architecture} with {shape}"
+    if getattr(model, "num_classes", 0):
+        start = record.get("finetuned_from")
+        about = [
+            f"- fine-tuned from: `{start}`" if start else "- fine-tuned from random initialisation",
+            f"- output: the logits of {model.num_classes} classes (timm's `model(x)`); logit i is "
+            "`pretrained_cfg.label_names[i]` in config.json",
+        ]
+        results = [f"- val {kind}: {value}" for kind, value in record.get("results", {}).items()]
+        evaluated, num_classes = "Accuracy of this checkpoint on the run's validation images (%):", ""
+    else:
+        about = [
+            f"- objective: {record.get('objective')} ({record.get('encoder_role', 'encoder')} encoder)",
+            f"- features: {pooled_features(model)} (timm's `forward_head(x, pre_logits=True)`)",
+        ]
+        results = [f"- {kind}: {json.dumps(record[kind])}" for kind in RECORD_KINDS if kind in record]
+        evaluated, num_classes = "Evaluation of this checkpoint by the run (top-1 %):", ", num_classes=0"
     lines = [
         f"# {architecture}, {record.get('objective', 'ssl-vit')}",
         "",
         f"Weights written by ssl-vit {record.get('ssl_vit_version', '')} from `{record.get('checkpoint')}`.",
         "",
-        f"- objective: {record.get('objective')} ({record.get('encoder_role', 'encoder')} encoder)",
+        *about,
         f"- optimiser steps: {record.get('step')}",
         f"- training data: `{data.get('train_shards', 'unknown')}`",
-        f"- features: {pooled_features(model)} (timm's `forward_head(x, pre_logits=True)`)",
         "",
-        "Evaluation of this checkpoint by the run (top-1 %):",
+        evaluated,
         "",
-        *results,
+        *(results or ["- none recorded with this checkpoint"]),
         "",
         "Load it with timm alone:",
         "",
         "```python",
         "import timm",
-        'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True, num_classes=0)',
+        f'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True{num_classes})',
         "```",
         "",
         "No licence is stated here: the weights carry the terms of the data they were trained on.",

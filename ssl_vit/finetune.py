@@ -30,7 +30,7 @@ from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
 from ssl_vit.errors import UserError
-from ssl_vit.export import EXPORT_FOLDER, encoder_state_dict, preprocessing_cfg, write_timm_folder
+from ssl_vit.export import EXPORT_FOLDER, encoder_state_dict, preprocessing_cfg, provenance, write_timm_folder
 from ssl_vit.onnx_export import Deploy, OnnxOptions, prepare_deploy
 from ssl_vit.replace import check_replaceable
 from ssl_vit.schedules import PaperRun, scaled_epochs, warmup_cosine
@@ -275,23 +275,26 @@ def export_classifier(
     out: str | Path,
     classes: list[str] | None,
     results: dict[str, Any],
+    checkpoint: str | Path | None = None,
     overwrite: bool = True,
-    reads: list[str | Path] = (),
     deploy: Deploy | None = None,
 ) -> Path:
     """The fine-tuned classifier, head included, as a timm folder (``label_names`` from the
-    shards' classes), with where it came from and its val accuracy in ``config.json``;
-    ``deploy`` adds its ONNX models (logits)."""
+    shards' classes), with where it came from (its ``checkpoint``'s run) and its val accuracy in
+    ``config.json`` and the model card; ``deploy`` adds its ONNX models (logits)."""
     cfg = {**preprocessing_cfg(module.model), "num_classes": module.hparams.num_classes}
     if classes:
         cfg["label_names"] = classes
-    provenance = {
+    record = provenance(read_checkpoint(checkpoint, mmap=True), checkpoint, "classifier") if checkpoint else {}
+    record |= {
+        "objective": "fine-tuning",
         "finetuned_from": module.hparams.init_from if module.hparams.pretrained else None,
         "recipe": {k: v for k, v in module.hparams.items() if k != "encoder"},
         "results": results,
     }
     args = {k: v for k, v in module.model_args.items() if k not in ("num_classes", "drop_path_rate")}
-    config = {"pretrained_cfg": cfg, "ssl_vit": provenance}
+    config = {"pretrained_cfg": cfg, "ssl_vit": record}
+    reads = [checkpoint] if checkpoint else []
     return write_timm_folder(module.model, out, args, config, overwrite, reads, deploy)
 
 
@@ -306,6 +309,7 @@ def export_finetuned(
     ckpt = read_checkpoint(checkpoint)
     settings = {k: v for k, v in ckpt["hyper_parameters"].items() if k in inspect.signature(FineTune).parameters}
     module = FineTune(**{**settings, "pretrained": False})  # its architecture, then its weights
+    module.hparams["pretrained"] = settings.get("pretrained", True)  # as it was fine-tuned, for its record
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     module.model.load_state_dict(weights)
     data = ckpt.get("datamodule_hyper_parameters", {})
@@ -317,4 +321,4 @@ def export_finetuned(
     classes = index.classes if index and index.classes else None
     summary = ending_summary(Path(checkpoint)) or {}
     results = {k: summary[f"val_{k}"] for k in ("top1", "top5") if summary.get(f"val_{k}") is not None}
-    return export_classifier(module, out, classes, results, overwrite, reads=[checkpoint], deploy=deploy)
+    return export_classifier(module, out, classes, results, checkpoint, overwrite, deploy)

@@ -212,7 +212,7 @@ def write_onnx(folder: Path, deploy: Deploy) -> dict[str, Any]:
             "mean": config["pretrained_cfg"].get("mean"),
             "std": config["pretrained_cfg"].get("std"),
         },
-        "output": "logits: timm's model(images)"
+        "output": "logits: timm's model(images); logit i is label_names[i]"
         if classifier
         else "features: timm's forward_head(forward_features(images), pre_logits=True)",
         "exporter": f"torch {torch.__version__} torch.onnx.export (TorchScript, dynamo=False), opset {OPSET}",
@@ -240,6 +240,7 @@ def write_onnx(folder: Path, deploy: Deploy) -> dict[str, Any]:
         report["models"][kind].update(_speed(session, input_size, deploy.options))
     protocol = "top1" if classifier else "knn"
     if classifier:
+        report["label_names"] = config["pretrained_cfg"].get("label_names")
         report[protocol] = _top1(sessions, deploy, input_size, config["pretrained_cfg"].get("label_names"))
     else:
         report[protocol] = _knn(sessions, deploy, input_size)

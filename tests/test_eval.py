@@ -251,6 +251,32 @@ def test_augmented_probe_path_runs_through_the_frozen_encoder(tmp_path):
     assert results["top1"] == pytest.approx(20.0)  # constant features: one class of 5, however trained
 
 
+def test_a_streamed_probe_trains_on_every_batch_it_counts_with_workers(tmp_path, monkeypatch):
+    """60 images in shards of 20 read by 2 workers, batches of 32: each worker's 30 images were
+    less than a batch, so with drop_last the augmented probe trained on nothing, and its accuracy
+    was an untrained head's."""
+    import ssl_vit.eval.evaluator as evaluator_module
+
+    train = labelled_shards(tmp_path / "train", 60, 3, seed=0)
+    val = labelled_shards(tmp_path / "val", 30, 3, seed=1)
+    trained = []
+
+    def counting(epoch_batches, steps_per_epoch, **kwargs):
+        trained.append((sum(len(labels) for _, labels in epoch_batches(0)), steps_per_epoch))
+        return train_linear_probe(epoch_batches, steps_per_epoch, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "train_linear_probe", counting)
+    evaluator = Evaluator(train, val, probe_augment=True, probe_epochs=2, probe_batch_size=32, num_workers=2)
+    encoder = ViTEncoder(**TINY_ENCODER)
+    evaluator.probe(encoder, *evaluator.features(encoder))
+    assert trained == [(32, 1)]  # one whole batch an epoch, as the schedule counts
+
+
+def test_a_probe_schedule_that_gets_fewer_batches_than_it_counts_stops(tmp_path):
+    with pytest.raises(RuntimeError, match="trained 0 steps of the 6"):
+        train_linear_probe(lambda epoch: iter(()), steps_per_epoch=3, dim=4, num_classes=2, epochs=2)
+
+
 def test_features_are_deterministic_and_cache_round_trips(tmp_path):
     shards = labelled_shards(tmp_path / "val", 30, 3, seed=2)
     encoder = ViTEncoder(**TINY_ENCODER)

@@ -2,16 +2,19 @@
 formula, and ``ssl-vit finetune`` writes a classifier timm loads and predicts with."""
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from ssl_vit import export_encoder
-from ssl_vit.data import write_shards
+from ssl_vit.data import EvalView, write_shards
 from ssl_vit.errors import UserError
 from ssl_vit.finetune import FineTune
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly, png_bytes, random_images
@@ -145,7 +148,29 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     assert report["output"].startswith("logits") and report["top1"]["images"] == 32
     assert report["models"]["fp32"]["top1"] == pytest.approx(summary["val_top1"], abs=0.01)  # the run's own
     assert 0 <= report["models"]["int8"]["top1"] <= 100
-    assert "top-1 %" in exported_again.stdout
+    assert "top-1 %" in exported_again.stdout and f"top-1 on 32 images of {val}" in exported_again.stdout
+    assert report["label_names"] == ["a", "b", "c", "d"]
+    # where it came from, as the run's own export says (the re-export said random initialisation)
+    for folder in (tmp_path / "run/export", out):
+        record = json.loads((folder / "config.json").read_text())["ssl_vit"]
+        assert record["finetuned_from"] == str(exported) and record["step"] == 3, folder
+        assert record["results"]["top1"] == summary["val_top1"]
+        card = (folder / "README.md").read_text()
+        assert f"fine-tuned from: `{exported}`" in card and "None" not in card and "num_classes=0" not in card
+        assert f"- val top1: {summary['val_top1']}" in card and "logits of 4 classes" in card
+
+    # the docs' snippet, as written, on a photo: the classifier's class name for it
+    page = (ROOT / "docs/export-and-finetune.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", page, re.S) if "label_names" in block]
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(photo)
+    code = code.replace("runs/shapes/finetune/export", str(tmp_path / "run/export")).replace("photo.jpg", str(photo))
+    *lines, last = code.strip().splitlines()
+    scope = {}
+    exec("\n".join([*lines, f"answer = {last}"]), scope)
+    with torch.no_grad():
+        expected = model(EvalView(32)(Image.open(photo).convert("RGB"))[None]).argmax(-1)[0]
+    assert scope["answer"] == ["a", "b", "c", "d"][expected]
     # k-NN reads pretrained encoders: given this checkpoint, it names the classifier's folder
     knn = in_this_process(tmp_path, "knn", str(tmp_path / "run/checkpoints/last.ckpt"), "--train_shards", train)
     assert knn.returncode == 2 and "is a fine-tuning run's checkpoint" in knn.stderr

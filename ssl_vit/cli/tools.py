@@ -214,7 +214,9 @@ def recipe_summary(path: Path) -> str:
 def export(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ssl-vit export", description=COMMANDS["export"])
     parser.add_argument(
-        "checkpoint", help="a .ckpt written by `ssl-vit pretrain`, or a run folder (its newest complete checkpoint)"
+        "checkpoint",
+        help="a .ckpt written by `ssl-vit pretrain`, `distill` or `finetune`, or a run folder (its newest complete "
+        "checkpoint); a fine-tuning run's is its classifier",
     )
     parser.add_argument("out", help="the folder to write (a .safetensors file with --format state_dict)")
     parser.add_argument(
@@ -231,8 +233,8 @@ def export(args: list[str]) -> None:
     parser.add_argument(
         "--onnx",
         action="store_true",
-        help="also write OUT/model.onnx (the pooled embedding, dynamic batch), checked against PyTorch and "
-        "measured (latency, throughput, k-NN) in OUT/onnx_report.json",
+        help="also write OUT/model.onnx (the pooled embedding, or a classifier's logits; dynamic batch), checked "
+        "against PyTorch and measured (latency, throughput, k-NN or a classifier's top-1) in OUT/onnx_report.json",
     )
     parser.add_argument(
         "--int8",
@@ -281,7 +283,8 @@ def export(args: list[str]) -> None:
     if objective == FINE_TUNING:
         if opts.format != "timm" or opts.role:
             raise UserError(
-                "a fine-tuning run's classifier is exported as a timm folder; leave out --format and --role"
+                "a fine-tuning run's classifier is exported as one timm folder: no --format state_dict or "
+                "open_clip, no --role"
             )
         out = export_finetuned(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
     elif objective == Distill.__name__ and opts.format == "timm":
@@ -323,7 +326,15 @@ def print_onnx_report(report: dict[str, Any], console: Console) -> None:
     classifier = "top1" in report
     protocol = report["top1" if classifier else "knn"]
     heading = "top-1 %" if classifier else f"{protocol['k']} top-1 %"
-    table = Table("model", "MB", "batch-1 ms", "batch-64 img/s", heading, title=f"onnxruntime on {report['cpu']}")
+    if "images" in protocol:
+        caption = f"top-1 on {protocol['images']} images of {protocol['val_shards']}"
+    elif "val_shards" in protocol:
+        caption = f"k-NN of {protocol['val_shards']} against {protocol['train_shards']}"
+    else:
+        caption = None
+    table = Table(
+        "model", "MB", "batch-1 ms", "batch-64 img/s", heading, title=f"onnxruntime on {report['cpu']}", caption=caption
+    )
     for row in report["models"].values():
         accuracy = row.get("top1") if classifier else row.get("knn", {}).get(protocol["k"], {}).get("top1")
         speed = f"{row['latency_ms_batch1']:.2f}", f"{row['images_per_s_batch64']:.0f}"

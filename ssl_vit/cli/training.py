@@ -374,7 +374,8 @@ class FineTuneCLI(RunCLI):
         export_dir = None
         if self.config_init[self.subcommand]["export"]:
             out = Path(trainer.default_root_dir) / "export"
-            export_dir = export_classifier(self.model, out, self.datamodule.classes(), results)
+            checkpoint = own_newest_checkpoint(trainer.checkpoint_callback)
+            export_dir = export_classifier(self.model, out, self.datamodule.classes(), results, checkpoint)
         hp = self.model.hparams
         summary = {
             "objective": "fine-tuning",

@@ -381,6 +381,8 @@ class ShardDataset(IterableDataset):
         # is what it lacks, so that it decodes about that many images, not a buffer's worth.
         taken = 0
         for n_pass in itertools.count():
+            if taken == total:  # a reader with no batches this epoch reads nothing
+                return
             order = list(shards)
             random.Random(f"{reader}:{n_pass}").shuffle(order)
             got_any = False

@@ -258,15 +258,16 @@ class Evaluator:
         """The linear probe on the pooled features."""
         num_classes = self.num_classes(train, val)
         batch_size = min(self.probe_batch_size, len(train.labels))
+        steps = len(train.labels) // batch_size
         if self.probe_augment:
-            epoch_batches = self._streamed_batches(encoder, batch_size, self.pooling, augment=True)
+            epoch_batches = self._streamed_batches(encoder, batch_size, self.pooling, True, steps_per_epoch=steps)
         else:
             epoch_batches = cached_feature_batches(train, batch_size, self.seed)
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the training run's RNG
             torch.manual_seed(self.seed)
             head = train_linear_probe(
                 epoch_batches,
-                steps_per_epoch=len(train.labels) // batch_size,
+                steps_per_epoch=steps,
                 dim=train.features.shape[1],
                 num_classes=num_classes,
                 epochs=self.probe_epochs,
@@ -283,6 +284,7 @@ class Evaluator:
         features of the same shards) give the sample counts and the classes."""
         num_classes = self.num_classes(train, val)
         batch_size = min(self.probe_batch_size, len(train.labels))
+        steps = len(train.labels) // batch_size
         kept = train.tokens is not None and val.tokens is not None
         if not self.probe_augment and (kept or self._tokens_fit(encoder, len(train.labels) + len(val.labels))):
             if kept:  # from the pass that gave the pooled features
@@ -293,13 +295,15 @@ class Evaluator:
             epoch_batches = cached_feature_batches(train_tokens, batch_size, self.seed)
             val_batches: Iterable[tuple[Tensor, Tensor]] = feature_chunks(val_tokens)
         else:
-            epoch_batches = self._streamed_batches(encoder, batch_size, "patches", augment=self.probe_augment)
+            epoch_batches = self._streamed_batches(
+                encoder, batch_size, "patches", augment=self.probe_augment, steps_per_epoch=steps
+            )
             val_batches = self._streamed_batches(encoder, batch_size, "patches", split="val")(0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             head = train_attentive_probe(
                 epoch_batches,
-                steps_per_epoch=len(train.labels) // batch_size,
+                steps_per_epoch=steps,
                 dim=encoder.embed_dim,
                 num_heads=encoder.num_heads,
                 num_classes=num_classes,
@@ -345,7 +349,9 @@ class Evaluator:
             n_train = indexes[0].num_samples
             num_classes = len(names)
             batch_size = min(self.probe_batch_size, n_train)
-            streamed = self._streamed_batches(encoder, batch_size, "patches", masks=True)
+            streamed = self._streamed_batches(
+                encoder, batch_size, "patches", masks=True, steps_per_epoch=n_train // batch_size
+            )
 
             def epoch_batches(epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
                 for tokens, maps in streamed(epoch):
@@ -399,12 +405,13 @@ class Evaluator:
         augment: bool = False,
         split: str = "train",
         masks: bool = False,
+        steps_per_epoch: int = 0,
     ) -> Batches:
         """Features computed through the frozen encoder as the probe trains: every epoch a fresh
-        shuffle of the train split, through MAE's linear-probe training view (RandomResizedCrop
-        0.08-1, bicubic, + flip) if ``augment``, else the evaluation view; ``split="val"`` reads
-        the val split once, in order, through the evaluation view. With ``masks`` the labels
-        are the label maps, through the same view."""
+        shuffle of the train split in ``steps_per_epoch`` whole batches, through MAE's
+        linear-probe training view (RandomResizedCrop 0.08-1, bicubic, + flip) if ``augment``,
+        else the evaluation view; ``split="val"`` reads the val split once, in order, through the
+        evaluation view. With ``masks`` the labels are the label maps, through the same view."""
         shards = self.train_shards if split == "train" else self.val_shards
         urls, _ = resolve_shards(shards)
         size = self._image_size(encoder)
@@ -412,12 +419,23 @@ class Evaluator:
 
         def batches(epoch: int):
             if split == "train":
-                dataset = ShardDataset(urls, view, shuffle_buffer=10 * batch_size, seed=self.seed, masks=masks)
+                # Whole batches laid out over the loader's workers, as training reads its data:
+                # each worker's last partial batch dropped (drop_last) left a small folder's
+                # workers with no batch at all, and the probe untrained.
+                dataset = ShardDataset(
+                    urls,
+                    view,
+                    batch_size=batch_size,
+                    batches_per_epoch=steps_per_epoch,
+                    shuffle_buffer=10 * batch_size,
+                    seed=self.seed,
+                    masks=masks,
+                )
                 dataset.epoch = epoch
             else:
                 dataset = ShardDataset(urls, view, shuffle_shards=False, masks=masks)
             loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch_size, num_workers=min(self.num_workers, len(urls)), drop_last=split == "train"
+                dataset, batch_size=batch_size, num_workers=min(self.num_workers, len(urls))
             )
             encoder.eval()
             for images, labels in loader:

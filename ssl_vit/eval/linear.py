@@ -112,6 +112,8 @@ def train_probe_head(
             loss.backward()
             opt.step()
             step += 1
+    if step != total:  # an accuracy of a head trained on fewer batches than counted is not the protocol's
+        raise RuntimeError(f"the probe trained {step} steps of the {total} its schedule counts")
     return head.eval()
 
 
