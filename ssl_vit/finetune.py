@@ -32,6 +32,7 @@ from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
 from ssl_vit.errors import UserError
 from ssl_vit.export import EXPORT_FOLDER, encoder_state_dict, preprocessing_cfg, provenance, write_timm_folder
 from ssl_vit.onnx_export import Deploy, OnnxOptions, prepare_deploy
+from ssl_vit.pictures import shard_class_names
 from ssl_vit.replace import check_replaceable
 from ssl_vit.schedules import PaperRun, scaled_epochs, warmup_cosine
 
@@ -70,8 +71,7 @@ class LabelledShardDataModule(ShardDataModule):
     training then leaves out)."""
 
     def classes(self) -> list[str] | None:
-        _, index = resolve_shards(self.train_shards)
-        return index.classes if index and index.classes else None
+        return shard_class_names(self.train_shards)
 
     def check_labels(self, num_classes: int) -> None:
         """Before any work: both splits labelled, with exactly the classes the model has (a head
@@ -315,10 +315,9 @@ def export_finetuned(
     data = ckpt.get("datamodule_hyper_parameters", {})
     deploy = prepare_deploy(module.model, onnx, data) if onnx else None
     try:
-        _, index = resolve_shards(data["train_shards"])
+        classes = shard_class_names(data["train_shards"])
     except (KeyError, UserError):  # the run's data is not here: the classifier without its class names
-        index = None
-    classes = index.classes if index and index.classes else None
+        classes = None
     summary = ending_summary(Path(checkpoint)) or {}
     results = {k: summary[f"val_{k}"] for k in ("top1", "top5") if summary.get(f"val_{k}") is not None}
     return export_classifier(module, out, classes, results, checkpoint, overwrite, deploy)
