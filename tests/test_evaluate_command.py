@@ -68,6 +68,8 @@ def test_a_checkpoint_and_its_export_score_the_same_and_leave_the_run_records_al
 
     results = [json.loads(path.read_text())["results"] for path in (of_checkpoint, of_export, of_weights)]
     assert results[0] == results[1] == results[2]
+    # the run folder stands for its newest checkpoint: the same evaluation, the same record
+    assert evaluate(capsys, command, run["checkpoint"].parent.parent, run) == of_checkpoint
     assert of_checkpoint.parent == run["checkpoint"].parent and of_checkpoint.name.startswith(f"last.{kind}.eval-")
     assert of_export.parent == run["export"].parent and of_export.name.startswith(f"export.{kind}.eval-")
     assert run["checkpoint"].with_name(f"last.{kind}.json").read_text() == RUN_RECORD
@@ -93,6 +95,26 @@ def test_a_timm_model_at_random_or_from_a_weights_file(capsys, run, command, tmp
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "weights.safetensors"))
     from_file = evaluate(capsys, command, f"timm:{TIMM_NAME}", run, "--weights", "weights.safetensors", *small)
     assert json.loads(from_file.read_text())["results"] == record["results"]
+
+
+def test_features_are_what_the_model_pools_unless_pooling_is_given(capsys, run, tmp_path):
+    """A SimMIM or I-JEPA export, or a fine-tuned classifier, pools the mean of its patch tokens
+    (timm's global_pool avg); its CLS token, if it has one, is untrained."""
+    torch.manual_seed(0)
+    args = {"img_size": 32, "global_pool": "avg"}
+    folder = tmp_path / "model"
+    model = timm.create_model(TIMM_NAME, num_classes=0, **args)
+    timm.models.save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
+    pooled = {}
+    for pooling in (None, "mean", "cls"):
+        given = [] if pooling is None else ["--pooling", pooling]
+        record = json.loads(
+            evaluate(capsys, "knn", folder, run, "--out", str(tmp_path / "records"), *given).read_text()
+        )
+        pooled[pooling] = (record["protocol"]["pooling"], record["results"])
+    assert pooled[None] == pooled["mean"] and pooled["cls"][0] == "cls"
+    record = json.loads(evaluate(capsys, "knn", run["export"], run).read_text())  # MAE's: the CLS token
+    assert record["protocol"]["pooling"] == "cls"
 
 
 @pytest.mark.parametrize("layout", ["one folder", "train and valid"])

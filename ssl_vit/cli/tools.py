@@ -37,7 +37,8 @@ from ssl_vit.data.shards import (
 from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError, counted
 from ssl_vit.eval import Evaluator
-from ssl_vit.eval.encoders import load_evaluated_encoder, standalone_record_stem
+from ssl_vit.eval.encoders import load_evaluated_encoder, own_pooling, resolve_run_folder, standalone_record_stem
+from ssl_vit.eval.features import Pooling
 from ssl_vit.eval.image_text import evaluate_image_text
 from ssl_vit.eval.report import (
     COMMON_SETTINGS,
@@ -76,8 +77,8 @@ def evaluate(command: str, args: list[str]) -> None:
     parser = jsonargparse.ArgumentParser(prog=f"ssl-vit {command}", description=COMMANDS[command], exit_on_error=False)
     parser.add_argument(
         "encoder",
-        help="a .ckpt written by `ssl-vit pretrain`, a folder written by `ssl-vit export` (or any timm local-dir "
-        "folder with model.safetensors), or timm:NAME",
+        help="a .ckpt written by `ssl-vit pretrain`, its run folder (its newest checkpoint), a folder written by "
+        "`ssl-vit export` (or any timm local-dir folder with model.safetensors), or timm:NAME",
     )
     parser.add_argument(
         "--weights",
@@ -96,13 +97,21 @@ def evaluate(command: str, args: list[str]) -> None:
     # Only the options of this command's protocols (the others keep their defaults).
     kinds = {"knn": ["knn"], "probe": ["probe", "attentive"], "segprobe": ["segmentation"]}[command]
     wanted = {
-        "train_shards",  # and --val_shards, optional here (below)
+        "train_shards",  # and --val_shards, --pooling: options of their own (below)
         "cache_dir",
         *COMMON_SETTINGS,
         *(s for k in kinds for s in PROTOCOL_SETTINGS[k]),
     }
-    wanted |= {"head"} if command == "probe" else set()
+    wanted = (wanted | ({"head"} if command == "probe" else set())) - {"pooling"}
     parser.add_class_arguments(Evaluator, skip=set(inspect.signature(Evaluator).parameters) - wanted)
+    if command != "segprobe":
+        parser.add_argument(
+            "--pooling",
+            type=Pooling | None,
+            default=None,
+            help="cls, mean (of the patch tokens) or cls+mean; default: what the model pools (timm's global_pool), "
+            "the mean for SimMIM, I-JEPA and fine-tuned classifiers, else the CLS token",
+        )
     parser.add_argument(
         "--val_shards",
         type=str | None,
@@ -112,12 +121,14 @@ def evaluate(command: str, args: list[str]) -> None:
     )
     cfg = parser.parse_args(args).as_dict()
     cfg["train_shards"], cfg["val_shards"] = evaluation_split(cfg["train_shards"], cfg["val_shards"])
-    source, weights, out = cfg.pop("encoder"), cfg.pop("weights"), cfg.pop("out")
+    source, weights, out = resolve_run_folder(cfg.pop("encoder")), cfg.pop("weights"), cfg.pop("out")
+    pooling = cfg.pop("pooling", None)
     evaluator = Evaluator(**cfg)
     # data without what the command reads stops here, before any loading
     evaluator.check_shards(labels=command != "segprobe", label_maps=command == "segprobe")
     torch.manual_seed(evaluator.seed)  # --weights random: the same initialisation every time
     encoder, info = load_evaluated_encoder(source, weights)
+    evaluator.pooling = pooling or own_pooling(encoder)
     if torch.cuda.is_available():
         encoder = encoder.cuda()
     start = time.perf_counter()
@@ -130,7 +141,8 @@ def evaluate(command: str, args: list[str]) -> None:
         counts = accuracy_counts(train, val)
     seconds = time.perf_counter() - start
     step = f" (step {info['step']})" if info["step"] is not None else ""
-    Console(soft_wrap=True).print(f"{info['method']} encoder of {source}{step}, weights: {info['weights']}")
+    features = "" if command == "segprobe" else f", features: {evaluator.pooling} pooling"
+    Console(soft_wrap=True).print(f"{info['method']} encoder of {source}{step}, weights: {info['weights']}{features}")
     print_results(f"{command} evaluation", results, **counts)
     settings = evaluator.settings()
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings)

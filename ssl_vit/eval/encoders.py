@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from ssl_vit.checkpoint import load_checkpoint_encoder, read_checkpoint
+from ssl_vit.checkpoint import load_checkpoint_encoder, read_checkpoint, run_checkpoint
 from ssl_vit.encoder import TIMM_VITS, EncoderOutput, TimmViT, ViTEncoder, ViTProperties
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
@@ -154,6 +154,23 @@ def timm_encoder(model: nn.Module, image_size: int | None = None) -> FrozenEncod
     return TimmViTEncoder(model) if isinstance(model, TIMM_VITS) else TimmModelEncoder(model, image_size)
 
 
+def resolve_run_folder(source: str) -> str:
+    """``source`` as given, or for a run folder (``runs/photos/simclr``) its newest complete
+    checkpoint, as ``ssl-vit export`` reads one."""
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        return str(run_checkpoint(path))
+    return source
+
+
+def own_pooling(encoder: FrozenEncoder) -> str:
+    """The embedding the encoder's own model pools (timm's ``global_pool``): the mean of the patch
+    tokens for ``avg`` (SimMIM, I-JEPA, a fine-tuned classifier) or without a CLS token, else the
+    CLS token."""
+    vit = getattr(encoder, "vit", None)
+    return "mean" if not encoder.has_class_token or getattr(vit, "global_pool", None) == "avg" else "cls"
+
+
 def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[FrozenEncoder, dict[str, Any]]:
     """The encoder ``source`` names, and a summary of it for the records (method, encoder, step,
     weights).
@@ -177,8 +194,9 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
     if path.is_dir():
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             raise UserError(
-                f"{path} is not a timm model folder (config.json + model.safetensors); pass an ssl-vit .ckpt, "
-                "a folder written by `ssl-vit export`, or timm:NAME"
+                f"{path} is not a timm model folder (config.json + model.safetensors) nor a run folder "
+                "(checkpoints/); pass an ssl-vit .ckpt, its run folder, a folder written by `ssl-vit export`, "
+                "or timm:NAME"
             )
         config = json.loads((path / "config.json").read_text())
         # Other weights in the folder's architecture: not what the folder's run trained, nor at its step.
