@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -14,6 +15,8 @@ from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator, EvalView, FeatureSet, extract_features, knn_classify, load_features, save_features
 from ssl_vit.eval.attentive import AttentiveProbeHead, train_attentive_probe
+from ssl_vit.eval.encoders import TimmViTEncoder
+from ssl_vit.eval.features import pooled_features
 from ssl_vit.eval.linear import cached_feature_batches, feature_chunks, probe_accuracy, train_linear_probe
 from ssl_vit.eval.report import print_results
 from tests.conftest import TINY_ENCODER, png_bytes, random_images
@@ -379,3 +382,17 @@ def test_the_results_table_leaves_out_top5_where_it_cannot_be_below_100(capsys):
     assert "41 images of 3 classes, 2.4 points each" in three and "top-5" not in three
     print_results("k-NN", results, val_images=41, classes=10)
     assert "top-5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fc_norm", [False, True])
+def test_mean_pooling_of_an_average_pooled_timm_vit_is_its_own_embedding(fc_norm):
+    """A SimMIM export (final norm, then the mean) or a fine-tuned classifier (the mean, then
+    fc_norm): `pooling: mean` gives what timm's model(images) gives without its classifier."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, global_pool="avg", fc_norm=fc_norm)
+    with torch.no_grad():  # fc_norm's affine away from its identity start, so that leaving it out shows
+        for p in vit.fc_norm.parameters():
+            p.normal_()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled_features(TimmViTEncoder(vit.eval()), images, "mean"), vit(images))

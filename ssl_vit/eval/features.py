@@ -67,6 +67,8 @@ def pooled_and_patches(
         patches = per_block[-1][0]
     if pooling == "cls":
         return cls, patches
+    if pooling == "mean" and last_blocks == 1 and getattr(getattr(encoder, "vit", None), "global_pool", None) == "avg":
+        return encoder.vit.forward_head(out.tokens, pre_logits=True), patches  # timm's, fc_norm included
     if pooling == "mean":
         return patches.mean(dim=1), patches
     if pooling == "cls+mean":
