@@ -11,7 +11,10 @@ import os
 import pickle
 import random
 import re
+import signal
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -320,10 +323,11 @@ class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, plus what a run needs to survive being stopped: checkpoints
     hold the RNG states (a resumed run draws the same random numbers), and a SIGTERM (a scheduler
     pre-empting the job, a SLURM requeue) saves ``last.ckpt`` after the step in flight, before
-    the process exits. They also hold the seconds the run has taken to reach them, so that a
-    resumed run's :meth:`seconds` counts its earlier sessions too. The final state is saved as
-    soon as training ends, before the end-of-run evaluation and export; a run stopped during
-    those does only them when it is started again (``RunCLI.stop_if_finished``)."""
+    the process exits; so does a first Ctrl-C at a terminal (a second stops at once). They also
+    hold the seconds the run has taken to reach them, so that a resumed run's :meth:`seconds`
+    counts its earlier sessions too. The final state is saved as soon as training ends, before the
+    end-of-run evaluation and export; a run stopped during those does only them when it is started
+    again (``RunCLI.stop_if_finished``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -337,6 +341,32 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._seconds_before, self._session_start = 0.0, time.perf_counter()
+        self.ctrl_c = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._ctrl_c_handler = None
+        # Python's own handler only: a job started in the background ignores Ctrl-C, and stays so.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._ctrl_c_handler = lambda *_: self._stop_after_this_step(trainer)
+            signal.signal(signal.SIGINT, self._ctrl_c_handler)
+
+    def _stop_after_this_step(self, trainer: L.Trainer) -> None:
+        """Ctrl-C: the step in flight ends and is saved, as on SIGTERM (Lightning stops at the step's
+        end, in step on every rank); a KeyboardInterrupt mid-step would leave nothing to save."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if training_over(trainer):  # the end-of-run work: the last step is saved already
+            raise KeyboardInterrupt
+        self.ctrl_c = True
+        trainer._signal_connector.received_sigterm = True  # Lightning's stop-after-the-step flag
+        print("\nCtrl-C: stopping after this step to save it (Ctrl-C again stops at once, unsaved)", file=sys.stderr)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        handler = getattr(self, "_ctrl_c_handler", None)
+        if handler is not None and signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rng": rng_states(), "seconds": self.seconds()}
@@ -401,9 +431,9 @@ class RunCheckpoint(ModelCheckpoint):
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path, weights_only=False)  # the whole state (Lightning logs a line when not told)
-        rank_zero_warn(
-            f"received SIGTERM at step {trainer.global_step}: saved {path}; run the same command again to resume"
-        )
+        exception.signum = signal.SIGINT if self.ctrl_c else signal.SIGTERM  # the command's exit status
+        stopped = "stopped by Ctrl-C" if self.ctrl_c else "received SIGTERM"
+        rank_zero_warn(f"{stopped} at step {trainer.global_step}: saved {path}; run the same command again to resume")
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:

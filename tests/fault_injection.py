@@ -49,17 +49,17 @@ class KillAt(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self.step:
-            if self.signal == "SIGINT":  # as at a terminal: a job started in the background ignores Ctrl-C
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            os.kill(os.getpid(), getattr(signal, self.signal))
+            if self.signal == "SIGINT":  # as a terminal sends Ctrl-C: to the loader workers too
+                os.killpg(os.getpgrp(), signal.SIGINT)
+            else:
+                os.kill(os.getpid(), getattr(signal, self.signal))
 
 
 class InterruptAtEnd(L.Callback):
     """Ctrl-C once the last step is done, as the end-of-run work (evaluation, export) runs."""
 
     def on_train_end(self, trainer: L.Trainer, *args) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (see KillAt)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.killpg(os.getpgrp(), signal.SIGINT)  # as a terminal sends it (see KillAt)
 
 
 class NaNInputAt(L.Callback):
@@ -211,8 +211,10 @@ def recipe(folder: Path, shards: Path, **overrides) -> Path:
     return path
 
 
-def pretrain(folder: Path, *args: str) -> subprocess.CompletedProcess:
-    """``ssl-vit pretrain ARGS`` in a process of its own, for runs that a fault kills or signals."""
+def pretrain(folder: Path, *args: str, terminal: bool = False) -> subprocess.CompletedProcess:
+    """``ssl-vit pretrain ARGS`` in a process of its own, for runs that a fault kills or signals;
+    with ``terminal``, as started at a terminal: a process group of its own (which Ctrl-C
+    signals), Ctrl-C not ignored (as it is for the jobs a shell or CI starts in the background)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run(
         [sys.executable, "-m", "ssl_vit.cli", "pretrain", *args],
@@ -221,6 +223,8 @@ def pretrain(folder: Path, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
         env=env,
+        start_new_session=terminal,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if terminal else None,
     )
 
 
@@ -396,21 +400,27 @@ def case_sigterm(work: Path) -> Outcome:
 
 
 def case_ctrl_c(work: Path) -> Outcome:
-    """Ctrl-C (SIGINT) in epoch 2: Lightning stops; the run says where the same command resumes
-    from, and it does, to the uninterrupted run's end."""
+    """Ctrl-C at a terminal in epoch 2 (to the process and its loader worker): the step in flight
+    ends and is saved, the exit status says so, and the same command resumes from it to the
+    uninterrupted run's parameters. (Before, nothing was saved: the run went back to epoch 1's
+    checkpoint.)"""
     folder, config = new_run(work, "ctrl_c")
-    stopped = pretrain(folder, "--config", config, *fault("KillAt", step=STEPS_PER_EPOCH + 3, signal="SIGINT"))
-    said = "run the same command again to resume from the newest checkpoint" in stopped.stderr
+    at = STEPS_PER_EPOCH + 3
+    stopped = pretrain(folder, "--config", config, *fault("KillAt", step=at, signal="SIGINT"), terminal=True)
+    said = f"stopped by Ctrl-C at step {at}: saved" in stopped.stderr
+    saved_step, _ = last_state(folder)
     again = pretrain_in_this_process(folder, "--config", config)
-    step, _ = last_state(folder)
-    ref_step, _ = uninterrupted(work)
-    resumed = "resuming from" in again.stderr
-    ok = stopped.returncode != 0 and said and again.returncode == 0 and resumed and step == ref_step
+    step, state = last_state(folder)
+    ref_step, ref_state = uninterrupted(work)
+    resumed = f"resuming from {folder / 'run/checkpoints/last.ckpt'}" in again.stderr
+    same = step == ref_step and max_difference(state, ref_state) == 0
+    ok = stopped.returncode == 128 + signal.SIGINT and said and saved_step == at and resumed and same
     return Outcome(
-        f"stop, say how to resume; the same command resumes to step {ref_step}",
-        f"rc {stopped.returncode}, said={said}; resumed={resumed}, rc {again.returncode}, step {step}",
-        ok,
-        "none" if checkpoints_intact(folder) and resumed else "yes",
+        f"save at step {at}, exit 130; the same command resumes from it to step {ref_step}, as uninterrupted",
+        f"rc {stopped.returncode}, said={said}, saved step {saved_step}; resumed={resumed}, rc {again.returncode}, "
+        f"step {step}, parameters as uninterrupted={same}",
+        ok and again.returncode == 0,
+        "none" if saved_step == at and checkpoints_intact(folder) else "yes",
     )
 
 
@@ -422,7 +432,7 @@ def case_ctrl_c_after_the_last_step(work: Path) -> Outcome:
     end_of_run_knn = {"class_path": "ssl_vit.eval.EvaluationCallback", "init_args": {"probes": False}}
     overrides = {"checkpoint.every_n_epochs": None, "checkpoint.every_n_train_steps": 5}
     folder, config = new_run(work, "ctrl_c_at_end", **overrides, **{"trainer.callbacks": [end_of_run_knn]})
-    stopped = pretrain(folder, "--config", config, *fault("InterruptAtEnd"))
+    stopped = pretrain(folder, "--config", config, *fault("InterruptAtEnd"), terminal=True)
     kept, _ = last_state(folder)
     again = pretrain_in_this_process(folder, "--config", config)
     summary_path = folder / "run/summary.json"

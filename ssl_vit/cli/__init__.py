@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         run_command(argv)
-    except SIGTERMException:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
-        sys.exit(128 + signal.SIGTERM)
+    except SIGTERMException as stop:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
+        sys.exit(128 + getattr(stop, "signum", signal.SIGTERM))
     except BrokenPipeError:  # `ssl-vit recipes | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere
         sys.exit(128 + signal.SIGPIPE)

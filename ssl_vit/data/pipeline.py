@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -338,6 +339,8 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         info = get_worker_info()
+        if info is not None:  # Ctrl-C at a terminal is the main process's: it ends its step, which reads this worker
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         role = (worker + self.start_batch) % num_workers
         reader = f"{self.seed}:{self.epoch}:{self.rank}:{role}"
