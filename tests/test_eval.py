@@ -18,7 +18,7 @@ from ssl_vit.eval.attentive import AttentiveProbeHead, train_attentive_probe
 from ssl_vit.eval.encoders import TimmViTEncoder
 from ssl_vit.eval.features import pooled_features
 from ssl_vit.eval.linear import cached_feature_batches, feature_chunks, probe_accuracy, train_linear_probe
-from ssl_vit.eval.report import print_results
+from ssl_vit.eval.report import accuracy_counts, print_results
 from tests.conftest import TINY_ENCODER, png_bytes, random_images
 
 
@@ -382,6 +382,14 @@ def test_the_results_table_leaves_out_top5_where_it_cannot_be_below_100(capsys):
     assert "41 images of 3 classes, 2.4 points each" in three and "top-5" not in three
     print_results("k-NN", results, val_images=41, classes=10)
     assert "top-5" in capsys.readouterr().out
+
+
+def test_the_table_says_when_the_evaluation_images_lack_some_classes(capsys):
+    """A small held-out part may have no image of a small class: the accuracy is of the others."""
+    labels = {"train": torch.tensor([0, 1, 2, 3, 4]), "val": torch.tensor([0, 0, 2, 2, 4])}
+    train, val = (FeatureSet(torch.zeros(5, 2), labels[split]) for split in ("train", "val"))
+    print_results("k-NN", {"knn": {"k=20": {"top1": 60.0, "top5": 100.0}}}, **accuracy_counts(train, val))
+    assert "5 images of 3 of the 5 classes, 20 points each" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fc_norm", [False, True])

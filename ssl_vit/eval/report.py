@@ -73,8 +73,10 @@ def _rows(results: Results) -> dict[str, dict[str, float]]:
 
 def accuracy_counts(train: FeatureSet, val: FeatureSet) -> dict[str, int]:
     """What an evaluation's accuracies count, for :func:`print_results`: the evaluation images and
-    the classes their labels run over (from the features already read, not the folders again)."""
-    return {"val_images": len(val.labels), "classes": int(max(train.labels.max(), val.labels.max())) + 1}
+    the classes their labels run over, and how many of those the evaluation images have (from the
+    features already read, not the folders again)."""
+    classes = int(max(train.labels.max(), val.labels.max())) + 1
+    return {"val_images": len(val.labels), "classes": classes, "val_classes": int(val.labels.unique().numel())}
 
 
 def print_results(
@@ -84,16 +86,20 @@ def print_results(
     baseline_name: str = "random init",
     val_images: int | None = None,
     classes: int | None = None,
+    val_classes: int | None = None,
 ) -> None:
     """One row per image-level protocol: top-1 and top-5 (%), and the baseline's top-1 if known
     (the random initialisation, or the weights a run started from), with how many evaluation
     images and classes they count, if given (no top-5 column for 5 classes or fewer, where it is
-    100 whatever the encoder); the dense probe's mIoU and pixel accuracy in a second table."""
+    100 whatever the encoder; ``val_classes``: how many of the classes the images have, when not
+    all); the dense probe's mIoU and pixel accuracy in a second table."""
     console = Console()
     rows = _rows(results)
     if rows:
         # On a small held-out part a difference of a point or two may be one image.
         of_classes = f" of {counted(classes, 'class', 'classes')}" if classes else ""
+        if classes and val_classes is not None and val_classes < classes:
+            of_classes = f" of {val_classes} of the {classes} classes"
         caption = f"{val_images} images{of_classes}, {100 / val_images:.2g} points each" if val_images else None
         top5 = not classes or classes > 5
         table = Table(title=title, caption=caption, min_width=max(len(title), len(caption or "")))  # each on one line
