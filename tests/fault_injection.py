@@ -721,15 +721,24 @@ def case_moved_run_folder_with_brackets(work: Path) -> Outcome:
 
 def case_another_runs_checkpoints(work: Path) -> Outcome:
     """A new run folder (--trainer.default_root_dir) with a recipe whose checkpoint.dirpath points at
-    another run's checkpoints: never restored, one line, nothing written."""
+    another run's checkpoints, or given another run's checkpoint by --ckpt_path: never restored,
+    one line, nothing written. (With --ckpt_path, the new run reported the other run's baseline
+    and wrote an export of its weights recording training on its own data.)"""
     folder, config, files = copy_of_uninterrupted(work, "another_run")
     result = pretrain_in_this_process(folder, "--config", config, f"--trainer.default_root_dir={folder / 'new-run'}")
     message = last_line(result.stderr)
     ok = result.returncode == 2 and "not this run's to resume" in message and "Restored" not in result.stderr
     ok = ok and untouched(files) and not (folder / "new-run").exists()
+    new_run = [f"--trainer.default_root_dir={folder / 'new-run2'}", f"--checkpoint.dirpath={folder / 'new-run2/ckpts'}"]
+    given = pretrain_in_this_process(
+        folder, "--config", config, *new_run, f"--ckpt_path={folder / 'run/checkpoints/last.ckpt'}"
+    )
+    given_message = last_line(given.stderr)
+    ok = ok and given.returncode == 2 and "cannot be resumed by this run: it was written by the run in" in given_message
+    ok = ok and "Restored" not in given.stderr and untouched(files) and not (folder / "new-run2").exists()
     return Outcome(
-        "refuse in one line, restore nothing",
-        f"rc {result.returncode}: {message[:90]}",
+        "refuse in one line, restore nothing, for its checkpoint folder and for --ckpt_path",
+        f"rc {result.returncode}: {message[:90]}; --ckpt_path: rc {given.returncode}: {given_message[:90]}",
         ok,
         "none" if untouched(files) else "yes",
     )

@@ -148,15 +148,26 @@ class RunCLI(LightningCLI):
             for path in remove_dead_writers_files(ckpt_dir):
                 Console(stderr=True, soft_wrap=True).print(f"removed {path}, left by a checkpoint writer that died")
         config = self.config_init[self.subcommand]
-        hparams = self.model.hparams
-        run = {"objective": type(self.model).__name__, "encoder": dict(hparams.get("encoder") or {})}
+        hparams, data = self.model.hparams, self.datamodule.hparams
+        # A run continues only itself: another run's checkpoint, or this one's on other data, would
+        # report that run's baseline and steps as this one's (its weights start a run by init_from).
+        run = {
+            "objective": type(self.model).__name__,
+            "encoder": dict(hparams.get("encoder") or {}),
+            "train_shards": data.get("train_shards"),
+            "init_from": hparams.get("init_from"),
+            "folder": root,
+        }
         if config["ckpt_path"] is None:
             config["ckpt_path"] = self.checkpoint_to_resume(config["auto_resume"], ckpt_dir, root, run)
         elif Path(config["ckpt_path"]).is_file():  # not Lightning's "last" / "hpc" names
             path = Path(config["ckpt_path"])
             problem = checkpoint_problem(path) or resume_mismatch(path, read_checkpoint(path, mmap=True), run)
             if problem:
-                raise UserError(f"--ckpt_path {path} cannot be resumed by this run: {problem}")
+                raise UserError(
+                    f"--ckpt_path {path} cannot be resumed by this run: {problem}; to start from its weights "
+                    "instead, give it as the model's init_from"
+                )
         resumes = bool(config["ckpt_path"]) and Path(config["ckpt_path"]).is_file()
         if resumes and self.stop_if_finished(Path(config["ckpt_path"]), root) == "end only":
             # Restored at its limit, Lightning would skip the training loop and, with it, the
@@ -226,8 +237,6 @@ class RunCLI(LightningCLI):
         newest = newest_complete_checkpoint(*places)
         if newest is None:
             raise UserError(f"none of the checkpoints in {ckpt_dir} is complete (see the warnings above); {fresh}")
-        hparams, data = self.model.hparams, self.datamodule.hparams
-        run = {**run, "train_shards": data.get("train_shards"), "init_from": hparams.get("init_from"), "folder": root}
         problem = resume_mismatch(newest, read_checkpoint(newest, mmap=True), run)
         if problem:
             raise UserError(f"{newest} is not this run's to resume: {problem}; {fresh}")
