@@ -53,8 +53,9 @@ class OutputKind:
 
 def check_replaceable(out: str | Path, kind: OutputKind, overwrite: bool, reads: Iterable[str | Path] = ()) -> None:
     """Raise a ``UserError`` unless ``out`` may be written: it does not exist, or is an empty
-    folder where ``kind`` is a folder, or (with ``overwrite``) is an output of ``kind``; and it is
-    neither the current folder, nor one above it, nor the same as or above a path in ``reads``."""
+    folder where ``kind`` is a folder, or (with ``overwrite``) is an output of ``kind`` and, if it
+    is in a run folder (beside ``checkpoints/``), of a run ``reads`` is in; and it is neither the
+    current folder, nor one above it, nor the same as or above a path in ``reads``."""
     target = Path(os.path.abspath(out))
     real, here = target.resolve(), Path.cwd().resolve()
     if real == here or real in here.parents:
@@ -65,6 +66,12 @@ def check_replaceable(out: str | Path, kind: OutputKind, overwrite: bool, reads:
             raise UserError(f"{out} {relation} {source}, which this command reads; write the output somewhere else")
     if not os.path.lexists(target):
         return
+    run = real.parent
+    if (run / "checkpoints").is_dir() and not any(run in source.resolve().parents for source in map(Path, reads)):
+        raise UserError(
+            f"{out} is an output of the run in {run} (beside its checkpoints/), which that run's summary and "
+            "records name; only a command reading that run's checkpoints replaces it: write to another path"
+        )
     reason = kind.foreign(target)
     empty_folder = target.is_dir() and not any(target.iterdir())
     if reason and (overwrite or empty_folder):

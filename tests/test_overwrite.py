@@ -196,6 +196,21 @@ def test_overwrite_replaces_an_export_with_a_new_one(tmp_path, run):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.safetensors", "export", "run"]
 
 
+def test_a_runs_own_export_is_replaced_only_from_that_runs_checkpoints(tmp_path, run, checkpoint_bytes):
+    """Another run's export, which its summary and records name, is not an export to replace with
+    this one's weights; the run's own checkpoints re-export it."""
+    own = export_encoder(run / "checkpoints/last.ckpt", run / "export")
+    other = tmp_path / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "last.ckpt").write_bytes(checkpoint_bytes)
+    before = snapshot(run)
+    with pytest.raises(UserError, match=f"is an output of the run in {run}"):
+        export_encoder(other / "last.ckpt", own, overwrite=True)
+    assert snapshot(run) == before
+    export_encoder(run / "checkpoints/epoch=0000.ckpt", own, overwrite=True)
+    assert json.loads((own / "config.json").read_text())["ssl_vit"]["checkpoint"].endswith("epoch=0000.ckpt")
+
+
 def test_exports_and_records_get_the_permissions_of_any_new_file_of_the_user(tmp_path, run):
     # safetensors and mkstemp write files only their owner can read; an export is often shared
     old_mask = os.umask(0o022)
