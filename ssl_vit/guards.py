@@ -304,8 +304,9 @@ class CollapseWatch:
     between healthy ones may have lasted one step or all the steps between them (the checks can
     be far apart), so it is not counted as if it had lasted."""
 
-    def __init__(self, threshold: float = 0.05) -> None:
+    def __init__(self, threshold: float = 0.05, before_training: int | None = None) -> None:
         self.threshold = threshold
+        self.before_training = before_training  # a check at this step sees the model before any step: counts none
         self.collapsed_steps = 0  # steps spent collapsed, counted between checks that both saw it
         self.since: int | None = None  # the step the current collapse began
         self.last_check: int | None = None
@@ -319,7 +320,7 @@ class CollapseWatch:
             self.since = None
             return False
         if self.since is None:
-            self.collapsed_steps += 1
+            self.collapsed_steps += step != self.before_training
             self.since = self.last_warning = step
             return True
         self.collapsed_steps += max(1, elapsed)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ssl_vit.errors import counted
 from ssl_vit.guards import BEFORE_ANY_UPDATE, CollapseWatch
 from ssl_vit.pictures import held_images, line_chart, save_picture
 
@@ -49,6 +50,11 @@ def teacher_health(teacher_probs: Tensor) -> tuple[float, float]:
     p = teacher_probs.detach().float()
     entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1).mean().item()
     return entropy / math.log(p.shape[1]), p.argmax(dim=1).unique().numel() / p.shape[1]
+
+
+#: Fewer held images than this cannot tell a collapse (RankMe below 2) from a healthy
+#: representation, whose RankMe on n images is at most n.
+MIN_HELD_IMAGES = 8
 
 
 class HealthCallback(L.Callback):
@@ -87,7 +93,7 @@ class HealthCallback(L.Callback):
         self.min_rankme = min_rankme
         self.images: Tensor | None = None
         self.history: dict[str, list[tuple[int, float]]] = {}
-        self.watch = CollapseWatch()
+        self.watch = CollapseWatch(before_training=0)  # the check at step 0 comes before the first step
         self.next_check = 0
         self._step_seconds: list[float] = []  # the optimiser steps' wall times since the last check
         self._step_start = 0.0
@@ -96,7 +102,16 @@ class HealthCallback(L.Callback):
         if self.images is not None:
             return
         size = pl_module.evaluated_encoder.image_size
-        self.images = held_images(self.shards or trainer.datamodule.evaluation_data()[1], size, self.num_images)
+        shards = self.shards or trainer.datamodule.evaluation_data()[1]
+        self.images = held_images(shards, size, self.num_images)
+        held = 0 if self.images is None else len(self.images)
+        if held < min(self.num_images, MIN_HELD_IMAGES):
+            rank_zero_warn(
+                f"the health checks are skipped: {shards} has {counted(held, 'image')}, and RankMe, at most the "
+                f"number of images, tells a collapse from a healthy representation on {MIN_HELD_IMAGES} or more "
+                "(add images, or give a val folder beside a train folder)"
+            )
+            self.images = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:

@@ -307,7 +307,10 @@ def pca_2d(features: Tensor) -> tuple[Tensor, list[float]]:
     centred = features.float() - features.float().mean(dim=0)
     _, singular, v = torch.linalg.svd(centred, full_matrices=False)
     variance = singular**2 / (singular**2).sum().clamp_min(1e-12)
-    return centred @ v[:2].T, variance[:2].tolist()
+    points, variance = centred @ v[:2].T, variance[:2].tolist()
+    # A single image (or one feature) has fewer than two components: the missing ones are 0.
+    points = torch.nn.functional.pad(points, (0, 2 - points.shape[1]))
+    return points, variance + [0.0] * (2 - len(variance))
 
 
 def shard_class_names(shards: str) -> list[str] | None:

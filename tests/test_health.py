@@ -91,4 +91,14 @@ def test_a_collapsed_representation_is_reported_with_its_step(tmp_path, numbered
     health = HealthCallback(shards=str(shards), num_images=16, every_n_steps=1)
     with pytest.warns(UserWarning, match=r"representation has collapsed at step 0 .*RankMe"):
         fit_briefly(method, view, steps=2, callbacks=[health], default_root_dir=str(tmp_path))
-    assert health.watch.collapsed_steps >= 2
+    assert health.watch.collapsed_steps == 2  # steps 1 and 2: the check at step 0 comes before any step
+
+
+def test_too_few_held_images_skip_the_health_checks_with_a_warning(tmp_path, numbered_shards):
+    """RankMe is at most the number of images: on one held-out image every encoder reads as collapsed."""
+    shards, _ = numbered_shards
+    factory, view = OBJECTIVES["mae"]
+    health = HealthCallback(shards=f"{shards}/shard-000000.tar", every_n_steps=1)  # fewer than 8 images
+    with pytest.warns(UserWarning, match=r"health checks are skipped: .* has \d image"):
+        fit_briefly(factory(), view, steps=2, callbacks=[health], default_root_dir=str(tmp_path))
+    assert health.history == {} and health.watch.collapsed_steps == 0

@@ -151,6 +151,12 @@ def test_the_embedding_map_has_a_class_legend_and_labelled_axes():
     assert [t.get_text() for t in unnamed.get_legend().get_texts()] == ["unlabelled", "class 0", "class 1"]
 
 
+def test_the_embedding_map_of_one_image_is_drawn():
+    """A small folder's held-out tenth can be one image (its PCA has one component)."""
+    (axes,) = embedding_picture(torch.randn(1, 16), torch.tensor([0]), "PCA").axes
+    assert axes.get_ylabel() == "principal component 2 (0% of variance)"
+
+
 def test_class_names_come_from_the_shards_index(numbered_shards):
     shards, _ = numbered_shards
     assert shard_class_names(str(shards)) == [str(i) for i in range(40)]
