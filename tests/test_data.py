@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from ssl_vit.data import ShardDataset, ShardIndex, image_folder_samples, resolve_shards, write_shards
 from ssl_vit.data.embedded import DATASETS, embedded_samples
+from ssl_vit.data.shards import image_files
 from ssl_vit.errors import UserError
 from tests.conftest import png_bytes, random_images
 
@@ -70,6 +71,17 @@ def test_a_messy_folder_reads_every_image_format_and_says_what_it_leaves_out(tmp
     assert sorted(label for _, label in got) == [0, 0, 0, 1, 1, 1]
     pixels = {np.asarray(img).tobytes() for img, _ in got}
     assert all(images[i].tobytes() in pixels for i in (0, 1, 2, 5))  # lossless formats come back exactly
+
+
+def test_one_sub_folder_beside_loose_images_is_no_class_layout_every_image_is_read(tmp_path: Path):
+    """A folder of photos with one sub-folder (``2023/``) in it: an unlabelled folder, not one class
+    of three images with the rest left out."""
+    for i, img in enumerate(random_images(5, seed=4)):
+        folder = tmp_path / "garden" / ("2023/summer" if i < 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    classes, files = image_files(tmp_path / "garden")
+    assert classes == [] and len(files) == 5 and {label for _, label in files} == {None}
 
 
 def test_a_broken_image_file_is_named_by_its_path_once_per_run(tmp_path: Path, caplog):

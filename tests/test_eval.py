@@ -15,6 +15,7 @@ from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator, EvalView, FeatureSet, extract_features, knn_classify, load_features, save_features
 from ssl_vit.eval.attentive import AttentiveProbeHead, train_attentive_probe
+from ssl_vit.eval.compare import headline_accuracy
 from ssl_vit.eval.encoders import TimmViTEncoder
 from ssl_vit.eval.features import pooled_features
 from ssl_vit.eval.linear import cached_feature_batches, feature_chunks, probe_accuracy, train_linear_probe
@@ -390,6 +391,8 @@ def test_the_table_says_when_the_evaluation_images_lack_some_classes(capsys):
     train, val = (FeatureSet(torch.zeros(5, 2), labels[split]) for split in ("train", "val"))
     print_results("k-NN", {"knn": {"k=20": {"top1": 60.0, "top5": 100.0}}}, **accuracy_counts(train, val))
     assert "5 images of 3 of the 5 classes, 20 points each" in capsys.readouterr().out
+    print_results("k-NN", {"knn": {"k=10": {"top1": 0.0, "top5": 100.0}}}, val_images=1, classes=2, val_classes=1)
+    assert "1 image of 1 of the 2 classes, 100 points each" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fc_norm", [False, True])
@@ -404,3 +407,9 @@ def test_mean_pooling_of_an_average_pooled_timm_vit_is_its_own_embedding(fc_norm
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(pooled_features(TimmViTEncoder(vit.eval()), images, "mean"), vit(images))
+
+
+def test_a_knn_without_k20_is_not_reported_as_k20():
+    """Fewer than 20 training images measure k=10 only: no k=20 number comes of it."""
+    assert headline_accuracy({"knn": {"k=10": {"top1": 50.0, "top5": 100.0}}})["knn_k20_top1"] is None
+    assert headline_accuracy({"knn": {"k=20": {"top1": 50.0, "top5": 100.0}}})["knn_k20_top1"] == 50.0

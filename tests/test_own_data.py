@@ -28,7 +28,7 @@ from ssl_vit.data.shards import (
     write_shards,
 )
 from ssl_vit.errors import UserError
-from ssl_vit.eval import Evaluator
+from ssl_vit.eval import Evaluator, EvalView
 from ssl_vit.finetune import FineTune, FineTuneView, LabelledShardDataModule
 
 from .conftest import random_images
@@ -414,6 +414,15 @@ def test_a_folder_smaller_than_one_batch_stops_before_the_run_with_the_batch_to_
         f"--data.batch_size {index.num_samples} or less" in result.stderr
     )
     assert not (user_folder / "runs/few").exists()  # stopped before the trainer wrote anything
+
+
+@pytest.mark.parametrize(("samples", "fix"), [(3, "set --data.batch_size 3 or less"), (1, "; add images")])
+def test_the_batch_a_small_folder_is_told_to_use_is_one_it_can_train_with(samples, fix):
+    """A batch of one is never advised: BatchNorm heads refuse it, and a contrastive loss has no pair."""
+    data = ShardDataModule(train_shards="photos", view=EvalView(32), batch_size=128, samples_per_epoch=samples)
+    with pytest.raises(UserError, match=re.escape(fix)) as refused:
+        data.batches_per_epoch(None, world_size=1)
+    assert "--data.batch_size 1 " not in str(refused.value) and "1 samples" not in str(refused.value)
 
 
 def test_the_python_example_runs_as_written(user_folder, monkeypatch, capsys):

@@ -781,12 +781,13 @@ class ShardDataModule(L.LightningDataModule):
             raise UserError(f"the number of samples in {self.train_shards!r} is unknown; set data.samples_per_epoch")
         batches = total // (self.batch_size * world_size)
         if batches == 0:
-            fix = "add images or use fewer devices"
-            if total >= world_size:
+            # A batch of one is never advised: BatchNorm heads and contrastive losses need two or more.
+            fix = "add images" + (" or use fewer devices" if world_size > 1 else "")
+            if total // world_size >= 2:
                 fix = f"set --data.batch_size {total // world_size} or less, or add images"
             raise UserError(
-                f"{total} samples per epoch are fewer than one global batch ({self.batch_size} x {world_size} "
-                f"devices); {fix}"
+                f"{counted(total, 'sample')} per epoch {'is' if total == 1 else 'are'} fewer than one global batch "
+                f"({self.batch_size} x {world_size} devices); {fix}"
             )
         return batches
 

@@ -134,10 +134,11 @@ class NoImages(UserError):
 
 def image_files(root: Path) -> tuple[list[str], list[tuple[str, int | None]]]:
     """Class names and the image files (paths relative to ``root``, with their class index) of an
-    ImageFolder tree, one sub-folder per class; a folder without sub-folders is unlabelled (no
-    classes, label None). A sub-folder without images is not a class; what is left out is said once,
-    in one line. A run resolves its folders many times (training, evaluation, pictures): the
-    listing is walked each time, and classified again only when it changed."""
+    ImageFolder tree, one sub-folder per class; a folder without sub-folders, or with one beside
+    images of its own, is unlabelled (no classes, label None; every image under it is read). A
+    sub-folder without images is not a class; what is left out is said once, in one line. A run
+    resolves its folders many times (training, evaluation, pictures): the listing is walked each
+    time, and classified again only when it changed."""
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
     listing = _files_under(root)
@@ -164,6 +165,9 @@ def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str
             f"{root} holds the folders {' and '.join(splits)}, a dataset's splits, not its classes; give "
             f"{root / 'train'} as the data (a val folder beside it is what runs evaluate on)"
         )
+    beside = [path for path in images if "/" not in path]
+    if len(classes) == 1 and beside:  # one sub-folder among loose images is no class layout: read them all
+        classes = []
     label = {name: i for i, name in enumerate(classes)}
     if classes:  # images beside the class folders belong to no class
         files = [(path, label[path.split("/", 1)[0]]) for path in images if "/" in path]

@@ -35,11 +35,11 @@ SPEED_COLUMNS = {
 
 
 def headline_accuracy(results: Results | None) -> dict[str, float | None]:
-    """The top-1 of k-NN (k=20, else the first k), of the linear and attentive probes, and the dense
+    """The top-1 of k-NN (k=20; None with fewer training images), of the linear and attentive probes, and the dense
     probe's mIoU, as ``run_summary`` reports a pretraining run's; None for what did not run."""
     results = results or {}
     knn = results.get("knn", {})
-    knn_acc = knn.get("k=20", next(iter(knn.values()), {}))
+    knn_acc = knn.get("k=20", {})
     return {
         "knn_k20_top1": knn_acc.get("top1"),
         "probe_top1": results.get("probe", {}).get("top1"),

@@ -100,7 +100,8 @@ def print_results(
         of_classes = f" of {counted(classes, 'class', 'classes')}" if classes else ""
         if classes and val_classes is not None and val_classes < classes:
             of_classes = f" of {val_classes} of the {classes} classes"
-        caption = f"{val_images} images{of_classes}, {100 / val_images:.2g} points each" if val_images else None
+        points = f"{100 / val_images:.2g}" if val_images and val_images > 1 else "100"
+        caption = f"{counted(val_images, 'image')}{of_classes}, {points} points each" if val_images else None
         top5 = not classes or classes > 5
         table = Table(title=title, caption=caption, min_width=max(len(title), len(caption or "")))  # each on one line
         columns = [
