@@ -504,12 +504,14 @@ def load_checkpoint_encoder(path: str | Path, role: str | None = None) -> tuple[
 
 def checkpoint_encoder(ckpt: dict[str, Any], path: str | Path, role: str | None = None) -> tuple[ViTEncoder, str]:
     """Build a read checkpoint's encoder from its settings and load one of its encoders' weights."""
-    if objective_name(ckpt) == FINE_TUNING:
+    trained = {FINE_TUNING: ("a fine-tuning", "the classifier"), DISTILLATION: ("a distillation", "the student")}
+    if objective_name(ckpt) in trained:  # a timm model of its own, not an ssl-vit ViT encoder
         run = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else Path(path).parent
+        kind, model = trained[objective_name(ckpt)]
         raise UserError(
-            f"{path} is a fine-tuning run's checkpoint, not a pretraining run's: the classifier it trained is the "
-            f'timm folder the run exported, {run / "export"} (timm.create_model("local-dir:{run / "export"}", '
-            "pretrained=True) loads it, head and label names included)"
+            f"{path} is {kind} run's checkpoint, not a pretraining run's: {model} it trained is the timm folder "
+            f"the run exported, {run / 'export'}, which ssl-vit knn and "
+            f'timm.create_model("local-dir:{run / "export"}", pretrained=True) load'
         )
     encoder = ViTEncoder(**ckpt["hyper_parameters"]["encoder"])
     weights, role = encoder_weights(ckpt, path, role)
@@ -533,6 +535,7 @@ def ending_summary(checkpoint: Path) -> dict[str, Any] | None:
 
 #: What ``objective_name`` calls a checkpoint of ``ssl-vit finetune``.
 FINE_TUNING = "FineTune"
+DISTILLATION = "Distill"
 
 
 def objective_name(ckpt: dict[str, Any]) -> str:

@@ -202,6 +202,11 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     images = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(exported.eval()(images).cls, student.encoder.eval()(images).cls)
 
+    # k-NN given the run's checkpoint names the student's folder (it read the CNN as a ViT encoder)
+    knn = in_this_process(tmp_path, "knn", str(run / "checkpoints/last.ckpt"), "--train_shards", str(shards))
+    assert knn.returncode == 2 and "is a distillation run's checkpoint" in knn.stderr
+    assert f"local-dir:{run / 'export'}" in " ".join(knn.stderr.split())
+
     # `ssl-vit export RUN` writes the same student (a CNN, not the teacher's ViT), here with its ONNX model.
     standalone = in_this_process(tmp_path, "export", str(run), "again", "--onnx")
     assert standalone.returncode == 0, standalone.stderr[-3000:]
