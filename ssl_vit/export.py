@@ -189,10 +189,12 @@ def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None
     return encoder.vit
 
 
-def encoder_state_dict(path: str | Path, vit: TimmViT) -> dict[str, torch.Tensor]:
+def encoder_state_dict(path: str | Path, vit: TimmViT, resample_patches: bool = True) -> dict[str, torch.Tensor]:
     """timm-keyed encoder weights from an export folder, a timm ``local-dir`` folder, a
-    ``.safetensors`` / ``.pth`` state dict or an ssl-vit checkpoint, with position embeddings (and
-    patch embeddings) resampled to ``vit``'s image and patch grid."""
+    ``.safetensors`` / ``.pth`` state dict or an ssl-vit checkpoint, with position embeddings
+    resampled to ``vit``'s image grid, and patch embeddings to its patch size (FlexiViT's
+    resampling: a start for training; ``resample_patches=False`` refuses weights of another patch
+    size instead, for evaluating the weights as they are)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
@@ -212,6 +214,12 @@ def encoder_state_dict(path: str | Path, vit: TimmViT) -> dict[str, torch.Tensor
     else:
         raise UserError(f"encoder weights {path} do not exist")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    theirs, ours = state.get("patch_embed.proj.weight"), vit.patch_embed.proj.weight
+    if not resample_patches and theirs is not None and theirs.shape[-2:] != ours.shape[-2:]:
+        raise UserError(
+            f"{path} holds weights of {theirs.shape[-1]}-px patches, this architecture has {ours.shape[-1]}-px: "
+            "evaluate them in an architecture of their own (their export folder or checkpoint)"
+        )
     # timm's own filters: they also read the official DINOv2 / DINOv3 checkpoints' keys
     return (eva if isinstance(vit, eva.Eva) else vision_transformer).checkpoint_filter_fn(state, vit)
 

@@ -117,6 +117,19 @@ def test_features_are_what_the_model_pools_unless_pooling_is_given(capsys, run, 
     assert record["protocol"]["pooling"] == "cls"
 
 
+def test_weights_of_another_patch_size_are_refused_not_resampled(capsys, run, tmp_path, monkeypatch):
+    """Evaluating weights in an architecture of other patches would score a model nobody trained."""
+    monkeypatch.chdir(tmp_path)  # where a timm model's records would go
+    eight_px = timm.create_model(TIMM_NAME, patch_size=8, img_size=32, num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in eight_px.items()}, str(tmp_path / "eight.safetensors"))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate(capsys, "knn", f"timm:{TIMM_NAME}", run, "--weights", str(tmp_path / "eight.safetensors"))
+    error = capsys.readouterr().err.strip()
+    assert (
+        exit_.value.code == 2 and len(error.splitlines()) == 1 and "-px patches, this architecture has 16-px" in error
+    )
+
+
 @pytest.mark.parametrize("layout", ["one folder", "train and valid"])
 def test_without_val_shards_a_command_reads_the_data_as_a_run_does(capsys, run, tmp_path, layout):
     """`ssl-vit knn EXPORT --train_shards photos`: the held-out tenth of photos against the rest,

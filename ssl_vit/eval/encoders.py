@@ -244,7 +244,7 @@ def _with_weights(encoder: FrozenEncoder, weights: str | None, source: str) -> F
             "pass the folder `ssl-vit distill` exported instead"
         )
     try:
-        encoder.vit.load_state_dict(encoder_state_dict(weights, encoder.vit))
+        encoder.vit.load_state_dict(encoder_state_dict(weights, encoder.vit, resample_patches=False))
     except RuntimeError as err:
         raise UserError(
             f"--weights {weights} do not fit {source}'s architecture: {str(err).splitlines()[-1].strip()}"
