@@ -141,8 +141,15 @@ def evaluate(command: str, args: list[str]) -> None:
         counts = accuracy_counts(train, val)
     seconds = time.perf_counter() - start
     step = f" (step {info['step']})" if info["step"] is not None else ""
-    features = "" if command == "segprobe" else f", features: {evaluator.pooling} pooling"
-    Console(soft_wrap=True).print(f"{info['method']} encoder of {source}{step}, weights: {info['weights']}{features}")
+    # What the numbers are of: the features and the data (the same table can come of other settings).
+    size = f"{evaluator.image_size or encoder.image_size}-px images"
+    blocks = f" of the last {evaluator.last_blocks} blocks" if evaluator.last_blocks > 1 else ""
+    features = size if command == "segprobe" else f"{evaluator.pooling} pooling{blocks}, {size}"
+    learnt = {"knn": "neighbours from", "probe": "probes trained on", "segprobe": "probe trained on"}[command]
+    data = f"scored on {evaluator.val_shards}, {learnt} {evaluator.train_shards}"
+    Console(soft_wrap=True).print(
+        f"{info['method']} encoder of {source}{step}, weights: {info['weights']}; {features}; {data}"
+    )
     print_results(f"{command} evaluation", results, **counts)
     settings = evaluator.settings()
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings)
