@@ -312,6 +312,7 @@ class ShardDataset(IterableDataset):
         self.uncaptioned = mp.Value("l", 0)  # samples an image-text objective leaves out: they are not pairs
         self.truncated = mp.Value("l", 0)
         self.skips_logged = mp.Value("l", 0)  # shared by the workers
+        self._last_summary: str | None = None  # the epoch line as last said: the same again is not a warning
         self._shard: Shard | None = None  # the shard being read, and whether it failed
         self._shard_failed = False
         self._ignored: set[str] = set()
@@ -508,14 +509,17 @@ class ShardDataset(IterableDataset):
 
     def log_epoch_summary(self) -> None:
         skipped, read, cut = self.skipped.value, self.read.value, self.truncated.value
-        report = log.warning if skipped or cut else log.info
         captions = f", cut {cut} captions to the text context" if self.captions else ""
         if self.uncaptioned.value:
             captions = f", left out {self.uncaptioned.value} without a caption{captions}"
         again = self.read_again.value
         # one reader short of its batches reads some of its samples again; say so, with the count apart
         topped_up = f"; read {again} of them again to fill the epoch's batches" if again else ""
-        report("epoch %d: read %d samples, skipped %d unreadable%s%s", self.epoch, read, skipped, captions, topped_up)
+        summary = f"read {read} samples, {skipped} of them unreadable{captions}{topped_up}"
+        # A warning when there is something to see, once: every epoch of a run over the same data says the same.
+        report = log.warning if (skipped or cut) and summary != self._last_summary else log.info
+        self._last_summary = summary
+        report("epoch %d: %s", self.epoch, summary)
 
 
 def captioned_only(urls: list[Shard], index: ShardIndex | None) -> tuple[list[Shard], ShardIndex | None]:
