@@ -386,6 +386,9 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
         if args == commands[0]:  # nothing to warn of on a labelled folder (it has no label maps: a line says so)
             assert "warning" not in result.stderr.lower(), result.stderr
             assert "the dense probe is skipped: photos#heldout has no label maps (seg.png)" in result.stderr
+            _, held = resolve_shards(str(user_folder / "photos#heldout"))  # the line that says what is read
+            said = f"data: {150 - held.num_samples} images of photos#train in 3 classes for training; "
+            assert f"{said}{held.num_samples} of photos#heldout for evaluation" in result.stderr
     run_folder = user_folder / "runs/photos/simclr"
     assert {"checkpoints", "export", "pictures", "summary.json"} <= {p.name for p in run_folder.iterdir()}
     assert json.loads((run_folder / "summary.json").read_text())["knn_k20_top1"] is not None

@@ -774,6 +774,24 @@ class ShardDataModule(L.LightningDataModule):
         """The shards evaluation reads as (train, val) (:func:`evaluation_split`)."""
         return evaluation_split(self.train_shards, self.val_shards, val_to_come=bool(self.embedded_to_write()))
 
+    def describe(self) -> str | None:
+        """What the run reads, in a line a user checks against their folder: the training images
+        and classes, and the evaluation images (None for data still to be written)."""
+        if self.embedded_to_write():
+            return None
+        train, val = self.evaluation_data()
+        _, index = resolve_shards(self.training_shards())
+        if index is None:  # remote shards without an index: their count is not known before reading
+            return None
+        classes = f" in {counted(len(index.classes), 'class', 'classes')}" if index.classes else ", no class labels"
+        try:
+            _, held = resolve_shards(val)
+        except UserError:  # no evaluation data: what the evaluation callback says in its own line
+            held = None
+        evaluated = f"; {held.num_samples:,} of {val} for evaluation" if held is not None else ""
+        images = f"{index.num_samples:,} image{'' if index.num_samples == 1 else 's'}"
+        return f"{images} of {train}{classes} for training{evaluated}"
+
     def training_shards(self) -> str:
         """What training reads: ``train_shards``, less the held-out part when evaluation reads it."""
         return self.evaluation_data()[0]
