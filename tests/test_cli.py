@@ -63,7 +63,7 @@ def test_unknown_recipe_key_stops_before_any_work(tmp_path, where):
     else:
         result = in_this_process(tmp_path, "pretrain", "--config", str(RECIPE), "--data.batch_sise=3")
     assert result.returncode == 2
-    assert "unknown recipe key 'data.batch_sise'" in result.stderr
+    assert "unknown recipe key 'data.batch_sise'; did you mean 'data.batch_size'?" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
@@ -74,6 +74,8 @@ def test_a_recipe_path_outside_the_checkout_names_the_shipped_recipe(tmp_path):
     assert f"the shipped one is {ROOT / 'recipes/quickstart/simclr.yaml'}" in result.stderr
     result = in_this_process(tmp_path, "pretrain", "--config", "mine.yaml")
     assert result.returncode == 2 and "mine.yaml does not exist; `ssl-vit recipes` lists" in result.stderr
+    result = in_this_process(tmp_path, "pretrain", "--config", "simclr.yaml")  # a shipped recipe's name alone
+    assert f"did you mean {ROOT / 'recipes/quickstart/simclr.yaml'}?" in result.stderr
 
 
 def test_missing_shards_stop_with_one_message(tmp_path):

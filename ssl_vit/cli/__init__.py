@@ -22,6 +22,7 @@ line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import os
 import re
@@ -48,7 +49,10 @@ def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
     if unknown:
         key = unknown.group(1) or unknown.group(2)
         if command in TRAINING_OPTIONS:
-            return f"unknown recipe key '{key}'; `ssl-vit {command} --help` lists the common keys"
+            common = [option.split()[0].removeprefix("--") for option, _ in TRAINING_OPTIONS[command]]
+            close = difflib.get_close_matches(key, common, n=1)
+            meant = f"did you mean '{close[0]}'? " if close else ""
+            return f"unknown recipe key '{key}'; {meant}`ssl-vit {command} --help` lists the common keys"
         return f"unknown option '--{key}'; `ssl-vit {command} --help` lists the accepted ones"
     missing = re.search(r"Parser key \"config\":\s*File does not exist: '([^']+)'", text)
     if missing:
@@ -58,6 +62,9 @@ def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
             return (
                 f"recipe {path} does not exist; the shipped one is {shipped}: give that path, or run from {SOURCE_TREE}"
             )
+        named = sorted((SOURCE_TREE / "recipes").rglob(path.name))
+        if len(named) == 1:  # `--config simclr.yaml`: the shipped recipe of that name
+            return f"recipe {path} does not exist; did you mean {named[0]}? (`ssl-vit recipes` lists the shipped ones)"
         return f"recipe {path} does not exist; `ssl-vit recipes` lists the shipped recipes"
     noise = ("Does not validate", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
     return " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise))
