@@ -117,6 +117,13 @@ def test_features_are_what_the_model_pools_unless_pooling_is_given(capsys, run, 
     assert record["protocol"]["pooling"] == "cls"
 
 
+def test_a_k_larger_than_the_training_images_is_said_to_be_left_out(capsys, run):
+    data = ["--train_shards", str(run["train"]), "--val_shards", str(run["val"]), "--num_workers", "0"]
+    main(["knn", str(run["export"]), *data, "--knn_ks", "[5,50]", "--out", str(run["train"].parent / "k")])
+    out = capsys.readouterr().out
+    assert "k=50 left out: more than the 32 training images" in out and "k=5 " in out
+
+
 def test_weights_of_another_patch_size_are_refused_not_resampled(capsys, run, tmp_path, monkeypatch):
     """Evaluating weights in an architecture of other patches would score a model nobody trained."""
     monkeypatch.chdir(tmp_path)  # where a timm model's records would go

@@ -151,6 +151,10 @@ def evaluate(command: str, args: list[str]) -> None:
         f"{info['method']} encoder of {source}{step}, weights: {info['weights']}; {features}; {data}"
     )
     print_results(f"{command} evaluation", results, **counts)
+    left_out = [k for k in evaluator.knn_ks if f"k={k}" not in results["knn"]] if command == "knn" else []
+    if left_out:  # asked for, and more neighbours than there are: all of them again, under another name
+        ks = ", ".join(map(str, left_out))
+        Console(soft_wrap=True).print(f"k={ks} left out: more than the {len(train.labels)} training images")
     settings = evaluator.settings()
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings)
     for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
@@ -246,7 +250,9 @@ def export(args: list[str]) -> None:
         "open_clip (CLIP only): both towers, a folder open_clip.create_model_and_transforms('local-dir:OUT') loads",
     )
     parser.add_argument(
-        "--role", default=None, help="which encoder (teacher/student); default: the one the paper evaluates"
+        "--role",
+        default=None,
+        help="which encoder (teacher/student; MoCo v3: base/momentum); default: the one the paper evaluates",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument(

@@ -47,7 +47,7 @@ Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (features
 
 
 class Evaluator:
-    """k-NN and linear-probe evaluation on labelled ``train_shards`` / ``val_shards``.
+    """Frozen-encoder evaluation: k-NN, linear, attentive and dense probes on labelled shards.
 
     Args:
         train_shards, val_shards: labelled shards (folders written by ``ssl-vit shards``, patterns, URLs).
