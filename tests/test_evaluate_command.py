@@ -154,6 +154,16 @@ def test_without_val_shards_a_command_reads_the_data_as_a_run_does(capsys, run, 
     assert (data["train_shards"], data["val_shards"]) == expected
 
 
+def test_a_folder_of_pickled_weights_is_named_as_such_and_never_loaded(capsys, run, tmp_path):
+    folder = tmp_path / "hub_model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": TIMM_NAME}))
+    (folder / "pytorch_model.bin").write_bytes(b"not to be unpickled")
+    with pytest.raises(SystemExit):
+        evaluate(capsys, "knn", folder, run)
+    assert "holds its weights pickled (pytorch_model.bin)" in capsys.readouterr().err
+
+
 def test_an_encoder_that_is_none_of_these_is_one_line_naming_what_is_accepted(capsys, run, tmp_path):
     (tmp_path / "folder").mkdir()
     for encoder in (tmp_path / "missing.ckpt", tmp_path / "folder", "timm:no_such_model"):

@@ -192,6 +192,12 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
         return _with_weights(timm_encoder(model), weights, source), {**info, "weights": weights or "timm"}
     path = Path(source)
     if path.is_dir():
+        pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pth", ".pt"))
+        if (path / "config.json").is_file() and not (path / "model.safetensors").is_file() and pickled:
+            raise UserError(
+                f"{path} holds its weights pickled ({pickled[0]}), which can run code when loaded; ssl-vit reads "
+                "model.safetensors only: save them so (safetensors.torch.save_file) where you trust them"
+            )
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             raise UserError(
                 f"{path} is not a timm model folder (config.json + model.safetensors) nor a run folder "
