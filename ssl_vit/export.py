@@ -148,8 +148,10 @@ def model_card(model: nn.Module, record: dict[str, Any]) -> str:
             f"- objective: {record.get('objective')} ({record.get('encoder_role', 'encoder')} encoder)",
             f"- features: {pooled_features(model)} (timm's `forward_head(x, pre_logits=True)`)",
         ]
-        results = [f"- {kind}: {json.dumps(record[kind])}" for kind in RECORD_KINDS if kind in record]
-        evaluated, num_classes = "Evaluation of this checkpoint by the run (top-1 %):", ", num_classes=0"
+        results = _evaluation_lines(record)
+        on = record.get("evaluated_on") or {}
+        scored = f" on `{on['val_shards']}` (neighbours and probes from `{on['train_shards']}`)" if on else ""
+        evaluated, num_classes = f"Evaluation of this checkpoint by the run{scored}, top-1 %:", ", num_classes=0"
     lines = [
         f"# {architecture}, {record.get('objective', 'ssl-vit')}",
         "",
@@ -243,7 +245,32 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         results = json.loads(path.read_text()) if path.is_file() else None
         if results and results.get("step", record["step"]) == record["step"]:  # not of an earlier state
             record[kind] = results["results"]
+            record.setdefault("evaluated_on", results.get("data"))
+            if results.get("random_init_results"):
+                record.setdefault("random_init", {})[kind] = results["random_init_results"]
     return record
+
+
+def _evaluation_lines(record: dict[str, Any]) -> list[str]:
+    """The run's end-of-run top-1 (mIoU, R@1) per protocol, with its random initialisation's."""
+    names = {"knn": "k-NN", "probe": "linear probe", "attentive": "attentive probe", "zeroshot": "zero-shot"}
+    lines = []
+    for kind in RECORD_KINDS:
+        if kind not in record:
+            continue
+        base = record.get("random_init", {}).get(kind)
+        if kind == "knn":
+            values = ", ".join(f"{k} {v['top1']:.1f}" for k, v in record[kind].items())
+            baseline = ", ".join(f"{k} {v['top1']:.1f}" for k, v in (base or {}).items())
+        elif kind == "segmentation":
+            values, baseline = f"mIoU {record[kind]['miou']:.1f}", base and f"mIoU {base['miou']:.1f}"
+        elif kind == "retrieval":
+            values = ", ".join(f"{way} R@1 {r['R@1']:.1f}" for way, r in record[kind].items())
+            baseline = None
+        else:
+            values, baseline = f"{record[kind]['top1']:.1f}", base and f"{base['top1']:.1f}"
+        lines.append(f"- {names.get(kind, kind)}: {values}" + (f" (random init: {baseline})" if baseline else ""))
+    return lines
 
 
 def _model_args(config: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,12 @@ def checkpoint(request, tmp_path) -> Path:
     trainer = fit_briefly(factory(), view)
     path = tmp_path / f"{request.param}-run" / "last.ckpt"
     trainer.save_checkpoint(path)
-    (path.parent / "last.knn.json").write_text(json.dumps({"results": {"k=20": {"top1": 50.0, "top5": 90.0}}}))
+    record = {
+        "results": {"k=20": {"top1": 50.0, "top5": 90.0}},
+        "random_init_results": {"k=20": {"top1": 12.5, "top5": 60.0}},
+        "data": {"train_shards": "photos#train", "val_shards": "photos#heldout"},
+    }
+    (path.parent / "last.knn.json").write_text(json.dumps(record))
     return path
 
 
@@ -76,6 +81,9 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     assert prov["ssl_vit_version"] == ssl_vit.__version__
     card = (out / "README.md").read_text()
     assert f"optimiser steps: {prov['step']}" in card and 'create_model("local-dir:' in card
+    # what the run measured, readable: on which images, and against its random initialisation
+    assert "by the run on `photos#heldout` (neighbours and probes from `photos#train`), top-1 %" in card
+    assert "- k-NN: k=20 50.0 (random init: k=20 12.5)\n" in card
     # the heading gives the shape the weights have, not only the timm name it is built from
     shape = f"{TINY_ENCODER['depth']} blocks, {TINY_ENCODER['embed_dim']}-d, {TINY_ENCODER['patch_size']}-px patches"
     assert card.startswith(f"# vit_tiny_patch16_224 with {shape}, 32-px images, {prov['objective']}\n")
