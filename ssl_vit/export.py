@@ -124,16 +124,22 @@ def pooled_features(model: nn.Module) -> str:
     return "the mean of the patch tokens" if model.global_pool == "avg" else "the CLS token"
 
 
+def architecture_name(model: nn.Module) -> str:
+    """timm's name of a model; for a ViT, with the shape it has (the name is timm's base, which
+    model arguments reshape: ``vit_tiny_patch16_224 with 4 blocks, 128-d, 8-px patches, 32-px images``)."""
+    name = model.default_cfg.get("architecture", type(model).__name__)
+    if not isinstance(model, TIMM_VITS):
+        return name
+    patch, size = model.patch_embed.patch_size[0], model.patch_embed.img_size[0]
+    return f"{name} with {len(model.blocks)} blocks, {model.embed_dim}-d, {patch}-px patches, {size}-px images"
+
+
 def model_card(model: nn.Module, record: dict[str, Any]) -> str:
     """A short README for an export folder: what the weights are, where they came from, how to
     load them (the same facts as ``config.json``'s ``ssl_vit`` record): an encoder's, or a
     fine-tuned classifier's (a model with classes)."""
     data = record.get("data", {})
-    architecture = model.default_cfg.get("architecture", type(model).__name__)
-    if isinstance(model, TIMM_VITS):  # the name is timm's base; config.json's model_args change its shape
-        patch, size = model.patch_embed.patch_size[0], model.patch_embed.img_size[0]
-        shape = f"{len(model.blocks)} blocks, {model.embed_dim}-d, {patch}-px patches, {size}-px images"
-        architecture = f"{architecture} with {shape}"
+    architecture = architecture_name(model)
     if getattr(model, "num_classes", 0):
         start = record.get("finetuned_from")
         about = [

@@ -190,6 +190,7 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     assert summary["models"]["student"]["model"] == "test_resnet"
     assert "teacher and student after 2" in result.stdout and "CPU img/s" in result.stdout
     assert f"│ {summary['models']['teacher']['model']} │" in result.stdout  # whole in a log, not cut to 80 columns
+    assert " with 1 blocks, 32-d, 8-px patches" in summary["models"]["teacher"]["model"]  # not timm's base name alone
 
     # The student's export is a timm folder that the evaluators (and timm) load as it was trained.
     exported, info = load_evaluated_encoder(str(run / "export"))

@@ -28,7 +28,7 @@ from ssl_vit.eval.callback import EvaluationCallback
 from ssl_vit.eval.compare import CPU_THREADS, cost_ratios, headline_accuracy, measure_costs
 from ssl_vit.eval.encoders import TIMM_PREFIX, FrozenEncoder, TimmModelEncoder, load_evaluated_encoder
 from ssl_vit.eval.evaluator import Evaluator
-from ssl_vit.export import export_encoder, provenance, write_timm_folder
+from ssl_vit.export import architecture_name, export_encoder, provenance, write_timm_folder
 from ssl_vit.losses import feature_distillation_loss
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.onnx_export import OnnxOptions, prepare_deploy
@@ -137,6 +137,9 @@ class Distill(SSLMethod):
         return dims
 
     def model_name(self, role: str) -> str:
+        vit = getattr(self.teacher if role == "teacher" else self.encoder, "vit", None)
+        if vit is not None:  # timm's base name alone would hide the shape (4 blocks, 8-px patches...)
+            return architecture_name(vit)
         if role == "teacher":
             return str(self.teacher_info["encoder"].get("name") or self.hparams.teacher)
         return self.hparams.encoder["name"]
