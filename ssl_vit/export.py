@@ -271,7 +271,8 @@ def _evaluation_lines(record: dict[str, Any]) -> list[str]:
         elif kind == "segmentation":
             values, baseline = f"mIoU {record[kind]['miou']:.1f}", base and f"mIoU {base['miou']:.1f}"
         elif kind == "retrieval":
-            values = ", ".join(f"{way} R@1 {r['R@1']:.1f}" for way, r in record[kind].items())
+            ways = {way: r for way, r in record[kind].items() if isinstance(r, dict)}  # beside it: "pairs"
+            values = ", ".join(f"{way.replace('_', ' ')} R@1 {r['R@1']:.1f}" for way, r in ways.items())
             baseline = None
         else:
             values, baseline = f"{record[kind]['top1']:.1f}", base and f"{base['top1']:.1f}"

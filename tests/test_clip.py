@@ -276,6 +276,8 @@ def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path, caplo
     record = json.loads((tmp_path / "runs/shards/clip/checkpoints/last.retrieval.json").read_text())
     assert set(record["results"]["image_to_text"]) == {"R@1", "R@5", "R@10"} and record["results"]["pairs"] >= 2
     assert "random_init_results" in record
+    card = (tmp_path / "runs/shards/clip/export/README.md").read_text()  # the image tower's, with its numbers
+    assert "- zero-shot: " in card and "- retrieval: image to text R@1 " in card
 
 
 def test_zero_shot_is_open_clips_prompt_ensemble_classifier():
