@@ -31,7 +31,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator, EvalView
 from ssl_vit.finetune import FineTune, FineTuneView, LabelledShardDataModule
 
-from .conftest import random_images
+from .conftest import png_bytes, random_images
 from .fault_injection import in_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -430,6 +430,21 @@ def test_the_batch_a_small_folder_is_told_to_use_is_one_it_can_train_with(sample
     with pytest.raises(UserError, match=re.escape(fix)) as refused:
         data.batches_per_epoch(None, world_size=1)
     assert "--data.batch_size 1 " not in str(refused.value) and "1 samples" not in str(refused.value)
+
+
+def test_the_data_line_counts_a_folders_parts_and_estimates_a_shard_folders(tmp_path):
+    """A folder's held-out tenth is known by its files; tar shards are split by each sample's key
+    as it is read, so their parts' counts are the expected share, and said to be."""
+    folder = image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=30)
+    _, held = resolve_shards(f"{folder}#heldout")
+    said = ShardDataModule(train_shards=str(folder), view=EvalView(32)).describe()
+    assert said == f"{60 - held.num_samples} images of {folder}#train in 2 classes for training; " + (
+        f"{held.num_samples} of {folder}#heldout for evaluation"
+    )
+    samples = (("png", png_bytes(img), i % 2) for i, img in enumerate(random_images(60, size=16)))
+    write_shards(samples, tmp_path / "shards", classes=["a", "b"], source="test", samples_per_shard=20)
+    said = ShardDataModule(train_shards=str(tmp_path / "shards"), view=EvalView(32)).describe()
+    assert said.startswith("about 54 images of ") and "; about 6 of " in said
 
 
 def test_the_python_example_runs_as_written(user_folder, monkeypatch, capsys):

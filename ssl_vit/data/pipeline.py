@@ -61,6 +61,7 @@ from ssl_vit.data.shards import (
     group_files,
     is_heldout,
     resolve_shards,
+    split_part,
     upright,
     write_embedded_shards,
 )
@@ -780,17 +781,19 @@ class ShardDataModule(L.LightningDataModule):
         if self.embedded_to_write():
             return None
         train, val = self.evaluation_data()
-        _, index = resolve_shards(self.training_shards())
+        urls, index = resolve_shards(self.training_shards())
         if index is None:  # remote shards without an index: their count is not known before reading
             return None
+        # A part of tar shards is split by each sample's key as it is read: its count is the expected share.
+        about = "about " if split_part(train)[1] and not all(isinstance(u, ImageFiles) for u in urls) else ""
         classes = f" in {counted(len(index.classes), 'class', 'classes')}" if index.classes else ", no class labels"
         try:
             _, held = resolve_shards(val)
         except UserError:  # no evaluation data: what the evaluation callback says in its own line
             held = None
-        evaluated = f"; {held.num_samples:,} of {val} for evaluation" if held is not None else ""
+        evaluated = f"; {about}{held.num_samples:,} of {val} for evaluation" if held is not None else ""
         images = f"{index.num_samples:,} image{'' if index.num_samples == 1 else 's'}"
-        return f"{images} of {train}{classes} for training{evaluated}"
+        return f"{about}{images} of {train}{classes} for training{evaluated}"
 
     def training_shards(self) -> str:
         """What training reads: ``train_shards``, less the held-out part when evaluation reads it."""
