@@ -149,9 +149,17 @@ def test_a_class_index_outside_the_named_classes_stops_the_dense_probe(tmp_path)
 
 def test_shards_without_label_maps_stop_the_dense_probe_in_one_line(tmp_path):
     samples = (("png", png_bytes(np.zeros((8, 8, 3), np.uint8)), i % 2) for i in range(4))
-    write_shards(samples, tmp_path / "s", classes=["a", "b"], source="test")
+    write_shards(samples, tmp_path / "s", classes=["a", "b"], source="test", samples_per_shard=2)
     evaluator = Evaluator(str(tmp_path / "s"), str(tmp_path / "s"), segmentation=True)
     with pytest.raises(UserError, match=r"have no label maps .*, or turn the dense probe off \(segmentation: false\)$"):
         evaluator.check_shards()  # a recipe's dense probe: its setting can be turned off
     with pytest.raises(UserError, match=r"have no label maps .*--masks MAPS` .*docs/evaluation.md\)$"):
         evaluator.check_shards(labels=False, label_maps=True)  # `ssl-vit segprobe`: the probe is the command
+    # a brace pattern of some of the shards has no index: their first sample says (the run trained,
+    # then its end-of-run dense probe found no label map in any sample)
+    pattern = str(tmp_path / "s/shard-{000000..000000}.tar")
+    assert resolve_shards(pattern)[1] is None and Evaluator(pattern, pattern).without_label_maps()
+    samples = [colour_region_sample(np.random.default_rng(0), i % 2) for i in range(4)]
+    write_shards(samples, tmp_path / "maps", classes=["a", "b"], source="test", samples_per_shard=2)
+    with_maps = str(tmp_path / "maps/shard-{000000..000000}.tar")
+    assert resolve_shards(with_maps)[1] is None and not Evaluator(with_maps, with_maps).without_label_maps()

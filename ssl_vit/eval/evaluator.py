@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ssl_vit.data.pipeline import ShardDataset
-from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.shards import MASK_MEMBER, resolve_shards
 from ssl_vit.data.views import EvalView, MAEView
 from ssl_vit.errors import UserError
 from ssl_vit.eval.attentive import train_attentive_probe
@@ -170,9 +170,16 @@ class Evaluator:
         return None
 
     def without_label_maps(self) -> bool:
-        """Whether a split is known to have no label maps (the dense probe's targets)."""
-        indexes = [resolve_shards(shards)[1] for shards in (self.train_shards, self.val_shards)]
-        return any(index is not None and not index.mask_classes for index in indexes)
+        """Whether a split has no label maps (the dense probe's targets): by its index, or, for
+        shards without one (a brace pattern, URLs), by its first sample."""
+        for shards in (self.train_shards, self.val_shards):
+            urls, index = resolve_shards(shards)
+            if index is not None:
+                if not index.mask_classes:
+                    return True
+            elif urls and MASK_MEMBER not in next(ShardDataset(urls[:1], EvalView(32))._samples(urls[0]), {}):
+                return True
+        return False
 
     def indexed_classes(self) -> list[str]:
         """The class names the splits' indexes give (none when neither is indexed); splits that
