@@ -408,6 +408,9 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
         result = in_this_process(tmp_path, "zeroshot", model, "--val_shards", "shards", "--num_workers", "0")
         assert result.returncode == 0, result.stderr
         assert "zero-shot" in result.stdout and "image -> text" in result.stdout
+        # the run trained on these very shards (its val_shards too): said, where the model records it
+        said = "warning: shards is the data this run trained on\n" in result.stderr
+        assert said == (model == str(run)), result.stderr
         written = sorted(stem.parent.glob(f"{stem.name}.*.eval-*.json"))  # a run's beside the checkpoint read
         assert [p.name.split(".")[1] for p in written] == ["retrieval", "zeroshot"]
         records.append([json.loads(p.read_text())["results"] for p in written])

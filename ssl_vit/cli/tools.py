@@ -21,6 +21,7 @@ from rich.table import Table
 from ssl_vit.checkpoint import (
     FINE_TUNING,
     ending_summary,
+    located,
     objective_name,
     read_checkpoint,
     run_checkpoint,
@@ -181,6 +182,10 @@ def zeroshot(args: list[str]) -> None:
     from ssl_vit.methods.clip import load_image_text_model  # the `clip` extra
 
     model, image_size, info = load_image_text_model(opts.model)
+    trained_on, held_out = info.pop("trained_on", None), info.pop("held_out", False)
+    if trained_on == located("train_shards", opts.val_shards):
+        part = f"; {evaluation_split(opts.val_shards)[1]} is the part it held out" if held_out else ""
+        Console(stderr=True, soft_wrap=True).print(f"warning: {opts.val_shards} is the data this run trained on{part}")
     if torch.cuda.is_available():
         model = model.cuda()
     settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": opts.image_size or image_size}
@@ -195,7 +200,8 @@ def zeroshot(args: list[str]) -> None:
             f"{opts.val_shards} has {labels} (zero-shot needs two or more classes) and no captions (for retrieval)"
         )
     seconds = time.perf_counter() - start
-    print_results(f"zero-shot evaluation of {opts.model}", results, classes=len(names) if names else None)
+    title = f"zero-shot evaluation of {opts.model} on {opts.val_shards}"
+    print_results(title, results, classes=len(names) if names else None)
     evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read
     stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings)
     for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.checkpoint import objective_name, read_checkpoint, run_checkpoint
+from ssl_vit.checkpoint import RUN_KEY, objective_name, read_checkpoint, run_checkpoint
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import EncoderConfig
 from ssl_vit.errors import UserError
@@ -320,4 +320,8 @@ def load_image_text_model(source: str | Path) -> tuple[nn.Module, int, dict[str,
         )
     ckpt = read_checkpoint(path)
     model = clip_from_checkpoint(ckpt, path)
-    return model, model.encoder.image_size, {"method": "CLIP", "checkpoint": str(path), "step": ckpt.get("global_step")}
+    info = {"method": "CLIP", "checkpoint": str(path), "step": ckpt.get("global_step")}
+    data = ckpt.get("datamodule_hyper_parameters", {})
+    # where its training data was, so that an evaluation on it says so (with no val_shards it held a tenth out)
+    info |= {"trained_on": ckpt.get(RUN_KEY, {}).get("train_shards"), "held_out": not data.get("val_shards")}
+    return model, model.encoder.image_size, info
