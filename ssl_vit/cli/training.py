@@ -27,6 +27,7 @@ from ssl_vit.checkpoint import (
     RunCheckpoint,
     checkpoint_problem,
     checkpoints_in,
+    ending_summary,
     lock_run_folder,
     newest_complete_checkpoint,
     read_checkpoint,
@@ -185,7 +186,10 @@ class RunCLI(LightningCLI):
                     "--trainer.default_root_dir runs/NEW)"
                 )
         elif getattr(self.model, "init_from", None) and self.trainer.is_global_zero:
-            Console(stderr=True, soft_wrap=True).print(f"the encoder starts from {self.model.init_from} (init_from)")
+            start = Path(self.model.init_from)
+            failed = (ending_summary(start) or {}).get("failed") if start.is_file() else None
+            note = f"; the run it ends failed: {failed}" if failed else ""
+            Console(stderr=True, soft_wrap=True).print(f"the encoder starts from {start} (init_from){note}")
         self.started = time.perf_counter()
 
     def stop_if_finished(self, checkpoint: Path, root: Path) -> str | None:

@@ -375,7 +375,12 @@ class SSLMethod(L.LightningModule):
             )
             # Before any update no setting has acted yet: the cause is the data as a random encoder sees it.
             advice = self.collapse_advice
-            if step == 0 and uniform:
+            if step == 0 and self.hparams.get("init_from"):
+                advice = (
+                    f"Before any update: the weights it starts from ({self.hparams.init_from}) do this already; "
+                    "a run that ended so passes it on."
+                )
+            elif step == 0 and uniform:
                 advice = (
                     "Before any update: the freshly initialised encoder hardly tells these images apart (grey images "
                     "that differ in a few strokes on one background do this), and this objective only sharpens what "
