@@ -851,6 +851,7 @@ def case_lr_blowup_recovered(work: Path) -> Outcome:
     saved_state = torch.load(saved[0], weights_only=True)["state_dict"] if len(saved) == 1 else {}
     resumed = pretrain_in_this_process(folder, "--config", config, "--model.init_args.base_lr=1e-3")
     from_saved = len(saved) == 1 and f"resuming from {saved[0]}" in resumed.stderr
+    from_saved = from_saved and "with settings changed since: model.base_lr 1000000.0 -> 0.001 (" in resumed.stderr
     step, params = last_state(folder) if resumed.returncode == 0 else (0, {})
     ref_step, reference = uninterrupted(work)
     normal = parameter_rms(reference)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from ssl_vit.checkpoint import (
     remove_dead_writers_files,
     resume_mismatch,
 )
-from ssl_vit.cli.training import default_run_folder
+from ssl_vit.cli.training import changed_settings, default_run_folder
 from ssl_vit.data.shards import data_location
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
@@ -253,3 +254,15 @@ def test_a_run_folder_that_cannot_be_written_stops_in_one_line(tmp_path):
     (tmp_path / "runs").write_text("a file where the runs folder would be")
     with pytest.raises(UserError, match=r"the run folder .*runs/photos cannot be written \(Not a directory\)"):
         lock_run_folder(tmp_path / "runs/photos")
+
+
+def test_a_resume_names_the_settings_changed_since_its_checkpoint():
+    """A user who meant a new run with a larger batch sees that the old one goes on with it."""
+    ckpt = {
+        "hyper_parameters": {"_class_path": "ssl_vit.methods.SimCLR", "base_lr": 1e-3, "encoder": {"depth": 4}},
+        "datamodule_hyper_parameters": {"batch_size": 32, "view": {"init_args": {"size": 32}}},
+    }
+    model = SimpleNamespace(hparams={"base_lr": 2e-3, "encoder": {"depth": 4}})
+    data = SimpleNamespace(hparams={"batch_size": 32, "view": {"init_args": {"size": 48}}, "new_setting": 1})
+    ckpt["datamodule_hyper_parameters"]["train_shards"], data.hparams["train_shards"] = "photos", "./photos/"
+    assert changed_settings(ckpt, model, data) == ["model.base_lr 0.001 -> 0.002", "data.view.init_args.size 32 -> 48"]

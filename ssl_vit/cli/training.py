@@ -181,8 +181,13 @@ class RunCLI(LightningCLI):
             Console(stderr=True, soft_wrap=True).print(f"data: {described}", highlight=False)
         if resumes:
             if self.trainer.is_global_zero:
+                changed = changed_settings(
+                    read_checkpoint(Path(config["ckpt_path"]), mmap=True), self.model, self.datamodule
+                )
                 Console(stderr=True, soft_wrap=True).print(
-                    f"resuming from {config['ckpt_path']} (to start afresh instead, give the run a folder of its own: "
+                    f"resuming from {config['ckpt_path']}"
+                    + (f", with settings changed since: {'; '.join(changed)}" if changed else "")
+                    + " (to start afresh instead, give the run a folder of its own: "
                     "--trainer.default_root_dir runs/NEW)"
                 )
         elif getattr(self.model, "init_from", None) and self.trainer.is_global_zero:
@@ -259,6 +264,26 @@ class RunCLI(LightningCLI):
             while cause is not None and not isinstance(cause, UserError):
                 cause = cause.__cause__ or cause.__context__
             raise (cause or err) from None
+
+
+def changed_settings(ckpt: dict[str, Any], model: L.LightningModule, data: L.LightningDataModule) -> list[str]:
+    """The recipe settings that differ from the checkpoint's (``model.base_lr 0.001 -> 0.002``): a
+    resumed run takes the command line's, which a user who meant a new run should see."""
+
+    def flat(settings: dict[str, Any], prefix: str) -> dict[str, Any]:
+        items = {}
+        for key, value in settings.items():
+            if isinstance(value, dict):
+                items |= flat(value, f"{prefix}{key}.")
+            elif not key.startswith("_"):
+                items[f"{prefix}{key}"] = value
+        return items
+
+    then = flat(ckpt.get("hyper_parameters", {}), "model.") | flat(ckpt.get("datamodule_hyper_parameters", {}), "data.")
+    now = flat(dict(model.hparams), "model.") | flat(dict(data.hparams), "data.")
+    located = {"data.train_shards", "model.init_from"}  # compared by where they are (resume_mismatch)
+    changed = [key for key in then if key in now and key not in located and then[key] != now[key]]
+    return [f"{key} {then[key]} -> {now[key]}" for key in changed]
 
 
 class PretrainCLI(RunCLI):
