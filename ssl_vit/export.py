@@ -262,7 +262,7 @@ def _evaluation_lines(record: dict[str, Any]) -> list[str]:
     names = {"knn": "k-NN", "probe": "linear probe", "attentive": "attentive probe", "zeroshot": "zero-shot"}
     lines = []
     for kind in RECORD_KINDS:
-        if kind not in record:
+        if not isinstance(record.get(kind), dict):  # not recorded, or a record file not of ssl-vit's writing
             continue
         base = record.get("random_init", {}).get(kind)
         if kind == "knn":
