@@ -176,7 +176,8 @@ class RunCLI(LightningCLI):
             self.trainer.fit_loop.run = self.trainer.fit_loop.on_run_end
         if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
             lock_run_folder(root)
-        described = self.datamodule.describe() if self.trainer.is_global_zero else None
+        captioned = getattr(self.model, "caption_tokens", None) is not None  # an image-text objective reads pairs
+        described = self.datamodule.describe(captioned) if self.trainer.is_global_zero else None
         if described:
             Console(stderr=True, soft_wrap=True).print(f"data: {described}", highlight=False)
         if resumes:

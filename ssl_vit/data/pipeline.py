@@ -523,6 +523,10 @@ class ShardDataset(IterableDataset):
         report("epoch %d: %s", self.epoch, summary)
 
 
+#: The data whose uncaptioned images were said to be left out, in this process.
+_uncaptioned_said: set[tuple[str, int, int]] = set()
+
+
 def captioned_only(urls: list[Shard], index: ShardIndex | None) -> tuple[list[Shard], ShardIndex | None]:
     """The training data of an image-text objective: a folder's images that have a caption beside
     them (open_clip's loader drops samples without one too), or shards whose epoch is sized by
@@ -538,7 +542,9 @@ def captioned_only(urls: list[Shard], index: ShardIndex | None) -> tuple[list[Sh
     else:
         captions = index.captions  # None for shards written before ssl-vit counted them
     captioned = index.num_samples if captions is None else min(captions, index.num_samples)
-    if 0 < captioned < index.num_samples:
+    said = (index.source, index.num_samples, captioned)
+    if 0 < captioned < index.num_samples and said not in _uncaptioned_said:  # the run reads its data more than once
+        _uncaptioned_said.add(said)
         log.warning(
             "%s: %d of the %s have no caption (photo.txt beside photo.jpg) and are left out; training reads the "
             "%s that do",
@@ -775,13 +781,16 @@ class ShardDataModule(L.LightningDataModule):
         """The shards evaluation reads as (train, val) (:func:`evaluation_split`)."""
         return evaluation_split(self.train_shards, self.val_shards, val_to_come=bool(self.embedded_to_write()))
 
-    def describe(self) -> str | None:
+    def describe(self, captioned: bool = False) -> str | None:
         """What the run reads, in a line a user checks against their folder: the training images
-        and classes, and the evaluation images (None for data still to be written)."""
+        (with ``captioned``, those with a caption) and classes, and the evaluation images (None for
+        data still to be written)."""
         if self.embedded_to_write():
             return None
         train, val = self.evaluation_data()
         urls, index = resolve_shards(self.training_shards())
+        if captioned:
+            urls, index = captioned_only(urls, index)
         if index is None:  # remote shards without an index: their count is not known before reading
             return None
         # A part of tar shards is split by each sample's key as it is read: its count is the expected share.
