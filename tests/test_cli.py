@@ -316,6 +316,12 @@ def test_training_help_fits_a_screen_and_names_only_keys_the_parser_takes(comman
     assert done.value.code == 0, capsys.readouterr().err
 
 
+def test_every_objective_has_its_help_clip_included(tmp_path):
+    # In a fresh process: CLIP is imported only when named, so another test's import would hide it.
+    described = ssl_vit("pretrain", "--model.help", "CLIP", cwd=tmp_path)
+    assert described.returncode == 0 and "--model.text_layers" in described.stdout, described.stderr
+
+
 def test_version_and_unknown_commands(capsys):
     from ssl_vit.cli import main
 

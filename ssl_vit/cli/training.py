@@ -7,6 +7,7 @@ newest complete one, the guards, the run folder, and the verdict on a run that c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -652,6 +653,10 @@ def training_help(command: str) -> str:
 
 
 def pretrain(args: list[str]) -> None:
+    if importlib.util.find_spec("open_clip") and any(arg.startswith(("--help", "--model.help")) for arg in args):
+        # CLIP is imported only when a recipe names it (the `clip` extra); the help that lists the
+        # objectives, or describes one by name, must know it too.
+        import ssl_vit.methods.clip  # noqa: F401
     run(PretrainCLI, SSLMethod, ShardDataModule, args)
 
 
