@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -236,6 +237,26 @@ def test_a_folder_with_one_class_folder_is_evaluated_as_unlabelled(tmp_path):
         evaluator.check_shards()
     with pytest.raises(UserError, match="num_classes is 1; a classifier needs two or more classes"):
         FineTune(num_classes=1, encoder={"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8})
+
+
+def test_a_baseline_measured_before_images_were_added_is_left_out(tmp_path):
+    """The random-init column of a run resumed after the user added images was measured on other
+    images than its end-of-run numbers: it is left out, with a line that says why."""
+    from ssl_vit.eval import EvaluationCallback
+
+    folder = image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=30)
+    evaluation = EvaluationCallback(train_shards=f"{folder}#train", val_shards=f"{folder}#heldout")
+    evaluation.baseline, evaluation.baseline_data = {"knn": {"k=20": {"top1": 50.0}}}, evaluation.evaluated_data()
+    resumed = EvaluationCallback(train_shards=f"{folder}#train", val_shards=f"{folder}#heldout")
+    resumed.load_state_dict(evaluation.state_dict())
+    resumed.on_fit_start(trainer=SimpleNamespace(ckpt_path="last.ckpt"), pl_module=None)
+    assert resumed.baseline == evaluation.baseline  # the same images: kept
+    image_folder(tmp_path / "more", ["cats"], per_class=31)
+    (tmp_path / "more/cats/030.png").rename(folder / "cats/new.png")
+    resumed.load_state_dict(evaluation.state_dict())
+    with pytest.warns(UserWarning, match="changed since the step-0 evaluation .* the random init column"):
+        resumed.on_fit_start(trainer=SimpleNamespace(ckpt_path="last.ckpt"), pl_module=None)
+    assert resumed.baseline is None and resumed.state_dict()["baseline"] is None
 
 
 def test_the_held_out_part_is_disjoint_deterministic_and_a_tenth(tmp_path):

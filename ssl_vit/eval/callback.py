@@ -3,6 +3,7 @@ epochs, and optionally both at the start for the random-initialisation baseline.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ssl_vit.data.shards import data_fingerprint
 from ssl_vit.data.views import EvalView
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
@@ -61,6 +63,7 @@ class EvaluationCallback(Evaluator, Periodic):
         self.skipped: str | None = None  # why this run's data cannot be evaluated
         self.baseline: Results | None = None
         self.baseline_name = "random init"
+        self.baseline_data: str | None = None  # what the baseline was measured on (evaluated_data)
         self.knn_history: list[tuple[int, float]] = []
         self.counts: dict[str, int] = {}  # the images and classes the last evaluation counted
 
@@ -122,13 +125,40 @@ class EvaluationCallback(Evaluator, Periodic):
             self.baseline = self._evaluate(trainer, pl_module, probe=self.probes_at_ends)
             # a run that continues other weights (init_from) starts from them, not from random ones
             self.baseline_name = "init_from" if getattr(pl_module, "init_from", None) else "random init"
+            self.baseline_data = self.evaluated_data() if self.baseline else None
+        else:
+            self.drop_baseline_of_other_data()
+
+    def evaluated_data(self) -> str:
+        """A hash of what the evaluation reads now: both splits' files (:func:`data_fingerprint`)."""
+        splits = " ".join(data_fingerprint(shards) for shards in (self.train_shards, self.val_shards))
+        return hashlib.sha256(splits.encode()).hexdigest()[:16]
+
+    def drop_baseline_of_other_data(self) -> None:
+        """A baseline measured on other images than the evaluation reads now (images added,
+        removed or rewritten since, e.g. before a resume) is no baseline for this run's numbers."""
+        if not self.baseline or not self.baseline_data or self.baseline_data == self.evaluated_data():
+            return
+        rank_zero_warn(
+            f"the evaluation data ({self.train_shards}, {self.val_shards}) changed since the step-0 evaluation "
+            f"(images added, removed or rewritten): the {self.baseline_name} column, measured on the images as "
+            "they were, is left out of this run's tables and records; `ssl-vit knn` measures other weights on the "
+            "images as they are now (docs/evaluation.md)"
+        )
+        self.baseline, self.baseline_data = None, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "baseline_name": self.baseline_name, "knn_history": self.knn_history}
+        return {
+            "baseline": self.baseline,
+            "baseline_name": self.baseline_name,
+            "baseline_data": self.baseline_data,
+            "knn_history": self.knn_history,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict.get("baseline")
         self.baseline_name = state_dict.get("baseline_name", "random init")
+        self.baseline_data = state_dict.get("baseline_data")
         self.knn_history = [tuple(point) for point in state_dict.get("knn_history", [])]
 
     def periodic(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -139,6 +169,7 @@ class EvaluationCallback(Evaluator, Periodic):
         results = self._evaluate(trainer, pl_module, probe=self.probes_at_ends)
         if results is None:
             return
+        self.drop_baseline_of_other_data()
         title = f"{type(pl_module).__name__} after {trainer.global_step} steps"
         print_results(title, results, self.baseline, self.baseline_name, **self.counts)
         ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.log_dir)
