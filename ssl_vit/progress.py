@@ -17,6 +17,7 @@ from rich.progress import Task
 from rich.table import Table
 from rich.text import Text
 
+from ssl_vit.eval.callback import EvaluationCallback
 from ssl_vit.eval.report import RECORD_KINDS
 from ssl_vit.health import HealthCallback
 
@@ -97,9 +98,10 @@ def run_summary(
 ) -> dict[str, Any]:
     """What a finished run produced: its objective, encoder, steps, time, final loss, the end-of-run
     k-NN / probe / attentive-probe / zero-shot top-1, mIoU and retrieval R@1 (from the evaluation
-    records its evaluation wrote at its last step), how many steps its outputs were collapsed
-    (objectives that watch for it), the last RankMe of its representation and how many steps that
-    had collapsed (:class:`HealthCallback`), and where things are."""
+    records its evaluation wrote at its last step) and how many evaluation images they count, how
+    many steps its outputs were collapsed (objectives that watch for it), the last RankMe of its
+    representation and how many steps that had collapsed (:class:`HealthCallback`), and where
+    things are."""
     accuracy = {}
     for kind in RECORD_KINDS:
         record = Path(trainer.checkpoint_callback.dirpath) / f"last.{kind}.json"
@@ -113,6 +115,7 @@ def run_summary(
     pictures = Path(trainer.default_root_dir) / "pictures"
     watch = model.collapse_watch
     health = next((c for c in trainer.callbacks if isinstance(c, HealthCallback)), None)
+    evaluation = next((c for c in trainer.callbacks if isinstance(c, EvaluationCallback)), None)
 
     def last_health(metric: str) -> float | None:
         return round(health.history[metric][-1][1], 2) if health and metric in health.history else None
@@ -123,6 +126,8 @@ def run_summary(
         "steps": trainer.global_step,
         "seconds": round(seconds, 1),
         "final_loss": None if loss is None else round(float(loss), 4),
+        # on a small held-out part a point may be a fraction of one image
+        "evaluation_images": evaluation.counts.get("val_images") if evaluation and accuracy else None,
         "knn_k20_top1": accuracy.get("knn", {}).get("top1"),
         "probe_top1": accuracy.get("probe", {}).get("top1"),
         "attentive_top1": accuracy.get("attentive", {}).get("top1"),

@@ -155,6 +155,7 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     }
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["knn_k20_top1"] == in_run["knn"]["results"]["k=20"]["top1"]
+    assert summary["evaluation_images"] == 500
     assert summary["seconds"] > first_seconds > 1  # the first session's seconds count too
     assert "MAE run" in second.stdout and "knn k20 top1" in second.stdout and summary["rankme_cls"] > 1
     logs = sorted((run / "lightning_logs").glob("version_*"))
