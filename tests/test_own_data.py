@@ -431,6 +431,20 @@ def test_an_unlabelled_folder_pretrains_and_says_why_the_probes_are_skipped(user
     assert list((user_folder / "runs/unlabelled/simclr/pictures").glob("health-rankme-*.png"))
 
 
+def test_a_run_folder_inside_its_data_folder_stops_before_writing(tmp_path):
+    """Started in the folder of images it trains on, a run would write runs/ there, and its
+    evaluation (and every later run) would read its pictures as a class of images."""
+    folder = image_folder(tmp_path / "holiday", ["beach", "hills"], per_class=10)
+    recipe = str(ROOT / "recipes/quickstart/simclr.yaml")
+    result = in_this_process(folder, "pretrain", "--config", recipe, "--data.train_shards", ".")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "the run folder runs/holiday/simclr is inside the data folder ." in result.stderr
+    inside = ["--data.train_shards", str(folder), "--trainer.default_root_dir", str(folder / "beach/run")]
+    result = in_this_process(tmp_path, "pretrain", "--config", recipe, *inside)
+    assert result.returncode == 2 and "is inside the data folder" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["beach", "hills"] and not (folder / "beach/run").exists()
+
+
 def test_a_folder_smaller_than_one_batch_stops_before_the_run_with_the_batch_to_use(user_folder):
     image_folder(user_folder / "few", ["cats", "dogs"], per_class=20)
     _, index = resolve_shards(str(user_folder / "few") + "#train")

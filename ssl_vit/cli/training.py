@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -37,9 +38,7 @@ from ssl_vit.checkpoint import (
     resume_mismatch,
 )
 from ssl_vit.data.pipeline import ShardDataModule
-from ssl_vit.data.shards import (
-    split_part,
-)
+from ssl_vit.data.shards import is_remote, split_part
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.eval import EvaluationCallback
@@ -115,6 +114,9 @@ class RunCLI(LightningCLI):
             kwargs["default_root_dir"] = default_run_folder(self.datamodule.train_shards, self.run_name())
         elif "{data}" in root:  # a second stage's folder beside its first stage's (runs/{data}/dinov3_high_res)
             kwargs["default_root_dir"] = root.replace("{data}", data_name(self.datamodule.train_shards))
+        data = self.datamodule
+        run_folder = kwargs.get("default_root_dir", root)
+        check_run_folder_outside_data(run_folder, data.train_shards, getattr(data, "val_shards", None))
         trainer = super().instantiate_trainer(**kwargs, precision=precision)
         # before DDP launches a process per device, and before the logger writes: a refused run writes nothing
         captioned = getattr(self.model, "caption_tokens", None) is not None  # an image-text objective's pairs
@@ -471,10 +473,28 @@ def collapse_verdict(summary: dict[str, Any], remedy: str) -> str | None:
 
 def data_name(train_shards: str) -> str:
     """What a run folder calls its training data: the data's folder, or the folder above one
-    named ``train`` (``data/shapes/train`` -> ``shapes``)."""
+    named ``train`` (``data/shapes/train`` -> ``shapes``; ``.`` is the current folder's name)."""
     path = Path(split_part(train_shards)[0].rstrip("/"))
+    if not is_remote(train_shards):
+        path = Path(os.path.abspath(os.path.expanduser(path)))
     folder = path.parent if path.name == "train" or "{" in path.name or path.suffix == ".tar" else path
     return re.sub(r"[^\w.-]+", "-", folder.name).strip("-.") or "data"
+
+
+def check_run_folder_outside_data(root: str, *data: str | None) -> None:
+    """A run folder inside a folder the run reads would have its pictures and checkpoints read as
+    images, by its own evaluation and by every later run on that folder."""
+    run = Path(root).resolve()
+    for spec in data:
+        if not spec or is_remote(spec):
+            continue
+        folder = Path(os.path.expanduser(split_part(spec)[0]))
+        if folder.is_dir() and (run == folder.resolve() or folder.resolve() in run.parents):
+            raise UserError(
+                f"the run folder {root} is inside the data folder {spec}, whose images the run reads: its pictures "
+                "would be read as images; give the run a folder outside the data (--trainer.default_root_dir "
+                "PATH, or start the command from another folder)"
+            )
 
 
 def default_run_folder(train_shards: str, name: str) -> str:

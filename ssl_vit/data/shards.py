@@ -523,7 +523,7 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
         index = None
     if not urls:
         raise UserError(f"no shards found at {spec!r}; write some with `ssl-vit shards`")
-    if _is_remote(urls[0]):
+    if is_remote(urls[0]):
         return urls, index
     missing = [u for u in urls if not Path(u).is_file()]
     if urls == [spec] and missing and not spec.endswith(SHARD_SUFFIXES):
@@ -560,7 +560,7 @@ def group_files(root: str, files: list[tuple[str, int | None]]) -> list[str | Im
     return [ImageFiles(root, tuple(files[i : i + size])) for i in range(0, len(files), size)]
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
@@ -569,7 +569,7 @@ def data_location(spec: str) -> str:
     absolute with its links resolved (``photos``, ``./photos/`` and ``/home/me/photos`` are one),
     its ``#part`` kept; remote URLs as written."""
     spec = os.path.expanduser(spec)
-    if _is_remote(spec):
+    if is_remote(spec):
         return spec
     base, part = split_part(spec)
     return os.path.realpath(base) + (part or "")
@@ -586,7 +586,7 @@ def data_fingerprint(spec: str) -> str:
         if isinstance(files, ImageFiles):
             root = Path(files.root)
             entries += [(name, label, *_size_and_time(root / name)) for name, label in files.files]
-        elif _is_remote(files):
+        elif is_remote(files):
             entries.append(files)
         else:
             entries.append((files, *_size_and_time(Path(files))))
