@@ -445,6 +445,25 @@ def test_a_run_folder_inside_its_data_folder_stops_before_writing(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["beach", "hills"] and not (folder / "beach/run").exists()
 
 
+@pytest.mark.parametrize("theirs", ["summary.json", "export/mymodel.bin"])
+def test_a_users_file_where_a_run_writes_at_its_end_stops_it_at_its_start(tmp_path, theirs):
+    folder = image_folder(tmp_path / "holiday", ["beach", "hills"], per_class=10)
+    run_folder = tmp_path / "runs/mine"
+    (run_folder / theirs).parent.mkdir(parents=True)
+    (run_folder / theirs).write_text('{"my": "notes"}')
+    args = ["--data.train_shards", str(folder), "--data.batch_size=8", "--trainer.max_steps=1"]
+    args += ["--trainer.default_root_dir", str(run_folder)]
+    result = in_this_process(tmp_path, "pretrain", "--config", str(ROOT / "recipes/quickstart/simclr.yaml"), *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    advice = "--export false" if "export" in theirs else "is not a summary ssl-vit wrote"
+    said = result.stderr.strip().splitlines()[-1]
+    assert advice in said and "at its end" in said
+    assert (run_folder / theirs).read_text() == '{"my": "notes"}'
+    assert sorted(p.relative_to(run_folder).as_posix() for p in run_folder.rglob("*")) == sorted(
+        {theirs, *[str(parent) for parent in Path(theirs).parents if str(parent) != "."]}
+    )
+
+
 def test_a_folder_smaller_than_one_batch_stops_before_the_run_with_the_batch_to_use(user_folder):
     image_folder(user_folder / "few", ["cats", "dogs"], per_class=20)
     _, index = resolve_shards(str(user_folder / "few") + "#train")

@@ -46,7 +46,7 @@ from ssl_vit.eval.compare import print_comparison
 from ssl_vit.eval.report import (
     write_json,
 )
-from ssl_vit.export import export_encoder
+from ssl_vit.export import EXPORT_FOLDER, export_encoder
 from ssl_vit.finetune import FineTune, LabelledShardDataModule, export_classifier
 from ssl_vit.guards import NonFiniteGuard
 from ssl_vit.health import HealthCallback
@@ -177,6 +177,8 @@ class RunCLI(LightningCLI):
             # Restored at its limit, Lightning would skip the training loop and, with it, the
             # on_train_end hooks that evaluate, draw and check the run's end: run just those.
             self.trainer.fit_loop.run = self.trainer.fit_loop.on_run_end
+        if self.trainer.is_global_zero:
+            check_end_of_run_outputs_are_ours(root, export=config["export"])
         if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
             lock_run_folder(root)
         captioned = getattr(self.model, "caption_tokens", None) is not None  # an image-text objective reads pairs
@@ -479,6 +481,33 @@ def data_name(train_shards: str) -> str:
         path = Path(os.path.abspath(os.path.expanduser(path)))
     folder = path.parent if path.name == "train" or "{" in path.name or path.suffix == ".tar" else path
     return re.sub(r"[^\w.-]+", "-", folder.name).strip("-.") or "data"
+
+
+#: What a run writes in its folder at its end, beside its export.
+RUN_SUMMARIES = ("summary.json", "distill_summary.json")
+
+
+def check_end_of_run_outputs_are_ours(root: Path, export: bool) -> None:
+    """A file of the user's where a run writes at its end (its summary, its export folder) stops
+    the run at its start, not after its training, and is never replaced."""
+    elsewhere = "give the run another folder (--trainer.default_root_dir PATH)"
+    for path in (root / name for name in RUN_SUMMARIES):
+        try:
+            written = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            written = {}
+        if path.exists() and not (isinstance(written, dict) and "steps" in written):
+            raise UserError(
+                f"{path} is not a summary ssl-vit wrote, and the run writes its summary there at its end: move it "
+                f"out or {elsewhere}"
+            )
+    out = root / "export"
+    reason = EXPORT_FOLDER.foreign(out) if export and os.path.lexists(out) else None
+    if reason and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(
+            f"{out} is not only an export folder ({reason}), and the run exports there at its end: move that out, "
+            f"{elsewhere}, or pass --export false"
+        )
 
 
 def check_run_folder_outside_data(root: str, *data: str | None) -> None:
