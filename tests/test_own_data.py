@@ -181,7 +181,7 @@ def test_an_unreadable_image_is_counted_once_and_a_top_up_pass_apart(tmp_path, c
     assert dataset.read_again.value == 1  # the one image the epoch lacks, not a buffer's worth
     said = caplog.records[-1].getMessage()
     again = f"read {dataset.read_again.value} of them again to fill the epoch's batches"
-    assert said == f"epoch 0: read 96 samples, 1 of them unreadable; {again}"
+    assert said == f"epoch 0: read 96 samples, 1 of them skipped; {again}"
     assert caplog.records[-1].levelno == logging.WARNING
     with caplog.at_level(logging.INFO, logger="ssl_vit.data.pipeline"):
         dataset.log_epoch_summary()  # the next epoch says the same: not a warning again (13 of them in 40 steps)

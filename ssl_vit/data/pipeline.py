@@ -31,6 +31,7 @@ import random
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,16 +129,19 @@ def decode_sample(
     if ext is None:
         raise CorruptSample(sample.get(UNREADABLE, f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})"))
     try:
-        with Image.open(io.BytesIO(sample[ext])) as img:  # reads the header only
-            width, height = img.size
-            if width * height > max_pixels:
-                raise CorruptSample(
-                    f"{ext} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than "
-                    f"max_image_pixels = {max_pixels} (data.max_image_pixels in a recipe)"
-                )
-            if min_side:
-                img.draft("RGB", (min_side, min_side))  # a no-op for formats other than JPEG
-            image = to_rgb(upright(img))
+        with warnings.catch_warnings():
+            # max_pixels is checked below, with what to do about it: PIL's own warning would repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(sample[ext])) as img:  # reads the header only
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise CorruptSample(
+                        f"{ext} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than "
+                        f"max_image_pixels = {max_pixels} (data.max_image_pixels in a recipe)"
+                    )
+                if min_side:
+                    img.draft("RGB", (min_side, min_side))  # a no-op for formats other than JPEG
+                image = to_rgb(upright(img))
     except CorruptSample:
         raise
     except Exception as err:
@@ -516,7 +520,7 @@ class ShardDataset(IterableDataset):
         again = self.read_again.value
         # one reader short of its batches reads some of its samples again; say so, with the count apart
         topped_up = f"; read {again} of them again to fill the epoch's batches" if again else ""
-        summary = f"read {read} samples, {skipped} of them unreadable{captions}{topped_up}"
+        summary = f"read {read} samples, {skipped} of them skipped{captions}{topped_up}"
         # A warning when there is something to see, once: every epoch of a run over the same data says the same.
         report = log.warning if (skipped or cut) and summary != self._last_summary else log.info
         self._last_summary = summary
