@@ -413,9 +413,14 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
     run_folder = user_folder / "runs/photos/simclr"
     assert {"checkpoints", "export", "pictures", "summary.json"} <= {p.name for p in run_folder.iterdir()}
     assert json.loads((run_folder / "summary.json").read_text())["knn_k20_top1"] is not None
-    records = list(run_folder.glob("export.knn.eval-*.json"))  # beside the export, not the run's own records
-    data = {"train_shards": "photos#train", "val_shards": "photos#heldout"}  # what the run evaluated on
-    assert records and all(json.loads(record.read_text())["data"] == data for record in records)
+    # `ssl-vit knn RUN` without data evaluates as the run did: the held-out tenth of what it trained on
+    records = [json.loads(r.read_text()) for r in (run_folder / "checkpoints").glob("last.knn.eval-*.json")]
+    photos = str((user_folder / "photos").resolve())
+    assert len(records) == 2  # its own weights and random ones; the run's own records are left as they were
+    data = {"train_shards": f"{photos}#train", "val_shards": f"{photos}#heldout"}
+    assert all(record["data"] == data for record in records)
+    own = json.loads((run_folder / "checkpoints/last.knn.json").read_text())
+    assert [r["results"] for r in records if r["weights"] != "random"] == [own["results"]]
     assert (user_folder / "runs/photos/finetune/export/model.safetensors").is_file()
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
     assert continued["steps"] > 0 and "the encoder starts from runs/photos/simclr/export (init_from)" in result.stderr

@@ -38,7 +38,13 @@ from ssl_vit.data.shards import (
 from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError, counted
 from ssl_vit.eval import Evaluator
-from ssl_vit.eval.encoders import load_evaluated_encoder, own_pooling, resolve_run_folder, standalone_record_stem
+from ssl_vit.eval.encoders import (
+    load_evaluated_encoder,
+    own_pooling,
+    resolve_run_folder,
+    run_data,
+    standalone_record_stem,
+)
 from ssl_vit.eval.features import Pooling
 from ssl_vit.eval.image_text import evaluate_image_text
 from ssl_vit.eval.report import (
@@ -98,8 +104,7 @@ def evaluate(command: str, args: list[str]) -> None:
     # Only the options of this command's protocols (the others keep their defaults).
     kinds = {"knn": ["knn"], "probe": ["probe", "attentive"], "segprobe": ["segmentation"]}[command]
     wanted = {
-        "train_shards",  # and --val_shards, --pooling: options of their own (below)
-        "cache_dir",
+        "cache_dir",  # --train_shards, --val_shards, --pooling: options of their own (below)
         *COMMON_SETTINGS,
         *(s for k in kinds for s in PROTOCOL_SETTINGS[k]),
     }
@@ -114,6 +119,13 @@ def evaluate(command: str, args: list[str]) -> None:
             "the mean for SimMIM, I-JEPA and fine-tuned classifiers, else the CLS token",
         )
     parser.add_argument(
+        "--train_shards",
+        type=str | None,
+        default=None,
+        help="labelled images or shards (a folder of class folders, or `ssl-vit shards` output); default, for a "
+        "run folder, its checkpoint or its export: the data the run trained on",
+    )
+    parser.add_argument(
         "--val_shards",
         type=str | None,
         default=None,
@@ -121,6 +133,14 @@ def evaluate(command: str, args: list[str]) -> None:
         "train folder, else the held-out tenth of --train_shards against the rest",
     )
     cfg = parser.parse_args(args).as_dict()
+    if cfg["train_shards"] is None:
+        trained_on = run_data(cfg["encoder"])
+        if trained_on is None:
+            raise UserError(
+                f"ssl-vit {command} {cfg['encoder']} needs --train_shards (labelled data to evaluate on): only a run "
+                "folder, its checkpoint or its export know the data they trained on"
+            )
+        cfg["train_shards"], cfg["val_shards"] = trained_on[0], cfg["val_shards"] or trained_on[1]
     cfg["train_shards"], cfg["val_shards"] = evaluation_split(cfg["train_shards"], cfg["val_shards"])
     source, weights, out = resolve_run_folder(cfg.pop("encoder")), cfg.pop("weights"), cfg.pop("out")
     pooling = cfg.pop("pooling", None)

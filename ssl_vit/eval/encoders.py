@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from ssl_vit.checkpoint import load_checkpoint_encoder, read_checkpoint, run_checkpoint
+from ssl_vit.checkpoint import RUN_KEY, load_checkpoint_encoder, read_checkpoint, run_checkpoint
 from ssl_vit.encoder import TIMM_VITS, EncoderOutput, TimmViT, ViTEncoder, ViTProperties
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
@@ -163,6 +163,21 @@ def resolve_run_folder(source: str) -> str:
     return source
 
 
+def run_data(source: str) -> tuple[str, str | None] | None:
+    """What the run that wrote ``source`` trained on, as (``data.train_shards`` where it was when
+    the run read it, ``data.val_shards``), for a checkpoint, a run folder or a run's own export
+    (beside its ``checkpoints/``); None for anything else (another export, ``timm:NAME``)."""
+    path = Path(source)
+    if path.is_dir() and (path.parent / "checkpoints").is_dir():  # <run>/export
+        path = path.parent
+    path = Path(resolve_run_folder(str(path)))
+    if path.suffix != ".ckpt" or not path.is_file():
+        return None
+    ckpt = read_checkpoint(path, mmap=True)
+    train = ckpt.get(RUN_KEY, {}).get("train_shards")
+    return (train, ckpt.get("datamodule_hyper_parameters", {}).get("val_shards")) if train else None
+
+
 def own_pooling(encoder: FrozenEncoder) -> str:
     """The embedding the encoder's own model pools (timm's ``global_pool``): the mean of the patch
     tokens for ``avg`` (SimMIM, I-JEPA, a fine-tuned classifier) or without a CLS token, else the
@@ -222,7 +237,7 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
         encoder = ViTEncoder(**ckpt["hyper_parameters"]["encoder"])
         info = {"method": "ViT", "encoder": dict(ckpt["hyper_parameters"]["encoder"]), "step": None}
         return _with_weights(encoder, weights, source), {**info, "weights": weights}
-    raise UserError(f"{source} does not exist; pass an ssl-vit .ckpt, an export folder or timm:NAME")
+    raise UserError(f"{source} does not exist; pass an ssl-vit .ckpt, a run folder, an export folder or timm:NAME")
 
 
 def _timm_model(name: str, timm_weights: bool, source: str) -> nn.Module:
