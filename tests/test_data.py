@@ -240,8 +240,15 @@ def test_truncated_shard_keeps_its_readable_head(numbered_shards, tmp_path: Path
 def test_missing_shards_are_a_clear_error(tmp_path: Path):
     with pytest.raises(UserError, match=r"2 of 2 shards .* are missing"):
         resolve_shards(str(tmp_path / "train-{0..1}.tar"))
-    with pytest.raises(UserError, match="no shards found"):
+    with pytest.raises(UserError, match=r"no shards found .*, nor images \(it is empty\)"):
         resolve_shards(str(tmp_path))
+    (tmp_path / "notes").mkdir()
+    for name in ("notes/a.txt", "b.TXT", "c.heic", "README"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(UserError, match=r"nor images \(it holds 4 files, none an image: .heic; .txt; README\)"):
+        resolve_shards(str(tmp_path))
+    for name in ("notes/a.txt", "b.TXT", "c.heic", "README"):
+        (tmp_path / name).unlink()
     with pytest.raises(UserError, match="fotos does not exist: give a folder of images"):
         resolve_shards(str(tmp_path / "fotos"))  # a misspelled folder
     Image.fromarray(random_images(1)[0]).save(tmp_path / "IMG_0000.jpg")

@@ -173,10 +173,10 @@ def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str
         files = [(path, label[path.split("/", 1)[0]]) for path in images if "/" in path]
     else:
         files = [(path, None) for path in images]
-    if not files:
-        raise NoImages(
-            f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}; expected images, or one sub-folder of them per class"
-        )
+    if not files:  # what is there instead, which may be the mistake (a folder of .heic, or of zips)
+        kinds = sorted({f".{extension(path)}" if extension(path) else Path(path).name for path in visible})
+        found = f"it holds {counted(len(visible), 'file')}, none an image: {first_few(kinds)}"
+        raise NoImages(found if visible else "it is empty")
     class_of = {os.path.realpath(root / name): name for name in classes}
     links = {name: class_of.get(os.path.realpath(root / name)) for name in sub_folders if name not in label}
     _say_what_is_left_out(root, visible, files, links)
@@ -545,9 +545,9 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
 def _image_folder(root: Path) -> tuple[list[str | ImageFiles], ShardIndex]:
     try:
         classes, files = image_files(root)
-    except NoImages:
+    except NoImages as what:
         raise UserError(
-            f"no shards found at {str(root)!r}, nor images: write shards there with `ssl-vit shards`, or put "
+            f"no shards found at {str(root)!r}, nor images ({what}): write shards there with `ssl-vit shards`, or put "
             f"{'/'.join(IMAGE_EXTENSIONS)} images in it (one sub-folder per class, or none for unlabelled images)"
         ) from None
     random.Random(0).shuffle(files)  # each group mixes classes
