@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ssl_vit.data.shards import data_location
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
+from ssl_vit.replace import process_exists, writer_id
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{_writer_id()}.tmp")
+        tmp = path.with_name(f".{path.name}.{writer_id()}.tmp")
         try:
             with open(tmp, "wb") as f:
                 hashing = _HashingWriter(f)
@@ -87,16 +88,12 @@ class _HashingWriter:
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{_writer_id()}.tmp")
+    tmp = path.with_name(f".{path.name}.{writer_id()}.tmp")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _writer_id() -> str:
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
 #: A temporary file of ``AtomicCheckpointIO`` (or of ssl-vit before writers were named by host).
@@ -123,7 +120,7 @@ def remove_dead_writers_files(folder: str | Path) -> list[Path]:
     host = socket.gethostname().replace(".", "_")
     for path in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
         match = _TEMPORARY.fullmatch(path.name)
-        if match is None or match["host"] not in (None, host) or _process_exists(int(match["pid"])):
+        if match is None or match["host"] not in (None, host) or process_exists(int(match["pid"])):
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
@@ -181,16 +178,6 @@ def release_run_folders() -> None:
         fd, path = _held_locks.pop()
         path.unlink(missing_ok=True)  # while still held: no other run holds this file meanwhile
         os.close(fd)  # closing the descriptor releases its flock
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def checkpoint_problem(path: Path) -> str | None:

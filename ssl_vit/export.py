@@ -43,6 +43,7 @@ RELEASE_KEYS = ("tag", "license", "hf_hub_id", "url", "file", "source", "origin_
 EXPORT_FOLDER = OutputKind(
     "an export folder (config.json, model.safetensors, README.md)",
     ("config.json", "model.safetensors", "README.md", *ONNX_FILES),
+    required=("config.json", "model.safetensors"),
 )
 STATE_DICT_FILE = OutputKind("a state_dict export", ("*.safetensors",), folder=False)
 

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import glob
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ssl_vit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class OutputKind:
     what: str  # said in messages: "an export folder"
     names: tuple[str, ...]
     folder: bool = True
+    required: tuple[str, ...] = ()  # files every such folder holds: a folder without one is someone else's
 
     def foreign(self, path: Path) -> str | None:
         """Why the existing ``path`` is not an output of this kind (None when it is one)."""
@@ -45,6 +52,9 @@ class OutputKind:
             return f"it also holds the checkpoint {checkpoints[0].name}"
         if others:
             return f"it also holds {others[0].name}{'/' if others[0].is_dir() else ''}"
+        missing = [name for name in self.required if not (path / name).is_file()]
+        if missing and any(path.iterdir()):
+            return f"it has no {missing[0]}"
         return None
 
     def _named(self, path: Path) -> bool:
@@ -56,7 +66,7 @@ def check_replaceable(out: str | Path, kind: OutputKind, overwrite: bool, reads:
     folder where ``kind`` is a folder, or (with ``overwrite``) is an output of ``kind`` and, if it
     is in a run folder (beside ``checkpoints/``), of a run ``reads`` is in; and it is neither the
     current folder, nor one above it, nor the same as or above a path in ``reads``."""
-    target = Path(os.path.abspath(out))
+    target = output_path(out)
     real, here = target.resolve(), Path.cwd().resolve()
     if real == here or real in here.parents:
         raise UserError(f"{out} is the current folder or holds it; name a new folder for the output instead")
@@ -75,10 +85,10 @@ def check_replaceable(out: str | Path, kind: OutputKind, overwrite: bool, reads:
     reason = kind.foreign(target)
     empty_folder = target.is_dir() and not any(target.iterdir())
     if reason and (overwrite or empty_folder):
-        holds_more = kind.folder and target.is_dir()  # an output folder and something else
+        holds_more = kind.folder and target.is_dir() and reason.startswith("it also holds")  # an output and more
         raise UserError(
             f"{out} is not {'only ' if holds_more else ''}{kind.what}: {reason}; --overwrite replaces only what "
-            "ssl-vit writes, so move that out or choose another path"
+            f"ssl-vit writes, so {'move that out or ' if holds_more else ''}choose another path"
         )
     if not (overwrite or empty_folder):
         advice = "choose another path" if reason else "choose another path or pass --overwrite"
@@ -99,11 +109,12 @@ def replace_output(
     temporary folder, the new one renamed in, and the old one removed last, with the temporary
     folder: if anything fails, the old output is in place, whole, and nothing is left beside it.
     """
+    target = output_path(out)
+    recover_interrupted_replacements(target)
     check_replaceable(out, kind, overwrite, reads)
-    target = Path(os.path.abspath(out))  # "sub/.." has no name of its own to put a temporary one beside
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{writer_id()}.", suffix=".partial", dir=target.parent))
     except OSError as err:
         raise UserError(f"cannot write to {target.parent}: {err.strerror}") from err
     new, old = staging / "new", staging / "old"
@@ -112,6 +123,10 @@ def replace_output(
             new.mkdir()  # not the staging folder itself, which mkdtemp makes private to its owner
         write(new)
         give_default_permissions(new)
+        try:  # again: what the user (or another command) put at out while this one wrote is theirs
+            check_replaceable(out, kind, overwrite, reads)
+        except UserError as err:
+            raise UserError(f"while this command wrote, {err}; nothing was written") from None
         try:
             _move_into_place(new, target, old)
         except OSError as err:
@@ -121,6 +136,45 @@ def replace_output(
         if not os.path.lexists(old) or os.path.lexists(target):  # never delete the only copy of the old output
             shutil.rmtree(staging, ignore_errors=True)
     return Path(out)
+
+
+def output_path(out: str | Path) -> Path:
+    """Where an output goes: ``out`` made absolute ("sub/.." has no name of its own to put a
+    temporary one beside), or for a link, the path it points to (the link is the user's)."""
+    target = Path(os.path.abspath(out))
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
+def writer_id() -> str:
+    """``host-pid``: names a temporary file or folder after the process writing it, so that one
+    left by a killed writer is known for one (:func:`process_exists`)."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover_interrupted_replacements(target: Path) -> None:
+    """Clear what writers of ``target`` on this host left when they were killed: an old output a
+    replacement had moved aside, with nothing in its place, is put back; the rest is removed."""
+    host = socket.gethostname().replace(".", "_")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.partial")
+    for staging in target.parent.glob(f".{glob.escape(target.name)}.*.partial") if target.parent.is_dir() else ():
+        match = pattern.fullmatch(staging.name)
+        if match is None or match["host"] != host or process_exists(int(match["pid"])):
+            continue
+        old = staging / "old"
+        if os.path.lexists(old) and not os.path.lexists(target):
+            os.rename(old, target)
+            log.warning("put back %s, which a replacement killed before its end had moved aside", target)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _move_into_place(new: Path, target: Path, old: Path) -> None:

@@ -230,3 +230,65 @@ def test_overwrite_replaces_existing_shards(tmp_path):
     assert json.loads((out / "dataset.json").read_text())["source"] == "test 1"
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "shard-000000.tar", "shard-000001.tar"]
     assert [p.name for p in tmp_path.iterdir()] == ["shards"]
+
+
+def test_a_folder_made_at_the_output_while_it_was_written_is_left_alone(tmp_path, run, monkeypatch):
+    """The check before writing is not enough: the user (or a second command) may make the folder
+    while the output is written; the output is then refused, and their folder kept."""
+    import ssl_vit.replace as replace
+
+    real_permissions = replace.give_default_permissions
+
+    def user_makes_the_folder(path: Path) -> None:  # after the write, before the move into place
+        real_permissions(path)
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(replace, "give_default_permissions", user_makes_the_folder)
+    with pytest.raises(UserError, match=r"while this command wrote, .*out already exists and is not empty"):
+        write_shards((("png", png_bytes(img), 0) for img in random_images(2)), tmp_path / "out", ["a"], "test")
+    assert snapshot(tmp_path / "out") == {"notes.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # nothing left beside it
+
+
+def test_a_folder_with_only_an_exports_file_names_is_not_an_export(tmp_path, run):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text("my project")
+    with pytest.raises(UserError, match=r"is not an export folder .*: it has no config\.json"):
+        export_encoder(run / "checkpoints/last.ckpt", tmp_path / "docs", overwrite=True)
+    assert (tmp_path / "docs" / "README.md").read_text() == "my project"
+
+
+def test_an_output_given_as_a_link_is_written_where_the_link_points(tmp_path, run):
+    (tmp_path / "big_disk").mkdir()
+    (tmp_path / "export").symlink_to(tmp_path / "big_disk")
+    export_encoder(run / "checkpoints/last.ckpt", tmp_path / "export")
+    assert (tmp_path / "export").is_symlink() and (tmp_path / "big_disk" / "model.safetensors").is_file()
+    export_encoder(run / "checkpoints/epoch=0000.ckpt", tmp_path / "export", overwrite=True)
+    assert (tmp_path / "export").is_symlink()
+    config = json.loads((tmp_path / "big_disk" / "config.json").read_text())
+    assert config["ssl_vit"]["checkpoint"].endswith("epoch=0000.ckpt")
+
+
+def test_an_old_output_a_killed_replacement_moved_aside_is_put_back(tmp_path, run):
+    import ssl_vit.replace as replace
+
+    out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "export")
+    before = snapshot(out)
+    host = replace.writer_id().rsplit("-", 1)[0]
+    dead = 2**22 + 12345  # above the kernel's default pid_max: no process has it
+    killed = tmp_path / f".export.{host}-{dead}.x1y2z3.partial"
+    (killed / "new").mkdir(parents=True)  # half written
+    out.rename(killed / "old")  # killed between its two renames: nothing at out
+    alive = tmp_path / f".export.{replace.writer_id()}.a1b2c3.partial"  # a writer at work: not touched
+    alive.mkdir()
+    export_encoder(run / "checkpoints/epoch=0000.ckpt", out, overwrite=True)
+    assert not killed.exists() and alive.is_dir()
+    assert json.loads((out / "config.json").read_text())["ssl_vit"]["checkpoint"].endswith("epoch=0000.ckpt")
+    alive.rmdir()
+    killed_again = tmp_path / f".export.{host}-{dead}.q1w2e3.partial"
+    (killed_again / "new").mkdir(parents=True)
+    out.rename(killed_again / "old")
+    with pytest.raises(UserError, match="already exists"):  # put back first, so refused without --overwrite
+        export_encoder(run / "checkpoints/last.ckpt", out)
+    assert not killed_again.exists() and snapshot(out) != before and (out / "model.safetensors").is_file()

@@ -448,6 +448,20 @@ def test_a_run_folder_inside_its_data_folder_stops_before_writing(tmp_path):
     result = in_this_process(tmp_path, "pretrain", "--config", recipe, *inside)
     assert result.returncode == 2 and "is inside the data folder" in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["beach", "hills"] and not (folder / "beach/run").exists()
+    named = tmp_path / "pictures"  # the run folder above data named as a folder the run writes
+    folder.rename(named)
+    result = in_this_process(
+        tmp_path,
+        "pretrain",
+        "--config",
+        recipe,
+        "--data.train_shards",
+        "pictures/beach",
+        "--trainer.default_root_dir",
+        ".",
+    )
+    assert result.returncode == 2 and "is in " in result.stderr and "where the run writes its pictures" in result.stderr
+    assert sorted(p.name for p in named.iterdir()) == ["beach", "hills"]
 
 
 @pytest.mark.parametrize("theirs", ["summary.json", "export/mymodel.bin"])

@@ -510,20 +510,30 @@ def check_end_of_run_outputs_are_ours(root: Path, export: bool) -> None:
         )
 
 
+#: The folders a run writes in its run folder.
+RUN_OUTPUT_FOLDERS = ("checkpoints", "pictures", "export", "lightning_logs")
+
+
 def check_run_folder_outside_data(root: str, *data: str | None) -> None:
     """A run folder inside a folder the run reads would have its pictures and checkpoints read as
-    images, by its own evaluation and by every later run on that folder."""
+    images, by its own evaluation and by every later run on that folder; data in a folder the run
+    writes (``--data.train_shards pictures`` with the run folder ``.``) would get them too."""
     run = Path(root).resolve()
+    fix = "give the run a folder apart from the data (--trainer.default_root_dir PATH, or start from another folder)"
     for spec in data:
         if not spec or is_remote(spec):
             continue
-        folder = Path(os.path.expanduser(split_part(spec)[0]))
-        if folder.is_dir() and (run == folder.resolve() or folder.resolve() in run.parents):
+        folder = Path(os.path.expanduser(split_part(spec)[0])).resolve()
+        if not folder.is_dir():
+            continue
+        if run == folder or folder in run.parents:
             raise UserError(
                 f"the run folder {root} is inside the data folder {spec}, whose images the run reads: its pictures "
-                "would be read as images; give the run a folder outside the data (--trainer.default_root_dir "
-                "PATH, or start the command from another folder)"
+                f"would be read as images; {fix}"
             )
+        written = next((run / name for name in RUN_OUTPUT_FOLDERS if (run / name) in (folder, *folder.parents)), None)
+        if written:
+            raise UserError(f"the data folder {spec} is in {written}, where the run writes its {written.name}; {fix}")
 
 
 def default_run_folder(train_shards: str, name: str) -> str:

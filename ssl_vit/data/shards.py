@@ -30,7 +30,9 @@ from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "dataset.json"
-SHARD_FOLDER = OutputKind(f"a shard folder (shard-*.tar, {INDEX_FILE})", ("shard-*.tar", INDEX_FILE))
+SHARD_FOLDER = OutputKind(
+    f"a shard folder (shard-*.tar, {INDEX_FILE})", ("shard-*.tar", INDEX_FILE), required=(INDEX_FILE,)
+)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MASK_MEMBER = "seg.png"  # a sample's label map for dense probes: 8-bit PNG of class indices
 CAPTION_MEMBER = "txt"  # a sample's caption, UTF-8 (image-text objectives: CLIP)

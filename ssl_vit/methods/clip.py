@@ -169,6 +169,7 @@ def clip_from_checkpoint(ckpt: dict[str, Any], checkpoint: str | Path) -> CLIP:
 OPEN_CLIP_FOLDER = OutputKind(
     "an open_clip folder (open_clip_config.json, open_clip_model.safetensors)",
     ("open_clip_config.json", "open_clip_model.safetensors"),
+    required=("open_clip_config.json", "open_clip_model.safetensors"),
 )
 
 
