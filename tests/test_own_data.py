@@ -464,7 +464,7 @@ def test_a_run_folder_inside_its_data_folder_stops_before_writing(tmp_path):
     assert sorted(p.name for p in named.iterdir()) == ["beach", "hills"]
 
 
-@pytest.mark.parametrize("theirs", ["summary.json", "export/mymodel.bin"])
+@pytest.mark.parametrize("theirs", ["summary.json", "export/mymodel.bin", "export/README.md"])
 def test_a_users_file_where_a_run_writes_at_its_end_stops_it_at_its_start(tmp_path, theirs):
     folder = image_folder(tmp_path / "holiday", ["beach", "hills"], per_class=10)
     run_folder = tmp_path / "runs/mine"
