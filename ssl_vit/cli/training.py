@@ -177,9 +177,8 @@ class RunCLI(LightningCLI):
             # Restored at its limit, Lightning would skip the training loop and, with it, the
             # on_train_end hooks that evaluate, draw and check the run's end: run just those.
             self.trainer.fit_loop.run = self.trainer.fit_loop.on_run_end
-        if self.trainer.is_global_zero:
-            check_end_of_run_outputs_are_ours(root, export=config["export"])
         if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
+            check_end_of_run_outputs_are_ours(root, export=config["export"])
             lock_run_folder(root)
         captioned = getattr(self.model, "caption_tokens", None) is not None  # an image-text objective reads pairs
         described = self.datamodule.describe(captioned) if self.trainer.is_global_zero else None
@@ -505,7 +504,7 @@ def check_end_of_run_outputs_are_ours(root: Path, export: bool) -> None:
     reason = EXPORT_FOLDER.foreign(out) if export and os.path.lexists(out) else None
     if reason and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(
-            f"{out} is not only an export folder ({reason}), and the run exports there at its end: move that out, "
+            f"{out} is not an export ssl-vit wrote ({reason}), and the run exports there at its end: move it out, "
             f"{elsewhere}, or pass --export false"
         )
 
