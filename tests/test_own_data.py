@@ -165,6 +165,27 @@ def test_a_folder_resolved_again_sees_images_added_since(tmp_path):
     assert index.num_samples == 12 and index.classes == ["cat", "dog", "owl"]
 
 
+def test_a_folder_moved_while_a_run_reads_it_is_named_as_moved(tmp_path, monkeypatch, capsys):
+    root = image_folder(tmp_path / "photos", ["cat", "dog"], per_class=5)
+    shards, _ = resolve_shards(str(root))
+    root.rename(tmp_path / "photos-2024")
+    with pytest.raises(UserError, match=r"photos no longer exists: moved or renamed while the run read it"):
+        list(ShardDataset(shards, np.asarray, batch_size=4, batches_per_epoch=2))
+    # Raised in a loader worker, the message reaches the user as itself, not under torch's traceback.
+    import ssl_vit.cli
+
+    wrapped = "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    wrapped += '  File "x.py", line 1, in <module>\nssl_vit.errors.UserError: photos no longer exists: put it back'
+
+    def raises(argv):
+        raise UserError(wrapped)
+
+    monkeypatch.setattr(ssl_vit.cli, "run_command", raises)
+    with pytest.raises(SystemExit):
+        ssl_vit.cli.main(["pretrain"])
+    assert capsys.readouterr().err.strip() == "ssl-vit pretrain: error: photos no longer exists: put it back"
+
+
 def test_an_unreadable_image_is_counted_once_and_a_top_up_pass_apart(tmp_path, caplog):
     """One broken file among 96: the epoch's 3 batches of 32 need one image more than the folder
     holds, so a reader takes one of its images again; the epoch's line counts every file once,

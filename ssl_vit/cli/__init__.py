@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         command = argv[0]
         # Lightning's MisconfigurationException is its own word on a bad setting (e.g. max_epochs -5).
         message = recipe_error_message(err, command) if isinstance(err, argparse.ArgumentError) else str(err)
+        if "\nOriginal Traceback" in message:  # raised in a loader worker: torch put the worker's traceback first
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         # escape: a message is plain text, and rich would take `.[deploy]` in one for markup and drop it
         Console(stderr=True).print(
             f"[bold red]ssl-vit {command}: error:[/] {escape(message)}", highlight=False, soft_wrap=True

@@ -61,6 +61,7 @@ from ssl_vit.data.shards import (
     extension,
     group_files,
     is_heldout,
+    is_remote,
     resolve_shards,
     split_part,
     upright,
@@ -171,6 +172,18 @@ def decodable_samples(samples: Iterable[Sample]) -> Iterator[Sample]:
     if broken:
         do = "does" if len(broken) == 1 else "do"
         log.warning("left out %s that %s not decode (%s)", counted(len(broken), "image"), do, first_few(broken))
+
+
+def no_sample_read(shards: list[Shard]) -> str:
+    """Why a reader got no sample from its shards: most often, data moved while the run read it."""
+    places = [str(s.root if isinstance(s, ImageFiles) else s) for s in (getattr(s, "shard", s) for s in shards)]
+    gone = sorted({place for place in places if not is_remote(place) and not os.path.exists(place)})
+    if gone:
+        return (
+            f"{first_few(gone)} no longer exist{'s' if len(gone) == 1 else ''}: moved or renamed while the run read "
+            "it; put it back and run the same command again (it resumes from the run's last checkpoint)"
+        )
+    return f"no readable sample in {first_few(sorted(set(places)))}; check the shards' contents"
 
 
 def sample_name(sample: dict[str, Any], shard: Shard) -> str:
@@ -406,7 +419,7 @@ class ShardDataset(IterableDataset):
                 if taken == total:
                     return
             if not got_any:
-                raise UserError(f"no readable sample in shards {shards[:3]}...; check the shards' contents")
+                raise UserError(no_sample_read(shards))
 
     def _read(self, shards: list[Shard], again: bool = False) -> Iterator[tuple[Image.Image, int]]:
         for shard in shards:
