@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -292,3 +293,42 @@ def test_an_old_output_a_killed_replacement_moved_aside_is_put_back(tmp_path, ru
     with pytest.raises(UserError, match="already exists"):  # put back first, so refused without --overwrite
         export_encoder(run / "checkpoints/last.ckpt", out)
     assert not killed_again.exists() and snapshot(out) != before and (out / "model.safetensors").is_file()
+
+
+@pytest.fixture
+def small_embedded(monkeypatch):
+    """The embedded dataset at a few images per class: the same code, seconds less."""
+    from ssl_vit.data import embedded
+
+    monkeypatch.setitem(embedded.SPLITS, "train", 3)
+    monkeypatch.setitem(embedded.SPLITS, "val", 2)
+    return embedded
+
+
+def test_embedded_shards_stopped_while_written_leave_both_old_splits(tmp_path, small_embedded, monkeypatch):
+    write_embedded_shards(tmp_path / "data", samples_per_shard=10, seed=0)
+    before = snapshot(tmp_path)
+    samples = small_embedded.embedded_samples
+
+    def stopped_at_val(split, *args, **kwargs):
+        if split == "val":
+            raise KeyboardInterrupt  # as Ctrl-C while val is written
+        return samples(split, *args, **kwargs)
+
+    monkeypatch.setattr(small_embedded, "embedded_samples", stopped_at_val)
+    with pytest.raises(KeyboardInterrupt):
+        write_embedded_shards(tmp_path / "data", samples_per_shard=10, seed=1, overwrite=True)
+    assert snapshot(tmp_path) == before  # no train of seed 1 beside a val of seed 0, nothing left beside
+
+
+def test_embedded_shards_whose_train_is_missing_are_written_again(tmp_path, small_embedded):
+    """A kill between the two splits' moves leaves val alone (train moves in last); the run that
+    writes the data again (train missing) replaces that val, its own of the same seed."""
+    write_embedded_shards(tmp_path / "data", samples_per_shard=10, seed=0)
+    before = snapshot(tmp_path)
+    shutil.rmtree(tmp_path / "data" / "train")
+    write_embedded_shards(tmp_path / "data", samples_per_shard=10, seed=0)
+    assert snapshot(tmp_path).keys() == before.keys()
+    shutil.rmtree(tmp_path / "data" / "train")
+    with pytest.raises(UserError, match="val already exists"):  # another seed's val is not its own
+        write_embedded_shards(tmp_path / "data", samples_per_shard=10, seed=1)

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -25,7 +27,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from ssl_vit.data import embedded
 from ssl_vit.errors import UserError, counted, first_few
-from ssl_vit.replace import OutputKind, check_replaceable, replace_output
+from ssl_vit.replace import OutputKind, check_replaceable, recover_interrupted_replacements, replace_output, writer_id
 
 log = logging.getLogger(__name__)
 
@@ -383,27 +385,54 @@ def write_embedded_shards(
     dataset: str = "shapes",
 ) -> dict[str, ShardIndex]:
     """Generate an embedded dataset (``shapes`` or ``glyphs``) as ``out_root/train`` and
-    ``out_root/val`` shards, each sample with its class and its label map."""
+    ``out_root/val`` shards, each sample with its class and its label map.
+
+    Both splits are written first, beside ``out_root``, then moved in, ``val`` before ``train``:
+    a kill leaves no pair of splits of two seeds (but for the instant between the two moves), and a
+    ``train`` folder always has its ``val`` (a run writes the data again when ``train`` is missing;
+    a ``val`` of the same dataset and seed is then its own to replace)."""
     if dataset not in embedded.DATASETS:
         raise UserError(f"unknown embedded dataset {dataset!r}; choose one of {', '.join(embedded.DATASETS)}")
     classes = embedded.DATASETS[dataset][0]
+    out_root = Path(out_root)
+    sources = {split: f"ssl-vit embedded {dataset} (seed {seed}, split {split})" for split in embedded.SPLITS}
+    # A val beside no train is what a write killed between its two moves left: the same data's is ours.
+    orphan = not (out_root / "train").exists() and _shard_source(out_root / "val") == sources["val"]
+    replaceable = {"train": overwrite, "val": overwrite or orphan}
     for split in embedded.SPLITS:  # both before writing either: a refused val must not follow a replaced train
-        check_replaceable(Path(out_root) / split, SHARD_FOLDER, overwrite)
-    return {
-        split: write_shards(
-            (
-                ("png", _png_bytes(sample.image), sample.label, _png_bytes(sample.label_map), sample.caption)
-                for sample in embedded.embedded_samples(split, seed, dataset=dataset)
-            ),
-            Path(out_root) / split,
-            classes=list(classes),
-            source=f"ssl-vit embedded {dataset} (seed {seed}, split {split})",
-            samples_per_shard=samples_per_shard,
-            overwrite=overwrite,
-            mask_classes=embedded.mask_classes(dataset),
-        )
-        for split in embedded.SPLITS
-    }
+        check_replaceable(out_root / split, SHARD_FOLDER, replaceable[split])
+    out_root.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_replacements(out_root)  # what a killed earlier write staged
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.{writer_id()}.", suffix=".partial", dir=out_root.parent))
+    try:
+        indexes = {
+            split: write_shards(
+                (
+                    ("png", _png_bytes(sample.image), sample.label, _png_bytes(sample.label_map), sample.caption)
+                    for sample in embedded.embedded_samples(split, seed, dataset=dataset)
+                ),
+                staging / split,
+                classes=list(classes),
+                source=sources[split],
+                samples_per_shard=samples_per_shard,
+                mask_classes=embedded.mask_classes(dataset),
+            )
+            for split in embedded.SPLITS
+        }
+        for split in sorted(embedded.SPLITS, key=lambda split: split == "train"):  # val, then train
+            written = staging / split
+            replace_output(out_root / split, lambda new, w=written: w.replace(new), SHARD_FOLDER, replaceable[split])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return indexes
+
+
+def _shard_source(folder: Path) -> str | None:
+    """The ``source`` a shard folder's index records, if it has one."""
+    try:
+        return json.loads((folder / INDEX_FILE).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _png_bytes(img: Image.Image) -> bytes:
