@@ -188,6 +188,10 @@ def test_evaluating_something_that_is_not_a_checkpoint_is_one_clear_message(tmp_
         result = in_this_process(tmp_path, "knn", path, "--train_shards=photos", "--val_shards=photos")
         assert result.returncode == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+    # Without --train_shards: only a run knows its data; a missing path is named as missing.
+    for source, message in (("runs/nope", "runs/nope does not exist"), ("timm:vit_tiny_patch16_224", "--train_shards")):
+        result = in_this_process(tmp_path, "knn", source)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_shards_offers_both_embedded_datasets(tmp_path):

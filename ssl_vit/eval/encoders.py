@@ -163,11 +163,17 @@ def resolve_run_folder(source: str) -> str:
     return source
 
 
+def missing_source(source: str) -> UserError:
+    return UserError(f"{source} does not exist; pass an ssl-vit .ckpt, a run folder, an export folder or timm:NAME")
+
+
 def run_data(source: str) -> tuple[str, str | None] | None:
     """What the run that wrote ``source`` trained on, as (``data.train_shards`` where it was when
     the run read it, ``data.val_shards``), for a checkpoint, a run folder or a run's own export
     (beside its ``checkpoints/``); None for anything else (another export, ``timm:NAME``)."""
     path = Path(source)
+    if not source.startswith("timm:") and not path.exists():
+        raise missing_source(source)
     if path.is_dir() and (path.parent / "checkpoints").is_dir():  # <run>/export
         path = path.parent
     path = Path(resolve_run_folder(str(path)))
@@ -237,7 +243,7 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
         encoder = ViTEncoder(**ckpt["hyper_parameters"]["encoder"])
         info = {"method": "ViT", "encoder": dict(ckpt["hyper_parameters"]["encoder"]), "step": None}
         return _with_weights(encoder, weights, source), {**info, "weights": weights}
-    raise UserError(f"{source} does not exist; pass an ssl-vit .ckpt, a run folder, an export folder or timm:NAME")
+    raise missing_source(source)
 
 
 def _timm_model(name: str, timm_weights: bool, source: str) -> nn.Module:
