@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ssl_vit.data.shards import data_location
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
-from ssl_vit.replace import process_exists, writer_id
+from ssl_vit.replace import process_exists, this_host, writer_id
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -117,7 +117,7 @@ def remove_dead_writers_files(folder: str | Path) -> list[Path]:
     (their process no longer exists); a live writer's, another host's and anything not named as
     ours are left alone. Returns what was removed."""
     removed = []
-    host = socket.gethostname().replace(".", "_")
+    host = this_host()
     for path in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
         match = _TEMPORARY.fullmatch(path.name)
         if match is None or match["host"] not in (None, host) or process_exists(int(match["pid"])):

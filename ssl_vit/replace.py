@@ -145,10 +145,15 @@ def output_path(out: str | Path) -> Path:
     return Path(os.path.realpath(target)) if target.is_symlink() else target
 
 
+def this_host() -> str:
+    """The host's name as temporary names carry it (no dots, which separate their parts)."""
+    return socket.gethostname().replace(".", "_")
+
+
 def writer_id() -> str:
     """``host-pid``: names a temporary file or folder after the process writing it, so that one
     left by a killed writer is known for one (:func:`process_exists`)."""
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    return f"{this_host()}-{os.getpid()}"
 
 
 def process_exists(pid: int) -> bool:
@@ -164,7 +169,7 @@ def process_exists(pid: int) -> bool:
 def recover_interrupted_replacements(target: Path) -> None:
     """Clear what writers of ``target`` on this host left when they were killed: an old output a
     replacement had moved aside, with nothing in its place, is put back; the rest is removed."""
-    host = socket.gethostname().replace(".", "_")
+    host = this_host()
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.partial")
     for staging in target.parent.glob(f".{glob.escape(target.name)}.*.partial") if target.parent.is_dir() else ():
         match = pattern.fullmatch(staging.name)
