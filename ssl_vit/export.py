@@ -29,7 +29,7 @@ from ssl_vit.checkpoint import (
     read_checkpoint,
 )
 from ssl_vit.data.views import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
-from ssl_vit.encoder import NON_TIMM_SETTINGS, TIMM_VITS, TimmViT
+from ssl_vit.encoder import NON_TIMM_SETTINGS, TIMM_VITS, TimmViT, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval.report import RECORD_KINDS
 from ssl_vit.onnx_export import ONNX_FILES, Deploy, OnnxOptions, prepare_deploy, require_onnxruntime, write_onnx
@@ -74,6 +74,21 @@ def export_encoder(
     check_replaceable(out, kind, overwrite, reads=[checkpoint])  # before the slow checkpoint read
     ckpt = read_checkpoint(checkpoint)
     encoder, role = checkpoint_encoder(ckpt, checkpoint, role)
+    return write_encoder(encoder, role, ckpt, checkpoint, out, fmt, overwrite, onnx)
+
+
+def write_encoder(
+    encoder: ViTEncoder,
+    role: str,
+    ckpt: dict[str, Any],
+    checkpoint: str | Path,
+    out: str | Path,
+    fmt: ExportFormat = "timm",
+    overwrite: bool = False,
+    onnx: OnnxOptions | None = None,
+) -> Path:
+    """``export_encoder``'s output for an encoder already built from the read checkpoint ``ckpt``
+    (a distillation run's ViT student, which is no pretraining run's encoder)."""
     deploy = prepare_deploy(encoder.vit, onnx, ckpt.get("datamodule_hyper_parameters", {})) if onnx else None
     if fmt == "state_dict":
         return replace_output(

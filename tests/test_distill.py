@@ -16,6 +16,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.encoders import TimmModelEncoder, load_evaluated_encoder
 from ssl_vit.methods import Distill
+from ssl_vit.methods.distill import export_student
 from tests.conftest import fit_briefly
 from tests.fault_injection import fault, in_this_process, write_tiny_shards
 
@@ -96,6 +97,19 @@ def test_teacher_gets_no_gradient_stays_in_eval_mode_and_stays_out_of_optimiser_
     other = Distill(str(teacher), CNN_STUDENT, teacher_weights="random")  # the same architecture, other weights
     with pytest.raises(UserError, match="distilled from other teacher weights"):
         other.on_load_checkpoint(torch.load(tmp_path / "last.ckpt", weights_only=True))
+
+
+def test_a_vit_student_exports_as_a_timm_vit_folder(teacher, tmp_path):
+    """A ViT student is ssl-vit's own encoder in the checkpoint; its export is a timm ViT."""
+    model = Distill(str(teacher), {"name": "vit_tiny_patch16_224", **TEACHER_ARGS})
+    fit_briefly(model, steps=1).save_checkpoint(tmp_path / "last.ckpt")
+
+    out = export_student(tmp_path / "last.ckpt", tmp_path / "export")
+
+    vit = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(vit.forward_features(images)[:, 0], model.encoder.eval()(images).cls)
+    assert json.loads((out / "config.json").read_text())["ssl_vit"]["objective"] == "Distill"
 
 
 def test_a_cnn_goes_through_the_evaluators_as_pooled_embedding_and_map_tokens(numbered_shards):

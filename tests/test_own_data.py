@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -439,9 +440,19 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
     photos = str((user_folder / "photos").resolve())
     assert len(records) == 2  # its own weights and random ones; the run's own records are left as they were
     data = {"train_shards": f"{photos}#train", "val_shards": f"{photos}#heldout"}
-    assert all(record["data"] == data for record in records)
+    assert all(record["data"] | data == record["data"] for record in records)
     own = json.loads((run_folder / "checkpoints/last.knn.json").read_text())
     assert [r["results"] for r in records if r["weights"] != "random"] == [own["results"]]
+    # On images added since, the same command says its numbers are of other images than the run's,
+    # and writes beside its earlier record, not over it.
+    added = user_folder / "photos/cats/added.png"
+    shutil.copy(next((user_folder / "photos/dogs").iterdir()), added)
+    try:
+        again = run(commands[1], user_folder)
+    finally:
+        added.unlink()
+    assert again.returncode == 0 and "the images changed since the run's own evaluation" in again.stderr
+    assert len(list((run_folder / "checkpoints").glob("last.knn.eval-*.json"))) == 3
     assert (user_folder / "runs/photos/finetune/export/model.safetensors").is_file()
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
     assert continued["steps"] > 0 and "the encoder starts from runs/photos/simclr/export (init_from)" in result.stderr

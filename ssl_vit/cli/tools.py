@@ -51,6 +51,7 @@ from ssl_vit.eval.report import (
     COMMON_SETTINGS,
     PROTOCOL_SETTINGS,
     accuracy_counts,
+    changed_since_run,
     print_results,
     settings_tag,
     write_records,
@@ -177,6 +178,12 @@ def evaluate(command: str, args: list[str]) -> None:
         ks = ", ".join(map(str, left_out))
         Console(soft_wrap=True).print(f"k={ks} left out: more than the {len(train.labels)} training images")
     settings = evaluator.settings()
+    own = next((changed_since_run(source, kind, settings) for kind in results), None) if weights is None else None
+    if own:
+        Console(stderr=True, soft_wrap=True).print(
+            f"warning: the images changed since the run's own evaluation ({own}): files added, removed or "
+            "rewritten; these numbers are of the images as they are now, the run's records of the images as they were"
+        )
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings)
     for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
         Console(soft_wrap=True).print(f"wrote {path}")

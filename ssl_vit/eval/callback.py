@@ -3,7 +3,6 @@ epochs, and optionally both at the start for the random-initialisation baseline.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -12,14 +11,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ssl_vit.data.shards import data_fingerprint
 from ssl_vit.data.views import EvalView
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator, Results
 from ssl_vit.eval.features import FeatureSet
 from ssl_vit.eval.image_text import ImageTextModel, evaluate_image_text
-from ssl_vit.eval.report import accuracy_counts, metrics, print_results, write_records
+from ssl_vit.eval.report import accuracy_counts, data_hash, metrics, print_results, write_records
 from ssl_vit.periodic import Periodic
 from ssl_vit.pictures import embedding_picture, line_chart, save_picture, shard_class_names
 
@@ -130,9 +128,8 @@ class EvaluationCallback(Evaluator, Periodic):
             self.drop_baseline_of_other_data()
 
     def evaluated_data(self) -> str:
-        """A hash of what the evaluation reads now: both splits' files (:func:`data_fingerprint`)."""
-        splits = " ".join(data_fingerprint(shards) for shards in (self.train_shards, self.val_shards))
-        return hashlib.sha256(splits.encode()).hexdigest()[:16]
+        """A hash of what the evaluation reads now: both splits' files (:func:`data_hash`)."""
+        return data_hash(self.train_shards, self.val_shards)
 
     def drop_baseline_of_other_data(self) -> None:
         """A baseline measured on other images than the evaluation reads now (images added,

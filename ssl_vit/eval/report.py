@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ssl_vit.data.shards import data_fingerprint, data_location
 from ssl_vit.errors import counted
 from ssl_vit.eval.evaluator import Results
 from ssl_vit.eval.features import FeatureSet
@@ -165,7 +166,11 @@ def write_records(
             "kind": kind,
             **info,
             "checkpoint": str(checkpoint),
-            "data": {"train_shards": settings["train_shards"], "val_shards": settings["val_shards"]},
+            "data": {
+                "train_shards": settings["train_shards"],
+                "val_shards": settings["val_shards"],
+                "files": data_hash(settings["train_shards"], settings["val_shards"]),
+            },
             "protocol": {k: settings[k] for k in (*COMMON_SETTINGS, *PROTOCOL_SETTINGS[kind]) if k in settings},
             "results": results[kind],
             "seconds": round(seconds, 2),
@@ -185,8 +190,33 @@ def write_json(path: Path, record: dict[str, Any]) -> Path:
 
 
 def settings_tag(source: str, weights: str | None, settings: dict[str, Any]) -> str:
-    """``eval-<8 hex>``: a hash of what decides the numbers (encoder, weights, data, protocol), so
-    the same evaluation run again replaces its own record and a different one writes beside it."""
+    """``eval-<8 hex>``: a hash of what decides the numbers (encoder, weights, data and its files,
+    protocol), so the same evaluation run again replaces its own record and a different one (or
+    one of images added since) writes beside it."""
     decisive = {k: v for k, v in settings.items() if k not in ("cache_dir", "num_workers")}
-    text = json.dumps({"encoder": source, "weights": weights, **decisive}, sort_keys=True, default=str)
+    files = data_hash(settings["train_shards"], settings["val_shards"])
+    text = json.dumps({"encoder": source, "weights": weights, "files": files, **decisive}, sort_keys=True, default=str)
     return f"eval-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def data_hash(train_shards: str | None, val_shards: str | None) -> str:
+    """A hash of the files both evaluation splits read now (``data_fingerprint``): images added,
+    removed or rewritten since give another."""
+    splits = " ".join(data_fingerprint(shards) if shards else "-" for shards in (train_shards, val_shards))
+    return hashlib.sha256(splits.encode()).hexdigest()[:16]
+
+
+def changed_since_run(checkpoint: str | Path, kind: str, settings: dict[str, Any]) -> Path | None:
+    """The run's own record of ``kind`` beside ``checkpoint`` (``last.knn.json``) when it scored
+    the same data, as located, but other files than the evaluation reads now; else None."""
+    record_path = Path(checkpoint).with_suffix(f".{kind}.json")
+    if Path(checkpoint).suffix != ".ckpt" or not record_path.is_file():
+        return None
+    data = json.loads(record_path.read_text()).get("data", {})
+    same_place = all(
+        data.get(split) and settings.get(split) and data_location(data[split]) == data_location(settings[split])
+        for split in ("train_shards", "val_shards")
+    )
+    then = data.get("files")  # older records carry none: nothing to compare
+    changed = same_place and then and then != data_hash(settings["train_shards"], settings["val_shards"])
+    return record_path if changed else None

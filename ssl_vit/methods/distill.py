@@ -28,7 +28,7 @@ from ssl_vit.eval.callback import EvaluationCallback
 from ssl_vit.eval.compare import CPU_THREADS, cost_ratios, headline_accuracy, measure_costs
 from ssl_vit.eval.encoders import TIMM_PREFIX, FrozenEncoder, TimmModelEncoder, load_evaluated_encoder
 from ssl_vit.eval.evaluator import Evaluator
-from ssl_vit.export import architecture_name, export_encoder, provenance, write_timm_folder
+from ssl_vit.export import architecture_name, provenance, write_encoder, write_timm_folder
 from ssl_vit.losses import feature_distillation_loss
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.onnx_export import OnnxOptions, prepare_deploy
@@ -276,7 +276,7 @@ def export_student(
     ckpt = read_checkpoint(checkpoint)
     student, role = checkpoint_student(ckpt, checkpoint)
     if isinstance(student, ViTEncoder):
-        return export_encoder(checkpoint, out, overwrite=overwrite, onnx=onnx)
+        return write_encoder(student, role, ckpt, checkpoint, out, overwrite=overwrite, onnx=onnx)
     config = dict(ckpt["hyper_parameters"]["encoder"])
     deploy = prepare_deploy(student.model, onnx, ckpt.get("datamodule_hyper_parameters", {})) if onnx else None
     size = ckpt["hyper_parameters"]["image_size"]
