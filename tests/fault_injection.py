@@ -702,6 +702,24 @@ def case_finished_run_started_again(work: Path) -> Outcome:
     )
 
 
+def case_finished_run_started_again_with_other_settings(work: Path) -> Outcome:
+    """A finished run started again with another lr (a sweep in one run folder): showing the
+    summary it finished with would pass its numbers off as the new lr's. It refuses in one line
+    naming the changed setting and a new run folder, and writes nothing."""
+    folder, config, files = copy_of_uninterrupted(work, "finished_other_lr")
+    result = pretrain_in_this_process(folder, "--config", config, "--model.init_args.base_lr=0.002")
+    message = last_line(result.stderr)
+    said = "is finished" in message and "model.base_lr 0.001 -> 0.002" in message and "runs/NEW" in message
+    new = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p not in files)
+    ok = result.returncode == 2 and said and untouched(files) and not new and "Traceback" not in result.stderr
+    return Outcome(
+        "refuse in one line naming the changed setting; every file as it was, none added",
+        f"rc {result.returncode}: {message[:90]}",
+        ok,
+        "none" if untouched(files) else "yes",
+    )
+
+
 def case_moved_run_folder_with_brackets(work: Path) -> Outcome:
     """A finished run's folder moved to a path with glob characters ('exp[1]'), then trained one
     epoch longer: it resumes its own last checkpoint (the path is not a pattern)."""
@@ -898,6 +916,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_checkpoint_with_a_hole,
     case_fresh_start_in_a_used_run_folder,
     case_finished_run_started_again,
+    case_finished_run_started_again_with_other_settings,
     case_moved_run_folder_with_brackets,
     case_another_runs_checkpoints,
     case_broken_data,

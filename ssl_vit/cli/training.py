@@ -226,6 +226,13 @@ class RunCLI(LightningCLI):
                     "export and summary were done: doing them now"
                 )
             return "end only"
+        changed = changed_settings(ckpt, self.model, self.datamodule)
+        if changed:  # its results are not of these settings, which a sweep would read as theirs
+            raise UserError(
+                f"{root} is finished ({reached}) with other settings than this command's ({'; '.join(changed)}): "
+                "nothing was trained and nothing written; to train with them, give the run a folder of its own "
+                "(--trainer.default_root_dir runs/NEW)"
+            )
         if self.trainer.is_global_zero:
             print_run_summary(summary)
             Console(stderr=True, soft_wrap=True).print(
