@@ -442,6 +442,10 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 def load_weights_file(path: Path, what: str, remedy: str, mmap: bool = False) -> Any:
     """``torch.load`` of tensors and plain containers only; anything else is one line naming the
     file as not ``what``, with ``remedy``."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (older versions, a pickle)
+        raise UserError(f"{path} is not {what}: torch.save did not write it; {remedy}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:

@@ -17,7 +17,7 @@ from ssl_vit.eval import Evaluator
 from ssl_vit.eval.encoders import TimmModelEncoder, load_evaluated_encoder
 from ssl_vit.methods import Distill
 from ssl_vit.methods.distill import export_student
-from tests.conftest import fit_briefly
+from tests.conftest import OBJECTIVES, fit_briefly
 from tests.fault_injection import fault, in_this_process, write_tiny_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +99,18 @@ def test_teacher_gets_no_gradient_stays_in_eval_mode_and_stays_out_of_optimiser_
         other.on_load_checkpoint(torch.load(tmp_path / "last.ckpt", weights_only=True))
 
 
+def test_a_run_folder_is_a_teacher_as_its_newest_checkpoint(tmp_path):
+    """As `ssl-vit knn RUN` reads it (the docs: the teacher is anything knn evaluates)."""
+    make, views = OBJECTIVES["simclr"]
+    fit_briefly(make(), views, steps=1).save_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
+
+    model = Distill(str(tmp_path / "run"), CNN_STUDENT)
+
+    from_checkpoint, _ = load_evaluated_encoder(str(tmp_path / "run/checkpoints/last.ckpt"))
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.teacher(images).cls, from_checkpoint.eval()(images).cls)
+
+
 def test_a_vit_student_exports_as_a_timm_vit_folder(teacher, tmp_path):
     """A ViT student is ssl-vit's own encoder in the checkpoint; its export is a timm ViT."""
     model = Distill(str(teacher), {"name": "vit_tiny_patch16_224", **TEACHER_ARGS})
@@ -137,11 +149,15 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["--model.init_args.teacher=runs/x/export"], "teacher runs/x/export not found: run `ssl-vit pretrain"),
+        (["--model.init_args.teacher=runs/x/export"], "teacher runs/x/export does not exist; pass an ssl-vit .ckpt"),
         (  # the recipe's teacher, for the user's own images
             ["--model.init_args.teacher=runs/{data}/simclr/export", "--data.train_shards=photos"],
             "teacher runs/photos/simclr/export not found: run `ssl-vit pretrain --config "
             "recipes/quickstart/simclr.yaml --data.train_shards photos` first",
+        ),
+        (  # a mistyped data folder is no missing teacher
+            ["--model.init_args.teacher=runs/{data}/simclr/export", "--data.train_shards=fotos"],
+            "fotos does not exist: give a folder of images",
         ),
         (["--model.init_args.teacher=."], "is not a timm model folder"),
         (["--model.init_args.student.name=resnet1"], "timm has no model 'resnet1'; did you mean resnet18"),
@@ -162,6 +178,7 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
     ids=[
         "missing teacher",
         "teacher of other data",
+        "mistyped data",
         "not a teacher",
         "unknown student",
         "ViT size",
@@ -171,6 +188,7 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
     ],
 )
 def test_bad_input_stops_with_one_line_before_any_work(teacher, tmp_path, overrides, expected):
+    write_tiny_shards(tmp_path / "photos")
     result = in_this_process(tmp_path, *distill_args(teacher, *overrides))
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()

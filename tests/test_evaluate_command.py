@@ -165,13 +165,22 @@ def test_a_folder_of_pickled_weights_is_named_as_such_and_never_loaded(capsys, r
 
 
 def test_an_encoder_that_is_none_of_these_is_one_line_naming_what_is_accepted(capsys, run, tmp_path):
-    (tmp_path / "folder").mkdir()
-    for encoder in (tmp_path / "missing.ckpt", tmp_path / "folder", "timm:no_such_model"):
+    (tmp_path / "folder/export").mkdir(parents=True)
+    (tmp_path / "last.ckpt.sha256").write_text("0123abcd  last.ckpt\n")  # a text file; as pickle opcodes, garbage
+    said = {
+        tmp_path / "missing.ckpt": "does not exist",
+        tmp_path / "folder": "not a timm model folder",
+        tmp_path / "folder/exprt": f"does not exist (did you mean {tmp_path / 'folder/export'}?)",
+        tmp_path / "last.ckpt.sha256": "is not an ssl-vit checkpoint: torch.save did not write it",
+        "timm:no_such_model": "timm has no model",
+    }
+    for encoder, expected in said.items():
         with pytest.raises(SystemExit) as exit_:
             evaluate(capsys, "knn", encoder, run)
         assert exit_.value.code == 2
         error = capsys.readouterr().err.strip()
-        assert len(error.splitlines()) == 1 and "timm" in error, error
+        assert len(error.splitlines()) == 1 and expected in error, error
+        assert "timm" in error or "pass a .ckpt written by `ssl-vit pretrain`" in error, error  # what is accepted
 
 
 def test_each_command_checks_its_data_has_what_it_reads_before_loading_anything(capsys, run, tmp_path, monkeypatch):

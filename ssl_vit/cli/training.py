@@ -38,7 +38,7 @@ from ssl_vit.checkpoint import (
     resume_mismatch,
 )
 from ssl_vit.data.pipeline import ShardDataModule
-from ssl_vit.data.shards import is_remote, split_part
+from ssl_vit.data.shards import is_remote, resolve_shards, split_part
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.eval import EvaluationCallback
@@ -328,9 +328,12 @@ class PretrainCLI(RunCLI):
         model = getattr(config.model, "init_args", config.model)
         teacher = getattr(model, "teacher", None)
         if isinstance(teacher, str) and "{data}" in teacher:
+            resolve_shards(config.data.train_shards)  # a mistyped data folder is named as that, not as no teacher
             model.teacher = teacher.replace("{data}", data_name(config.data.train_shards))
             if getattr(model, "teacher_made_by", None):
                 model.teacher_made_by += f" --data.train_shards {config.data.train_shards}"
+        elif getattr(model, "teacher_made_by", None):  # the command that makes the recipe's teacher, not this one
+            model.teacher_made_by = None
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         self.check_recipe()  # before the trainer starts printing

@@ -5,6 +5,7 @@ k-NN and the probes run the same code on all of them."""
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -164,7 +165,14 @@ def resolve_run_folder(source: str) -> str:
 
 
 def missing_source(source: str) -> UserError:
-    return UserError(f"{source} does not exist; pass an ssl-vit .ckpt, a run folder, an export folder or timm:NAME")
+    """``source`` does not exist: one line, with the nearest name beside it (a typo's fix)."""
+    path = Path(source)
+    siblings = [entry.name for entry in path.parent.iterdir()] if path.parent.is_dir() else []
+    near = difflib.get_close_matches(path.name, siblings, n=1)
+    hint = f" (did you mean {path.parent / near[0]}?)" if near else ""
+    return UserError(
+        f"{source} does not exist{hint}; pass an ssl-vit .ckpt, a run folder, an export folder or timm:NAME"
+    )
 
 
 def run_data(source: str) -> tuple[str, str | None] | None:
@@ -196,8 +204,9 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
     """The encoder ``source`` names, and a summary of it for the records (method, encoder, step,
     weights).
 
-    source: an ssl-vit ``.ckpt``; a folder with ``config.json`` and ``model.safetensors`` (an
-        ``ssl-vit export`` or any timm ``local-dir`` folder); or ``timm:NAME``.
+    source: an ssl-vit ``.ckpt`` or its run folder (its newest complete checkpoint); a folder
+        with ``config.json`` and ``model.safetensors`` (an ``ssl-vit export`` or any timm
+        ``local-dir`` folder); or ``timm:NAME``.
     weights: None for the source's own weights (for ``timm:NAME``, timm's released weights,
         which must be in timm's cache when nothing can be downloaded); ``random`` for the
         source's architecture at random initialisation (seed with ``torch.manual_seed`` first);
@@ -211,6 +220,7 @@ def load_evaluated_encoder(source: str, weights: str | None = None) -> tuple[Fro
         info = {"method": "timm", "encoder": {"name": name}, "step": None}
         model = _timm_model(name, timm_weights=weights is None, source=source)
         return _with_weights(timm_encoder(model), weights, source), {**info, "weights": weights or "timm"}
+    source = resolve_run_folder(source)
     path = Path(source)
     if path.is_dir():
         pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pth", ".pt"))

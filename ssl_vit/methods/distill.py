@@ -26,7 +26,13 @@ from ssl_vit.encoder import TIMM_VITS, ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.eval.callback import EvaluationCallback
 from ssl_vit.eval.compare import CPU_THREADS, cost_ratios, headline_accuracy, measure_costs
-from ssl_vit.eval.encoders import TIMM_PREFIX, FrozenEncoder, TimmModelEncoder, load_evaluated_encoder
+from ssl_vit.eval.encoders import (
+    TIMM_PREFIX,
+    FrozenEncoder,
+    TimmModelEncoder,
+    load_evaluated_encoder,
+    missing_source,
+)
 from ssl_vit.eval.evaluator import Evaluator
 from ssl_vit.export import architecture_name, provenance, write_encoder, write_timm_folder
 from ssl_vit.losses import feature_distillation_loss
@@ -242,8 +248,9 @@ def build_student(config: dict[str, Any]) -> nn.Module:
 def load_teacher(source: str, weights: str | None, made_by: str | None) -> tuple[FrozenEncoder, dict[str, Any]]:
     """The teacher as ``ssl-vit knn`` loads it, or one line saying why not."""
     if not source.startswith(TIMM_PREFIX) and not Path(source).exists():
-        how = f": run `{made_by}` first" if made_by else "; pass an export folder, an ssl-vit .ckpt or timm:NAME"
-        raise UserError(f"teacher {source} not found{how}")
+        if made_by:
+            raise UserError(f"teacher {source} not found: run `{made_by}` first")
+        raise UserError(f"teacher {missing_source(source)}")
     try:
         return load_evaluated_encoder(source, weights)
     except UserError as err:  # its hints name `ssl-vit knn`'s option; here the recipe's field
