@@ -127,10 +127,16 @@ def prepare_deploy(model: nn.Module, options: OnnxOptions, data_record: dict[str
     require_onnxruntime()
     method = int8_method(model) if options.int8 else None
     if options.train_shards or options.val_shards:
-        if not (options.train_shards and options.val_shards):
+        classifier = getattr(model, "num_classes", 0) > 0  # scored by its top-1 on --val_shards alone
+        if classifier and not options.val_shards:
+            raise UserError("a classifier's ONNX model is scored on --val_shards; give them")
+        if not classifier and not (options.train_shards and options.val_shards):
             raise UserError("--train_shards and --val_shards go together (the k-NN bank and its queries)")
+        if method == "static" and not options.train_shards:
+            raise UserError("--int8 of a convolutional network calibrates on training images: give --train_shards")
         for shards in (options.train_shards, options.val_shards):
-            resolve_shards(shards)  # raises a UserError naming what is missing
+            if shards:
+                resolve_shards(shards)  # raises a UserError naming what is missing
         return Deploy(options, method, options.train_shards, options.val_shards)
     train, val, note = _run_data(data_record)
     if method == "static" and train is None:

@@ -136,7 +136,7 @@ def test_finetune_command_writes_a_classifier_timm_predicts_with(exported, tmp_p
     # `ssl-vit export` of the run, for its ONNX: the classifier again, with its logits in ONNX (it said
     # "encoder weights do not match its settings (missing ['vit.cls_token', ...])")
     out = tmp_path / "classifier"
-    onnx = ["--onnx", "--int8", "--train_shards", train, "--val_shards", val]
+    onnx = ["--onnx", "--int8", "--val_shards", val]  # a classifier's top-1 needs no k-NN bank (docs)
     exported_again = in_this_process(tmp_path, "export", str(tmp_path / "run"), str(out), *onnx)
     assert exported_again.returncode == 0, exported_again.stderr[-3000:]
     again = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
