@@ -80,9 +80,8 @@ class LabelledShardDataModule(ShardDataModule):
             _, index = resolve_shards(shards)
             if index is not None and not index.classes:
                 raise UserError(
-                    f"data.{split} {shards!r} has no class labels (written from a folder without class "
-                    "sub-folders); fine-tuning needs labelled shards: `ssl-vit shards imagefolder` from one "
-                    "sub-folder per class"
+                    f"data.{split} {shards!r} has no class labels: fine-tuning needs labelled images, one "
+                    "sub-folder per class (or shards written from such a folder)"
                 )
             if index is not None and len(index.classes) != num_classes:
                 raise UserError(

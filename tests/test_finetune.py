@@ -192,6 +192,7 @@ def test_unlabelled_shards_stop_fine_tuning_with_one_line(exported, tmp_path):
     result = finetune(tmp_path, exported, str(tmp_path / "train"), str(tmp_path / "train"), tmp_path / "run")
     assert result.returncode == 2
     assert "has no class labels" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "one sub-folder per class" in result.stderr  # what a user with a folder of images does
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
