@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ssl_vit.data.shards import data_location
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
-from ssl_vit.replace import process_exists, this_host, writer_id
+from ssl_vit.replace import file_sha256, process_exists, this_host, writer_id
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -102,14 +102,6 @@ _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:(?P<host>[^.]+)-)?(?P<pid>\d+)\.tmp
 
 def checksum_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.name}.sha256")
-
-
-def file_sha256(path: Path) -> str:
-    sha256 = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            sha256.update(block)
-    return sha256.hexdigest()
 
 
 def remove_dead_writers_files(folder: str | Path) -> list[Path]:

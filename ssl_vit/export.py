@@ -44,6 +44,7 @@ EXPORT_FOLDER = OutputKind(
     "an export folder (config.json, model.safetensors, README.md)",
     ("config.json", "model.safetensors", "README.md", *ONNX_FILES),
     required=("config.json", "model.safetensors"),
+    record="config.json",
 )
 STATE_DICT_FILE = OutputKind("a state_dict export", ("*.safetensors",), folder=False)
 

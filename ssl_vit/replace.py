@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
+import hashlib
+import json
 import logging
 import os
 import re
@@ -26,6 +28,8 @@ from pathlib import Path
 from ssl_vit.errors import UserError
 
 log = logging.getLogger(__name__)
+#: Where ``OutputKind.seal`` keeps the files' SHA-256 in the record file.
+WRITTEN_FILES_KEY = "sha256_as_written"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class OutputKind:
     names: tuple[str, ...]
     folder: bool = True
     required: tuple[str, ...] = ()  # files every such folder holds: a folder without one is someone else's
+    #: A JSON file of the folder in which ``replace_output`` records the SHA-256 of the others as
+    #: written: one changed since (an edited model card) is the user's work, not to be replaced.
+    record: str | None = None
 
     def foreign(self, path: Path) -> str | None:
         """Why the existing ``path`` is not an output of this kind (None when it is one)."""
@@ -55,7 +62,31 @@ class OutputKind:
         missing = [name for name in self.required if not (path / name).is_file()]
         if missing and any(path.iterdir()):
             return f"it has no {missing[0]}"
+        edited = [
+            name
+            for name, digest in self._written(path).items()
+            if (path / name).is_file() and file_sha256(path / name) != digest
+        ]
+        if edited:
+            return f"its {edited[0]} was changed since ssl-vit wrote it"
         return None
+
+    def seal(self, folder: Path) -> None:
+        """Record in ``record`` the SHA-256 of the folder's other files, as just written."""
+        if self.record is None:
+            return
+        record = folder / self.record
+        content = json.loads(record.read_text())
+        others = sorted(p for p in folder.iterdir() if p.is_file() and p.name != self.record)
+        content[WRITTEN_FILES_KEY] = {p.name: file_sha256(p) for p in others}
+        record.write_text(json.dumps(content, indent=2))
+
+    def _written(self, folder: Path) -> dict[str, str]:
+        """The SHA-256 of each file as written, by name ({} for outputs written before they were kept)."""
+        try:
+            return dict(json.loads((folder / self.record).read_text()).get(WRITTEN_FILES_KEY, {}))
+        except (TypeError, OSError, ValueError, AttributeError):  # no record kind, no record file, not JSON
+            return {}
 
     def _named(self, path: Path) -> bool:
         return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in self.names)
@@ -85,7 +116,7 @@ def check_replaceable(out: str | Path, kind: OutputKind, overwrite: bool, reads:
     reason = kind.foreign(target)
     empty_folder = target.is_dir() and not any(target.iterdir())
     if reason and (overwrite or empty_folder):
-        holds_more = kind.folder and target.is_dir() and reason.startswith("it also holds")  # an output and more
+        holds_more = kind.folder and target.is_dir() and reason.startswith(("it also holds", "its "))  # and more
         raise UserError(
             f"{out} is not {'only ' if holds_more else ''}{kind.what}: {reason}; --overwrite replaces only what "
             f"ssl-vit writes, so {'move that out or ' if holds_more else ''}choose another path"
@@ -122,6 +153,7 @@ def replace_output(
         if kind.folder:
             new.mkdir()  # not the staging folder itself, which mkdtemp makes private to its owner
         write(new)
+        kind.seal(new)
         give_default_permissions(new)
         try:  # again: what the user (or another command) put at out while this one wrote is theirs
             check_replaceable(out, kind, overwrite, reads)
@@ -143,6 +175,14 @@ def output_path(out: str | Path) -> Path:
     temporary one beside), or for a link, the path it points to (the link is the user's)."""
     target = Path(os.path.abspath(out))
     return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
+def file_sha256(path: Path) -> str:
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            sha256.update(block)
+    return sha256.hexdigest()
 
 
 def this_host() -> str:

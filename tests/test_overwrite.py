@@ -260,6 +260,19 @@ def test_a_folder_with_only_an_exports_file_names_is_not_an_export(tmp_path, run
     assert (tmp_path / "docs" / "README.md").read_text() == "my project"
 
 
+def test_an_export_whose_model_card_was_edited_is_not_replaced(tmp_path, run):
+    """The docs say an export can be pushed to a model hub as it is, so users edit its card."""
+    out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "export")
+    with open(out / "README.md", "a") as card:
+        card.write("\nTrained on our line-3 camera images.\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"its README\.md was changed since ssl-vit wrote it; .* move that out"):
+        export_encoder(run / "checkpoints/epoch=0000.ckpt", out, overwrite=True)
+    assert snapshot(tmp_path) == before
+    (out / "README.md").unlink()  # moved out: the rest is ssl-vit's, as written
+    export_encoder(run / "checkpoints/epoch=0000.ckpt", out, overwrite=True)
+
+
 def test_an_output_given_as_a_link_is_written_where_the_link_points(tmp_path, run):
     (tmp_path / "big_disk").mkdir()
     (tmp_path / "export").symlink_to(tmp_path / "big_disk")
