@@ -257,3 +257,4 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     assert "docs/distillation.md#when-the-student-collapses" in collapsed.stderr
     warned = in_this_process(tmp_path, "export", "runs/collapsed", "collapsed-export")
     assert warned.returncode == 0 and "checkpoints/last.ckpt ends a run that failed: its outputs" in warned.stderr
+    assert "UserWarning" not in warned.stderr and "which ends a failed run" in warned.stdout  # and after the rest

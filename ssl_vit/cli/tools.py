@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -321,7 +320,7 @@ def export(args: list[str]) -> None:
     checkpoint = run_checkpoint(Path(opts.checkpoint)) if Path(opts.checkpoint).is_dir() else opts.checkpoint
     failed = failed_run(Path(checkpoint))
     if failed:
-        warnings.warn(f"{checkpoint} ends a run that failed: {failed}", stacklevel=1)
+        Console(stderr=True, soft_wrap=True).print(f"warning: {checkpoint} ends a run that failed: {failed}")
     if opts.format == "open_clip":
         if onnx is not None or opts.role:
             raise UserError(
@@ -350,7 +349,9 @@ def export(args: list[str]) -> None:
     else:
         out = export_encoder(checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite, onnx=onnx)
     console = Console(soft_wrap=True)
-    console.print(f"wrote {out} from {checkpoint}")
+    console.print(
+        f"wrote {out} from {checkpoint}" + (", which ends a failed run (the warning above)" if failed else "")
+    )
     if opts.format == "timm":
         head = ", its head and label names included" if objective == FINE_TUNING else ""
         classes = "" if head else ", num_classes=N"
