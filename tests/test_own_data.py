@@ -430,8 +430,8 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
             assert "warning" not in result.stderr.lower(), result.stderr
             assert "the dense probe is skipped: photos#heldout has no label maps (seg.png)" in result.stderr
             _, held = resolve_shards(str(user_folder / "photos#heldout"))  # the line that says what is read
-            said = f"data: {150 - held.num_samples} images of photos#train in 3 classes for training; "
-            assert f"{said}{held.num_samples} of photos#heldout for evaluation" in result.stderr
+            said = f"data: {150 - held.num_samples} images of photos#train in 3 classes (cats; dogs; owls) for training"
+            assert f"{said}; {held.num_samples} of photos#heldout for evaluation" in result.stderr
     run_folder = user_folder / "runs/photos/simclr"
     assert {"checkpoints", "export", "pictures", "summary.json"} <= {p.name for p in run_folder.iterdir()}
     assert json.loads((run_folder / "summary.json").read_text())["knn_k20_top1"] is not None
@@ -543,7 +543,7 @@ def test_the_data_line_counts_a_folders_parts_and_estimates_a_shard_folders(tmp_
     folder = image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=30)
     _, held = resolve_shards(f"{folder}#heldout")
     said = ShardDataModule(train_shards=str(folder), view=EvalView(32)).describe()
-    assert said == f"{60 - held.num_samples} images of {folder}#train in 2 classes for training; " + (
+    assert said == f"{60 - held.num_samples} images of {folder}#train in 2 classes (cats; dogs) for training; " + (
         f"{held.num_samples} of {folder}#heldout for evaluation"
     )
     samples = (("png", png_bytes(img), i % 2) for i, img in enumerate(random_images(60, size=16)))

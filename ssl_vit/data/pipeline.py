@@ -812,7 +812,9 @@ class ShardDataModule(L.LightningDataModule):
             return None
         # A part of tar shards is split by each sample's key as it is read: its count is the expected share.
         about = "about " if split_part(train)[1] and not all(isinstance(u, ImageFiles) for u in urls) else ""
-        classes = f" in {counted(len(index.classes), 'class', 'classes')}" if index.classes else ", no class labels"
+        classes = ", no class labels"
+        if index.classes:  # named: sub-folders that are no classes (dates, batches) show here
+            classes = f" in {counted(len(index.classes), 'class', 'classes')} ({first_few(index.classes, 4)})"
         try:
             _, held = resolve_shards(val)
         except UserError:  # no evaluation data: what the evaluation callback says in its own line
