@@ -350,6 +350,20 @@ def test_a_folder_of_split_folders_is_not_read_as_classes(tmp_path, splits):
     assert resolve_shards(str(tmp_path / "trains"))[1].classes == ["bus", "train"]
 
 
+def test_sub_folders_that_are_no_classes_are_written_unlabelled_when_asked(tmp_path):
+    """``raw/2026-11-01/*.png``: read as two classes (the dates), which the run's k-NN then
+    scores; `ssl-vit shards imagefolder raw out --unlabelled` writes every image without one."""
+    image_folder(tmp_path / "raw", ["2026-11-01", "2026-11-02"], per_class=3)
+    image_folder(tmp_path / "raw", None, per_class=2)  # and two beside them
+    assert resolve_shards(str(tmp_path / "raw"))[1].classes == ["2026-11-01", "2026-11-02"]
+    result = in_this_process(tmp_path, "shards", "imagefolder", "raw", "out", "--unlabelled")
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, index = resolve_shards(str(tmp_path / "out"))
+    assert index.classes == [] and index.num_samples == 8  # every image, those beside the sub-folders too
+    said = ShardDataModule(train_shards=str(tmp_path / "out"), view=EvalView(32)).describe()
+    assert "no class labels" in said
+
+
 def test_fine_tuning_without_val_shards_validates_on_what_a_run_evaluates_on(tmp_path):
     """`ssl-vit finetune ... --data.train_shards photos`: it validated on the recipe's own
     data/shapes/val (or stopped naming it); now on the held-out tenth, which training leaves out."""

@@ -428,6 +428,12 @@ def shards(args: list[str]) -> None:
     folder.add_argument(
         "--masks", default=None, help="a parallel folder of label maps (PNG of class indices) for dense probes"
     )
+    folder.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="every image, sub-folders included, without class labels: for sub-folders that are no classes "
+        "(dates, cameras, batches)",
+    )
     table = sub.add_parser(
         "captions", help="a CSV/TSV of image paths and captions (open_clip's --csv-* layout) -> OUT_DIR, for CLIP"
     )
@@ -462,7 +468,7 @@ def shards(args: list[str]) -> None:
             samples = caption_table_samples(opts.table, opts.separator, opts.image_key, opts.caption_key)
             size = 1000
         else:
-            classes, samples, count = image_folder_samples(opts.src_dir, masks=opts.masks)
+            classes, samples, count = image_folder_samples(opts.src_dir, masks=opts.masks, labelled=not opts.unlabelled)
             reads = [opts.src_dir, *([opts.masks] if opts.masks else [])]
             size = shard_size(count)
         index = write_shards(

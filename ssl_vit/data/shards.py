@@ -136,16 +136,21 @@ class NoImages(UserError):
     """A folder without images: where shards could be given instead, the message says so."""
 
 
-def image_files(root: Path) -> tuple[list[str], list[tuple[str, int | None]]]:
+def image_files(root: Path, labelled: bool = True) -> tuple[list[str], list[tuple[str, int | None]]]:
     """Class names and the image files (paths relative to ``root``, with their class index) of an
     ImageFolder tree, one sub-folder per class; a folder without sub-folders, or with one beside
     images of its own, is unlabelled (no classes, label None; every image under it is read). A
-    sub-folder without images is not a class; what is left out is said once, in one line. A run
+    sub-folder without images is not a class; what is left out is said once, in one line. Not
+    ``labelled``: every image under ``root``, sub-folders included, without classes. A run
     resolves its folders many times (training, evaluation, pictures): the listing is walked each
     time, and classified again only when it changed."""
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
     listing = _files_under(root)
+    if not labelled:
+        images = [path for path in listing if not _hidden(path) and extension(path) in IMAGE_EXTENSIONS]
+        if images:  # without any, the folder is classified below for the message that says what it holds
+            return [], [(path, None) for path in images]
     key = root.resolve()
     if key not in _indexed or _indexed[key][0] != listing:
         _indexed[key] = listing, _classify(root, listing)
@@ -266,10 +271,11 @@ def _say_what_is_left_out(
 
 
 def image_folder_samples(
-    root: str | Path, seed: int = 0, masks: str | Path | None = None
+    root: str | Path, seed: int = 0, masks: str | Path | None = None, labelled: bool = True
 ) -> tuple[list[str], Iterator[Sample], int]:
     """Class names, the samples and their number, of an ImageFolder tree (one sub-folder per class),
-    or of a flat folder of images (unlabelled: no classes, no ``cls`` members). An image's caption, for
+    or of a flat folder of images, or not ``labelled`` (unlabelled: no classes, no ``cls``
+    members; every image, sub-folders included). An image's caption, for
     image-text objectives, is the text file beside it (``a/b.txt`` for ``a/b.jpg``), if any.
 
     With ``masks``, a parallel folder of label maps (ADE20k / VOC style: 8-bit PNGs of class
@@ -279,7 +285,7 @@ def image_folder_samples(
     that each shard mixes classes.
     """
     root = Path(root)
-    classes, files = image_files(root)
+    classes, files = image_files(root, labelled)
     if masks is not None:
         masks = Path(masks)
         missing = [path for path, _ in files if not (masks / path).with_suffix(".png").is_file()]
