@@ -380,6 +380,25 @@ def case_sigkill(work: Path) -> Outcome:
     )
 
 
+def case_sigkill_before_the_first_checkpoint(work: Path) -> Outcome:
+    """SIGKILL before the first checkpoint (a short run of the quickstarts' 78-step checkpoints):
+    the same command starts again from step 0, and says why, where it said nothing."""
+    folder, config = new_run(work, "sigkill_early")
+    killed = pretrain(folder, "--config", config, *fault("KillAt", step=3))
+    again = pretrain_in_this_process(folder, "--config", config)
+    step, params = last_state(folder)
+    ref_step, ref_params = uninterrupted(work)
+    diff = max_difference(params, ref_params)
+    said = "starting at step 0: an earlier start in" in again.stderr and "was killed before its first" in again.stderr
+    ok = killed.returncode == -signal.SIGKILL and again.returncode == 0 and said and step == ref_step and diff < 1e-4
+    return Outcome(
+        f"say it starts at step 0 and why, end at step {ref_step}, parameters as uninterrupted",
+        f"killed (rc {killed.returncode}); said={said}, step {step}, max |param diff| {diff:.1e}",
+        ok,
+        "none",
+    )
+
+
 def case_sigterm(work: Path) -> Outcome:
     """A scheduler's SIGTERM: last.ckpt is saved after the step in flight, the exit code says so."""
     folder, config = new_run(work, "sigterm")
@@ -908,6 +927,7 @@ def case_collapsed_run_fails(work: Path) -> Outcome:
 
 CASES: list[Callable[[Path], Outcome]] = [
     case_sigkill,
+    case_sigkill_before_the_first_checkpoint,
     case_kill_mid_epoch,
     case_sigterm,
     case_ctrl_c,

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
 from ssl_vit.checkpoint import (
+    LOCK_FILE,
     AtomicCheckpointIO,
     RunCheckpoint,
     checkpoint_problem,
@@ -177,6 +178,8 @@ class RunCLI(LightningCLI):
             # Restored at its limit, Lightning would skip the training loop and, with it, the
             # on_train_end hooks that evaluate, draw and check the run's end: run just those.
             self.trainer.fit_loop.run = self.trainer.fit_loop.on_run_end
+        # The lock file of a start that was killed (one that ends releases it): its pid, host and time.
+        killed = (root / LOCK_FILE).read_text().strip() if (root / LOCK_FILE).is_file() else None
         if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
             check_end_of_run_outputs_are_ours(root, export=config["export"])
             lock_run_folder(root)
@@ -195,11 +198,19 @@ class RunCLI(LightningCLI):
                     + " (to start afresh instead, give the run a folder of its own: "
                     "--trainer.default_root_dir runs/NEW)"
                 )
-        elif getattr(self.model, "init_from", None) and self.trainer.is_global_zero:
-            start = Path(self.model.init_from)
-            failed = (ending_summary(start) or {}).get("failed") if start.is_file() else None
-            note = f"; the run it ends failed: {failed}" if failed else ""
-            Console(stderr=True, soft_wrap=True).print(f"the encoder starts from {start} (init_from){note}")
+        elif self.trainer.is_global_zero:
+            if killed:
+                every = getattr(self.trainer.checkpoint_callback, "_every_n_train_steps", 0)
+                saves = f"; the run saves every {every} steps" if every else ""
+                Console(stderr=True, soft_wrap=True).print(
+                    f"starting at step 0: an earlier start in {root} ({killed}) was killed before its first "
+                    f"checkpoint{saves} (--checkpoint.every_n_train_steps N saves more often)"
+                )
+            if getattr(self.model, "init_from", None):
+                start = Path(self.model.init_from)
+                failed = (ending_summary(start) or {}).get("failed") if start.is_file() else None
+                note = f"; the run it ends failed: {failed}" if failed else ""
+                Console(stderr=True, soft_wrap=True).print(f"the encoder starts from {start} (init_from){note}")
         self.started = time.perf_counter()
 
     def stop_if_finished(self, checkpoint: Path, root: Path) -> str | None:
