@@ -248,6 +248,13 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     assert (tmp_path / "again/model.onnx").exists()
     assert "failed" not in standalone.stderr
 
+    # Continuing it with another teacher is refused before anything is written (Lightning's config.yaml included).
+    before = sorted(run.rglob("*"))
+    again = [*command, "--model.init_args.teacher_weights=random", "--trainer.max_epochs=2", "--trainer.logger=true"]
+    other = in_this_process(tmp_path, *again)
+    assert other.returncode == 2 and "it was distilled from other teacher weights" in other.stderr, other.stderr
+    assert sorted(run.rglob("*")) == before
+
     # A run whose student collapses fails as `ssl-vit distill`, pointing to what to check; its export warns.
     collapsed = in_this_process(
         tmp_path, *command, "--trainer.default_root_dir=runs/collapsed", *fault("CollapsedFrom", step=0)

@@ -272,7 +272,9 @@ class RunCLI(LightningCLI):
         newest = newest_complete_checkpoint(*places)
         if newest is None:
             raise UserError(f"none of the checkpoints in {ckpt_dir} is complete (see the warnings above); {fresh}")
-        problem = resume_mismatch(newest, read_checkpoint(newest, mmap=True), run)
+        ckpt = read_checkpoint(newest, mmap=True)
+        # and what the objective itself checks (a distillation's teacher), before anything is written
+        problem = resume_mismatch(newest, ckpt, run) or getattr(self.model, "resume_problem", lambda _: None)(ckpt)
         if problem:
             raise UserError(f"{newest} is not this run's to resume: {problem}; {fresh}")
         return str(newest)

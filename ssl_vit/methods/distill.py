@@ -211,16 +211,20 @@ class Distill(SSLMethod):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["ssl_vit"]["teacher"] = {"source": self.hparams.teacher, "sha256": self.teacher_sha256()}
 
+    def resume_problem(self, checkpoint: dict[str, Any]) -> str | None:
+        """Why this run cannot continue ``checkpoint``: it was distilled from another teacher."""
+        saved = checkpoint.get("ssl_vit", {}).get("teacher", {})
+        if saved.get("sha256") in (None, self.teacher_sha256()):
+            return None
+        weights = self.hparams.teacher_weights
+        here = f"{self.hparams.teacher}" + (f" with teacher_weights {weights}" if weights else "")
+        return f"it was distilled from other teacher weights ({saved.get('source')}) than this run's ({here})"
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("ssl_vit", {}).get("teacher", {})
-        if saved.get("sha256") not in (None, self.teacher_sha256()):
-            weights = self.hparams.teacher_weights
-            here = f"{self.hparams.teacher}" + (f" with teacher_weights {weights}" if weights else "")
-            raise UserError(
-                f"the checkpoint was distilled from other teacher weights ({saved.get('source')}) than this run's "
-                f"({here}); give this run a folder of its own (--trainer.default_root_dir runs/NEW)"
-            )
+        problem = self.resume_problem(checkpoint)
+        if problem:  # the command line checks this before it starts; this is for runs started from Python
+            raise UserError(f"{problem}; give this run a folder of its own (--trainer.default_root_dir runs/NEW)")
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
 
