@@ -913,13 +913,16 @@ def case_collapsed_run_fails(work: Path) -> Outcome:
     failed = pretrain_in_this_process(folder, "--config", config, *fault("CollapsedFrom", step=2))
     summary = json.loads((folder / "run/summary.json").read_text()) if (folder / "run/summary.json").exists() else {}
     said = "run failed" in last_line(failed.stderr) and "collapsed" in str(summary.get("failed"))
-    # The same finished run again, told to keep going: it resumes at its end and exits 0.
+    # The same finished run again: exit 3 again, its last line saying it failed; told to keep going, exit 0.
+    again = pretrain_in_this_process(folder, "--config", config)
+    said_again = "and failed: its summary's 'failed' row says why" in last_line(again.stderr)
     kept_going = pretrain_in_this_process(folder, "--config", config, "--allow_collapse=true")
     ok = failed.returncode == 3 and said and (folder / "run/export/model.safetensors").is_file()
-    ok = ok and kept_going.returncode == 0
+    ok = ok and again.returncode == 3 and said_again and kept_going.returncode == 0
     return Outcome(
-        "finish, export, summary 'failed', exit 3; exit 0 with --allow_collapse true",
-        f"rc {failed.returncode}, said={said}, then rc {kept_going.returncode}",
+        "finish, export, summary 'failed', exit 3, again 3 saying so; exit 0 with --allow_collapse true",
+        f"rc {failed.returncode}, said={said}, again rc {again.returncode} said={said_again}, "
+        f"then rc {kept_going.returncode}",
         ok,
         "none",
     )

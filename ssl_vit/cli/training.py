@@ -244,13 +244,15 @@ class RunCLI(LightningCLI):
                 "nothing was trained and nothing written; to train with them, give the run a folder of its own "
                 "(--trainer.default_root_dir runs/NEW)"
             )
+        failed = bool(summary.get("failed"))
         if self.trainer.is_global_zero:
             print_run_summary(summary)
             Console(stderr=True, soft_wrap=True).print(
-                f"{root} is finished ({checkpoint.name}: {reached}): nothing was trained and nothing written; "
-                f"its summary above is {summary_path}. To train it longer, raise the limit (e.g. {longer})"
+                f"{root} is finished ({checkpoint.name}: {reached}"
+                + (", and failed: its summary's 'failed' row says why" if failed else "")
+                + f"): nothing was trained and nothing written; its summary above is {summary_path}. To train it "
+                f"longer, raise the limit (e.g. {longer})"
             )
-        failed = bool(summary.get("failed"))
         sys.exit(COLLAPSED_EXIT_CODE if failed and not self.config_init[self.subcommand].get("allow_collapse") else 0)
 
     def checkpoint_to_resume(self, auto_resume: bool, ckpt_dir: Path, root: Path, run: dict[str, Any]) -> str | None:
@@ -490,7 +492,9 @@ def collapse_verdict(summary: dict[str, Any], remedy: str) -> str | None:
     if not found:
         return None
     return (
-        f"its outputs stayed collapsed ({'; '.join(found)}), so its features are not to be trusted; see the warnings "
+        f"its outputs stayed collapsed ({'; '.join(found)}), so its objective did not train as its method means "
+        "to (its numbers may still have risen, by its other terms or by chance: weigh them against the random-init "
+        "column and another objective's); see the warnings "
         f"and pictures/health-*.png for when it began, and {remedy} (--allow_collapse true exits 0 anyway)"
     )
 
