@@ -135,7 +135,8 @@ def run_summary(
         "zeroshot_top1": accuracy.get("zeroshot", {}).get("top1"),  # image-text objectives
         "retrieval_image_to_text_R@1": accuracy.get("retrieval", {}).get("image_to_text", {}).get("R@1"),
         "collapsed_steps": watch.collapsed_steps if watch.last_check is not None else None,  # watched objectives
-        "collapsed_at_end": watch.since is not None if watch.last_check is not None else None,
+        # None when no check saw the model after an update (a run shorter than log_every_n_steps)
+        "collapsed_at_end": watch.since is not None if watch.last_check else None,
         "rankme_cls": last_health("rankme_cls"),
         "rankme_mean": last_health("rankme_mean"),
         "representation_collapsed_steps": health.watch.collapsed_steps if health and health.history else None,

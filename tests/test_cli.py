@@ -341,9 +341,9 @@ def test_version_and_unknown_commands(capsys):
 def test_a_run_collapsed_for_more_than_a_tenth_of_its_steps_or_at_its_end_failed():
     from ssl_vit.cli.training import DistillCLI, PretrainCLI, collapse_verdict
 
-    def verdict(collapsed=None, representation=None, collapsed_at_end=None, representation_at_end=None):
+    def verdict(collapsed=None, representation=None, collapsed_at_end=None, representation_at_end=None, steps=150):
         summary = {
-            "steps": 150,
+            "steps": steps,
             "collapsed_steps": collapsed,
             "collapsed_at_end": collapsed_at_end,
             "representation_collapsed_steps": representation,
@@ -354,7 +354,10 @@ def test_a_run_collapsed_for_more_than_a_tenth_of_its_steps_or_at_its_end_failed
     assert verdict(15, 0, False, False) is None and verdict() is None
     assert verdict(1, 1, False, False) is None  # a dip seen at one check, over by the next
     assert "141 of 150 steps by its objective's collapse check" in verdict(141, 3, True, False)
-    assert "16 of 150 steps by its features' RankMe" in verdict(None, 16)
+    assert "16 of 150 steps by its features' RankMe" in verdict(None, 16, None, False)
+    # A run of 9 steps is checked at step 0 only, before any update (CLIP's random embeddings are
+    # that close): no check saw it trained (its summary's end state is None), so nothing to judge.
+    assert verdict(1, None, None, None, steps=9) is None
     assert "at its last check, by its features' RankMe" in verdict(0, 1, False, True)
     # Each command names a docs section on what to do next; the sections must exist.
     for cli in (PretrainCLI, DistillCLI):

@@ -263,7 +263,7 @@ def test_the_quickstart_recipe_trains_clip_from_the_command_line(tmp_path, caplo
     recipe = "recipes/quickstart/clip.yaml"
     with caplog.at_level(logging.INFO):
         result = pretrain_recipe_briefly(tmp_path, recipe, shards, {"text_layers": 1}, callbacks=[KNN_AT_BOTH_ENDS])
-    assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: random images may end flagged collapsed
+    assert result.returncode == 0, result.stderr[-3000:]  # checked before its first update only: not judged
     assert "4 of the 32 images have no caption (photo.txt beside photo.jpg) and are left out" in caplog.text
     assert caplog.text.count("have no caption") == 1  # said once, though the run reads its data more than once
     assert f"data: 28 images of {shards} in 4 classes (cat; dog; car; tree) for training" in result.stderr  # pairs
@@ -398,7 +398,7 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
     captions = [f"caption number {i}" for i in range(24)]
     shards = captioned_shards(tmp_path / "shards", captions, labels=[i % 4 for i in range(24)])
     result = pretrain_recipe_briefly(tmp_path, "recipes/quickstart/clip.yaml", shards, {"text_layers": 1})
-    assert result.returncode in (0, 3), result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs/shards/clip"
     result = in_this_process(tmp_path, "export", str(run / "checkpoints/last.ckpt"), "oc", "--format", "open_clip")
     assert result.returncode == 0, result.stderr

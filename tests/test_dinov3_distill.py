@@ -137,6 +137,6 @@ def test_the_quickstart_recipe_runs_from_the_command_line_and_exports_the_studen
     shards = write_tiny_shards(tmp_path / "shards")
     student = {"teacher": str(dinov2_teacher), "encoder": STUDENT}
     result = pretrain_recipe_briefly(tmp_path, "recipes/quickstart/dinov3_distill.yaml", shards, student)
-    assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: a 2-step run may end collapsed
+    assert result.returncode == 0, result.stderr[-3000:]  # a 2-step run is checked before its first update only
     vit = timm.create_model(f"local-dir:{tmp_path / 'runs/shards/dinov3distill/export'}", pretrained=True)
     assert vit.embed_dim == STUDENT["embed_dim"]

@@ -484,6 +484,8 @@ def collapse_verdict(summary: dict[str, Any], remedy: str) -> str | None:
     steps = summary["steps"] or 0
     found = []
     for check, (count_key, end_key) in COLLAPSE_CHECKS.items():
+        if summary.get(end_key) is None:  # not checked, or only before the first update: nothing to judge
+            continue
         count = summary.get(count_key) or 0
         if steps and count > COLLAPSED_RUN_FRACTION * steps:
             found.append(f"{count} of {steps} steps by {check}, more than {COLLAPSED_RUN_FRACTION:.0%} of the run")
