@@ -417,6 +417,13 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
         assert [p.name.split(".")[1] for p in written] == ["retrieval", "zeroshot"]
         records.append([json.loads(p.read_text())["results"] for p in written])
     assert records[0] == records[1] and records[0][0]["pairs"] == 24
+    # without --val_shards, a run is scored on what it evaluated on (as `ssl-vit knn RUN` is); an open_clip
+    # folder, which does not know its data, asks for them
+    default = in_this_process(tmp_path, "zeroshot", str(run), "--num_workers", "0")
+    assert default.returncode == 0 and "image -> text" in default.stdout, default.stderr
+    assert len(list(run.glob("checkpoints/last.*.eval-*.json"))) == 2  # the same evaluation: its records replaced
+    asked = in_this_process(tmp_path, "zeroshot", "oc")
+    assert asked.returncode == 2 and "needs --val_shards" in asked.stderr, asked.stderr
     bad = in_this_process(tmp_path, "zeroshot", str(run / "export"), "--val_shards", "shards")
     assert bad.returncode == 2 and "a timm export holds the image tower only" in bad.stderr
 

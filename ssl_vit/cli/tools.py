@@ -197,14 +197,23 @@ def zeroshot(args: list[str]) -> None:
     )
     parser.add_argument(
         "--val_shards",
-        required=True,
-        help="labelled shards (zero-shot from their class names) and/or captioned ones (retrieval)",
+        default=None,
+        help="labelled shards (zero-shot from their class names) and/or captioned ones (retrieval); default: what "
+        "the run evaluated on (the val folder beside its data, else its held-out tenth)",
     )
     parser.add_argument("--image_size", type=int, default=None, help="default: the model's training resolution")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="folder for the records; default: beside the model")
     opts = parser.parse_args(args)
+    if opts.val_shards is None:
+        trained_on = run_data(opts.model)
+        if trained_on is None:
+            raise UserError(
+                f"ssl-vit zeroshot {opts.model} needs --val_shards (images to score): only a run folder or its "
+                "checkpoint know the data they trained on"
+            )
+        opts.val_shards = evaluation_split(*trained_on)[1]
     from ssl_vit.methods.clip import load_image_text_model  # the `clip` extra
 
     model, image_size, info = load_image_text_model(opts.model)

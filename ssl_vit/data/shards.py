@@ -625,8 +625,8 @@ def data_fingerprint(spec: str) -> str:
             entries += [(name, label, *_size_and_time(root / name)) for name, label in files.files]
         elif is_remote(files):
             entries.append(files)
-        else:
-            entries.append((files, *_size_and_time(Path(files))))
+        else:  # by where it is, however the specification wrote it
+            entries.append((os.path.realpath(files), *_size_and_time(Path(files))))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 

@@ -194,6 +194,8 @@ def settings_tag(source: str, weights: str | None, settings: dict[str, Any]) -> 
     protocol), so the same evaluation run again replaces its own record and a different one (or
     one of images added since) writes beside it."""
     decisive = {k: v for k, v in settings.items() if k not in ("cache_dir", "num_workers")}
+    for split in ("train_shards", "val_shards"):  # where they are, however written (shards, ./shards/, its path)
+        decisive[split] = data_location(settings[split]) if settings[split] else None
     files = data_hash(settings["train_shards"], settings["val_shards"])
     text = json.dumps({"encoder": source, "weights": weights, "files": files, **decisive}, sort_keys=True, default=str)
     return f"eval-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
