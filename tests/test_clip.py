@@ -31,7 +31,14 @@ from ssl_vit.eval.image_text import class_embeddings, evaluate_image_text, retri
 from ssl_vit.methods import CLIP
 from ssl_vit.methods.clip import CaptionTokens, open_clip_folder_contents
 from tests.conftest import TINY_ENCODER
-from tests.fault_injection import KNN_AT_BOTH_ENDS, ROOT, in_this_process, png, pretrain_recipe_briefly
+from tests.fault_injection import (
+    KNN_AT_BOTH_ENDS,
+    ROOT,
+    in_this_process,
+    png,
+    pretrain_recipe_briefly,
+    write_tiny_shards,
+)
 
 TINY_TEXT = dict(embed_dim=16, context_length=12, vocab_size=50, text_width=32, text_heads=2, text_layers=1)
 
@@ -424,6 +431,11 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
     assert len(list(run.glob("checkpoints/last.*.eval-*.json"))) == 2  # the same evaluation: its records replaced
     asked = in_this_process(tmp_path, "zeroshot", "oc")
     assert asked.returncode == 2 and "needs --val_shards" in asked.stderr, asked.stderr
+    # labelled images without captions: zero-shot only, and a line on why there is no retrieval
+    write_tiny_shards(tmp_path / "plain")
+    plain = in_this_process(tmp_path, "zeroshot", "oc", "--val_shards", "plain", "--num_workers", "0")
+    assert plain.returncode == 0 and "image -> text" not in plain.stdout, plain.stderr
+    assert "retrieval is skipped: fewer than two images of plain have a caption" in plain.stderr
     bad = in_this_process(tmp_path, "zeroshot", str(run / "export"), "--val_shards", "shards")
     assert bad.returncode == 2 and "a timm export holds the image tower only" in bad.stderr
 

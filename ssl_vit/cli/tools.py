@@ -45,7 +45,7 @@ from ssl_vit.eval.encoders import (
     standalone_record_stem,
 )
 from ssl_vit.eval.features import Pooling
-from ssl_vit.eval.image_text import evaluate_image_text
+from ssl_vit.eval.image_text import evaluate_image_text, no_retrieval
 from ssl_vit.eval.report import (
     COMMON_SETTINGS,
     PROTOCOL_SETTINGS,
@@ -234,6 +234,8 @@ def zeroshot(args: list[str]) -> None:
         raise UserError(
             f"{opts.val_shards} has {labels} (zero-shot needs two or more classes) and no captions (for retrieval)"
         )
+    if "retrieval" not in results:
+        Console(stderr=True, soft_wrap=True).print(no_retrieval(opts.val_shards))
     seconds = time.perf_counter() - start
     title = f"zero-shot evaluation of {opts.model} on {opts.val_shards}"
     print_results(title, results, classes=len(names) if names else None)

@@ -16,7 +16,7 @@ from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator, Results
 from ssl_vit.eval.features import FeatureSet
-from ssl_vit.eval.image_text import ImageTextModel, evaluate_image_text
+from ssl_vit.eval.image_text import ImageTextModel, evaluate_image_text, no_retrieval
 from ssl_vit.eval.report import accuracy_counts, data_hash, metrics, print_results, write_records
 from ssl_vit.periodic import Periodic
 from ssl_vit.pictures import embedding_picture, line_chart, save_picture, shard_class_names
@@ -64,6 +64,7 @@ class EvaluationCallback(Evaluator, Periodic):
         self.baseline_data: str | None = None  # what the baseline was measured on (evaluated_data)
         self.knn_history: list[tuple[int, float]] = []
         self.counts: dict[str, int] = {}  # the images and classes the last evaluation counted
+        self.said_no_retrieval = False
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
         results: Results = {}
@@ -79,9 +80,13 @@ class EvaluationCallback(Evaluator, Periodic):
                     self.draw(trainer, results, val, names)
                 if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe
                     view = EvalView(self._image_size(encoder))
-                    results.update(
-                        evaluate_image_text(pl_module, self.val_shards, view, names, self.batch_size, self.num_workers)
+                    image_text = evaluate_image_text(
+                        pl_module, self.val_shards, view, names, self.batch_size, self.num_workers
                     )
+                    if "retrieval" not in image_text and not self.said_no_retrieval:
+                        rank_zero_info(no_retrieval(self.val_shards))  # once a run, not at every evaluation
+                        self.said_no_retrieval = True
+                    results.update(image_text)
             if results:
                 logged = {**metrics(results), "eval/seconds": time.perf_counter() - start}
                 for logger in trainer.loggers:

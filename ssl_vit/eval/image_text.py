@@ -121,3 +121,8 @@ def evaluate_image_text(
     finally:
         model.train(was_training)
     return results
+
+
+def no_retrieval(shards: str) -> str:
+    """The line that says why the results of ``evaluate_image_text`` on ``shards`` have no retrieval."""
+    return f"retrieval is skipped: fewer than two images of {shards} have a caption (photo.txt beside photo.jpg)"
