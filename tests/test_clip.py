@@ -449,7 +449,7 @@ def test_shards_written_from_a_caption_table_pair_each_image_with_its_caption(tm
         writer = csv.writer(f)
         writer.writerow(["filepath", "title"])
         writer.writerows(captions.items())
-    result = in_this_process(tmp_path, "shards", "captions", "pairs.csv", "shards")
+    result = in_this_process(tmp_path, "shards", "captions", "pairs.csv", "shards", "--samples-per-shard", "3")
     assert result.returncode == 0, result.stderr
     assert "wrote 3 samples without classes in 1 shard to shards (3 with captions)" in result.stdout
     members = [s["txt"].decode() for s in wds.WebDataset(str(tmp_path / "shards/shard-000000.tar"), shardshuffle=False)]
@@ -462,6 +462,11 @@ def test_shards_written_from_a_caption_table_pair_each_image_with_its_caption(tm
         tmp_path, "shards", "captions", "pairs.tsv", "tsv", "--image-key", "path", "--caption-key", "text"
     )
     assert ok.returncode == 0, ok.stderr
+    # a longer table is spread over shards as a folder is (at least 64, so every loader worker reads its own)
+    (tmp_path / "long.tsv").write_text("filepath\ttitle\n" + "img/a.png\ta cat\n" * 130)
+    spread = in_this_process(tmp_path, "shards", "captions", "long.tsv", "long")
+    assert spread.returncode == 0 and f"in {len(resolve_shards(str(tmp_path / 'long'))[0])} shards" in spread.stdout
+    assert len(resolve_shards(str(tmp_path / "long"))[0]) >= 64
     wrong_keys = in_this_process(tmp_path, "shards", "captions", "pairs.tsv", "x")
     assert wrong_keys.returncode == 2 and "has no 'filepath' or 'title' column" in wrong_keys.stderr
     (tmp_path / "gone.tsv").write_text("filepath\ttitle\nimg/a.png\ta\nimg/zz.png\tb\n")

@@ -476,12 +476,11 @@ def shards(args: list[str]) -> None:
     else:
         if opts.source == "captions":
             classes, reads = [], [opts.table, str(Path(opts.table).parent)]
-            samples = caption_table_samples(opts.table, opts.separator, opts.image_key, opts.caption_key)
-            size = 1000
+            samples, count = caption_table_samples(opts.table, opts.separator, opts.image_key, opts.caption_key)
         else:
             classes, samples, count = image_folder_samples(opts.src_dir, masks=opts.masks, labelled=not opts.unlabelled)
             reads = [opts.src_dir, *([opts.masks] if opts.masks else [])]
-            size = shard_size(count)
+        size = shard_size(count)
         index = write_shards(
             decodable_samples(samples),
             opts.out_dir,

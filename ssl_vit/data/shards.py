@@ -322,8 +322,8 @@ def image_folder_samples(
 
 def caption_table_samples(
     table: str | Path, separator: str | None = None, image_key: str = "filepath", caption_key: str = "title"
-) -> Iterator[Sample]:
-    """The image + caption pairs a CSV/TSV lists, as open_clip's ``CsvDataset`` reads them (a header
+) -> tuple[Iterator[Sample], int]:
+    """The image + caption pairs a CSV/TSV lists, and their number, as open_clip's ``CsvDataset`` reads them (a header
     row; ``--csv-img-key filepath``, ``--csv-caption-key title``; paths relative to the table's
     folder unless absolute), unlabelled, in the table's order. The separator is a comma for
     ``.csv`` and a tab otherwise (open_clip's default), unless given. Every image is checked to
@@ -349,9 +349,10 @@ def caption_table_samples(
     unknown = [path for path, _ in rows if path.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS]
     if unknown:
         raise UserError(f"{unknown[0]} in {table} is not a {'/'.join(IMAGE_EXTENSIONS)} image")
-    return (
+    samples = (
         (path.suffix.lower().lstrip("."), path.read_bytes(), None, None, caption, str(path)) for path, caption in rows
     )
+    return samples, len(rows)
 
 
 def upright(img: Image.Image) -> Image.Image:
