@@ -57,6 +57,7 @@ def test_a_messy_folder_reads_every_image_format_and_says_what_it_leaves_out(tmp
         Image.fromarray(img).save(folder / name, format=fmt)
     (tmp_path / "photos/empty folder").mkdir()
     (tmp_path / "photos/notes.txt").write_text("not an image")
+    (tmp_path / "photos/café/e.JPG.txt").write_text("a caption, misnamed")  # e.txt is e.JPG's
     (tmp_path / "photos/Thumbs.db").write_bytes(b"\0")
     (tmp_path / "photos/.DS_Store").write_bytes(b"\0")  # hidden: not worth a word
     Image.fromarray(images[0]).save(tmp_path / "photos/stray.png")
@@ -65,7 +66,9 @@ def test_a_messy_folder_reads_every_image_format_and_says_what_it_leaves_out(tmp
         resolve_shards(str(tmp_path / "photos"))  # said once, not at every look
     assert index.classes == ["café", "red cars"] and index.num_samples == 6  # the empty folder is no class
     (said,) = [r.getMessage() for r in caplog.records]
-    assert "2 files that are not images (.db, .txt)" in said and "'empty folder'" in said
+    assert "1 file that is not an image (.db)" in said and "'empty folder'" in said
+    beside_none = "2 text files beside no image of their name (café/e.JPG.txt; notes.txt; an image's caption is"
+    assert f"{beside_none} photo.txt beside photo.jpg)" in said
     assert "1 image beside the class folders" in said and "1 sub-folder without images" in said
     got = read_all(urls)
     assert sorted(label for _, label in got) == [0, 0, 0, 1, 1, 1]

@@ -246,8 +246,14 @@ def _say_what_is_left_out(
     read = {path for path, _ in files} | {caption_file(path) for path, _ in files}
     unread = [path for path in visible if path not in read and (root / path).is_file()]
     beside = [path for path in unread if "/" not in path and extension(path) in IMAGE_EXTENSIONS]
-    other = [path for path in unread if path not in beside]
+    texts = [path for path in unread if extension(path) == "txt"]  # captions misnamed (photo.jpg.txt), or notes
+    other = [path for path in unread if path not in beside and path not in texts]
     parts = []
+    if texts:
+        parts.append(
+            f"{counted(len(texts), 'text file')} beside no image of {'its' if len(texts) == 1 else 'their'} name "
+            f"({first_few(texts)}; an image's caption is photo.txt beside photo.jpg)"
+        )
     if other:
         kinds = sorted({Path(path).suffix.lower() or Path(path).name for path in other})
         parts.append(
