@@ -65,7 +65,9 @@ class CaptionTokens:
 
 
 class CLIP(SSLMethod):
-    """CLIP pretraining: the ViT's pooled embedding (timm's ``forward_head(pre_logits=True)``: the
+    """CLIP pretraining (Radford et al., 2021): an image tower and a text tower.
+
+    The ViT's pooled embedding (timm's ``forward_head(pre_logits=True)``: the
     CLS token after the final norm, as open_clip's ViTs pool) times a projection matrix, and
     open_clip's ``TextTransformer`` (causal attention, the end-of-text token's embedding,
     projected), both L2-normalised; logits = exp(logit_scale) x cosine similarity.

@@ -30,7 +30,9 @@ def embed_crops(encoder: ViTEncoder, head: nn.Module, crops: list[Tensor]) -> Te
 
 
 class DINO(SSLMethod):
-    """DINO pretraining. Defaults are the paper's ViT-S/16 settings: head 2048 / 256 / 65536 with a
+    """DINO pretraining (Caron et al., 2021).
+
+    Defaults are the paper's ViT-S/16 settings: head 2048 / 256 / 65536 with a
     normalised last layer frozen for the first epoch, student temperature 0.1, teacher 0.04 ->
     0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1 (cosine; the end is
     ``teacher_momentum_end``), AdamW with lr 5e-4 x batch / 256 (10 warm-up epochs, cosine to

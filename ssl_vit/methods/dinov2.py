@@ -52,7 +52,9 @@ def split_gram_crops(crops: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
 
 
 class DINOv2(DINO):
-    """DINOv2 pretraining; defaults are ``ssl_default_config.yaml``'s: DINO head 2048 / 256 /
+    """DINOv2 pretraining (Oquab et al., 2024).
+
+    Defaults are ``ssl_default_config.yaml``'s: DINO head 2048 / 256 /
     65536 shared by the iBOT loss (``ibot_separate_head`` builds its own, ``ibot_hidden_dim`` /
     ``ibot_bottleneck_dim`` / ``ibot_out_dim``, 2048 / 256 / 65536), both heads' prototype norms
     (the last layer's weight-norm magnitude) starting at 1 and trained, half of the global

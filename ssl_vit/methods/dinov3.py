@@ -30,7 +30,9 @@ PAPER_ITERATIONS = 1_200_000
 
 
 class DINOv3(DINOv2):
-    """DINOv3 pretraining on ssl-vit's ViT: DINOv2's DINO + iBOT + KoLeo with Sinkhorn-Knopp targets
+    """DINOv3 pretraining (Siméoni et al., 2025).
+
+    On ssl-vit's ViT: DINOv2's DINO + iBOT + KoLeo with Sinkhorn-Knopp targets
     (every DINOv2 argument, with DINOv2's defaults), and the Gram term in the run's last part.
 
     Args:

@@ -26,7 +26,9 @@ TEACHER_OBJECTIVES = {"DINOv2": 1.0, "DINO": 0.0}
 
 
 class DINOv3Distill(DINOv2):
-    """DINO + iBOT + KoLeo distillation of the frozen ``teacher`` (an ssl-vit DINO or DINOv2
+    """DINOv3's distillation of a frozen teacher into a smaller ViT.
+
+    DINO + iBOT + KoLeo distillation of the frozen ``teacher`` (an ssl-vit DINO or DINOv2
     ``.ckpt``: its EMA teacher encoder and heads) into the student ViT ``encoder``, whose DINO and
     iBOT heads have the teacher's sizes. Defaults are DINOv3's ``ssl_default_config.yaml`` (as
     DINOv2's, but lr 1e-3 x sqrt(batch / 1024)); the teacher's patch grid must be the student's,

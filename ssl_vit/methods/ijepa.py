@@ -61,7 +61,9 @@ class IJEPAPredictor(nn.Module):
 
 
 class IJEPA(SSLMethod):
-    """I-JEPA pretraining. Defaults are ``configs/in1k_vith14_ep300.yaml``'s: 4 target blocks of
+    """I-JEPA pretraining (Assran et al., 2023).
+
+    Defaults are ``configs/in1k_vith14_ep300.yaml``'s: 4 target blocks of
     scale 0.15-0.2 and aspect ratio 0.75-1.5, a context block of scale 0.85-1 without them, at
     least ``min_keep`` = 10 patches; a predictor 384 wide and 12 deep with the encoder's heads;
     target momentum 0.996 -> 1 (linear, at any run length); AdamW with the lr warming up from ``warmup_lr`` 2e-4 to

@@ -65,7 +65,9 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(SSLMethod):
-    """MAE pretraining. Defaults are the paper's ViT-B/16 settings (mask 75%, decoder 512-d x 8
+    """MAE pretraining (He et al., 2022).
+
+    Defaults are the paper's ViT-B/16 settings (mask 75%, decoder 512-d x 8
     blocks, normalised-pixel targets, AdamW betas (0.9, 0.95), base lr 1.5e-4, wd 0.05,
     40 warm-up epochs)."""
 

@@ -21,7 +21,9 @@ from ssl_vit.schedules import PaperRun, cosine_to
 
 
 class MoCoV3(SSLMethod):
-    """MoCo v3 pretraining. Defaults are the paper's ViT-B/16 settings: projector 3 x 4096 -> 256
+    """MoCo v3 pretraining (Chen et al., 2021).
+
+    Defaults are the paper's ViT-B/16 settings: projector 3 x 4096 -> 256
     and predictor 2 x 4096 -> 256 (BatchNorm; use ``trainer.sync_batchnorm`` across GPUs),
     temperature 0.2 with the loss scaled by 2T, momentum 0.99 -> 1 (cosine), a frozen random
     patch projection, fixed sin-cos positions, AdamW with lr 1.5e-4 x batch / 256 and wd 0.1,

@@ -15,7 +15,9 @@ from ssl_vit.schedules import PaperRun
 
 
 class SimCLR(SSLMethod):
-    """SimCLR pretraining: encoder CLS -> projection MLP (3 layers, BatchNorm) -> NT-Xent with
+    """SimCLR pretraining (Chen et al., 2020).
+
+    Encoder CLS -> projection MLP (3 layers, BatchNorm) -> NT-Xent with
     temperature 0.1. Optimiser settings follow the ViT SimCLR baseline of MoCo v3 (AdamW, lr
     1.5e-4 x batch / 256, wd 0.1, 40 warm-up epochs)."""
 

@@ -29,7 +29,9 @@ class SimMIMOutput(NamedTuple):
 
 
 class SimMIM(SSLMethod):
-    """SimMIM pretraining. Defaults are the paper's ViT-B settings: mask 60% in 32-px blocks,
+    """SimMIM pretraining (Xie et al., 2022).
+
+    Defaults are the paper's ViT-B settings: mask 60% in 32-px blocks,
     SimMIM's ViT as far as timm's has it (layer scale 0.1, its initialisation), AdamW (0.9, 0.999),
     base lr 1e-4, warm-up from 5e-7 over 10 epochs and cosine to 5e-6, all three scaled by global
     batch / 512, wd 0.05, gradient norm clipped at 5.0."""
