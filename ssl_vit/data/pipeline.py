@@ -527,7 +527,7 @@ class ShardDataset(IterableDataset):
 
     def log_epoch_summary(self) -> None:
         skipped, read, cut = self.skipped.value, self.read.value, self.truncated.value
-        captions = f", cut {cut} captions to the text context" if self.captions else ""
+        captions = f", cut {counted(cut, 'caption')} to the text context" if self.captions else ""
         if self.uncaptioned.value:
             captions = f", left out {self.uncaptioned.value} without a caption{captions}"
         again = self.read_again.value
