@@ -597,6 +597,16 @@ CONFIG_CASES = [
     bad_config(
         "unknown_key", "unknown recipe key 'data.batch_sise'", lambda f, w: [*_tiny(f, w), "--data.batch_sise=3"]
     ),
+    bad_config(
+        "unknown_model_key",
+        "unknown recipe key 'model.init_args.mask_ration' of MAE; did you mean 'model.init_args.mask_ratio'?",
+        lambda f, w: [*_tiny(f, w), "--model.init_args.mask_ration=0.5"],
+    ),
+    bad_config(
+        "unknown_encoder_key",
+        "unknown recipe key 'model.init_args.encoder.detph' of MAE; did you mean 'model.init_args.encoder.depth'?",
+        lambda f, w: [*_tiny(f, w), "--model.init_args.encoder.detph=3"],
+    ),
     bad_config("wrong_type", "data.batch_size", lambda f, w: [*_tiny(f, w), "--data.batch_size=many"]),
     bad_config(
         "patch_vs_image",

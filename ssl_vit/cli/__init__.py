@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import importlib.metadata
+import inspect
 import os
 import re
 import signal
@@ -54,6 +56,13 @@ def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
             meant = f"did you mean '{close[0]}'? " if close else ""
             return f"unknown recipe key '{key}'; {meant}`ssl-vit {command} --help` lists the common keys"
         return f"unknown option '--{key}'; `ssl-vit {command} --help` lists the accepted ones"
+    # a model setting its class does not take, and an encoder setting (jsonargparse breaks its report over lines)
+    taken = (
+        r"class_path '([\w.]+)': (?:Option '(\w+)' is not accepted|Parser key \"encoder\": Unexpected keys: \{'(\w+)')"
+    )
+    setting = re.search(taken.replace(" ", r"\s*"), text)
+    if setting:
+        return unknown_setting_message(setting.group(1), setting.group(2), setting.group(3), command)
     missing = re.search(r"Parser key \"config\":\s*File does not exist: '([^']+)'", text)
     if missing:
         path = Path(missing.group(1))
@@ -68,6 +77,31 @@ def recipe_error_message(err: argparse.ArgumentError, command: str) -> str:
         return f"recipe {path} does not exist; `ssl-vit recipes` lists the shipped recipes"
     noise = ("Does not validate", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
     return " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise))
+
+
+def unknown_setting_message(class_path: str, key: str | None, encoder_key: str | None, command: str) -> str:
+    """``model.init_args.KEY`` (or ``model.init_args.encoder.KEY``) that the class does not take,
+    with the nearest one it does."""
+    module, name = class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    if key:
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+        where, unknown = "model.init_args", key
+    else:  # the encoder's settings: ViTEncoder's own and timm's VisionTransformer's
+        from timm.models.vision_transformer import VisionTransformer
+
+        from ssl_vit.encoder import ViTEncoder
+
+        accepted = [
+            *inspect.signature(ViTEncoder.__init__).parameters,
+            *inspect.signature(VisionTransformer).parameters,
+        ]
+        where, unknown = "model.init_args.encoder", encoder_key
+    close = difflib.get_close_matches(unknown, accepted, n=1)
+    meant = f"did you mean '{where}.{close[0]}'? " if close else ""
+    return (
+        f"unknown recipe key '{where}.{unknown}' of {name}; {meant}`ssl-vit {command} --model.help {name}` lists them"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
