@@ -480,6 +480,7 @@ def test_clip_on_shards_without_captions_stops_in_one_line(tmp_path):
     result = pretrain_recipe_briefly(tmp_path, "recipes/quickstart/clip.yaml", shards, {"text_layers": 1})
     assert result.returncode == 2
     assert "has no captions (a .txt beside each image)" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # stopped before the run folder, its lock and its logs were made
     old = tmp_path / "old"  # shards whose index predates the caption count: the first sample is read
     write_shards([("png", png(np.zeros((8, 8, 3), np.uint8)), 0)] * 16, old, ["a"], "test", samples_per_shard=8)
     index = json.loads((old / "dataset.json").read_text())

@@ -760,7 +760,9 @@ class ShardDataModule(L.LightningDataModule):
         is launched, ``setup`` the same checks on every rank."""
         self._check_settings()
         if not self.embedded_to_write():  # else prepare_data writes them and setup checks them
-            self.training_data(world_size, captioned=captioned)
+            urls, index, _ = self.training_data(world_size, captioned=captioned)
+            if captioned:
+                self.check_captions(urls, index)
 
     def _check_settings(self) -> None:
         if self.batch_size < 1:
@@ -865,11 +867,15 @@ class ShardDataModule(L.LightningDataModule):
             captions=captions,
         )
 
-    def check_captions(self, urls: list[Shard], index: ShardIndex | None, captions: CaptionTokenizer) -> None:
+    def check_captions(
+        self, urls: list[Shard], index: ShardIndex | None, captions: CaptionTokenizer | None = None
+    ) -> None:
         """Stop in one line when the training data has no captions at all (the index's count, or
-        else its first sample), rather than skip every sample."""
+        else, with the objective's tokenizer, its first sample), rather than skip every sample."""
         if index is not None and index.captions is not None:
             captioned = index.captions > 0
+        elif captions is None:  # before the objective is set up: setup reads the first sample
+            return
         else:
             first = next(ShardDataset(urls[:1], self.view, captions=captions)._samples(urls[0]), {})
             captioned = CAPTION_MEMBER in first
