@@ -462,7 +462,7 @@ def encoder_weights(ckpt: dict[str, Any], path: str | Path, role: str | None = N
     A method lists its encoders by role in the checkpoint (``ssl_vit.encoders``: role -> module
     path), the one its paper evaluates first; ``role=None`` takes that one.
     """
-    encoders = ckpt.get("ssl_vit", {}).get("encoders", {"student": "encoder"})
+    encoders = ckpt.get("ssl_vit", {}).get("encoders", {"encoder": "encoder"})
     role = role or next(iter(encoders))
     if role not in encoders:
         raise UserError(f"{path} has no {role!r} encoder; it has {', '.join(encoders)}")

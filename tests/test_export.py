@@ -89,7 +89,7 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     assert card.startswith(f"# vit_tiny_patch16_224 with {shape}, 32-px images, {prov['objective']}\n")
     objective = checkpoint.parent.name.split("-")[0]
     assert prov["objective"].lower() == objective and prov["step"] == 2
-    assert prov["encoder_role"] == EVALUATED_ROLE.get(objective, "student")
+    assert prov["encoder_role"] == EVALUATED_ROLE.get(objective, "encoder")
     assert prov["knn"] == {"k=20": {"top1": 50.0, "top5": 90.0}}
     assert prov["recipe"]["encoder"] == _encoder(checkpoint)  # with the objective's defaults
     assert TINY_ENCODER.items() <= prov["recipe"]["encoder"].items()

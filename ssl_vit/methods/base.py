@@ -54,7 +54,7 @@ class SSLMethod(L.LightningModule):
     #: The encoders an export or evaluation can take: role -> module path, the one the paper
     #: evaluates first (DINO lists its EMA teacher first; MoCo v3 its base encoder, as its
     #: official linear probe and conversion script keep ``base_encoder``).
-    encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
+    encoders: ClassVar[dict[str, str]] = {"encoder": "encoder"}
     #: Module paths of frozen, already-trained networks (a distillation teacher): kept in eval mode
     #: (dropout, drop path and BatchNorm statistics as in inference) whatever mode the rest is in.
     frozen_modules: ClassVar[tuple[str, ...]] = ()
