@@ -72,12 +72,19 @@ def _rows(results: Results) -> dict[str, dict[str, float]]:
     return rows
 
 
-def accuracy_counts(train: FeatureSet, val: FeatureSet) -> dict[str, int]:
+def accuracy_counts(train: FeatureSet, val: FeatureSet) -> dict[str, Any]:
     """What an evaluation's accuracies count, for :func:`print_results`: the evaluation images and
-    the classes their labels run over, and how many of those the evaluation images have (from the
+    the classes their labels run over, how many of those the evaluation images have, and the share
+    (%) of the largest, which a model answering one class for every image scores (from the
     features already read, not the folders again)."""
     classes = int(max(train.labels.max(), val.labels.max())) + 1
-    return {"val_images": len(val.labels), "classes": classes, "val_classes": int(val.labels.unique().numel())}
+    largest = round(100 * val.labels.long().bincount().max().item() / len(val.labels), 1)
+    return {
+        "val_images": len(val.labels),
+        "classes": classes,
+        "val_classes": int(val.labels.unique().numel()),
+        "largest_class": largest,
+    }
 
 
 def print_results(
@@ -88,12 +95,14 @@ def print_results(
     val_images: int | None = None,
     classes: int | None = None,
     val_classes: int | None = None,
+    largest_class: float | None = None,
 ) -> None:
     """One row per image-level protocol: top-1 and top-5 (%), and the baseline's top-1 if known
     (the random initialisation, or the weights a run started from), with how many evaluation
     images and classes they count, if given (no top-5 column for 5 classes or fewer, where it is
     100 whatever the encoder; ``val_classes``: how many of the classes the images have, when not
-    all); the dense probe's mIoU and pixel accuracy in a second table."""
+    all; ``largest_class``: its share, what one answer for every image scores, when the classes
+    are unequal); the dense probe's mIoU and pixel accuracy in a second table."""
     console = Console()
     rows = _rows(results)
     if rows:
@@ -103,6 +112,8 @@ def print_results(
             of_classes = f" of {val_classes} of the {classes} classes"
         points = f"{100 / val_images:.2g}" if val_images and val_images > 1 else "100"
         caption = f"{counted(val_images, 'image')}{of_classes}, {points} points each" if val_images else None
+        if caption and largest_class and classes and largest_class > 100 / classes + 0.5:  # unequal classes
+            caption += f"; the largest class alone scores {largest_class:.1f}"
         top5 = not classes or classes > 5
         table = Table(title=title, caption=caption, min_width=max(len(title), len(caption or "")))  # each on one line
         columns = [
