@@ -463,6 +463,8 @@ def encoder_weights(ckpt: dict[str, Any], path: str | Path, role: str | None = N
     path), the one its paper evaluates first; ``role=None`` takes that one.
     """
     encoders = ckpt.get("ssl_vit", {}).get("encoders", {"encoder": "encoder"})
+    if len(encoders) == 1 and role in ("student", "encoder"):  # one encoder: "student" in older checkpoints
+        role = None
     role = role or next(iter(encoders))
     if role not in encoders:
         raise UserError(f"{path} has no {role!r} encoder; it has {', '.join(encoders)}")

@@ -167,8 +167,9 @@ def model_card(model: nn.Module, record: dict[str, Any]) -> str:
         results = [f"- val {kind}: {value}" for kind, value in record.get("results", {}).items()]
         evaluated, num_classes = "Accuracy of this checkpoint on the run's validation images (%):", ""
     else:
+        role = record.get("encoder_role")  # named where the objective has several (DINO's teacher)
         about = [
-            f"- objective: {record.get('objective')} ({record.get('encoder_role', 'encoder')} encoder)",
+            f"- objective: {record.get('objective')}" + (f" ({role} encoder)" if role not in ("encoder", None) else ""),
             f"- features: {pooled_features(model)} (timm's `forward_head(x, pre_logits=True)`)",
         ]
         results = _evaluation_lines(record)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import ssl_vit
 from ssl_vit import export_encoder, load_encoder
-from ssl_vit.checkpoint import load_checkpoint_encoder
+from ssl_vit.checkpoint import encoder_weights, load_checkpoint_encoder
 from ssl_vit.encoder import NON_TIMM_SETTINGS
 from ssl_vit.errors import UserError
 from ssl_vit.methods import MAE
@@ -90,6 +90,8 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     objective = checkpoint.parent.name.split("-")[0]
     assert prov["objective"].lower() == objective and prov["step"] == 2
     assert prov["encoder_role"] == EVALUATED_ROLE.get(objective, "encoder")
+    role = f" ({prov['encoder_role']} encoder)" if objective in EVALUATED_ROLE else ""  # named where there are two
+    assert f"- objective: {prov['objective']}{role}\n" in card
     assert prov["knn"] == {"k=20": {"top1": 50.0, "top5": 90.0}}
     assert prov["recipe"]["encoder"] == _encoder(checkpoint)  # with the objective's defaults
     assert TINY_ENCODER.items() <= prov["recipe"]["encoder"].items()
@@ -160,3 +162,15 @@ def _encoder(checkpoint: Path) -> dict:
 
 def _args(checkpoint: Path) -> dict:
     return {k: v for k, v in _encoder(checkpoint).items() if k not in NON_TIMM_SETTINGS}
+
+
+def test_the_one_encoder_of_an_objective_answers_to_its_old_name_and_its_new():
+    """A single-encoder objective's role was 'student' before it was 'encoder': `--role` takes either."""
+    weights = {"encoder.w": torch.ones(1), "head.w": torch.zeros(1)}
+    for recorded in ("student", "encoder"):
+        ckpt = {"ssl_vit": {"encoders": {recorded: "encoder"}}, "state_dict": weights}
+        for asked in ("student", "encoder", None):
+            assert encoder_weights(ckpt, "x.ckpt", asked) == ({"w": torch.ones(1)}, recorded)
+    two = {"ssl_vit": {"encoders": {"teacher": "teacher_encoder", "student": "encoder"}}, "state_dict": weights}
+    with pytest.raises(UserError, match="has no 'encoder' encoder; it has teacher, student"):
+        encoder_weights(two, "x.ckpt", "encoder")

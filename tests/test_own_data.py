@@ -279,6 +279,11 @@ def test_a_baseline_measured_before_images_were_added_is_left_out(tmp_path):
     with pytest.warns(UserWarning, match="changed since the step-0 evaluation .* the random init column"):
         resumed.on_fit_start(trainer=SimpleNamespace(ckpt_path="last.ckpt"), pl_module=None)
     assert resumed.baseline is None and resumed.state_dict()["baseline"] is None
+    # a run saved before the files were hashed by where they are: nothing to compare, the baseline kept
+    older = {k: v for k, v in evaluation.state_dict().items() if k != "baseline_files"} | {"baseline_data": "0ld"}
+    resumed.load_state_dict(older)
+    resumed.on_fit_start(trainer=SimpleNamespace(ckpt_path="last.ckpt"), pl_module=None)
+    assert resumed.baseline == evaluation.baseline
 
 
 def test_the_held_out_part_is_disjoint_deterministic_and_a_tenth(tmp_path):

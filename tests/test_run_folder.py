@@ -265,4 +265,6 @@ def test_a_resume_names_the_settings_changed_since_its_checkpoint():
     model = SimpleNamespace(hparams={"base_lr": 2e-3, "encoder": {"depth": 4}})
     data = SimpleNamespace(hparams={"batch_size": 32, "view": {"init_args": {"size": 48}}, "new_setting": 1})
     ckpt["datamodule_hyper_parameters"]["train_shards"], data.hparams["train_shards"] = "photos", "./photos/"
+    # the hint a distillation recipe gives for its missing teacher is no setting (an older run kept the recipe's)
+    ckpt["hyper_parameters"]["teacher_made_by"], model.hparams["teacher_made_by"] = "ssl-vit pretrain ...", None
     assert changed_settings(ckpt, model, data) == ["model.base_lr 0.001 -> 0.002", "data.view.init_args.size 32 -> 48"]

@@ -53,6 +53,7 @@ from ssl_vit.eval.report import (
     changed_since_run,
     print_results,
     settings_tag,
+    with_files,
     write_records,
 )
 from ssl_vit.export import export_encoder
@@ -176,8 +177,12 @@ def evaluate(command: str, args: list[str]) -> None:
     if left_out:  # asked for, and more neighbours than there are: all of them again, under another name
         ks = ", ".join(map(str, left_out))
         Console(soft_wrap=True).print(f"k={ks} left out: more than the {len(train.labels)} training images")
-    settings = evaluator.settings()
-    own = next((changed_since_run(source, kind, settings) for kind in results), None) if weights is None else None
+    settings = with_files(evaluator.settings())
+    own = (
+        next(filter(None, (changed_since_run(source, kind, settings) for kind in results)), None)
+        if weights is None
+        else None
+    )
     if own:
         Console(stderr=True, soft_wrap=True).print(
             f"warning: the images changed since the run's own evaluation ({own}): files added, removed or "
@@ -224,7 +229,7 @@ def zeroshot(args: list[str]) -> None:
     if torch.cuda.is_available():
         model = model.cuda()
     settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": opts.image_size or image_size}
-    settings |= {"batch_size": opts.batch_size, "num_workers": opts.num_workers}
+    settings = with_files(settings | {"batch_size": opts.batch_size, "num_workers": opts.num_workers})
     start = time.perf_counter()
     view = EvalView(settings["image_size"])
     names = shard_class_names(opts.val_shards)

@@ -17,7 +17,7 @@ from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator, Results
 from ssl_vit.eval.features import FeatureSet
 from ssl_vit.eval.image_text import ImageTextModel, evaluate_image_text, no_retrieval
-from ssl_vit.eval.report import accuracy_counts, data_hash, metrics, print_results, write_records
+from ssl_vit.eval.report import accuracy_counts, data_hash, metrics, print_results, with_files, write_records
 from ssl_vit.periodic import Periodic
 from ssl_vit.pictures import embedding_picture, line_chart, save_picture, shard_class_names
 
@@ -153,14 +153,15 @@ class EvaluationCallback(Evaluator, Periodic):
         return {
             "baseline": self.baseline,
             "baseline_name": self.baseline_name,
-            "baseline_data": self.baseline_data,
+            "baseline_files": self.baseline_data,
             "knn_history": self.knn_history,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict.get("baseline")
         self.baseline_name = state_dict.get("baseline_name", "random init")
-        self.baseline_data = state_dict.get("baseline_data")
+        # "baseline_files": hashed by where the files are; an older state's hash is not comparable, so none
+        self.baseline_data = state_dict.get("baseline_files")
         self.knn_history = [tuple(point) for point in state_dict.get("knn_history", [])]
 
     def periodic(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -185,7 +186,7 @@ class EvaluationCallback(Evaluator, Periodic):
             ckpt_dir / "last.ckpt",
             results,
             info,
-            self.settings(),
+            with_files(self.settings()),
             seconds,
             self.baseline,
             baseline_name=self.baseline_name,

@@ -180,7 +180,7 @@ def write_records(
             "data": {
                 "train_shards": settings["train_shards"],
                 "val_shards": settings["val_shards"],
-                "files": data_hash(settings["train_shards"], settings["val_shards"]),
+                "files": settings.get("files"),  # with_files
             },
             "protocol": {k: settings[k] for k in (*COMMON_SETTINGS, *PROTOCOL_SETTINGS[kind]) if k in settings},
             "results": results[kind],
@@ -201,15 +201,20 @@ def write_json(path: Path, record: dict[str, Any]) -> Path:
 
 
 def settings_tag(source: str, weights: str | None, settings: dict[str, Any]) -> str:
-    """``eval-<8 hex>``: a hash of what decides the numbers (encoder, weights, data and its files,
-    protocol), so the same evaluation run again replaces its own record and a different one (or
-    one of images added since) writes beside it."""
+    """``eval-<8 hex>``: a hash of what decides the numbers (encoder, weights, data and, from
+    ``with_files``, its files, protocol), so the same evaluation run again replaces its own record
+    and a different one (or one of images added since) writes beside it."""
     decisive = {k: v for k, v in settings.items() if k not in ("cache_dir", "num_workers")}
     for split in ("train_shards", "val_shards"):  # where they are, however written (shards, ./shards/, its path)
         decisive[split] = data_location(settings[split]) if settings[split] else None
-    files = data_hash(settings["train_shards"], settings["val_shards"])
-    text = json.dumps({"encoder": source, "weights": weights, "files": files, **decisive}, sort_keys=True, default=str)
+    text = json.dumps({"encoder": source, "weights": weights, **decisive}, sort_keys=True, default=str)
     return f"eval-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def with_files(settings: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's settings with the hash of the files its splits read now (``files``), which
+    its record keeps and its tag depends on: computed once, as it reads every file's size and time."""
+    return {**settings, "files": data_hash(settings["train_shards"], settings["val_shards"])}
 
 
 def data_hash(train_shards: str | None, val_shards: str | None) -> str:
@@ -231,5 +236,5 @@ def changed_since_run(checkpoint: str | Path, kind: str, settings: dict[str, Any
         for split in ("train_shards", "val_shards")
     )
     then = data.get("files")  # older records carry none: nothing to compare
-    changed = same_place and then and then != data_hash(settings["train_shards"], settings["val_shards"])
+    changed = same_place and then and then != settings["files"]
     return record_path if changed else None
