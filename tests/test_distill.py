@@ -159,6 +159,10 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
             ["--model.init_args.teacher=runs/{data}/simclr/export", "--data.train_shards=fotos"],
             "fotos does not exist: give a folder of images",
         ),
+        (  # the quickstart's shapes, not written yet: the teacher's command writes them
+            ["--model.init_args.teacher=runs/{data}/simclr/export", "--data.train_shards=data/shapes/train"],
+            "teacher runs/shapes/simclr/export not found: run `ssl-vit pretrain --config recipes/quickstart/simclr",
+        ),
         (["--model.init_args.teacher=."], "is not a timm model folder"),
         (["--model.init_args.student.name=resnet1"], "timm has no model 'resnet1'; did you mean resnet18"),
         (
@@ -179,6 +183,7 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
         "missing teacher",
         "teacher of other data",
         "mistyped data",
+        "shapes to come",
         "not a teacher",
         "unknown student",
         "ViT size",
@@ -253,6 +258,8 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     again = [*command, "--model.init_args.teacher_weights=random", "--trainer.max_epochs=2", "--trainer.logger=true"]
     other = in_this_process(tmp_path, *again)
     assert other.returncode == 2 and "it was distilled from other teacher weights" in other.stderr, other.stderr
+    given = in_this_process(tmp_path, *again, f"--ckpt_path={run / 'checkpoints/last.ckpt'}")  # named, not found
+    assert given.returncode == 2 and "cannot be resumed by this run: it was distilled from other" in given.stderr
     assert sorted(run.rglob("*")) == before
 
     # A run whose student collapses fails as `ssl-vit distill`, pointing to what to check; its export warns.

@@ -38,7 +38,7 @@ from ssl_vit.checkpoint import (
     remove_dead_writers_files,
     resume_mismatch,
 )
-from ssl_vit.data.pipeline import ShardDataModule
+from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write
 from ssl_vit.data.shards import is_remote, resolve_shards, split_part
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
@@ -167,7 +167,10 @@ class RunCLI(LightningCLI):
             config["ckpt_path"] = self.checkpoint_to_resume(config["auto_resume"], ckpt_dir, root, run)
         elif Path(config["ckpt_path"]).is_file():  # not Lightning's "last" / "hpc" names
             path = Path(config["ckpt_path"])
-            problem = checkpoint_problem(path) or resume_mismatch(path, read_checkpoint(path, mmap=True), run)
+            problem = checkpoint_problem(path)
+            if not problem:
+                ckpt = read_checkpoint(path, mmap=True)
+                problem = resume_mismatch(path, ckpt, run) or objective_resume_problem(self.model, ckpt)
             if problem:
                 raise UserError(
                     f"--ckpt_path {path} cannot be resumed by this run: {problem}; to start from its weights "
@@ -276,7 +279,7 @@ class RunCLI(LightningCLI):
             raise UserError(f"none of the checkpoints in {ckpt_dir} is complete (see the warnings above); {fresh}")
         ckpt = read_checkpoint(newest, mmap=True)
         # and what the objective itself checks (a distillation's teacher), before anything is written
-        problem = resume_mismatch(newest, ckpt, run) or getattr(self.model, "resume_problem", lambda _: None)(ckpt)
+        problem = resume_mismatch(newest, ckpt, run) or objective_resume_problem(self.model, ckpt)
         if problem:
             raise UserError(f"{newest} is not this run's to resume: {problem}; {fresh}")
         return str(newest)
@@ -291,6 +294,13 @@ class RunCLI(LightningCLI):
             while cause is not None and not isinstance(cause, UserError):
                 cause = cause.__cause__ or cause.__context__
             raise (cause or err) from None
+
+
+def objective_resume_problem(model: L.LightningModule, ckpt: dict[str, Any]) -> str | None:
+    """What the objective itself has against continuing ``ckpt`` (``SSLMethod.resume_problem``: a
+    distillation's other teacher); a fine-tuning run has nothing."""
+    check = getattr(model, "resume_problem", None)
+    return check(ckpt) if check else None
 
 
 def changed_settings(ckpt: dict[str, Any], model: L.LightningModule, data: L.LightningDataModule) -> list[str]:
@@ -344,7 +354,8 @@ class PretrainCLI(RunCLI):
         model = getattr(config.model, "init_args", config.model)
         teacher = getattr(model, "teacher", None)
         if isinstance(teacher, str) and "{data}" in teacher:
-            resolve_shards(config.data.train_shards)  # a mistyped data folder is named as that, not as no teacher
+            if not embedded_to_write(config.data.train_shards, getattr(config.data, "generate_embedded", False)):
+                resolve_shards(config.data.train_shards)  # a mistyped data folder is named as that, not as no teacher
             model.teacher = teacher.replace("{data}", data_name(config.data.train_shards))
             if getattr(model, "teacher_made_by", None):
                 model.teacher_made_by += f" --data.train_shards {config.data.train_shards}"

@@ -598,6 +598,15 @@ def seed_generators(key: str) -> None:
     np.random.seed(seed % 2**32)
 
 
+def embedded_to_write(train_shards: str, generate_embedded: bool | str) -> str | None:
+    """The embedded dataset a run writes before it reads it: ``generate_embedded``'s, when
+    ``train_shards`` is that dataset's missing ``train`` folder (``.../shapes/train``); a user's
+    mistyped path is reported missing, never filled with generated images."""
+    dataset = "shapes" if generate_embedded is True else generate_embedded
+    train = Path(train_shards)
+    return dataset if dataset and not train.exists() and train.parts[-2:] == (dataset, "train") else None
+
+
 def evaluation_split(train_shards: str, val_shards: str | None = None, val_to_come: bool = False) -> tuple[str, str]:
     """The (train, val) data that evaluating on ``train_shards`` reads: ``val_shards`` when given,
     else the ``val`` (or ``valid``, ``validation``) folder beside a ``train`` folder (or the one
@@ -741,12 +750,8 @@ class ShardDataModule(L.LightningDataModule):
         self.train_set: ShardDataset | None = None
 
     def embedded_to_write(self) -> str | None:
-        """The embedded dataset ``prepare_data`` writes: ``generate_embedded``'s, when
-        ``train_shards`` is that dataset's missing ``train`` folder (``.../shapes/train``); a
-        user's mistyped path is reported missing, never filled with generated images."""
-        dataset = "shapes" if self.generate_embedded is True else self.generate_embedded
-        train = Path(self.train_shards)
-        return dataset if dataset and not train.exists() and train.parts[-2:] == (dataset, "train") else None
+        """The embedded dataset ``prepare_data`` writes (:func:`embedded_to_write`)."""
+        return embedded_to_write(self.train_shards, self.generate_embedded)
 
     def prepare_data(self) -> None:
         dataset = self.embedded_to_write()

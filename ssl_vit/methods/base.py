@@ -185,6 +185,11 @@ class SSLMethod(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.collapse_watch.load_state_dict(checkpoint.get("ssl_vit", {}).get("collapse", {}))
 
+    def resume_problem(self, checkpoint: dict[str, Any]) -> str | None:
+        """Why this objective cannot continue ``checkpoint`` beyond what every run compares
+        (objective, encoder, data): the command line asks before anything is written. None: it can."""
+        return None
+
     def global_batch_size(self, per_device_batch: int) -> int:
         return per_device_batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
