@@ -347,7 +347,8 @@ def test_image_text_evaluation_reads_labels_and_captions_from_the_same_shards(tm
     captions = [f"photo {i}" for i in range(12)]
     shards = captioned_shards(tmp_path / "shards", captions, labels=[i % 3 for i in range(12)])
     names = ["cat", "dog", "car"]
-    results = evaluate_image_text(method, str(shards), EvalView(32), names, batch_size=5, num_workers=0)
+    results, counts = evaluate_image_text(method, str(shards), EvalView(32), names, batch_size=5, num_workers=0)
+    assert counts == {"val_images": 12, "classes": 3, "val_classes": 3, "largest_class": 33.3}
     urls, _ = resolve_shards(str(shards))
     images = torch.stack([image for image, _ in ShardDataset(urls, EvalView(32), shuffle_shards=False)])
     labels = torch.tensor([i % 3 for i in range(12)])
@@ -358,7 +359,7 @@ def test_image_text_evaluation_reads_labels_and_captions_from_the_same_shards(tm
     assert results["zeroshot"] == expected
     assert results["retrieval"] == {**retrieval_recall(image, text), "pairs": 12}
     # one class: zero-shot would score 100 whatever the model, and is left out
-    one_class = evaluate_image_text(method, str(shards), EvalView(32), ["cat"], batch_size=5, num_workers=0)
+    one_class, _ = evaluate_image_text(method, str(shards), EvalView(32), ["cat"], batch_size=5, num_workers=0)
     assert "zeroshot" not in one_class and one_class["retrieval"] == results["retrieval"]
 
 
@@ -417,6 +418,7 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
         result = in_this_process(tmp_path, "zeroshot", model, "--val_shards", "shards", "--num_workers", "0")
         assert result.returncode == 0, result.stderr
         assert "zero-shot" in result.stdout and "image -> text" in result.stdout
+        assert "24 images of 4 classes, 4.2 points each" in result.stdout  # what the accuracy counts
         # the run trained on these very shards (its val_shards too): said, where the model records it
         said = "warning: shards is the data this run trained on\n" in result.stderr
         assert said == (model == str(run)), result.stderr

@@ -154,7 +154,7 @@ def evaluate(command: str, args: list[str]) -> None:
     if torch.cuda.is_available():
         encoder = encoder.cuda()
     start = time.perf_counter()
-    counts: dict[str, int] = {}  # the images and classes the accuracies count
+    counts: dict[str, Any] = {}  # the images and classes the accuracies count
     if command == "segprobe":
         results = {"segmentation": evaluator.segmentation_probe(encoder)}
     else:
@@ -233,7 +233,7 @@ def zeroshot(args: list[str]) -> None:
     start = time.perf_counter()
     view = EvalView(settings["image_size"])
     names = shard_class_names(opts.val_shards)
-    results = evaluate_image_text(model, opts.val_shards, view, names, opts.batch_size, opts.num_workers)
+    results, counts = evaluate_image_text(model, opts.val_shards, view, names, opts.batch_size, opts.num_workers)
     if not results:
         labels = "one class folder" if names and len(names) == 1 else "no class labels"
         raise UserError(
@@ -243,7 +243,7 @@ def zeroshot(args: list[str]) -> None:
         Console(stderr=True, soft_wrap=True).print(no_retrieval(opts.val_shards))
     seconds = time.perf_counter() - start
     title = f"zero-shot evaluation of {opts.model} on {opts.val_shards}"
-    print_results(title, results, classes=len(names) if names else None)
+    print_results(title, results, **(counts or {"classes": len(names) if names else None}))
     evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read
     stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings)
     for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):

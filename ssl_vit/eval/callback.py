@@ -63,7 +63,7 @@ class EvaluationCallback(Evaluator, Periodic):
         self.baseline_name = "random init"
         self.baseline_data: str | None = None  # what the baseline was measured on (evaluated_data)
         self.knn_history: list[tuple[int, float]] = []
-        self.counts: dict[str, int] = {}  # the images and classes the last evaluation counted
+        self.counts: dict[str, Any] = {}  # the images and classes the last evaluation counted
         self.said_no_retrieval = False
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, probe: bool) -> Results | None:
@@ -80,7 +80,7 @@ class EvaluationCallback(Evaluator, Periodic):
                     self.draw(trainer, results, val, names)
                 if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe
                     view = EvalView(self._image_size(encoder))
-                    image_text = evaluate_image_text(
+                    image_text, _ = evaluate_image_text(  # counted by the k-NN's features already
                         pl_module, self.val_shards, view, names, self.batch_size, self.num_workers
                     )
                     if "retrieval" not in image_text and not self.said_no_retrieval:

@@ -6,7 +6,7 @@ Used by the pretraining callback and by ``ssl-vit zeroshot`` alike."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from ssl_vit.data.pipeline import CaptionTokenizer, ShardDataset, View
 from ssl_vit.data.shards import resolve_shards
+from ssl_vit.eval.report import label_counts
 
 #: open_clip's ``zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES``: the 7 prompts whose text
 #: embeddings are averaged into one per class (written out here, so that evaluating an open_clip
@@ -97,15 +98,17 @@ def evaluate_image_text(
     class_names: Sequence[str] | None,
     batch_size: int = 256,
     num_workers: int = 2,
-) -> dict[str, dict]:
+) -> tuple[dict[str, dict], dict[str, Any]]:
     """``zeroshot`` (when ``class_names`` name the shards' labels) and ``retrieval`` (when the
     shards have captions; the number of pairs goes with it) of ``model`` on ``shards``, in eval
-    mode, through ``view``."""
+    mode, through ``view``; and what the zero-shot accuracy counts (``report.label_counts``; {}
+    without it)."""
     urls, index = resolve_shards(shards)
     workers = min(num_workers, len(urls))
     was_training = model.training
     model.eval()
     results: dict[str, dict] = {}
+    counts: dict[str, Any] = {}
     try:
         if class_names and len(class_names) > 1:  # zero-shot among one class scores 100 whatever the model
             labelled = DataLoader(ShardDataset(urls, view, shuffle_shards=False), batch_size, num_workers=workers)
@@ -113,6 +116,7 @@ def evaluate_image_text(
             if len(image):
                 classes = class_embeddings(model, class_names, next(model.parameters()).device).float().cpu()
                 results["zeroshot"] = zero_shot_accuracy(image, labels.long(), classes)
+                counts = label_counts(labels, len(class_names))
         if index is None or index.captions != 0:  # an index from before captions were counted: try
             dataset = ShardDataset(urls, view, shuffle_shards=False, captions=model.caption_tokens)
             image, text = _embed(model, DataLoader(dataset, batch_size, num_workers=workers), texts=True)
@@ -120,7 +124,7 @@ def evaluate_image_text(
                 results["retrieval"] = {**retrieval_recall(image, text), "pairs": len(image)}
     finally:
         model.train(was_training)
-    return results
+    return results, counts
 
 
 def no_retrieval(shards: str) -> str:

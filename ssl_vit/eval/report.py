@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
 from ssl_vit.data.shards import data_fingerprint, data_location
 from ssl_vit.errors import counted
@@ -73,16 +74,19 @@ def _rows(results: Results) -> dict[str, dict[str, float]]:
 
 
 def accuracy_counts(train: FeatureSet, val: FeatureSet) -> dict[str, Any]:
-    """What an evaluation's accuracies count, for :func:`print_results`: the evaluation images and
-    the classes their labels run over, how many of those the evaluation images have, and the share
-    (%) of the largest, which a model answering one class for every image scores (from the
-    features already read, not the folders again)."""
-    classes = int(max(train.labels.max(), val.labels.max())) + 1
-    largest = round(100 * val.labels.long().bincount().max().item() / len(val.labels), 1)
+    """What an evaluation's accuracies count, for :func:`print_results` (:func:`label_counts` of
+    the evaluation images, from the features already read, not the folders again)."""
+    return label_counts(val.labels, classes=int(max(train.labels.max(), val.labels.max())) + 1)
+
+
+def label_counts(labels: Tensor, classes: int) -> dict[str, Any]:
+    """The evaluation images, the ``classes`` their labels run over, how many of those the images
+    have, and the share (%) of the largest, which a model answering one class for every image scores."""
+    largest = round(100 * labels.long().bincount().max().item() / len(labels), 1)
     return {
-        "val_images": len(val.labels),
+        "val_images": len(labels),
         "classes": classes,
-        "val_classes": int(val.labels.unique().numel()),
+        "val_classes": int(labels.unique().numel()),
         "largest_class": largest,
     }
 
