@@ -58,6 +58,7 @@ def test_a_messy_folder_reads_every_image_format_and_says_what_it_leaves_out(tmp
     (tmp_path / "photos/empty folder").mkdir()
     (tmp_path / "photos/notes.txt").write_text("not an image")
     (tmp_path / "photos/café/e.JPG.txt").write_text("a caption, misnamed")  # e.txt is e.JPG's
+    (tmp_path / "photos/stray.txt").write_text("the caption of stray.png, left out with it")
     (tmp_path / "photos/Thumbs.db").write_bytes(b"\0")
     (tmp_path / "photos/.DS_Store").write_bytes(b"\0")  # hidden: not worth a word
     Image.fromarray(images[0]).save(tmp_path / "photos/stray.png")

@@ -87,6 +87,7 @@ def unknown_setting_message(class_path: str, key: str | None, encoder_key: str |
     if key:
         accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
         where, unknown = "model.init_args", key
+        listed = f"`ssl-vit {command} --model.help {name}` lists them"
     else:  # the encoder's settings: ViTEncoder's own and timm's VisionTransformer's
         from timm.models.vision_transformer import VisionTransformer
 
@@ -97,11 +98,10 @@ def unknown_setting_message(class_path: str, key: str | None, encoder_key: str |
             *inspect.signature(VisionTransformer).parameters,
         ]
         where, unknown = "model.init_args.encoder", encoder_key
+        listed = "the encoder takes ssl_vit.encoder.ViTEncoder's settings and timm's VisionTransformer's arguments"
     close = difflib.get_close_matches(unknown, accepted, n=1)
     meant = f"did you mean '{where}.{close[0]}'? " if close else ""
-    return (
-        f"unknown recipe key '{where}.{unknown}' of {name}; {meant}`ssl-vit {command} --model.help {name}` lists them"
-    )
+    return f"unknown recipe key '{where}.{unknown}' of {name}; {meant}{listed}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -203,7 +203,7 @@ class RunCLI(LightningCLI):
                 )
         elif self.trainer.is_global_zero:
             if killed:
-                every = getattr(self.trainer.checkpoint_callback, "_every_n_train_steps", 0)
+                every = self.config[self.subcommand].checkpoint.every_n_train_steps
                 saves = f"; the run saves every {every} steps" if every else ""
                 Console(stderr=True, soft_wrap=True).print(
                     f"starting at step 0: an earlier start in {root} ({killed}) was killed before its first "

@@ -246,8 +246,10 @@ def _say_what_is_left_out(
     read = {path for path, _ in files} | {caption_file(path) for path, _ in files}
     unread = [path for path in visible if path not in read and (root / path).is_file()]
     beside = [path for path in unread if "/" not in path and extension(path) in IMAGE_EXTENSIONS]
-    texts = [path for path in unread if extension(path) == "txt"]  # captions misnamed (photo.jpg.txt), or notes
-    other = [path for path in unread if path not in beside and path not in texts]
+    # captions misnamed (photo.jpg.txt), or notes; an unread image's own caption goes unsaid with it
+    images = {os.path.splitext(path)[0] for path in visible if extension(path) in IMAGE_EXTENSIONS}
+    texts = [path for path in unread if extension(path) == "txt" and os.path.splitext(path)[0] not in images]
+    other = [path for path in unread if path not in beside and extension(path) != "txt"]
     parts = []
     if texts:
         parts.append(
