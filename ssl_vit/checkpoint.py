@@ -225,6 +225,15 @@ def located(key: str, spec: str) -> str:
     return spec if key == "init_from" and spec.startswith("timm:") else data_location(spec)
 
 
+def data_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's data settings, with its ``train_shards`` where the run found them (made
+    absolute as it saved), not as its command line wrote them: relative to a folder that a later
+    command, run from elsewhere, is not in."""
+    data = dict(ckpt.get("datamodule_hyper_parameters", {}))
+    found = ckpt.get(RUN_KEY, {}).get("train_shards")
+    return data | {"train_shards": found} if found else data
+
+
 def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> str | None:
     """What differs between a checkpoint and the run about to resume from it (``None`` if nothing
     does). ``run`` holds what this run was asked for: ``objective``, ``encoder``, and, to resume a

@@ -22,6 +22,7 @@ from torch import nn
 
 from ssl_vit.checkpoint import (
     checkpoint_encoder,
+    data_settings,
     encoder_weights,
     load_checkpoint_encoder,
     load_weights_file,
@@ -90,7 +91,7 @@ def write_encoder(
 ) -> Path:
     """``export_encoder``'s output for an encoder already built from the read checkpoint ``ckpt``
     (a distillation run's ViT student, which is no pretraining run's encoder)."""
-    deploy = prepare_deploy(encoder.vit, onnx, ckpt.get("datamodule_hyper_parameters", {})) if onnx else None
+    deploy = prepare_deploy(encoder.vit, onnx, data_settings(ckpt)) if onnx else None
     if fmt == "state_dict":
         return replace_output(
             out,

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_vit.checkpoint import ending_summary, read_checkpoint
+from ssl_vit.checkpoint import data_settings, ending_summary, read_checkpoint
 from ssl_vit.data.pipeline import ShardDataModule, ShardDataset
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
@@ -311,7 +311,7 @@ def export_finetuned(
     module.hparams["pretrained"] = settings.get("pretrained", True)  # as it was fine-tuned, for its record
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     module.model.load_state_dict(weights)
-    data = ckpt.get("datamodule_hyper_parameters", {})
+    data = data_settings(ckpt)
     deploy = prepare_deploy(module.model, onnx, data) if onnx else None
     try:
         classes = shard_class_names(data["train_shards"])

@@ -20,6 +20,7 @@ from rich.console import Console
 from timm.models.vision_transformer import VisionTransformer
 
 from ssl_vit import onnx_export
+from ssl_vit.checkpoint import RUN_KEY
 from ssl_vit.cli import main
 from ssl_vit.cli.tools import print_onnx_report
 from ssl_vit.data import EvalView, write_shards
@@ -222,3 +223,16 @@ def test_quantising_leaves_the_root_logger_as_it_was(export, tmp_path, monkeypat
     monkeypatch.setattr(logging.root, "handlers", [])  # as in a command, outside pytest's capture
     _quantize(export / "model.onnx", tmp_path / "model.int8.onnx", "dynamic", [])
     assert logging.root.handlers == [] and (tmp_path / "model.int8.onnx").is_file()
+
+
+def test_the_run_data_is_found_where_the_run_found_it_from_any_folder(checkpoint, shards, tmp_path, monkeypatch):
+    """A run on `--data.train_shards train` records that string and, in its run record, where it was:
+    exported from another folder, k-NN read the string there (another folder's `train`, or none)."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["datamodule_hyper_parameters"] = {"train_shards": "train", "val_shards": None}
+    ckpt[RUN_KEY] = {"train_shards": shards[0]}
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    monkeypatch.chdir(tmp_path)  # no `train` here
+    main(["export", "moved.ckpt", "export", "--onnx", "--calibration_images", "8"])
+    report = json.loads((tmp_path / "export" / "onnx_report.json").read_text())
+    assert report["knn"]["train_shards"] == shards[0] and report["knn"]["val_shards"] == shards[1]

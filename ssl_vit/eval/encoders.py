@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from ssl_vit.checkpoint import RUN_KEY, load_checkpoint_encoder, read_checkpoint, run_checkpoint
+from ssl_vit.checkpoint import RUN_KEY, data_settings, load_checkpoint_encoder, read_checkpoint, run_checkpoint
 from ssl_vit.encoder import TIMM_VITS, EncoderOutput, TimmViT, ViTEncoder, ViTProperties
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
@@ -188,8 +188,8 @@ def run_data(source: str) -> tuple[str, str | None] | None:
     if path.suffix != ".ckpt" or not path.is_file():
         return None
     ckpt = read_checkpoint(path, mmap=True)
-    train = ckpt.get(RUN_KEY, {}).get("train_shards")
-    return (train, ckpt.get("datamodule_hyper_parameters", {}).get("val_shards")) if train else None
+    data = data_settings(ckpt)
+    return (data["train_shards"], data.get("val_shards")) if ckpt.get(RUN_KEY, {}).get("train_shards") else None
 
 
 def own_pooling(encoder: FrozenEncoder) -> str:

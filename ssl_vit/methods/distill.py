@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_vit.checkpoint import encoder_weights, read_checkpoint
+from ssl_vit.checkpoint import data_settings, encoder_weights, read_checkpoint
 from ssl_vit.data.views import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import TIMM_VITS, ViTEncoder
 from ssl_vit.errors import UserError
@@ -290,7 +290,7 @@ def export_student(
     if isinstance(student, ViTEncoder):
         return write_encoder(student, role, ckpt, checkpoint, out, overwrite=overwrite, onnx=onnx)
     config = dict(ckpt["hyper_parameters"]["encoder"])
-    deploy = prepare_deploy(student.model, onnx, ckpt.get("datamodule_hyper_parameters", {})) if onnx else None
+    deploy = prepare_deploy(student.model, onnx, data_settings(ckpt)) if onnx else None
     size = ckpt["hyper_parameters"]["image_size"]
     # ssl-vit's evaluation view, as export.preprocessing_cfg records it for a ViT.
     preprocessing = {
