@@ -13,6 +13,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from ssl_vit.checkpoint import RUN_KEY
 from ssl_vit.cli import main
 from ssl_vit.data import write_shards
 from ssl_vit.export import export_encoder
@@ -205,3 +206,15 @@ def test_each_command_checks_its_data_has_what_it_reads_before_loading_anything(
     monkeypatch.undo()
     record = evaluate(capsys, "segprobe", run["checkpoint"], maps_only)
     assert "miou" in json.loads(record.read_text())["results"]
+
+
+def test_a_run_whose_data_moved_names_it_and_the_option_that_gives_it(capsys, run, tmp_path):
+    ckpt = torch.load(run["checkpoint"], weights_only=True)
+    ckpt[RUN_KEY] = {"train_shards": str(tmp_path / "photos")}  # where it was; moved since
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(ckpt, tmp_path / "checkpoints/last.ckpt")
+    with pytest.raises(SystemExit):
+        main(["knn", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'photos'}, the data the run of {tmp_path} trained on, is no longer there" in error
+    assert "give where it is now with --train_shards" in error

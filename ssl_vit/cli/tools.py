@@ -30,7 +30,9 @@ from ssl_vit.data.pipeline import decodable_samples, evaluation_split
 from ssl_vit.data.shards import (
     caption_table_samples,
     image_folder_samples,
+    is_remote,
     shard_size,
+    split_part,
     write_embedded_shards,
     write_shards,
 )
@@ -142,6 +144,11 @@ def evaluate(command: str, args: list[str]) -> None:
                 "folder, its checkpoint or its export know the data they trained on"
             )
         cfg["train_shards"], cfg["val_shards"] = trained_on[0], cfg["val_shards"] or trained_on[1]
+        if not is_remote(trained_on[0]) and not Path(split_part(trained_on[0])[0]).exists():
+            raise UserError(
+                f"{trained_on[0]}, the data the run of {cfg['encoder']} trained on, is no longer there (moved or "
+                "removed); give where it is now with --train_shards"
+            )
     cfg["train_shards"], cfg["val_shards"] = evaluation_split(cfg["train_shards"], cfg["val_shards"])
     source, weights, out = resolve_run_folder(cfg.pop("encoder")), cfg.pop("weights"), cfg.pop("out")
     pooling = cfg.pop("pooling", None)
