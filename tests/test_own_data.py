@@ -24,6 +24,7 @@ from ssl_vit.data.shards import (
     FILES_PER_GROUP,
     HELDOUT_FRACTION,
     MIN_GROUPS,
+    data_fingerprint,
     image_files,
     image_folder_samples,
     is_heldout,
@@ -284,6 +285,25 @@ def test_a_baseline_measured_before_images_were_added_is_left_out(tmp_path):
     resumed.load_state_dict(older)
     resumed.on_fit_start(trainer=SimpleNamespace(ckpt_path="last.ckpt"), pl_module=None)
     assert resumed.baseline == evaluation.baseline
+
+
+def test_the_data_fingerprint_follows_the_files_not_where_they_are(tmp_path):
+    """A project moved with `mv` holds the same images: no "images changed" warning, no lost baseline."""
+    image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=10)
+    samples = (("png", png_bytes(img), i % 2) for i, img in enumerate(random_images(20, size=16)))
+    write_shards(samples, tmp_path / "shards", classes=["a", "b"], source="test", samples_per_shard=5)
+    before = {spec: data_fingerprint(str(tmp_path / spec)) for spec in ("photos#train", "photos#heldout", "shards")}
+    assert len(set(before.values())) == 3  # the two parts of a folder are other data
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("photos", "shards"):
+        (tmp_path / name).rename(moved / name)
+    assert {spec: data_fingerprint(str(moved / spec)) for spec in before} == before
+    os.utime(next((moved / "photos/cats").iterdir()), (0, 0))  # one image rewritten
+    assert (
+        data_fingerprint(str(moved / "photos#train")) != before["photos#train"]
+        or data_fingerprint(str(moved / "photos#heldout")) != before["photos#heldout"]
+    )
 
 
 def test_the_held_out_part_is_disjoint_deterministic_and_a_tenth(tmp_path):

@@ -622,11 +622,12 @@ def data_location(spec: str) -> str:
 
 
 def data_fingerprint(spec: str) -> str:
-    """A hash of what a shard specification reads now: where it points, and each local file's
-    name, size and modification time (remote URLs as written), so that data added, removed or
-    rewritten since gives another hash."""
+    """A hash of what a shard specification reads now: the part of the split it names, and each
+    local file's name within its folder, size and modification time (remote URLs as written), so
+    that data added, removed or rewritten since gives another hash, and the same files moved
+    elsewhere the same one."""
     shards, _ = resolve_shards(spec)
-    entries: list[object] = [data_location(spec)]
+    entries: list[object] = [split_part(spec)[1]]
     for shard in shards:
         files = shard.shard if isinstance(shard, SplitPart) else shard
         if isinstance(files, ImageFiles):
@@ -634,8 +635,8 @@ def data_fingerprint(spec: str) -> str:
             entries += [(name, label, *_size_and_time(root / name)) for name, label in files.files]
         elif is_remote(files):
             entries.append(files)
-        else:  # by where it is, however the specification wrote it
-            entries.append((os.path.realpath(files), *_size_and_time(Path(files))))
+        else:
+            entries.append((os.path.basename(files), *_size_and_time(Path(files))))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
