@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from ssl_vit.checkpoint import RUN_KEY
 from ssl_vit.cli import main
+from ssl_vit.eval.report import settings_tag
 from ssl_vit.data import write_shards
 from ssl_vit.export import export_encoder
 from tests.conftest import OBJECTIVES, fit_briefly
@@ -218,3 +219,10 @@ def test_a_run_whose_data_moved_names_it_and_the_option_that_gives_it(capsys, ru
     error = capsys.readouterr().err
     assert f"{tmp_path / 'photos'}, the data the run of {tmp_path} trained on, is no longer there" in error
     assert "give where it is now with --train_shards" in error
+
+
+def test_a_record_of_a_checkpoint_trained_further_is_written_beside_the_earlier_one():
+    """`last.ckpt` at step 45 is not the weights `last.ckpt` had at step 20: its record is another."""
+    settings = {"train_shards": "t", "val_shards": "v", "files": "f", "knn_ks": [20]}
+    assert settings_tag("last.ckpt", None, settings, 20) != settings_tag("last.ckpt", None, settings, 45)
+    assert settings_tag("last.ckpt", None, settings, 20) == settings_tag("last.ckpt", None, dict(settings), 20)

@@ -195,7 +195,7 @@ def evaluate(command: str, args: list[str]) -> None:
             f"warning: the images changed since the run's own evaluation ({own}): files added, removed or "
             "rewritten; these numbers are of the images as they are now, the run's records of the images as they were"
         )
-    stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings)
+    stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings, info["step"])
     for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
         Console(soft_wrap=True).print(f"wrote {path}")
 
@@ -252,7 +252,7 @@ def zeroshot(args: list[str]) -> None:
     title = f"zero-shot evaluation of {opts.model} on {opts.val_shards}"
     print_results(title, results, **(counts or {"classes": len(names) if names else None}))
     evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read
-    stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings)
+    stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings, info.get("step"))
     for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):
         Console(soft_wrap=True).print(f"wrote {path}")
 

@@ -204,14 +204,15 @@ def write_json(path: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def settings_tag(source: str, weights: str | None, settings: dict[str, Any]) -> str:
-    """``eval-<8 hex>``: a hash of what decides the numbers (encoder, weights, data and, from
+def settings_tag(source: str, weights: str | None, settings: dict[str, Any], step: int | None = None) -> str:
+    """``eval-<8 hex>``: a hash of what decides the numbers (encoder and its step, weights, data and, from
     ``with_files``, its files, protocol), so the same evaluation run again replaces its own record
     and a different one (or one of images added since) writes beside it."""
     decisive = {k: v for k, v in settings.items() if k not in ("cache_dir", "num_workers")}
     for split in ("train_shards", "val_shards"):  # where they are, however written (shards, ./shards/, its path)
         decisive[split] = data_location(settings[split]) if settings[split] else None
-    text = json.dumps({"encoder": source, "weights": weights, **decisive}, sort_keys=True, default=str)
+    # the step: a run's last.ckpt trained further is other weights under the same name
+    text = json.dumps({"encoder": source, "weights": weights, "step": step, **decisive}, sort_keys=True, default=str)
     return f"eval-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
