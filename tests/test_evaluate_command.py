@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from ssl_vit.checkpoint import RUN_KEY
 from ssl_vit.cli import main
-from ssl_vit.eval.report import settings_tag
 from ssl_vit.data import write_shards
+from ssl_vit.eval.report import settings_tag
 from ssl_vit.export import export_encoder
 from tests.conftest import OBJECTIVES, fit_briefly
 from tests.test_own_data import image_folder
