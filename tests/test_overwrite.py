@@ -345,3 +345,14 @@ def test_embedded_shards_whose_train_is_missing_are_written_again(tmp_path, smal
     shutil.rmtree(tmp_path / "data" / "train")
     with pytest.raises(UserError, match="val already exists"):  # another seed's val is not its own
         write_embedded_shards(tmp_path / "data", samples_per_shard=10, seed=1)
+
+
+def test_an_output_under_a_quoted_home_goes_to_the_home_folder(tmp_path, run, monkeypatch):
+    """`ssl-vit export RUN '~/texp'`: no shell expanded the ~, and a folder named ~ was made here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    main(["export", str(run / "checkpoints/last.ckpt"), "~/texp"])
+    main(["shards", "imagefolder", str(image_folder(tmp_path / "photos")), "~/tshards"])
+    assert (tmp_path / "home/texp/model.safetensors").is_file() and (tmp_path / "home/tshards/dataset.json").is_file()
+    assert not (tmp_path / "~").exists()

@@ -332,6 +332,7 @@ def export(args: list[str]) -> None:
         "--calibration_images", type=int, default=OnnxOptions.calibration_images, help="for a CNN's --int8"
     )
     opts = parser.parse_args(args)
+    opts.out = os.path.expanduser(opts.out)  # a quoted '~/exports/x', which no shell expanded
     onnx = None
     if opts.onnx or opts.int8:
         onnx = OnnxOptions(
@@ -476,6 +477,7 @@ def shards(args: list[str]) -> None:
         )
         p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     opts = parser.parse_args(args)
+    opts.out_dir = os.path.expanduser(opts.out_dir)  # a quoted '~/shards', which no shell expanded
     console = Console()
     if opts.source == "embedded":
         indexes = write_embedded_shards(
