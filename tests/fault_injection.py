@@ -36,6 +36,7 @@ import yaml
 from PIL import Image
 
 from ssl_vit.data.shards import write_shards
+from ssl_vit.export import export_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS = 8, 3  # 128 samples / batch 16
@@ -394,6 +395,27 @@ def case_sigkill_before_the_first_checkpoint(work: Path) -> Outcome:
     return Outcome(
         f"say it starts at step 0 and why, end at step {ref_step}, parameters as uninterrupted",
         f"killed (rc {killed.returncode}); said={said}, step {step}, max |param diff| {diff:.1e}",
+        ok,
+        "none",
+    )
+
+
+def case_resume_after_init_from_removed(work: Path) -> Outcome:
+    """A run started from an export (init_from) resumes from its own checkpoint, which holds every
+    weight, though the export has been moved away since: it stopped at the missing export."""
+    folder, config = new_run(work, "init_gone", **{"trainer.max_epochs": 1})
+    uninterrupted(work)
+    start = export_encoder(work / "uninterrupted/run/checkpoints/last.ckpt", folder / "start")
+    init = f"--model.init_args.init_from={start}"
+    first = pretrain_in_this_process(folder, "--config", config, init)
+    shutil.move(start, folder / "moved")
+    again = pretrain_in_this_process(folder, "--config", config, init, f"--trainer.max_epochs={EPOCHS}")
+    step, _ = last_state(folder)
+    ok = first.returncode == 0 and again.returncode == 0 and "resuming from" in again.stderr
+    ok = ok and step == EPOCHS * STEPS_PER_EPOCH
+    return Outcome(
+        f"resume to step {EPOCHS * STEPS_PER_EPOCH} without the moved export",
+        f"rc {first.returncode}, then rc {again.returncode}: {last_line(again.stderr)[:60]}; step {step}",
         ok,
         "none",
     )
@@ -941,6 +963,7 @@ def case_collapsed_run_fails(work: Path) -> Outcome:
 CASES: list[Callable[[Path], Outcome]] = [
     case_sigkill,
     case_sigkill_before_the_first_checkpoint,
+    case_resume_after_init_from_removed,
     case_kill_mid_epoch,
     case_sigterm,
     case_ctrl_c,

@@ -177,6 +177,8 @@ class RunCLI(LightningCLI):
                     "instead, give it as the model's init_from"
                 )
         resumes = bool(config["ckpt_path"]) and Path(config["ckpt_path"]).is_file()
+        if hasattr(self.model, "restoring"):  # an objective (SSLMethod): its init_from is not read then
+            self.model.restoring = resumes
         if resumes and self.stop_if_finished(Path(config["ckpt_path"]), root) == "end only":
             # Restored at its limit, Lightning would skip the training loop and, with it, the
             # on_train_end hooks that evaluate, draw and check the run's end: run just those.

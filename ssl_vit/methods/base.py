@@ -55,6 +55,9 @@ class SSLMethod(L.LightningModule):
     #: evaluates first (DINO lists its EMA teacher first; MoCo v3 its base encoder, as its
     #: official linear probe and conversion script keep ``base_encoder``).
     encoders: ClassVar[dict[str, str]] = {"encoder": "encoder"}
+    #: Set (by the command line) when a checkpoint is to be restored over the initial weights:
+    #: Lightning restores it only after ``setup``, which would otherwise read ``init_from`` first.
+    restoring = False
     #: Module paths of frozen, already-trained networks (a distillation teacher): kept in eval mode
     #: (dropout, drop path and BatchNorm statistics as in inference) whatever mode the rest is in.
     frozen_modules: ClassVar[tuple[str, ...]] = ()
@@ -136,9 +139,9 @@ class SSLMethod(L.LightningModule):
         return self.get_submodule(next(iter(self.encoders.values())))
 
     def setup(self, stage: str) -> None:
-        # After every subclass has built and initialised its modules, and before a resumed run's
-        # checkpoint is restored over them.
-        if self.init_from:
+        # After every subclass has built and initialised its modules. A checkpoint restored over
+        # them holds every weight: the starting ones, not read then, may since have moved or gone.
+        if self.init_from and not self.restoring:
             self.load_initial_weights(self.init_from)
 
     def load_initial_weights(self, path: str) -> None:
