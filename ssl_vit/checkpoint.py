@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ssl_vit.data.shards import data_location
+from ssl_vit.data.shards import data_fingerprint, data_location, is_remote, split_part
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.replace import file_sha256, process_exists, this_host, writer_id
@@ -254,6 +254,8 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
         if key in LOCATED and isinstance(run[key], str) and isinstance(written[key], str):
             # a checkpoint of an older ssl-vit records only the words: read from here
             differs = located(key, run[key]) != (where or located(key, written[key]))
+            if differs and key == "train_shards" and recorded.get("train_files"):
+                differs = not same_files(run[key], recorded["train_files"])  # a project moved with its data
         else:
             differs = written[key] != run[key] and written[key] != "?"
         if not differs:
@@ -270,6 +272,16 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
     if here is not None and folder is not None and Path(folder) != here and here not in path.resolve().parents:
         return f"it was written by the run in {folder}, not by this run ({here})"
     return None
+
+
+def same_files(spec: str, fingerprint: str) -> bool:
+    """Whether the local data ``spec`` names now are the files a run recorded (``data_fingerprint``)."""
+    if is_remote(spec) or not Path(split_part(os.path.expanduser(spec))[0]).exists():
+        return False
+    try:
+        return data_fingerprint(spec) == fingerprint
+    except UserError:  # not data it can read: not the same
+        return False
 
 
 def rng_states() -> dict[str, Any]:
@@ -320,6 +332,7 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._seconds_before, self._session_start = 0.0, time.perf_counter()
+        self._train_files: str | None = None  # the training data's fingerprint, read at the first save
 
     def seconds(self) -> float:
         """Wall-clock seconds of the run: this session's, and the earlier sessions' up to the
@@ -374,6 +387,11 @@ class RunCheckpoint(ModelCheckpoint):
             "init_from": pl_module.hparams.get("init_from"),
         }
         checkpoint[RUN_KEY] |= {key: located(key, spec) for key, spec in given.items() if isinstance(spec, str)}
+        train = given["train_shards"]
+        if isinstance(train, str) and not is_remote(train):  # the same files, moved, are the same data
+            if self._train_files is None:  # once a run: it stats every file
+                self._train_files = data_fingerprint(train)
+            checkpoint[RUN_KEY]["train_files"] = self._train_files
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A checkpoint saved after its epoch ended (at the end of a run, below) resumes at the next

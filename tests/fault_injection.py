@@ -421,6 +421,29 @@ def case_resume_after_init_from_removed(work: Path) -> Outcome:
     )
 
 
+def case_project_moved(work: Path) -> Outcome:
+    """A project, its images and its run folder, moved with mv, and the same command in its new
+    place with a higher limit: it resumes on the same files (it refused: the data's recorded
+    location was the old one)."""
+    folder, config = new_run(work, "project", **{"trainer.max_epochs": 1})
+    shutil.copytree(work / "shards", folder / "photos")
+    data = ["--data.train_shards=photos", "--data.val_shards=photos"]
+    first = pretrain_in_this_process(folder, "--config", config, *data)
+    moved = folder.rename(work / "project_moved")
+    there = [f"--trainer.default_root_dir={moved / 'run'}", f"--checkpoint.dirpath={moved / 'run/checkpoints'}"]
+    longer = f"--trainer.max_epochs={EPOCHS}"
+    again = pretrain_in_this_process(moved, "--config", str(moved / Path(config).name), *data, *there, longer)
+    step, _ = last_state(moved)
+    ok = first.returncode == 0 and again.returncode == 0 and "resuming from" in again.stderr
+    ok = ok and step == EPOCHS * STEPS_PER_EPOCH
+    return Outcome(
+        f"resume on the moved files to step {EPOCHS * STEPS_PER_EPOCH}",
+        f"rc {first.returncode}, then rc {again.returncode}: {last_line(again.stderr)[:60]}; step {step}",
+        ok,
+        "none",
+    )
+
+
 def case_sigterm(work: Path) -> Outcome:
     """A scheduler's SIGTERM: last.ckpt is saved after the step in flight, the exit code says so."""
     folder, config = new_run(work, "sigterm")
@@ -964,6 +987,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_sigkill,
     case_sigkill_before_the_first_checkpoint,
     case_resume_after_init_from_removed,
+    case_project_moved,
     case_kill_mid_epoch,
     case_sigterm,
     case_ctrl_c,

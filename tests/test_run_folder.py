@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from ssl_vit.checkpoint import (
     LOCK_FILE,
@@ -33,9 +34,10 @@ from ssl_vit.checkpoint import (
     resume_mismatch,
 )
 from ssl_vit.cli.training import changed_settings, default_run_folder
-from ssl_vit.data.shards import data_location
+from ssl_vit.data.shards import data_fingerprint, data_location
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
+from tests.conftest import random_images
 
 ENCODER = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 1}
 
@@ -148,6 +150,25 @@ def test_a_resume_compares_where_the_data_and_weights_are_not_how_they_were_writ
     ckpt[RUN_KEY]["init_from"] = located("init_from", "timm:vit_tiny_patch16_224")
     assert ckpt[RUN_KEY]["init_from"] == "timm:vit_tiny_patch16_224"  # a name, not a file of this folder
     assert resume_mismatch(path, ckpt, {**run, "init_from": "timm:vit_tiny_patch16_224"}) is None
+
+
+def test_data_moved_with_its_files_unchanged_is_the_same_data(tmp_path):
+    """A checkpoint records its data's fingerprint too: the same files in a new place resume; other
+    files in the recorded folder's name do not."""
+    old = tmp_path / "old/photos"
+    old.mkdir(parents=True)
+    for i, array in enumerate(random_images(4)):
+        Image.fromarray(array).save(old / f"{i}.png")
+    ckpt = checkpoint_of(tmp_path / "run")
+    ckpt["datamodule_hyper_parameters"]["train_shards"] = "photos"
+    ckpt[RUN_KEY] |= {"train_shards": located("train_shards", str(old)), "train_files": data_fingerprint(str(old))}
+    (tmp_path / "new").mkdir()
+    new = old.rename(tmp_path / "new/photos")
+    run = {"objective": "MAE", "encoder": ENCODER, "folder": tmp_path / "run"}
+    path = tmp_path / "run/checkpoints/last.ckpt"
+    assert resume_mismatch(path, ckpt, {**run, "train_shards": str(new)}) is None
+    Image.fromarray(random_images(1, seed=9)[0]).save(new / "extra.png")
+    assert "its train_shards is 'photos' (" in resume_mismatch(path, ckpt, {**run, "train_shards": str(new)})
 
 
 def test_a_moved_run_folder_still_resumes_its_own_checkpoints(tmp_path):
