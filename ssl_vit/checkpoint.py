@@ -390,8 +390,11 @@ class RunCheckpoint(ModelCheckpoint):
         train = given["train_shards"]
         if isinstance(train, str) and not is_remote(train):  # the same files, moved, are the same data
             if self._train_files is None:  # once a run: it stats every file
-                self._train_files = data_fingerprint(train)
-            checkpoint[RUN_KEY]["train_files"] = self._train_files
+                try:
+                    self._train_files = data_fingerprint(train)
+                except (UserError, OSError):  # data gone mid-run: the checkpoint is saved all the same
+                    self._train_files = ""
+            checkpoint[RUN_KEY]["train_files"] = self._train_files or None
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A checkpoint saved after its epoch ended (at the end of a run, below) resumes at the next

@@ -289,3 +289,13 @@ def test_a_resume_names_the_settings_changed_since_its_checkpoint():
     # the hint a distillation recipe gives for its missing teacher is no setting (an older run kept the recipe's)
     ckpt["hyper_parameters"]["teacher_made_by"], model.hparams["teacher_made_by"] = "ssl-vit pretrain ...", None
     assert changed_settings(ckpt, model, data) == ["model.base_lr 0.001 -> 0.002", "data.view.init_args.size 32 -> 48"]
+
+
+def test_a_checkpoint_is_saved_though_its_data_is_gone(tmp_path):
+    """The data's fingerprint is read at the first save; data moved away mid-run must not stop it."""
+    trainer = SimpleNamespace(
+        default_root_dir=str(tmp_path), datamodule=SimpleNamespace(hparams={"train_shards": "gone"})
+    )
+    checkpoint = {}
+    RunCheckpoint(dirpath=tmp_path).on_save_checkpoint(trainer, SimpleNamespace(hparams={}), checkpoint)
+    assert checkpoint[RUN_KEY]["train_files"] is None and checkpoint[RUN_KEY]["train_shards"].endswith("gone")
