@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ssl_vit.data.pipeline import NO_LABEL, ShardDataModule, ShardDataset
+from ssl_vit.data.pipeline import NO_LABEL, ShardDataModule, ShardDataset, evaluation_split
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError
@@ -130,14 +130,17 @@ def prepare_deploy(model: nn.Module, options: OnnxOptions, data_record: dict[str
         classifier = getattr(model, "num_classes", 0) > 0  # scored by its top-1 on --val_shards alone
         if classifier and not options.val_shards:
             raise UserError("a classifier's ONNX model is scored on --val_shards; give them")
-        if not classifier and not (options.train_shards and options.val_shards):
-            raise UserError("--train_shards and --val_shards go together (the k-NN bank and its queries)")
+        if not classifier and not options.train_shards:
+            raise UserError("--val_shards are the k-NN's queries; give the bank too, --train_shards")
         if method == "static" and not options.train_shards:
             raise UserError("--int8 of a convolutional network calibrates on training images: give --train_shards")
-        for shards in (options.train_shards, options.val_shards):
+        train, val = options.train_shards, options.val_shards
+        if train and not classifier:  # --train_shards alone is split as `ssl-vit knn` splits it
+            train, val = evaluation_split(train, val)
+        for shards in (train, val):
             if shards:
                 resolve_shards(shards)  # raises a UserError naming what is missing
-        return Deploy(options, method, options.train_shards, options.val_shards)
+        return Deploy(options, method, train, val)
     train, val, note = _run_data(data_record)
     if method == "static" and train is None:
         raise UserError(

@@ -236,3 +236,11 @@ def test_the_run_data_is_found_where_the_run_found_it_from_any_folder(checkpoint
     main(["export", "moved.ckpt", "export", "--onnx", "--calibration_images", "8"])
     report = json.loads((tmp_path / "export" / "onnx_report.json").read_text())
     assert report["knn"]["train_shards"] == shards[0] and report["knn"]["val_shards"] == shards[1]
+
+
+def test_train_shards_alone_are_split_as_knn_splits_them(checkpoint, shards, tmp_path):
+    """`ssl-vit knn` takes --train_shards alone (a `val` folder beside `train`, else the held-out
+    tenth); `export --onnx` asked for --val_shards too."""
+    main(["export", str(checkpoint), str(tmp_path / "export"), "--onnx", "--train_shards", shards[0]])
+    report = json.loads((tmp_path / "export" / "onnx_report.json").read_text())
+    assert (report["knn"]["train_shards"], report["knn"]["val_shards"]) == shards
