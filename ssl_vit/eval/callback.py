@@ -136,10 +136,11 @@ class EvaluationCallback(Evaluator, Periodic):
         """A hash of what the evaluation reads now: both splits' files (:func:`data_hash`)."""
         return data_hash(self.train_shards, self.val_shards)
 
-    def drop_baseline_of_other_data(self) -> None:
+    def drop_baseline_of_other_data(self, files: str | None = None) -> None:
         """A baseline measured on other images than the evaluation reads now (images added,
-        removed or rewritten since, e.g. before a resume) is no baseline for this run's numbers."""
-        if not self.baseline or not self.baseline_data or self.baseline_data == self.evaluated_data():
+        removed or rewritten since, e.g. before a resume) is no baseline for this run's numbers.
+        ``files``: :meth:`evaluated_data` if the caller has it already."""
+        if not self.baseline or not self.baseline_data or self.baseline_data == (files or self.evaluated_data()):
             return
         rank_zero_warn(
             f"the evaluation data ({self.train_shards}, {self.val_shards}) changed since the step-0 evaluation "
@@ -172,7 +173,8 @@ class EvaluationCallback(Evaluator, Periodic):
         results = self._evaluate(trainer, pl_module, probe=self.probes_at_ends)
         if results is None:
             return
-        self.drop_baseline_of_other_data()
+        settings = with_files(self.settings())  # the records' hash of the files, read once for both
+        self.drop_baseline_of_other_data(settings["files"])
         title = f"{type(pl_module).__name__} after {trainer.global_step} steps"
         print_results(title, results, self.baseline, self.baseline_name, **self.counts)
         ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.log_dir)
@@ -186,7 +188,7 @@ class EvaluationCallback(Evaluator, Periodic):
             ckpt_dir / "last.ckpt",
             results,
             info,
-            with_files(self.settings()),
+            settings,
             seconds,
             self.baseline,
             baseline_name=self.baseline_name,
