@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_vit.data import embedded, write_shards
 from ssl_vit.data.embedded import CLASSES
-from ssl_vit.data.pipeline import ShardDataset, captioned_only
+from ssl_vit.data.pipeline import ShardDataset, captioned_only, sample_source
 from ssl_vit.data.shards import resolve_shards, write_embedded_shards
 from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError
@@ -475,6 +475,29 @@ def test_shards_written_from_a_caption_table_pair_each_image_with_its_caption(tm
     gone = in_this_process(tmp_path, "shards", "captions", "gone.tsv", "y")
     assert gone.returncode == 2 and "1 of 2 images in gone.tsv do not exist (first: img/zz.png)" in gone.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_caption_table_and_the_folder_it_lists_hold_out_the_same_images(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(40):  # two classes of captioned photos, and a table of the same pairs beside the folder
+        image = tmp_path / "photos" / f"c{i % 2}" / f"p{i}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(image)
+        image.with_suffix(".txt").write_text(f"photo {i}")
+    rows = "".join(f"photos/c{i % 2}/p{i}.png\tphoto {i}\n" for i in range(40))
+    (tmp_path / "pairs.tsv").write_text("filepath\ttitle\n" + rows)
+    assert in_this_process(tmp_path, "shards", "imagefolder", "photos", "folder").returncode == 0
+    # the table named from another folder: its images are keyed by where they are, not how it was named
+    (tmp_path / "elsewhere").mkdir()
+    table = in_this_process(tmp_path / "elsewhere", "shards", "captions", "../pairs.tsv", str(tmp_path / "table"))
+    assert table.returncode == 0, table.stderr
+
+    def heldout(data: str) -> set[str]:  # each held-out image by its path in the folder
+        parts, reader = resolve_shards(f"{tmp_path / data}#heldout")[0], ShardDataset([], EvalView(8))
+        return {sample_source(s) or s["__key__"] for part in parts for s in reader._samples(part)}
+
+    held_out = heldout("photos")
+    assert held_out and held_out == heldout("folder") == heldout("table")
 
 
 def test_clip_on_shards_without_captions_stops_in_one_line(tmp_path):

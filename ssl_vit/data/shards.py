@@ -335,7 +335,9 @@ def caption_table_samples(
     row; ``--csv-img-key filepath``, ``--csv-caption-key title``; paths relative to the table's
     folder unless absolute), unlabelled, in the table's order. The separator is a comma for
     ``.csv`` and a tab otherwise (open_clip's default), unless given. Every image is checked to
-    exist before anything is written; captions are written as given (the reader counts an empty one)."""
+    exist before anything is written; captions are written as given (the reader counts an empty one).
+    Each image is recorded by its path in the folder that holds them all, as a folder's images are,
+    so the table's shards and that folder hold out the same images, wherever the table was read from."""
     table = Path(table)
     if not table.is_file():
         raise UserError(f"caption table {table} does not exist")
@@ -357,8 +359,12 @@ def caption_table_samples(
     unknown = [path for path, _ in rows if path.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS]
     if unknown:
         raise UserError(f"{unknown[0]} in {table} is not a {'/'.join(IMAGE_EXTENSIONS)} image")
+    files = [os.path.abspath(path) for path, _ in rows]  # links kept, as a folder's listing keeps them
+    root = os.path.commonpath([os.path.dirname(file) for file in files])
+    names = [Path(os.path.relpath(file, root)).as_posix() for file in files]
     samples = (
-        (path.suffix.lower().lstrip("."), path.read_bytes(), None, None, caption, str(path)) for path, caption in rows
+        (path.suffix.lower().lstrip("."), path.read_bytes(), None, None, caption, name)
+        for (path, caption), name in zip(rows, names, strict=True)
     )
     return samples, len(rows)
 
