@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ssl_vit.data.shards import data_fingerprint, data_location, is_remote, split_part
+from ssl_vit.data.shards import data_fingerprint, data_location, is_remote, size_and_time, split_part
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.replace import file_sha256, process_exists, this_host, writer_id
@@ -216,8 +216,9 @@ def run_checkpoint(run: Path, remedy: str = "pass a run folder or a .ckpt") -> P
 
 
 #: What a run reads that can be written many ways (``photos``, ``./photos/``, its full path): a
-#: checkpoint records, and a resume compares, where it is.
-LOCATED = ("train_shards", "init_from")
+#: checkpoint records, and a resume compares, where it is, and under the key here, what its files
+#: are, so that the same files moved elsewhere (a project moved whole) are the same.
+LOCATED = {"train_shards": "train_files", "init_from": "init_files"}
 
 
 def located(key: str, spec: str) -> str:
@@ -254,8 +255,8 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
         if key in LOCATED and isinstance(run[key], str) and isinstance(written[key], str):
             # a checkpoint of an older ssl-vit records only the words: read from here
             differs = located(key, run[key]) != (where or located(key, written[key]))
-            if differs and key == "train_shards" and recorded.get("train_files"):
-                differs = not same_files(run[key], recorded["train_files"])  # a project moved with its data
+            if differs and recorded.get(LOCATED[key]):  # a project moved with its data or weights
+                differs = not same_files(key, run[key], recorded[LOCATED[key]])
         else:
             differs = written[key] != run[key] and written[key] != "?"
         if not differs:
@@ -274,12 +275,26 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
     return None
 
 
-def same_files(spec: str, fingerprint: str) -> bool:
-    """Whether the local data ``spec`` names now are the files a run recorded (``data_fingerprint``)."""
+def files_fingerprint(key: str, spec: str) -> str:
+    """A hash of the files a run's ``train_shards`` (``data_fingerprint``) or ``init_from`` (a
+    weights file, or every file in an export folder: names within it, sizes and modification
+    times) names now; the same files moved elsewhere give the same hash."""
+    if key == "train_shards":
+        return data_fingerprint(spec)
+    path = Path(os.path.expanduser(spec))
+    if not path.exists():
+        raise UserError(f"{spec} does not exist")
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    entries = [(f.relative_to(path.parent if f == path else path).as_posix(), *size_and_time(f)) for f in files]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def same_files(key: str, spec: str, fingerprint: str) -> bool:
+    """Whether the local files ``spec`` names now are the ones a run recorded (``files_fingerprint``)."""
     if is_remote(spec) or not Path(split_part(os.path.expanduser(spec))[0]).exists():
         return False
     try:
-        return data_fingerprint(spec) == fingerprint
+        return files_fingerprint(key, spec) == fingerprint
     except UserError:  # not data it can read: not the same
         return False
 
@@ -332,7 +347,7 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._seconds_before, self._session_start = 0.0, time.perf_counter()
-        self._train_files: str | None = None  # the training data's fingerprint, read at the first save
+        self._fingerprints: dict[str, str] = {}  # of the training data and init_from, read at the first save
 
     def seconds(self) -> float:
         """Wall-clock seconds of the run: this session's, and the earlier sessions' up to the
@@ -387,14 +402,15 @@ class RunCheckpoint(ModelCheckpoint):
             "init_from": pl_module.hparams.get("init_from"),
         }
         checkpoint[RUN_KEY] |= {key: located(key, spec) for key, spec in given.items() if isinstance(spec, str)}
-        train = given["train_shards"]
-        if isinstance(train, str) and not is_remote(train):  # the same files, moved, are the same data
-            if self._train_files is None:  # once a run: it stats every file
+        for key, spec in given.items():  # the same files, moved, are the same data and weights
+            if not isinstance(spec, str) or is_remote(spec) or spec.startswith("timm:"):
+                continue
+            if key not in self._fingerprints:  # once a run: it stats every file
                 try:
-                    self._train_files = data_fingerprint(train)
-                except (UserError, OSError):  # data gone mid-run: the checkpoint is saved all the same
-                    self._train_files = ""
-            checkpoint[RUN_KEY]["train_files"] = self._train_files or None
+                    self._fingerprints[key] = files_fingerprint(key, spec)
+                except (UserError, OSError):  # files gone mid-run: the checkpoint is saved all the same
+                    self._fingerprints[key] = ""
+            checkpoint[RUN_KEY][LOCATED[key]] = self._fingerprints[key] or None
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A checkpoint saved after its epoch ended (at the end of a run, below) resumes at the next

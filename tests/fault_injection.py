@@ -422,12 +422,14 @@ def case_resume_after_init_from_removed(work: Path) -> Outcome:
 
 
 def case_project_moved(work: Path) -> Outcome:
-    """A project, its images and its run folder, moved with mv, and the same command in its new
-    place with a higher limit: it resumes on the same files (it refused: the data's recorded
-    location was the old one)."""
+    """A project, its images, the export its run started from and its run folder, moved with mv,
+    and the same command in its new place with a higher limit: it resumes on the same files (it
+    refused: the recorded locations of the data, then of the export, were the old ones)."""
     folder, config = new_run(work, "project", **{"trainer.max_epochs": 1})
     shutil.copytree(work / "shards", folder / "photos")
-    data = ["--data.train_shards=photos", "--data.val_shards=photos"]
+    uninterrupted(work)
+    export_encoder(work / "uninterrupted/run/checkpoints/last.ckpt", folder / "start")
+    data = ["--data.train_shards=photos", "--data.val_shards=photos", "--model.init_args.init_from=start"]
     first = pretrain_in_this_process(folder, "--config", config, *data)
     moved = folder.rename(work / "project_moved")
     there = [f"--trainer.default_root_dir={moved / 'run'}", f"--checkpoint.dirpath={moved / 'run/checkpoints'}"]

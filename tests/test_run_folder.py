@@ -26,6 +26,7 @@ from ssl_vit.checkpoint import (
     RunCheckpoint,
     checksum_path,
     file_sha256,
+    files_fingerprint,
     located,
     lock_run_folder,
     newest_complete_checkpoint,
@@ -153,8 +154,8 @@ def test_a_resume_compares_where_the_data_and_weights_are_not_how_they_were_writ
 
 
 def test_data_moved_with_its_files_unchanged_is_the_same_data(tmp_path):
-    """A checkpoint records its data's fingerprint too: the same files in a new place resume; other
-    files in the recorded folder's name do not."""
+    """A checkpoint records its data's and init_from's fingerprints too: the same files in a new
+    place resume; other files in the recorded folder's name do not."""
     old = tmp_path / "old/photos"
     old.mkdir(parents=True)
     for i, array in enumerate(random_images(4)):
@@ -169,6 +170,20 @@ def test_data_moved_with_its_files_unchanged_is_the_same_data(tmp_path):
     assert resume_mismatch(path, ckpt, {**run, "train_shards": str(new)}) is None
     Image.fromarray(random_images(1, seed=9)[0]).save(new / "extra.png")
     assert "its train_shards is 'photos' (" in resume_mismatch(path, ckpt, {**run, "train_shards": str(new)})
+    # so is the export a run started from (init_from), moved with the project
+    export = tmp_path / "old/export"
+    export.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (export / name).write_text(name)
+    ckpt["hyper_parameters"]["init_from"] = "export"
+    ckpt[RUN_KEY] |= {
+        "init_from": located("init_from", str(export)),
+        "init_files": files_fingerprint("init_from", str(export)),
+    }
+    moved = export.rename(tmp_path / "new/export")
+    assert resume_mismatch(path, ckpt, {**run, "init_from": str(moved)}) is None
+    (moved / "model.safetensors").write_text("other weights")
+    assert "its init_from is 'export' (" in resume_mismatch(path, ckpt, {**run, "init_from": str(moved)})
 
 
 def test_a_moved_run_folder_still_resumes_its_own_checkpoints(tmp_path):
@@ -296,6 +311,7 @@ def test_a_checkpoint_is_saved_though_its_data_is_gone(tmp_path):
     trainer = SimpleNamespace(
         default_root_dir=str(tmp_path), datamodule=SimpleNamespace(hparams={"train_shards": "gone"})
     )
-    checkpoint = {}
-    RunCheckpoint(dirpath=tmp_path).on_save_checkpoint(trainer, SimpleNamespace(hparams={}), checkpoint)
+    checkpoint, model = {}, SimpleNamespace(hparams={"init_from": "gone/export"})
+    RunCheckpoint(dirpath=tmp_path).on_save_checkpoint(trainer, model, checkpoint)
     assert checkpoint[RUN_KEY]["train_files"] is None and checkpoint[RUN_KEY]["train_shards"].endswith("gone")
+    assert checkpoint[RUN_KEY]["init_files"] is None and checkpoint[RUN_KEY]["init_from"].endswith("gone/export")

@@ -638,15 +638,15 @@ def data_fingerprint(spec: str) -> str:
         files = shard.shard if isinstance(shard, SplitPart) else shard
         if isinstance(files, ImageFiles):
             root = Path(files.root)
-            entries += [(name, label, *_size_and_time(root / name)) for name, label in files.files]
+            entries += [(name, label, *size_and_time(root / name)) for name, label in files.files]
         elif is_remote(files):
             entries.append(files)
         else:
-            entries.append((os.path.basename(files), *_size_and_time(Path(files))))
+            entries.append((os.path.basename(files), *size_and_time(Path(files))))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
-def _size_and_time(path: Path) -> tuple[int, int]:
+def size_and_time(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
 
