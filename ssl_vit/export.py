@@ -21,6 +21,7 @@ from timm.models import eva, save_for_hf, vision_transformer
 from torch import nn
 
 from ssl_vit.checkpoint import (
+    RUN_KEY,
     checkpoint_encoder,
     data_settings,
     encoder_weights,
@@ -156,7 +157,6 @@ def model_card(model: nn.Module, record: dict[str, Any]) -> str:
     """A short README for an export folder: what the weights are, where they came from, how to
     load them (the same facts as ``config.json``'s ``ssl_vit`` record): an encoder's, or a
     fine-tuned classifier's (a model with classes)."""
-    data = record.get("data", {})
     architecture = architecture_name(model)
     if getattr(model, "num_classes", 0):
         start = record.get("finetuned_from")
@@ -173,12 +173,28 @@ def model_card(model: nn.Module, record: dict[str, Any]) -> str:
             f"- objective: {record.get('objective')}" + (f" ({role} encoder)" if role not in ("encoder", None) else ""),
             f"- features: {pooled_features(model)} (timm's `forward_head(x, pre_logits=True)`)",
         ]
-        results = _evaluation_lines(record)
-        on = record.get("evaluated_on") or {}
-        scored = f" on `{on['val_shards']}` (neighbours and probes from `{on['train_shards']}`)" if on else ""
-        evaluated, num_classes = f"Evaluation of this checkpoint by the run{scored}, top-1 %:", ", num_classes=0"
+        (evaluated, results), num_classes = run_evaluation(record), ", num_classes=0"
+    load = ["import timm", f'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True{num_classes})']
+    return card(
+        f"{architecture}, {record.get('objective', 'ssl-vit')}", record, about, evaluated, results, "timm", load
+    )
+
+
+def card(
+    title: str,
+    record: dict[str, Any],
+    about: list[str],
+    evaluated: str,
+    results: list[str],
+    library: str,
+    load: list[str],
+) -> str:
+    """An export's README: ``title``, where the weights came from (``record``, the export's
+    ``ssl_vit`` provenance), ``about`` them, the run's ``results``, and the ``load`` lines of
+    Python that load it with ``library`` alone."""
+    data = record.get("data", {})
     lines = [
-        f"# {architecture}, {record.get('objective', 'ssl-vit')}",
+        f"# {title}",
         "",
         f"Weights written by ssl-vit {record.get('ssl_vit_version', '')} from `{record.get('checkpoint')}`.",
         "",
@@ -190,11 +206,10 @@ def model_card(model: nn.Module, record: dict[str, Any]) -> str:
         "",
         *(results or ["- none recorded with this checkpoint"]),
         "",
-        "Load it with timm alone:",
+        f"Load it with {library} alone:",
         "",
         "```python",
-        "import timm",
-        f'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True{num_classes})',
+        *load,
         "```",
         "",
         "No licence is stated here: the weights carry the terms of the data they were trained on.",
@@ -263,6 +278,7 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         "step": ckpt.get("global_step"),
         "recipe": hparams,
         "data": ckpt.get("datamodule_hyper_parameters", {}),
+        "trained_on": ckpt.get(RUN_KEY, {}).get("train_shards"),  # where the run found its data
     }
     checkpoint = Path(checkpoint)
     for kind in RECORD_KINDS:
@@ -276,8 +292,16 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
     return record
 
 
+def run_evaluation(record: dict[str, Any]) -> tuple[str, list[str]]:
+    """What a model card says of the run's evaluation of the exported checkpoint: a heading
+    naming the data, and the end-of-run top-1 (mIoU, R@1) per protocol, with its random
+    initialisation's."""
+    on = record.get("evaluated_on") or {}
+    scored = f" on `{on['val_shards']}` (neighbours and probes from `{on['train_shards']}`)" if on else ""
+    return f"Evaluation of this checkpoint by the run{scored}, top-1 %:", _evaluation_lines(record)
+
+
 def _evaluation_lines(record: dict[str, Any]) -> list[str]:
-    """The run's end-of-run top-1 (mIoU, R@1) per protocol, with its random initialisation's."""
     names = {"knn": "k-NN", "probe": "linear probe", "attentive": "attentive probe", "zeroshot": "zero-shot"}
     lines = []
     for kind in RECORD_KINDS:

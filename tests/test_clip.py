@@ -411,6 +411,8 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
     result = in_this_process(tmp_path, "export", str(run / "checkpoints/last.ckpt"), "oc", "--format", "open_clip")
     assert result.returncode == 0, result.stderr
     assert "local-dir:oc" in result.stdout
+    card = (tmp_path / "oc/README.md").read_text()  # where it came from and how to load it, as a timm export's
+    assert "- training data: `" in card and 'open_clip.get_tokenizer("local-dir:PATH_TO_THIS_FOLDER")' in card
     onnx = in_this_process(tmp_path, "export", str(run), "oc2", "--format", "open_clip", "--onnx")
     assert onnx.returncode == 2 and "leave them out with --format open_clip" in onnx.stderr
     records = []
@@ -419,9 +421,8 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
         assert result.returncode == 0, result.stderr
         assert "zero-shot" in result.stdout and "image -> text" in result.stdout
         assert "24 images of 4 classes, 4.2 points each" in result.stdout  # what the accuracy counts
-        # the run trained on these very shards (its val_shards too): said, where the model records it
-        said = "warning: shards is the data this run trained on\n" in result.stderr
-        assert said == (model == str(run)), result.stderr
+        # the run trained on these very shards (its val_shards too): said, from the run and from its export
+        assert "warning: shards is the data this run trained on\n" in result.stderr, result.stderr
         written = sorted(stem.parent.glob(f"{stem.name}.*.eval-*.json"))  # a run's beside the checkpoint read
         assert [p.name.split(".")[1] for p in written] == ["retrieval", "zeroshot"]
         records.append([json.loads(p.read_text())["results"] for p in written])
@@ -440,6 +441,9 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
     assert "retrieval is skipped: fewer than two images of plain have a caption" in plain.stderr
     bad = in_this_process(tmp_path, "zeroshot", str(run / "export"), "--val_shards", "shards")
     assert bad.returncode == 2 and "a timm export holds the image tower only" in bad.stderr
+    (tmp_path / "oc/README.md").write_text("# my notes on this model\n")  # the user's now: not replaced
+    again = in_this_process(tmp_path, "export", str(run), "oc", "--format", "open_clip", "--overwrite")
+    assert again.returncode == 2 and "its README.md was changed since ssl-vit wrote it" in again.stderr, again.stderr
 
 
 def test_shards_written_from_a_caption_table_pair_each_image_with_its_caption(tmp_path):

@@ -27,6 +27,7 @@ from ssl_vit.checkpoint import RUN_KEY, objective_name, read_checkpoint, run_che
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import EncoderConfig
 from ssl_vit.errors import UserError
+from ssl_vit.export import card, provenance, run_evaluation
 from ssl_vit.losses import clip_loss
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.replace import OutputKind, check_replaceable, replace_output
@@ -152,11 +153,6 @@ class CLIP(SSLMethod):
         return super().decays(name, param) and name != "encoder.vit.cls_token"
 
 
-def load_clip(checkpoint: str | Path) -> CLIP:
-    """The CLIP model of a ``.ckpt`` that ``ssl-vit pretrain`` wrote, built from its settings."""
-    return clip_from_checkpoint(read_checkpoint(checkpoint), checkpoint)
-
-
 def clip_from_checkpoint(ckpt: dict[str, Any], checkpoint: str | Path) -> CLIP:
     """The CLIP model of a read checkpoint (``checkpoint`` names it in messages)."""
     if objective_name(ckpt) != CLIP.__name__:
@@ -169,9 +165,10 @@ def clip_from_checkpoint(ckpt: dict[str, Any], checkpoint: str | Path) -> CLIP:
 
 #: What ``ssl-vit export --format open_clip`` writes, and what --overwrite may replace.
 OPEN_CLIP_FOLDER = OutputKind(
-    "an open_clip folder (open_clip_config.json, open_clip_model.safetensors)",
-    ("open_clip_config.json", "open_clip_model.safetensors"),
+    "an open_clip folder (open_clip_config.json, open_clip_model.safetensors, README.md)",
+    ("open_clip_config.json", "open_clip_model.safetensors", "README.md"),
     required=("open_clip_config.json", "open_clip_model.safetensors"),
+    record="open_clip_config.json",
 )
 
 
@@ -272,13 +269,30 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, overwrite: bool = 
     and ``open_clip.get_tokenizer("local-dir:OUT")`` load, written atomically; ``overwrite``
     replaces an earlier open_clip folder only."""
     check_replaceable(out, OPEN_CLIP_FOLDER, overwrite, reads=[checkpoint])
-    config, state = open_clip_folder_contents(load_clip(checkpoint))
+    ckpt = read_checkpoint(checkpoint)
+    config, state = open_clip_folder_contents(clip_from_checkpoint(ckpt, checkpoint))
+    config["ssl_vit"] = provenance(ckpt, checkpoint, "encoder")  # beside open_clip's keys, which it reads alone
 
     def write(folder: Path) -> None:
         (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
         save_file(state, str(folder / "open_clip_model.safetensors"))
+        (folder / "README.md").write_text(open_clip_card(config["ssl_vit"]))
 
     return replace_output(out, write, OPEN_CLIP_FOLDER, overwrite, reads=[checkpoint])
+
+
+def open_clip_card(record: dict[str, Any]) -> str:
+    """The README of an open_clip folder: where it came from, the run's results, how to load it."""
+    about = [
+        "- objective: CLIP (image and text towers)",
+        "- embeddings: open_clip's `model.encode_image(images)` and `model.encode_text(tokenizer(texts))`",
+    ]
+    load = [
+        "import open_clip",
+        'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH_TO_THIS_FOLDER")',
+        'tokenizer = open_clip.get_tokenizer("local-dir:PATH_TO_THIS_FOLDER")',
+    ]
+    return card("CLIP image and text towers", record, about, *run_evaluation(record), "open_clip", load)
 
 
 class OpenCLIPFolder(nn.Module):
@@ -314,7 +328,10 @@ def load_image_text_model(source: str | Path) -> tuple[nn.Module, int, dict[str,
     path = Path(source)
     if path.is_dir() and (path / "open_clip_config.json").is_file():
         model = OpenCLIPFolder(path)
-        return model, model.image_size, {"method": "CLIP", "format": "open_clip", "step": None}
+        record = json.loads((path / "open_clip_config.json").read_text()).get("ssl_vit", {})  # ssl-vit's exports
+        info = {"method": "CLIP", "format": "open_clip", "step": record.get("step")}
+        held_out = bool(record) and not record.get("data", {}).get("val_shards")
+        return model, model.image_size, info | {"trained_on": record.get("trained_on"), "held_out": held_out}
     if path.is_dir():
         path = run_checkpoint(
             path,
