@@ -71,11 +71,10 @@ def fit_briefly(
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
-        logger=False,
+        **{"logger": False, **trainer_args},
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        **trainer_args,
     )
     trainer.fit(method, DataLoader(_RandomViews(view, num_images), batch_size=batch_size))
     return trainer

@@ -1,5 +1,6 @@
 """SimMIM, DINO, MoCo v3 and SimCLR against short references written from the official formulas."""
 
+import csv
 import math
 import random
 import warnings
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 
 from ssl_vit.data import MultiCropViews, TwoViews
 from ssl_vit.ema import ema_update
@@ -30,7 +32,7 @@ from ssl_vit.masking import block_patch_mask, ibot_masks, multi_block_mask
 from ssl_vit.methods import DINO, MoCoV3, SimCLR, SimMIM
 from ssl_vit.methods.dino import embed_crops
 from ssl_vit.schedules import cosine_to, linear_warmup_then_constant
-from tests.conftest import TINY_ENCODER, random_images
+from tests.conftest import TINY_ENCODER, fit_briefly, random_images
 
 # ----------------------------------------------------------------------------- SimMIM
 
@@ -252,9 +254,22 @@ def test_collapse_is_reported_with_the_step():
     trainer = SimpleNamespace(log_every_n_steps=10, estimated_stepping_batches=100, global_step=0)
     model._trainer = trainer
     model.watch_collapse(torch.randn(32, 16))  # healthy: no warning
-    trainer.global_step = 10
-    with pytest.warns(UserWarning, match="has collapsed at step 10.*Check the learning rate"):
+    trainer.global_step = 10  # not a step whose logs Lightning writes (after the 10th, 20th, ... step)
+    model.watch_collapse(torch.ones(32, 16))
+    assert model.collapse_watch.since is None
+    trainer.global_step = 19
+    with pytest.warns(UserWarning, match="has collapsed at step 19.*Check the learning rate"):
         model.watch_collapse(torch.ones(32, 16) + 1e-7 * torch.randn(32, 16))
+
+
+def test_the_collapse_metrics_reach_the_logs_on_folders_of_few_batches(tmp_path):
+    """Checked on the steps Lightning writes its logs at: on others a value is written late, and,
+    in epochs shorter than the interval (3 batches here), never."""
+    model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
+    fit_briefly(model, "two", steps=12, num_images=6, batch_size=2, logger=CSVLogger(tmp_path), log_every_n_steps=5)
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).read_text().splitlines()))
+    logged = [int(row["step"]) for row in rows if row.get("train/embedding_spread")]
+    assert logged == [4, 9]
 
 
 def test_a_uniform_teacher_is_a_collapse_even_with_spread_embeddings():
@@ -289,14 +304,14 @@ def test_a_lasting_collapse_keeps_warning_and_is_counted():
     model._trainer = trainer
     collapsed = torch.ones(32, 16)
     warned_at = []
-    for step in range(0, 100, 5):  # healthy until step 20, collapsed from then on
+    for step in (0, *range(4, 100, 5)):  # the checked steps; healthy until step 20, collapsed from then on
         trainer.global_step = step
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.watch_collapse(collapsed if step >= 20 else torch.randn(32, 16))
-        warned_at += [step for w in caught if f"collapsed (since step 20) at step {step}" in str(w.message)]
-    assert warned_at == [30, 40, 50, 60, 70, 80, 90]  # after the onset's warning, every tenth of the run
-    assert model.collapse_watch.since == 20 and model.collapse_watch.collapsed_steps == 76  # steps 20-95, checked
+        warned_at += [step for w in caught if f"collapsed (since step 24) at step {step}" in str(w.message)]
+    assert warned_at == [34, 44, 54, 64, 74, 84, 94]  # after the onset's warning, every tenth of the run
+    assert model.collapse_watch.since == 24 and model.collapse_watch.collapsed_steps == 76  # steps 24-99, checked
 
 
 def test_collapse_watch_counts_steps_between_collapsed_checks_and_resets_on_recovery():

@@ -349,8 +349,10 @@ class SSLMethod(L.LightningModule):
         """Log the per-dimension std of L2-normalised embeddings, scaled by sqrt(dim) (about 1
         for well-spread embeddings, 0 when all are identical), and warn while the run is
         collapsed: at the onset and again every tenth of the run, with the steps spent collapsed
-        so far (the end-of-run summary has the total). Checked on logging steps only: it waits for
-        the device.
+        so far (the end-of-run summary has the total). Checked at the first step, and then on the
+        steps whose logs Lightning writes only (after every ``log_every_n_steps``-th): it waits
+        for the device, and a value logged on another step would reach the logs late, or, in an
+        epoch shorter than the interval, never.
 
         A teacher-student objective also passes its teacher's target distributions, (B, K): their
         mean entropy is logged as a fraction of ln K, with the fraction of the K outputs that are
@@ -360,7 +362,7 @@ class SSLMethod(L.LightningModule):
         shrink towards equal logits keeps its spread while its softmax goes flat."""
         trainer = self._trainer
         every = max(1, trainer.log_every_n_steps) if trainer is not None else 1
-        if self.global_step % every:
+        if self.global_step and (self.global_step + 1) % every:
             return
         spread = embedding_spread(embeddings)
         self.log("train/embedding_spread", spread)
