@@ -554,6 +554,17 @@ def test_a_users_file_where_a_run_writes_at_its_end_stops_it_at_its_start(tmp_pa
     )
 
 
+def test_shards_at_an_address_it_cannot_reach_stop_at_once_in_one_line(tmp_path):
+    """webdataset's curl retries each unreachable shard for minutes (the run seemed to hang)."""
+    shards = "http://127.0.0.1:9/shards-{000..007}.tar"  # nothing listens on the discard port
+    args = ["--data.train_shards", shards, "--data.samples_per_epoch", "64", "--data.batch_size", "8"]
+    result = in_this_process(tmp_path, "pretrain", "--config", str(ROOT / "recipes/quickstart/simclr.yaml"), *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    said = result.stderr.strip().splitlines()[-1]
+    assert "cannot reach http://127.0.0.1:9/shards-000.tar" in said and "no network from this machine" in said
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_folder_smaller_than_one_batch_stops_before_the_run_with_the_batch_to_use(user_folder):
     image_folder(user_folder / "few", ["cats", "dogs"], per_class=20)
     _, index = resolve_shards(str(user_folder / "few") + "#train")

@@ -58,6 +58,7 @@ from ssl_vit.data.shards import (
     ShardIndex,
     SplitPart,
     caption_file,
+    check_reachable,
     extension,
     group_files,
     is_heldout,
@@ -766,6 +767,7 @@ class ShardDataModule(L.LightningDataModule):
         self._check_settings()
         if not self.embedded_to_write():  # else prepare_data writes them and setup checks them
             urls, index, _ = self.training_data(world_size, captioned=captioned)
+            check_reachable(str(urls[0].shard if isinstance(urls[0], SplitPart) else urls[0]))
             if captioned:
                 self.check_captions(urls, index)
 

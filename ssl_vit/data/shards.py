@@ -17,6 +17,8 @@ import random
 import shutil
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -614,6 +616,24 @@ def group_files(root: str, files: list[tuple[str, int | None]]) -> list[str | Im
 
 def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
+
+
+def check_reachable(url: str, timeout: float = 20.0) -> None:
+    """Stop in one line when an http(s) shard cannot be reached (no network, a wrong host or
+    name): webdataset's curl would retry every shard for minutes, run after run."""
+    if not url.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError as err:  # the server answered: only "not found" is the user's to fix
+        if err.code in (404, 410):
+            raise UserError(f"{url} does not exist on its server (HTTP {err.code}); check the address") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"cannot reach {url} ({reason}): no network from this machine, or a wrong address; copy the shards "
+            "here and give their folder, or check the address"
+        ) from None
 
 
 def data_location(spec: str) -> str:
