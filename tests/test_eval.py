@@ -1,5 +1,6 @@
 """Evaluators against brute-force references, on synthetic features and tiny shards."""
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -143,11 +144,12 @@ def test_attentive_probe_finds_the_token_that_carries_the_class():
     assert probe_accuracy(head, feature_chunks(val), classes)["top1"] > 95.0
 
 
+def png_samples(n: int, seed: int) -> list[tuple[str, bytes, int]]:
+    return [("png", png_bytes(img), i) for i, img in enumerate(random_images(n, size=32, seed=seed))]
+
+
 def labelled_shards(folder: Path, n: int, num_classes: int, seed: int, with_labels: bool = True) -> str:
-    images = random_images(n, size=32, seed=seed)
-    samples = (("png", png_bytes(img), i % num_classes) for i, img in enumerate(images))
-    if not with_labels:
-        samples = (("png", png_bytes(img), None) for img in images)
+    samples = ((ext, data, i % num_classes if with_labels else None) for ext, data, i in png_samples(n, seed))
     write_shards(samples, folder, classes=[f"c{c}" for c in range(num_classes)], source="test", samples_per_shard=20)
     return str(folder)
 
@@ -331,17 +333,33 @@ def test_last_blocks_concatenates_cls_of_each_block(tmp_path):
     torch.testing.assert_close(feats.features[:, 64:], last.features)  # the last block's CLS, final-normed
 
 
+def test_images_without_a_class_in_labelled_shards_are_left_out_and_counted(tmp_path, caplog):
+    """A broken or unlabelled sample among labelled ones (a user's own shards) is left out of the
+    evaluation, which says how many; it stopped the run before training."""
+    samples = [(ext, data, None if i % 5 == 0 else i % 2) for ext, data, i in png_samples(20, seed=7)]
+    write_shards(samples, tmp_path / "some", ["a", "b"], "test", samples_per_shard=20)
+    with caplog.at_level(logging.WARNING):
+        train, val = Evaluator(str(tmp_path / "some"), str(tmp_path / "some"), num_workers=0).features(
+            ViTEncoder(**TINY_ENCODER)
+        )
+    assert len(train.labels) == len(val.labels) == 16 and (train.labels >= 0).all()
+    assert caplog.text.count("4 of 20 images have no class and are left out of k-NN and the probes") == 1
+
+
 def test_bad_evaluation_data_is_a_clear_error(tmp_path):
     encoder = ViTEncoder(**TINY_ENCODER)
     unlabelled = labelled_shards(tmp_path / "unlabelled", 10, 2, seed=4, with_labels=False)
-    with pytest.raises(UserError, match="has images without a class; k-NN and the probes need labelled images"):
+    with pytest.raises(UserError, match="has no image with a class; k-NN and the probes need labelled images"):
         Evaluator(unlabelled, unlabelled, num_workers=0).features(encoder)
     train = labelled_shards(tmp_path / "train", 20, 4, seed=5)
-    val = labelled_shards(tmp_path / "val", 20, 3, seed=6)
-    with pytest.raises(UserError, match="different classes"):
-        Evaluator(train, val, num_workers=0).run(encoder)
-    with pytest.raises(UserError, match="different classes"):
-        Evaluator(train, val, num_workers=0).check_shards()  # before any image is read
+    other = tmp_path / "other"  # as many classes, other names: scored by place, they would be wrongly matched
+    write_shards(((s[0], s[1], s[2] % 4) for s in png_samples(20, seed=6)), other, ["d0", "c1", "c2", "c3"], "test")
+    for check in (lambda e: e.run(encoder), lambda e: e.check_shards()):  # the second before any image is read
+        with pytest.raises(UserError, match=r"names classes d0; c1; c2; c3 where .* has c0; c1; c2; c3"):
+            check(Evaluator(train, str(other), num_workers=0))
+    # a val set without the last classes keeps every class's place: scored
+    fewer = labelled_shards(tmp_path / "val", 20, 3, seed=6)
+    assert "knn" in Evaluator(train, fewer, num_workers=0, knn_ks=[5]).run(encoder, probe=False)
     empty = tmp_path / "empty"
     write_shards(iter(()), empty, classes=["a"], source="test")
     with pytest.raises(UserError, match="cannot be empty"):

@@ -4,6 +4,7 @@ sees, and the loader's workers fit the shards there are."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +37,7 @@ from ssl_vit.eval import Evaluator, EvalView
 from ssl_vit.finetune import FineTune, FineTuneView, LabelledShardDataModule
 
 from .conftest import png_bytes, random_images
-from .fault_injection import in_this_process
+from .fault_injection import in_this_process, pretrain_recipe_briefly
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -552,6 +554,54 @@ def test_a_users_file_where_a_run_writes_at_its_end_stops_it_at_its_start(tmp_pa
     assert sorted(p.relative_to(run_folder).as_posix() for p in run_folder.rglob("*")) == sorted(
         {theirs, *[str(parent) for parent in Path(theirs).parents if str(parent) != "."]}
     )
+
+
+def own_tar_shards(folder: Path, label, name=lambda i: f"img{i:03d}") -> Path:
+    """4 tar files of 8 random 32-px PNGs each, as a user's own script writes them (no
+    dataset.json); ``label(i)`` is sample i's cls member (bytes), or None for none."""
+    folder.mkdir(parents=True)
+    for shard, images in enumerate(np.array_split(random_images(32, size=32), 4)):
+        with tarfile.open(folder / f"shards-{shard}.tar", "w") as tar:
+            for j, image in enumerate(images):
+                i = 8 * shard + j
+                members = {f"{name(i)}.png": png_bytes(image)}
+                if label(i) is not None:
+                    members[f"{name(i)}.cls"] = label(i)
+                for member, data in members.items():
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def test_own_tar_shards_are_counted_and_read_with_their_labels_or_without(tmp_path, caplog):
+    """A user's tar files without dataset.json: counted from their headers (no data.samples_per_epoch
+    to give), their integer cls read as classes; without labels, or with labels that are no class
+    index, the run trains and skips k-NN and the probes in one line (it stopped before training)."""
+    labelled = own_tar_shards(tmp_path / "ints", lambda i: str(i % 3).encode())
+    for spec in (str(labelled), str(labelled / "shards-{0..3}.tar")):
+        _, index = resolve_shards(spec)
+        assert index.num_samples == 32 and index.classes == ["0", "1", "2"]
+    assert resolve_shards(f"{labelled}#train")[1].num_samples == round(32 * 0.9)
+    cases = {
+        "none": (lambda i: None, ""),
+        "names": (lambda i: b"sunsets", "has cls members that are not class indices (first: b'sunsets' in shards-"),
+    }
+    for folder, (label, said) in cases.items():
+        shards = own_tar_shards(tmp_path / folder, label)
+        run = tmp_path / f"run-{folder}"
+        run.mkdir()
+        with caplog.at_level(logging.WARNING):
+            result = pretrain_recipe_briefly(run, "recipes/quickstart/simclr.yaml", shards, {})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"data: 32 images of {shards}, no class labels for training" in result.stderr
+        assert said in caplog.text
+    # images named with more dots than webdataset's key allows: said once, in words, not once per worker
+    dotted = own_tar_shards(tmp_path / "dotted", lambda i: b"0", name=lambda i: f"img{i}.2023.{i % 2}")
+    with caplog.at_level(logging.WARNING):
+        resolve_shards(str(dotted))
+        resolve_shards(str(dotted))
+    assert caplog.text.count("whose names hold more than one dot (first: img0.2023.0.png)") == 1
 
 
 def test_shards_at_an_address_it_cannot_reach_stop_at_once_in_one_line(tmp_path):

@@ -117,7 +117,7 @@ def decode_sample(
     sample: dict[str, Any], min_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> tuple[Image.Image, int]:
     """An RGB image, upright (see ``upright``), and its integer class (``NO_LABEL`` when the sample
-    has no ``cls``).
+    has no ``cls``, or one that is not an integer).
 
     An image whose header declares more than ``max_pixels`` is not decoded (a 12000 x 12000 PNG
     takes hundreds of megabytes however small its file); it is a ``CorruptSample``. (PIL refuses
@@ -151,12 +151,10 @@ def decode_sample(
         raise CorruptSample(
             f"undecodable {ext}: {re.sub(r' ?<_io.BytesIO object at 0x[0-9a-f]+>', '', str(err))}"
         ) from err
-    if "cls" not in sample:
+    try:  # a cls that is no class index is no label: the image is as good (its shards' scan says so once)
+        return image, int(sample["cls"]) if "cls" in sample else NO_LABEL
+    except ValueError:
         return image, NO_LABEL
-    try:
-        return image, int(sample["cls"])
-    except ValueError as err:
-        raise CorruptSample(f"malformed cls {sample['cls'][:20]!r}") from err
 
 
 def decodable_samples(samples: Iterable[Sample]) -> Iterator[Sample]:
@@ -334,7 +332,6 @@ class ShardDataset(IterableDataset):
         self._last_summary: str | None = None  # the epoch line as last said: the same again is not a warning
         self._shard: Shard | None = None  # the shard being read, and whether it failed
         self._shard_failed = False
-        self._ignored: set[str] = set()
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -498,8 +495,9 @@ class ShardDataset(IterableDataset):
         ext = Path(name).name.split(".", 1)[-1].lower()
         if ext in READ_EXTENSIONS:
             return True
-        if ext not in self._ignored:
-            self._ignored.add(ext)
+        # once a run, in whichever loader worker meets it first; an image named with more dots
+        # (IMG.2023.jpg) was named when the shards were resolved
+        if ext.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS and first_time_named(f"ignoring .{ext}"):
             log.warning("ignoring .%s members (first: %s): ssl-vit reads only images, cls, txt and json", ext, name)
         return False
 

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import shutil
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -26,6 +27,7 @@ from pathlib import Path
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import ExifTags, Image, ImageOps
+from webdataset.tariterators import base_plus_ext
 
 from ssl_vit.data import embedded
 from ssl_vit.errors import UserError, counted, first_few
@@ -592,8 +594,88 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
         )
     index = ShardIndex.read(Path(urls[0]).parent)
     if index and sorted(index.shards) != sorted(Path(u).name for u in urls):
-        index = None  # the pattern names a subset of the folder: its sample count is unknown
-    return urls, index
+        index = None  # the pattern names a subset of the folder: its own index says nothing of it
+    return urls, index or scanned_index(urls, spec)
+
+
+def scanned_index(urls: list[str], spec: str) -> ShardIndex:
+    """What ``dataset.json`` would say of local tar shards written without one (a user's own
+    tar files or webdataset writer): their samples, captions and classes, read from the tar
+    headers and ``cls`` members (once per file as it is now). ``cls`` holds an integer class
+    index, as ``ssl-vit shards imagefolder`` writes it; the classes are named by their index."""
+    scans = [_scan_shard(url) for url in urls]
+    labels = sorted({label for scan in scans for label in scan.labels})
+    not_index = next((scan.not_index for scan in scans if scan.not_index), None)
+    if not_index and (spec, "not_index") not in _scan_said:
+        _scan_said.add((spec, "not_index"))
+        log.warning(
+            "%s has cls members that are not class indices (first: %s), read as no label: k-NN and the probes need an "
+            "integer cls per labelled image (`ssl-vit shards imagefolder` writes them from one sub-folder per class)",
+            spec,
+            not_index,
+        )
+    dotted = next((scan.dotted for scan in scans if scan.dotted), None)
+    if dotted and (spec, "dotted") not in _scan_said:
+        _scan_said.add((spec, "dotted"))
+        log.warning(
+            "%s has images whose names hold more than one dot (first: %s), which are not read: webdataset keys a "
+            "sample by its name up to the first dot, so their member is no image ('.%s'); rename them",
+            spec,
+            dotted,
+            Path(dotted).name.split(".", 1)[1],
+        )
+    return ShardIndex(
+        num_samples=sum(scan.samples for scan in scans),
+        classes=[str(label) for label in range(labels[-1] + 1)] if labels else [],
+        shards=[Path(url).name for url in urls],
+        source=f"tar shards {spec}",
+        captions=sum(scan.captions for scan in scans),
+    )
+
+
+@dataclass(frozen=True)
+class _ShardScan:
+    samples: int  # keys with an image member
+    captions: int
+    labels: frozenset[int]
+    not_index: str | None  # the first cls that is no integer
+    dotted: str | None  # the first image member whose name has more dots than webdataset's key allows
+
+
+#: Each scanned shard's counts, by its path, size and modification time: a run resolves its data many times.
+_scans: dict[tuple[str, int, int], _ShardScan] = {}
+_scan_said: set[tuple[str, str]] = set()
+
+
+def _scan_shard(url: str) -> _ShardScan:
+    key = (url, *size_and_time(Path(url)))
+    if key in _scans:
+        return _scans[key]
+    images, captions, labels, not_index, dotted = set(), set(), set(), None, None
+    try:
+        with tarfile.open(url, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                prefix, suffix = base_plus_ext(member.name) or (None, None)
+                suffix = (suffix or "").lower()
+                if suffix in IMAGE_EXTENSIONS:
+                    images.add(prefix)
+                elif suffix == CAPTION_MEMBER:
+                    captions.add(prefix)
+                elif suffix == "cls":
+                    value = tar.extractfile(member).read(64)
+                    try:
+                        labels.add(int(value))
+                    except ValueError:
+                        not_index = not_index or f"{value[:20]!r} in {Path(url).name}"
+                elif dotted is None and suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+                    dotted = member.name
+    except (tarfile.TarError, OSError, EOFError):  # what is left unread is the reader's to skip and count
+        pass
+    scan = _ShardScan(len(images), len(captions & images), frozenset(labels), not_index, dotted)
+    _scans[key] = scan
+    return scan
 
 
 def _image_folder(root: Path) -> tuple[list[str | ImageFiles], ShardIndex]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from ssl_vit.data.pipeline import ShardDataset
 from ssl_vit.data.shards import MASK_MEMBER, resolve_shards
 from ssl_vit.data.views import EvalView, MAEView
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, first_few
 from ssl_vit.eval.attentive import train_attentive_probe
 from ssl_vit.eval.features import (
     FeatureSet,
@@ -161,7 +161,10 @@ class Evaluator:
         for shards in (self.train_shards, self.val_shards):
             _, index = resolve_shards(shards)
             if index is not None and not index.classes:
-                return f"{shards.split('#')[0]} has no class labels (they come from one sub-folder per class)"
+                return (
+                    f"{shards.split('#')[0]} has no class labels (they come from one sub-folder per class, or in tar "
+                    "shards an integer cls per sample)"
+                )
             if index is not None and len(index.classes) == 1:  # e.g. every image in photos/2024/
                 return (
                     f"{shards.split('#')[0]} has one class folder ({index.classes[0]}), and class labels need two or "
@@ -190,10 +193,15 @@ class Evaluator:
             if index and index.classes:
                 classes[split] = index.classes
         if len(classes) == 2 and classes["train"] != classes["val"]:
-            raise UserError(
-                f"train and val shards name different classes ({len(classes['train'])} vs {len(classes['val'])}); "
-                "write both splits from the same class folders"
-            )
+            train, val = classes["train"], classes["val"]
+            # A class index is a class's place in its folder's sorted list: the same, for classes missing
+            # from the end of val's.
+            if val != train[: len(val)]:
+                raise UserError(
+                    f"{self.val_shards} names classes {first_few(val, 6)} where {self.train_shards} has "
+                    f"{first_few(train, 6)}: k-NN and the probes score the classes by their place in each list, "
+                    "so give both the same class folders"
+                )
         return classes.get("train") or classes.get("val") or []
 
     def num_classes(self, train: FeatureSet, val: FeatureSet) -> int:

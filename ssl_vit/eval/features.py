@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -13,11 +14,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ssl_vit.data.pipeline import NO_LABEL, ShardDataset, View
+from ssl_vit.data.pipeline import NO_LABEL, ShardDataset, View, first_time_named
 from ssl_vit.data.shards import data_fingerprint, resolve_shards
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
 from ssl_vit.replace import file_in_one_step
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # ssl_vit.eval.encoders loads weights through ssl_vit.export, which imports this package
     from ssl_vit.eval.encoders import FrozenEncoder
@@ -135,10 +138,24 @@ def extract_features(
         raise UserError(f"no readable samples in {shards!r}; an evaluation split cannot be empty")
     kept = torch.cat(tokens) if token_bytes and kept_bytes <= token_bytes else None
     result = FeatureSet(torch.cat(features), torch.cat(labels).long(), kept)
-    if (result.labels == NO_LABEL).any():
+    if masks:
+        return result
+    labelled = result.labels != NO_LABEL
+    if not labelled.any():
         raise UserError(
-            f"{shards} has images without a class; k-NN and the probes need labelled images (one sub-folder per class, "
-            "or shards written from such a folder)"
+            f"{shards} has no image with a class; k-NN and the probes need labelled images (one sub-folder per class, "
+            "or an integer cls per sample)"
+        )
+    if not labelled.all():  # some samples of labelled shards have none (left out when written, or broken)
+        if first_time_named(f"unlabelled in {shards}"):
+            log.warning(
+                "%s: %d of %d images have no class and are left out of k-NN and the probes",
+                shards,
+                int((~labelled).sum()),
+                len(labelled),
+            )
+        result = FeatureSet(
+            result.features[labelled], result.labels[labelled], kept[labelled] if kept is not None else None
         )
     return result
 
