@@ -79,7 +79,7 @@ def test_no_crop_of_a_view_is_taken_from_fewer_pixels_than_it_outputs(view, size
 
 
 @pytest.mark.parametrize("size", [32, 48, 96, 224])
-def test_timm_prepares_an_image_from_an_exports_config_as_the_evaluation_did(size):
+def test_timm_prepares_an_image_from_an_exports_config_as_the_evaluation_did(size, tmp_path):
     """A user deploying an export prepares images with timm's transform from its pretrained_cfg;
     at 32 px that resized to 36 where the evaluation view resized to 37 (round, not floor)."""
     import timm.data
@@ -91,7 +91,12 @@ def test_timm_prepares_an_image_from_an_exports_config_as_the_evaluation_did(siz
     image = Image.fromarray(np.random.default_rng(size).integers(0, 256, (size * 3, size * 2, 3), dtype=np.uint8))
     view = EvalView(size)
     torch.testing.assert_close(view(image), timm.data.create_transform(**config)(image), rtol=0, atol=1e-6)
-    assert view.decode_side == min(timm.data.create_transform(**config).transforms[0](image).size)
+    # and from a JPEG as the evaluation reads it: decoded whole, as PIL decodes it for a deployment
+    photo = tmp_path / f"{size}.jpg"
+    photo.write_bytes(jpeg_bytes(smooth_image(640, 480)))
+    write_shards([("jpg", photo.read_bytes(), 0)], tmp_path / f"s{size}", classes=["a"], source="test")
+    ((read, _),) = ShardDataset([str(next((tmp_path / f"s{size}").glob("*.tar")))], view, shuffle_shards=False)
+    torch.testing.assert_close(read, timm.data.create_transform(**config)(Image.open(photo)), rtol=0, atol=1e-6)
 
 
 def test_shard_dataset_hands_the_view_a_reduced_decode(tmp_path: Path):

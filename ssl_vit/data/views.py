@@ -338,7 +338,9 @@ class EvalView(v2.Compose):
     """Resize the short side to ``floor(size / crop_pct)`` (bicubic), then centre-crop ``size``: the
     evaluation view of DINO / MAE (256 -> 224 at ImageNet scale), scaled to other sizes as MAE's
     ``int(input_size / crop_pct)`` and timm's eval transform do, so that timm, given an export's
-    ``pretrained_cfg``, prepares an image exactly as the evaluation did."""
+    ``pretrained_cfg``, prepares an image exactly as the evaluation did. It asks for no reduced
+    JPEG decode (no ``decode_side``): libjpeg's scaled decode gives other pixels than the full
+    decode a deployment makes, and an export's measured accuracy is to be the deployed model's."""
 
     def __init__(
         self,
@@ -355,4 +357,3 @@ class EvalView(v2.Compose):
                 *to_normalized_tensor(mean, std),
             ]
         )
-        self.decode_side = side

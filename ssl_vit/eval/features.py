@@ -171,7 +171,10 @@ def feature_cache_files(
     """Where each split's pooled features are cached (``splits``: name -> shards), named by a hash
     of everything they depend on (the encoder's weights, the data as it is now, the crop size, the
     pooling), so that another model, other weights or changed images never read them back."""
-    digest = hashlib.sha256(json.dumps([type(encoder).__name__, image_size, pooling, last_blocks]).encode())
+    # "full decode": features cached before JPEGs were decoded whole for evaluation are not read back
+    digest = hashlib.sha256(
+        json.dumps([type(encoder).__name__, image_size, pooling, last_blocks, "full decode"]).encode()
+    )
     for name, tensor in encoder.state_dict().items():
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
