@@ -74,8 +74,11 @@ class LabelledShardDataModule(ShardDataModule):
         return shard_class_names(self.train_shards)
 
     def check_labels(self, num_classes: int) -> None:
-        """Before any work: both splits labelled, with exactly the classes the model has (a head
-        with more outputs than the shards have classes trains and scores outputs no label names)."""
+        """Before any work: both splits labelled, with the same classes, exactly the classes the
+        model has (a head with more outputs than the shards have classes trains and scores outputs
+        no label names). Labels are positions in each split's class list, so val classes of other
+        names would be scored against the train classes that merely sit at the same places."""
+        classes: dict[str, tuple[str, list[str]]] = {}  # split: (its shards, its classes)
         for split, shards in zip(("train_shards", "val_shards"), self.evaluation_data(), strict=True):
             _, index = resolve_shards(shards)
             if index is not None and not index.classes:
@@ -83,11 +86,21 @@ class LabelledShardDataModule(ShardDataModule):
                     f"data.{split} {shards!r} has no class labels: fine-tuning needs labelled images, one "
                     "sub-folder per class (or shards written from such a folder)"
                 )
-            if index is not None and len(index.classes) != num_classes:
+            if index is not None:
+                classes[split] = (shards, list(index.classes))
+        if len(classes) == 2 and classes["train_shards"][1] != classes["val_shards"][1]:
+            raise UserError(classes_differ(*classes["train_shards"], *classes["val_shards"]))
+        # the splits agree from here: num_classes is what to change
+        for split, (shards, names) in classes.items():
+            if len(names) == 1:
                 raise UserError(
-                    f"data.{split} {shards!r} has {len(index.classes)} classes ({', '.join(index.classes[:8])}"
-                    f"{', ...' if len(index.classes) > 8 else ''}) but model.num_classes is {num_classes}; set "
-                    f"model.num_classes to {len(index.classes)}"
+                    f"data.{split} {shards!r} has one class ({names[0]}), and a classifier needs two or more: "
+                    "one sub-folder per class"
+                )
+            if len(names) != num_classes:
+                raise UserError(
+                    f"data.{split} {shards!r} has {len(names)} classes ({class_names(names)}) but "
+                    f"model.num_classes is {num_classes}; set model.num_classes to {len(names)}"
                 )
 
     def val_dataloader(self) -> DataLoader:
@@ -104,6 +117,26 @@ class LabelledShardDataModule(ShardDataModule):
         )
         workers = min(self.num_workers, max(1, len(urls) // world))
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers)
+
+
+def class_names(names: list[str], most: int = 8) -> str:
+    """``a, b, c, ...``: the first ``most`` of a list of classes, for a message."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def classes_differ(train: str, train_classes: list[str], val: str, val_classes: list[str]) -> str:
+    """Why the two splits' classes do not match, naming the classes only one of them has."""
+    extra = [c for c in val_classes if c not in train_classes]
+    missing = [c for c in train_classes if c not in val_classes]
+    if extra and missing:
+        differs = f"names classes {class_names(extra)} where data.train_shards {train!r} has {class_names(missing)}"
+    elif missing:
+        differs = f"has no {class_names(missing)}, which data.train_shards {train!r} has"
+    elif extra:
+        differs = f"names classes {class_names(extra)}, which data.train_shards {train!r} has not"
+    else:
+        differs = f"lists the classes of data.train_shards {train!r} in another order, which numbers them differently"
+    return f"data.val_shards {val!r} {differs}; fine-tuning needs the same class folders in both"
 
 
 def check_labels(labels: Tensor, num_classes: int) -> None:

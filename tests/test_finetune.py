@@ -79,9 +79,10 @@ def test_layer_wise_lr_decay_is_maes(exported):
     assert "pos_embed" not in decayed and "cls_token" not in decayed
 
 
-def labelled_shards(folder: Path, n: int) -> str:
-    samples = (("png", png_bytes(img), i % 4) for i, img in enumerate(random_images(n, size=32, seed=n)))
-    write_shards(samples, folder, classes=["a", "b", "c", "d"], source="test", samples_per_shard=16)
+def labelled_shards(folder: Path, n: int, classes: tuple[str, ...] = ("a", "b", "c", "d")) -> str:
+    images = random_images(n, size=32, seed=n)
+    samples = (("png", png_bytes(img), i % len(classes)) for i, img in enumerate(images))
+    write_shards(samples, folder, classes=list(classes), source="test", samples_per_shard=16)
     return str(folder)
 
 
@@ -204,3 +205,40 @@ def test_a_class_count_other_than_the_shards_stops_fine_tuning_with_one_line(exp
         assert f"has 4 classes (a, b, c, d) but model.num_classes is {num_classes}" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_val_classes_other_than_trains_stop_fine_tuning_with_one_line(exported, tmp_path):
+    """Labels are positions in each split's class list: val folders of other names (or another
+    order) would be scored against whichever train class sorts to the same place. Named before
+    model.num_classes, whose advice would otherwise follow one split, then the other."""
+    photos = ("fences", "gardens", "sunsets")
+    train = labelled_shards(tmp_path / "photos", 32, photos)
+    cases = {  # val's classes, num_classes: what the line says of val
+        (("abend", "garten", "zaun"), 3): "names classes abend, garten, zaun where data.train_shards {train!r} has "
+        "fences, gardens, sunsets",
+        (("fences", "gardens"), 3): "has no sunsets, which data.train_shards {train!r} has",
+        (("fences", "gardens"), 2): "has no sunsets, which data.train_shards {train!r} has",
+        (("fences",), 3): "has no gardens, sunsets, which data.train_shards {train!r} has",
+        (("fences", "gardens", "snow", "sunsets"), 4): "names classes snow, which data.train_shards {train!r} has not",
+        (
+            ("sunsets", "gardens", "fences"),
+            3,
+        ): "lists the classes of data.train_shards {train!r} in another order, which numbers them differently",
+    }
+    for i, ((classes, num_classes), says) in enumerate(cases.items()):
+        val = labelled_shards(tmp_path / f"val{i}", 16, classes)
+        overrides = [f"--model.num_classes={num_classes}", "--trainer.max_steps=1"]
+        result = finetune(tmp_path, exported, train, val, tmp_path / "run", *overrides)
+        assert result.returncode == 2, (classes, result.stderr[-3000:])
+        assert f"data.val_shards {val!r} {says.format(train=train)}; fine-tuning needs the same class" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_one_class_stops_fine_tuning_with_one_line(exported, tmp_path):
+    """Not "set model.num_classes to 1", which a classifier of one class then refuses."""
+    train = labelled_shards(tmp_path / "fences", 16, ("fences",))
+    result = finetune(tmp_path, exported, train, train, tmp_path / "run", "--model.num_classes=3")
+    assert result.returncode == 2
+    assert f"data.train_shards {train!r} has one class (fences), and a classifier needs two or more" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
