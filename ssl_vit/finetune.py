@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_vit.checkpoint import data_settings, ending_summary, read_checkpoint
+from ssl_vit.checkpoint import data_settings, ending_summary, read_checkpoint, run_checkpoint
 from ssl_vit.data.pipeline import ShardDataModule, ShardDataset
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
 from ssl_vit.errors import UserError
+from ssl_vit.eval.encoders import missing_source
 from ssl_vit.export import EXPORT_FOLDER, encoder_state_dict, preprocessing_cfg, provenance, write_timm_folder
 from ssl_vit.onnx_export import Deploy, OnnxOptions, prepare_deploy
 from ssl_vit.pictures import shard_class_names
@@ -148,6 +149,21 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
         raise UserError(f"a class label is {high}, but model.num_classes is {num_classes}; raise model.num_classes")
 
 
+#: What ``model.init_from`` takes, for the lines that refuse a path.
+INIT_FROM_TAKES = "pass an export folder, a run folder or an ssl-vit .ckpt (or timm weights with model.encoder)"
+
+
+def weights_path(init_from: str) -> str:
+    """The file or folder ``init_from`` names: for a run folder (or its ``checkpoints``), its
+    newest complete checkpoint, as ``ssl-vit knn`` reads one."""
+    path = Path(init_from)
+    if not path.exists():
+        raise UserError(f"model.init_from {missing_source(init_from, INIT_FROM_TAKES)}")
+    if path.is_dir() and not any((path / name).is_file() for name in ("config.json", "model.safetensors")):
+        return str(run_checkpoint(path, INIT_FROM_TAKES))
+    return init_from
+
+
 def architecture(init_from: str) -> EncoderConfig:
     """The encoder settings an export folder (``config.json``) or an ssl-vit checkpoint was made with."""
     path = Path(init_from)
@@ -178,8 +194,9 @@ class FineTune(L.LightningModule):
     tokens; Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (soft-target cross-entropy).
 
     Args:
-        init_from: an export folder, ssl-vit checkpoint, timm ``local-dir`` folder or timm
-            ``.safetensors`` / ``.pth`` file; None = random initialisation of ``encoder``.
+        init_from: an export folder, ssl-vit checkpoint or run folder (its newest complete
+            checkpoint), timm ``local-dir`` folder or timm ``.safetensors`` / ``.pth`` file; None =
+            random initialisation of ``encoder``.
         encoder: the architecture; default: the one ``init_from`` was trained with.
         pretrained: False builds ``init_from``'s architecture at random initialisation (the
             baseline the pretrained run is judged against).
@@ -207,6 +224,9 @@ class FineTune(L.LightningModule):
             raise UserError("set model.init_from (weights to fine-tune) or model.encoder (an architecture)")
         if num_classes < 2:
             raise UserError(f"model.num_classes is {num_classes}; a classifier needs two or more classes")
+        if init_from is not None and (encoder is None or pretrained):  # read only for its architecture or weights
+            # the checkpoint a run folder names now, for the record and for a resume to compare
+            init_from = self.hparams.init_from = weights_path(init_from)
         config = dict(encoder or architecture(init_from))
         self.hparams.encoder = dict(config)  # the architecture, in the checkpoint, whatever gave it
         args = {k: v for k, v in config.items() if k not in NON_TIMM_SETTINGS}

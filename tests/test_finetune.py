@@ -3,6 +3,7 @@ formula, and ``ssl-vit finetune`` writes a classifier timm loads and predicts wi
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -242,3 +243,34 @@ def test_one_class_stops_fine_tuning_with_one_line(exported, tmp_path):
     assert result.returncode == 2
     assert f"data.train_shards {train!r} has one class (fences), and a classifier needs two or more" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_folder_gives_its_newest_checkpoint_and_a_mistyped_path_its_neighbour(exported, tmp_path):
+    """As `ssl-vit knn` reads a run folder; it was "neither an export folder nor an ssl-vit
+    checkpoint" for the run folder, its checkpoints and a typo alike."""
+    run = tmp_path / "runs/photos/mae"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(exported.parent / "last.ckpt", run / "checkpoints/last.ckpt")
+    shutil.copytree(exported, run / "export")
+    expected = FineTune(num_classes=4, init_from=str(exported)).model.state_dict()
+    for given in (run, run / "checkpoints"):
+        module = FineTune(num_classes=4, init_from=str(given))
+        assert module.hparams.init_from == str(run / "checkpoints/last.ckpt")  # what the record names
+        for name, tensor in module.model.state_dict().items():
+            if not name.startswith(("head.", "fc_norm.")):  # new, at random
+                torch.testing.assert_close(tensor, expected[name], msg=name)
+    with pytest.raises(UserError, match=re.escape(f"{run}/exprt does not exist (did you mean {run}/export?)")):
+        FineTune(num_classes=4, init_from=str(run / "exprt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"holds no complete checkpoint, nor does .*; pass an export folder, a run"):
+        FineTune(num_classes=4, init_from=str(tmp_path / "empty"))
+    # as the user met it: one line
+    result = in_this_process(
+        tmp_path,
+        "finetune",
+        "--config",
+        str(ROOT / "recipes/quickstart/finetune.yaml"),
+        f"--model.init_from={run / 'exprt'}",
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "model.init_from" in result.stderr and "does not exist (did you mean" in result.stderr

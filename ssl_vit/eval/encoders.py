@@ -164,15 +164,16 @@ def resolve_run_folder(source: str) -> str:
     return source
 
 
-def missing_source(source: str) -> UserError:
-    """``source`` does not exist: one line, with the nearest name beside it (a typo's fix)."""
+def missing_source(
+    source: str, remedy: str = "pass an ssl-vit .ckpt, a run folder, an export folder or timm:NAME"
+) -> UserError:
+    """``source`` does not exist: one line, with the nearest name beside it (a typo's fix), then
+    ``remedy`` (what the command takes)."""
     path = Path(source)
     siblings = [entry.name for entry in path.parent.iterdir()] if path.parent.is_dir() else []
     near = difflib.get_close_matches(path.name, siblings, n=1)
     hint = f" (did you mean {path.parent / near[0]}?)" if near else ""
-    return UserError(
-        f"{source} does not exist{hint}; pass an ssl-vit .ckpt, a run folder, an export folder or timm:NAME"
-    )
+    return UserError(f"{source} does not exist{hint}; {remedy}")
 
 
 def run_data(source: str) -> tuple[str, str | None] | None:
