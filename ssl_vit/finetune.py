@@ -200,6 +200,9 @@ class FineTune(L.LightningModule):
         encoder: the architecture; default: the one ``init_from`` was trained with.
         pretrained: False builds ``init_from``'s architecture at random initialisation (the
             baseline the pretrained run is judged against).
+        image_size: the images' side in pixels (``ssl-vit finetune`` takes the data view's);
+            None: the architecture's. Weights of another size load with their position
+            embeddings resampled to this size's patch grid.
     """
 
     def __init__(
@@ -217,6 +220,7 @@ class FineTune(L.LightningModule):
         mixup: float = 0.8,
         cutmix: float = 1.0,
         label_smoothing: float = 0.1,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -228,6 +232,8 @@ class FineTune(L.LightningModule):
             # the checkpoint a run folder names now, for the record and for a resume to compare
             init_from = self.hparams.init_from = weights_path(init_from)
         config = dict(encoder or architecture(init_from))
+        if image_size is not None:  # timm's ViT takes images of its img_size only
+            config["img_size"] = image_size
         self.hparams.encoder = dict(config)  # the architecture, in the checkpoint, whatever gave it
         args = {k: v for k, v in config.items() if k not in NON_TIMM_SETTINGS}
         args.update(num_classes=num_classes, global_pool="avg", fc_norm=True, drop_path_rate=drop_path_rate)

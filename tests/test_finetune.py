@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.layers import resample_abs_pos_embed
 
 from ssl_vit import export_encoder
 from ssl_vit.data import EvalView, write_shards
@@ -274,3 +275,22 @@ def test_a_run_folder_gives_its_newest_checkpoint_and_a_mistyped_path_its_neighb
     )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "model.init_from" in result.stderr and "does not exist (did you mean" in result.stderr
+
+
+def test_a_view_of_another_size_than_the_weights_fine_tunes_at_the_views(exported, tmp_path):
+    """Weights trained at 32 px fine-tuned on 64-px crops: the classifier is built at 64 px, the
+    position embeddings resampled to its grid (timm's patch embedding asserted 64 != 32)."""
+    module = FineTune(num_classes=4, init_from=str(exported), image_size=64)
+    encoder = timm.create_model(f"local-dir:{exported}", pretrained=True)
+    resampled = resample_abs_pos_embed(encoder.pos_embed, (16, 16), num_prefix_tokens=encoder.num_prefix_tokens)
+    torch.testing.assert_close(module.model.pos_embed, resampled)
+    assert module.model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+    train, val = labelled_shards(tmp_path / "train", 32), labelled_shards(tmp_path / "val", 16)
+    overrides = ["--model.num_classes=4", "--trainer.max_steps=1", "--data.view.init_args.size=64"]
+    result = finetune(tmp_path, exported, train, val, tmp_path / "run", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run/summary.json").read_text())["val_images"] == 16
+    classifier = timm.create_model(f"local-dir:{tmp_path / 'run/export'}", pretrained=True).eval()
+    assert classifier.pretrained_cfg["input_size"] == (3, 64, 64)  # what its users prepare images at
+    assert classifier(torch.randn(1, 3, 64, 64)).shape == (1, 4)

@@ -441,6 +441,11 @@ class DistillCLI(PretrainCLI):
 class FineTuneCLI(RunCLI):
     command = "finetune"
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        # The classifier at the size the data view makes, whatever size its weights were trained at.
+        parser.link_arguments("data.view", "model.image_size", lambda view: view.size, apply_on="instantiate")
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
         return super().instantiate_trainer(**kwargs)
