@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ssl_vit.cli.tools import seen_images
 from tests.fault_injection import in_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +193,24 @@ def test_evaluating_something_that_is_not_a_checkpoint_is_one_clear_message(tmp_
     for source, message in (("runs/nope", "runs/nope does not exist"), ("timm:vit_tiny_patch16_224", "--train_shards")):
         result = in_this_process(tmp_path, "knn", source)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_scoring_images_the_neighbours_or_the_run_have_seen_is_said(tmp_path, monkeypatch):
+    """knn|probe on the images they learn from, or on those the run trained on, score seen images
+    (k-NN finds each image itself); held-out parts are not warned of."""
+    monkeypatch.chdir(tmp_path)
+    run = (str(tmp_path / "photos"), None)  # a run that trained on photos and held out its tenth
+    assert seen_images("photos#train", "photos#heldout", run) is None
+    assert seen_images("other", "photos#heldout", run) is None
+    assert (
+        seen_images("photos", "./photos/", None) == "the images of photos, which the neighbours and probes learn from"
+    )
+    assert seen_images("other", "photos", run) == "images the run trained on"
+    assert seen_images("other", "photos#train", run) == "images the run trained on"
+    (tmp_path / "set/train").mkdir(parents=True)  # a run evaluated on the val folder beside its train folder
+    (tmp_path / "set/val").mkdir()
+    beside = (str(tmp_path / "set/train"), None)
+    assert seen_images("x", "set/val", beside) is None and seen_images("x", "set/train#heldout", beside)
 
 
 def test_shards_offers_both_embedded_datasets(tmp_path):

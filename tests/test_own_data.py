@@ -494,6 +494,10 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
         added.unlink()
     assert again.returncode == 0 and "the images changed since the run's own evaluation" in again.stderr
     assert len(list((run_folder / "checkpoints").glob("last.knn.eval-*.json"))) == 3
+    # scored on the very images the neighbours come from: k-NN finds each image itself, and says so
+    seen = run([*commands[1], "--val_shards", "photos"], user_folder)
+    assert seen.returncode == 0 and "not of held-out images" not in again.stderr
+    assert "which the neighbours and probes learn from: these numbers are not of held-out images" in seen.stderr
     assert (user_folder / "runs/photos/finetune/export/model.safetensors").is_file()
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
     assert continued["steps"] > 0 and "the encoder starts from runs/photos/simclr/export (init_from)" in result.stderr

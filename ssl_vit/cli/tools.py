@@ -28,7 +28,10 @@ from ssl_vit.checkpoint import (
 from ssl_vit.data.embedded import DATASETS
 from ssl_vit.data.pipeline import decodable_samples, evaluation_split
 from ssl_vit.data.shards import (
+    HELDOUT_SUFFIX,
+    TRAIN_SUFFIX,
     caption_table_samples,
+    data_location,
     image_folder_samples,
     is_remote,
     shard_size,
@@ -136,8 +139,8 @@ def evaluate(command: str, args: list[str]) -> None:
         "train folder, else the held-out tenth of --train_shards against the rest",
     )
     cfg = parser.parse_args(args).as_dict()
+    trained_on = run_data(cfg["encoder"])
     if cfg["train_shards"] is None:
-        trained_on = run_data(cfg["encoder"])
         if trained_on is None:
             raise UserError(
                 f"ssl-vit {command} {cfg['encoder']} needs --train_shards (labelled data to evaluate on): only a run "
@@ -150,6 +153,7 @@ def evaluate(command: str, args: list[str]) -> None:
                 "removed); give where it is now with --train_shards"
             )
     cfg["train_shards"], cfg["val_shards"] = evaluation_split(cfg["train_shards"], cfg["val_shards"])
+    seen = seen_images(cfg["train_shards"], cfg["val_shards"], trained_on)
     source, weights, out = resolve_run_folder(cfg.pop("encoder")), cfg.pop("weights"), cfg.pop("out")
     pooling = cfg.pop("pooling", None)
     evaluator = Evaluator(**cfg)
@@ -157,6 +161,10 @@ def evaluate(command: str, args: list[str]) -> None:
     evaluator.check_shards(labels=command != "segprobe", label_maps=command == "segprobe")
     torch.manual_seed(evaluator.seed)  # --weights random: the same initialisation every time
     encoder, info = load_evaluated_encoder(source, weights)
+    if seen:
+        Console(stderr=True, soft_wrap=True).print(
+            f"warning: {evaluator.val_shards} holds {seen}: these numbers are not of held-out images"
+        )
     evaluator.pooling = pooling or own_pooling(encoder)
     if torch.cuda.is_available():
         encoder = encoder.cuda()
@@ -198,6 +206,20 @@ def evaluate(command: str, args: list[str]) -> None:
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings, info["step"])
     for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
         Console(soft_wrap=True).print(f"wrote {path}")
+
+
+def seen_images(train: str, val: str, trained_on: tuple[str, str | None] | None) -> str | None:
+    """What the scored images ``val`` were seen by, when they were (None when held out): the
+    neighbours' and probes' own images (``train``), or those the run that made the encoder
+    trained on (``trained_on``: its data where it found it, and its own val data)."""
+    (val_base, val_part), (train_base, train_part) = split_part(val), split_part(train)
+    parts = {val_part, train_part}
+    if data_location(val_base) == data_location(train_base) and parts != {HELDOUT_SUFFIX, TRAIN_SUFFIX}:
+        return f"the images of {train}, which the neighbours and probes learn from"
+    if trained_on is None or data_location(val_base) != data_location(split_part(trained_on[0])[0]):
+        return None
+    held_out = data_location(val) == data_location(evaluation_split(*trained_on)[1])  # what the run held out
+    return None if held_out else "images the run trained on"
 
 
 def zeroshot(args: list[str]) -> None:

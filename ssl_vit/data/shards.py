@@ -594,7 +594,8 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
         )
     index = ShardIndex.read(Path(urls[0]).parent)
     if index and sorted(index.shards) != sorted(Path(u).name for u in urls):
-        index = None  # the pattern names a subset of the folder: its own index says nothing of it
+        # a part of the folder: its classes and label-map classes as the folder's index names them, its own counts
+        return urls, replace(scanned_index(urls, spec), classes=index.classes, mask_classes=index.mask_classes)
     return urls, index or scanned_index(urls, spec)
 
 
@@ -624,11 +625,13 @@ def scanned_index(urls: list[str], spec: str) -> ShardIndex:
             dotted,
             Path(dotted).name.split(".", 1)[1],
         )
+    largest_mask_label = max(scan.largest_mask_label for scan in scans)
     return ShardIndex(
         num_samples=sum(scan.samples for scan in scans),
         classes=[str(label) for label in range(labels[-1] + 1)] if labels else [],
         shards=[Path(url).name for url in urls],
         source=f"tar shards {spec}",
+        mask_classes=[str(i) for i in range(largest_mask_label + 1)] if largest_mask_label >= 0 else None,
         captions=sum(scan.captions for scan in scans),
     )
 
@@ -640,6 +643,7 @@ class _ShardScan:
     labels: frozenset[int]
     not_index: str | None  # the first cls that is no integer
     dotted: str | None  # the first image member whose name has more dots than webdataset's key allows
+    largest_mask_label: int  # in the label maps (seg.png), -1 without any
 
 
 #: Each scanned shard's counts, by its path, size and modification time: a run resolves its data many times.
@@ -651,7 +655,7 @@ def _scan_shard(url: str) -> _ShardScan:
     key = (url, *size_and_time(Path(url)))
     if key in _scans:
         return _scans[key]
-    images, captions, labels, not_index, dotted = set(), set(), set(), None, None
+    images, captions, labels, not_index, dotted, largest_mask_label = set(), set(), set(), None, None, -1
     try:
         with tarfile.open(url, "r:*") as tar:
             for member in tar:
@@ -669,11 +673,13 @@ def _scan_shard(url: str) -> _ShardScan:
                         labels.add(int(value))
                     except ValueError:
                         not_index = not_index or f"{value[:20]!r} in {Path(url).name}"
+                elif suffix == MASK_MEMBER:
+                    largest_mask_label = max(largest_mask_label, _largest_label(tar.extractfile(member).read()))
                 elif dotted is None and suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
                     dotted = member.name
     except (tarfile.TarError, OSError, EOFError):  # what is left unread is the reader's to skip and count
         pass
-    scan = _ShardScan(len(images), len(captions & images), frozenset(labels), not_index, dotted)
+    scan = _ShardScan(len(images), len(captions & images), frozenset(labels), not_index, dotted, largest_mask_label)
     _scans[key] = scan
     return scan
 
