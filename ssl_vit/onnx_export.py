@@ -241,7 +241,7 @@ def write_onnx(folder: Path, deploy: Deploy) -> dict[str, Any]:
         outputs["int8"] = _run(sessions["int8"], images.numpy())
         report["int8"]["cosine_to_fp32"] = _mean_cosine(outputs["int8"], outputs["fp32"])
     report["models"] = {
-        kind: {"file": session_path.name, "megabytes": round(session_path.stat().st_size / 2**20, 3)}
+        kind: {"file": session_path.name, "megabytes": round(session_path.stat().st_size / 1e6, 3)}  # 10^6 bytes
         for kind, session_path in (("fp32", fp32), ("int8", folder / "model.int8.onnx"))
         if kind in sessions
     }

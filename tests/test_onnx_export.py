@@ -141,7 +141,7 @@ def test_report_holds_parity_speed_and_knn_of_both_models(export, shards):
     assert report["knn"] == {"k": "k=20", "train_shards": shards[0], "val_shards": shards[1]}
     for kind, name in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
         row = report["models"][kind]
-        assert row["file"] == name and row["megabytes"] > 0
+        assert row["file"] == name and row["megabytes"] == round((export / name).stat().st_size / 1e6, 3)  # not MiB
         assert row["latency_ms_batch1"] > 0 and row["images_per_s_batch64"] > 0
         assert 0 <= row["knn"]["k=20"]["top1"] <= 100
 
