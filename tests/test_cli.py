@@ -15,6 +15,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_vit.cli.tools import seen_images
+from ssl_vit.data.shards import resolve_shards
+from ssl_vit.errors import UserError
 from tests.fault_injection import in_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +94,12 @@ def test_missing_shards_stop_with_one_message(tmp_path):
     assert "4 of 4 shards of '/nonexistent/train-{0..3}.tar' are missing" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
+    # a glob or a list, as a shell or webdataset would read them: said, with what is read instead
+    for spec, written in (("own/*.tar", "a glob pattern"), ("own/a.tar,own/b.tar", "a list")):
+        with pytest.raises(UserError, match=re.escape(f"{spec} is {written}, which is not expanded here")):
+            resolve_shards(spec)
+    with pytest.raises(UserError, match="2 of 2 shards"):
+        resolve_shards("own/{a,b}.tar")  # a brace pattern's commas are its own
 
 
 def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(workdir):

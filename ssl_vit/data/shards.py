@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tarfile
 import tempfile
@@ -582,6 +583,13 @@ def _resolve(spec: str) -> tuple[list[str | ImageFiles], ShardIndex | None]:
     if is_remote(urls[0]):
         return urls, index
     missing = [u for u in urls if not Path(u).is_file()]
+    bare = re.sub(r"\{[^}]*\}", "", spec)  # brace groups aside: their commas are braceexpand's
+    written = "a glob pattern" if any(c in bare for c in "*?") else "a list" if any(c in bare for c in ",[") else None
+    if missing and written:  # what a shell or webdataset's own lists would read, neither expanded here
+        raise UserError(
+            f"{spec} is {written}, which is not expanded here: give the folder that holds the tar files, or a brace "
+            "pattern (shards-{000..007}.tar)"
+        )
     if urls == [spec] and missing and not spec.endswith(SHARD_SUFFIXES):
         raise UserError(
             f"{spec} does not exist: give a folder of images (one sub-folder per class, or none) or of shards "
