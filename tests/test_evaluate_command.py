@@ -226,3 +226,15 @@ def test_a_record_of_a_checkpoint_trained_further_is_written_beside_the_earlier_
     settings = {"train_shards": "t", "val_shards": "v", "files": "f", "knn_ks": [20]}
     assert settings_tag("last.ckpt", None, settings, 20) != settings_tag("last.ckpt", None, settings, 45)
     assert settings_tag("last.ckpt", None, settings, 20) == settings_tag("last.ckpt", None, dict(settings), 20)
+
+
+def test_the_same_evaluation_run_from_another_folder_has_the_same_record(tmp_path, monkeypatch):
+    """The encoder and weights are hashed where they are, as the data is, not as the command wrote them."""
+    (tmp_path / "elsewhere").mkdir()
+    settings = {"train_shards": "photos", "val_shards": "photos#heldout", "files": "f"}
+    monkeypatch.chdir(tmp_path)
+    here = settings_tag("runs/mae/last.ckpt", "weights.safetensors", settings, 20)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    moved = {k: f"../{v}" for k, v in settings.items() if k != "files"} | {"files": "f"}
+    assert settings_tag("../runs/mae/last.ckpt", "../weights.safetensors", moved, 20) == here
+    assert settings_tag("timm:vit_small_patch16_224", "random", settings, None).startswith("eval-")

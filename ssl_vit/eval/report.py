@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -211,8 +212,13 @@ def settings_tag(source: str, weights: str | None, settings: dict[str, Any], ste
     decisive = {k: v for k, v in settings.items() if k not in ("cache_dir", "num_workers")}
     for split in ("train_shards", "val_shards"):  # where they are, however written (shards, ./shards/, its path)
         decisive[split] = data_location(settings[split]) if settings[split] else None
+    # the encoder and weights where they are too (run from another folder, the same evaluation), and
     # the step: a run's last.ckpt trained further is other weights under the same name
-    text = json.dumps({"encoder": source, "weights": weights, "step": step, **decisive}, sort_keys=True, default=str)
+    encoder, weights = (
+        None if p is None else p if p.startswith("timm:") or p == "random" else os.path.realpath(p)
+        for p in (str(source), weights)
+    )
+    text = json.dumps({"encoder": encoder, "weights": weights, "step": step, **decisive}, sort_keys=True, default=str)
     return f"eval-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
