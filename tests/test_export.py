@@ -2,6 +2,7 @@
 pretraining starts from exactly the exported weights."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from ssl_vit.encoder import NON_TIMM_SETTINGS
 from ssl_vit.errors import UserError
 from ssl_vit.methods import MAE
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly
+from tests.fault_injection import in_this_process
 
 EVALUATED_ROLE = {"dino": "teacher", "mocov3": "base", "ijepa": "target"}
 
@@ -150,6 +152,12 @@ def test_bad_export_and_load_input_is_one_clear_error(checkpoint, tmp_path):
         export_encoder(checkpoint, not_a_folder / "export")  # its parent cannot be created
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     out = export_encoder(checkpoint, tmp_path / "export")
+    # an export given to be exported again (to add ONNX to it): it names its run's command
+    (tmp_path / "run/checkpoints").mkdir(parents=True)
+    shutil.copytree(out, tmp_path / "run/export")
+    again = in_this_process(tmp_path, "export", "run/export", "x", "--onnx")
+    assert again.returncode == 2 and "run/export is an export folder, which holds no checkpoint" in again.stderr
+    assert "export its run again: ssl-vit export run OUT --onnx" in again.stderr
     wrong = MAE({**TINY_ENCODER, "embed_dim": 96, "num_heads": 2}, decoder_dim=32, decoder_depth=1, init_from=str(out))
     with pytest.raises(UserError, match="do not fit the encoder"):
         wrong.setup("fit")

@@ -363,7 +363,12 @@ def export(args: list[str]) -> None:
             val_shards=opts.val_shards,
             calibration_images=opts.calibration_images,
         )
-    checkpoint = run_checkpoint(Path(opts.checkpoint)) if Path(opts.checkpoint).is_dir() else opts.checkpoint
+    given = Path(opts.checkpoint)
+    if (given / "config.json").is_file():  # an export already: what it was written from is what to export
+        run = given.parent if (given.parent / "checkpoints").is_dir() else None
+        again = f"; export its run again: ssl-vit export {run} OUT" if run else "; export the run or .ckpt it came from"
+        raise UserError(f"{given} is an export folder, which holds no checkpoint{again}{' --onnx' if onnx else ''}")
+    checkpoint = run_checkpoint(given) if given.is_dir() else opts.checkpoint
     failed = failed_run(Path(checkpoint))
     if failed:
         Console(stderr=True, soft_wrap=True).print(f"warning: {checkpoint} ends a run that failed: {failed}")
