@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -129,7 +130,9 @@ def write_timm_folder(
 
     def write(folder: Path) -> None:
         save_for_hf(model, str(folder), model_config=config, model_args=model_args, safe_serialization=True)
-        (folder / "README.md").write_text(model_card(model, config.get("ssl_vit", {})))
+        onnx = [] if deploy is None else ["model.onnx", *(["model.int8.onnx"] if deploy.int8 else [])]
+        preprocessing = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}  # as save_for_hf writes it
+        (folder / "README.md").write_text(model_card(model, config.get("ssl_vit", {}), preprocessing, onnx))
         if deploy is not None:
             write_onnx(folder, deploy)
 
@@ -153,10 +156,11 @@ def architecture_name(model: nn.Module) -> str:
     return f"{name} with {len(model.blocks)} blocks, {model.embed_dim}-d, {patch}-px patches, {size}-px images"
 
 
-def model_card(model: nn.Module, record: dict[str, Any]) -> str:
+def model_card(model: nn.Module, record: dict[str, Any], preprocessing: dict[str, Any], onnx: list[str] = ()) -> str:
     """A short README for an export folder: what the weights are, where they came from, how to
-    load them (the same facts as ``config.json``'s ``ssl_vit`` record): an encoder's, or a
-    fine-tuned classifier's (a model with classes)."""
+    load them (the same facts as ``config.json``'s ``ssl_vit`` record), how an image is prepared
+    for them (its ``pretrained_cfg``, ``preprocessing``), and the ``onnx`` models beside them: an
+    encoder's, or a fine-tuned classifier's (a model with classes)."""
     architecture = architecture_name(model)
     if getattr(model, "num_classes", 0):
         start = record.get("finetuned_from")
@@ -174,6 +178,17 @@ def model_card(model: nn.Module, record: dict[str, Any]) -> str:
             f"- features: {pooled_features(model)} (timm's `forward_head(x, pre_logits=True)`)",
         ]
         (evaluated, results), num_classes = run_evaluation(record), ", num_classes=0"
+    cfg = preprocessing
+    if {"input_size", "crop_pct", "interpolation", "mean", "std"} <= cfg.keys():  # timm's eval transform, in words
+        size, side = cfg["input_size"][-1], math.floor(cfg["input_size"][-1] / cfg["crop_pct"])
+        about.append(
+            f"- input: RGB, the short side resized to {side} px ({cfg['interpolation']}), centre-cropped to {size} x "
+            f"{size}, normalised by mean {tuple(cfg['mean'])} and std {tuple(cfg['std'])} (timm's "
+            "`resolve_data_config` and `create_transform` do this from config.json)"
+        )
+    if onnx:
+        models = " and ".join(f"`{name}`" for name in onnx)
+        about.append(f"- ONNX: {models} beside the weights, checked and measured in `onnx_report.json`")
     load = ["import timm", f'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True{num_classes})']
     return card(
         f"{architecture}, {record.get('objective', 'ssl-vit')}", record, about, evaluated, results, "timm", load

@@ -86,6 +86,8 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     # what the run measured, readable: on which images, and against its random initialisation
     assert "by the run on `photos#heldout` (neighbours and probes from `photos#train`), top-1 %" in card
     assert "- k-NN: k=20 50.0 (random init: k=20 12.5)\n" in card
+    # how a deployment prepares an image, as the evaluation did (timm's transform from config.json)
+    assert "- input: RGB, the short side resized to 36 px (bicubic), centre-cropped to 32 x 32, normalised by" in card
     # the heading gives the shape the weights have, not only the timm name it is built from
     shape = f"{TINY_ENCODER['depth']} blocks, {TINY_ENCODER['embed_dim']}-d, {TINY_ENCODER['patch_size']}-px patches"
     assert card.startswith(f"# vit_tiny_patch16_224 with {shape}, 32-px images, {prov['objective']}\n")

@@ -134,6 +134,7 @@ def test_report_holds_parity_speed_and_knn_of_both_models(export, shards):
         "model.safetensors",
         "onnx_report.json",
     ]
+    assert "- ONNX: `model.onnx` and `model.int8.onnx` beside the weights" in (export / "README.md").read_text()
     parity = report["parity"]
     assert parity["images"] == f"16 images of {shards[1]}"  # real images, not random tensors
     assert parity["relative_diff"] <= 1e-4 and parity["max_abs_diff"] >= 0
