@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ssl_vit.checkpoint import RUN_KEY
 from ssl_vit.cli import main
 from ssl_vit.data import write_shards
+from ssl_vit.data.shards import resolve_shards
 from ssl_vit.eval.report import settings_tag
 from ssl_vit.export import export_encoder
 from tests.conftest import OBJECTIVES, fit_briefly
@@ -206,7 +207,8 @@ def test_each_command_checks_its_data_has_what_it_reads_before_loading_anything(
     assert not loaded
     monkeypatch.undo()
     record = evaluate(capsys, "segprobe", run["checkpoint"], maps_only)
-    assert "miou" in json.loads(record.read_text())["results"]
+    results = json.loads(record.read_text())["results"]
+    assert "miou" in results and results["images"] == resolve_shards(str(maps_only["val"]))[1].num_samples
 
 
 def test_a_run_whose_data_moved_names_it_and_the_option_that_gives_it(capsys, run, tmp_path):

@@ -67,6 +67,7 @@ def test_miou_is_mmsegmentations_over_the_whole_split():
             ious.append(inter / union)
     assert scores["miou"] == pytest.approx(100 * np.mean(ious), abs=1e-3)
     assert scores["pixel_acc"] == pytest.approx(100 * ((pred == target) & valid).sum() / valid.sum(), abs=1e-3)
+    assert scores["images"] == len(masks)  # what the scores count, said under the table
 
 
 def colour_region_sample(rng: np.random.Generator, label: int) -> tuple[str, bytes, int, bytes]:
@@ -155,11 +156,11 @@ def test_shards_without_label_maps_stop_the_dense_probe_in_one_line(tmp_path):
         evaluator.check_shards()  # a recipe's dense probe: its setting can be turned off
     with pytest.raises(UserError, match=r"have no label maps .*--masks MAPS` .*docs/evaluation.md\)$"):
         evaluator.check_shards(labels=False, label_maps=True)  # `ssl-vit segprobe`: the probe is the command
-    # a brace pattern of some of the shards has no index: their first sample says (the run trained,
+    # a brace pattern of some of the shards: its index is its folder's, counted anew (the run trained,
     # then its end-of-run dense probe found no label map in any sample)
     pattern = str(tmp_path / "s/shard-{000000..000000}.tar")
-    assert resolve_shards(pattern)[1] is None and Evaluator(pattern, pattern).without_label_maps()
+    assert resolve_shards(pattern)[1].num_samples == 2 and Evaluator(pattern, pattern).without_label_maps()
     samples = [colour_region_sample(np.random.default_rng(0), i % 2) for i in range(4)]
     write_shards(samples, tmp_path / "maps", classes=["a", "b"], source="test", samples_per_shard=2)
     with_maps = str(tmp_path / "maps/shard-{000000..000000}.tar")
-    assert resolve_shards(with_maps)[1] is None and not Evaluator(with_maps, with_maps).without_label_maps()
+    assert not Evaluator(with_maps, with_maps).without_label_maps()

@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # ssl_vit.eval.encoders loads weights through ssl_vit.export,
     from ssl_vit.eval.encoders import FrozenEncoder
 
 Accuracy = dict[str, float]  # {"top1": %, "top5": %}
-# {"knn": {"k=20": Accuracy, ...}, "probe": Accuracy, "attentive": Accuracy, "segmentation": {"miou", "pixel_acc"}}
+# {"knn": {"k=20": Accuracy, ...}, "probe": Accuracy, "attentive": Accuracy,
+#  "segmentation": {"miou", "pixel_acc", "images"}}
 Results = dict[str, Any]
 ProbeHead = Literal["linear", "attentive", "linear+attentive"]
 Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (features, labels) batches
@@ -353,7 +354,7 @@ class Evaluator:
         return results
 
     def segmentation_probe(self, encoder: FrozenEncoder) -> dict[str, float]:
-        """The dense linear probe: ``{"miou": %, "pixel_acc": %}`` on the val split's label maps.
+        """The dense linear probe: ``{"miou": %, "pixel_acc": %, "images": n}`` on the val split's label maps.
         Tokens and maps are cached in memory unless the shards' index says they would not fit."""
         size = self._image_size(encoder)
         grid = (size // encoder.patch_size,) * 2

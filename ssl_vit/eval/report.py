@@ -138,7 +138,8 @@ def print_results(
         console.print(table)
     if "segmentation" in results:
         base = (baseline or {}).get("segmentation")
-        table = Table(title=f"{title}: dense linear probe")
+        scored = results["segmentation"].get("images")  # records written before it was counted have none
+        table = Table(title=f"{title}: dense linear probe", caption=f"{counted(scored, 'image')}" if scored else None)
         for name in ("mIoU %", "pixel accuracy %", *([f"{baseline_name} mIoU %"] if base else [])):
             table.add_column(name, justify="right")
         seg = results["segmentation"]

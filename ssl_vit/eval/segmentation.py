@@ -73,14 +73,17 @@ def train_segmentation_probe(
 def segmentation_scores(
     head: nn.Module, val_batches: Iterable[tuple[Tensor, Tensor]], num_classes: int
 ) -> dict[str, float]:
-    """Mean IoU and pixel accuracy (%) over every labelled pixel of the val batches, from one
+    """Mean IoU and pixel accuracy (%) over every labelled pixel of the val batches (and their
+    number of images), from one
     confusion matrix: IoU_c = TP / (TP + FP + FN) per class, averaged over the classes that occur
     in the labels or the predictions (mmsegmentation's nan-mean); ignored pixels count nowhere."""
     device = next(head.parameters()).device
     confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_PIXEL).to(device)
+    images = 0
     for tokens, masks in val_batches:
         check_mask_classes(masks, num_classes)
         confusion.update(head(tokens.to(device)).argmax(dim=1), masks.to(device))
+        images += len(masks)
     matrix = confusion.compute().double()
     tp = matrix.diag()
     union = matrix.sum(0) + matrix.sum(1) - tp
@@ -88,4 +91,5 @@ def segmentation_scores(
     return {
         "miou": round(100 * iou.mean().item(), 3),
         "pixel_acc": round(100 * (tp.sum() / matrix.sum()).item(), 3),
+        "images": images,  # what the scores count
     }
