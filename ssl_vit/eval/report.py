@@ -55,7 +55,7 @@ def metrics(results: Results) -> dict[str, float]:
     flat = {f"eval/knn_{k.replace('=', '')}_{top}": v for k, acc in knn.items() for top, v in acc.items()}
     flat.update({f"eval/probe_{top}": v for top, v in results.get("probe", {}).items()})
     flat.update({f"eval/attentive_{top}": v for top, v in results.get("attentive", {}).items()})
-    flat.update({f"eval/seg_{name}": v for name, v in results.get("segmentation", {}).items()})
+    flat.update({f"eval/seg_{name}": v for name, v in results.get("segmentation", {}).items() if name != "images"})
     flat.update({f"eval/zeroshot_{top}": v for top, v in results.get("zeroshot", {}).items()})
     for direction in ("image_to_text", "text_to_image"):
         recalls = results.get("retrieval", {}).get(direction, {})
