@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ssl_vit.cli.tools import seen_images
+from ssl_vit.data.pipeline import seen_images
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.errors import UserError
 from tests.fault_injection import in_this_process

@@ -237,6 +237,16 @@ def test_val_classes_other_than_trains_stop_fine_tuning_with_one_line(exported, 
         assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
+def test_validating_on_the_training_images_is_said(exported, tmp_path):
+    train = labelled_shards(tmp_path / "train", 32)
+    result = finetune(
+        tmp_path, exported, train, train, tmp_path / "run", "--model.num_classes=4", "--trainer.max_steps=1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = f"warning: {train} holds the images of {train}, which the classifier trains on: its val top-1 is not of"
+    assert said in result.stderr
+
+
 def test_one_class_stops_fine_tuning_with_one_line(exported, tmp_path):
     """Not "set model.num_classes to 1", which a classifier of one class then refuses."""
     train = labelled_shards(tmp_path / "fences", 16, ("fences",))

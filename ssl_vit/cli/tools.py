@@ -26,12 +26,9 @@ from ssl_vit.checkpoint import (
     run_checkpoint,
 )
 from ssl_vit.data.embedded import DATASETS
-from ssl_vit.data.pipeline import decodable_samples, evaluation_split
+from ssl_vit.data.pipeline import decodable_samples, evaluation_split, seen_images
 from ssl_vit.data.shards import (
-    HELDOUT_SUFFIX,
-    TRAIN_SUFFIX,
     caption_table_samples,
-    data_location,
     image_folder_samples,
     is_remote,
     shard_size,
@@ -206,20 +203,6 @@ def evaluate(command: str, args: list[str]) -> None:
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings, info["step"])
     for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
         Console(soft_wrap=True).print(f"wrote {path}")
-
-
-def seen_images(train: str, val: str, trained_on: tuple[str, str | None] | None) -> str | None:
-    """What the scored images ``val`` were seen by, when they were (None when held out): the
-    neighbours' and probes' own images (``train``), or those the run that made the encoder
-    trained on (``trained_on``: its data where it found it, and its own val data)."""
-    (val_base, val_part), (train_base, train_part) = split_part(val), split_part(train)
-    parts = {val_part, train_part}
-    if data_location(val_base) == data_location(train_base) and parts != {HELDOUT_SUFFIX, TRAIN_SUFFIX}:
-        return f"the images of {train}, which the neighbours and probes learn from"
-    if trained_on is None or data_location(val_base) != data_location(split_part(trained_on[0])[0]):
-        return None
-    held_out = data_location(val) == data_location(evaluation_split(*trained_on)[1])  # what the run held out
-    return None if held_out else "images the run trained on"
 
 
 def zeroshot(args: list[str]) -> None:

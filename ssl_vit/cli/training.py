@@ -38,7 +38,7 @@ from ssl_vit.checkpoint import (
     remove_dead_writers_files,
     resume_mismatch,
 )
-from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write
+from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write, seen_images
 from ssl_vit.data.shards import is_remote, resolve_shards, split_part
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
@@ -448,6 +448,12 @@ class FineTuneCLI(RunCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
+        train, val = self.datamodule.evaluation_data()
+        seen = seen_images(train, val, None, learns="the classifier trains on")
+        if seen:
+            Console(stderr=True, soft_wrap=True).print(
+                f"warning: {val} holds {seen}: its val top-1 is not of held-out images"
+            )
         return super().instantiate_trainer(**kwargs)
 
     def run_name(self) -> str:

@@ -59,6 +59,7 @@ from ssl_vit.data.shards import (
     SplitPart,
     caption_file,
     check_reachable,
+    data_location,
     extension,
     group_files,
     is_heldout,
@@ -617,6 +618,25 @@ def evaluation_split(train_shards: str, val_shards: str | None = None, val_to_co
     if Path(train_shards).name == "train" and (sibling.exists() or val_to_come):
         return train_shards, str(sibling)
     return train_shards + TRAIN_SUFFIX, train_shards + HELDOUT_SUFFIX
+
+
+def seen_images(
+    train: str,
+    val: str,
+    trained_on: tuple[str, str | None] | None,
+    learns: str = "the neighbours and probes learn from",
+) -> str | None:
+    """What the scored images ``val`` were seen by, when they were (None when held out): the
+    images ``train`` (that ``learns`` from), or those the run that made the encoder trained
+    on (``trained_on``: its data where it found it, and its own val data)."""
+    (val_base, val_part), (train_base, train_part) = split_part(val), split_part(train)
+    parts = {val_part, train_part}
+    if data_location(val_base) == data_location(train_base) and parts != {HELDOUT_SUFFIX, TRAIN_SUFFIX}:
+        return f"the images of {train}, which {learns}"
+    if trained_on is None or data_location(val_base) != data_location(split_part(trained_on[0])[0]):
+        return None
+    held_out = data_location(val) == data_location(evaluation_split(*trained_on)[1])  # what the run held out
+    return None if held_out else "images the run trained on"
 
 
 class EpochLoader(DataLoader):
