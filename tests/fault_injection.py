@@ -135,10 +135,10 @@ def odd_mode_images(seed: int = 1) -> dict[str, bytes]:
 
 
 def write_broken_shard(path: Path, marker: Path) -> None:
-    """One shard of 12 samples: 6 odd-mode images, 1 good PNG, 1 corrupt, 1 truncated, 1 with a
-    malformed label, 1 with a pickle member that would run code (its image is fine), then a
-    truncated tail (a 12th sample cut off mid-file). A full pass reads 11 samples, keeps 8 and
-    skips 4 (corrupt, truncated, bad label, the tail)."""
+    """One shard of 12 samples: 6 odd-mode images, 1 good PNG, 1 corrupt, 1 truncated, 1 empty
+    file, 1 with a pickle member that would run code (its image is fine), then a truncated tail
+    (a 12th sample cut off mid-file). A full pass reads 11 samples, keeps 8 and skips 4 (corrupt,
+    truncated, empty, the tail). (A label that is no class index is no label: its image is kept.)"""
     rng = np.random.default_rng(2)
     good = png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     members = []
@@ -148,7 +148,7 @@ def write_broken_shard(path: Path, marker: Path) -> None:
     members += [("good.png", good), ("good.cls", b"0")]
     members += [("corrupt.png", b"not an image at all"), ("corrupt.cls", b"0")]
     members += [("truncated.png", good[: len(good) // 2]), ("truncated.cls", b"0")]
-    members += [("badlabel.png", good), ("badlabel.cls", b"seven")]
+    members += [("empty.png", b""), ("empty.cls", b"0")]
     members += [("pickled.png", good), ("pickled.cls", b"2"), ("pickled.pickle", pickle.dumps(WouldRunCode(marker)))]
     members += [("tail.png", good)]
     buf = io.BytesIO()
@@ -537,7 +537,7 @@ def case_truncated_checkpoint(work: Path) -> Outcome:
 
 
 def case_broken_data(work: Path) -> Outcome:
-    """A shard of corrupt, truncated, odd-mode images, a bad label, a pickle member and a cut tail."""
+    """A shard of corrupt, truncated, odd-mode images, an empty file, a pickle member and a cut tail."""
     folder = work / "broken_data"
     shards = folder / "shards"
     shards.mkdir(parents=True)
