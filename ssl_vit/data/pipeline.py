@@ -475,7 +475,9 @@ class ShardDataset(IterableDataset):
         # webdataset reports one broken tar stream at several levels: count it once per shard.
         if not self._shard_failed:
             self._shard_failed = True
-            what = f"unreadable shard data ({type(err).__name__}: {err}); the rest of that shard is lost"
+            # webdataset adds its stream objects to the error's message and arguments: the reason alone
+            reason = str(err.args[0] if err.args and isinstance(err.args[0], str) else err).split(" @ <")[0]
+            what = f"unreadable data in {self._shard} ({type(err).__name__}: {reason}); the rest of that shard is lost"
             self._count_skip(str(self._shard), what)
         return True
 
