@@ -221,6 +221,19 @@ def test_scoring_images_the_neighbours_or_the_run_have_seen_is_said(tmp_path, mo
     assert seen_images("x", "set/val", beside) is None and seen_images("x", "set/train#heldout", beside)
 
 
+def test_ctrl_c_before_a_run_can_stop_at_a_step_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while a command imports or reads (before a run stops at a step's end) ends it in one line, 130."""
+    import ssl_vit.cli as cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_command", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["finetune", "--config", "recipe.yaml"])
+    assert stopped.value.code == 130 and capsys.readouterr().err.strip() == "ssl-vit finetune: stopped by Ctrl-C"
+
+
 def test_shards_offers_both_embedded_datasets(tmp_path):
     result = in_this_process(tmp_path, "shards", "embedded", "--help")
     assert result.returncode == 0 and "shapes" in result.stdout and "glyphs" in result.stdout

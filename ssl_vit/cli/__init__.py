@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         run_command(argv)
     except SIGTERMException as stop:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
         sys.exit(128 + getattr(stop, "signum", signal.SIGTERM))
+    except KeyboardInterrupt:  # Ctrl-C before a run could stop at a step's end (imports, reading), or a second one
+        Console(stderr=True).print(f"ssl-vit {argv[0] if argv else ''}: stopped by Ctrl-C", highlight=False)
+        sys.exit(128 + signal.SIGINT)
     except BrokenPipeError:  # `ssl-vit recipes | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere
         sys.exit(128 + signal.SIGPIPE)
