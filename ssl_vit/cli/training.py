@@ -722,7 +722,7 @@ TRAINING_OPTIONS = {
     ],
     "finetune": [
         ("--config RECIPE", "a YAML recipe (recipes/quickstart/finetune.yaml); every key below overrides it"),
-        ("--model.init_from PATH", "the weights to fine-tune: an export folder or an ssl-vit checkpoint"),
+        ("--model.init_from PATH", "the weights to fine-tune: an export folder, a run folder or an ssl-vit checkpoint"),
         ("--model.num_classes N", "classes of the labelled shards"),
         ("--model.pretrained false", "the same architecture at random initialisation (a baseline)"),
         ("--data.train_shards SHARDS", "labelled shards to train on"),
