@@ -159,7 +159,9 @@ def test_bad_export_and_load_input_is_one_clear_error(checkpoint, tmp_path):
     shutil.copytree(out, tmp_path / "run/export")
     again = in_this_process(tmp_path, "export", "run/export", "x", "--onnx")
     assert again.returncode == 2 and "run/export is an export folder, which holds no checkpoint" in again.stderr
-    assert "export its run again: ssl-vit export run OUT --onnx" in again.stderr
+    assert "export run again: ssl-vit export run OUT --onnx" in again.stderr
+    copied = in_this_process(tmp_path, "export", "export", "y")  # a copy elsewhere: what it was written from
+    assert copied.returncode == 2 and f"export {checkpoint} again: ssl-vit export {checkpoint} OUT\n" in copied.stderr
     wrong = MAE({**TINY_ENCODER, "embed_dim": 96, "num_heads": 2}, decoder_dim=32, decoder_depth=1, init_from=str(out))
     with pytest.raises(UserError, match="do not fit the encoder"):
         wrong.setup("fit")

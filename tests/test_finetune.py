@@ -243,7 +243,7 @@ def test_validating_on_the_training_images_is_said(exported, tmp_path):
         tmp_path, exported, train, train, tmp_path / "run", "--model.num_classes=4", "--trainer.max_steps=1"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    said = f"warning: {train} holds the images of {train}, which the classifier trains on: its val top-1 is not of"
+    said = f"warning: {train} holds the very images that the classifier trains on ({train}), so these numbers are"
     assert said in result.stderr
 
 

@@ -497,7 +497,8 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
     # scored on the very images the neighbours come from: k-NN finds each image itself, and says so
     seen = run([*commands[1], "--val_shards", "photos"], user_folder)
     assert seen.returncode == 0 and "not of held-out images" not in again.stderr
-    assert "which the neighbours and probes learn from: these numbers are not of held-out images" in seen.stderr
+    said = f"warning: photos holds the very images that the neighbours and probes learn from ({photos}), so these"
+    assert said in seen.stderr
     assert (user_folder / "runs/photos/finetune/export/model.safetensors").is_file()
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
     assert continued["steps"] > 0 and "the encoder starts from runs/photos/simclr/export (init_from)" in result.stderr
@@ -587,10 +588,7 @@ def test_own_tar_shards_are_counted_and_read_with_their_labels_or_without(tmp_pa
         _, index = resolve_shards(spec)
         assert index.num_samples == 32 and index.classes == ["0", "1", "2"]
     assert resolve_shards(f"{labelled}#train")[1].num_samples == round(32 * 0.9)
-    cases = {
-        "none": (lambda i: None, ""),
-        "names": (lambda i: b"sunsets", "has cls members that are not class indices (first: b'sunsets' in shards-"),
-    }
+    cases = {"none": (lambda i: None, ""), "names": (lambda i: b"sunsets", "")}
     for folder, (label, said) in cases.items():
         shards = own_tar_shards(tmp_path / folder, label)
         run = tmp_path / f"run-{folder}"
@@ -600,18 +598,26 @@ def test_own_tar_shards_are_counted_and_read_with_their_labels_or_without(tmp_pa
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"data: 32 images of {shards}, no class labels for training" in result.stderr
         assert said in caplog.text
-    # images named with more dots than webdataset's key allows: said once, in words, not once per worker
-    dotted = own_tar_shards(tmp_path / "dotted", lambda i: b"0", name=lambda i: f"img{i}.2023.{i % 2}")
+    # class names where the class indices go: named by the one line on why k-NN and the probes are skipped
+    names = str(tmp_path / "names")
+    said = f"{names} has no class labels: its cls members are names, not class indices (first: sunsets in shards-"
+    assert Evaluator(f"{names}#train", f"{names}#heldout").unlabelled().startswith(said)
+    # images named with more dots than webdataset's key allows: said once, counted, not once per worker;
+    # and when no image is left, that is the one line that stops the run
+    dotted = own_tar_shards(tmp_path / "dotted", lambda i: b"0", name=lambda i: f"img{i}.2023" if i % 4 else f"img{i}")
     with caplog.at_level(logging.WARNING):
         resolve_shards(str(dotted))
         resolve_shards(str(dotted))
-    assert caplog.text.count("whose names hold more than one dot (first: img0.2023.0.png)") == 1
+    assert caplog.text.count("24 images of") == 1 and "with more than one dot (first: img1.2023.png)" in caplog.text
+    undotted = own_tar_shards(tmp_path / "all_dotted", lambda i: b"0", name=lambda i: f"img{i}.2023")
+    with pytest.raises(UserError, match=r"32 images of .* have names with more than one dot \(first: img0.2023.png\)"):
+        resolve_shards(str(undotted))
 
 
 def test_shards_at_an_address_it_cannot_reach_stop_at_once_in_one_line(tmp_path):
     """webdataset's curl retries each unreachable shard for minutes (the run seemed to hang)."""
     shards = "http://127.0.0.1:9/shards-{000..007}.tar"  # nothing listens on the discard port
-    args = ["--data.train_shards", shards, "--data.samples_per_epoch", "64", "--data.batch_size", "8"]
+    args = ["--data.train_shards", shards, "--data.batch_size", "8"]  # said before its unknown size is
     result = in_this_process(tmp_path, "pretrain", "--config", str(ROOT / "recipes/quickstart/simclr.yaml"), *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     said = result.stderr.strip().splitlines()[-1]

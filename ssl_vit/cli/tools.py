@@ -159,9 +159,7 @@ def evaluate(command: str, args: list[str]) -> None:
     torch.manual_seed(evaluator.seed)  # --weights random: the same initialisation every time
     encoder, info = load_evaluated_encoder(source, weights)
     if seen:
-        Console(stderr=True, soft_wrap=True).print(
-            f"warning: {evaluator.val_shards} holds {seen}: these numbers are not of held-out images"
-        )
+        Console(stderr=True, soft_wrap=True).print(f"warning: {evaluator.val_shards} holds {seen}")
     evaluator.pooling = pooling or own_pooling(encoder)
     if torch.cuda.is_available():
         encoder = encoder.cuda()
@@ -349,8 +347,12 @@ def export(args: list[str]) -> None:
     given = Path(opts.checkpoint)
     if (given / "config.json").is_file():  # an export already: what it was written from is what to export
         run = given.parent if (given.parent / "checkpoints").is_dir() else None
-        again = f"; export its run again: ssl-vit export {run} OUT" if run else "; export the run or .ckpt it came from"
-        raise UserError(f"{given} is an export folder, which holds no checkpoint{again}{' --onnx' if onnx else ''}")
+        written_from = json.loads((given / "config.json").read_text()).get("ssl_vit", {}).get("checkpoint")
+        source = run or written_from or "the run or .ckpt it was written from"
+        raise UserError(
+            f"{given} is an export folder, which holds no checkpoint; export {source} again: ssl-vit export {source} "
+            f"OUT{' --onnx' if onnx else ''}"
+        )
     checkpoint = run_checkpoint(given) if given.is_dir() else opts.checkpoint
     failed = failed_run(Path(checkpoint))
     if failed:

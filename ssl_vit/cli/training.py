@@ -451,9 +451,7 @@ class FineTuneCLI(RunCLI):
         train, val = self.datamodule.evaluation_data()
         seen = seen_images(train, val, None, learns="the classifier trains on")
         if seen:
-            Console(stderr=True, soft_wrap=True).print(
-                f"warning: {val} holds {seen}: its val top-1 is not of held-out images"
-            )
+            Console(stderr=True, soft_wrap=True).print(f"warning: {val} holds {seen}")
         return super().instantiate_trainer(**kwargs)
 
     def run_name(self) -> str:

@@ -498,9 +498,10 @@ class ShardDataset(IterableDataset):
         ext = Path(name).name.split(".", 1)[-1].lower()
         if ext in READ_EXTENSIONS:
             return True
-        # once a run, in whichever loader worker meets it first; an image named with more dots
-        # (IMG.2023.jpg) was named when the shards were resolved
-        if ext.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS and first_time_named(f"ignoring .{ext}"):
+        # once a run, in whichever loader worker meets it first; members named with more dots
+        # (IMG.2023.jpg, IMG.2023.cls) were said when the shards were resolved
+        dotted = ext.rsplit(".", 1)[-1] in READ_EXTENSIONS
+        if not dotted and first_time_named(f"ignoring .{ext}"):
             log.warning("ignoring .%s members (first: %s): ssl-vit reads only images, cls, txt and json", ext, name)
         return False
 
@@ -634,11 +635,11 @@ def seen_images(
     (val_base, val_part), (train_base, train_part) = split_part(val), split_part(train)
     parts = {val_part, train_part}
     if data_location(val_base) == data_location(train_base) and parts != {HELDOUT_SUFFIX, TRAIN_SUFFIX}:
-        return f"the images of {train}, which {learns}"
+        return f"the very images that {learns} ({data_location(train)}), so these numbers are not of held-out images"
     if trained_on is None or data_location(val_base) != data_location(split_part(trained_on[0])[0]):
         return None
     held_out = data_location(val) == data_location(evaluation_split(*trained_on)[1])  # what the run held out
-    return None if held_out else "images the run trained on"
+    return None if held_out else "images the run trained on, so these numbers are not of held-out images"
 
 
 class EpochLoader(DataLoader):
@@ -786,8 +787,9 @@ class ShardDataModule(L.LightningDataModule):
         is launched, ``setup`` the same checks on every rank."""
         self._check_settings()
         if not self.embedded_to_write():  # else prepare_data writes them and setup checks them
+            first = resolve_shards(self.training_shards())[0][0]  # reachable, before anything is said of its size
+            check_reachable(str(first.shard if isinstance(first, SplitPart) else first))
             urls, index, _ = self.training_data(world_size, captioned=captioned)
-            check_reachable(str(urls[0].shard if isinstance(urls[0], SplitPart) else urls[0]))
             if captioned:
                 self.check_captions(urls, index)
 

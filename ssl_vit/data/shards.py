@@ -614,24 +614,31 @@ def scanned_index(urls: list[str], spec: str) -> ShardIndex:
     index, as ``ssl-vit shards imagefolder`` writes it; the classes are named by their index."""
     scans = [_scan_shard(url) for url in urls]
     labels = sorted({label for scan in scans for label in scan.labels})
+    dotted = next((scan.dotted for scan in scans if scan.dotted), None)
+    if dotted:
+        count = sum(scan.dotted_images for scan in scans)
+        why = (
+            f"{counted(count, 'image')} of {spec} {'has a name' if count == 1 else 'have names'} with more than one "
+            f"dot (first: {dotted}), which webdataset does not read as images: it keys a sample by its name up to "
+            f"the first dot, so the member is '.{Path(dotted).name.split('.', 1)[1]}'; rename them"
+        )
+        if not any(scan.samples for scan in scans):
+            raise UserError(why)
+        if (spec, "dotted") not in _scan_said:
+            _scan_said.add((spec, "dotted"))
+            log.warning("%s", why)
+    if not any(scan.samples for scan in scans):
+        raise UserError(f"{spec} holds no image members ({', '.join(IMAGE_EXTENSIONS)}) in its tar files")
     not_index = next((scan.not_index for scan in scans if scan.not_index), None)
-    if not_index and (spec, "not_index") not in _scan_said:
+    if not_index and not labels:  # all of them: the evaluation's line on missing labels names it
+        _names_as_labels[spec] = not_index
+    elif not_index and (spec, "not_index") not in _scan_said:
         _scan_said.add((spec, "not_index"))
         log.warning(
             "%s has cls members that are not class indices (first: %s), read as no label: k-NN and the probes need an "
             "integer cls per labelled image (`ssl-vit shards imagefolder` writes them from one sub-folder per class)",
             spec,
             not_index,
-        )
-    dotted = next((scan.dotted for scan in scans if scan.dotted), None)
-    if dotted and (spec, "dotted") not in _scan_said:
-        _scan_said.add((spec, "dotted"))
-        log.warning(
-            "%s has images whose names hold more than one dot (first: %s), which are not read: webdataset keys a "
-            "sample by its name up to the first dot, so their member is no image ('.%s'); rename them",
-            spec,
-            dotted,
-            Path(dotted).name.split(".", 1)[1],
         )
     largest_mask_label = max(scan.largest_mask_label for scan in scans)
     return ShardIndex(
@@ -651,19 +658,36 @@ class _ShardScan:
     labels: frozenset[int]
     not_index: str | None  # the first cls that is no integer
     dotted: str | None  # the first image member whose name has more dots than webdataset's key allows
+    dotted_images: int
     largest_mask_label: int  # in the label maps (seg.png), -1 without any
 
 
 #: Each scanned shard's counts, by its path, size and modification time: a run resolves its data many times.
 _scans: dict[tuple[str, int, int], _ShardScan] = {}
 _scan_said: set[tuple[str, str]] = set()
+#: Shards whose every cls is a name, not a class index, and the first such name.
+_names_as_labels: dict[str, str] = {}
+
+
+def names_as_labels(spec: str) -> str | None:
+    """The first of the class names that the scanned tar shards ``spec`` hold as their ``cls``
+    members instead of class indices (None when they hold indices, or none)."""
+    return _names_as_labels.get(spec)
 
 
 def _scan_shard(url: str) -> _ShardScan:
     key = (url, *size_and_time(Path(url)))
     if key in _scans:
         return _scans[key]
-    images, captions, labels, not_index, dotted, largest_mask_label = set(), set(), set(), None, None, -1
+    images, captions, labels, not_index, dotted, dotted_images, largest_mask_label = (
+        set(),
+        set(),
+        set(),
+        None,
+        None,
+        0,
+        -1,
+    )
     try:
         with tarfile.open(url, "r:*") as tar:
             for member in tar:
@@ -680,14 +704,16 @@ def _scan_shard(url: str) -> _ShardScan:
                     try:
                         labels.add(int(value))
                     except ValueError:
-                        not_index = not_index or f"{value[:20]!r} in {Path(url).name}"
+                        not_index = not_index or f"{value[:20].decode(errors='replace').strip()} in {Path(url).name}"
                 elif suffix == MASK_MEMBER:
                     largest_mask_label = max(largest_mask_label, _largest_label(tar.extractfile(member).read()))
-                elif dotted is None and suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
-                    dotted = member.name
+                elif suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+                    dotted, dotted_images = dotted or member.name, dotted_images + 1
     except (tarfile.TarError, OSError, EOFError):  # what is left unread is the reader's to skip and count
         pass
-    scan = _ShardScan(len(images), len(captions & images), frozenset(labels), not_index, dotted, largest_mask_label)
+    scan = _ShardScan(
+        len(images), len(captions & images), frozenset(labels), not_index, dotted, dotted_images, largest_mask_label
+    )
     _scans[key] = scan
     return scan
 

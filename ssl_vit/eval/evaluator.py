@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ssl_vit.data.pipeline import ShardDataset
-from ssl_vit.data.shards import MASK_MEMBER, resolve_shards
+from ssl_vit.data.shards import MASK_MEMBER, names_as_labels, resolve_shards, split_part
 from ssl_vit.data.views import EvalView, MAEView
 from ssl_vit.errors import UserError, first_few
 from ssl_vit.eval.attentive import train_attentive_probe
@@ -162,9 +162,16 @@ class Evaluator:
         for shards in (self.train_shards, self.val_shards):
             _, index = resolve_shards(shards)
             if index is not None and not index.classes:
+                base = split_part(shards)[0]
+                name = names_as_labels(base)
+                if name:
+                    return (
+                        f"{base} has no class labels: its cls members are names, not class indices (first: {name}); "
+                        "`ssl-vit shards imagefolder` writes integer ones from one sub-folder per class"
+                    )
                 return (
-                    f"{shards.split('#')[0]} has no class labels (they come from one sub-folder per class, or in tar "
-                    "shards an integer cls per sample)"
+                    f"{base} has no class labels (they come from one sub-folder per class, or in tar shards an integer "
+                    "cls per sample)"
                 )
             if index is not None and len(index.classes) == 1:  # e.g. every image in photos/2024/
                 return (
