@@ -66,6 +66,7 @@ from ssl_vit.data.shards import (
     is_remote,
     resolve_shards,
     split_part,
+    tar_split_key,
     upright,
     write_embedded_shards,
 )
@@ -202,8 +203,7 @@ def split_key(sample: dict[str, Any], shard: str | ImageFiles) -> str:
     shard's file name and key."""
     if isinstance(shard, ImageFiles):
         return sample["__key__"]
-    source = sample_source(sample)
-    return f"{Path(shard).name}/{sample['__key__']}" if source is None else source
+    return tar_split_key(shard, sample["__key__"], sample_source(sample))
 
 
 def sample_source(sample: dict[str, Any]) -> str | None:

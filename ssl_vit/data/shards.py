@@ -7,6 +7,7 @@ class names by index, shard names, source), so a recipe can name just the folder
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -517,6 +518,13 @@ def shard_size(num_samples: int, most: int = 1000) -> int:
 FILES_PER_GROUP, MIN_GROUPS = 64, 64
 
 
+def tar_split_key(shard: str, key: str, source: str | None) -> str:
+    """What the held-out split hashes for a tar shard's sample: the file it was written from, when
+    the shard says (``SOURCE_MEMBER``: a folder and its shards then hold out the same images),
+    else the shard's file name and the sample's key."""
+    return f"{Path(shard).name}/{key}" if source is None else source
+
+
 def is_heldout(key: str) -> bool:
     """Whether the sample named ``key`` (its shard's file name and its ``__key__``, or an image's
     path in its folder) is in the held-out part: a hash, so the split is the same in every run,
@@ -547,6 +555,12 @@ def resolve_shards(spec: str) -> tuple[list[Shard], ShardIndex | None]:
         files = [file for shard in shards for file in shard.files if is_heldout(file[0]) == heldout]
         source = f"{index.source}, {part[1:]} part"
         return group_files(shards[0].root, files), replace(index, num_samples=len(files), source=source)
+    scans = [_scans.get((url, *size_and_time(Path(url)))) for url in shards if not is_remote(url)]
+    if index is not None and scans and all(scans) and len(scans) == len(shards):  # counted per key when scanned
+        held = sum(scan.heldout_samples for scan in scans), sum(scan.heldout_captions for scan in scans)
+        samples, captions = held if heldout else (index.num_samples - held[0], (index.captions or 0) - held[1])
+        part_index = replace(index, num_samples=samples, captions=captions, source=f"{index.source}, {part[1:]} part")
+        return [SplitPart(shard, heldout) for shard in shards], part_index
     if index is not None:  # the keys are in the shards: the expected share
         fraction = HELDOUT_FRACTION if heldout else 1 - HELDOUT_FRACTION
         captions = round(index.captions * fraction) if index.captions is not None else None
@@ -660,6 +674,8 @@ class _ShardScan:
     dotted: str | None  # the first image member whose name has more dots than webdataset's key allows
     dotted_images: int
     largest_mask_label: int  # in the label maps (seg.png), -1 without any
+    heldout_samples: int  # in the held-out part of the split (``is_heldout``)
+    heldout_captions: int
 
 
 #: Each scanned shard's counts, by its path, size and modification time: a run resolves its data many times.
@@ -679,15 +695,8 @@ def _scan_shard(url: str) -> _ShardScan:
     key = (url, *size_and_time(Path(url)))
     if key in _scans:
         return _scans[key]
-    images, captions, labels, not_index, dotted, dotted_images, largest_mask_label = (
-        set(),
-        set(),
-        set(),
-        None,
-        None,
-        0,
-        -1,
-    )
+    images, captions, labels, sources = set(), set(), set(), {}
+    not_index, dotted, dotted_images, largest_mask_label = None, None, 0, -1
     try:
         with tarfile.open(url, "r:*") as tar:
             for member in tar:
@@ -705,14 +714,26 @@ def _scan_shard(url: str) -> _ShardScan:
                         labels.add(int(value))
                     except ValueError:
                         not_index = not_index or f"{value[:20].decode(errors='replace').strip()} in {Path(url).name}"
+                elif suffix == SOURCE_MEMBER:  # the file an ssl-vit shard's sample was written from
+                    with contextlib.suppress(KeyError, TypeError, ValueError):  # a json member of the user's own
+                        sources[prefix] = str(json.loads(tar.extractfile(member).read(1 << 16))["source"])
                 elif suffix == MASK_MEMBER:
                     largest_mask_label = max(largest_mask_label, _largest_label(tar.extractfile(member).read()))
                 elif suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
                     dotted, dotted_images = dotted or member.name, dotted_images + 1
     except (tarfile.TarError, OSError, EOFError):  # what is left unread is the reader's to skip and count
         pass
+    held = {key for key in images if is_heldout(tar_split_key(url, key, sources.get(key)))}
     scan = _ShardScan(
-        len(images), len(captions & images), frozenset(labels), not_index, dotted, dotted_images, largest_mask_label
+        len(images),
+        len(captions & images),
+        frozenset(labels),
+        not_index,
+        dotted,
+        dotted_images,
+        largest_mask_label,
+        len(held),
+        len(captions & held),
     )
     _scans[key] = scan
     return scan
