@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ssl_vit.data.shards import data_fingerprint, data_location, is_remote, size_and_time, split_part
+from ssl_vit.data.shards import data_fingerprint, data_location, is_remote, size_and_time
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.replace import file_sha256, process_exists, this_host, writer_id
@@ -290,12 +290,13 @@ def files_fingerprint(key: str, spec: str) -> str:
 
 
 def same_files(key: str, spec: str, fingerprint: str) -> bool:
-    """Whether the local files ``spec`` names now are the ones a run recorded (``files_fingerprint``)."""
-    if is_remote(spec) or not Path(split_part(os.path.expanduser(spec))[0]).exists():
+    """Whether the local files ``spec`` names now (a folder, or a brace pattern of its tar files)
+    are the ones a run recorded (``files_fingerprint``)."""
+    if is_remote(spec):
         return False
     try:
         return files_fingerprint(key, spec) == fingerprint
-    except UserError:  # not data it can read: not the same
+    except (UserError, OSError):  # missing, or not data it can read: not the same
         return False
 
 

@@ -35,10 +35,10 @@ from ssl_vit.checkpoint import (
     resume_mismatch,
 )
 from ssl_vit.cli.training import changed_settings, default_run_folder
-from ssl_vit.data.shards import data_fingerprint, data_location
+from ssl_vit.data.shards import data_fingerprint, data_location, write_shards
 from ssl_vit.errors import UserError
 from ssl_vit.export import encoder_state_dict
-from tests.conftest import random_images
+from tests.conftest import png_bytes, random_images
 
 ENCODER = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 1}
 
@@ -184,6 +184,14 @@ def test_data_moved_with_its_files_unchanged_is_the_same_data(tmp_path):
     assert resume_mismatch(path, ckpt, {**run, "init_from": str(moved)}) is None
     (moved / "model.safetensors").write_text("other weights")
     assert "its init_from is 'export' (" in resume_mismatch(path, ckpt, {**run, "init_from": str(moved)})
+    # tar shards given as their folder, then as a brace pattern of all its files: the same files
+    samples = [("png", png_bytes(image), 0) for image in random_images(4)]
+    write_shards(samples, tmp_path / "shards", ["a"], "test", samples_per_shard=2)
+    ckpt["datamodule_hyper_parameters"]["train_shards"] = "shards"
+    fingerprint = files_fingerprint("train_shards", str(tmp_path / "shards"))
+    ckpt[RUN_KEY] |= {"train_shards": located("train_shards", str(tmp_path / "shards")), "train_files": fingerprint}
+    pattern = str(tmp_path / "shards/shard-{000000..000001}.tar")
+    assert resume_mismatch(path, ckpt, {**run, "train_shards": pattern}) is None
 
 
 def test_a_moved_run_folder_still_resumes_its_own_checkpoints(tmp_path):
