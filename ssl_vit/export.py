@@ -208,6 +208,10 @@ def card(
     ``ssl_vit`` provenance), ``about`` them, the run's ``results``, and the ``load`` lines of
     Python that load it with ``library`` alone."""
     data = record.get("data", {})
+    train = data.get("train_shards", "unknown")
+    # a run without val data trains on all but the held-out tenth of its data (``evaluation_split``)
+    held_out = bool(data) and not data.get("val_shards") and Path(str(train)).name not in ("train", "unknown")
+    less = ", less its held-out tenth (`#heldout`), which it was evaluated on" if held_out else ""
     lines = [
         f"# {title}",
         "",
@@ -215,7 +219,7 @@ def card(
         "",
         *about,
         f"- optimiser steps: {record.get('step')}",
-        f"- training data: `{data.get('train_shards', 'unknown')}`",
+        f"- training data: `{train}`{less}",
         "",
         evaluated,
         "",
