@@ -364,6 +364,7 @@ def test_every_objective_has_its_help_clip_included(tmp_path):
     # In a fresh process: CLIP is imported only when named, so another test's import would hide it.
     described = ssl_vit("pretrain", "--model.help", "CLIP", cwd=tmp_path)
     assert described.returncode == 0 and "--model.text_layers" in described.stdout, described.stderr
+    assert described.stdout.startswith("usage: ssl-vit pretrain --model.")  # the command to give them to
 
 
 def test_version_and_unknown_commands(capsys):

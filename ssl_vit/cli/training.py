@@ -691,9 +691,23 @@ def run(cli: type[RunCLI], model: type[L.LightningModule], data: type[ShardDataM
                 "allow_abbrev": False,
                 "fit": {"prog": f"ssl-vit {command}", "exit_on_error": False, "allow_abbrev": False},
             },
+            parser_class=command_parser(command),
         )
     finally:
         release_run_folders()
+
+
+def command_parser(command: str) -> type[LightningArgumentParser]:
+    """Lightning's parser, named ``ssl-vit COMMAND`` unless told otherwise: jsonargparse builds
+    the one that prints ``--model.help CLASS`` without a name, which argparse then takes from
+    the program (``ssl-vit``)."""
+
+    class CommandParser(LightningArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("prog", f"ssl-vit {command}")
+            super().__init__(*args, **kwargs)
+
+    return CommandParser
 
 
 RUN_LENGTH = ("--trainer.max_steps N", "optimiser steps (in epochs: --trainer.max_epochs N --trainer.max_steps -1)")
