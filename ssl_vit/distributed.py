@@ -1,5 +1,5 @@
 """Cross-rank collectives the objectives need, written once (identity when not distributed),
-and the FSDP strategy for encoders too large for DDP."""
+the FSDP strategy for encoders too large for DDP, and what rank 0 alone may ask of a run."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -130,3 +131,12 @@ def clip_grad_norms_(
     for group, scale in zip(grads, scales, strict=True):
         for g in group:
             g.mul_(scale)
+
+
+def log_folder(trainer: L.Trainer) -> str:
+    """``trainer.log_dir`` without its broadcast, which every rank must join: the end-of-run
+    summary and records are written by rank 0 alone, when the other ranks may have ended."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if logger is None:
+        return str(trainer.default_root_dir)
+    return str(logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir)

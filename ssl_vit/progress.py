@@ -17,6 +17,7 @@ from rich.progress import Task
 from rich.table import Table
 from rich.text import Text
 
+from ssl_vit.distributed import log_folder
 from ssl_vit.eval.callback import EvaluationCallback
 from ssl_vit.eval.report import RECORD_KINDS
 from ssl_vit.health import HealthCallback
@@ -144,7 +145,7 @@ def run_summary(
         "checkpoint": str(checkpoint) if checkpoint else None,
         "export": str(export_dir) if export_dir else None,
         "pictures": str(pictures) if pictures.exists() else None,
-        "logs": trainer.log_dir,
+        "logs": log_folder(trainer),
     }
 
 

@@ -11,9 +11,13 @@ every rank's samples; the recipes set ``trainer.sync_batchnorm`` on GPUs.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -308,3 +312,29 @@ def test_distillation_under_ddp_matches_one_process_on_the_global_batch(tmp_path
     assert not any(key.startswith("teacher.") for key in one["grads"][0])
     for step, (want, got) in enumerate(zip(one["grads"], ranks[0]["grads"], strict=True)):
         assert_same_gradients(want, got, step)
+
+
+def test_a_quickstart_on_two_processes_evaluates_and_ends_with_its_summary(tmp_path):
+    """A user's quickstart scaled to 2 processes, through the command line: its evaluation runs on
+    rank 0 alone (its metrics synced across ranks, waiting for ranks that never came: the run
+    hung before its first step), and rank 0 writes the summary once the others have ended
+    (Trainer.log_dir's broadcast crashed it there)."""
+    for name, images in (("a", random_images(24, size=32, seed=1)), ("b", random_images(24, size=32, seed=2))):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i, image in enumerate(images):
+            (tmp_path / "photos" / name / f"{i}.png").write_bytes(png_bytes(image))
+    scaled = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.max_steps=2"]
+    recipe = str(Path(__file__).parents[1] / "recipes/quickstart/simclr.yaml")
+    command = [sys.executable, "-m", "ssl_vit.cli", "pretrain", "--config", recipe, "--data.train_shards=photos"]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    result = subprocess.run(
+        [*command, *scaled, "--data.batch_size=8", "--data.num_workers=1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,  # a run that hangs (as it did) fails here
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/photos/simclr/summary.json").read_text())
+    assert summary["steps"] == 2 and summary["knn_k20_top1"] is not None and summary["evaluation_images"] > 0

@@ -40,6 +40,7 @@ from ssl_vit.checkpoint import (
 )
 from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write, seen_images
 from ssl_vit.data.shards import is_remote, resolve_shards, split_part
+from ssl_vit.distributed import log_folder
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError
 from ssl_vit.eval import EvaluationCallback
@@ -483,7 +484,7 @@ class FineTuneCLI(RunCLI):
             "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
             "export": str(export_dir) if export_dir else None,
-            "logs": trainer.log_dir,
+            "logs": log_folder(trainer),
         }
         write_json(Path(trainer.default_root_dir) / "summary.json", summary)
         print_run_summary(summary)

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ssl_vit.data.views import EvalView
+from ssl_vit.distributed import log_folder
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator, Results
@@ -177,7 +178,9 @@ class EvaluationCallback(Evaluator, Periodic):
         self.drop_baseline_of_other_data(settings["files"])
         title = f"{type(pl_module).__name__} after {trainer.global_step} steps"
         print_results(title, results, self.baseline, self.baseline_name, **self.counts)
-        ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.log_dir)
+        ckpt_dir = (
+            Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(log_folder(trainer))
+        )
         info = {
             "method": type(pl_module).__name__,
             "encoder": dict(pl_module.hparams.get("encoder", {})),

@@ -32,8 +32,11 @@ def knn_classify(
     bank = F.normalize(train_features.float(), dim=1)
     bank_labels = train_labels.to(device)
     max_k = min(max(ks), bank.shape[0])
+    # sync_on_compute=False: one process evaluates (rank 0 of a run); a sync would wait for ranks that never come
     metrics = {
-        (k, top): MulticlassAccuracy(num_classes, top_k=min(top, k, num_classes), average="micro").to(device)
+        (k, top): MulticlassAccuracy(
+            num_classes, top_k=min(top, k, num_classes), average="micro", sync_on_compute=False
+        ).to(device)
         for k in ks
         for top in (1, 5)
     }

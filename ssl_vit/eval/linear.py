@@ -142,8 +142,10 @@ def feature_chunks(features: FeatureSet, size: int = 1024) -> Iterable[tuple[Ten
 def probe_accuracy(head: nn.Module, val_batches: Iterable[tuple[Tensor, Tensor]], num_classes: int) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) of a probe head over (features, labels) batches."""
     device = next(head.parameters()).device
-    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
-    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
+    # sync_on_compute=False: one process evaluates (rank 0 of a run); a sync would wait for ranks that never come
+    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", sync_on_compute=False).to(device)
+    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", sync_on_compute=False)
+    top5 = top5.to(device)
     for features, labels in val_batches:
         logits = head(features.to(device))
         top1.update(logits, labels.to(device))

@@ -78,7 +78,8 @@ def segmentation_scores(
     confusion matrix: IoU_c = TP / (TP + FP + FN) per class, averaged over the classes that occur
     in the labels or the predictions (mmsegmentation's nan-mean); ignored pixels count nowhere."""
     device = next(head.parameters()).device
-    confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_PIXEL).to(device)
+    # sync_on_compute=False: one process evaluates (rank 0 of a run); a sync would wait for ranks that never come
+    confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_PIXEL, sync_on_compute=False).to(device)
     images = 0
     for tokens, masks in val_batches:
         check_mask_classes(masks, num_classes)
