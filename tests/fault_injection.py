@@ -689,7 +689,7 @@ CONFIG_CASES = [
     ),
     bad_config(
         "bf16_on_cpu",
-        "trainer.precision bf16-mixed asks for bf16, but this run is on a CPU",
+        "trainer.precision bf16-mixed asks for half precision, but this run is on a CPU",
         lambda f, w: [*_tiny(f, w), "--trainer.precision=bf16-mixed"],
     ),
     bad_config(

@@ -162,5 +162,8 @@ def test_precision_defaults_to_bf16_on_gpus_and_fp32_on_cpus():
     assert default_precision("auto", None, cuda=False) == "32-true"
     assert default_precision("cpu", None, cuda=True) == "32-true"
     assert default_precision("gpu", "16-mixed", cuda=True) == "16-mixed"  # the recipe's choice stands
-    with pytest.raises(UserError, match="asks for bf16, but this run is on a CPU"):
-        default_precision("cpu", "bf16-mixed", cuda=True)
+    for half in ("bf16-mixed", "16-mixed", 16):  # Lightning would make fp16 on a CPU bf16, without a word
+        with pytest.raises(UserError, match="asks for half precision, but this run is on a CPU"):
+            default_precision("cpu", half, cuda=True)
+    with pytest.raises(UserError, match=r"trainer\.precision 64-true is not supported"):  # it failed in a traceback
+        default_precision("gpu", "64-true", cuda=True)

@@ -626,11 +626,13 @@ def default_precision(accelerator: Any, precision: Any, cuda: bool | None = None
     on_gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and cuda)
     if precision is None:
         return "bf16-mixed" if on_gpu else "32-true"
-    if "bf16" in str(precision) and not on_gpu:
+    if ("bf16" in str(precision) or str(precision).startswith("16")) and not on_gpu:  # Lightning makes fp16 bf16
         raise UserError(
-            f"trainer.precision {precision} asks for bf16, but this run is on a CPU "
+            f"trainer.precision {precision} asks for half precision, but this run is on a CPU "
             f"(trainer.accelerator {accelerator}); use trainer.precision 32-true, or run on a GPU"
         )
+    if str(precision).startswith("64"):  # the data and the evaluation's features are float32
+        raise UserError(f"trainer.precision {precision} is not supported; use 32-true (or bf16-mixed on a GPU)")
     return precision
 
 
