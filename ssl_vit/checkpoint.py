@@ -377,7 +377,10 @@ class RunCheckpoint(ModelCheckpoint):
             raise KeyboardInterrupt
         self.ctrl_c = True
         trainer._signal_connector.received_sigterm = True  # Lightning's stop-after-the-step flag
-        print("\nCtrl-C: stopping after this step to save it (Ctrl-C again stops at once, unsaved)", file=sys.stderr)
+        if trainer.is_global_zero:  # every rank gets the terminal's Ctrl-C: one line says it
+            print(
+                "\nCtrl-C: stopping after this step to save it (Ctrl-C again stops at once, unsaved)", file=sys.stderr
+            )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
