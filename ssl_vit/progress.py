@@ -32,8 +32,8 @@ class MeasuredSpeedColumn(ProcessingSpeedColumn):
 
 
 class ImagesPerSecondBar(RichProgressBar):
-    """Lightning's rich bar plus ``img/s``, measured over the last ``window`` training batches
-    (per device; multiply by the number of devices for the global rate)."""
+    """Lightning's rich bar plus ``img/s``, the run's: measured over the last ``window`` training
+    batches of one device, times the devices (DDP keeps them in step, on equal batches)."""
 
     def __init__(self, window: int = 20, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -49,11 +49,11 @@ class ImagesPerSecondBar(RichProgressBar):
         self._marks = []  # the loader restarts its workers: do not count that pause
         super().on_train_epoch_start(trainer, pl_module)
 
-    def images_per_second(self) -> float | None:
+    def images_per_second(self, devices: int = 1) -> float | None:
         if len(self._marks) < 2:
             return None
         elapsed = self._marks[-1][0] - self._marks[0][0]
-        return sum(n for _, n in self._marks[1:]) / elapsed if elapsed > 0 else None
+        return devices * sum(n for _, n in self._marks[1:]) / elapsed if elapsed > 0 else None
 
     def configure_columns(self, trainer: L.Trainer) -> list:
         *columns, speed = super().configure_columns(trainer)
@@ -70,7 +70,7 @@ class ImagesPerSecondBar(RichProgressBar):
         metrics.pop("v_num", None)
         if "train/lr" in metrics:  # the default 3 decimals would show 0.000
             metrics["train/lr"] = f"{float(metrics['train/lr']):.2e}"
-        rate = self.images_per_second()
+        rate = self.images_per_second(trainer.world_size)
         if rate is not None:
             metrics["img/s"] = f"{rate:.0f}"
         return metrics

@@ -34,3 +34,11 @@ def test_the_bar_counts_epochs_out_of_a_limit_only_when_there_is_one(max_epochs,
     bar = ImagesPerSecondBar()
     bar._trainer = SimpleNamespace(max_epochs=max_epochs)
     assert bar._get_train_description(2).strip() == shown
+
+
+def test_images_per_second_is_the_runs_on_every_device():
+    """One device's images over the window's time, times the devices (DDP keeps them in step):
+    2 processes showed each one's rate as the run's."""
+    bar = ImagesPerSecondBar()
+    bar._marks = [(0.0, 16), (1.0, 16), (2.0, 16)]  # the first batch's images came before the window's clock
+    assert bar.images_per_second() == 16 and bar.images_per_second(devices=2) == 32
