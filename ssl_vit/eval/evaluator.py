@@ -161,8 +161,8 @@ class Evaluator:
         """Why the shards cannot be evaluated with labels (``None`` when they can, or are not indexed)."""
         for shards in (self.train_shards, self.val_shards):
             _, index = resolve_shards(shards)
+            base = split_part(shards)[0]
             if index is not None and not index.classes:
-                base = split_part(shards)[0]
                 name = names_as_labels(base)
                 if name:
                     return (
@@ -175,7 +175,7 @@ class Evaluator:
                 )
             if index is not None and len(index.classes) == 1:  # e.g. every image in photos/2024/
                 return (
-                    f"{shards.split('#')[0]} has one class folder ({index.classes[0]}), and class labels need two or "
+                    f"{base} has one class folder ({index.classes[0]}), and class labels need two or "
                     "more (one sub-folder per class)"
                 )
         return None
