@@ -31,6 +31,8 @@ from ssl_vit.checkpoint import (
     objective_name,
     read_checkpoint,
 )
+from ssl_vit.data.pipeline import evaluation_split
+from ssl_vit.data.shards import HELDOUT_SUFFIX, split_part
 from ssl_vit.data.views import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import NON_TIMM_SETTINGS, TIMM_VITS, TimmViT, ViTEncoder
 from ssl_vit.errors import UserError
@@ -209,8 +211,10 @@ def card(
     Python that load it with ``library`` alone."""
     data = record.get("data", {})
     train = data.get("train_shards", "unknown")
-    # a run without val data trains on all but the held-out tenth of its data (``evaluation_split``)
-    held_out = bool(data) and not data.get("val_shards") and Path(str(train)).name not in ("train", "unknown")
+    val = (record.get("evaluated_on") or {}).get("val_shards")
+    if val is None and data:
+        val = evaluation_split(train, data.get("val_shards"))[1]
+    held_out = val is not None and split_part(val)[1] == HELDOUT_SUFFIX  # trained on all of its data but that
     less = ", less its held-out tenth (`#heldout`), which it was evaluated on" if held_out else ""
     lines = [
         f"# {title}",

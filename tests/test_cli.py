@@ -212,8 +212,12 @@ def test_scoring_images_the_neighbours_or_the_run_have_seen_is_said(tmp_path, mo
     assert seen_images("other", "photos#heldout", run) is None
     said = "the very images that the neighbours and probes learn from ({}), so these numbers are not of held-out"
     assert seen_images("photos", "./photos/", None).startswith(said.format(tmp_path.resolve() / "photos"))
-    assert seen_images("other", "photos", run).startswith("images the run trained on, so these numbers are not")
-    assert seen_images("other", "photos#train", run).startswith("images the run trained on")
+    held = f"images the run trained on (it held out {tmp_path / 'photos'}#heldout), so these numbers are not"
+    assert seen_images("other", "photos", run).startswith(held)
+    assert seen_images(None, "photos#train", run).startswith(held)  # nothing learns from images (zero-shot)
+    assert seen_images(None, "photos#heldout", run) is None
+    own = (str(tmp_path / "photos"), "photos")  # a run that evaluated on its training images
+    assert seen_images(None, "photos", own).startswith("images the run trained on, so these numbers are not")
     (tmp_path / "set/train").mkdir(parents=True)  # a run evaluated on the val folder beside its train folder
     (tmp_path / "set/val").mkdir()
     beside = (str(tmp_path / "set/train"), None)

@@ -15,6 +15,7 @@ from ssl_vit import export_encoder, load_encoder
 from ssl_vit.checkpoint import encoder_weights, load_checkpoint_encoder
 from ssl_vit.encoder import NON_TIMM_SETTINGS
 from ssl_vit.errors import UserError
+from ssl_vit.export import card
 from ssl_vit.methods import MAE
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly
 from tests.fault_injection import in_this_process
@@ -186,3 +187,23 @@ def test_the_one_encoder_of_an_objective_answers_to_its_old_name_and_its_new():
     two = {"ssl_vit": {"encoders": {"teacher": "teacher_encoder", "student": "encoder"}}, "state_dict": weights}
     with pytest.raises(UserError, match="has no 'encoder' encoder; it has teacher, student"):
         encoder_weights(two, "x.ckpt", "encoder")
+
+
+def test_the_card_says_the_training_data_less_the_tenth_the_run_held_out(tmp_path):
+    """Whatever its folder is called: a run without a val folder beside its `train` folder trained
+    on all but the held-out tenth; with one, on all of it."""
+    (tmp_path / "a/train").mkdir(parents=True)  # no val beside it
+    (tmp_path / "b/train").mkdir(parents=True)
+    (tmp_path / "b/val").mkdir()
+
+    def training_data(train: str, evaluated_on: dict | None = None) -> str:
+        record = {"data": {"train_shards": train, "val_shards": None}, "evaluated_on": evaluated_on}
+        text = card("t", record, [], "", [], "timm", [])
+        return next(line for line in text.splitlines() if line.startswith("- training data:"))
+
+    less = ", less its held-out tenth (`#heldout`), which it was evaluated on"
+    assert training_data(str(tmp_path / "a/train")).endswith(less)
+    assert training_data(str(tmp_path / "photos")).endswith(less)
+    assert training_data(str(tmp_path / "b/train")).endswith("train`")
+    # what the run recorded it evaluated on, where the folders have changed since
+    assert training_data(str(tmp_path / "b/train"), {"val_shards": f"{tmp_path}/b/train#heldout"}).endswith(less)

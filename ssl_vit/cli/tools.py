@@ -20,7 +20,6 @@ from rich.table import Table
 from ssl_vit.checkpoint import (
     FINE_TUNING,
     ending_summary,
-    located,
     objective_name,
     read_checkpoint,
     run_checkpoint,
@@ -232,10 +231,9 @@ def zeroshot(args: list[str]) -> None:
     from ssl_vit.methods.clip import load_image_text_model  # the `clip` extra
 
     model, image_size, info = load_image_text_model(opts.model)
-    trained_on, held_out = info.pop("trained_on", None), info.pop("held_out", False)
-    if trained_on == located("train_shards", opts.val_shards):
-        part = f"; {evaluation_split(opts.val_shards)[1]} is the part it held out" if held_out else ""
-        Console(stderr=True, soft_wrap=True).print(f"warning: {opts.val_shards} is the data this run trained on{part}")
+    seen = seen_images(None, opts.val_shards, info.pop("trained_on", None))
+    if seen:
+        Console(stderr=True, soft_wrap=True).print(f"warning: {opts.val_shards} holds {seen}")
     if torch.cuda.is_available():
         model = model.cuda()
     settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": opts.image_size or image_size}

@@ -623,23 +623,33 @@ def evaluation_split(train_shards: str, val_shards: str | None = None, val_to_co
     return train_shards + TRAIN_SUFFIX, train_shards + HELDOUT_SUFFIX
 
 
+def held_out(train: str, val: str) -> bool:
+    """Whether evaluating on ``val`` with ``train`` keeps them apart: other data, or the two
+    parts of one held-out split."""
+    (val_base, val_part), (train_base, train_part) = split_part(val), split_part(train)
+    split_apart = {val_part, train_part} == {HELDOUT_SUFFIX, TRAIN_SUFFIX}
+    return split_apart or data_location(val_base) != data_location(train_base)
+
+
 def seen_images(
-    train: str,
+    train: str | None,
     val: str,
     trained_on: tuple[str, str | None] | None,
     learns: str = "the neighbours and probes learn from",
 ) -> str | None:
     """What the scored images ``val`` were seen by, when they were (None when held out): the
-    images ``train`` (that ``learns`` from), or those the run that made the encoder trained
-    on (``trained_on``: its data where it found it, and its own val data)."""
-    (val_base, val_part), (train_base, train_part) = split_part(val), split_part(train)
-    parts = {val_part, train_part}
-    if data_location(val_base) == data_location(train_base) and parts != {HELDOUT_SUFFIX, TRAIN_SUFFIX}:
+    images ``train`` (that ``learns`` from; None when nothing does), or those the run that made
+    the encoder trained on (``trained_on``: its data where it found it, and its own val data)."""
+    if train is not None and not held_out(train, val):
         return f"the very images that {learns} ({data_location(train)}), so these numbers are not of held-out images"
-    if trained_on is None or data_location(val_base) != data_location(split_part(trained_on[0])[0]):
+    if trained_on is None or data_location(split_part(val)[0]) != data_location(split_part(trained_on[0])[0]):
         return None
-    held_out = data_location(val) == data_location(evaluation_split(*trained_on)[1])  # what the run held out
-    return None if held_out else "images the run trained on, so these numbers are not of held-out images"
+    run_train, run_val = evaluation_split(*trained_on)
+    if not held_out(run_train, run_val):  # the run evaluated on its training data
+        return "images the run trained on, so these numbers are not of held-out images"
+    if data_location(val) == data_location(run_val):
+        return None
+    return f"images the run trained on (it held out {run_val}), so these numbers are not of held-out images"
 
 
 class EpochLoader(DataLoader):

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.checkpoint import RUN_KEY, objective_name, read_checkpoint, run_checkpoint
+from ssl_vit.checkpoint import RUN_KEY, data_settings, objective_name, read_checkpoint, run_checkpoint
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import EncoderConfig
 from ssl_vit.errors import UserError
@@ -330,8 +330,9 @@ def load_image_text_model(source: str | Path) -> tuple[nn.Module, int, dict[str,
         model = OpenCLIPFolder(path)
         record = json.loads((path / "open_clip_config.json").read_text()).get("ssl_vit", {})  # ssl-vit's exports
         info = {"method": "CLIP", "format": "open_clip", "step": record.get("step")}
-        held_out = bool(record) and not record.get("data", {}).get("val_shards")
-        return model, model.image_size, info | {"trained_on": record.get("trained_on"), "held_out": held_out}
+        trained_on = record.get("trained_on")
+        trained_on = (trained_on, record.get("data", {}).get("val_shards")) if trained_on else None
+        return model, model.image_size, info | {"trained_on": trained_on}
     if path.is_dir():
         path = run_checkpoint(
             path,
@@ -341,7 +342,7 @@ def load_image_text_model(source: str | Path) -> tuple[nn.Module, int, dict[str,
     ckpt = read_checkpoint(path)
     model = clip_from_checkpoint(ckpt, path)
     info = {"method": "CLIP", "checkpoint": str(path), "step": ckpt.get("global_step")}
-    data = ckpt.get("datamodule_hyper_parameters", {})
-    # where its training data was, so that an evaluation on it says so (with no val_shards it held a tenth out)
-    info |= {"trained_on": ckpt.get(RUN_KEY, {}).get("train_shards"), "held_out": not data.get("val_shards")}
-    return model, model.encoder.image_size, info
+    # where its training data was, so that an evaluation on it says so
+    trained_on = ckpt.get(RUN_KEY, {}).get("train_shards")
+    trained_on = (trained_on, data_settings(ckpt).get("val_shards")) if trained_on else None
+    return model, model.encoder.image_size, info | {"trained_on": trained_on}
