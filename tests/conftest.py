@@ -65,9 +65,11 @@ def fit_briefly(
     steps: int = 2,
     num_images: int = 8,
     batch_size: int = 4,
+    ckpt_path: str | Path | None = None,
     **trainer_args,
 ) -> L.Trainer:
-    """A couple of optimiser steps on random images: enough to make a real Lightning checkpoint."""
+    """A couple of optimiser steps on random images: enough to make a real Lightning checkpoint
+    (or, from ``ckpt_path``, to resume one)."""
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -76,7 +78,7 @@ def fit_briefly(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(method, DataLoader(_RandomViews(view, num_images), batch_size=batch_size))
+    trainer.fit(method, DataLoader(_RandomViews(view, num_images), batch_size=batch_size), ckpt_path=ckpt_path)
     return trainer
 
 

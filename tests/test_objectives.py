@@ -32,7 +32,7 @@ from ssl_vit.masking import block_patch_mask, ibot_masks, multi_block_mask
 from ssl_vit.methods import DINO, MoCoV3, SimCLR, SimMIM
 from ssl_vit.methods.dino import embed_crops
 from ssl_vit.schedules import cosine_to, linear_warmup_then_constant
-from tests.conftest import TINY_ENCODER, fit_briefly, random_images
+from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly, random_images
 
 # ----------------------------------------------------------------------------- SimMIM
 
@@ -386,3 +386,22 @@ def test_ibot_masks_mask_half_the_crops_across_the_ratio_range():
     uppers = [int(196 * (0.1 + 0.1 * (i + 1))) for i in range(4)]
     assert all(c <= u for c, u in zip(counts[4:], uppers, strict=True))
     assert counts[-1] > 196 * 0.25  # the last slice asks for 40-50%: rectangles reach most of it
+
+
+def test_a_run_resumed_at_another_global_batch_says_what_changes(tmp_path):
+    """The lr follows the global batch: a resume on other devices, batch or accumulation would
+    silently train on other settings than the run it continues."""
+    factory, view = OBJECTIVES["simclr"]
+    fit_briefly(factory(), view, steps=2, batch_size=4).save_checkpoint(tmp_path / "run.ckpt")
+    for batch_size, accumulate, said in ((4, 1, False), (8, 1, True), (4, 2, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed = dict(batch_size=batch_size, accumulate_grad_batches=accumulate, ckpt_path=tmp_path / "run.ckpt")
+            fit_briefly(factory(), view, steps=3, num_images=16, **resumed)
+        lines = [str(w.message) for w in caught if "resuming at a global batch" in str(w.message)]
+        assert len(lines) == said, lines
+        if said:
+            now, method = batch_size * accumulate, factory()
+            assert lines[0].startswith(f"resuming at a global batch of {now} (1 devices x {batch_size} x {accumulate}")
+            peaks = [f"{method.base_lr * method.lr_batch_scale(batch):.3g}" for batch in (4, now)]
+            assert f"where the run trained at 4 until step 2: its peak lr {peaks[0]} -> {peaks[1]}," in lines[0]

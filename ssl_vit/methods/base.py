@@ -107,6 +107,8 @@ class SSLMethod(L.LightningModule):
         self.weight_decay, self.weight_decay_end, self.betas = weight_decay, weight_decay_end, tuple(betas)
         self.init_from, self.scale_to_run = init_from, scale_to_run
         self.collapse_watch = CollapseWatch()
+        self.global_batch: int | None = None  # the last step's; a resumed run's checkpoint's until its first step
+        self.resumed = False
 
     def freeze_modes(self) -> None:
         """The frozen modules back in eval mode."""
@@ -183,10 +185,29 @@ class SSLMethod(L.LightningModule):
             "objective": type(self).__name__,
             "encoders": dict(self.encoders),
             "collapse": self.collapse_watch.state_dict(),
+            "global_batch": self.global_batch,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.collapse_watch.load_state_dict(checkpoint.get("ssl_vit", {}).get("collapse", {}))
+        self.global_batch, self.resumed = checkpoint.get("ssl_vit", {}).get("global_batch"), True
+
+    def check_global_batch(self, per_device_batch: int) -> None:
+        """Say so when a run resumes at another global batch than it trained at (other devices,
+        ``data.batch_size`` or accumulation): its lr and steps per epoch follow the batch, so from
+        here it trains on other settings than the run it continues."""
+        now = self.global_batch_size(per_device_batch)
+        before, self.global_batch, self.resumed = self.global_batch, now, False
+        if before is None or before == now:
+            return
+        peaks = [self.base_lr * self.lr_batch_scale(batch) for batch in (before, now)]
+        lr = "its lr stays" if self.lr_batch_rule == "none" else "its peak lr {:.3g} -> {:.3g}".format(*peaks)
+        rank_zero_warn(
+            f"resuming at a global batch of {now} ({self.trainer.world_size} devices x {per_device_batch} x "
+            f"{self.trainer.accumulate_grad_batches} accumulated) where the run trained at {before} until step "
+            f"{self.global_step}: {lr}, and its steps per epoch change with it; to continue the run as it began, "
+            "resume with the trainer.devices, data.batch_size and trainer.accumulate_grad_batches it began with"
+        )
 
     def resume_problem(self, checkpoint: dict[str, Any]) -> str | None:
         """Why this objective cannot continue ``checkpoint`` beyond what every run compares
@@ -320,6 +341,8 @@ class SSLMethod(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         _, labels = batch
+        if self.resumed or self.global_batch is None:
+            self.check_global_batch(len(labels))
         step = self.global_step + self.schedule_step_offset
         lr = self.learning_rate(step, per_device_batch=len(labels))
         wd = self.weight_decay
