@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +350,10 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._seconds_before, self._session_start = 0.0, time.perf_counter()
         self._fingerprints: dict[str, str] = {}  # of the training data and init_from, read at the first save
+        # Names the weights a session trains (new at its first step), so that a summary, a record or
+        # a card of other weights at the same step (a run rewound by --ckpt_path) is not taken for theirs.
+        self.weights_id: str | None = None
+        self._trained = False
 
     def seconds(self) -> float:
         """Wall-clock seconds of the run: this session's, and the earlier sessions' up to the
@@ -358,7 +363,7 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._seconds_before, self._session_start = 0.0, time.perf_counter()
-        self.ctrl_c = False
+        self.ctrl_c, self._trained = False, False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -368,6 +373,11 @@ class RunCheckpoint(ModelCheckpoint):
         if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._ctrl_c_handler = lambda *_: self._stop_after_this_step(trainer)
             signal.signal(signal.SIGINT, self._ctrl_c_handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self._trained:  # before this step's save
+            self.weights_id, self._trained = uuid.uuid4().hex, True
+        super().on_train_batch_end(trainer, pl_module, *args)
 
     def _stop_after_this_step(self, trainer: L.Trainer) -> None:
         """Ctrl-C: the step in flight ends and is saved, as on SIGTERM (Lightning stops at the step's
@@ -400,7 +410,7 @@ class RunCheckpoint(ModelCheckpoint):
             set_rng_states(rng)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RUN_KEY] = {"folder": str(Path(trainer.default_root_dir).resolve())}
+        checkpoint[RUN_KEY] = {"folder": str(Path(trainer.default_root_dir).resolve()), "weights_id": self.weights_id}
         given = {
             "train_shards": getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("train_shards"),
             "init_from": pl_module.hparams.get("init_from"),
@@ -421,6 +431,7 @@ class RunCheckpoint(ModelCheckpoint):
         # epoch's first batch. With trainer.max_steps set, Lightning restores any checkpoint as if
         # mid-epoch: the finished epoch's batch count would carry into the next epoch, which then
         # yields only the batches left of that count (1 of 4 in the run that showed it).
+        self.weights_id = checkpoint.get(RUN_KEY, {}).get("weights_id")
         loop = checkpoint.get("loops", {}).get("fit_loop", {})
         epochs, batches = loop.get("epoch_progress", {}).get("current"), loop.get("epoch_loop.batch_progress")
         if epochs and batches and epochs["processed"] == epochs["ready"]:

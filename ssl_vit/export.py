@@ -41,8 +41,10 @@ from ssl_vit.onnx_export import ONNX_FILES, Deploy, OnnxOptions, prepare_deploy,
 from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 
 ExportFormat = Literal["timm", "state_dict"]
-#: ``pretrained_cfg`` entries that describe a timm release of an architecture, not an export.
+#: ``pretrained_cfg`` entries that describe a timm release of an architecture, not an export: its
+#: source and licence, and the size its weights were tested at (which timm's validation prefers).
 RELEASE_KEYS = ("tag", "license", "hf_hub_id", "url", "file", "source", "origin_url", "paper_ids", "paper_name")
+RELEASE_KEYS += ("test_input_size", "test_crop_pct")
 # What --overwrite may replace: what save_for_hf writes with safe serialisation, the model card and the
 # ONNX models with their report; or one file.
 EXPORT_FOLDER = OutputKind(
@@ -184,9 +186,10 @@ def model_card(model: nn.Module, record: dict[str, Any], preprocessing: dict[str
     if {"input_size", "crop_pct", "interpolation", "mean", "std"} <= cfg.keys():  # timm's eval transform, in words
         size, side = cfg["input_size"][-1], math.floor(cfg["input_size"][-1] / cfg["crop_pct"])
         about.append(
-            f"- input: RGB, the short side resized to {side} px ({cfg['interpolation']}), centre-cropped to {size} x "
-            f"{size}, normalised by mean {tuple(cfg['mean'])} and std {tuple(cfg['std'])} (timm's "
-            "`resolve_data_config` and `create_transform` do this from config.json)"
+            f"- input: RGB, the short side resized to {side} px and the long side in proportion, rounded down "
+            f"({cfg['interpolation']}, torchvision's `Resize`), centre-cropped to {size} x {size}, normalised by mean "
+            f"{tuple(cfg['mean'])} and std {tuple(cfg['std'])} (timm's `resolve_data_config` and `create_transform` "
+            "do this from config.json)"
         )
     if onnx:
         models = " and ".join(f"`{name}`" for name in onnx)
@@ -303,11 +306,13 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         "data": ckpt.get("datamodule_hyper_parameters", {}),
         "trained_on": ckpt.get(RUN_KEY, {}).get("train_shards"),  # where the run found its data
     }
-    checkpoint = Path(checkpoint)
+    checkpoint, weights_id = Path(checkpoint), ckpt.get(RUN_KEY, {}).get("weights_id")
     for kind in RECORD_KINDS:
         path = checkpoint.with_name(f"{checkpoint.stem}.{kind}.json")
         results = json.loads(path.read_text()) if path.is_file() else None
-        if results and results.get("step", record["step"]) == record["step"]:  # not of an earlier state
+        # not of an earlier state, nor of other weights at the same step (a run rewound by --ckpt_path)
+        of_these = results and results.get("weights_id", weights_id) == weights_id
+        if of_these and results.get("step", record["step"]) == record["step"]:
             record[kind] = results["results"]
             record.setdefault("evaluated_on", results.get("data"))
             if results.get("random_init_results"):

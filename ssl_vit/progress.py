@@ -143,6 +143,7 @@ def run_summary(
         "representation_collapsed_steps": health.watch.collapsed_steps if health and health.history else None,
         "representation_collapsed_at_end": health.watch.since is not None if health and health.history else None,
         "checkpoint": str(checkpoint) if checkpoint else None,
+        "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),  # its weights (RunCheckpoint)
         "export": str(export_dir) if export_dir else None,
         "pictures": str(pictures) if pictures.exists() else None,
         "logs": log_folder(trainer),
@@ -153,7 +154,8 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"{summary['objective']} run", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
-    rows = [(key.replace("_", " "), str(value)) for key, value in summary.items() if value is not None]
+    shown = {key: value for key, value in summary.items() if value is not None and key != "weights_id"}  # for matching
+    rows = [(key.replace("_", " "), str(value)) for key, value in shown.items()]
     for row in rows:
         table.add_row(*row)
     console = Console()

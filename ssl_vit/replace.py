@@ -62,10 +62,11 @@ class OutputKind:
         missing = [name for name in self.required if not (path / name).is_file()]
         if missing and any(path.iterdir()):
             return f"it has no {missing[0]}"
+        written = self._written(path)
+        if self.record and (path / self.record).is_file() and not written:  # a folder ssl-vit did not seal
+            return f"its {self.record} does not say which files ssl-vit wrote"
         edited = [
-            name
-            for name, digest in self._written(path).items()
-            if (path / name).is_file() and file_sha256(path / name) != digest
+            name for name, digest in written.items() if (path / name).is_file() and self._sha256(path / name) != digest
         ]
         if edited:
             return f"its {edited[0]} was changed since ssl-vit wrote it"
@@ -78,8 +79,17 @@ class OutputKind:
         record = folder / self.record
         content = json.loads(record.read_text())
         others = sorted(p for p in folder.iterdir() if p.is_file() and p.name != self.record)
-        content[WRITTEN_FILES_KEY] = {p.name: file_sha256(p) for p in others}
+        content[WRITTEN_FILES_KEY] = {p.name: file_sha256(p) for p in others} | {self.record: _entries_sha256(content)}
         record.write_text(json.dumps(content, indent=2))
+
+    def _sha256(self, path: Path) -> str | None:
+        """A file's SHA-256 as ``seal`` records it: the record's of its entries but the digests."""
+        if path.name != self.record:
+            return file_sha256(path)
+        try:
+            return _entries_sha256(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return None
 
     def _written(self, folder: Path) -> dict[str, str]:
         """The SHA-256 of each file as written, by name ({} for outputs written before they were kept)."""
@@ -90,6 +100,12 @@ class OutputKind:
 
     def _named(self, path: Path) -> bool:
         return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in self.names)
+
+
+def _entries_sha256(content: dict) -> str:
+    """The SHA-256 of a record's entries, its ``WRITTEN_FILES_KEY`` left out."""
+    entries = {key: value for key, value in content.items() if key != WRITTEN_FILES_KEY}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def check_replaceable(out: str | Path, kind: OutputKind, overwrite: bool, reads: Iterable[str | Path] = ()) -> None:

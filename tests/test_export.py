@@ -15,7 +15,7 @@ from ssl_vit import export_encoder, load_encoder
 from ssl_vit.checkpoint import encoder_weights, load_checkpoint_encoder
 from ssl_vit.encoder import NON_TIMM_SETTINGS
 from ssl_vit.errors import UserError
-from ssl_vit.export import card
+from ssl_vit.export import card, write_timm_folder
 from ssl_vit.methods import MAE
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly
 from tests.fault_injection import in_this_process
@@ -88,7 +88,8 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     assert "by the run on `photos#heldout` (neighbours and probes from `photos#train`), top-1 %" in card
     assert "- k-NN: k=20 50.0 (random init: k=20 12.5)\n" in card
     # how a deployment prepares an image, as the evaluation did (timm's transform from config.json)
-    assert "- input: RGB, the short side resized to 36 px (bicubic), centre-cropped to 32 x 32, normalised by" in card
+    said = "- input: RGB, the short side resized to 36 px and the long side in proportion, rounded down (bicubic"
+    assert said in card and "centre-cropped to 32 x 32, normalised by" in card
     # the heading gives the shape the weights have, not only the timm name it is built from
     shape = f"{TINY_ENCODER['depth']} blocks, {TINY_ENCODER['embed_dim']}-d, {TINY_ENCODER['patch_size']}-px patches"
     assert card.startswith(f"# vit_tiny_patch16_224 with {shape}, 32-px images, {prov['objective']}\n")
@@ -207,3 +208,15 @@ def test_the_card_says_the_training_data_less_the_tenth_the_run_held_out(tmp_pat
     assert training_data(str(tmp_path / "b/train")).endswith("train`")
     # what the run recorded it evaluated on, where the folders have changed since
     assert training_data(str(tmp_path / "b/train"), {"val_shards": f"{tmp_path}/b/train#heldout"}).endswith(less)
+
+
+def test_an_export_is_prepared_at_its_own_size_by_timms_validation_too(tmp_path):
+    """timm's validation resolves a model's test size first: a release's (resnet10t's 224 px) would
+    prepare a 32-px student's images at 7 times the size it was trained and evaluated at."""
+    cnn = timm.create_model("resnet10t", num_classes=0)
+    assert cnn.pretrained_cfg["test_input_size"] == (3, 224, 224)
+    config = {"pretrained_cfg": {"input_size": (3, 32, 32), "crop_pct": 0.875}}
+    out = write_timm_folder(cnn, tmp_path / "export", {}, config, overwrite=False)
+    model = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0)
+    resolved = timm.data.resolve_data_config(model=model, use_test_size=True)
+    assert resolved["input_size"] == (3, 32, 32) and resolved["crop_pct"] == 0.875

@@ -273,6 +273,27 @@ def test_an_export_whose_model_card_was_edited_is_not_replaced(tmp_path, run):
     export_encoder(run / "checkpoints/epoch=0000.ckpt", out, overwrite=True)
 
 
+def test_an_export_whose_config_was_edited_or_a_timm_folder_ssl_vit_never_wrote_is_not_replaced(tmp_path, run):
+    """config.json holds the digests of the files as written, and its own entries' digest."""
+    out = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "label_names": ["cat", "dog"]}))  # a user's edit
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"its config\.json was changed since ssl-vit wrote it"):
+        export_encoder(run / "checkpoints/epoch=0000.ckpt", out, overwrite=True)
+    assert snapshot(tmp_path) == before
+    hand_made = {"architecture": "resnet50", "num_classes": 0}  # a timm folder of the user's own, three weeks' work
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text(json.dumps(hand_made))
+    (tmp_path / "mine" / "model.safetensors").write_bytes(b"weights")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"its config\.json does not say which files ssl-vit wrote"):
+        export_encoder(run / "checkpoints/last.ckpt", tmp_path / "mine", overwrite=True)
+    assert snapshot(tmp_path) == before
+    export_encoder(run / "checkpoints/last.ckpt", tmp_path / "again")  # as written, replaced
+    export_encoder(run / "checkpoints/epoch=0000.ckpt", tmp_path / "again", overwrite=True)
+
+
 def test_an_output_given_as_a_link_is_written_where_the_link_points(tmp_path, run):
     (tmp_path / "big_disk").mkdir()
     (tmp_path / "export").symlink_to(tmp_path / "big_disk")

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -675,3 +676,48 @@ def test_the_python_example_runs_as_written(user_folder, monkeypatch, capsys):
     exec(compile(code, "docs/recipes-and-data.md", "exec"), {})
     assert "k=20" in capsys.readouterr().out
     assert (user_folder / "runs/photos/simclr-python/export/model.safetensors").is_file()
+
+
+def test_a_fresh_start_in_a_finished_runs_folder_without_its_checkpoints_replaces_nothing(tmp_path):
+    """Its checkpoints deleted (to free disk), a finished run's export is its only copy: a run
+    started afresh there would write over it at its end."""
+    folder = image_folder(tmp_path / "holiday", ["beach", "hills"], per_class=10)
+    args = ["--config", str(ROOT / "recipes/quickstart/simclr.yaml"), "--data.train_shards", str(folder)]
+    args += ["--data.batch_size=8", "--trainer.default_root_dir", "runs/mine"]
+    assert in_this_process(tmp_path, "pretrain", *args, "--trainer.max_steps=2").returncode == 0
+    run = tmp_path / "runs/mine"
+    shutil.rmtree(run / "checkpoints")
+    kept = {p: p.read_bytes() for p in [run / "summary.json", *(run / "export").iterdir()]}
+    result = in_this_process(tmp_path, "pretrain", *args, "--trainer.max_steps=1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    said = result.stderr.strip().splitlines()[-1]
+    assert "summary.json is the summary of an earlier run (2 steps) with no checkpoint here to resume" in said
+    assert {p: p.read_bytes() for p in kept} == kept and not (run / "checkpoints").exists()
+    (run / "summary.json").unlink()  # the export alone
+    result = in_this_process(tmp_path, "pretrain", *args, "--trainer.max_steps=1")
+    assert result.returncode == 2 and "it is an earlier run's, which this run does not continue" in result.stderr
+
+
+def test_a_summary_and_records_of_other_weights_at_the_same_step_are_not_taken_for_the_checkpoints(tmp_path):
+    """A run rewound by --ckpt_path (with another lr) and stopped after its last step, before its
+    end-of-run work, holds a last.ckpt at the step its old summary and records name: they are of
+    other weights, so the same command does the end-of-run work, and an export's card leaves them out."""
+    folder = image_folder(tmp_path / "holiday", ["beach", "hills"], per_class=10)
+    args = ["--config", str(ROOT / "recipes/quickstart/simclr.yaml"), "--data.train_shards", str(folder)]
+    args += ["--data.batch_size=8", "--trainer.default_root_dir", "runs/mine", "--trainer.max_steps=4"]
+    args += ["--checkpoint.every_n_train_steps=2"]
+    assert in_this_process(tmp_path, "pretrain", *args).returncode == 0
+    run = tmp_path / "runs/mine"
+    first = {p: p.read_bytes() for p in [run / "summary.json", *run.glob("checkpoints/last.*.json")]}
+    rewound = [*args, "--model.init_args.base_lr=1e-2", f"--ckpt_path={next(run.glob('checkpoints/*step=2.ckpt'))}"]
+    assert in_this_process(tmp_path, "pretrain", *rewound).returncode == 0
+    for path, content in first.items():  # as if stopped before its end-of-run work: the first run's end
+        path.write_bytes(content)
+    card = in_this_process(tmp_path, "export", "runs/mine", "out")
+    assert card.returncode == 0 and "- none recorded with this checkpoint" in (tmp_path / "out/README.md").read_text()
+    again = in_this_process(tmp_path, "pretrain", *args[:-1], "--model.init_args.base_lr=1e-2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "was stopped before its end-of-run evaluation, export and summary were done: doing them now" in again.stderr
+    ran = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["ssl_vit_run"]["weights_id"]
+    assert json.loads((run / "summary.json").read_text())["weights_id"] == ran
+    assert json.loads((run / "checkpoints/last.knn.json").read_text())["weights_id"] == ran

@@ -26,6 +26,7 @@ from rich.console import Console
 
 from ssl_vit.checkpoint import (
     LOCK_FILE,
+    RUN_KEY,
     AtomicCheckpointIO,
     RunCheckpoint,
     checkpoint_problem,
@@ -42,7 +43,7 @@ from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write, seen_image
 from ssl_vit.data.shards import is_remote, resolve_shards, split_part
 from ssl_vit.distributed import log_folder
 from ssl_vit.encoder import compile_blocks
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, counted
 from ssl_vit.eval import EvaluationCallback
 from ssl_vit.eval.compare import print_comparison
 from ssl_vit.eval.report import (
@@ -187,7 +188,7 @@ class RunCLI(LightningCLI):
         # The lock file of a start that was killed (one that ends releases it): its pid, host and time.
         killed = (root / LOCK_FILE).read_text().strip() if (root / LOCK_FILE).is_file() else None
         if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
-            check_end_of_run_outputs_are_ours(root, export=config["export"])
+            check_end_of_run_outputs_are_ours(root, export=config["export"], resumes=resumes)
             lock_run_folder(root)
         captioned = getattr(self.model, "caption_tokens", None) is not None  # an image-text objective reads pairs
         described = self.datamodule.describe(captioned) if self.trainer.is_global_zero else None
@@ -236,7 +237,9 @@ class RunCLI(LightningCLI):
             return None
         summary_path = root / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        if not summary or summary.get("steps") != step:  # stopped during its end-of-run evaluation or export
+        ran = ckpt.get(RUN_KEY, {}).get("weights_id")
+        # stopped during its end-of-run evaluation or export; or the summary is of other weights (a rewound run)
+        if not summary or summary.get("steps") != step or summary.get("weights_id", ran) != ran:
             if self.trainer.is_global_zero:
                 Console(stderr=True, soft_wrap=True).print(
                     f"{root} trained to its limit ({reached}) but was stopped before its end-of-run evaluation, "
@@ -483,6 +486,7 @@ class FineTuneCLI(RunCLI):
             "val_top5": results.get("top5"),  # None of five classes or fewer
             "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
+            "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),
             "export": str(export_dir) if export_dir else None,
             "logs": log_folder(trainer),
         }
@@ -539,9 +543,10 @@ def data_name(train_shards: str) -> str:
 RUN_SUMMARIES = ("summary.json", "distill_summary.json")
 
 
-def check_end_of_run_outputs_are_ours(root: Path, export: bool) -> None:
-    """A file of the user's where a run writes at its end (its summary, its export folder) stops
-    the run at its start, not after its training, and is never replaced."""
+def check_end_of_run_outputs_are_ours(root: Path, export: bool, resumes: bool) -> None:
+    """A file where a run writes at its end (its summary, its export folder) that is not its own
+    stops the run at its start, not after its training, and is never replaced: the user's, or an
+    earlier run's whose checkpoints this run does not resume (``resumes``), e.g. deleted."""
     elsewhere = "give the run another folder (--trainer.default_root_dir PATH)"
     for path in (root / name for name in RUN_SUMMARIES):
         try:
@@ -553,11 +558,21 @@ def check_end_of_run_outputs_are_ours(root: Path, export: bool) -> None:
                 f"{path} is not a summary ssl-vit wrote, and the run writes its summary there at its end: move it "
                 f"out or {elsewhere}"
             )
+        if written and not resumes:
+            raise UserError(
+                f"{path} is the summary of an earlier run ({counted(written['steps'], 'step')}) with no checkpoint "
+                "here to resume, and this run starts afresh and would write over it and its export at its end: move "
+                f"them out or {elsewhere}"
+            )
     out = root / "export"
-    reason = EXPORT_FOLDER.foreign(out) if export and os.path.lexists(out) else None
-    if reason and not (out.is_dir() and not any(out.iterdir())):
+    if not export or not os.path.lexists(out) or (out.is_dir() and not any(out.iterdir())):
+        return
+    reason = EXPORT_FOLDER.foreign(out) or (
+        None if resumes else "it is an earlier run's, which this run does not continue"
+    )
+    if reason:
         raise UserError(
-            f"{out} is not an export ssl-vit wrote ({reason}), and the run exports there at its end: move it out, "
+            f"{out} is not an export this run wrote ({reason}), and the run exports there at its end: move it out, "
             f"{elsewhere}, or pass --export false"
         )
 

@@ -185,6 +185,7 @@ class EvaluationCallback(Evaluator, Periodic):
             "method": type(pl_module).__name__,
             "encoder": dict(pl_module.hparams.get("encoder", {})),
             "step": trainer.global_step,
+            "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),  # RunCheckpoint's
         }
         seconds = time.perf_counter() - start
         write_records(
