@@ -28,7 +28,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ssl_vit.data.shards import data_fingerprint, data_location, is_remote, size_and_time
+from ssl_vit.data.pipeline import evaluation_split
+from ssl_vit.data.shards import data_fingerprint, data_location, is_remote, size_and_time, split_part
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
 from ssl_vit.replace import file_sha256, process_exists, this_host, writer_id
@@ -239,8 +240,8 @@ def data_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
 def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> str | None:
     """What differs between a checkpoint and the run about to resume from it (``None`` if nothing
     does). ``run`` holds what this run was asked for: ``objective``, ``encoder``, and, to resume a
-    run automatically, ``train_shards``, ``init_from`` and its ``folder``; a key left out is not
-    compared."""
+    run automatically, ``train_shards``, ``val_shards`` (which decide the images it trains on),
+    ``init_from`` and its ``folder``; a key left out is not compared."""
     hparams = ckpt.get("hyper_parameters", {})
     written: dict[str, Any] = {
         "objective": objective_name(ckpt),
@@ -269,6 +270,13 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
             )
         at = f" ({where})" if where and where != written[key] else ""
         return f"its {key} is {written[key]!r}{at}, this run's {run[key]!r}"
+    if "val_shards" in run and isinstance(run.get("train_shards"), str) and isinstance(written["train_shards"], str):
+        # val_shards decides which images train: all of the data, or all but its held-out tenth
+        val = ckpt.get("datamodule_hyper_parameters", {}).get("val_shards")
+        then = evaluation_split(recorded.get("train_shards") or written["train_shards"], val)[0]
+        now = evaluation_split(run["train_shards"], run["val_shards"])[0]
+        if split_part(then)[1] != split_part(now)[1]:
+            return f"it trained on {then}, this run would on {now} (data.val_shards {val} -> {run['val_shards']})"
     folder = recorded.get("folder")
     here = Path(run["folder"]).resolve() if "folder" in run else None
     if here is not None and folder is not None and Path(folder) != here and here not in path.resolve().parents:

@@ -125,6 +125,22 @@ def test_a_resume_names_what_differs_from_the_run(tmp_path, change, expected):
     assert problem == expected if expected is None else expected in problem
 
 
+def test_a_resume_that_would_train_on_other_images_of_its_data_is_refused(tmp_path, monkeypatch):
+    """Without val data a run trains on all but the held-out tenth of its data; given val data
+    at a resume, it would train on that tenth too, which its evaluation then no longer holds out."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    ckpt = checkpoint_of(tmp_path / "run")
+    ckpt["datamodule_hyper_parameters"] = {"train_shards": "photos", "val_shards": None}
+    run = {"objective": "MAE", "encoder": ENCODER, "train_shards": "photos", "val_shards": None, "init_from": None}
+    path = tmp_path / "run/checkpoints/last.ckpt"
+    assert resume_mismatch(path, ckpt, run) is None
+    problem = resume_mismatch(path, ckpt, {**run, "val_shards": "other"})
+    assert problem == "it trained on photos#train, this run would on photos (data.val_shards None -> other)"
+    ckpt["datamodule_hyper_parameters"]["val_shards"] = "other"  # other val data, the same training images
+    assert resume_mismatch(path, ckpt, {**run, "val_shards": "elsewhere"}) is None
+
+
 def test_a_resume_compares_where_the_data_and_weights_are_not_how_they_were_written(tmp_path, monkeypatch):
     """The checkpoint records where its data and starting weights were: the same folder given from
     elsewhere or as a full path resumes, and another folder of the same name, given from another

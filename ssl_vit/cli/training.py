@@ -162,6 +162,7 @@ class RunCLI(LightningCLI):
             "objective": type(self.model).__name__,
             "encoder": dict(hparams.get("encoder") or {}),
             "train_shards": data.get("train_shards"),
+            "val_shards": data.get("val_shards"),
             "init_from": hparams.get("init_from"),
             "folder": root,
         }
@@ -188,7 +189,9 @@ class RunCLI(LightningCLI):
         # The lock file of a start that was killed (one that ends releases it): its pid, host and time.
         killed = (root / LOCK_FILE).read_text().strip() if (root / LOCK_FILE).is_file() else None
         if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
-            check_end_of_run_outputs_are_ours(root, export=config["export"], resumes=resumes)
+            # Lightning's own names (--ckpt_path last, hpc) continue the run's checkpoints, when there are some
+            named = bool(config["ckpt_path"]) and bool(checkpoints_in((ckpt_dir, "*.ckpt"), (root, "hpc_ckpt_*.ckpt")))
+            check_end_of_run_outputs_are_ours(root, export=config["export"], resumes=resumes or named)
             lock_run_folder(root)
         captioned = getattr(self.model, "caption_tokens", None) is not None  # an image-text objective reads pairs
         described = self.datamodule.describe(captioned) if self.trainer.is_global_zero else None
