@@ -190,7 +190,7 @@ class RunCLI(LightningCLI):
         killed = (root / LOCK_FILE).read_text().strip() if (root / LOCK_FILE).is_file() else None
         if self.trainer.is_global_zero:  # after every check that refuses the run: those write nothing
             # Lightning's own names (--ckpt_path last, hpc) continue the run's checkpoints, when there are some
-            named = bool(config["ckpt_path"]) and bool(checkpoints_in((ckpt_dir, "*.ckpt"), (root, "hpc_ckpt_*.ckpt")))
+            named = bool(config["ckpt_path"]) and bool(checkpoints_in(*checkpoint_places(ckpt_dir, root)))
             check_end_of_run_outputs_are_ours(root, export=config["export"], resumes=resumes or named)
             lock_run_folder(root)
         captioned = getattr(self.model, "caption_tokens", None) is not None  # an image-text objective reads pairs
@@ -272,8 +272,7 @@ class RunCLI(LightningCLI):
         objective, encoder, data, starting weights and run folder. Anything else in the run's
         checkpoint folder stops the run with one line, so a run never continues another one,
         never writes over its checkpoints, and never reports its numbers."""
-        # Ours, and the one Lightning saves on SLURM's pre-emption signal (SIGUSR1) before requeueing.
-        places = ((ckpt_dir, "*.ckpt"), (root, "hpc_ckpt_*.ckpt"))
+        places = checkpoint_places(ckpt_dir, root)
         existing = checkpoints_in(*places)
         if not existing:
             return None
@@ -303,6 +302,12 @@ class RunCLI(LightningCLI):
             while cause is not None and not isinstance(cause, UserError):
                 cause = cause.__cause__ or cause.__context__
             raise (cause or err) from None
+
+
+def checkpoint_places(ckpt_dir: Path, root: Path) -> tuple[tuple[Path, str], ...]:
+    """Where a run's checkpoints are, as (folder, pattern): ours, and the one Lightning saves on
+    SLURM's pre-emption signal (SIGUSR1) before requeueing."""
+    return (ckpt_dir, "*.ckpt"), (root, "hpc_ckpt_*.ckpt")
 
 
 def objective_resume_problem(model: L.LightningModule, ckpt: dict[str, Any]) -> str | None:
