@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import timm
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models import eva, save_for_hf, vision_transformer
 from torch import nn
@@ -53,7 +54,21 @@ EXPORT_FOLDER = OutputKind(
     required=("config.json", "model.safetensors"),
     record="config.json",
 )
-STATE_DICT_FILE = OutputKind("a state_dict export", ("*.safetensors",), folder=False)
+#: The metadata entry that marks a state dict as ssl-vit's (what --overwrite may replace).
+WRITTEN_BY = {"written_by": "ssl-vit"}
+
+
+def unwritten_state_dict(path: Path) -> str | None:
+    """Why ``path`` is not a state dict ssl-vit wrote (None when it is)."""
+    try:
+        with safe_open(str(path), "pt") as weights:
+            metadata = weights.metadata() or {}
+    except (SafetensorError, OSError):
+        return "it is not a safetensors file"
+    return None if WRITTEN_BY.items() <= metadata.items() else "its metadata does not say ssl-vit wrote it"
+
+
+STATE_DICT_FILE = OutputKind("a state_dict export", ("*.safetensors",), folder=False, unwritten=unwritten_state_dict)
 
 
 def export_encoder(
@@ -102,7 +117,7 @@ def write_encoder(
         return replace_output(
             out,
             lambda path: save_file(
-                _contiguous(encoder.vit.state_dict()), str(path), metadata={"architecture": encoder.name}
+                _contiguous(encoder.vit.state_dict()), str(path), metadata={"architecture": encoder.name, **WRITTEN_BY}
             ),
             STATE_DICT_FILE,
             overwrite,

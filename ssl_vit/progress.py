@@ -112,7 +112,6 @@ def run_summary(
         results = record["results"]
         accuracy[kind] = results.get("k=20", {}) if kind == "knn" else results  # no k=20: fewer training images
     encoder = dict(model.hparams.get("encoder", {}))
-    loss = trainer.callback_metrics.get("train/loss")
     pictures = Path(trainer.default_root_dir) / "pictures"
     watch = model.collapse_watch
     health = next((c for c in trainer.callbacks if isinstance(c, HealthCallback)), None)
@@ -126,7 +125,7 @@ def run_summary(
         "encoder": ", ".join(f"{k}={v}" for k, v in encoder.items()),
         "steps": trainer.global_step,
         "seconds": round(seconds, 1),
-        "final_loss": None if loss is None else round(float(loss), 4),
+        "final_loss": model.final_loss(),
         # on a small held-out part a point may be a fraction of one image
         "evaluation_images": evaluation.counts.get("val_images") if evaluation and accuracy else None,
         "knn_k20_top1": accuracy.get("knn", {}).get("top1"),

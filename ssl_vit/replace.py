@@ -44,13 +44,17 @@ class OutputKind:
     #: A JSON file of the folder in which ``replace_output`` records the SHA-256 of the others as
     #: written: one changed since (an edited model card) is the user's work, not to be replaced.
     record: str | None = None
+    #: For a file output: why a file so named is not one ssl-vit wrote (None when it is).
+    unwritten: Callable[[Path], str | None] | None = None
 
     def foreign(self, path: Path) -> str | None:
         """Why the existing ``path`` is not an output of this kind (None when it is one)."""
         if not self.folder:
             if path.is_dir():
                 return "it is a folder"
-            return None if self._named(path) else f"it is not a {' or '.join(self.names)} file"
+            if not self._named(path):
+                return f"it is not a {' or '.join(self.names)} file"
+            return self.unwritten(path) if self.unwritten else None
         if not path.is_dir():
             return "it is a file"
         others = sorted(entry for entry in path.iterdir() if entry.is_dir() or not self._named(entry))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,12 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     warned = in_this_process(tmp_path, "export", "runs/collapsed", "collapsed-export")
     assert warned.returncode == 0 and "checkpoints/last.ckpt ends a run that failed: its outputs" in warned.stderr
     assert "UserWarning" not in warned.stderr and "which ends a failed run" in warned.stdout  # and after the rest
+
+
+def test_a_student_whose_map_is_one_vector_is_warned_of(teacher):
+    """A stride-32 CNN at 32 px: the dense term would see one vector per image, with no word."""
+    with pytest.warns(UserWarning, match=r"\(test_resnet\) has a 1 x 1 feature map at 32 px, the teacher 4 x 4"):
+        Distill(str(teacher), CNN_STUDENT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Distill(str(teacher), {**CNN_STUDENT, "output_stride": 8})  # a 4 x 4 map, as the teacher's

@@ -11,7 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from ssl_vit import export_encoder
 from ssl_vit.cli import main
@@ -195,6 +197,18 @@ def test_overwrite_replaces_an_export_with_a_new_one(tmp_path, run):
     state_dict = export_encoder(run / "checkpoints/last.ckpt", tmp_path / "encoder.safetensors", fmt="state_dict")
     export_encoder(run / "checkpoints/epoch=0000.ckpt", state_dict, fmt="state_dict", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.safetensors", "export", "run"]
+
+
+def test_a_safetensors_file_ssl_vit_did_not_write_is_not_replaced(tmp_path, run):
+    """A state dict export is one file: only its metadata tells it from the user's own weights."""
+    (tmp_path / "notes.safetensors").write_text("precious")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "theirs.safetensors"), metadata={"architecture": "resnet50"})
+    before = snapshot(tmp_path)
+    for name, reason in (("notes", "it is not a safetensors file"), ("theirs", "its metadata does not say ssl-vit")):
+        with pytest.raises(UserError, match=f"{name}.safetensors is not a state_dict export: {reason}"):
+            out = tmp_path / f"{name}.safetensors"
+            export_encoder(run / "checkpoints/last.ckpt", out, fmt="state_dict", overwrite=True)
+    assert snapshot(tmp_path) == before
 
 
 def test_a_runs_own_export_is_replaced_only_from_that_runs_checkpoints(tmp_path, run, checkpoint_bytes):

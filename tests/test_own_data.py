@@ -711,6 +711,7 @@ def test_a_summary_and_records_of_other_weights_at_the_same_step_are_not_taken_f
     first = {p: p.read_bytes() for p in [run / "summary.json", *run.glob("checkpoints/last.*.json")]}
     rewound = [*args, "--model.init_args.base_lr=1e-2", f"--ckpt_path={next(run.glob('checkpoints/*step=2.ckpt'))}"]
     assert in_this_process(tmp_path, "pretrain", *rewound).returncode == 0
+    rewound_loss = json.loads((run / "summary.json").read_text())["final_loss"]
     for path, content in first.items():  # as if stopped before its end-of-run work: the first run's end
         path.write_bytes(content)
     card = in_this_process(tmp_path, "export", "runs/mine", "out")
@@ -719,5 +720,7 @@ def test_a_summary_and_records_of_other_weights_at_the_same_step_are_not_taken_f
     assert again.returncode == 0, again.stderr[-3000:]
     assert "was stopped before its end-of-run evaluation, export and summary were done: doing them now" in again.stderr
     ran = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["ssl_vit_run"]["weights_id"]
-    assert json.loads((run / "summary.json").read_text())["weights_id"] == ran
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["weights_id"] == ran
+    assert summary["final_loss"] == rewound_loss is not None  # its last step's, though this session trained none
     assert json.loads((run / "checkpoints/last.knn.json").read_text())["weights_id"] == ran

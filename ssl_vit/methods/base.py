@@ -109,6 +109,7 @@ class SSLMethod(L.LightningModule):
         self.collapse_watch = CollapseWatch()
         self.global_batch: int | None = None  # the last step's; a resumed run's checkpoint's until its first step
         self.resumed = False
+        self.checkpoint_loss: float | None = None  # the last step's loss as the resumed checkpoint saved it
 
     def freeze_modes(self) -> None:
         """The frozen modules back in eval mode."""
@@ -186,11 +187,18 @@ class SSLMethod(L.LightningModule):
             "encoders": dict(self.encoders),
             "collapse": self.collapse_watch.state_dict(),
             "global_batch": self.global_batch,
+            "loss": self.final_loss(),
         }
+
+    def final_loss(self) -> float | None:
+        """The last step's loss: this session's, else (a run that only did its end) its checkpoint's."""
+        loss = self.trainer.callback_metrics.get("train/loss")
+        return self.checkpoint_loss if loss is None else round(float(loss), 4)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.collapse_watch.load_state_dict(checkpoint.get("ssl_vit", {}).get("collapse", {}))
-        self.global_batch, self.resumed = checkpoint.get("ssl_vit", {}).get("global_batch"), True
+        saved = checkpoint.get("ssl_vit", {})
+        self.global_batch, self.checkpoint_loss, self.resumed = saved.get("global_batch"), saved.get("loss"), True
 
     def check_global_batch(self, per_device_batch: int) -> None:
         """Say so when a run resumes at another global batch than it trained at (other devices,

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import timm
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ssl_vit.checkpoint import data_settings, encoder_weights, read_checkpoint
@@ -123,7 +124,7 @@ class Distill(SSLMethod):
         dims: list[tuple[int, int]] = []
         try:
             for size in sizes:
-                dims = []
+                dims, grids = [], []
                 if isinstance(self.encoder, ViTEncoder) and self.encoder.image_size != size:
                     raise UserError(
                         f"the student ViT is built for {self.encoder.image_size}-px images, the crops are {size} px; "
@@ -139,6 +140,14 @@ class Distill(SSLMethod):
                             f"{_last_line(err)}; choose a {role} and crop size that fit each other"
                         ) from err
                     dims.append((pooled.shape[1], fmap.shape[1]))
+                    grids.append(tuple(fmap.shape[-2:]))
+                if grids[1] == (1, 1) and grids[0] != (1, 1):
+                    rank_zero_warn(
+                        f"the student ({self.model_name('student')}) has a 1 x 1 feature map at {size} px, the "
+                        f"teacher {grids[0][0]} x {grids[0][1]}: the dense term sees one vector per image; a stride "
+                        "that fits the image (output_stride: 8 for ResNets) or larger crops give it a map "
+                        "(docs/distillation.md)"
+                    )
         finally:
             self.train(was_training)
         return dims
