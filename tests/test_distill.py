@@ -245,6 +245,8 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     knn = in_this_process(tmp_path, "knn", str(run / "checkpoints/last.ckpt"), "--train_shards", str(shards))
     assert knn.returncode == 2 and "is a distillation run's checkpoint" in knn.stderr
     assert f"local-dir:{run / 'export'}" in " ".join(knn.stderr.split())
+    knn = in_this_process(tmp_path, "knn", str(run / "export"), "--train_shards", str(shards), "--num_workers", "0")
+    assert knn.returncode == 0 and "; the model's own pooling, 16-px images;" in knn.stdout, knn.stderr[-3000:]
 
     # `ssl-vit export RUN` writes the same student (a CNN, not the teacher's ViT), here with its ONNX model.
     standalone = in_this_process(tmp_path, "export", str(run), "again", "--onnx")

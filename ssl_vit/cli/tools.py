@@ -175,7 +175,9 @@ def evaluate(command: str, args: list[str]) -> None:
     # What the numbers are of: the features and the data (the same table can come of other settings).
     size = f"{evaluator.image_size or encoder.image_size}-px images"
     blocks = f" of the last {evaluator.last_blocks} blocks" if evaluator.last_blocks > 1 else ""
-    features = size if command == "segprobe" else f"{evaluator.pooling} pooling{blocks}, {size}"
+    # a model without a CLS token of a ViT's (a CNN) pools its own way: timm's forward_head
+    pooled = "the model's own" if evaluator.pooling == "cls" and not hasattr(encoder, "vit") else evaluator.pooling
+    features = size if command == "segprobe" else f"{pooled} pooling{blocks}, {size}"
     learnt = {"knn": "neighbours from", "probe": "probes trained on", "segprobe": "probe trained on"}[command]
     data = f"scored on {evaluator.val_shards}, {learnt} {evaluator.train_shards}"
     Console(soft_wrap=True).print(
