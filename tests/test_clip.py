@@ -421,6 +421,8 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
         assert result.returncode == 0, result.stderr
         assert "zero-shot" in result.stdout and "image -> text" in result.stdout
         assert "24 images of 4 classes, 4.2 points each" in result.stdout  # what the accuracy counts
+        # what the classes are called in the prompts: a score below chance is often folder names unlike the captions'
+        assert "zero-shot prompts: open_clip's 7 templates ('a bad photo of the {}.', ...)" in result.stdout
         # the run trained on these very shards (its val_shards too): said, from the run and from its export
         assert "warning: shards holds images the run trained on, so these" in result.stderr, result.stderr
         written = sorted(stem.parent.glob(f"{stem.name}.*.eval-*.json"))  # a run's beside the checkpoint read
@@ -432,6 +434,9 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
     default = in_this_process(tmp_path, "zeroshot", str(run), "--num_workers", "0")
     assert default.returncode == 0 and "image -> text" in default.stdout, default.stderr
     assert len(list(run.glob("checkpoints/last.*.eval-*.json"))) == 2  # the same evaluation: its records replaced
+    unlabelled = captioned_shards(tmp_path / "unlabelled", captions[:8])  # retrieval only, and why
+    retrieval = in_this_process(tmp_path, "zeroshot", "oc", "--val_shards", str(unlabelled), "--num_workers", "0")
+    assert retrieval.returncode == 0 and f"zero-shot is skipped: {unlabelled} has no class labels" in retrieval.stderr
     asked = in_this_process(tmp_path, "zeroshot", "oc")
     assert asked.returncode == 2 and "needs --val_shards" in asked.stderr, asked.stderr
     # labelled images without captions: zero-shot only, and a line on why there is no retrieval

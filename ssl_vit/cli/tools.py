@@ -36,7 +36,7 @@ from ssl_vit.data.shards import (
     write_shards,
 )
 from ssl_vit.data.views import EvalView
-from ssl_vit.errors import UserError, counted
+from ssl_vit.errors import UserError, counted, first_few
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.encoders import (
     load_evaluated_encoder,
@@ -46,7 +46,7 @@ from ssl_vit.eval.encoders import (
     standalone_record_stem,
 )
 from ssl_vit.eval.features import Pooling
-from ssl_vit.eval.image_text import evaluate_image_text, no_retrieval
+from ssl_vit.eval.image_text import PROMPT_TEMPLATES, evaluate_image_text, no_retrieval, no_zero_shot
 from ssl_vit.eval.report import (
     COMMON_SETTINGS,
     PROTOCOL_SETTINGS,
@@ -251,9 +251,16 @@ def zeroshot(args: list[str]) -> None:
         )
     if "retrieval" not in results:
         Console(stderr=True, soft_wrap=True).print(no_retrieval(opts.val_shards))
+    if "zeroshot" not in results:
+        Console(stderr=True, soft_wrap=True).print(no_zero_shot(opts.val_shards))
     seconds = time.perf_counter() - start
     title = f"zero-shot evaluation of {opts.model} on {opts.val_shards}"
     print_results(title, results, **(counts or {"classes": len(names) if names else None}))
+    if "zeroshot" in results:  # a score far below chance often means folder names unlike the captions' words
+        Console(soft_wrap=True).print(
+            f"zero-shot prompts: open_clip's {len(PROMPT_TEMPLATES)} templates ('{PROMPT_TEMPLATES[1]}', ...) with "
+            f"each class folder's name ({first_few(names, 6)}): name the folders with the captions' words"
+        )
     evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read
     stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings, info.get("step"))
     for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):

@@ -127,6 +127,14 @@ def evaluate_image_text(
     return results, counts
 
 
+def no_zero_shot(shards: str) -> str:
+    """The line that says why the results of ``evaluate_image_text`` on ``shards`` have no zero-shot."""
+    return (
+        f"zero-shot is skipped: {shards} has no class labels (or one class); give --val_shards a folder of two or "
+        "more class folders for it"
+    )
+
+
 def no_retrieval(shards: str) -> str:
     """The line that says why the results of ``evaluate_image_text`` on ``shards`` have no retrieval."""
     return f"retrieval is skipped: fewer than two images of {shards} have a caption (photo.txt beside photo.jpg)"
