@@ -9,6 +9,7 @@ canvas (no pyplot): no window opens, and no figure outlives the call that draws 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import textwrap
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -35,6 +36,12 @@ from ssl_vit.encoder import ViTEncoder
 from ssl_vit.masking import patch_mask_to_pixels
 from ssl_vit.periodic import Periodic
 from ssl_vit.replace import file_in_one_step
+
+log = logging.getLogger(__name__)
+
+#: The PNG text entry that marks a picture as drawn by a run: a file of the same name without it
+#: is someone else's, and a run does not replace it.
+DRAWN_BY = ("Software", "ssl-vit")
 
 #: Ten distinguishable colours (Tableau 10, RGB in [0, 1]), for I-JEPA's target blocks.
 PALETTE = matplotlib.colormaps["tab10"].colors
@@ -56,22 +63,37 @@ def render(figure: Figure) -> Image.Image:
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
-def save_picture(trainer: L.Trainer, name: str, picture: Figure | Image.Image) -> Path:
-    """Write ``pictures/<name>-step=N.png`` (whole or not at all) and log it to the run's logger."""
+def drawn_by_a_run(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.text.get(DRAWN_BY[0]) == DRAWN_BY[1]
+    except (OSError, ValueError):  # not an image at all
+        return False
+
+
+def save_picture(trainer: L.Trainer, name: str, picture: Figure | Image.Image) -> Path | None:
+    """Write ``pictures/<name>-step=N.png`` (whole or not at all) and log it to the run's logger.
+    A file of that name that no run drew is left as it is, and the picture is not written there."""
     if isinstance(picture, Figure):
         picture = render(picture)
     folder = picture_folder(trainer)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-step={trainer.global_step:08d}.png"
-    with file_in_one_step(path) as tmp:
-        picture.save(tmp, format="PNG")
+    written = not path.exists() or drawn_by_a_run(path)
+    if written:
+        mark = PngImagePlugin.PngInfo()
+        mark.add_text(*DRAWN_BY)
+        with file_in_one_step(path) as tmp:
+            picture.save(tmp, format="PNG", pnginfo=mark)
+    else:
+        log.warning("%s is not a picture a run drew: it is left as it is, and this %s picture is not saved", path, name)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             array = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
             logger.experiment.add_image(f"pictures/{name}", array, trainer.global_step)
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=f"pictures/{name}", images=[picture], step=trainer.global_step)
-    return path
+    return path if written else None
 
 
 def to_display(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:

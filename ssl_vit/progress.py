@@ -33,17 +33,48 @@ class MeasuredSpeedColumn(ProcessingSpeedColumn):
 
 class ImagesPerSecondBar(RichProgressBar):
     """Lightning's rich bar plus ``img/s``, the run's: measured over the last ``window`` training
-    batches of one device, times the devices (DDP keeps them in step, on equal batches)."""
+    batches of one device, times the devices (DDP keeps them in step, on equal batches).
 
-    def __init__(self, window: int = 20, **kwargs: Any) -> None:
+    Where the output is not a terminal (a log file, a batch job), rich draws the bar only when it
+    stops, so the run would say nothing for its whole length: there it prints a plain line every
+    ``file_every_s`` seconds and at the last step instead."""
+
+    def __init__(self, window: int = 20, file_every_s: float = 30.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.window = window
+        self.file_every_s = file_every_s
         self._marks: list[tuple[float, int]] = []
+        self._last_line = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         _, labels = batch
         self._marks = [*self._marks[-self.window :], (time.perf_counter(), len(labels))]
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._console is not None and not self._console.is_terminal and trainer.is_global_zero:
+            last = trainer.global_step >= self.total_steps(trainer)
+            if last or self._marks[-1][0] - self._last_line >= self.file_every_s:
+                self._last_line = self._marks[-1][0]
+                self._console.print(self.progress_line(trainer, pl_module), markup=False, highlight=False)
+
+    @staticmethod
+    def total_steps(trainer: L.Trainer) -> int:
+        return trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+
+    def progress_line(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """``step 120/312 (38%)  train/loss 4.21  train/lr 1.20e-03  img/s 310  1:20 left``"""
+        step, total = trainer.global_step, self.total_steps(trainer)
+        shown = {
+            k: v for k, v in self.get_metrics(trainer, pl_module).items() if k.startswith("train/") or k == "img/s"
+        }
+        words = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
+        words += [
+            f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in shown.items()
+        ]
+        elapsed = self._marks[-1][0] - self._marks[0][0]
+        if len(self._marks) > 1 and elapsed > 0 and step < total:
+            left = round((total - step) * elapsed / (len(self._marks) - 1))
+            words.append(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
+        return "  ".join(words)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._marks = []  # the loader restarts its workers: do not count that pause

@@ -73,9 +73,8 @@ def fit_briefly(
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
-        **{"logger": False, **trainer_args},
+        **{"logger": False, "enable_progress_bar": False, **trainer_args},
         enable_checkpointing=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(method, DataLoader(_RandomViews(view, num_images), batch_size=batch_size), ckpt_path=ckpt_path)

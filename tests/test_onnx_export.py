@@ -147,6 +147,29 @@ def test_report_holds_parity_speed_and_knn_of_both_models(export, shards):
         assert 0 <= row["knn"]["k=20"]["top1"] <= 100
 
 
+def test_dynamic_int8_is_judged_one_image_per_call_and_its_batch_dependence_said(export, shards, capsys):
+    """Dynamic int8 quantises activations from each call's range: the report's cosine had been
+    measured with 16 images in one call, which an edge device running one image never sees."""
+    report = json.loads((export / "onnx_report.json").read_text())
+    images = torch.stack([EvalView(32)(Image.fromarray(img)) for img in random_images(24, seed=1)[:16]]).numpy()
+    fp32, int8 = (ort.InferenceSession(str(export / name)) for name in ("model.onnx", "model.int8.onnx"))
+    reference = fp32.run(None, {"images": images})[0]
+    alone = np.concatenate([int8.run(None, {"images": image[None]})[0] for image in images])
+    together = int8.run(None, {"images": images})[0]
+
+    def mean_cosine(a, b):
+        return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+
+    assert report["int8"]["cosine_to_fp32"] == pytest.approx(mean_cosine(alone, reference), abs=6e-6)  # 5 decimals
+    batched = report["int8"]["in_one_call"]
+    assert batched["images"] == 16
+    assert batched["cosine_to_fp32"] == pytest.approx(mean_cosine(together, reference), abs=6e-6)
+    assert batched["max_abs_diff_to_one_per_call"] == pytest.approx(float(np.abs(together - alone).max()), abs=1e-6)
+    print_onnx_report(report, Console(width=200))
+    shown = capsys.readouterr().out
+    assert f"mean cosine {report['int8']['cosine_to_fp32']:.4f} one image per call (" in shown
+
+
 def test_without_data_parity_is_checked_on_random_tensors_and_said_so(checkpoint, tmp_path, capsys):
     main(["export", str(checkpoint), str(tmp_path / "export"), "--int8"])  # a ViT's int8 needs no calibration
     report = json.loads((tmp_path / "export" / "onnx_report.json").read_text())

@@ -175,6 +175,37 @@ def test_the_callback_writes_each_picture_as_a_png(tmp_path, numbered_shards):
         assert grid.width >= 4 * 96 and grid.height > 2 * 96  # tiny images enlarged, under their headers
 
 
+def test_a_run_replaces_its_own_pictures_and_no_one_elses(tmp_path, numbered_shards, caplog):
+    """A user's file named like a run picture (pictures/loss-step=00000001.png) was overwritten."""
+    shards, _ = numbered_shards
+    factory, view = OBJECTIVES["mae"]
+    (tmp_path / "pictures").mkdir()
+    theirs = tmp_path / "pictures" / "loss-step=00000001.png"
+    Image.new("RGB", (5, 5), "red").save(theirs)
+    mine = tmp_path / "pictures" / "attention-step=00000001.png"
+    for _ in range(2):  # the second run draws over the first's pictures
+        fit_briefly(
+            factory(),
+            view,
+            steps=1,
+            callbacks=[PicturesCallback(shards=str(shards), num_images=2)],
+            default_root_dir=str(tmp_path),
+        )
+        with Image.open(theirs) as kept:
+            assert kept.size == (5, 5)
+        assert mine.exists()
+    first_drawn = mine.stat().st_mtime_ns
+    fit_briefly(
+        factory(),
+        view,
+        steps=1,
+        callbacks=[PicturesCallback(shards=str(shards), num_images=2)],
+        default_root_dir=str(tmp_path),
+    )
+    assert mine.stat().st_mtime_ns > first_drawn
+    assert "loss-step=00000001.png is not a picture a run drew" in caplog.text
+
+
 def test_patch_pca_colours_are_the_first_principal_components():
     torch.manual_seed(0)
     encoder = ViTEncoder(**TINY_ENCODER).eval()

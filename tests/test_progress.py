@@ -6,6 +6,7 @@ import pytest
 from rich.progress import Progress
 
 from ssl_vit.progress import ImagesPerSecondBar, MeasuredSpeedColumn, print_run_summary
+from tests.conftest import OBJECTIVES, fit_briefly
 
 
 def test_the_speed_column_is_blank_until_a_speed_is_measured():
@@ -42,3 +43,13 @@ def test_images_per_second_is_the_runs_on_every_device():
     bar = ImagesPerSecondBar()
     bar._marks = [(0.0, 16), (1.0, 16), (2.0, 16)]  # the first batch's images came before the window's clock
     assert bar.images_per_second() == 16 and bar.images_per_second(devices=2) == 32
+
+
+def test_a_run_whose_output_goes_to_a_file_says_how_far_it_is(capsys):
+    """rich draws its bar in a file only when it stops: a run logging to a file said nothing for
+    its whole length. Here a line every step (file_every_s=0) and the last step's."""
+    factory, view = OBJECTIVES["simclr"]
+    fit_briefly(factory(), view, steps=3, callbacks=[ImagesPerSecondBar(file_every_s=0)], enable_progress_bar=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], lines
+    assert "train/loss" in lines[-1] and "left" in lines[1] and "left" not in lines[-1]

@@ -424,7 +424,18 @@ def print_onnx_report(report: dict[str, Any], console: Console) -> None:
     )
     output = report["output"].split(":")[0]  # features or logits
     if "int8" in report:
-        console.print(f"int8 vs fp32 {output}: mean cosine {report['int8']['cosine_to_fp32']:.4f}", highlight=False)
+        int8 = report["int8"]
+        batched = int8.get("in_one_call")
+        batched = (
+            f" ({batched['cosine_to_fp32']:.4f} with {batched['images']} in one call: dynamic int8's outputs "
+            "depend on the other images in a call)"
+            if batched
+            else ""
+        )
+        console.print(
+            f"int8 vs fp32 {output}: mean cosine {int8['cosine_to_fp32']:.4f} one image per call{batched}",
+            highlight=False,
+        )
     classifier = "top1" in report
     protocol = report["top1" if classifier else "knn"]
     heading = "top-1 %" if classifier else f"{protocol['k']} top-1 %"
