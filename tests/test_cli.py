@@ -237,6 +237,37 @@ def test_ctrl_c_before_a_run_can_stop_at_a_step_is_one_line(monkeypatch, capsys)
     assert stopped.value.code == 130 and capsys.readouterr().err.strip() == "ssl-vit finetune: stopped by Ctrl-C"
 
 
+def test_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_partial_file(monkeypatch, tmp_path, capsys):
+    """A second Ctrl-C while the first one's checkpoint was being written: torch's zip writer
+    turned the KeyboardInterrupt into "RuntimeError: [enforce fail at inline_container.cc]",
+    three chained tracebacks and exit status 1."""
+    import ssl_vit.cli as cli
+    from ssl_vit.checkpoint import AtomicCheckpointIO, _HashingWriter
+
+    writes, write = [], _HashingWriter.write
+
+    def pressed_on_the_third_write(self, data):
+        writes.append(len(data))
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        return write(self, data)
+
+    monkeypatch.setattr(_HashingWriter, "write", pressed_on_the_third_write)
+    saving = lambda argv: AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, tmp_path / "last.ckpt")  # noqa: E731
+    monkeypatch.setattr(cli, "run_command", saving)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["pretrain", "--config", "recipe.yaml"])
+    assert stopped.value.code == 130 and capsys.readouterr().err.strip() == "ssl-vit pretrain: stopped by Ctrl-C"
+    assert list(tmp_path.iterdir()) == []
+
+    def failing(argv):  # any other error keeps its traceback
+        raise RuntimeError("not a Ctrl-C")
+
+    monkeypatch.setattr(cli, "run_command", failing)
+    with pytest.raises(RuntimeError, match="not a Ctrl-C"):
+        cli.main(["pretrain", "--config", "recipe.yaml"])
+
+
 def test_shards_offers_both_embedded_datasets(tmp_path):
     result = in_this_process(tmp_path, "shards", "embedded", "--help")
     assert result.returncode == 0 and "shapes" in result.stdout and "glyphs" in result.stdout

@@ -31,6 +31,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
@@ -104,15 +105,33 @@ def unknown_setting_message(class_path: str, key: str | None, encoder_key: str |
     return f"unknown recipe key '{where}.{unknown}' of {name}; {meant}{listed}"
 
 
+def interrupted(err: BaseException | None) -> bool:
+    """Whether ``err`` is a Ctrl-C that another error replaced on its way out: torch's checkpoint
+    writer raises a RuntimeError when a KeyboardInterrupt lands in the middle of its write."""
+    while err is not None:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        err = err.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The ``ssl-vit`` command; ``argv`` (a test's) instead of the process's own arguments."""
+    own_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
+
+    def stopped_by_ctrl_c() -> NoReturn:
+        Console(stderr=True).print(f"ssl-vit {argv[0] if argv else ''}: stopped by Ctrl-C", highlight=False)
+        sys.exit(128 + signal.SIGINT)
+
     try:
         run_command(argv)
     except SIGTERMException as stop:  # RunCheckpoint saved last.ckpt; tell the scheduler the job did not finish
+        if own_process:  # saved: a Ctrl-C while the loader's workers stop would only print a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(128 + getattr(stop, "signum", signal.SIGTERM))
     except KeyboardInterrupt:  # Ctrl-C before a run could stop at a step's end (imports, reading), or a second one
-        Console(stderr=True).print(f"ssl-vit {argv[0] if argv else ''}: stopped by Ctrl-C", highlight=False)
-        sys.exit(128 + signal.SIGINT)
+        stopped_by_ctrl_c()
     except BrokenPipeError:  # `ssl-vit recipes | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere
         sys.exit(128 + signal.SIGPIPE)
@@ -127,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
             f"[bold red]ssl-vit {command}: error:[/] {escape(message)}", highlight=False, soft_wrap=True
         )
         sys.exit(2)
+    except Exception as err:
+        if not interrupted(err):
+            raise
+        stopped_by_ctrl_c()
 
 
 def run_command(argv: list[str]) -> None:
