@@ -74,11 +74,13 @@ class LabelledShardDataModule(ShardDataModule):
     def classes(self) -> list[str] | None:
         return shard_class_names(self.train_shards)
 
-    def check_labels(self, num_classes: int) -> None:
+    def check_labels(self, num_classes: int) -> str | None:
         """Before any work: both splits labelled, with the same classes, exactly the classes the
         model has (a head with more outputs than the shards have classes trains and scores outputs
         no label names). Labels are positions in each split's class list, so val classes of other
-        names would be scored against the train classes that merely sit at the same places."""
+        names would be scored against the train classes that merely sit at the same places; a val
+        set without train's last classes keeps every label, and is scored (as by ``ssl-vit knn``):
+        what it lacks is returned, for a warning."""
         classes: dict[str, tuple[str, list[str]]] = {}  # split: (its shards, its classes)
         for split, shards in zip(("train_shards", "val_shards"), self.evaluation_data(), strict=True):
             _, index = resolve_shards(shards)
@@ -89,20 +91,27 @@ class LabelledShardDataModule(ShardDataModule):
                 )
             if index is not None:
                 classes[split] = (shards, list(index.classes))
-        if len(classes) == 2 and classes["train_shards"][1] != classes["val_shards"][1]:
-            raise UserError(classes_differ(*classes["train_shards"], *classes["val_shards"]))
+        lacking = None
+        if len(classes) == 2:
+            (train, train_names), (val, val_names) = classes["train_shards"], classes["val_shards"]
+            if val_names != train_names[: len(val_names)]:
+                raise UserError(classes_differ(train, train_names, val, val_names))
+            if len(val_names) < len(train_names):
+                missing = class_names(train_names[len(val_names) :])
+                lacking = f"data.val_shards {val!r} has no {missing}: its accuracy is over the other classes only"
         # the splits agree from here: num_classes is what to change
-        for split, (shards, names) in classes.items():
-            if len(names) == 1:
-                raise UserError(
-                    f"data.{split} {shards!r} has one class ({names[0]}), and a classifier needs two or more: "
-                    "one sub-folder per class"
-                )
-            if len(names) != num_classes:
-                raise UserError(
-                    f"data.{split} {shards!r} has {len(names)} classes ({class_names(names)}) but "
-                    f"model.num_classes is {num_classes}; set model.num_classes to {len(names)}"
-                )
+        split, (shards, names) = next(iter(classes.items()), (None, (None, None)))
+        if names is not None and len(names) == 1:
+            raise UserError(
+                f"data.{split} {shards!r} has one class ({names[0]}), and a classifier needs two or more: "
+                "one sub-folder per class"
+            )
+        if names is not None and len(names) != num_classes:
+            raise UserError(
+                f"data.{split} {shards!r} has {len(names)} classes ({class_names(names)}) but "
+                f"model.num_classes is {num_classes}; set model.num_classes to {len(names)}"
+            )
+        return lacking
 
     def val_dataloader(self) -> DataLoader:
         urls, _ = resolve_shards(self.evaluation_data()[1])
@@ -137,7 +146,10 @@ def classes_differ(train: str, train_classes: list[str], val: str, val_classes: 
         differs = f"names classes {class_names(extra)}, which data.train_shards {train!r} has not"
     else:
         differs = f"lists the classes of data.train_shards {train!r} in another order, which numbers them differently"
-    return f"data.val_shards {val!r} {differs}; fine-tuning needs the same class folders in both"
+    return (
+        f"data.val_shards {val!r} {differs}; fine-tuning needs the same class folders in both (val may lack "
+        "only the last ones)"
+    )
 
 
 def check_labels(labels: Tensor, num_classes: int) -> None:

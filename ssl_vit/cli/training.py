@@ -459,11 +459,12 @@ class FineTuneCLI(RunCLI):
         parser.link_arguments("data.view", "model.image_size", lambda view: view.size, apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
+        lacking = self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
         train, val = self.datamodule.evaluation_data()
         seen = seen_images(train, val, None, learns="the classifier trains on")
-        if seen:
-            Console(stderr=True, soft_wrap=True).print(f"warning: {val} holds {seen}")
+        for warning in (lacking, seen and f"{val} holds {seen}"):
+            if warning:
+                Console(stderr=True, soft_wrap=True).print(f"warning: {warning}", highlight=False)
         return super().instantiate_trainer(**kwargs)
 
     def run_name(self) -> str:
