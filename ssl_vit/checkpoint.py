@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -176,7 +177,17 @@ def release_run_folders() -> None:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot be resumed from (``None`` when it can): its content does not match the
-    checksum written with it, or, for a checkpoint written without one, it does not load whole."""
+    checksum written with it, or, for a checkpoint written without one, it does not load whole.
+    Judged once per version of the file and of its checksum: a command that names a run folder
+    twice reads a multi-GB checkpoint through once."""
+    checksum = checksum_path(path)
+    stats = [f.stat() if f.is_file() else None for f in (path, checksum)]
+    versions = [(st.st_ino, st.st_size, st.st_mtime_ns) if st else None for st in stats]
+    return _checkpoint_problem(path.resolve(), *versions)
+
+
+@functools.lru_cache(maxsize=64)
+def _checkpoint_problem(path: Path, *versions: tuple[int, int, int] | None) -> str | None:
     checksum = checksum_path(path)
     if checksum.is_file():
         expected = (checksum.read_text().split() or [""])[0]

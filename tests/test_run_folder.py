@@ -69,6 +69,24 @@ def test_a_checkpoint_with_a_zeroed_hole_is_passed_over(tmp_path):
         assert newest_complete_checkpoint((tmp_path, "*.ckpt")) == older
 
 
+def test_a_checkpoint_is_hashed_once_per_version(tmp_path, monkeypatch):
+    """`ssl-vit knn RUN` found the run's newest checkpoint twice, hashing a multi-GB file each time."""
+    import ssl_vit.checkpoint as checkpoint
+
+    hashed = []
+    monkeypatch.setattr(checkpoint, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+    path = save(tmp_path, "last.ckpt", 1)
+    assert newest_complete_checkpoint((tmp_path, "*.ckpt")) == path == newest_complete_checkpoint((tmp_path, "*.ckpt"))
+    assert len(hashed) == 1
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # rewritten in place: the same size, a new modification time
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a second later
+    with pytest.warns(UserWarning, match="its content does not match last.ckpt.sha256"):
+        assert newest_complete_checkpoint((tmp_path, "*.ckpt")) is None
+    assert len(hashed) == 2
+
+
 def test_glob_characters_in_a_run_folder_are_taken_literally(tmp_path):
     folder = tmp_path / "exp[1]"
     folder.mkdir()

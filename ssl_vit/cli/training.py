@@ -436,8 +436,7 @@ class DistillCLI(PretrainCLI):
             raise UserError(
                 f"data.view makes {'/'.join(map(str, sizes))}-px crops, model.init_args.image_size is "
                 f"{self.model.image_size}: distillation takes one crop size; set them equal"
-            )
-        self.model.check_crops(sizes)
+            )  # the model checked that its teacher and student take that size when it was built
         check_batch_fits_model(self.datamodule, self.model)
 
     def export_model(self, checkpoint: Path, out: Path) -> Path:
