@@ -61,7 +61,7 @@ class ImagesPerSecondBar(RichProgressBar):
         return trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
 
     def progress_line(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
-        """``step 120/312 (38%)  train/loss 4.21  train/lr 1.20e-03  img/s 310  1:20 left``"""
+        """``step 120/312 (38%)  train/lr 1.20e-03  train/loss 4.21  img/s 310  0:01:20 left``"""
         step, total = trainer.global_step, self.total_steps(trainer)
         shown = {
             k: v for k, v in self.get_metrics(trainer, pl_module).items() if k.startswith("train/") or k == "img/s"
@@ -72,7 +72,8 @@ class ImagesPerSecondBar(RichProgressBar):
         ]
         elapsed = self._marks[-1][0] - self._marks[0][0]
         if len(self._marks) > 1 and elapsed > 0 and step < total:
-            left = round((total - step) * elapsed / (len(self._marks) - 1))
+            seconds_per_step = elapsed / (len(self._marks) - 1) * trainer.accumulate_grad_batches  # marks are batches
+            left = round((total - step) * seconds_per_step)
             words.append(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
         return "  ".join(words)
 
