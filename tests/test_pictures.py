@@ -183,26 +183,16 @@ def test_a_run_replaces_its_own_pictures_and_no_one_elses(tmp_path, numbered_sha
     theirs = tmp_path / "pictures" / "loss-step=00000001.png"
     Image.new("RGB", (5, 5), "red").save(theirs)
     mine = tmp_path / "pictures" / "attention-step=00000001.png"
-    for _ in range(2):  # the second run draws over the first's pictures
-        fit_briefly(
-            factory(),
-            view,
-            steps=1,
-            callbacks=[PicturesCallback(shards=str(shards), num_images=2)],
-            default_root_dir=str(tmp_path),
-        )
+
+    def draw() -> int:
+        pictures = PicturesCallback(shards=str(shards), num_images=2)
+        fit_briefly(factory(), view, steps=1, callbacks=[pictures], default_root_dir=str(tmp_path))
         with Image.open(theirs) as kept:
             assert kept.size == (5, 5)
-        assert mine.exists()
-    first_drawn = mine.stat().st_mtime_ns
-    fit_briefly(
-        factory(),
-        view,
-        steps=1,
-        callbacks=[PicturesCallback(shards=str(shards), num_images=2)],
-        default_root_dir=str(tmp_path),
-    )
-    assert mine.stat().st_mtime_ns > first_drawn
+        return mine.stat().st_mtime_ns
+
+    first = draw()
+    assert draw() > first  # the second run draws over the first's pictures
     assert "loss-step=00000001.png is not a picture a run drew" in caplog.text
 
 
