@@ -290,9 +290,27 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
             return f"it trained on {then}, this run would on {now} (data.val_shards {val} -> {run['val_shards']})"
     folder = recorded.get("folder")
     here = Path(run["folder"]).resolve() if "folder" in run else None
-    if here is not None and folder is not None and Path(folder) != here and here not in path.resolve().parents:
-        return f"it was written by the run in {folder}, not by this run ({here})"
+    if here is not None and folder is not None and Path(folder) != here:
+        if here not in path.resolve().parents:
+            return f"it was written by the run in {folder}, not by this run ({here})"
+        # Inside this run's folder: the folder moved since, unless this run's own checkpoints lie
+        # beside it, which makes it one copied in from another run.
+        own = next((p for p in checkpoints_in((path.parent, "*.ckpt")) if written_in(p) == here), None)
+        if own is not None:
+            return (
+                f"it was written by the run in {folder}, and {own.name} beside it by this run ({here}): a "
+                "checkpoint of another run, copied in; move it out of the folder"
+            )
     return None
+
+
+def written_in(path: Path) -> Path | None:
+    """The run folder that wrote checkpoint ``path``, as it recorded it (None for an unreadable one)."""
+    try:
+        folder = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(RUN_KEY, {}).get("folder")
+    except Exception:  # incomplete, or not a checkpoint at all: it says nothing of its writer
+        return None
+    return Path(folder) if folder else None
 
 
 def files_fingerprint(key: str, spec: str) -> str:

@@ -235,6 +235,24 @@ def test_a_moved_run_folder_still_resumes_its_own_checkpoints(tmp_path):
     assert resume_mismatch(moved / "checkpoints/last.ckpt", ckpt, run) is None
 
 
+def test_another_runs_checkpoint_copied_into_a_run_folder_is_not_resumed(tmp_path):
+    """It lies inside the run's folder, as a moved run's own checkpoints do; but this run's own
+    checkpoints beside it say the folder did not move. Resumed, it carried the other run's step,
+    time and random-init numbers into this run's summary."""
+    here, other = tmp_path / "runs/photos/simclr", tmp_path / "runs/b"
+    run = {"objective": "MAE", "encoder": ENCODER, "folder": here}
+    checkpoints = here / "checkpoints"
+    for folder, name in ((here, "epoch=0003-step=12.ckpt"), (other, "epoch=0005-step=16.ckpt")):
+        AtomicCheckpointIO().save_checkpoint(checkpoint_of(folder), checkpoints / name)
+    copied = checkpoints / "epoch=0005-step=16.ckpt"
+    problem = resume_mismatch(copied, torch.load(copied, weights_only=True), run)
+    assert f"it was written by the run in {other.resolve()}, and epoch=0003-step=12.ckpt beside it by this run" in (
+        problem
+    )
+    (checkpoints / "epoch=0003-step=12.ckpt").unlink()  # the whole folder moved here: its checkpoints are its own
+    assert resume_mismatch(copied, torch.load(copied, weights_only=True), run) is None
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("unpickled",))
