@@ -329,6 +329,15 @@ class FineTune(L.LightningModule):
         if 0 < self.trainer.max_steps <= self.global_step:
             self.trainer.should_stop = True
 
+    def resume_problem(self, checkpoint: dict[str, Any]) -> str | None:
+        """Why this run cannot continue ``checkpoint`` (None: it can): the weights it started from
+        (pretrained or not) and its classifier's classes are what its card and accuracy are of."""
+        then = checkpoint.get("hyper_parameters", {})
+        for key in ("pretrained", "num_classes", "label_names"):
+            if key in then and then[key] != self.hparams.get(key):
+                return f"its model.{key} is {then[key]}, this run's {self.hparams.get(key)}"
+        return None
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = param_groups_layer_decay(
             self.model,
@@ -373,7 +382,7 @@ def export_finetuned(
 ) -> Path:
     """A fine-tuning checkpoint's classifier as its run exports it (``ssl-vit export`` of a
     fine-tuning run: another checkpoint of it, or with ``onnx`` its ONNX models too); the class
-    names from its training data where that can be read here, the accuracy from the run's
+    names the run trained with, the accuracy from the run's
     ``summary.json`` where it ends with this checkpoint."""
     check_replaceable(out, EXPORT_FOLDER, overwrite, reads=[checkpoint])  # before the slow checkpoint read
     ckpt = read_checkpoint(checkpoint)
@@ -384,10 +393,12 @@ def export_finetuned(
     module.model.load_state_dict(weights)
     data = data_settings(ckpt)
     deploy = prepare_deploy(module.model, onnx, data) if onnx else None
-    try:
-        classes = shard_class_names(data["train_shards"])
-    except (KeyError, UserError):  # the run's data is not here: the classifier without its class names
-        classes = None
+    classes = ckpt["hyper_parameters"].get("label_names")  # as the run trained; its data may have changed since
+    if classes is None:  # a checkpoint that predates the record: the data's names, where it can be read here
+        try:
+            classes = shard_class_names(data["train_shards"])
+        except (KeyError, UserError):
+            classes = None
     summary = ending_summary(Path(checkpoint)) or {}
     results = {k: summary[f"val_{k}"] for k in ("top1", "top5") if summary.get(f"val_{k}") is not None}
     return export_classifier(module, out, classes, results, checkpoint, overwrite, deploy)

@@ -255,6 +255,37 @@ def test_a_val_set_without_the_last_classes_is_scored_and_said(exported, tmp_pat
     )
 
 
+def test_a_run_keeps_the_classes_and_weights_it_started_with(exported, tmp_path):
+    """Its export took the class names from the data as it was at export time (a class folder
+    renamed since shifted every label by one), and a resume with --model.pretrained false had its
+    card say "fine-tuned from random initialisation" of weights that started pretrained."""
+    photos = ("fences", "gardens", "sunsets")
+    train, val = labelled_shards(tmp_path / "photos", 32, photos), labelled_shards(tmp_path / "val", 16, photos)
+    run = tmp_path / "run"
+    result = finetune(tmp_path, exported, train, val, run, "--model.num_classes=3", "--trainer.max_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    refused = finetune(
+        tmp_path,
+        exported,
+        train,
+        val,
+        run,
+        "--model.num_classes=3",
+        "--trainer.max_steps=2",
+        "--model.pretrained=false",
+    )
+    assert refused.returncode == 2 and "its model.pretrained is True, this run's False" in refused.stderr
+    renamed = ("gardens", "sunsets", "zfences")  # fences renamed: every class's index moves
+    for folder in (train, val):
+        shutil.rmtree(folder)
+        labelled_shards(Path(folder), 32 if folder == train else 16, renamed)
+    refused = finetune(tmp_path, exported, train, val, run, "--model.num_classes=3", "--trainer.max_steps=2")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"its model.label_names is {list(photos)}, this run's {list(renamed)}" in refused.stderr
+    assert in_this_process(tmp_path, "export", str(run), str(tmp_path / "out")).returncode == 0
+    assert json.loads((tmp_path / "out/config.json").read_text())["pretrained_cfg"]["label_names"] == list(photos)
+
+
 def test_validating_on_the_training_images_is_said(exported, tmp_path):
     train = labelled_shards(tmp_path / "train", 32)
     result = finetune(

@@ -311,8 +311,8 @@ def checkpoint_places(ckpt_dir: Path, root: Path) -> tuple[tuple[Path, str], ...
 
 
 def objective_resume_problem(model: L.LightningModule, ckpt: dict[str, Any]) -> str | None:
-    """What the objective itself has against continuing ``ckpt`` (``SSLMethod.resume_problem``: a
-    distillation's other teacher); a fine-tuning run has nothing."""
+    """What the objective itself has against continuing ``ckpt`` (``resume_problem``: a
+    distillation's other teacher, a fine-tuning run's other classes or starting weights)."""
     check = getattr(model, "resume_problem", None)
     return check(ckpt) if check else None
 
@@ -459,6 +459,7 @@ class FineTuneCLI(RunCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         lacking = self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
+        self.model.hparams["label_names"] = self.datamodule.classes()  # what logit i is, as the run trains
         train, val = self.datamodule.evaluation_data()
         seen = seen_images(train, val, None, learns="the classifier trains on")
         for warning in (lacking, seen and f"{val} holds {seen}"):
