@@ -69,6 +69,9 @@ class OutputKind:
         written = self._written(path)
         if self.record and (path / self.record).is_file() and not written:  # a folder ssl-vit did not seal
             return f"its {self.record} does not say which files ssl-vit wrote"
+        added = sorted(entry.name for entry in path.iterdir() if written and entry.name not in written)
+        if added:
+            return f"it also holds {added[0]}, which ssl-vit did not write there"
         edited = [
             name for name, digest in written.items() if (path / name).is_file() and self._sha256(path / name) != digest
         ]

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,27 @@ def test_overwrite_replaces_existing_shards(tmp_path):
     assert json.loads((out / "dataset.json").read_text())["source"] == "test 1"
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "shard-000000.tar", "shard-000001.tar"]
     assert [p.name for p in tmp_path.iterdir()] == ["shards"]
+
+
+def test_shards_overwrite_only_the_shards_they_wrote(tmp_path):
+    """Shard folders were told apart by file names alone: a tar the user put beside the shards, a
+    shard folder another tool wrote with its own dataset.json, were deleted without a word."""
+    out = shard_folder(tmp_path / "shards", seed=0)
+    with tarfile.open(out / "shard-000900.tar", "w"):
+        pass  # the user's, not listed as written
+    with pytest.raises(UserError, match=r"it also holds shard-000900\.tar, which ssl-vit did not write there"):
+        shard_folder(out, seed=1)
+    (out / "shard-000900.tar").unlink()
+    shutil.copy(out / "shard-000001.tar", out / "shard-000000.tar")  # a shard replaced by hand
+    with pytest.raises(UserError, match=r"its shard-000000\.tar was changed since ssl-vit wrote it"):
+        shard_folder(out, seed=1)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    shutil.copy(out / "shard-000001.tar", theirs / "shard-000000.tar")
+    (theirs / "dataset.json").write_text('{"name": "my dataset from another tool"}')
+    with pytest.raises(UserError, match=r"its dataset\.json does not say which files ssl-vit wrote"):
+        shard_folder(theirs, seed=1)
+    assert json.loads((theirs / "dataset.json").read_text()) == {"name": "my dataset from another tool"}
 
 
 def test_a_folder_made_at_the_output_while_it_was_written_is_left_alone(tmp_path, run, monkeypatch):

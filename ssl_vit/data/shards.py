@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import webdataset as wds
@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "dataset.json"
 SHARD_FOLDER = OutputKind(
-    f"a shard folder (shard-*.tar, {INDEX_FILE})", ("shard-*.tar", INDEX_FILE), required=(INDEX_FILE,)
+    f"a shard folder (shard-*.tar, {INDEX_FILE})",
+    ("shard-*.tar", INDEX_FILE),
+    required=(INDEX_FILE,),
+    record=INDEX_FILE,
 )
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MASK_MEMBER = "seg.png"  # a sample's label map for dense probes: 8-bit PNG of class indices
@@ -59,7 +62,15 @@ class ShardIndex:
     @classmethod
     def read(cls, folder: Path) -> ShardIndex | None:
         path = folder / INDEX_FILE
-        return cls(**json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        content = json.loads(path.read_text())
+        content = content if isinstance(content, dict) else {}
+        missing = [field.name for field in fields(cls) if field.default is MISSING and field.name not in content]
+        if missing:
+            raise UserError(f"{path} is not the index `ssl-vit shards` writes: it has no {', '.join(missing)}")
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in content.items() if key in known})  # not the record of its files
 
 
 #: One sample to write: (image extension, image bytes, class or None[, label-map PNG bytes or
