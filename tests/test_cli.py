@@ -273,6 +273,15 @@ def test_shards_offers_both_embedded_datasets(tmp_path):
     assert result.returncode == 0 and "shapes" in result.stdout and "glyphs" in result.stdout
 
 
+@pytest.mark.parametrize("count", ["0", "-5"])
+def test_shards_of_no_samples_each_are_refused(tmp_path, count):
+    """-5 wrote "140 samples in 141 shards", the first an empty tar."""
+    (tmp_path / "photos/a").mkdir(parents=True)
+    result = in_this_process(tmp_path, "shards", "imagefolder", "photos", "out", "--samples-per-shard", count)
+    assert result.returncode == 2 and f"--samples-per-shard is {count}; give 1 or more" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_shards_refuses_to_overwrite(workdir):
     result = in_this_process(workdir, "shards", "embedded", "data/shapes")
     assert result.returncode == 2 and "already exists" in result.stderr

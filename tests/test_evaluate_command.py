@@ -240,3 +240,34 @@ def test_the_same_evaluation_run_from_another_folder_has_the_same_record(tmp_pat
     moved = {k: f"../{v}" for k, v in settings.items() if k != "files"} | {"files": "f"}
     assert settings_tag("../runs/mae/last.ckpt", "../weights.safetensors", moved, 20) == here
     assert settings_tag("timm:vit_small_patch16_224", "random", settings, None).startswith("eval-")
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "says"),
+    [
+        ("knn", "--knn_temperature", "0", "knn_temperature is 0.0; it must be above 0"),
+        ("knn", "--knn_temperature", "-1", "knn_temperature is -1.0; it must be above 0"),
+        ("knn", "--knn_ks", "[0]", "knn_ks is [0]; give one or more numbers of neighbours, each 1 or more"),
+        ("knn", "--batch_size", "0", "batch_size is 0; it must be above 0"),
+        ("knn", "--knn_chunk_size", "0", "knn_chunk_size is 0; it must be above 0"),
+        ("probe", "--probe_epochs", "0", "probe_epochs is 0; it must be above 0"),
+        ("probe", "--probe_base_lr", "-1", "probe_base_lr is -1.0; it must be above 0"),
+        ("probe", "--probe_batch_size", "0", "probe_batch_size is 0; it must be above 0"),
+    ],
+)
+def test_an_evaluation_setting_out_of_range_is_one_line_before_any_work(capsys, run, command, option, value, says):
+    """A temperature of 0 scored and recorded k-NN from no neighbour's weight, 0 probe epochs an
+    untrained head; other values ended in tracebacks (ZeroDivisionError, negative class values)."""
+    data = ["--train_shards", str(run["train"]), "--val_shards", str(run["val"])]
+    with pytest.raises(SystemExit) as stopped:
+        main([command, str(run["checkpoint"]), *data, option, value])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_out_that_is_a_file_stops_before_any_work(capsys, run, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as stopped:
+        main(["knn", str(run["checkpoint"]), "--train_shards", str(run["train"]), "--out", str(tmp_path / "keep.txt")])
+    assert stopped.value.code == 2 and "--out" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -80,6 +80,12 @@ COMMANDS = {
 SOURCE_TREE = Path(__file__).resolve().parents[2]
 
 
+def check_records_folder(out: str | None) -> None:
+    """--out names a folder (made if missing): a file there stops the command before any work."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the records")
+
+
 def evaluate(command: str, args: list[str]) -> None:
     """``ssl-vit knn`` / ``probe`` / ``segprobe``: print a table and write the records, under names
     of their own (``<stem>.<kind>.eval-<settings hash>.json``), never the run's own ones."""
@@ -135,6 +141,7 @@ def evaluate(command: str, args: list[str]) -> None:
         "train folder, else the held-out tenth of --train_shards against the rest",
     )
     cfg = parser.parse_args(args).as_dict()
+    check_records_folder(cfg["out"])
     trained_on = run_data(cfg["encoder"])
     if cfg["train_shards"] is None:
         if trained_on is None:
@@ -222,6 +229,7 @@ def zeroshot(args: list[str]) -> None:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="folder for the records; default: beside the model")
     opts = parser.parse_args(args)
+    check_records_folder(opts.out)
     if opts.val_shards is None:
         trained_on = run_data(opts.model)
         if trained_on is None:
@@ -507,6 +515,8 @@ def shards(args: list[str]) -> None:
         )
         p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     opts = parser.parse_args(args)
+    if opts.samples_per_shard is not None and opts.samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard is {opts.samples_per_shard}; give 1 or more, or leave it out")
     opts.out_dir = os.path.expanduser(opts.out_dir)  # a quoted '~/shards', which no shell expanded
     console = Console()
     if opts.source == "embedded":

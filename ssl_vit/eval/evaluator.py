@@ -47,6 +47,36 @@ ProbeHead = Literal["linear", "attentive", "linear+attentive"]
 Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (features, labels) batches
 
 
+#: Evaluator settings that must be above 0 (a probe of 0 epochs is an untrained head, a k-NN
+#: temperature of 0 weighs no neighbour), and those that must not be below 0.
+POSITIVE_SETTINGS = (
+    "last_blocks",
+    "knn_temperature",
+    "knn_chunk_size",
+    "probe_epochs",
+    "probe_batch_size",
+    "probe_base_lr",
+    "attentive_epochs",
+    "attentive_lr",
+    "seg_epochs",
+    "seg_lr",
+    "batch_size",
+)
+NON_NEGATIVE_SETTINGS = ("probe_warmup_epochs", "attentive_weight_decay", "seg_weight_decay", "num_workers")
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """One line for an evaluation setting out of its range, before any work."""
+    for name in POSITIVE_SETTINGS + NON_NEGATIVE_SETTINGS:
+        value = settings[name]
+        if not (value > 0 if name in POSITIVE_SETTINGS else value >= 0):  # NaN fails both
+            raise UserError(f"{name} is {value}; it must be {'above' if name in POSITIVE_SETTINGS else 'at least'} 0")
+    if not settings["knn_ks"] or any(k < 1 for k in settings["knn_ks"]):
+        raise UserError(f"knn_ks is {settings['knn_ks']}; give one or more numbers of neighbours, each 1 or more")
+    if settings["image_size"] is not None and settings["image_size"] < 1:
+        raise UserError(f"image_size is {settings['image_size']}; leave it out for the encoder's own, or give pixels")
+
+
 class Evaluator:
     """Frozen-encoder evaluation: k-NN, linear, attentive and dense probes on labelled shards.
 
@@ -101,6 +131,7 @@ class Evaluator:
         seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
+        check_settings(locals())
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.image_size = image_size
