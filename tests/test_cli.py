@@ -268,6 +268,31 @@ def test_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_partial_file
         cli.main(["pretrain", "--config", "recipe.yaml"])
 
 
+def test_a_full_disk_during_a_checkpoint_write_is_one_line(monkeypatch, tmp_path, capsys):
+    """85 lines of traceback ending in "RuntimeError: ... unexpected pos" on a full disk."""
+    import errno
+
+    import ssl_vit.cli as cli
+    from ssl_vit.checkpoint import AtomicCheckpointIO, _HashingWriter
+
+    writes, write = [], _HashingWriter.write
+
+    def full_on_the_third_write(self, data):
+        writes.append(len(data))
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(_HashingWriter, "write", full_on_the_third_write)
+    saving = lambda argv: AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, tmp_path / "last.ckpt")  # noqa: E731
+    monkeypatch.setattr(cli, "run_command", saving)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["pretrain", "--config", "recipe.yaml"])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1 and err.startswith("ssl-vit pretrain: error: No space left on device; free space")
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_shards_offers_both_embedded_datasets(tmp_path):
     result = in_this_process(tmp_path, "shards", "embedded", "--help")
     assert result.returncode == 0 and "shapes" in result.stdout and "glyphs" in result.stdout

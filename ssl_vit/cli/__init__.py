@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import importlib.metadata
 import inspect
@@ -105,14 +106,19 @@ def unknown_setting_message(class_path: str, key: str | None, encoder_key: str |
     return f"unknown recipe key '{where}.{unknown}' of {name}; {meant}{listed}"
 
 
-def interrupted(err: BaseException | None) -> bool:
-    """Whether ``err`` is a Ctrl-C that another error replaced on its way out: torch's checkpoint
-    writer raises a RuntimeError when a KeyboardInterrupt lands in the middle of its write."""
+def cause_of(err: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` in ``err``'s chain: torch's checkpoint writer turns a KeyboardInterrupt
+    or a full disk in the middle of its write into a RuntimeError ("unexpected pos")."""
     while err is not None:
-        if isinstance(err, KeyboardInterrupt):
-            return True
-        err = err.__context__
-    return False
+        if isinstance(err, kind):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def disk_full(err: BaseException) -> OSError | None:
+    found = cause_of(err, OSError)
+    return found if isinstance(found, OSError) and found.errno in (errno.ENOSPC, errno.EDQUOT) else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,9 +153,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     except Exception as err:
-        if not interrupted(err):
+        if cause_of(err, KeyboardInterrupt):
+            stopped_by_ctrl_c()
+        full = disk_full(err)
+        if full is None:
             raise
-        stopped_by_ctrl_c()
+        where = f" writing {full.filename}" if full.filename else ""
+        Console(stderr=True).print(
+            f"[bold red]ssl-vit {argv[0]}: error:[/] {escape(full.strerror or 'no space left')}{where}; free space "
+            "there (or write elsewhere) and run the command again: what it replaces is kept until its new output is "
+            "whole, and a run resumes from its newest complete checkpoint",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 def run_command(argv: list[str]) -> None:
