@@ -307,6 +307,16 @@ def test_shards_of_no_samples_each_are_refused(tmp_path, count):
     assert not (tmp_path / "out").exists()
 
 
+def test_shards_of_an_empty_folder_or_of_a_file_say_which_and_what_to_do(tmp_path):
+    """They said "it is empty", and "image folder photos/a/1.jpg does not exist" of a file."""
+    (tmp_path / "photos/a").mkdir(parents=True)
+    result = in_this_process(tmp_path, "shards", "imagefolder", "photos", "out")
+    assert result.returncode == 2 and "image folder photos has no images (it is empty): put jpg/" in result.stderr
+    (tmp_path / "photos/a/1.jpg").write_bytes(b"")
+    result = in_this_process(tmp_path, "shards", "imagefolder", "photos/a/1.jpg", "out")
+    assert result.returncode == 2 and "image folder photos/a/1.jpg is a file; give the folder" in result.stderr
+
+
 def test_shards_refuses_to_overwrite(workdir):
     result = in_this_process(workdir, "shards", "embedded", "data/shapes")
     assert result.returncode == 2 and "already exists" in result.stderr

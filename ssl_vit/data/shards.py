@@ -161,6 +161,8 @@ def image_files(root: Path, labelled: bool = True) -> tuple[list[str], list[tupl
     ``labelled``: every image under ``root``, sub-folders included, without classes. A run
     resolves its folders many times (training, evaluation, pictures): the listing is walked each
     time, and classified again only when it changed."""
+    if root.is_file():
+        raise UserError(f"image folder {root} is a file; give the folder that holds the images")
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
     listing = _files_under(root)
@@ -310,7 +312,13 @@ def image_folder_samples(
     that each shard mixes classes.
     """
     root = Path(root)
-    classes, files = image_files(root, labelled)
+    try:
+        classes, files = image_files(root, labelled)
+    except NoImages as what:
+        raise UserError(
+            f"image folder {root} has no images ({what}): put {'/'.join(IMAGE_EXTENSIONS)} images in it, one "
+            "sub-folder per class or none for unlabelled images"
+        ) from None
     if masks is not None:
         masks = Path(masks)
         missing = [path for path, _ in files if not (masks / path).with_suffix(".png").is_file()]
