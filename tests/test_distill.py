@@ -256,6 +256,11 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     assert (tmp_path / "again/model.onnx").exists()
     assert "failed" not in standalone.stderr
 
+    # The same teacher written another way is the same run, finished (it was "other settings: model.teacher").
+    slashed = [arg + "/" if arg.startswith("--model.init_args.teacher=") else arg for arg in command]
+    finished = in_this_process(tmp_path, *slashed)
+    assert finished.returncode == 0 and "is finished" in finished.stderr, finished.stderr[-3000:]
+
     # Continuing it with another teacher is refused before anything is written (Lightning's config.yaml included).
     before = sorted(run.rglob("*"))
     again = [*command, "--model.init_args.teacher_weights=random", "--trainer.max_epochs=2", "--trainer.logger=true"]

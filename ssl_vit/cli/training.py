@@ -332,7 +332,8 @@ def changed_settings(ckpt: dict[str, Any], model: L.LightningModule, data: L.Lig
 
     then = flat(ckpt.get("hyper_parameters", {}), "model.") | flat(ckpt.get("datamodule_hyper_parameters", {}), "data.")
     now = flat(dict(model.hparams), "model.") | flat(dict(data.hparams), "data.")
-    located = {"data.train_shards", "model.init_from"}  # compared by where they are (resume_mismatch)
+    # compared by where they are (resume_mismatch), and a teacher by its weights (Distill.resume_problem)
+    located = {"data.train_shards", "model.init_from", "model.teacher"}
     hint = {"model.teacher_made_by"}  # what a missing teacher's message names, no setting of the run
     changed = [key for key in then if key in now and key not in located | hint and then[key] != now[key]]
     return [f"{key} {then[key]} -> {now[key]}" for key in changed]

@@ -228,7 +228,11 @@ class Distill(SSLMethod):
             return None
         weights = self.hparams.teacher_weights
         here = f"{self.hparams.teacher}" + (f" with teacher_weights {weights}" if weights else "")
-        return f"it was distilled from other teacher weights ({saved.get('source')}) than this run's ({here})"
+        then, now = saved.get("sha256", "")[:12], self.teacher_sha256()[:12]
+        return (
+            f"it was distilled from other teacher weights ({saved.get('source')}, SHA-256 {then}...) than this "
+            f"run's ({here}, SHA-256 {now}...)"
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
