@@ -413,3 +413,16 @@ def test_an_output_under_a_quoted_home_goes_to_the_home_folder(tmp_path, run, mo
     main(["shards", "imagefolder", str(image_folder(tmp_path / "photos")), "~/tshards"])
     assert (tmp_path / "home/texp/model.safetensors").is_file() and (tmp_path / "home/tshards/dataset.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_a_runs_own_export_takes_only_the_checkpoint_its_summary_names(run, capsys):
+    """`export run/checkpoints/epoch=0000.ckpt run/export --overwrite` replaced the run's export with
+    an earlier step's, while its summary went on naming that export beside its last step's numbers."""
+    (run / "summary.json").write_text(json.dumps({"checkpoint": "run/checkpoints/last.ckpt", "export": "run/export"}))
+    main(["export", str(run / "checkpoints/last.ckpt"), str(run / "export")])
+    before = snapshot(run / "export")
+    assert cli_exit_code("export", str(run / "checkpoints/epoch=0000.ckpt"), str(run / "export"), "--overwrite") == 2
+    said = capsys.readouterr().err
+    assert "is the export that" in said and "of the run's last.ckpt; an export of epoch=0000.ckpt there" in said
+    assert snapshot(run / "export") == before
+    main(["export", str(run / "checkpoints/last.ckpt"), str(run / "export"), "--overwrite"])  # the one it names

@@ -80,6 +80,21 @@ COMMANDS = {
 SOURCE_TREE = Path(__file__).resolve().parents[2]
 
 
+def check_not_another_checkpoints_run_export(out: Path, checkpoint: Path) -> None:
+    """A run's own export folder, which its ``summary.json`` names beside the checkpoint it ends
+    with, takes only an export of that checkpoint: the summary would describe other weights."""
+    summary_file = out.resolve().parent / "summary.json"
+    if not summary_file.is_file():
+        return
+    summary = json.loads(summary_file.read_text())
+    ends_with = Path(summary.get("checkpoint") or "")
+    if Path(summary.get("export") or "").name == out.resolve().name and ends_with.name != checkpoint.name:
+        raise UserError(
+            f"{out} is the export that {summary_file} names, of the run's {ends_with.name}; an export of "
+            f"{checkpoint.name} there would leave that summary describing other weights: write it to another folder"
+        )
+
+
 def check_records_folder(out: str | None) -> None:
     """--out names a folder (made if missing): a file there stops the command before any work."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
@@ -369,6 +384,7 @@ def export(args: list[str]) -> None:
             f"OUT{' --onnx' if onnx else ''}"
         )
     checkpoint = run_checkpoint(given) if given.is_dir() else opts.checkpoint
+    check_not_another_checkpoints_run_export(Path(opts.out), Path(checkpoint))
     failed = failed_run(Path(checkpoint))
     if failed:
         Console(stderr=True, soft_wrap=True).print(f"warning: {checkpoint} ends a run that failed: {failed}")
