@@ -33,7 +33,9 @@ class MeasuredSpeedColumn(ProcessingSpeedColumn):
 
 class ImagesPerSecondBar(RichProgressBar):
     """Lightning's rich bar plus ``img/s``, the run's: measured over the last ``window`` training
-    batches of one device, times the devices (DDP keeps them in step, on equal batches).
+    batches of one device, times the devices (DDP keeps them in step, on equal batches), the pauses
+    between them included (a new epoch's loader start, a mid-run evaluation): on a small folder of
+    a few batches an epoch, those are much of the run's time.
 
     Where the output is not a terminal (a log file, a batch job), rich draws the bar only when it
     stops, so the run would say nothing for its whole length: there it prints a plain line every
@@ -76,10 +78,6 @@ class ImagesPerSecondBar(RichProgressBar):
             left = round((total - step) * seconds_per_step)
             words.append(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
         return "  ".join(words)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._marks = []  # the loader restarts its workers: do not count that pause
-        super().on_train_epoch_start(trainer, pl_module)
 
     def images_per_second(self, devices: int = 1) -> float | None:
         if len(self._marks) < 2:

@@ -47,9 +47,11 @@ def test_images_per_second_is_the_runs_on_every_device():
 
 def test_a_run_whose_output_goes_to_a_file_says_how_far_it_is(capsys):
     """rich draws its bar in a file only when it stops: a run logging to a file said nothing for
-    its whole length. Here a line every step (file_every_s=0) and the last step's."""
+    its whole length. Here a line every step (file_every_s=0) and the last step's, in epochs of one
+    batch each, whose pauses the speed counts (it was measured within an epoch: never, here)."""
     factory, view = OBJECTIVES["simclr"]
-    fit_briefly(factory(), view, steps=3, callbacks=[ImagesPerSecondBar(file_every_s=0)], enable_progress_bar=True)
+    bar = ImagesPerSecondBar(file_every_s=0)
+    fit_briefly(factory(), view, steps=3, num_images=4, callbacks=[bar], enable_progress_bar=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], lines
     assert "train/loss" in lines[-1] and "left" in lines[1] and "left" not in lines[-1]
