@@ -268,6 +268,33 @@ def test_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_partial_file
         cli.main(["pretrain", "--config", "recipe.yaml"])
 
 
+def test_a_second_ctrl_c_mid_step_exits_130_as_the_first_does(monkeypatch):
+    """Lightning ends a fit interrupted mid-step with status 1, which reads as a crash."""
+    import signal
+
+    import lightning as L
+
+    import ssl_vit.cli as cli
+    from tests.conftest import OBJECTIVES, fit_briefly
+
+    class PressedMidStep(L.Callback):
+        def on_train_batch_start(self, *args):
+            raise KeyboardInterrupt
+
+    factory, view = OBJECTIVES["simclr"]
+    monkeypatch.setattr(cli, "run_command", lambda argv: fit_briefly(factory(), view, callbacks=[PressedMidStep()]))
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["pretrain", "--config", "recipe.yaml"])
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores it after an interrupt
+    assert stopped.value.code == 130
+    monkeypatch.setattr(cli, "run_command", lambda argv: sys.exit(1))  # any other status 1 stays
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["pretrain", "--config", "recipe.yaml"])
+    assert stopped.value.code == 1
+
+
 def test_a_full_disk_during_a_checkpoint_write_is_one_line(monkeypatch, tmp_path, capsys):
     """85 lines of traceback ending in "RuntimeError: ... unexpected pos" on a full disk."""
     import errno

@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + getattr(stop, "signum", signal.SIGTERM))
     except KeyboardInterrupt:  # Ctrl-C before a run could stop at a step's end (imports, reading), or a second one
         stopped_by_ctrl_c()
+    except SystemExit as stop:
+        # Lightning ends a fit that a Ctrl-C interrupted mid-step (the second one) with status 1, a crash's
+        if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
+            sys.exit(128 + signal.SIGINT)
+        raise
     except BrokenPipeError:  # `ssl-vit recipes | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere
         sys.exit(128 + signal.SIGPIPE)
