@@ -391,6 +391,11 @@ class RunCheckpoint(ModelCheckpoint):
         # a card of other weights at the same step (a run rewound by --ckpt_path) is not taken for theirs.
         self.weights_id: str | None = None
         self._trained = False
+        #: The recipe settings a resume changed, one line per resume ("at step 33: data.batch_size
+        #: 128 -> 64"), kept in the checkpoints for the run's summary; the command line sets the
+        #: resume's own before the checkpoint is restored.
+        self.settings_changed: list[str] = []
+        self.changes_at_resume: str | None = None
 
     def seconds(self) -> float:
         """Wall-clock seconds of the run: this session's, and the earlier sessions' up to the
@@ -436,12 +441,14 @@ class RunCheckpoint(ModelCheckpoint):
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": rng_states(), "seconds": self.seconds()}
+        state = {**super().state_dict(), "rng": rng_states(), "seconds": self.seconds()}
+        return state | {"settings_changed": list(self.settings_changed)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         rng = state.pop("rng", None)
         self._seconds_before = state.pop("seconds", 0.0)
+        self.settings_changed = [*state.pop("settings_changed", []), *filter(None, [self.changes_at_resume])]
         super().load_state_dict(state)
         if rng is not None:
             set_rng_states(rng)

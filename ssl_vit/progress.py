@@ -171,6 +171,7 @@ def run_summary(
         "rankme_mean": last_health("rankme_mean"),
         "representation_collapsed_steps": health.watch.collapsed_steps if health and health.history else None,
         "representation_collapsed_at_end": health.watch.since is not None if health and health.history else None,
+        "settings_changed": getattr(trainer.checkpoint_callback, "settings_changed", None) or None,  # by resumes
         "checkpoint": str(checkpoint) if checkpoint else None,
         "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),  # its weights (RunCheckpoint)
         "export": str(export_dir) if export_dir else None,
@@ -184,7 +185,10 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     shown = {key: value for key, value in summary.items() if value is not None and key != "weights_id"}  # for matching
-    rows = [(key.replace("_", " "), str(value)) for key, value in shown.items()]
+    rows = [
+        (key.replace("_", " "), "; ".join(value) if isinstance(value, list) else str(value))
+        for key, value in shown.items()
+    ]
     for row in rows:
         table.add_row(*row)
     console = Console()

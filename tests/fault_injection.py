@@ -946,6 +946,11 @@ def case_lr_blowup_recovered(work: Path) -> Outcome:
     resumed = pretrain_in_this_process(folder, "--config", config, "--model.init_args.base_lr=1e-3")
     from_saved = len(saved) == 1 and f"resuming from {saved[0]}" in resumed.stderr
     from_saved = from_saved and "with settings changed since: model.base_lr 1000000.0 -> 0.001 (" in resumed.stderr
+    summary = folder / "run/summary.json"  # says so too: the run's first steps had another lr
+    changes = json.loads(summary.read_text()).get("settings_changed") if summary.is_file() else None
+    from_saved = from_saved and changes == [
+        f"at step {int(saved[0].stem.split('=')[-1])}: model.base_lr 1000000.0 -> 0.001"
+    ]
     step, params = last_state(folder) if resumed.returncode == 0 else (0, {})
     ref_step, reference = uninterrupted(work)
     normal = parameter_rms(reference)

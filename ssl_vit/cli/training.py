@@ -199,11 +199,13 @@ class RunCLI(LightningCLI):
             Console(stderr=True, soft_wrap=True).print(f"data: {described}", highlight=False)
         if resumes:
             if self.trainer.is_global_zero:
-                changed = changed_settings(
-                    read_checkpoint(Path(config["ckpt_path"]), mmap=True), self.model, self.datamodule
-                )
+                resumed = read_checkpoint(Path(config["ckpt_path"]), mmap=True)
+                changed = changed_settings(resumed, self.model, self.datamodule)
+                step = resumed.get("global_step")
+                if changed:  # for the run's summary
+                    ckpt.changes_at_resume = f"at step {step}: {'; '.join(changed)}"
                 Console(stderr=True, soft_wrap=True).print(
-                    f"resuming from {config['ckpt_path']}"
+                    f"resuming from {config['ckpt_path']} (step {step})"
                     + (f", with settings changed since: {'; '.join(changed)}" if changed else "")
                     + " (to start afresh instead, give the run a folder of its own: "
                     "--trainer.default_root_dir runs/NEW)"
