@@ -403,6 +403,14 @@ def test_the_results_table_leaves_out_top5_where_it_cannot_be_below_100(capsys):
     assert "top-5" in capsys.readouterr().out
 
 
+def test_the_dense_probe_table_keeps_its_title_on_one_line(capsys):
+    """Over its two narrow columns the title wrapped ("SimCLR after 30 steps: dense" / "linear probe"),
+    which a reader of a log took for a table without its row."""
+    print_results("SimCLR after 30 steps", {"segmentation": {"miou": 5.3, "pixel_acc": 58.0, "images": 1000}})
+    shown = capsys.readouterr().out
+    assert "SimCLR after 30 steps: dense linear probe" in shown and "5.3" in shown
+
+
 def test_the_table_says_when_the_evaluation_images_lack_some_classes(capsys):
     """A small held-out part may have no image of a small class: the accuracy is of the others."""
     labels = {"train": torch.tensor([0, 1, 2, 3, 4]), "val": torch.tensor([0, 0, 2, 2, 4])}

@@ -205,7 +205,7 @@ class RunCLI(LightningCLI):
                 if changed:  # for the run's summary
                     ckpt.changes_at_resume = f"at step {step}: {'; '.join(changed)}"
                 Console(stderr=True, soft_wrap=True).print(
-                    f"resuming from {config['ckpt_path']} (step {step})"
+                    f"resuming from {config['ckpt_path']} at step {step}"
                     + (f", with settings changed since: {'; '.join(changed)}" if changed else "")
                     + " (to start afresh instead, give the run a folder of its own: "
                     "--trainer.default_root_dir runs/NEW)"

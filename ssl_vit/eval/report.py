@@ -139,7 +139,8 @@ def print_results(
     if "segmentation" in results:
         base = (baseline or {}).get("segmentation")
         scored = results["segmentation"].get("images")  # records written before it was counted have none
-        table = Table(title=f"{title}: dense linear probe", caption=f"{counted(scored, 'image')}" if scored else None)
+        heading = f"{title}: dense linear probe"  # on one line, over a narrow table
+        table = Table(title=heading, caption=counted(scored, "image") if scored else None, min_width=len(heading))
         for name in ("mIoU %", "pixel accuracy %", *([f"{baseline_name} mIoU %"] if base else [])):
             table.add_column(name, justify="right")
         seg = results["segmentation"]
@@ -147,7 +148,8 @@ def print_results(
         console.print(table)
     if "retrieval" in results:
         retrieval, base = results["retrieval"], (baseline or {}).get("retrieval")
-        table = Table(title=f"{title}: retrieval among {retrieval['pairs']} image-caption pairs")
+        heading = f"{title}: retrieval among {retrieval['pairs']} image-caption pairs"
+        table = Table(title=heading, min_width=len(heading))
         recalls = list(retrieval["image_to_text"])
         for name in ("direction", *(f"{k} %" for k in recalls), *([f"{baseline_name} {recalls[0]} %"] if base else [])):
             table.add_column(name, justify="left" if name == "direction" else "right")
