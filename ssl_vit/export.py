@@ -241,7 +241,7 @@ def card(
         "",
         *about,
         f"- optimiser steps: {record.get('step')}",
-        f"- training data: `{train}`{less}",
+        f"- training data: `{record.get('trained_on') or train}`{less}",  # where it was: the card is read elsewhere
         "",
         evaluated,
         "",

@@ -503,7 +503,8 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
     assert (user_folder / "runs/photos/finetune/export/model.safetensors").is_file()
     for objective in ("simclr", "finetune"):  # trained on nine tenths of the folder, which the card says
         card = (user_folder / f"runs/photos/{objective}/export/README.md").read_text()
-        assert "- training data: `photos`, less its held-out tenth (`#heldout`), which it was evaluated on" in card
+        # where the folder is, not where the run was started from: the card is read from elsewhere
+        assert f"- training data: `{photos}`, less its held-out tenth (`#heldout`), which it was evaluated on" in card
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
     assert continued["steps"] > 0 and "the encoder starts from runs/photos/simclr/export (init_from)" in result.stderr
 

@@ -203,7 +203,7 @@ class RunCLI(LightningCLI):
                 changed = changed_settings(resumed, self.model, self.datamodule)
                 step = resumed.get("global_step")
                 if changed:  # for the run's summary
-                    ckpt.changes_at_resume = f"at step {step}: {'; '.join(changed)}"
+                    self.trainer.checkpoint_callback.changes_at_resume = f"at step {step}: {'; '.join(changed)}"
                 Console(stderr=True, soft_wrap=True).print(
                     f"resuming from {config['ckpt_path']} at step {step}"
                     + (f", with settings changed since: {'; '.join(changed)}" if changed else "")
