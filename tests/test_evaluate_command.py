@@ -253,6 +253,13 @@ def test_the_same_evaluation_run_from_another_folder_has_the_same_record(tmp_pat
         ("probe", "--probe_epochs", "0", "probe_epochs is 0; it must be above 0"),
         ("probe", "--probe_base_lr", "-1", "probe_base_lr is -1.0; it must be above 0"),
         ("probe", "--probe_batch_size", "0", "probe_batch_size is 0; it must be above 0"),
+        (
+            "knn",
+            "--image_size",
+            "5",
+            "image_size 5 is not a multiple of the encoder's 4-px patches; give one, such as 4",
+        ),
+        ("knn", "--last_blocks", "9", "last_blocks is 9, but the encoder has 2 blocks"),
     ],
 )
 def test_an_evaluation_setting_out_of_range_is_one_line_before_any_work(capsys, run, command, option, value, says):

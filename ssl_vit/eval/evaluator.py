@@ -250,7 +250,14 @@ class Evaluator:
         return n
 
     def _image_size(self, encoder: FrozenEncoder) -> int:
-        return self.image_size or encoder.image_size
+        size = self.image_size or encoder.image_size
+        patch = encoder.patch_size if hasattr(encoder, "vit") else None  # a ViT's image is a grid of whole patches
+        if patch and size % patch:
+            raise UserError(
+                f"image_size {size} is not a multiple of the encoder's {patch}-px patches; give one, such as "
+                f"{max(patch, size // patch * patch)}, or leave it out for the encoder's own ({encoder.image_size})"
+            )
+        return size
 
     def features(self, encoder: FrozenEncoder, tokens: bool = False) -> tuple[FeatureSet, FeatureSet]:
         """Train and val features (from the cache when it has them). With ``tokens``, the same pass

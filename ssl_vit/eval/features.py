@@ -58,6 +58,8 @@ def pooled_and_patches(
         raise UserError(NO_CLASS_TOKEN)
     if last_blocks > 1 and not hasattr(encoder, "vit"):
         raise UserError(f"last_blocks {last_blocks} reads a ViT's blocks; this encoder is not a ViT: use last_blocks 1")
+    if last_blocks > 1 and last_blocks > len(encoder.vit.blocks):
+        raise UserError(f"last_blocks is {last_blocks}, but the encoder has {len(encoder.vit.blocks)} blocks")
     if last_blocks == 1:
         out = encoder(images)
         patches = out.patches
