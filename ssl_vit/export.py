@@ -241,6 +241,7 @@ def card(
         "",
         *about,
         f"- optimiser steps: {record.get('step')}",
+        *(f"- settings changed by a resume {change}" for change in record.get("settings_changed", [])),
         f"- training data: `{record.get('trained_on') or train}`{less}",  # where it was: the card is read elsewhere
         "",
         evaluated,
@@ -321,6 +322,10 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         "data": ckpt.get("datamodule_hyper_parameters", {}),
         "trained_on": ckpt.get(RUN_KEY, {}).get("train_shards"),  # where the run found its data
     }
+    # the recipe settings its resumes changed (RunCheckpoint's state), which "recipe" holds only as they ended
+    changes = [c.get("settings_changed") for c in ckpt.get("callbacks", {}).values() if isinstance(c, dict)]
+    if any(changes):
+        record["settings_changed"] = next(filter(None, changes))
     checkpoint, weights_id = Path(checkpoint), ckpt.get(RUN_KEY, {}).get("weights_id")
     for kind in RECORD_KINDS:
         path = checkpoint.with_name(f"{checkpoint.stem}.{kind}.json")

@@ -948,9 +948,10 @@ def case_lr_blowup_recovered(work: Path) -> Outcome:
     from_saved = from_saved and "with settings changed since: model.base_lr 1000000.0 -> 0.001 (" in resumed.stderr
     summary = folder / "run/summary.json"  # says so too: the run's first steps had another lr
     changes = json.loads(summary.read_text()).get("settings_changed") if summary.is_file() else None
-    from_saved = from_saved and changes == [
-        f"at step {int(saved[0].stem.split('=')[-1])}: model.base_lr 1000000.0 -> 0.001"
-    ]
+    changed = f"at step {int(saved[0].stem.split('=')[-1])}: model.base_lr 1000000.0 -> 0.001" if saved else ""
+    card = folder / "run/export/README.md"  # and the model card
+    from_saved = from_saved and changes == [changed]
+    from_saved = from_saved and card.is_file() and f"- settings changed by a resume {changed}" in card.read_text()
     step, params = last_state(folder) if resumed.returncode == 0 else (0, {})
     ref_step, reference = uninterrupted(work)
     normal = parameter_rms(reference)
