@@ -287,7 +287,10 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
         then = evaluation_split(recorded.get("train_shards") or written["train_shards"], val)[0]
         now = evaluation_split(run["train_shards"], run["val_shards"])[0]
         if split_part(then)[1] != split_part(now)[1]:
-            return f"it trained on {then}, this run would on {now} (data.val_shards {val} -> {run['val_shards']})"
+            return (
+                f"it trained on {then}, and this run would train on {now}: data.val_shards {val} -> "
+                f"{run['val_shards']} decides whether the run holds a tenth of its data out"
+            )
     folder = recorded.get("folder")
     here = Path(run["folder"]).resolve() if "folder" in run else None
     if here is not None and folder is not None and Path(folder) != here:

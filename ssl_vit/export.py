@@ -189,7 +189,10 @@ def model_card(model: nn.Module, record: dict[str, Any], preprocessing: dict[str
             "`pretrained_cfg.label_names[i]` in config.json",
         ]
         results = [f"- val {kind}: {value}" for kind, value in record.get("results", {}).items()]
-        evaluated, num_classes = "Accuracy of this checkpoint on the run's validation images (%):", ""
+        on = record.get("validated_on") or {}
+        results += [f"- {on['note']}"] if results and on.get("note") else []
+        images = f"`{on['val_shards']}`" if on.get("val_shards") else "the run's validation images"
+        evaluated, num_classes = f"Accuracy of this checkpoint on {images} (%):", ""
     else:
         role = record.get("encoder_role")  # named where the objective has several (DINO's teacher)
         about = [
@@ -233,13 +236,17 @@ def card(
     if val is None and data:
         val = evaluation_split(train, data.get("val_shards"))[1]
     held_out = val is not None and split_part(val)[1] == HELDOUT_SUFFIX  # trained on all of its data but that
-    less = ", less its held-out tenth (`#heldout`), which it was evaluated on" if held_out else ""
+    less = ", less its held-out tenth (`#heldout`)" if held_out else ""
+    less += ", which it was evaluated on" if held_out and results else ""
+    init_from = record.get("recipe", {}).get("init_from")  # a run that continued an earlier one's weights
+    started = [f"- started from: `{init_from}` (init_from), whose own training this card does not count"]
     lines = [
         f"# {title}",
         "",
         f"Weights written by ssl-vit {record.get('ssl_vit_version', '')} from `{record.get('checkpoint')}`.",
         "",
         *about,
+        *(started if init_from else []),
         f"- optimiser steps: {record.get('step')}",
         *(f"- settings changed by a resume {change}" for change in record.get("settings_changed", [])),
         f"- training data: `{record.get('trained_on') or train}`{less}",  # where it was: the card is read elsewhere

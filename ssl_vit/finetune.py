@@ -357,10 +357,12 @@ def export_classifier(
     checkpoint: str | Path | None = None,
     overwrite: bool = True,
     deploy: Deploy | None = None,
+    validated_on: dict[str, Any] | None = None,
 ) -> Path:
     """The fine-tuned classifier, head included, as a timm folder (``label_names`` from the
     shards' classes), with where it came from (its ``checkpoint``'s run) and its val accuracy in
-    ``config.json`` and the model card; ``deploy`` adds its ONNX models (logits)."""
+    ``config.json`` and the model card, with the images it counts (``validated_on``: ``val_shards``
+    and a ``note`` on classes they lack); ``deploy`` adds its ONNX models (logits)."""
     cfg = {**preprocessing_cfg(module.model), "num_classes": module.hparams.num_classes}
     if classes:
         cfg["label_names"] = classes
@@ -370,6 +372,7 @@ def export_classifier(
         "finetuned_from": module.hparams.init_from if module.hparams.pretrained else None,
         "recipe": {k: v for k, v in module.hparams.items() if k != "encoder"},
         "results": results,
+        "validated_on": validated_on or {},
     }
     args = {k: v for k, v in module.model_args.items() if k not in ("num_classes", "drop_path_rate")}
     config = {"pretrained_cfg": cfg, "ssl_vit": record}
@@ -401,4 +404,5 @@ def export_finetuned(
             classes = None
     summary = ending_summary(Path(checkpoint)) or {}
     results = {k: summary[f"val_{k}"] for k in ("top1", "top5") if summary.get(f"val_{k}") is not None}
-    return export_classifier(module, out, classes, results, checkpoint, overwrite, deploy)
+    validated_on = {"val_shards": summary.get("val_shards"), "note": summary.get("val_note")} if results else None
+    return export_classifier(module, out, classes, results, checkpoint, overwrite, deploy, validated_on)

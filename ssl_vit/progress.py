@@ -58,6 +58,11 @@ class ImagesPerSecondBar(RichProgressBar):
                 self._last_line = self._marks[-1][0]
                 self._console.print(self.progress_line(trainer, pl_module), markup=False, highlight=False)
 
+    def _init_progress(self, trainer: L.Trainer) -> None:
+        super()._init_progress(trainer)
+        if self.progress is not None and not self._console.is_terminal:  # the lines above say it all
+            self.progress.live.transient = True  # rich would print the bar once, when it stops
+
     @staticmethod
     def total_steps(trainer: L.Trainer) -> int:
         return trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)

@@ -197,13 +197,15 @@ def test_the_card_says_the_training_data_less_the_tenth_the_run_held_out(tmp_pat
     (tmp_path / "b/train").mkdir(parents=True)
     (tmp_path / "b/val").mkdir()
 
-    def training_data(train: str, evaluated_on: dict | None = None) -> str:
+    def training_data(train: str, evaluated_on: dict | None = None, results: tuple = ("- k-NN: k=20 50.0",)) -> str:
         record = {"data": {"train_shards": train, "val_shards": None}, "evaluated_on": evaluated_on}
-        text = card("t", record, [], "", [], "timm", [])
+        text = card("t", record, [], "", list(results), "timm", [])
         return next(line for line in text.splitlines() if line.startswith("- training data:"))
 
     less = ", less its held-out tenth (`#heldout`), which it was evaluated on"
     assert training_data(str(tmp_path / "a/train")).endswith(less)
+    # an unlabelled folder's run evaluates nothing: held out all the same, and not said to be evaluated on
+    assert training_data(str(tmp_path / "a/train"), results=()).endswith("less its held-out tenth (`#heldout`)")
     assert training_data(str(tmp_path / "photos")).endswith(less)
     assert training_data(str(tmp_path / "b/train")).endswith("train`")
     # what the run recorded it evaluated on, where the folders have changed since

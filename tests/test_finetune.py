@@ -245,9 +245,12 @@ def test_a_val_set_without_the_last_classes_is_scored_and_said(exported, tmp_pat
         tmp_path, exported, train, val, tmp_path / "run", "--model.num_classes=3", "--trainer.max_steps=1"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"warning: data.val_shards {val!r} has no sunsets: its accuracy is over the other classes only" in (
-        result.stderr
-    )
+    note = f"data.val_shards {val!r} has no sunsets: its accuracy is over the other classes only"
+    assert f"warning: {note}" in result.stderr
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["val_note"] == note and summary["val_shards"] == val  # where the number is copied from
+    card = (tmp_path / "run/export/README.md").read_text()
+    assert f"Accuracy of this checkpoint on `{val}` (%):" in card and f"- {note}" in card
     result = finetune(tmp_path, exported, train, val, tmp_path / "run2", "--model.num_classes=2")
     assert result.returncode == 2
     assert "has 3 classes (fences, gardens, sunsets) but model.num_classes is 2; set model.num_classes to 3" in (

@@ -506,6 +506,8 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
         # where the folder is, not where the run was started from: the card is read from elsewhere
         assert f"- training data: `{photos}`, less its held-out tenth (`#heldout`), which it was evaluated on" in card
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
+    card = (user_folder / "runs/more_photos/simclr/export/README.md").read_text()
+    assert "- started from: `runs/photos/simclr/export` (init_from), whose own training this card" in card
     assert continued["steps"] > 0 and "the encoder starts from runs/photos/simclr/export (init_from)" in result.stderr
 
 

@@ -52,6 +52,8 @@ def test_a_run_whose_output_goes_to_a_file_says_how_far_it_is(capsys):
     factory, view = OBJECTIVES["simclr"]
     bar = ImagesPerSecondBar(file_every_s=0)
     fit_briefly(factory(), view, steps=3, num_images=4, callbacks=[bar], enable_progress_bar=True)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    shown = capsys.readouterr().out
+    assert "Epoch" not in shown  # no bar left over at the end, after the run's tables
+    lines = [line for line in shown.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], lines
     assert "train/loss" in lines[-1] and "left" in lines[1] and "left" not in lines[-1]

@@ -154,7 +154,10 @@ def test_a_resume_that_would_train_on_other_images_of_its_data_is_refused(tmp_pa
     path = tmp_path / "run/checkpoints/last.ckpt"
     assert resume_mismatch(path, ckpt, run) is None
     problem = resume_mismatch(path, ckpt, {**run, "val_shards": "other"})
-    assert problem == "it trained on photos#train, this run would on photos (data.val_shards None -> other)"
+    assert problem == (
+        "it trained on photos#train, and this run would train on photos: data.val_shards None -> other decides "
+        "whether the run holds a tenth of its data out"
+    )
     ckpt["datamodule_hyper_parameters"]["val_shards"] = "other"  # other val data, the same training images
     assert resume_mismatch(path, ckpt, {**run, "val_shards": "elsewhere"}) is None
 

@@ -421,8 +421,9 @@ def export(args: list[str]) -> None:
     )
     if opts.format == "timm":
         head = ", its head and label names included" if objective == FINE_TUNING else ""
-        classes = "" if head else ", num_classes=N"
-        console.print(f'load it with timm.create_model("local-dir:{out}", pretrained=True{classes}){head}')
+        classes = "" if head else ", num_classes=0"
+        task = "" if head else " (features; num_classes=N adds a new N-class head to train)"
+        console.print(f'load it with timm.create_model("local-dir:{out}", pretrained=True{classes}){head}{task}')
     if onnx is not None:
         print_onnx_report(json.loads((Path(out) / "onnx_report.json").read_text()), console)
     gone = [name for name in replaced_onnx if not (Path(out) / name).exists()]

@@ -461,7 +461,8 @@ class FineTuneCLI(RunCLI):
         parser.link_arguments("data.view", "model.image_size", lambda view: view.size, apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        lacking = self.datamodule.check_labels(self.model.hparams.num_classes)  # before the trainer starts printing
+        # before the trainer starts printing; what val lacks goes into the summary and the card too
+        self.val_note = lacking = self.datamodule.check_labels(self.model.hparams.num_classes)
         self.model.hparams["label_names"] = self.datamodule.classes()  # what logit i is, as the run trains
         train, val = self.datamodule.evaluation_data()
         seen = seen_images(train, val, None, learns="the classifier trains on")
@@ -485,7 +486,10 @@ class FineTuneCLI(RunCLI):
         if self.config_init[self.subcommand]["export"]:
             out = Path(trainer.default_root_dir) / "export"
             checkpoint = own_newest_checkpoint(trainer.checkpoint_callback)
-            export_dir = export_classifier(self.model, out, self.datamodule.classes(), results, checkpoint)
+            validated_on = {"val_shards": self.datamodule.evaluation_data()[1], "note": self.val_note}
+            export_dir = export_classifier(
+                self.model, out, self.model.hparams["label_names"], results, checkpoint, validated_on=validated_on
+            )
         hp = self.model.hparams
         summary = {
             "objective": "fine-tuning",
@@ -497,6 +501,8 @@ class FineTuneCLI(RunCLI):
             "val_top1": results.get("top1"),
             "val_top5": results.get("top5"),  # None of five classes or fewer
             "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
+            "val_shards": self.datamodule.evaluation_data()[1],
+            "val_note": self.val_note,  # the classes val lacks, which its accuracy does not count
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
             "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),
             "export": str(export_dir) if export_dir else None,
