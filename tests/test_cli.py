@@ -237,27 +237,35 @@ def test_ctrl_c_before_a_run_can_stop_at_a_step_is_one_line(monkeypatch, capsys)
     assert stopped.value.code == 130 and capsys.readouterr().err.strip() == "ssl-vit finetune: stopped by Ctrl-C"
 
 
-def test_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_partial_file(monkeypatch, tmp_path, capsys):
-    """A second Ctrl-C while the first one's checkpoint was being written: torch's zip writer
-    turned the KeyboardInterrupt into "RuntimeError: [enforce fail at inline_container.cc]",
-    three chained tracebacks and exit status 1."""
+def main_with_a_checkpoint_write_that_meets(error: BaseException, monkeypatch, tmp_path) -> int:
+    """``ssl-vit pretrain`` whose checkpoint write meets ``error`` on its third write (a Ctrl-C, a
+    full disk): torch's zip writer turns either into "RuntimeError: ... unexpected pos". Its exit status."""
     import ssl_vit.cli as cli
     from ssl_vit.checkpoint import AtomicCheckpointIO, _HashingWriter
 
     writes, write = [], _HashingWriter.write
 
-    def pressed_on_the_third_write(self, data):
+    def third_write_meets_the_error(self, data):
         writes.append(len(data))
         if len(writes) == 3:
-            raise KeyboardInterrupt
+            raise error
         return write(self, data)
 
-    monkeypatch.setattr(_HashingWriter, "write", pressed_on_the_third_write)
+    monkeypatch.setattr(_HashingWriter, "write", third_write_meets_the_error)
     saving = lambda argv: AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, tmp_path / "last.ckpt")  # noqa: E731
     monkeypatch.setattr(cli, "run_command", saving)
     with pytest.raises(SystemExit) as stopped:
         cli.main(["pretrain", "--config", "recipe.yaml"])
-    assert stopped.value.code == 130 and capsys.readouterr().err.strip() == "ssl-vit pretrain: stopped by Ctrl-C"
+    return stopped.value.code
+
+
+def test_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_partial_file(monkeypatch, tmp_path, capsys):
+    """A second Ctrl-C while the first one's checkpoint was being written: three chained
+    tracebacks and exit status 1."""
+    import ssl_vit.cli as cli
+
+    assert main_with_a_checkpoint_write_that_meets(KeyboardInterrupt(), monkeypatch, tmp_path) == 130
+    assert capsys.readouterr().err.strip() == "ssl-vit pretrain: stopped by Ctrl-C"
     assert list(tmp_path.iterdir()) == []
 
     def failing(argv):  # any other error keeps its traceback
@@ -299,24 +307,10 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line(monkeypatch, tmp_path
     """85 lines of traceback ending in "RuntimeError: ... unexpected pos" on a full disk."""
     import errno
 
-    import ssl_vit.cli as cli
-    from ssl_vit.checkpoint import AtomicCheckpointIO, _HashingWriter
-
-    writes, write = [], _HashingWriter.write
-
-    def full_on_the_third_write(self, data):
-        writes.append(len(data))
-        if len(writes) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write(self, data)
-
-    monkeypatch.setattr(_HashingWriter, "write", full_on_the_third_write)
-    saving = lambda argv: AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, tmp_path / "last.ckpt")  # noqa: E731
-    monkeypatch.setattr(cli, "run_command", saving)
-    with pytest.raises(SystemExit) as stopped:
-        cli.main(["pretrain", "--config", "recipe.yaml"])
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert main_with_a_checkpoint_write_that_meets(full, monkeypatch, tmp_path) == 1
     err = capsys.readouterr().err.strip()
-    assert stopped.value.code == 1 and err.startswith("ssl-vit pretrain: error: No space left on device; free space")
+    assert err.startswith("ssl-vit pretrain: error: No space left on device; free space")
     assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
