@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_vit.checkpoint import data_settings, ending_summary, read_checkpoint, run_checkpoint
 from ssl_vit.data.pipeline import ShardDataModule, ShardDataset
-from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.shards import labels_agree, resolve_shards
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
 from ssl_vit.errors import UserError
@@ -94,7 +94,7 @@ class LabelledShardDataModule(ShardDataModule):
         lacking = None
         if len(classes) == 2:
             (train, train_names), (val, val_names) = classes["train_shards"], classes["val_shards"]
-            if val_names != train_names[: len(val_names)]:
+            if not labels_agree(train_names, val_names):
                 raise UserError(classes_differ(train, train_names, val, val_names))
             if len(val_names) < len(train_names):
                 missing = class_names(train_names[len(val_names) :])

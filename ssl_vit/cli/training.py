@@ -462,11 +462,11 @@ class FineTuneCLI(RunCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         # before the trainer starts printing; what val lacks goes into the summary and the card too
-        self.val_note = lacking = self.datamodule.check_labels(self.model.hparams.num_classes)
+        self.val_note = self.datamodule.check_labels(self.model.hparams.num_classes)
         self.model.hparams["label_names"] = self.datamodule.classes()  # what logit i is, as the run trains
         train, val = self.datamodule.evaluation_data()
         seen = seen_images(train, val, None, learns="the classifier trains on")
-        for warning in (lacking, seen and f"{val} holds {seen}"):
+        for warning in (self.val_note, seen and f"{val} holds {seen}"):
             if warning:
                 Console(stderr=True, soft_wrap=True).print(f"warning: {warning}", highlight=False)
         return super().instantiate_trainer(**kwargs)
@@ -482,11 +482,12 @@ class FineTuneCLI(RunCLI):
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         metrics = trainer.callback_metrics
         results = {k: round(float(metrics[f"val/{k}"]), 3) for k in ("top1", "top5") if f"val/{k}" in metrics}
+        val = self.datamodule.evaluation_data()[1]  # what the accuracy counts
         export_dir = None
         if self.config_init[self.subcommand]["export"]:
             out = Path(trainer.default_root_dir) / "export"
             checkpoint = own_newest_checkpoint(trainer.checkpoint_callback)
-            validated_on = {"val_shards": self.datamodule.evaluation_data()[1], "note": self.val_note}
+            validated_on = {"val_shards": val, "note": self.val_note}
             export_dir = export_classifier(
                 self.model, out, self.model.hparams["label_names"], results, checkpoint, validated_on=validated_on
             )
@@ -501,7 +502,7 @@ class FineTuneCLI(RunCLI):
             "val_top1": results.get("top1"),
             "val_top5": results.get("top5"),  # None of five classes or fewer
             "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
-            "val_shards": self.datamodule.evaluation_data()[1],
+            "val_shards": val,
             "val_note": self.val_note,  # the classes val lacks, which its accuracy does not count
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
             "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),

@@ -704,6 +704,12 @@ _scan_said: set[tuple[str, str]] = set()
 _names_as_labels: dict[str, str] = {}
 
 
+def labels_agree(train_classes: list[str], val_classes: list[str]) -> bool:
+    """Whether val's labels mean train's classes: a label is a class's place in its folder's
+    sorted list, the same for every class of a val set that lacks only train's last classes."""
+    return val_classes == train_classes[: len(val_classes)]
+
+
 def names_as_labels(spec: str) -> str | None:
     """The first of the class names that the scanned tar shards ``spec`` hold as their ``cls``
     members instead of class indices (None when they hold indices, or none)."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ssl_vit.data.pipeline import ShardDataset
-from ssl_vit.data.shards import MASK_MEMBER, names_as_labels, resolve_shards, split_part
+from ssl_vit.data.shards import MASK_MEMBER, labels_agree, names_as_labels, resolve_shards, split_part
 from ssl_vit.data.views import EvalView, MAEView
 from ssl_vit.errors import UserError, first_few
 from ssl_vit.eval.attentive import train_attentive_probe
@@ -233,9 +233,7 @@ class Evaluator:
                 classes[split] = index.classes
         if len(classes) == 2 and classes["train"] != classes["val"]:
             train, val = classes["train"], classes["val"]
-            # A class index is a class's place in its folder's sorted list: the same, for classes missing
-            # from the end of val's.
-            if val != train[: len(val)]:
+            if not labels_agree(train, val):
                 raise UserError(
                     f"{self.val_shards} names classes {first_few(val, 6)} where {self.train_shards} has "
                     f"{first_few(train, 6)}: k-NN and the probes score the classes by their place in each list, "
