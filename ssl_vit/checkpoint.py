@@ -409,6 +409,26 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         self._seconds_before, self._session_start = 0.0, time.perf_counter()
         self.ctrl_c, self._trained = False, False
+        self._sigterm_at_end = None
+        if threading.current_thread() is threading.main_thread():
+            # Set before Lightning's: it keeps a handler it finds, and calls it after its own (which
+            # only flags the step loop to stop, so the end-of-run work would go on to its end).
+            previous = signal.getsignal(signal.SIGTERM)
+            self._sigterm_at_end = lambda signum, frame: self._stop_at_end(trainer, previous, signum, frame)
+            signal.signal(signal.SIGTERM, self._sigterm_at_end)
+
+    def _stop_at_end(self, trainer: L.Trainer, previous: Any, signum: int, frame: Any) -> None:
+        """SIGTERM once training is over: the final state is saved, so the end-of-run evaluation and
+        export stop at once (a scheduler's kill follows within seconds) and the same command redoes
+        them. Outside a run, the handler that was there before."""
+        if self._sigterm_at_end is not None and training_over(trainer):
+            raise SIGTERMException
+        if self._sigterm_at_end is None:  # the run is over: act as if this handler had never been set
+            signal.signal(signal.SIGTERM, previous)
+            if previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+            elif callable(previous):
+                previous(signum, frame)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -439,6 +459,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        self._sigterm_at_end = None
         handler = getattr(self, "_ctrl_c_handler", None)
         if handler is not None and signal.getsignal(signal.SIGINT) is handler:
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -514,12 +535,19 @@ class RunCheckpoint(ModelCheckpoint):
                 f"newest checkpoint ({newest})"
             )
             return
+        self._sigterm_at_end = None  # Lightning's teardown puts it back, as the handler it found
         if not isinstance(exception, SIGTERMException) or self.dirpath is None:
+            return
+        exception.signum = signal.SIGINT if self.ctrl_c else signal.SIGTERM  # the command's exit status
+        stopped = "stopped by Ctrl-C" if self.ctrl_c else "received SIGTERM"
+        if training_over(trainer) and self._last_global_step_saved == trainer.global_step and self.last_model_path:
+            rank_zero_warn(
+                f"{stopped} after the last step ({trainer.global_step}), saved in {self.last_model_path}; run the "
+                "same command again to do the end-of-run evaluation and export"
+            )
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path, weights_only=False)  # the whole state (Lightning logs a line when not told)
-        exception.signum = signal.SIGINT if self.ctrl_c else signal.SIGTERM  # the command's exit status
-        stopped = "stopped by Ctrl-C" if self.ctrl_c else "received SIGTERM"
         rank_zero_warn(f"{stopped} at step {trainer.global_step}: saved {path}; run the same command again to resume")
 
 

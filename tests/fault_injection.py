@@ -57,10 +57,17 @@ class KillAt(L.Callback):
 
 
 class InterruptAtEnd(L.Callback):
-    """Ctrl-C once the last step is done, as the end-of-run work (evaluation, export) runs."""
+    """Ctrl-C (or ``signal``) once the last step is done, as the end-of-run work (evaluation,
+    export) runs."""
+
+    def __init__(self, signal: str = "SIGINT") -> None:
+        self.signal = signal
 
     def on_train_end(self, trainer: L.Trainer, *args) -> None:
-        os.killpg(os.getpgrp(), signal.SIGINT)  # as a terminal sends it (see KillAt)
+        if self.signal == "SIGINT":
+            os.killpg(os.getpgrp(), signal.SIGINT)  # as a terminal sends it (see KillAt)
+        else:
+            os.kill(os.getpid(), getattr(signal, self.signal))
 
 
 class NaNInputAt(L.Callback):
@@ -512,6 +519,29 @@ def case_ctrl_c_after_the_last_step(work: Path) -> Outcome:
         f"{summary.get('steps')} with k-NN {summary.get('knn_k20_top1')}, ended={done}",
         ok,
         "none" if kept == EPOCHS * STEPS_PER_EPOCH else "yes",
+    )
+
+
+def case_sigterm_after_the_last_step(work: Path) -> Outcome:
+    """A scheduler's SIGTERM during the end-of-run work: it stops there (the kill that follows
+    would cut it short anyway), with the last step kept and exit 143, and the same command again
+    does only the evaluation, export and summary. (It went on to its end, ignoring the SIGTERM.)"""
+    end_of_run_knn = {"class_path": "ssl_vit.eval.EvaluationCallback", "init_args": {"probes": False}}
+    folder, config = new_run(work, "sigterm_at_end", **{"trainer.callbacks": [end_of_run_knn]})
+    stopped = pretrain(folder, "--config", config, *fault("InterruptAtEnd", signal="SIGTERM"))
+    kept, _ = last_state(folder)
+    summary_path = folder / "run/summary.json"
+    stopped_there = not summary_path.exists() and "after the last step" in stopped.stderr
+    again = pretrain_in_this_process(folder, "--config", config)
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    done = summary.get("steps") == kept and (folder / "run/export/model.safetensors").is_file()
+    ok = stopped.returncode == 128 + signal.SIGTERM and stopped_there and kept == EPOCHS * STEPS_PER_EPOCH
+    return Outcome(
+        f"stop at once, exit 143, keep step {EPOCHS * STEPS_PER_EPOCH}; the same command does the end",
+        f"rc {stopped.returncode}, stopped before the summary: {stopped_there}, kept step {kept}; then rc "
+        f"{again.returncode}, summary of step {summary.get('steps')}",
+        ok and again.returncode == 0 and done,
+        "none" if kept == EPOCHS * STEPS_PER_EPOCH and checkpoints_intact(folder) else "yes",
     )
 
 
@@ -1000,6 +1030,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_sigterm,
     case_ctrl_c,
     case_ctrl_c_after_the_last_step,
+    case_sigterm_after_the_last_step,
     case_truncated_checkpoint,
     case_checkpoint_with_a_hole,
     case_fresh_start_in_a_used_run_folder,
