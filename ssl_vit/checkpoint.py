@@ -413,7 +413,7 @@ class RunCheckpoint(ModelCheckpoint):
         if threading.current_thread() is threading.main_thread():
             # Set before Lightning's: it keeps a handler it finds, and calls it after its own (which
             # only flags the step loop to stop, so the end-of-run work would go on to its end).
-            previous = signal.getsignal(signal.SIGTERM)
+            previous = self._sigterm_before = signal.getsignal(signal.SIGTERM)
             self._sigterm_at_end = lambda signum, frame: self._stop_at_end(trainer, previous, signum, frame)
             signal.signal(signal.SIGTERM, self._sigterm_at_end)
 
@@ -459,6 +459,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        if self._sigterm_at_end is not None and signal.getsignal(signal.SIGTERM) is self._sigterm_at_end:
+            signal.signal(signal.SIGTERM, self._sigterm_before)  # Lightning's teardown put ours back
         self._sigterm_at_end = None
         handler = getattr(self, "_ctrl_c_handler", None)
         if handler is not None and signal.getsignal(signal.SIGINT) is handler:
