@@ -32,10 +32,11 @@ from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
 from ssl_vit.errors import UserError
 from ssl_vit.eval.encoders import missing_source
 from ssl_vit.export import EXPORT_FOLDER, encoder_state_dict, preprocessing_cfg, provenance, write_timm_folder
+from ssl_vit.methods.base import adamw
 from ssl_vit.onnx_export import Deploy, OnnxOptions, prepare_deploy
 from ssl_vit.pictures import shard_class_names
 from ssl_vit.replace import check_replaceable
-from ssl_vit.schedules import PaperRun, scaled_epochs, warmup_cosine
+from ssl_vit.schedules import PaperRun, scaled_epochs, steps_per_epoch, warmup_cosine
 
 
 class FineTuneView:
@@ -313,10 +314,10 @@ class FineTune(L.LightningModule):
         return self.hparams.base_lr * per_device_batch * world / 256
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
+        per_epoch = steps_per_epoch(self.trainer)
         total = int(self.trainer.estimated_stepping_batches)
-        warmup_epochs = scaled_epochs(self.hparams.warmup_epochs, total / steps_per_epoch, MAE_FINETUNE)
-        warmup = round(warmup_epochs * steps_per_epoch)
+        warmup_epochs = scaled_epochs(self.hparams.warmup_epochs, total / per_epoch, MAE_FINETUNE)
+        warmup = round(warmup_epochs * per_epoch)
         peak = self.peak_lr(len(batch[1]))
         lr = warmup_cosine(self.global_step, total, warmup, peak, self.hparams.min_lr)
         for group in self.optimizers().optimizer.param_groups:
@@ -345,8 +346,7 @@ class FineTune(L.LightningModule):
             no_weight_decay_list=self.model.no_weight_decay(),
             layer_decay=self.hparams.layer_decay,
         )
-        fused = torch.cuda.is_available()
-        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=fused)
+        return adamw(self, groups, betas=(0.9, 0.999))
 
 
 def export_classifier(

@@ -4,7 +4,7 @@ so a resumed run recomputes them from the restored global step."""
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 
 class PaperRun(NamedTuple):
@@ -20,6 +20,12 @@ class PaperRun(NamedTuple):
 #: averages over more than 5% of the run keeps more than e^-3 of its random start past the first 15%.
 EMA_MIN_WINDOW_STEPS = 10
 EMA_MAX_WINDOW_RUN_FRACTION = 0.05
+
+
+def steps_per_epoch(trainer: Any) -> int:
+    """A Lightning trainer's optimiser steps per epoch: an epoch's last, partial accumulation
+    steps too."""
+    return max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
 
 
 def warmup_cosine(

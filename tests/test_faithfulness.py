@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 from safetensors.torch import load_file
+from torch import nn
 
 from ssl_vit import export_encoder
 from ssl_vit.encoder import ViTEncoder, dino_resample_pos_embed
 from ssl_vit.methods import DINO, SimMIM
+from ssl_vit.methods.base import adamw
 from ssl_vit.schedules import cosine_to
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly
 
@@ -94,17 +96,28 @@ class _RecordingDINO(DINO):
         super().clip_objective_gradients()
 
 
-def test_clipping_sees_unscaled_gradients_with_fused_adamw_under_a_grad_scaler(monkeypatch):
-    adamw = torch.optim.AdamW
-    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "fused": True}))  # CUDA's path
+def test_adamw_is_fused_on_a_gpu_except_under_a_grad_scaler():
+    # A fused step unscales fp16's gradients itself, after clipping read them scaled, and Lightning
+    # refuses trainer.gradient_clip_val for it.
+    def on_gpu(scaler):
+        precision = SimpleNamespace(scaler=scaler)
+        return SimpleNamespace(device=torch.device("cuda"), _trainer=SimpleNamespace(precision_plugin=precision))
+
+    params = [{"params": [nn.Parameter(torch.ones(3))]}]
+    assert adamw(on_gpu(None), params).defaults["fused"]
+    assert not adamw(on_gpu(torch.amp.GradScaler("cpu")), params).defaults["fused"]
+
+
+def test_clipping_sees_unscaled_gradients_under_a_grad_scaler():
     seen = {}
     for scale in (1.0, 16.0):  # a scale of 1 is the unscaled reference (larger overflows fp16 here)
         torch.manual_seed(0)
         method = _RecordingDINO(TINY_ENCODER, out_dim=64, hidden_dim=32, bottleneck_dim=16)
         method.seen = []
         scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
-        fit_briefly(method, "multicrop", plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-        assert all(opt.defaults["fused"] for opt in [method.optimizers().optimizer])
+        precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+        fit_briefly(method, "multicrop", plugins=[precision], gradient_clip_val=100.0)
+        assert not method.optimizers().optimizer.defaults["fused"]
         seen[scale] = torch.stack(method.seen)
     assert seen[1.0].shape[0] == 2  # one clip per optimiser step
     torch.testing.assert_close(seen[16.0], seen[1.0], rtol=1e-2, atol=1e-6)

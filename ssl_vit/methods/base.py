@@ -23,7 +23,17 @@ from ssl_vit.export import encoder_state_dict
 from ssl_vit.guards import BEFORE_ANY_UPDATE, CollapseWatch
 from ssl_vit.health import embedding_spread, teacher_health
 from ssl_vit.pictures import attention_columns, pca_columns
-from ssl_vit.schedules import PaperRun, cosine_to, scaled_ema_momentum, scaled_epochs, warmup_cosine
+from ssl_vit.schedules import PaperRun, cosine_to, scaled_ema_momentum, scaled_epochs, steps_per_epoch, warmup_cosine
+
+
+def adamw(module: L.LightningModule, param_groups: list[dict[str, Any]], **options: Any) -> torch.optim.AdamW:
+    """AdamW at lr 0 (the schedule sets it each step), fused on a GPU, except under fp16's loss
+    scaler: a fused step unscales the gradients itself, after clipping would have read them
+    scaled, and Lightning refuses trainer.gradient_clip_val for it."""
+    trainer = getattr(module, "_trainer", None)  # None: built outside a fit
+    scaled = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None
+    fused = module.device.type == "cuda" and not scaled
+    return torch.optim.AdamW(param_groups, lr=0.0, fused=fused, **options)
 
 
 class SSLMethod(L.LightningModule):
@@ -226,7 +236,7 @@ class SSLMethod(L.LightningModule):
         return per_device_batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        return steps_per_epoch(self.trainer)
 
     def run_epochs(self, paper_epochs: float) -> float:
         """A schedule length the recipe gives in the paper's epochs, for this run: shrunk in
@@ -300,18 +310,11 @@ class SSLMethod(L.LightningModule):
                 groups.items(), key=lambda item: (not item[0][0], -item[0][1], item[0][2])
             )
         ]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(param_groups, lr=0.0, betas=self.betas, eps=self.adam_eps, fused=fused)
+        return adamw(self, param_groups, betas=self.betas, eps=self.adam_eps)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
     ) -> None:
-        # Under fp16, Lightning unscales the loss-scaled gradients before clipping only for optimisers
-        # that do not unscale inside their step; fused AdamW does, so unscale here, as the official
-        # codes do before they clip (GradScaler.step then skips its own unscaling).
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         self.clip_objective_gradients()
 
