@@ -19,7 +19,14 @@ from ssl_vit.eval.attentive import AttentiveProbeHead, train_attentive_probe
 from ssl_vit.eval.compare import headline_accuracy
 from ssl_vit.eval.encoders import TimmViTEncoder
 from ssl_vit.eval.features import pooled_features
-from ssl_vit.eval.linear import cached_feature_batches, feature_chunks, probe_accuracy, train_linear_probe
+from ssl_vit.eval.linear import (
+    LinearProbeHead,
+    cached_feature_batches,
+    feature_chunks,
+    lars,
+    probe_accuracy,
+    train_linear_probe,
+)
 from ssl_vit.eval.report import accuracy_counts, print_results
 from tests.conftest import TINY_ENCODER, png_bytes, random_images
 
@@ -92,6 +99,27 @@ def test_linear_probe_separates_linearly_separable_features(optimizer):
     base_lr = 0.1 if optimizer == "sgd" else 20.0  # LARS rescales each step by 0.001 x |w| / |grad|
     head = train_linear_probe(batches, 8, 32, 5, epochs=20, batch_size=100, base_lr=base_lr, optimizer=optimizer)
     assert probe_accuracy(head, feature_chunks(val), 5)["top1"] > 99.0
+
+
+def test_lars_steps_as_maes_lars():
+    """MAE's util/lars.py from its formulas, momentum 0.9, no weight decay: a weight matrix's
+    gradient g becomes g x 0.001 ||w|| / ||g||, 1-D parameters keep g; mu <- 0.9 mu + g; w <- w - lr mu."""
+    torch.manual_seed(0)
+    head = LinearProbeHead(6, 3)
+    reference = [p.detach().clone() for p in head.parameters()]
+    momentum = [torch.zeros_like(p) for p in reference]
+    opt = lars(head.parameters(), lr=0.5)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in reference]
+        for p, g in zip(head.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for i, (w, g) in enumerate(zip(reference, grads, strict=True)):
+            update = g * 0.001 * w.norm() / g.norm() if w.ndim > 1 else g
+            momentum[i] = 0.9 * momentum[i] + update
+            reference[i] = w - 0.5 * momentum[i]
+    for p, expected in zip(head.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.detach(), expected)
 
 
 def reference_attentive_classifier(head: AttentiveProbeHead, tokens: torch.Tensor) -> torch.Tensor:

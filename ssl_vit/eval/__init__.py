@@ -5,10 +5,9 @@ from ssl_vit.eval.callback import EvaluationCallback
 from ssl_vit.eval.evaluator import Evaluator
 from ssl_vit.eval.features import FeatureSet, extract_features, load_features, pooled_features, save_features
 from ssl_vit.eval.knn import knn_classify
-from ssl_vit.eval.linear import LARS, LinearProbeHead, train_linear_probe
+from ssl_vit.eval.linear import LinearProbeHead, train_linear_probe
 
 __all__ = [
-    "LARS",
     "EvalView",
     "EvaluationCallback",
     "Evaluator",

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
+from timm.optim import Lars
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -17,45 +18,13 @@ from ssl_vit.schedules import warmup_cosine
 ProbeOptimizer = Literal["sgd", "lars"]
 
 
-class LARS(torch.optim.Optimizer):
-    """LARS as in MAE's ``util/lars.py``: for weight matrices the update (gradient + weight decay)
-    is rescaled by trust_coefficient x ||w|| / ||update||; 1-D parameters (biases, norms) are not."""
-
-    def __init__(
-        self,
-        params,
-        lr: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        trust_coefficient: float = 0.001,
-    ):
-        super().__init__(
-            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
-        )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(update)
-                    one = torch.ones_like(param_norm)
-                    trust = torch.where(
-                        param_norm > 0,
-                        torch.where(update_norm > 0, group["trust_coefficient"] * param_norm / update_norm, one),
-                        one,
-                    )
-                    update = update.mul(trust)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(update)
-                p.add_(mu, alpha=-group["lr"])
+def lars(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """LARS as in MAE's ``util/lars.py`` at momentum 0.9 and no weight decay: each weight matrix's
+    step is its gradient rescaled by 0.001 x ||w|| / ||gradient||; biases and norms take plain
+    momentum SGD (timm's Lars, adapting only the first group)."""
+    params = list(params)
+    matrices, others = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    return Lars([{"params": matrices, "always_adapt": True}, {"params": others}], lr=lr, momentum=0.9)
 
 
 class LinearProbeHead(nn.Sequential):
@@ -82,7 +51,7 @@ def train_linear_probe(
     head = LinearProbeHead(dim, num_classes).to(device)
     peak_lr = base_lr * batch_size / 256
     if optimizer == "lars":
-        opt = LARS(head.parameters(), lr=peak_lr, weight_decay=0.0, momentum=0.9)
+        opt = lars(head.parameters(), peak_lr)
     else:
         opt = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
     return train_probe_head(head, opt, epoch_batches, steps_per_epoch, epochs, peak_lr, warmup_epochs)
