@@ -33,7 +33,7 @@ from ssl_vit.data.pipeline import evaluation_split
 from ssl_vit.data.shards import data_fingerprint, data_location, is_remote, size_and_time, split_part
 from ssl_vit.encoder import ViTEncoder
 from ssl_vit.errors import UserError
-from ssl_vit.replace import file_sha256, process_exists, this_host, writer_id
+from ssl_vit.replace import file_in_one_step, file_sha256, process_exists, this_host, writer_id
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,7 +59,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             # The checksum first: a crash between the two renames leaves a checkpoint whose checksum
             # does not match, which a resume passes over, never a wrong one that matches.
-            _write_text_atomically(checksum_path(path), f"{hashing.sha256.hexdigest()}  {path.name}\n")
+            with file_in_one_step(checksum_path(path)) as checksum:
+                checksum.write_text(f"{hashing.sha256.hexdigest()}  {path.name}\n")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -88,15 +89,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.file.flush()
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{writer_id()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 #: A temporary file of ``AtomicCheckpointIO`` (or of ssl-vit before writers were named by host).

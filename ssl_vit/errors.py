@@ -8,6 +8,24 @@ class UserError(Exception):
     """
 
 
+def last_line(err: BaseException) -> str:
+    """An exception's message in one line (its last: torch and timm end with the cause), or its
+    type when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[-1].strip() if text else type(err).__name__
+
+
+def cause_of(err: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` in ``err``'s chain (its causes and contexts): torch's checkpoint writer
+    turns a KeyboardInterrupt or a full disk in the middle of its write into a RuntimeError
+    ("unexpected pos"), and jsonargparse wraps a recipe's errors in its own."""
+    while err is not None:
+        if isinstance(err, kind):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     """``1 image``, ``2 images`` (``plural`` where it is not the noun and an s)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"

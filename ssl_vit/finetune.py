@@ -29,7 +29,7 @@ from ssl_vit.data.pipeline import ShardDataModule, ShardDataset
 from ssl_vit.data.shards import labels_agree, resolve_shards
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, last_line
 from ssl_vit.eval.encoders import missing_source
 from ssl_vit.export import EXPORT_FOLDER, encoder_state_dict, preprocessing_cfg, provenance, write_timm_folder
 from ssl_vit.methods.base import adamw
@@ -271,7 +271,7 @@ class FineTune(L.LightningModule):
         try:
             missing, unexpected = self.model.load_state_dict(encoder_state_dict(path, self.model), strict=False)
         except RuntimeError as err:
-            raise UserError(f"model.init_from {path} does not fit the classifier: {str(err).splitlines()[-1]}") from err
+            raise UserError(f"model.init_from {path} does not fit the classifier: {last_line(err)}") from err
         missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
         unexpected = [k for k in unexpected if not k.startswith("norm.")]
         if missing or unexpected:

@@ -263,7 +263,7 @@ def file_in_one_step(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for the block to write; when the block ends it is renamed
     to ``path`` with the user's default permissions, and removed if the block fails: a reader never
     sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{writer_id()}.tmp")
     try:
         yield tmp
         give_default_permissions(tmp)

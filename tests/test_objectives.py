@@ -154,8 +154,10 @@ def test_dino_centre_update_and_teacher_has_no_gradient():
     model = tiny_dino()
     teacher_out = torch.randn(8, 64)
     before = model.center.clone()
-    model.update_center(teacher_out)
+    means = [half.mean(0, keepdim=True) for half in teacher_out.chunk(2)]  # two micro-batches
+    model.update_center(model.center, means)
     torch.testing.assert_close(model.center, before * 0.9 + teacher_out.mean(0, keepdim=True) * 0.1)
+    assert not means
     assert not any(p.requires_grad for p in model.teacher_encoder.parameters())
     assert not any(p.requires_grad for p in model.teacher_head.parameters())
     crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(2)]

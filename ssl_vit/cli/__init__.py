@@ -41,7 +41,7 @@ from rich.markup import escape
 from ssl_vit.cli import tools, training
 from ssl_vit.cli.tools import SOURCE_TREE, evaluate, export, recipes, shards, zeroshot
 from ssl_vit.cli.training import TRAINING_OPTIONS, distill, finetune, pretrain, training_help
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, cause_of
 
 COMMANDS = {**training.COMMANDS, **tools.COMMANDS}
 
@@ -104,16 +104,6 @@ def unknown_setting_message(class_path: str, key: str | None, encoder_key: str |
     close = difflib.get_close_matches(unknown, accepted, n=1)
     meant = f"did you mean '{where}.{close[0]}'? " if close else ""
     return f"unknown recipe key '{where}.{unknown}' of {name}; {meant}{listed}"
-
-
-def cause_of(err: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """The first ``kind`` in ``err``'s chain: torch's checkpoint writer turns a KeyboardInterrupt
-    or a full disk in the middle of its write into a RuntimeError ("unexpected pos")."""
-    while err is not None:
-        if isinstance(err, kind):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def disk_full(err: BaseException) -> OSError | None:

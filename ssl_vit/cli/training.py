@@ -43,7 +43,7 @@ from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write, seen_image
 from ssl_vit.data.shards import is_remote, resolve_shards, split_part
 from ssl_vit.distributed import log_folder
 from ssl_vit.encoder import compile_blocks
-from ssl_vit.errors import UserError, counted
+from ssl_vit.errors import UserError, cause_of, counted
 from ssl_vit.eval import EvaluationCallback
 from ssl_vit.eval.compare import print_comparison
 from ssl_vit.eval.report import (
@@ -300,10 +300,7 @@ class RunCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__ or cause.__context__
-            raise (cause or err) from None
+            raise (cause_of(err, UserError) or err) from None
 
 
 def checkpoint_places(ckpt_dir: Path, root: Path) -> tuple[tuple[Path, str], ...]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ssl_vit.checkpoint import RUN_KEY, data_settings, load_checkpoint_encoder, read_checkpoint, run_checkpoint
 from ssl_vit.encoder import TIMM_VITS, EncoderOutput, TimmViT, ViTEncoder, ViTProperties
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, last_line
 from ssl_vit.export import encoder_state_dict
 
 #: How a timm model name is given on the command line: ``timm:vit_small_patch16_224``.
@@ -265,9 +265,8 @@ def _timm_model(name: str, timm_weights: bool, source: str) -> nn.Module:
         except TypeError:  # not a ViT: a CNN takes any resolution as it is
             return timm.create_model(name, pretrained=timm_weights, num_classes=0)
     except (OSError, RuntimeError, ValueError) as err:  # no cached weights offline, a folder timm cannot read
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"timm could not build {source} with its weights ({reason}); pass --weights FILE for weights you "
+            f"timm could not build {source} with its weights ({last_line(err)}); pass --weights FILE for weights you "
             "have, or --weights random for the architecture at random initialisation"
         ) from err
 
@@ -284,9 +283,7 @@ def _with_weights(encoder: FrozenEncoder, weights: str | None, source: str) -> F
     try:
         encoder.vit.load_state_dict(encoder_state_dict(weights, encoder.vit, resample_patches=False))
     except RuntimeError as err:
-        raise UserError(
-            f"--weights {weights} do not fit {source}'s architecture: {str(err).splitlines()[-1].strip()}"
-        ) from err
+        raise UserError(f"--weights {weights} do not fit {source}'s architecture: {last_line(err)}") from err
     return encoder
 
 

@@ -18,7 +18,7 @@ from ssl_vit.checkpoint import objective_name, read_checkpoint
 from ssl_vit.distributed import clip_grad_norms_, gradient_shard_group
 from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
-from ssl_vit.errors import UserError, counted
+from ssl_vit.errors import UserError, counted, last_line
 from ssl_vit.export import encoder_state_dict
 from ssl_vit.guards import BEFORE_ANY_UPDATE, CollapseWatch
 from ssl_vit.health import embedding_spread, teacher_health
@@ -164,7 +164,7 @@ class SSLMethod(L.LightningModule):
             problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             fits = not unexpected and not [k for k in missing if not k.startswith("head.")]
         except RuntimeError as err:  # shapes differ
-            problem, fits = str(err).strip().splitlines()[-1].strip(), False
+            problem, fits = last_line(err), False
         if not fits:
             raise UserError(
                 f"model.init_from {path}: the weights do not fit the encoder ({problem}); check model.encoder"

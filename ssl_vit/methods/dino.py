@@ -115,11 +115,7 @@ class DINO(SSLMethod):
             teacher_out = embed_crops(self.teacher_encoder, self.teacher_head, crops[:2])
         student_out = embed_crops(self.encoder, self.head, crops)
         temp = self.teacher_temperature()
-        if self.hparams.centering == "sinkhorn_knopp":
-            targets = sinkhorn_knopp_teacher_probs(teacher_out, temp)
-        else:
-            targets = dino_teacher_probs(teacher_out, self.center, temp)
-            self._teacher_means.append(teacher_out.mean(dim=0, keepdim=True))
+        targets = self.teacher_targets(teacher_out, temp, self.center, self._teacher_means)
         loss = dino_loss(student_out, targets, len(crops), self.hparams.student_temp)
         self.watch_collapse(teacher_out, teacher_probs=targets)
         self.log_dict({"train/loss": loss, "train/teacher_temp": temp}, prog_bar=True)
@@ -128,25 +124,31 @@ class DINO(SSLMethod):
     @torch.no_grad()
     def teacher_probs(self, images: Tensor) -> Tensor:
         teacher_out = embed_crops(self.teacher_encoder, self.teacher_head, [images])
-        temp = self.teacher_temperature()
+        return self.teacher_targets(teacher_out, self.teacher_temperature(), self.center)
+
+    def teacher_targets(self, teacher_out: Tensor, temp: float, center: Tensor, means: list | None = None) -> Tensor:
+        """The teacher's targets: Sinkhorn-Knopp (DINOv2's), or a softmax around ``center`` (DINO's),
+        whose running mean takes the batch's mean at the optimiser step (kept in ``means``)."""
         if self.hparams.centering == "sinkhorn_knopp":
             return sinkhorn_knopp_teacher_probs(teacher_out, temp)
-        return dino_teacher_probs(teacher_out, self.center, temp)
+        if means is not None:
+            means.append(teacher_out.mean(dim=0, keepdim=True))
+        return dino_teacher_probs(teacher_out, center, temp)
 
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
-        # Once per optimiser step, from every micro-batch's teacher outputs: the global batch's mean.
-        if self._teacher_means:
-            self.update_center(torch.cat(self._teacher_means))
-            self._teacher_means.clear()
+        self.update_center(self.center, self._teacher_means)
 
     @torch.no_grad()
-    def update_center(self, teacher_out: Tensor) -> None:
-        """center <- m * center + (1 - m) * (mean teacher output over the global batch), from the
-        step's teacher outputs (or their per-micro-batch means)."""
-        batch_center = mean_over_ranks(teacher_out.mean(dim=0, keepdim=True))
+    def update_center(self, center: Tensor, means: list[Tensor]) -> None:
+        """center <- m * center + (1 - m) * (mean teacher output over the global batch), once per
+        optimiser step, from its micro-batches' means (which it then empties)."""
+        if not means:
+            return
+        batch_center = mean_over_ranks(torch.cat(means).mean(dim=0, keepdim=True))
         m = self.hparams.center_momentum
-        self.center.mul_(m).add_(batch_center, alpha=1 - m)
+        center.mul_(m).add_(batch_center, alpha=1 - m)
+        means.clear()
 
     def on_after_backward(self) -> None:
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:

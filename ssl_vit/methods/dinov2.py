@@ -15,12 +15,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ssl_vit.distributed import mean_over_ranks
 from ssl_vit.ema import frozen_copy
 from ssl_vit.encoder import EncoderConfig, EncoderOutput
 from ssl_vit.errors import UserError
 from ssl_vit.heads import DINOHead
-from ssl_vit.losses import dino_loss, dino_teacher_probs, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher_probs
+from ssl_vit.losses import dino_loss, ibot_patch_loss, koleo_loss
 from ssl_vit.masking import ibot_masks
 from ssl_vit.methods.dino import DINO, embed_crops
 from ssl_vit.schedules import PaperRun
@@ -180,11 +179,7 @@ class DINOv2(DINO):
         student_cls = self.head(torch.cat([student.cls, local_cls]))
 
         temp = self.teacher_temperature()
-        if hp.centering == "sinkhorn_knopp":
-            cls_targets = sinkhorn_knopp_teacher_probs(teacher_cls, temp)
-        else:
-            cls_targets = dino_teacher_probs(teacher_cls, self.center, temp)
-            self._teacher_means.append(teacher_cls.mean(dim=0, keepdim=True))
+        cls_targets = self.teacher_targets(teacher_cls, temp, self.center, self._teacher_means)
         dino = dino_loss(student_cls, cls_targets, len(crops), hp.student_temp)
         ibot = self.ibot_loss(teacher.patches, student.patches, masks, temp) if do_ibot else dino.new_zeros(())
         koleo = sum(koleo_loss(view) for view in student.cls.chunk(2))
@@ -213,11 +208,7 @@ class DINOv2(DINO):
         student_ibot_head, teacher_ibot_head = self.heads()
         with torch.no_grad():
             teacher_out = teacher_ibot_head(teacher_patches[masks])
-        if self.hparams.centering == "sinkhorn_knopp":
-            targets = sinkhorn_knopp_teacher_probs(teacher_out, temp)
-        else:
-            targets = dino_teacher_probs(teacher_out, self.patch_center, temp)
-            self._patch_means.append(teacher_out.mean(dim=0, keepdim=True))
+        targets = self.teacher_targets(teacher_out, temp, self.patch_center, self._patch_means)
         return ibot_patch_loss(student_ibot_head(student_patches[masks]), targets, masks, self.hparams.student_temp)
 
     def teacher_temperature(self) -> float:
@@ -233,11 +224,7 @@ class DINOv2(DINO):
 
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)  # the EMA teacher and the CLS centre
-        if self._patch_means:
-            m = self.hparams.center_momentum
-            batch_center = mean_over_ranks(torch.cat(self._patch_means).mean(dim=0, keepdim=True))
-            self.patch_center.mul_(m).add_(batch_center, alpha=1 - m)
-            self._patch_means.clear()
+        self.update_center(self.patch_center, self._patch_means)
 
     def on_after_backward(self) -> None:
         """Unlike DINO, keep the last layers' gradients while they are frozen: DINOv2 freezes them

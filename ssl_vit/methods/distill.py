@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ssl_vit.checkpoint import data_settings, encoder_weights, read_checkpoint
 from ssl_vit.data.views import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import TIMM_VITS, ViTEncoder
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, last_line
 from ssl_vit.eval.callback import EvaluationCallback
 from ssl_vit.eval.compare import CPU_THREADS, cost_ratios, headline_accuracy, measure_costs
 from ssl_vit.eval.encoders import (
@@ -137,7 +137,7 @@ class Distill(SSLMethod):
                     except Exception as err:
                         raise UserError(
                             f"the {role} ({self.model_name(role)}) cannot take the {size}-px RGB crops of data.view: "
-                            f"{_last_line(err)}; choose a {role} and crop size that fit each other"
+                            f"{last_line(err)}; choose a {role} and crop size that fit each other"
                         ) from err
                     dims.append((pooled.shape[1], fmap.shape[1]))
                     grids.append(tuple(fmap.shape[-2:]))
@@ -257,7 +257,7 @@ def build_student(config: dict[str, Any]) -> nn.Module:
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except Exception as err:  # a keyword the architecture does not take, sizes that do not fit
-        raise UserError(f"timm cannot build the student {name!r} with {kwargs}: {_last_line(err)}") from err
+        raise UserError(f"timm cannot build the student {name!r} with {kwargs}: {last_line(err)}") from err
     if isinstance(model, TIMM_VITS):
         return ViTEncoder(name, **kwargs)
     return TimmModelEncoder(model)
@@ -275,13 +275,7 @@ def load_teacher(source: str, weights: str | None, made_by: str | None) -> tuple
         hint = str(err).replace("--weights ", "model.init_args.teacher_weights ")
         raise UserError(f"teacher {source}: {hint}") from err
     except Exception as err:  # a folder or file that is not what it claims to be
-        raise UserError(f"teacher {source} does not load: {_last_line(err)}") from err
-
-
-def _last_line(err: Exception) -> str:
-    """An exception's message in one line (its last), or its type when it has none."""
-    text = str(err).strip()
-    return text.splitlines()[-1] if text else type(err).__name__
+        raise UserError(f"teacher {source} does not load: {last_line(err)}") from err
 
 
 def checkpoint_student(ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, str]:
