@@ -285,13 +285,9 @@ class SSLMethod(L.LightningModule):
         return 1.0
 
     def lr_group(self, name: str, param: nn.Parameter) -> str:
-        """A name that puts a parameter in optimiser groups of its own, whose lr
-        :meth:`lr_group_factor` can set apart on each step (DINOv2's last layers); "" by default."""
+        """A name that puts a parameter in optimiser groups of its own (their ``lr_group``), whose
+        lr an objective can set apart after :meth:`on_train_batch_start` (DINOv2's last layers)."""
         return ""
-
-    def lr_group_factor(self, lr_group: str, step: int) -> float:
-        """A further multiplier of the lr of the parameters in ``lr_group`` at optimiser step ``step``."""
-        return 1.0
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups: dict[tuple[bool, float, str], list[nn.Parameter]] = {}
@@ -361,7 +357,7 @@ class SSLMethod(L.LightningModule):
             wd = cosine_to(step, int(self.trainer.estimated_stepping_batches), wd, self.weight_decay_end)
             self.log("train/weight_decay", wd)
         for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0) * self.lr_group_factor(group.get("lr_group", ""), step)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
             if group["weight_decay"]:  # only the decayed groups follow the schedule
                 group["weight_decay"] = wd
         self.log("train/lr", lr, prog_bar=True)

@@ -228,18 +228,21 @@ class DINOv2(DINO):
 
     def on_after_backward(self) -> None:
         """Unlike DINO, keep the last layers' gradients while they are frozen: DINOv2 freezes them
-        with a zero lr (:meth:`lr_group_factor`), so they still count in the heads' clipping norms
+        with a zero lr (:meth:`on_train_batch_start`), so they still count in the heads' clipping norms
         and still move AdamW's moments."""
 
     def lr_group(self, name: str, param: nn.Parameter) -> str:
         # dinov2/utils/param_groups.py: every "last_layer" parameter (both heads') is in a group of its own.
         return "last_layer" if ".last_layer." in name else ""
 
-    def lr_group_factor(self, lr_group: str, step: int) -> float:
-        """The last layers' lr is 0 for the first ``freeze_last_layer_epochs`` epochs
-        (``dinov2/train/train.py``'s ``last_layer_lr_schedule``), the scheduled lr after."""
-        frozen = step < self.hparams.freeze_last_layer_epochs * self.steps_per_epoch()
-        return 0.0 if lr_group == "last_layer" and frozen else 1.0
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The scheduled lr, except the last layers' lr: 0 for the first ``freeze_last_layer_epochs``
+        epochs (``dinov2/train/train.py``'s ``last_layer_lr_schedule``)."""
+        super().on_train_batch_start(batch, batch_idx)
+        if self.global_step < self.hparams.freeze_last_layer_epochs * self.steps_per_epoch():
+            for group in self.optimizers().optimizer.param_groups:
+                if group.get("lr_group") == "last_layer":
+                    group["lr"] = 0.0
 
     def gradient_clip_groups(self) -> list[list[nn.Parameter]]:
         # DINOv2 clips the global norm of each module on its own: the backbone, each head.
