@@ -37,12 +37,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ssl_vit.data.pipeline import NO_LABEL, ShardDataModule, ShardDataset, evaluation_split
+from ssl_vit.data.pipeline import NO_LABEL, ShardDataModule, eval_loader, evaluation_split
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator
-from ssl_vit.eval.features import FeatureSet
+from ssl_vit.eval.features import FeatureSet, labelled_only
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -337,8 +337,7 @@ def _eval_loader(
     order (or, ``shuffle``, a seeded shuffle, so a handful mixes classes)."""
     urls, _ = resolve_shards(shards)
     view = EvalView(input_size[-1])
-    dataset = ShardDataset(urls, view, shuffle_shards=shuffle, shuffle_buffer=1000 if shuffle else 0, seed=0)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=min(2, len(urls)))
+    return eval_loader(urls, view, batch_size, shuffle_shards=shuffle, shuffle_buffer=1000 if shuffle else 0)
 
 
 def _first_images(shards: str, input_size: tuple[int, ...], n: int, shuffle: bool) -> Tensor:
@@ -478,6 +477,8 @@ def _top1(
         return {"note": f"not measured: {deploy.val} has {classes}, the classifier's are {label_names}"}
     correct, count = dict.fromkeys(sessions, 0), 0
     for images, labels in _eval_loader(deploy.val, input_size):
+        labelled = labels != NO_LABEL  # images without a class are not scored, as in fine-tuning's top-1
+        images, labels = images[labelled], labels[labelled]
         for kind, session in sessions.items():
             predicted = torch.from_numpy(_run(session, images.numpy())).argmax(dim=1)
             correct[kind] += int((predicted == labels).sum())
@@ -501,6 +502,4 @@ def _features(
     if not labels:
         raise UserError(f"no readable samples in {shards!r}; an evaluation split cannot be empty")
     all_labels = torch.cat(labels).long()
-    if (all_labels == NO_LABEL).any():
-        raise UserError(f"{shards!r} has samples without a class label (cls); k-NN needs labelled shards")
-    return {kind: FeatureSet(torch.cat(parts), all_labels) for kind, parts in features.items()}
+    return {kind: labelled_only(FeatureSet(torch.cat(parts), all_labels), shards) for kind, parts in features.items()}

@@ -249,18 +249,18 @@ def test_attentive_probe_beats_chance_on_a_separable_encoder(tmp_path):
 def test_the_probes_read_each_split_once_and_score_as_with_a_pass_each(tmp_path, monkeypatch):
     """The pooled features and the attentive probe's tokens come from one pass over each split;
     the accuracies are those of a separate token pass (which pooled features from a cache need)."""
-    import ssl_vit.eval.features as features_module
+    import ssl_vit.data.pipeline as pipeline_module
 
     train = labelled_shards(tmp_path / "train", 60, 3, seed=0)
     val = labelled_shards(tmp_path / "val", 30, 3, seed=1)
     passes = []
 
-    class CountedShards(features_module.ShardDataset):
+    class CountedShards(pipeline_module.ShardDataset):
         def __iter__(self):
             passes.append(self.urls)
             return super().__iter__()
 
-    monkeypatch.setattr(features_module, "ShardDataset", CountedShards)
+    monkeypatch.setattr(pipeline_module, "ShardDataset", CountedShards)  # what eval_loader builds
     settings = dict(head="linear+attentive", attentive_epochs=3, probe_epochs=3, probe_batch_size=20, num_workers=0)
     torch.manual_seed(0)
     encoder = ViTEncoder(**TINY_ENCODER)

@@ -268,3 +268,16 @@ def test_train_shards_alone_are_split_as_knn_splits_them(checkpoint, shards, tmp
     main(["export", str(checkpoint), str(tmp_path / "export"), "--onnx", "--train_shards", shards[0]])
     report = json.loads((tmp_path / "export" / "onnx_report.json").read_text())
     assert (report["knn"]["train_shards"], report["knn"]["val_shards"]) == shards
+
+
+def test_images_without_a_class_are_left_out_of_the_onnx_knn_as_of_the_runs(export, tmp_path, caplog):
+    # Partly labelled shards: k-NN scores the labelled images (the run's rule), where the ONNX
+    # report refused the whole export.
+    samples = (("png", png_bytes(img), None if i < 4 else i % 3) for i, img in enumerate(random_images(24, seed=2)))
+    write_shards(samples, tmp_path / "val", classes=["a", "b", "c"], source="test", samples_per_shard=12)
+    session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    input_size = tuple(json.loads((export / "config.json").read_text())["pretrained_cfg"]["input_size"])
+    with caplog.at_level(logging.WARNING):
+        kept = onnx_export._features({"fp32": session}, str(tmp_path / "val"), input_size)["fp32"]
+    assert len(kept.labels) == len(kept.features) == 20 and bool((kept.labels >= 0).all())
+    assert "4 of 24 images have no class and are left out" in caplog.text

@@ -290,6 +290,28 @@ def test_a_baseline_measured_before_images_were_added_is_left_out(tmp_path):
     assert resumed.baseline == evaluation.baseline
 
 
+def test_a_baseline_measured_by_other_evaluation_settings_is_left_out(tmp_path):
+    """A run resumed with a recipe that pools or votes otherwise: its step-0 column was measured
+    by the old protocol (it was printed beside the new one's numbers and put in the model card)."""
+    from ssl_vit.eval import EvaluationCallback
+
+    folder = image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=30)
+    splits = {"train_shards": f"{folder}#train", "val_shards": f"{folder}#heldout"}
+    evaluation = EvaluationCallback(**splits)
+    evaluation.baseline = {"knn": {"k=20": {"top1": 50.0}}}
+    evaluation.baseline_data, evaluation.baseline_protocol = evaluation.evaluated_data(), evaluation.protocol()
+    for same in ({}, {"num_workers": 1, "batch_size": 64}):  # how the images are read changes no number
+        resumed = EvaluationCallback(**splits, **same)
+        resumed.load_state_dict(evaluation.state_dict())
+        resumed.on_fit_start(trainer=SimpleNamespace(ckpt_path="last.ckpt"), pl_module=None)
+        assert resumed.baseline == evaluation.baseline
+    resumed = EvaluationCallback(**splits, pooling="mean", knn_temperature=1.0)
+    resumed.load_state_dict(evaluation.state_dict())
+    with pytest.warns(UserWarning, match=r"settings changed .*pooling cls -> mean; knn_temperature 0.07 -> 1.0"):
+        resumed.on_fit_start(trainer=SimpleNamespace(ckpt_path="last.ckpt"), pl_module=None)
+    assert resumed.baseline is None and resumed.state_dict()["baseline"] is None
+
+
 def test_the_data_fingerprint_follows_the_files_not_where_they_are(tmp_path):
     """A project moved with `mv` holds the same images: no "images changed" warning, no lost baseline."""
     image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=10)

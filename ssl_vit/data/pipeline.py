@@ -450,6 +450,11 @@ class ShardDataset(IterableDataset):
                 self.truncated.value += 1
         return tokens
 
+    def first_sample(self) -> dict[str, Any]:
+        """The first shard's first sample as a webdataset dict, undecoded ({} when there is none):
+        what shards without an index hold (captions, label maps)."""
+        return next(self._samples(self.urls[0]), {}) if self.urls else {}
+
     def _samples(self, shard: Shard) -> Iterator[dict[str, Any]]:
         """A shard's samples as webdataset dicts (``__key__``, image member, ``cls``...), undecoded."""
         if isinstance(shard, SplitPart):
@@ -545,6 +550,13 @@ class ShardDataset(IterableDataset):
 
 #: The data whose uncaptioned images were said to be left out, in this process.
 _uncaptioned_said: set[tuple[str, int, int]] = set()
+
+
+def eval_loader(urls: list[Shard], view: View, batch_size: int, num_workers: int = 2, **options: Any) -> DataLoader:
+    """One pass over every sample of ``urls`` in a fixed order, through ``view``: what the
+    evaluations read. ``options`` go to :class:`ShardDataset` (masks, captions, a seeded shuffle)."""
+    dataset = ShardDataset(urls, view, **{"shuffle_shards": False, **options})
+    return DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))
 
 
 def captioned_only(urls: list[Shard], index: ShardIndex | None) -> tuple[list[Shard], ShardIndex | None]:
@@ -916,7 +928,7 @@ class ShardDataModule(L.LightningDataModule):
         elif captions is None:  # before the objective is set up: setup reads the first sample
             return
         else:
-            first = next(ShardDataset(urls[:1], self.view, captions=captions)._samples(urls[0]), {})
+            first = ShardDataset(urls[:1], self.view, captions=captions).first_sample()
             captioned = CAPTION_MEMBER in first
         if not captioned:
             raise UserError(

@@ -22,6 +22,12 @@ from ssl_vit.eval.report import accuracy_counts, data_hash, metrics, print_resul
 from ssl_vit.periodic import Periodic
 from ssl_vit.pictures import embedding_picture, line_chart, save_picture, shard_class_names
 
+#: Evaluator settings that change no number: the data (compared by its files), and how it is read.
+NOT_PROTOCOL = (
+    *("train_shards", "val_shards"),
+    *("knn_chunk_size", "token_cache_gib", "batch_size", "num_workers", "cache_dir"),
+)
+
 
 class EvaluationCallback(Evaluator, Periodic):
     """Runs the :class:`Evaluator` on the model's encoder during pretraining (on rank 0; the other
@@ -63,6 +69,7 @@ class EvaluationCallback(Evaluator, Periodic):
         self.baseline: Results | None = None
         self.baseline_name = "random init"
         self.baseline_data: str | None = None  # what the baseline was measured on (evaluated_data)
+        self.baseline_protocol: dict[str, Any] | None = None  # and how (protocol)
         self.knn_history: list[tuple[int, float]] = []
         self.counts: dict[str, Any] = {}  # the images and classes the last evaluation counted
         self.said_no_retrieval = False
@@ -130,32 +137,48 @@ class EvaluationCallback(Evaluator, Periodic):
             # a run that continues other weights (init_from) starts from them, not from random ones
             self.baseline_name = "init_from" if getattr(pl_module, "init_from", None) else "random init"
             self.baseline_data = self.evaluated_data() if self.baseline else None
+            self.baseline_protocol = self.protocol() if self.baseline else None
         else:
-            self.drop_baseline_of_other_data()
+            self.drop_baseline_not_comparable()
 
     def evaluated_data(self) -> str:
         """A hash of what the evaluation reads now: both splits' files (:func:`data_hash`)."""
         return data_hash(self.train_shards, self.val_shards)
 
-    def drop_baseline_of_other_data(self, files: str | None = None) -> None:
+    def protocol(self) -> dict[str, Any]:
+        """The settings the evaluation's numbers depend on (pooling, k, temperature, probes...)."""
+        return {name: value for name, value in self.settings().items() if name not in NOT_PROTOCOL}
+
+    def drop_baseline_not_comparable(self, files: str | None = None) -> None:
         """A baseline measured on other images than the evaluation reads now (images added,
-        removed or rewritten since, e.g. before a resume) is no baseline for this run's numbers.
-        ``files``: :meth:`evaluated_data` if the caller has it already."""
-        if not self.baseline or not self.baseline_data or self.baseline_data == (files or self.evaluated_data()):
+        removed or rewritten since, e.g. before a resume), or by other evaluation settings (a
+        resume's recipe), is no baseline for this run's numbers. ``files``: :meth:`evaluated_data`
+        if the caller has it already."""
+        if not self.baseline:
+            return
+        if self.baseline_data and self.baseline_data != (files or self.evaluated_data()):
+            why = (
+                f"the evaluation data ({self.train_shards}, {self.val_shards}) changed since the step-0 evaluation "
+                "(images added, removed or rewritten)"
+            )
+        elif self.baseline_protocol is not None and self.baseline_protocol != self.protocol():
+            now = self.protocol()
+            changed = [f"{k} {v} -> {now.get(k)}" for k, v in self.baseline_protocol.items() if now.get(k) != v]
+            why = f"the evaluation settings changed since the step-0 evaluation ({'; '.join(changed)})"
+        else:
             return
         rank_zero_warn(
-            f"the evaluation data ({self.train_shards}, {self.val_shards}) changed since the step-0 evaluation "
-            f"(images added, removed or rewritten): the {self.baseline_name} column, measured on the images as "
-            "they were, is left out of this run's tables and records; `ssl-vit knn` measures other weights on the "
-            "images as they are now (docs/evaluation.md)"
+            f"{why}: the {self.baseline_name} column, measured as it was then, is left out of this run's tables and "
+            "records; `ssl-vit knn` measures other weights on the images as they are now (docs/evaluation.md)"
         )
-        self.baseline, self.baseline_data = None, None
+        self.baseline, self.baseline_data, self.baseline_protocol = None, None, None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "baseline": self.baseline,
             "baseline_name": self.baseline_name,
             "baseline_files": self.baseline_data,
+            "baseline_protocol": self.baseline_protocol,
             "knn_history": self.knn_history,
         }
 
@@ -164,6 +187,7 @@ class EvaluationCallback(Evaluator, Periodic):
         self.baseline_name = state_dict.get("baseline_name", "random init")
         # "baseline_files": hashed by where the files are; an older state's hash is not comparable, so none
         self.baseline_data = state_dict.get("baseline_files")
+        self.baseline_protocol = state_dict.get("baseline_protocol")  # None from before it was kept: not compared
         self.knn_history = [tuple(point) for point in state_dict.get("knn_history", [])]
 
     def periodic(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -175,7 +199,7 @@ class EvaluationCallback(Evaluator, Periodic):
         if results is None:
             return
         settings = with_files(self.settings())  # the records' hash of the files, read once for both
-        self.drop_baseline_of_other_data(settings["files"])
+        self.drop_baseline_not_comparable(settings["files"])
         title = f"{type(pl_module).__name__} after {trainer.global_step} steps"
         print_results(title, results, self.baseline, self.baseline_name, **self.counts)
         ckpt_dir = (

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from ssl_vit.data.pipeline import ShardDataset
+from ssl_vit.data.pipeline import ShardDataset, eval_loader
 from ssl_vit.data.shards import MASK_MEMBER, labels_agree, names_as_labels, resolve_shards, split_part
 from ssl_vit.data.views import EvalView, MAEView
 from ssl_vit.errors import UserError, first_few
@@ -219,7 +219,7 @@ class Evaluator:
             if index is not None:
                 if not index.mask_classes:
                     return True
-            elif urls and MASK_MEMBER not in next(ShardDataset(urls[:1], EvalView(32))._samples(urls[0]), {}):
+            elif urls and MASK_MEMBER not in ShardDataset(urls[:1], EvalView(32)).first_sample():
                 return True
         return False
 
@@ -491,11 +491,10 @@ class Evaluator:
                     masks=masks,
                 )
                 dataset.epoch = epoch
+                workers = min(self.num_workers, len(urls))
+                loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
             else:
-                dataset = ShardDataset(urls, view, shuffle_shards=False, masks=masks)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch_size, num_workers=min(self.num_workers, len(urls))
-            )
+                loader = eval_loader(urls, view, batch_size, self.num_workers, masks=masks)
             encoder.eval()
             for images, labels in loader:
                 yield frozen_features(encoder, images, pooling, self.last_blocks), labels.long()

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from ssl_vit.data.pipeline import NO_LABEL, ShardDataset, View, first_time_named
+from ssl_vit.data.pipeline import NO_LABEL, View, eval_loader, first_time_named
 from ssl_vit.data.shards import data_fingerprint, resolve_shards
 from ssl_vit.encoder import NO_CLASS_TOKEN
 from ssl_vit.errors import UserError
@@ -120,8 +119,7 @@ def extract_features(
     also keeps the last block's patch tokens (``tokens``) for the token probes, unless they
     would take more than that many bytes."""
     urls, _ = resolve_shards(shards)
-    dataset = ShardDataset(urls, view, shuffle_shards=False, masks=masks)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))
+    loader = eval_loader(urls, view, batch_size, num_workers, masks=masks)
     was_training = encoder.training
     encoder.eval()
     features, labels, tokens = [], [], []
@@ -140,8 +138,12 @@ def extract_features(
         raise UserError(f"no readable samples in {shards!r}; an evaluation split cannot be empty")
     kept = torch.cat(tokens) if token_bytes and kept_bytes <= token_bytes else None
     result = FeatureSet(torch.cat(features), torch.cat(labels).long(), kept)
-    if masks:
-        return result
+    return result if masks else labelled_only(result, shards)
+
+
+def labelled_only(result: FeatureSet, shards: str) -> FeatureSet:
+    """``result`` without the images of ``shards`` that have no class (said once), which k-NN and
+    the probes cannot score; none with a class is one line saying what labels are."""
     labelled = result.labels != NO_LABEL
     if not labelled.any():
         raise UserError(
@@ -156,9 +158,8 @@ def extract_features(
                 int((~labelled).sum()),
                 len(labelled),
             )
-        result = FeatureSet(
-            result.features[labelled], result.labels[labelled], kept[labelled] if kept is not None else None
-        )
+        tokens = result.tokens[labelled] if result.tokens is not None else None
+        result = FeatureSet(result.features[labelled], result.labels[labelled], tokens)
     return result
 
 

@@ -11,10 +11,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from ssl_vit.data.pipeline import CaptionTokenizer, ShardDataset, View
+from ssl_vit.data.pipeline import CaptionTokenizer, View, eval_loader
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.eval.report import label_counts
 
@@ -104,22 +103,21 @@ def evaluate_image_text(
     mode, through ``view``; and what the zero-shot accuracy counts (``report.label_counts``; {}
     without it)."""
     urls, index = resolve_shards(shards)
-    workers = min(num_workers, len(urls))
     was_training = model.training
     model.eval()
     results: dict[str, dict] = {}
     counts: dict[str, Any] = {}
     try:
         if class_names and len(class_names) > 1:  # zero-shot among one class scores 100 whatever the model
-            labelled = DataLoader(ShardDataset(urls, view, shuffle_shards=False), batch_size, num_workers=workers)
+            labelled = eval_loader(urls, view, batch_size, num_workers)
             image, labels = _embed(model, labelled, texts=False)
             if len(image):
                 classes = class_embeddings(model, class_names, next(model.parameters()).device).float().cpu()
                 results["zeroshot"] = zero_shot_accuracy(image, labels.long(), classes)
                 counts = label_counts(labels, len(class_names))
         if index is None or index.captions != 0:  # an index from before captions were counted: try
-            dataset = ShardDataset(urls, view, shuffle_shards=False, captions=model.caption_tokens)
-            image, text = _embed(model, DataLoader(dataset, batch_size, num_workers=workers), texts=True)
+            pairs = eval_loader(urls, view, batch_size, num_workers, captions=model.caption_tokens)
+            image, text = _embed(model, pairs, texts=True)
             if len(image) > 1:
                 results["retrieval"] = {**retrieval_recall(image, text), "pairs": len(image)}
     finally:
