@@ -331,6 +331,18 @@ def test_the_data_fingerprint_follows_the_files_not_where_they_are(tmp_path):
     )
 
 
+def test_rewritten_captions_are_other_data(tmp_path):
+    """CLIP reads the caption beside each image: a resume after they were rewritten trained on
+    them silently, beside a step-0 baseline of the old ones."""
+    folder = image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=5)
+    without = data_fingerprint(str(folder))
+    for image in folder.rglob("*.png"):
+        image.with_suffix(".txt").write_text(f"a photo of {image.parent.name}")
+    captioned = data_fingerprint(str(folder))
+    (folder / "cats/000.txt").write_text("a photo of a dog, long rewritten")
+    assert len({without, captioned, data_fingerprint(str(folder))}) == 3
+
+
 def test_the_held_out_part_is_disjoint_deterministic_and_a_tenth(tmp_path):
     root = image_folder(tmp_path / "photos", ["a", "b"], per_class=200)
     train, heldout = read_all(f"{root}#train"), read_all(f"{root}#heldout")

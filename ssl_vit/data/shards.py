@@ -817,16 +817,20 @@ def data_location(spec: str) -> str:
 
 def data_fingerprint(spec: str) -> str:
     """A hash of what a shard specification reads now: the part of the split it names, and each
-    local file's name within its folder, size and modification time (remote URLs as written), so
-    that data added, removed or rewritten since gives another hash, and the same files moved
-    elsewhere the same one."""
+    local file's (and image's caption file's) name within its folder, size and modification time
+    (remote URLs as written), so that data added, removed or rewritten since gives another hash,
+    and the same files moved elsewhere the same one."""
     shards, _ = resolve_shards(spec)
     entries: list[object] = [split_part(spec)[1]]
     for shard in shards:
         files = shard.shard if isinstance(shard, SplitPart) else shard
         if isinstance(files, ImageFiles):
             root = Path(files.root)
-            entries += [(name, label, *size_and_time(root / name)) for name, label in files.files]
+            for name, label in files.files:
+                entries.append((name, label, *size_and_time(root / name)))
+                caption = root / caption_file(name)
+                if caption.is_file():  # what an image-text objective reads with the image
+                    entries.append((caption_file(name), *size_and_time(caption)))
         elif is_remote(files):
             entries.append(files)
         else:
