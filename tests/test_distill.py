@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from unittest.mock import Mock
 
 import pytest
 import timm
@@ -202,7 +203,7 @@ def test_bad_input_stops_with_one_line_before_any_work(teacher, tmp_path, overri
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
-def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teacher, tmp_path):
+def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teacher, tmp_path, monkeypatch):
     shards = write_tiny_shards(tmp_path / "shards")
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["trainer"]["callbacks"][0]["init_args"].update(knn_ks=[20], probe_epochs=2, num_workers=1)
@@ -216,10 +217,16 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     (tmp_path / "distill.yaml").write_text(yaml.safe_dump(recipe))
     command = distill_args(teacher)
     command[command.index(str(RECIPE))] = "distill.yaml"
-    result = in_this_process(tmp_path, *command)  # a new interpreter would spend seconds on imports
-    assert result.returncode == 0, result.stderr[-3000:]
-
     run = tmp_path / "runs/shards/distill-test_resnet"
+    # Stopped while comparing teacher and student: the run is not finished (its summary not written,
+    # where it was, which left the comparison missing, or stale, for good).
+    with monkeypatch.context() as patch:
+        patch.setattr("ssl_vit.cli.training.side_by_side", Mock(side_effect=KeyboardInterrupt))
+        stopped = in_this_process(tmp_path, *command)  # a new interpreter would spend seconds on imports
+    assert stopped.returncode == 130 and not (run / "summary.json").exists(), stopped.stderr[-3000:]
+    result = in_this_process(tmp_path, *command)
+    assert result.returncode == 0 and "doing them now" in result.stderr, result.stderr[-3000:]
+
     summary = json.loads((run / "distill_summary.json").read_text())
     assert summary["steps"] == 2 and set(summary["models"]) == {"teacher", "student", "student at random init"}
     for row in (summary["models"]["teacher"], summary["models"]["student"]):

@@ -400,9 +400,12 @@ class PretrainCLI(RunCLI):
             export_dir = self.export_model(last, Path(trainer.default_root_dir) / "export")
         summary = run_summary(trainer, self.model, self.seconds(), last, export_dir)
         summary["failed"] = collapse_verdict(summary, self.collapse_remedy)
+        # Written before the summary, which marks the end-of-run work done (stop_if_finished).
+        report = self.end_of_run_report(summary)
         write_json(Path(trainer.default_root_dir) / "summary.json", summary)
         print_run_summary(summary)
-        self.end_of_run_report(summary)
+        if report is not None:
+            self.print_report(report)
         if summary["failed"]:
             keep_going = self.config_init[self.subcommand]["allow_collapse"]
             Console(stderr=True).print(
@@ -415,8 +418,12 @@ class PretrainCLI(RunCLI):
         """The end-of-run export of the trained encoder."""
         return export_encoder(checkpoint, out, overwrite=True)
 
-    def end_of_run_report(self, summary: dict[str, Any]) -> None:
-        """What a command prints and writes after the run's summary (nothing for pretraining)."""
+    def end_of_run_report(self, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """What a command writes beside the run's summary, to print after it (None for pretraining)."""
+        return None
+
+    def print_report(self, report: dict[str, Any]) -> None:
+        """Prints :meth:`end_of_run_report`'s report."""
 
 
 class DistillCLI(PretrainCLI):
@@ -442,11 +449,14 @@ class DistillCLI(PretrainCLI):
     def export_model(self, checkpoint: Path, out: Path) -> Path:
         return export_student(checkpoint, out, overwrite=True)
 
-    def end_of_run_report(self, summary: dict[str, Any]) -> None:
+    def end_of_run_report(self, summary: dict[str, Any]) -> dict[str, Any]:
         evaluation = next((c for c in self.trainer.callbacks if isinstance(c, EvaluationCallback)), None)
         comparison = side_by_side(self.model, evaluation, summary)
         write_json(Path(self.trainer.default_root_dir) / "distill_summary.json", comparison)
-        print_comparison(comparison)
+        return comparison
+
+    def print_report(self, report: dict[str, Any]) -> None:
+        print_comparison(report)
 
 
 class FineTuneCLI(RunCLI):
