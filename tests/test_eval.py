@@ -18,7 +18,7 @@ from ssl_vit.eval import Evaluator, EvalView, FeatureSet, extract_features, knn_
 from ssl_vit.eval.attentive import AttentiveProbeHead, train_attentive_probe
 from ssl_vit.eval.compare import headline_accuracy
 from ssl_vit.eval.encoders import TimmViTEncoder
-from ssl_vit.eval.features import pooled_features
+from ssl_vit.eval.features import feature_cache_files, pooled_features
 from ssl_vit.eval.linear import (
     LinearProbeHead,
     cached_feature_batches,
@@ -274,6 +274,20 @@ def test_the_probes_read_each_split_once_and_score_as_with_a_pass_each(tmp_path,
     separate = Evaluator(train, val, **settings, cache_dir=cache).run(encoder)
     assert len(passes) == 2  # the pooled features from the cache, a token pass over each split
     assert one_pass == separate
+
+
+def test_cached_features_are_of_one_architecture_not_of_weights_that_fit_another(tmp_path):
+    # Two heads or four: the same weights' names and shapes, other features.
+    torch.manual_seed(0)
+    two_heads = ViTEncoder(**TINY_ENCODER)
+    four_heads = ViTEncoder(**{**TINY_ENCODER, "num_heads": 4})
+    four_heads.load_state_dict(two_heads.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(two_heads.eval()(images).cls, four_heads.eval()(images).cls)
+    splits = {"train": labelled_shards(tmp_path / "train", 6, 2, seed=0)}
+    files = [feature_cache_files(tmp_path, enc, splits, 32, "cls", 1)["train"] for enc in (two_heads, four_heads)]
+    assert files[0] != files[1]
+    assert feature_cache_files(tmp_path, ViTEncoder(**TINY_ENCODER), splits, 32, "cls", 1)["train"] != files[0]
 
 
 def test_augmented_probe_path_runs_through_the_frozen_encoder(tmp_path):

@@ -7,11 +7,11 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssl_vit.data.pipeline import NO_LABEL, View, eval_loader, first_time_named
 from ssl_vit.data.shards import data_fingerprint, resolve_shards
@@ -172,12 +172,14 @@ def feature_cache_files(
     last_blocks: int,
 ) -> dict[str, Path]:
     """Where each split's pooled features are cached (``splits``: name -> shards), named by a hash
-    of everything they depend on (the encoder's weights, the data as it is now, the crop size, the
-    pooling), so that another model, other weights or changed images never read them back."""
+    of everything they depend on (the encoder's architecture and weights, the data as it is now,
+    the crop size, the pooling), so that another model, other weights or changed images never read
+    them back."""
     # "full decode": features cached before JPEGs were decoded whole for evaluation are not read back
     digest = hashlib.sha256(
         json.dumps([type(encoder).__name__, image_size, pooling, last_blocks, "full decode"]).encode()
     )
+    digest.update(json.dumps(architecture(encoder)).encode())
     for name, tensor in encoder.state_dict().items():
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -187,6 +189,22 @@ def feature_cache_files(
         key.update(data_fingerprint(shards).encode())
         files[split] = Path(cache_dir) / f"{split}-{pooling}-last{last_blocks}-{key.hexdigest()[:16]}.safetensors"
     return files
+
+
+def architecture(module: nn.Module) -> list[Any]:
+    """What a module computes besides its weights' names and shapes: each submodule's class and
+    plain settings (a ViT's attention heads, a norm's epsilon), which weights of the same shapes
+    share across architectures."""
+    plain = (int, float, bool, str, tuple, type(None))
+    return [
+        [name, type(sub).__name__, sorted((k, repr(v)) for k, v in vars(sub).items() if _is_setting(k, v, plain))]
+        for name, sub in module.named_modules()
+    ]
+
+
+def _is_setting(name: str, value: Any, plain: tuple[type, ...]) -> bool:
+    # training (the mode) and fused_attn (how attention runs, not what it computes) change no feature
+    return isinstance(value, plain) and not name.startswith("_") and name not in ("training", "fused_attn")
 
 
 def save_features(path: str | Path, features: FeatureSet) -> None:
