@@ -446,6 +446,15 @@ def test_zeroshot_gives_the_same_numbers_from_the_checkpoint_and_its_open_clip_e
     assert "retrieval is skipped: fewer than two images of plain have a caption" in plain.stderr
     bad = in_this_process(tmp_path, "zeroshot", str(run / "export"), "--val_shards", "shards")
     assert bad.returncode == 2 and "a timm export holds the image tower only" in bad.stderr
+    for model in (str(run), "oc"):  # settings out of range: one line each, from the run and from its export
+        for option, value, said in (
+            ("--batch_size", "0", "--batch_size is 0; it must be at least 1"),
+            ("--num_workers", "-2", "--num_workers is -2; it must be at least 0"),
+            ("--image_size", "0", "--image_size is 0; leave it out"),
+            ("--image_size", "30", "image_size 30 is not a multiple of the encoder's 8-px patches"),
+        ):
+            refused = in_this_process(tmp_path, "zeroshot", model, "--val_shards", "shards", option, value)
+            assert refused.returncode == 2 and said in refused.stderr, (model, option, refused.stderr[-2000:])
     (tmp_path / "oc/README.md").write_text("# my notes on this model\n")  # the user's now: not replaced
     again = in_this_process(tmp_path, "export", str(run), "oc", "--format", "open_clip", "--overwrite")
     assert again.returncode == 2 and "its README.md was changed since ssl-vit wrote it" in again.stderr, again.stderr

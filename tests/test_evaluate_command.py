@@ -278,3 +278,15 @@ def test_an_out_that_is_a_file_stops_before_any_work(capsys, run, tmp_path):
         main(["knn", str(run["checkpoint"]), "--train_shards", str(run["train"]), "--out", str(tmp_path / "keep.txt")])
     assert stopped.value.code == 2 and "--out" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+    with pytest.raises(SystemExit) as stopped:  # it failed in mkdir, after reading every image
+        main(
+            [
+                "knn",
+                str(run["checkpoint"]),
+                "--train_shards",
+                str(run["train"]),
+                "--cache_dir",
+                str(tmp_path / "keep.txt"),
+            ]
+        )
+    assert stopped.value.code == 2 and "is a file; give a folder for the cached features" in capsys.readouterr().err

@@ -45,6 +45,7 @@ from ssl_vit.eval.encoders import (
     run_data,
     standalone_record_stem,
 )
+from ssl_vit.eval.evaluator import whole_patches
 from ssl_vit.eval.features import Pooling
 from ssl_vit.eval.image_text import PROMPT_TEMPLATES, evaluate_image_text, no_retrieval, no_zero_shot
 from ssl_vit.eval.report import (
@@ -245,6 +246,11 @@ def zeroshot(args: list[str]) -> None:
     parser.add_argument("--out", default=None, help="folder for the records; default: beside the model")
     opts = parser.parse_args(args)
     check_records_folder(opts.out)
+    for name, value, least in (("batch_size", opts.batch_size, 1), ("num_workers", opts.num_workers, 0)):
+        if value < least:
+            raise UserError(f"--{name} is {value}; it must be at least {least}")
+    if opts.image_size is not None and opts.image_size < 1:
+        raise UserError(f"--image_size is {opts.image_size}; leave it out for the model's own, or give pixels")
     if opts.val_shards is None:
         trained_on = run_data(opts.model)
         if trained_on is None:
@@ -261,7 +267,9 @@ def zeroshot(args: list[str]) -> None:
         Console(stderr=True, soft_wrap=True).print(f"warning: {opts.val_shards} holds {seen}")
     if torch.cuda.is_available():
         model = model.cuda()
-    settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": opts.image_size or image_size}
+    patch = model.encoder.patch_size if hasattr(model, "encoder") else model.patch_size  # CLIP's, an open_clip folder's
+    size = whole_patches(opts.image_size or image_size, patch, image_size)
+    settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": size}
     settings = with_files(settings | {"batch_size": opts.batch_size, "num_workers": opts.num_workers})
     start = time.perf_counter()
     view = EvalView(settings["image_size"])

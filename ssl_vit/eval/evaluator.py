@@ -6,6 +6,7 @@ segmentation probe (DINOv2). Used by the pretraining callback and by ``ssl-vit k
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -75,6 +76,19 @@ def check_settings(settings: dict[str, Any]) -> None:
         raise UserError(f"knn_ks is {settings['knn_ks']}; give one or more numbers of neighbours, each 1 or more")
     if settings["image_size"] is not None and settings["image_size"] < 1:
         raise UserError(f"image_size is {settings['image_size']}; leave it out for the encoder's own, or give pixels")
+    cache = settings["cache_dir"]
+    if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
+        raise UserError(f"cache_dir {cache} is a file; give a folder for the cached features")
+
+
+def whole_patches(size: int, patch: int | None, own: int) -> int:
+    """``size``, an image a ViT with ``patch``-px patches cuts into whole patches (None: not a ViT)."""
+    if patch and size % patch:
+        raise UserError(
+            f"image_size {size} is not a multiple of the encoder's {patch}-px patches; give one, such as "
+            f"{max(patch, size // patch * patch)}, or leave it out for the encoder's own ({own})"
+        )
+    return size
 
 
 class Evaluator:
@@ -248,14 +262,8 @@ class Evaluator:
         return n
 
     def _image_size(self, encoder: FrozenEncoder) -> int:
-        size = self.image_size or encoder.image_size
         patch = encoder.patch_size if hasattr(encoder, "vit") else None  # a ViT's image is a grid of whole patches
-        if patch and size % patch:
-            raise UserError(
-                f"image_size {size} is not a multiple of the encoder's {patch}-px patches; give one, such as "
-                f"{max(patch, size // patch * patch)}, or leave it out for the encoder's own ({encoder.image_size})"
-            )
-        return size
+        return whole_patches(self.image_size or encoder.image_size, patch, encoder.image_size)
 
     def features(self, encoder: FrozenEncoder, tokens: bool = False) -> tuple[FeatureSet, FeatureSet]:
         """Train and val features (from the cache when it has them). With ``tokens``, the same pass

@@ -314,6 +314,7 @@ class OpenCLIPFolder(nn.Module):
         self.model = open_clip.create_model(f"local-dir:{folder}")
         self.caption_tokens = CaptionTokens(text_cfg.get("context_length", 77))
         self.image_size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+        self.patch_size = model_cfg.get("vision_cfg", {}).get("patch_size")
 
     def embed_images(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images, normalize=True)
