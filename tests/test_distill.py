@@ -262,6 +262,8 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     torch.testing.assert_close(again.eval()(images).cls, exported(images).cls)
     assert (tmp_path / "again/model.onnx").exists()
     assert "failed" not in standalone.stderr
+    teacher_role = in_this_process(tmp_path, "export", str(run), "teacher-out", "--role", "teacher")
+    assert teacher_role.returncode == 2 and "holds its student only" in teacher_role.stderr  # it wrote the student
 
     # The same teacher written another way is the same run, finished (it was "other settings: model.teacher").
     slashed = [arg + "/" if arg.startswith("--model.init_args.teacher=") else arg for arg in command]

@@ -420,6 +420,11 @@ def export(args: list[str]) -> None:
             )
         out = export_finetuned(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
     elif objective == Distill.__name__ and opts.format == "timm":
+        if opts.role not in (None, "student"):  # the teacher is not in the checkpoint: it is its own folder
+            raise UserError(
+                f"a distillation run's checkpoint holds its student only (--role student); the teacher is "
+                f"{read_checkpoint(checkpoint)['hyper_parameters'].get('teacher')}, which is exported already"
+            )
         out = export_student(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
     else:
         out = export_encoder(checkpoint, opts.out, role=opts.role, fmt=opts.format, overwrite=opts.overwrite, onnx=onnx)
