@@ -37,6 +37,7 @@ def write_result(
     import torchvision
 
     out = out or ROOT / "benchmarks" / "results" / f"{benchmark}_{device}.json"
+    check_out(out, benchmark)
     if keep and out.exists():
         ran = {tuple(r[k] for k in keep) for r in rows}
         rows = [r for r in json.loads(out.read_text())["rows"] if tuple(r[k] for k in keep) not in ran] + rows
@@ -59,6 +60,19 @@ def write_result(
     partial.write_text(json.dumps(record, indent=2) + "\n")
     partial.replace(out)
     return out
+
+
+def check_out(out: Path, benchmark: str) -> None:
+    """Stop, in one line, where ``out`` is a file that is not this benchmark's results: it is
+    replaced only by new results."""
+    if not out.exists():
+        return
+    try:
+        ours = json.loads(out.read_text()).get("benchmark") == benchmark
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise SystemExit(f"{out} is not a {benchmark} results file, and is left as it is; give --out a new file")
 
 
 def git_commit() -> str:

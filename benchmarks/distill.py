@@ -113,13 +113,15 @@ def costs_at_scale() -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--teacher", default=None, help="a teacher ssl-vit loads (default: make the SimCLR quickstart's)"
     )
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     parser.add_argument("--steps", type=int, default=yaml.safe_load(RECIPE.read_text())["trainer"]["max_steps"])
     args = parser.parse_args()
+    if args.teacher and not Path(args.teacher).exists():
+        parser.error(f"--teacher {args.teacher} does not exist; give an export folder or checkpoint ssl-vit loads")
     teacher_name = args.teacher or "the SimCLR quickstart, trained by this benchmark"
     with tempfile.TemporaryDirectory(prefix="ssl-vit-distill-") as tmp:  # data, teacher and students go with it
         work = Path(tmp)

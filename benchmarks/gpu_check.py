@@ -38,7 +38,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from common import ROOT, write_result
+from common import ROOT, check_out, write_result
 from PIL import Image
 
 CUDA = torch.cuda.is_available()
@@ -439,12 +439,14 @@ def end_to_end(report: Report, args: argparse.Namespace, clock: Clock) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny ViT, 32 px, fp32, 2 steps: the code paths on a CPU")
     parser.add_argument("--out", type=Path, help="the JSON; default benchmarks/results/gpu_check_<device>.json")
     # 8 minutes: with Python's start and one measurement begun just before the deadline, under 9.
     parser.add_argument("--budget", type=float, default=480, help="seconds for the whole check")
     args = parser.parse_args()
+    if args.out:
+        check_out(args.out, "gpu_check")  # before any measurement
     if args.smoke:
         args.batch, args.steps, args.warmup, args.precision = 4, 2, 2, "32-true"
         args.workers, args.e2e_steps, args.jpeg_side = 2, 4, 64

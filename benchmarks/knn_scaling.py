@@ -51,7 +51,7 @@ def measure_one(n_train: int, n_test: int, dim: int, chunk: int, device: str) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--test", type=int, default=2000, help="number of test features")
     parser.add_argument("--dim", type=int, default=384)

@@ -85,7 +85,7 @@ def device_stage_images_per_second(view, urls: list[str], device: str, batch_siz
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=256, help="side of the stored JPEGs")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

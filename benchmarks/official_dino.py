@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -182,6 +183,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=156)
     args = parser.parse_args()
+    if not (Path(args.dino_repo) / "main_dino.py").is_file():
+        parser.error(f"--dino_repo {args.dino_repo} has no main_dino.py; give a checkout of facebookresearch/dino")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("gloo", rank=0, world_size=1)  # DINOLoss all-reduces its centre

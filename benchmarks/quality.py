@@ -654,7 +654,7 @@ def measure(args: argparse.Namespace, work: Path, device: str) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--datasets", nargs="+", default=[*EMBEDDED, "digits"], choices=[*EMBEDDED, *REAL])
     parser.add_argument("--data", nargs="*", default=[], metavar="NAME=DIR", help="labelled shards: DIR/train, DIR/val")
@@ -673,6 +673,12 @@ def main() -> None:
         help="only print the JSON's rows (and the ablations') of --objectives as markdown",
     )
     args = parser.parse_args()
+    for spec in args.data:  # before any work: a built-in name would label the user's rows as that dataset's
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            parser.error(f"--data {spec}: give NAME=DIR (DIR holding train/ and val/ shards)")
+        if name in (*EMBEDDED, *REAL):
+            parser.error(f"--data {spec}: {name} is a built-in dataset's name; give your data another name")
     results = ROOT / "benchmarks" / "results"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.draw:

@@ -189,7 +189,7 @@ def measure(module: L.LightningModule, batch, steps: int, warmup: int, precision
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny (the quickstart ViT, 32 px) or a timm ViT name (224 px)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)

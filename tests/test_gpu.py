@@ -72,6 +72,17 @@ def test_gpu_check_smoke_run_measures_every_objective(tmp_path: Path):
         run = record["end_to_end"][name]
         assert math.isfinite(run["end_to_end_img_per_s"]) and math.isfinite(run["data_stall"]), (name, run)
     assert set(record["part_seconds"]) == {"attention", "steps", "end_to_end", "total"}
+    # --out naming a file of the user's: refused before any measurement, the file as it was
+    (tmp_path / "notes.json").write_text('{"my": "notes"}')
+    refused = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path / "notes.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 1 and "is not a gpu_check results file" in refused.stderr, refused.stderr[-2000:]
+    assert (tmp_path / "notes.json").read_text() == '{"my": "notes"}'
 
 
 class LossRecorder(L.Callback):
