@@ -1,5 +1,8 @@
 """The one exception type users see as a message rather than a traceback, and how messages count."""
 
+import hashlib
+import multiprocessing as mp
+
 
 class UserError(Exception):
     """Something in the user's input is wrong (config, data, paths).
@@ -34,3 +37,21 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
 def first_few(items: list[str], most: int = 3) -> str:
     """``a; b; c; and 2 more``: what a message names of a long list."""
     return "; ".join(items[:most]) + (f"; and {len(items) - most} more" if len(items) > most else "")
+
+
+#: What this process (a run) has named already (skipped samples, files left out, data said to be
+#: odd): hashes of the names, in memory shared with the loader workers it forks.
+_named_skips = mp.Array("q", 4096, lock=False)
+_named_count = mp.Value("l", 0)
+
+
+def first_time_named(name: str) -> bool:
+    """Whether ``name`` was not named before in this process (and is now recorded as named)."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little", signed=True)
+    with _named_count.get_lock():
+        count = _named_count.value
+        if count >= len(_named_skips) or key in _named_skips[:count]:
+            return False
+        _named_skips[count] = key
+        _named_count.value = count + 1
+    return True

@@ -123,7 +123,8 @@ def write_encoder(
             overwrite,
             reads=[checkpoint],
         )
-    config = {"pretrained_cfg": preprocessing_cfg(encoder.vit), "ssl_vit": provenance(ckpt, checkpoint, role)}
+    preprocessing = preprocessing_cfg(encoder.vit.patch_embed.img_size) | {"classifier": "head"}
+    config = {"pretrained_cfg": preprocessing, "ssl_vit": provenance(ckpt, checkpoint, role)}
     model_args = _model_args(ckpt["hyper_parameters"]["encoder"])
     return write_timm_folder(encoder.vit, out, model_args, config, overwrite, reads=[checkpoint], deploy=deploy)
 
@@ -382,17 +383,15 @@ def _model_args(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NON_TIMM_SETTINGS}
 
 
-def preprocessing_cfg(vit: TimmViT) -> dict[str, Any]:
-    """timm's ``pretrained_cfg`` entries for ssl-vit's evaluation view (what ``timm.data``
-    resolves a model's transforms from)."""
-    size = vit.patch_embed.img_size
+def preprocessing_cfg(size: tuple[int, int]) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` entries for ssl-vit's evaluation view at ``size`` (height, width):
+    what ``timm.data`` resolves a model's transforms from."""
     return {
         "input_size": (3, *size),
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
         "interpolation": "bicubic",
         "crop_pct": EVAL_CROP_PCT,
-        "classifier": "head",
     }
 
 

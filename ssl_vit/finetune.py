@@ -363,7 +363,8 @@ def export_classifier(
     shards' classes), with where it came from (its ``checkpoint``'s run) and its val accuracy in
     ``config.json`` and the model card, with the images it counts (``validated_on``: ``val_shards``
     and a ``note`` on classes they lack); ``deploy`` adds its ONNX models (logits)."""
-    cfg = {**preprocessing_cfg(module.model), "num_classes": module.hparams.num_classes}
+    cfg = {**preprocessing_cfg(module.model.patch_embed.img_size), "classifier": "head"}
+    cfg["num_classes"] = module.hparams.num_classes
     if classes:
         cfg["label_names"] = classes
     record = provenance(read_checkpoint(checkpoint, mmap=True), checkpoint, "classifier") if checkpoint else {}

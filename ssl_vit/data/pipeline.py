@@ -70,7 +70,7 @@ from ssl_vit.data.shards import (
     upright,
     write_embedded_shards,
 )
-from ssl_vit.errors import UserError, counted, first_few
+from ssl_vit.errors import UserError, counted, first_few, first_time_named
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +85,6 @@ View = Callable[[Image.Image], Any]
 #: A dataset names the first few samples it skips, each only the first time this run meets it
 #: (every epoch and every evaluation reads the same files again); epoch summaries count them all.
 SKIPS_LOGGED = 5
-#: What this process (a run) has named already: hashes of the skipped samples' names, in memory
-#: shared with the loader workers it forks.
-_named_skips = mp.Array("q", 4096, lock=False)
-_named_count = mp.Value("l", 0)
-
-
-def first_time_named(name: str) -> bool:
-    """Whether ``name`` was not named before in this process (and is now recorded as named)."""
-    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little", signed=True)
-    with _named_count.get_lock():
-        count = _named_count.value
-        if count >= len(_named_skips) or key in _named_skips[:count]:
-            return False
-        _named_skips[count] = key
-        _named_count.value = count + 1
-    return True
-
-
 #: The skip fraction is judged only once this many samples were skipped (one bad file is not "mostly broken").
 MIN_SKIPS_TO_JUDGE = 10
 #: Images declaring more pixels are skipped before decoding, for pretraining and evaluation alike:
@@ -548,10 +530,6 @@ class ShardDataset(IterableDataset):
         report("epoch %d: %s", self.epoch, summary)
 
 
-#: The data whose uncaptioned images were said to be left out, in this process.
-_uncaptioned_said: set[tuple[str, int, int]] = set()
-
-
 def eval_loader(urls: list[Shard], view: View, batch_size: int, num_workers: int = 2, **options: Any) -> DataLoader:
     """One pass over every sample of ``urls`` in a fixed order, through ``view``: what the
     evaluations read. ``options`` go to :class:`ShardDataset` (masks, captions, a seeded shuffle)."""
@@ -574,9 +552,8 @@ def captioned_only(urls: list[Shard], index: ShardIndex | None) -> tuple[list[Sh
     else:
         captions = index.captions  # None for shards written before ssl-vit counted them
     captioned = index.num_samples if captions is None else min(captions, index.num_samples)
-    said = (index.source, index.num_samples, captioned)
-    if 0 < captioned < index.num_samples and said not in _uncaptioned_said:  # the run reads its data more than once
-        _uncaptioned_said.add(said)
+    said = f"uncaptioned {index.source} {index.num_samples} {captioned}"  # the run reads its data more than once
+    if 0 < captioned < index.num_samples and first_time_named(said):
         log.warning(
             "%s: %d of the %s have no caption (photo.txt beside photo.jpg) and are left out; training reads the "
             "%s that do",

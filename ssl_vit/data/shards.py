@@ -32,7 +32,7 @@ from PIL import ExifTags, Image, ImageOps
 from webdataset.tariterators import base_plus_ext
 
 from ssl_vit.data import embedded
-from ssl_vit.errors import UserError, counted, first_few
+from ssl_vit.errors import UserError, counted, first_few, first_time_named
 from ssl_vit.replace import OutputKind, check_replaceable, recover_interrupted_replacements, replace_output, writer_id
 
 log = logging.getLogger(__name__)
@@ -251,17 +251,13 @@ def caption_file(image: str) -> str:
     return os.path.splitext(image)[0] + ".txt"
 
 
-_left_out_said: set[Path] = set()
-
-
 def _say_what_is_left_out(
     root: Path, visible: list[str], files: list[tuple[str, int | None]], left_out: dict[str, str | None]
 ) -> None:
     """One warning per folder and process: the files and sub-folders that are not read, and why.
     ``left_out``: each sub-folder that is no class, with the class it is a link to (or None)."""
-    if root.resolve() in _left_out_said:
+    if not first_time_named(f"left out in {root.resolve()}"):
         return
-    _left_out_said.add(root.resolve())
     read = {path for path, _ in files} | {caption_file(path) for path, _ in files}
     unread = [path for path in visible if path not in read and (root / path).is_file()]
     beside = [path for path in unread if "/" not in path and extension(path) in IMAGE_EXTENSIONS]
@@ -657,16 +653,14 @@ def scanned_index(urls: list[str], spec: str) -> ShardIndex:
         )
         if not any(scan.samples for scan in scans):
             raise UserError(why)
-        if (spec, "dotted") not in _scan_said:
-            _scan_said.add((spec, "dotted"))
+        if first_time_named(f"dotted in {spec}"):
             log.warning("%s", why)
     if not any(scan.samples for scan in scans):
         raise UserError(f"{spec} holds no image members ({', '.join(IMAGE_EXTENSIONS)}) in its tar files")
     not_index = next((scan.not_index for scan in scans if scan.not_index), None)
     if not_index and not labels:  # all of them: the evaluation's line on missing labels names it
         _names_as_labels[spec] = not_index
-    elif not_index and (spec, "not_index") not in _scan_said:
-        _scan_said.add((spec, "not_index"))
+    elif not_index and first_time_named(f"not an index in {spec}"):
         log.warning(
             "%s has cls members that are not class indices (first: %s), read as no label: k-NN and the probes need an "
             "integer cls per labelled image (`ssl-vit shards imagefolder` writes them from one sub-folder per class)",
@@ -699,7 +693,6 @@ class _ShardScan:
 
 #: Each scanned shard's counts, by its path, size and modification time: a run resolves its data many times.
 _scans: dict[tuple[str, int, int], _ShardScan] = {}
-_scan_said: set[tuple[str, str]] = set()
 #: Shards whose every cls is a name, not a class index, and the first such name.
 _names_as_labels: dict[str, str] = {}
 

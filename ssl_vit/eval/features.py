@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ssl_vit.data.pipeline import NO_LABEL, View, eval_loader, first_time_named
+from ssl_vit.data.pipeline import NO_LABEL, View, eval_loader
 from ssl_vit.data.shards import data_fingerprint, resolve_shards
 from ssl_vit.encoder import NO_CLASS_TOKEN
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, first_time_named
 from ssl_vit.replace import file_in_one_step
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ssl_vit.checkpoint import data_settings, encoder_weights, read_checkpoint
-from ssl_vit.data.views import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import TIMM_VITS, ViTEncoder
 from ssl_vit.errors import UserError, last_line
 from ssl_vit.eval.callback import EvaluationCallback
@@ -35,7 +34,7 @@ from ssl_vit.eval.encoders import (
     missing_source,
 )
 from ssl_vit.eval.evaluator import Evaluator
-from ssl_vit.export import architecture_name, provenance, write_encoder, write_timm_folder
+from ssl_vit.export import architecture_name, preprocessing_cfg, provenance, write_encoder, write_timm_folder
 from ssl_vit.losses import feature_distillation_loss
 from ssl_vit.methods.base import SSLMethod
 from ssl_vit.onnx_export import OnnxOptions, prepare_deploy
@@ -299,15 +298,7 @@ def export_student(
     config = dict(ckpt["hyper_parameters"]["encoder"])
     deploy = prepare_deploy(student.model, onnx, data_settings(ckpt)) if onnx else None
     size = ckpt["hyper_parameters"]["image_size"]
-    # ssl-vit's evaluation view, as export.preprocessing_cfg records it for a ViT.
-    preprocessing = {
-        "input_size": (3, size, size),
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "interpolation": "bicubic",
-        "crop_pct": EVAL_CROP_PCT,
-    }
-    record = {"pretrained_cfg": preprocessing, "ssl_vit": provenance(ckpt, checkpoint, role)}
+    record = {"pretrained_cfg": preprocessing_cfg((size, size)), "ssl_vit": provenance(ckpt, checkpoint, role)}
     model_args = {k: v for k, v in config.items() if k != "name"}
     return write_timm_folder(student.model, out, model_args, record, overwrite, reads=[checkpoint], deploy=deploy)
 
