@@ -223,6 +223,19 @@ def test_a_run_whose_data_moved_names_it_and_the_option_that_gives_it(capsys, ru
     assert "give where it is now with --train_shards" in error
 
 
+def test_an_export_written_elsewhere_knows_the_data_its_run_trained_on(capsys, run, tmp_path):
+    # `ssl-vit export RUN exports/NAME`: its provenance says where the run found its data, as the
+    # run's own export/ folder does through the run (it needed --train_shards).
+    photos = image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=12)
+    ckpt = torch.load(run["checkpoint"], weights_only=True)
+    ckpt[RUN_KEY] = {"train_shards": str(photos)}
+    (tmp_path / "run/checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "run/checkpoints/last.ckpt")
+    export_encoder(tmp_path / "run/checkpoints/last.ckpt", tmp_path / "exports/mae")
+    main(["knn", str(tmp_path / "exports/mae"), "--num_workers", "0", "--knn_ks", "[5]"])
+    assert f"scored on {photos}#heldout, neighbours from {photos}#train" in capsys.readouterr().out
+
+
 def test_a_record_of_a_checkpoint_trained_further_is_written_beside_the_earlier_one():
     """`last.ckpt` at step 45 is not the weights `last.ckpt` had at step 20: its record is another."""
     settings = {"train_shards": "t", "val_shards": "v", "files": "f", "knn_ks": [20]}

@@ -163,7 +163,7 @@ def evaluate(command: str, args: list[str]) -> None:
         if trained_on is None:
             raise UserError(
                 f"ssl-vit {command} {cfg['encoder']} needs --train_shards (labelled data to evaluate on): only a run "
-                "folder, its checkpoint or its export know the data they trained on"
+                "folder, its checkpoint or an ssl-vit export know the data they trained on"
             )
         cfg["train_shards"], cfg["val_shards"] = trained_on[0], cfg["val_shards"] or trained_on[1]
         if not is_remote(trained_on[0]) and not Path(split_part(trained_on[0])[0]).exists():

@@ -178,13 +178,21 @@ def missing_source(
 
 def run_data(source: str) -> tuple[str, str | None] | None:
     """What the run that wrote ``source`` trained on, as (``data.train_shards`` where it was when
-    the run read it, ``data.val_shards``), for a checkpoint, a run folder or a run's own export
-    (beside its ``checkpoints/``); None for anything else (another export, ``timm:NAME``)."""
+    the run read it, ``data.val_shards``), for a checkpoint, a run folder, a run's own export
+    (beside its ``checkpoints/``) or an export ``ssl-vit export`` wrote elsewhere (its provenance);
+    None for anything else (another timm folder, ``timm:NAME``)."""
     path = Path(source)
     if not source.startswith("timm:") and not path.exists():
         raise missing_source(source)
     if path.is_dir() and (path.parent / "checkpoints").is_dir():  # <run>/export
         path = path.parent
+    elif path.is_dir() and (path / "config.json").is_file():
+        try:
+            record = json.loads((path / "config.json").read_text()).get("ssl_vit", {})
+        except (ValueError, AttributeError):  # not JSON, or not an object: no ssl-vit export
+            return None
+        trained_on = record.get("trained_on")
+        return (trained_on, (record.get("data") or {}).get("val_shards")) if trained_on else None
     path = Path(resolve_run_folder(str(path)))
     if path.suffix != ".ckpt" or not path.is_file():
         return None
