@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from ssl_vit.eval.linear import (
     train_linear_probe,
 )
 from ssl_vit.eval.report import accuracy_counts, print_results
-from tests.conftest import TINY_ENCODER, png_bytes, random_images
+from tests.conftest import TINY_ENCODER, fit_briefly, png_bytes, random_images
 
 
 def brute_force_knn(train_x, train_y, test_x, test_y, num_classes, k, temperature):
@@ -492,3 +493,29 @@ def test_a_knn_without_k20_is_not_reported_as_k20():
     """Fewer than 20 training images measure k=10 only: no k=20 number comes of it."""
     assert headline_accuracy({"knn": {"k=10": {"top1": 50.0, "top5": 100.0}}})["knn_k20_top1"] is None
     assert headline_accuracy({"knn": {"k=20": {"top1": 50.0, "top5": 100.0}}})["knn_k20_top1"] == 50.0
+
+
+def test_a_mid_run_knn_is_said_on_the_console_beside_the_start(tmp_path):
+    """The mid-run k-NN went only to TensorBoard and a picture: a user watching a long run saw
+    nothing between the start's and the end's tables."""
+    from ssl_vit.eval import EvaluationCallback
+    from ssl_vit.methods import SimCLR
+
+    shards = labelled_shards(tmp_path / "shards", 12, 2, seed=0)
+    evaluation = EvaluationCallback(
+        train_shards=shards, val_shards=shards, every_n_steps=2, at_start=True, probes=False, knn_ks=[5], num_workers=0
+    )
+    lines: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = lines.append
+    lightning_log = logging.getLogger("lightning.pytorch")  # the console's, as Lightning's own lines
+    lightning_log.addHandler(handler)
+    try:
+        model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
+        fit_briefly(model, "two", steps=3, callbacks=[evaluation], default_root_dir=tmp_path)
+    finally:
+        lightning_log.removeHandler(handler)
+    printed = "\n".join(line.getMessage() for line in lines)
+    said = re.search(r"step 2: k-NN k=5 top-1 ([\d.]+)% \(random init ([\d.]+)\)", printed)
+    assert said, printed
+    assert float(said[2]) == pytest.approx(evaluation.baseline["knn"]["k=5"]["top1"], abs=0.05)

@@ -299,6 +299,19 @@ def test_a_uniform_teacher_is_a_collapse_even_with_spread_embeddings():
     assert "learning rate" not in str(caught[0].message)
 
 
+@pytest.mark.parametrize(("step", "said"), [(4, "Within the run's first tenth: the freshly"), (54, "learning rate")])
+def test_a_teacher_uniform_from_the_start_is_not_blamed_on_the_settings(step, said):
+    # A teacher uniform by the first tenth of a run was warned of with "check the learning rate,
+    # temperatures and augmentations", the recipe's own, while the encoder gained 27 k-NN points.
+    model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
+    model.log = lambda *args, **kwargs: None
+    model._trainer = SimpleNamespace(log_every_n_steps=5, estimated_stepping_batches=100, global_step=step)
+    logits = torch.randn(32, 1024)
+    with pytest.warns(UserWarning, match="teacher's outputs are nearly uniform") as caught:
+        model.watch_collapse(logits, torch.softmax(1e-3 * logits / 0.04, dim=-1))
+    assert said in str(caught[0].message)
+
+
 def test_a_lasting_collapse_keeps_warning_and_is_counted():
     model = SimCLR(TINY_ENCODER, hidden_dim=32, out_dim=16)
     model.log = lambda *args, **kwargs: None

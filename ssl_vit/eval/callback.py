@@ -191,7 +191,12 @@ class EvaluationCallback(Evaluator, Periodic):
         self.knn_history = [tuple(point) for point in state_dict.get("knn_history", [])]
 
     def periodic(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._evaluate(trainer, pl_module, probe=False)
+        results = self._evaluate(trainer, pl_module, probe=False)
+        if results and "knn" in results:  # on the console too: the end's table is far off in a long run
+            k = "k=20" if "k=20" in results["knn"] else next(iter(results["knn"]))
+            then = (self.baseline or {}).get("knn", {}).get(k)
+            since = f" ({self.baseline_name} {then['top1']:.1f})" if then else ""
+            rank_zero_info(f"step {trainer.global_step}: k-NN {k} top-1 {results['knn'][k]['top1']:.1f}%{since}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         start = time.perf_counter()

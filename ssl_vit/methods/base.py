@@ -420,12 +420,13 @@ class SSLMethod(L.LightningModule):
                     f"Before any update: the weights it starts from ({self.hparams.init_from}) do this already; "
                     "a run that ended so passes it on."
                 )
-            elif step == 0 and uniform:
+            elif uniform and step <= total // 10:  # the start's doing, not a setting's
+                when = "Before any update" if step == 0 else "Within the run's first tenth"
                 advice = (
-                    "Before any update: the freshly initialised encoder hardly tells these images apart (grey images "
-                    "that differ in a few strokes on one background do this), and this objective only sharpens what "
-                    "it already tells apart; objectives with negatives (SimCLR, MoCo v3) or pixel targets (MAE) learn "
-                    "from such a start in short runs."
+                    f"{when}: the freshly initialised encoder tells these images little apart (small grey images do "
+                    "this most), and this objective only sharpens what its teacher tells apart, as DINO's own code "
+                    "does; the encoder may still gain (the run's k-NN says), and objectives with negatives (SimCLR, "
+                    "MoCo v3) or pixel targets (MAE) learn from such a start in short runs."
                 )
             elif step == 0:
                 advice = BEFORE_ANY_UPDATE
