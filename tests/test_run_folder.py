@@ -367,6 +367,14 @@ def test_a_resume_names_the_settings_changed_since_its_checkpoint():
     # the hint a distillation recipe gives for its missing teacher is no setting (an older run kept the recipe's)
     ckpt["hyper_parameters"]["teacher_made_by"], model.hparams["teacher_made_by"] = "ssl-vit pretrain ...", None
     assert changed_settings(ckpt, model, data) == ["model.base_lr 0.001 -> 0.002", "data.view.init_args.size 32 -> 48"]
+    # the evaluation's protocol too: a finished run's table is of the one it kept (its summary, refused)
+    from ssl_vit.eval import EvaluationCallback
+
+    kept = EvaluationCallback(train_shards="photos#train", val_shards="photos#heldout")
+    ckpt["callbacks"] = {kept.state_key: kept.state_dict()}
+    asked = EvaluationCallback(train_shards="photos#train", val_shards="photos#heldout", pooling="mean", num_workers=1)
+    assert changed_settings(ckpt, model, data, [kept])[2:] == []
+    assert changed_settings(ckpt, model, data, [asked])[2:] == ["evaluation pooling cls -> mean"]
 
 
 def test_a_checkpoint_is_saved_though_its_data_is_gone(tmp_path):

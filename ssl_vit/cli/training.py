@@ -200,7 +200,7 @@ class RunCLI(LightningCLI):
         if resumes:
             if self.trainer.is_global_zero:
                 resumed = read_checkpoint(Path(config["ckpt_path"]), mmap=True)
-                changed = changed_settings(resumed, self.model, self.datamodule)
+                changed = changed_settings(resumed, self.model, self.datamodule, self.trainer.callbacks)
                 step = resumed.get("global_step")
                 if changed:  # for the run's summary
                     self.trainer.checkpoint_callback.changes_at_resume = f"at step {step}: {'; '.join(changed)}"
@@ -251,7 +251,7 @@ class RunCLI(LightningCLI):
                     "export and summary were done: doing them now"
                 )
             return "end only"
-        changed = changed_settings(ckpt, self.model, self.datamodule)
+        changed = changed_settings(ckpt, self.model, self.datamodule, self.trainer.callbacks)
         if changed:  # its results are not of these settings, which a sweep would read as theirs
             raise UserError(
                 f"{root} is finished ({reached}) with other settings than this command's ({'; '.join(changed)}): "
@@ -316,9 +316,12 @@ def objective_resume_problem(model: L.LightningModule, ckpt: dict[str, Any]) -> 
     return check(ckpt) if check else None
 
 
-def changed_settings(ckpt: dict[str, Any], model: L.LightningModule, data: L.LightningDataModule) -> list[str]:
-    """The recipe settings that differ from the checkpoint's (``model.base_lr 0.001 -> 0.002``): a
-    resumed run takes the command line's, which a user who meant a new run should see."""
+def changed_settings(
+    ckpt: dict[str, Any], model: L.LightningModule, data: L.LightningDataModule, callbacks: list[L.Callback] = ()
+) -> list[str]:
+    """The recipe settings that differ from the checkpoint's (``model.base_lr 0.001 -> 0.002``, and
+    the evaluation's protocol of ``callbacks``): a resumed run takes the command line's, which a
+    user who meant a new run should see."""
 
     def flat(settings: dict[str, Any], prefix: str) -> dict[str, Any]:
         items = {}
@@ -335,7 +338,13 @@ def changed_settings(ckpt: dict[str, Any], model: L.LightningModule, data: L.Lig
     located = {"data.train_shards", "model.init_from", "model.teacher"}
     hint = {"model.teacher_made_by"}  # what a missing teacher's message names, no setting of the run
     changed = [key for key in then if key in now and key not in located | hint and then[key] != now[key]]
-    return [f"{key} {then[key]} -> {now[key]}" for key in changed]
+    lines = [f"{key} {then[key]} -> {now[key]}" for key in changed]
+    for callback in callbacks:  # the evaluation's protocol: its numbers are of it (none kept before it was)
+        kept = ckpt.get("callbacks", {}).get(callback.state_key, {}).get("protocol")
+        if kept and hasattr(callback, "protocol"):
+            asked = callback.protocol()
+            lines += [f"evaluation {k} {kept[k]} -> {asked.get(k)}" for k in kept if asked.get(k) != kept[k]]
+    return lines
 
 
 class PretrainCLI(RunCLI):

@@ -179,6 +179,7 @@ class EvaluationCallback(Evaluator, Periodic):
             "baseline_name": self.baseline_name,
             "baseline_files": self.baseline_data,
             "baseline_protocol": self.baseline_protocol,
+            "protocol": self.protocol(),  # a finished run's numbers are of it (RunCLI.stop_if_finished)
             "knn_history": self.knn_history,
         }
 
