@@ -525,9 +525,11 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
     shutil.copy(next((user_folder / "photos/dogs").iterdir()), added)
     try:
         again = run(commands[1], user_folder)
+        of_export = run([*commands[1][:1], f"{commands[1][1]}/export", *commands[1][2:]], user_folder)
     finally:
         added.unlink()
     assert again.returncode == 0 and "the images changed since the run's own evaluation" in again.stderr
+    assert of_export.returncode == 0 and "the images changed since the run's own evaluation" in of_export.stderr
     assert len(list((run_folder / "checkpoints").glob("last.knn.eval-*.json"))) == 3
     # scored on the very images the neighbours come from: k-NN finds each image itself, and says so
     seen = run([*commands[1], "--val_shards", "photos"], user_folder)

@@ -213,7 +213,7 @@ def evaluate(command: str, args: list[str]) -> None:
         Console(soft_wrap=True).print(f"k={ks} left out: more than the {len(train.labels)} training images")
     settings = with_files(evaluator.settings())
     own = (
-        next(filter(None, (changed_since_run(source, kind, settings) for kind in results)), None)
+        next(filter(None, (changed_since_run(written_from(source), kind, settings) for kind in results)), None)
         if weights is None
         else None
     )
@@ -225,6 +225,19 @@ def evaluate(command: str, args: list[str]) -> None:
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings, info["step"])
     for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
         Console(soft_wrap=True).print(f"wrote {path}")
+
+
+def written_from(source: str) -> str:
+    """The checkpoint an ssl-vit export was written from, where it still is (the run's own records
+    lie beside it); ``source`` itself otherwise."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return source
+    try:
+        checkpoint = json.loads(config.read_text()).get("ssl_vit", {}).get("checkpoint")
+    except (ValueError, AttributeError):  # not an ssl-vit export's
+        return source
+    return checkpoint if checkpoint and Path(checkpoint).is_file() else source
 
 
 def zeroshot(args: list[str]) -> None:
