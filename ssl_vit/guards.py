@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ssl_vit.distributed import gradient_shard_group, mean_over_ranks
-from ssl_vit.errors import UserError
+from ssl_vit.errors import UserError, counted
 
 #: A restore point is taken only at a step whose loss and gradient norm are within this factor of
 #: their recent medians (one order of magnitude): a blow-up that grows over several steps before it
@@ -293,6 +293,27 @@ class NonFiniteGuard(L.Callback):
 BEFORE_ANY_UPDATE = "Before any update: the model as initialised; the next checks say whether training spreads it."
 
 
+def collapse_advice(step: int, total: int, uniform: bool, init_from: str | None, objective_advice: str) -> str:
+    """What a collapse warning at ``step`` of ``total`` advises. Before any update no setting has
+    acted yet, nor has one when a teacher is uniform within the run's first tenth: the cause is the
+    weights it starts from, or the data as a freshly initialised encoder sees it. Later, the
+    objective's own ``objective_advice``."""
+    if step == 0 and init_from:
+        return (
+            f"Before any update: the weights it starts from ({init_from}) do this already; a run that ended so "
+            "passes it on."
+        )
+    if uniform and step <= total // 10:
+        when = "Before any update" if step == 0 else "Within the run's first tenth"
+        return (
+            f"{when}: the freshly initialised encoder tells these images little apart (small grey images do this "
+            "most), and this objective only sharpens what its teacher tells apart, as DINO's own code does; the "
+            "encoder may still gain (the run's k-NN says), and objectives with negatives (SimCLR, MoCo v3) or pixel "
+            "targets (MAE) learn from such a start in short runs."
+        )
+    return BEFORE_ANY_UPDATE if step == 0 else objective_advice
+
+
 class CollapseWatch:
     """Counts the steps a run's outputs stay collapsed (spread below ``threshold``, or another
     sign the objective checks) and says when to warn: at the onset, and again every
@@ -332,6 +353,19 @@ class CollapseWatch:
     def state(self, step: int) -> str:
         """How a warning at ``step`` names the collapse: its onset, or how long it has lasted."""
         return "has collapsed" if self.since == step else f"is still collapsed (since step {self.since})"
+
+    def warning(self, objective: str, step: int, spread: float, uniform: bool, advice: str) -> str:
+        """The warning of a training-step check at ``step``: what collapsed (a uniform teacher, or
+        the embeddings' ``spread``), for how long, and ``advice``."""
+        what = (
+            "its teacher's outputs are nearly uniform (entropy above ln K - ln 2: every image spread over more than "
+            "half the outputs)"
+            if uniform
+            else f"the embeddings' spread (per-dimension std x sqrt(dim)) is {spread:.4f} < {self.threshold}; every "
+            "image maps to nearly the same output"
+        )
+        so_far = counted(self.collapsed_steps, "step")
+        return f"{objective} {self.state(step)} at step {step}, {so_far} collapsed so far: {what}. {advice}"
 
     def state_dict(self) -> dict[str, int | None]:
         return {k: getattr(self, k) for k in ("collapsed_steps", "since", "last_check", "last_warning")}

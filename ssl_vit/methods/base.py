@@ -18,9 +18,9 @@ from ssl_vit.checkpoint import objective_name, read_checkpoint
 from ssl_vit.distributed import clip_grad_norms_, gradient_shard_group
 from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
-from ssl_vit.errors import UserError, counted, last_line
+from ssl_vit.errors import UserError, last_line
 from ssl_vit.export import encoder_state_dict
-from ssl_vit.guards import BEFORE_ANY_UPDATE, CollapseWatch
+from ssl_vit.guards import CollapseWatch, collapse_advice
 from ssl_vit.health import embedding_spread, teacher_health
 from ssl_vit.pictures import attention_columns, pca_columns
 from ssl_vit.schedules import PaperRun, cosine_to, scaled_ema_momentum, scaled_epochs, steps_per_epoch, warmup_cosine
@@ -406,32 +406,6 @@ class SSLMethod(L.LightningModule):
         total = int(trainer.estimated_stepping_batches) if trainer is not None else 1
         step = self.global_step
         if watch.update(step, collapsed=spread < watch.threshold or uniform, repeat_every=max(every, total // 10)):
-            what = (
-                "its teacher's outputs are nearly uniform (entropy above ln K - ln 2: every image spread over more "
-                "than half the outputs)"
-                if uniform
-                else f"the embeddings' spread (per-dimension std x sqrt(dim)) is {spread:.4f} < {watch.threshold}; "
-                "every image maps to nearly the same output"
-            )
-            # Before any update no setting has acted yet: the cause is the data as a random encoder sees it.
-            advice = self.collapse_advice
-            if step == 0 and self.hparams.get("init_from"):
-                advice = (
-                    f"Before any update: the weights it starts from ({self.hparams.init_from}) do this already; "
-                    "a run that ended so passes it on."
-                )
-            elif uniform and step <= total // 10:  # the start's doing, not a setting's
-                when = "Before any update" if step == 0 else "Within the run's first tenth"
-                advice = (
-                    f"{when}: the freshly initialised encoder tells these images little apart (small grey images do "
-                    "this most), and this objective only sharpens what its teacher tells apart, as DINO's own code "
-                    "does; the encoder may still gain (the run's k-NN says), and objectives with negatives (SimCLR, "
-                    "MoCo v3) or pixel targets (MAE) learn from such a start in short runs."
-                )
-            elif step == 0:
-                advice = BEFORE_ANY_UPDATE
-            rank_zero_warn(
-                f"{type(self).__name__} {watch.state(step)} at step {step}, "
-                f"{counted(watch.collapsed_steps, 'step')} collapsed so far: {what}. {advice}"
-            )
+            advice = collapse_advice(step, total, uniform, self.hparams.get("init_from"), self.collapse_advice)
+            rank_zero_warn(watch.warning(type(self).__name__, step, spread, uniform, advice))
         self.log("train/collapsed_steps", float(watch.collapsed_steps))
