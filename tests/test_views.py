@@ -87,7 +87,7 @@ def test_timm_prepares_an_image_from_an_exports_config_as_the_evaluation_did(siz
     from ssl_vit.export import preprocessing_cfg
 
     vit = timm.create_model("vit_tiny_patch16_224", img_size=size, patch_size=16 if size % 16 == 0 else 8)
-    config = timm.data.resolve_data_config(pretrained_cfg=preprocessing_cfg(vit))
+    config = timm.data.resolve_data_config(pretrained_cfg=preprocessing_cfg(vit.patch_embed.img_size))
     image = Image.fromarray(np.random.default_rng(size).integers(0, 256, (size * 3, size * 2, 3), dtype=np.uint8))
     view = EvalView(size)
     torch.testing.assert_close(view(image), timm.data.create_transform(**config)(image), rtol=0, atol=1e-6)

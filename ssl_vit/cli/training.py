@@ -341,8 +341,8 @@ def changed_settings(
     lines = [f"{key} {then[key]} -> {now[key]}" for key in changed]
     for callback in callbacks:  # the evaluation's protocol: its numbers are of it (none kept before it was)
         kept = ckpt.get("callbacks", {}).get(callback.state_key, {}).get("protocol")
-        if kept and hasattr(callback, "protocol"):
-            asked = callback.protocol()
+        asked = getattr(callback, "asked_protocol", None)
+        if kept and asked is not None:
             lines += [f"evaluation {k} {kept[k]} -> {asked.get(k)}" for k in kept if asked.get(k) != kept[k]]
     return lines
 

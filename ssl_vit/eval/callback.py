@@ -71,6 +71,9 @@ class EvaluationCallback(Evaluator, Periodic):
         self.baseline_data: str | None = None  # what the baseline was measured on (evaluated_data)
         self.baseline_protocol: dict[str, Any] | None = None  # and how (protocol)
         self.knn_history: list[tuple[int, float]] = []
+        # The recipe's protocol, before setup turns what the data cannot have off (the dense probe
+        # without label maps): what a finished run started again is compared by.
+        self.asked_protocol = self.protocol()
         self.counts: dict[str, Any] = {}  # the images and classes the last evaluation counted
         self.said_no_retrieval = False
 
@@ -179,7 +182,7 @@ class EvaluationCallback(Evaluator, Periodic):
             "baseline_name": self.baseline_name,
             "baseline_files": self.baseline_data,
             "baseline_protocol": self.baseline_protocol,
-            "protocol": self.protocol(),  # a finished run's numbers are of it (RunCLI.stop_if_finished)
+            "protocol": self.asked_protocol,  # a finished run's numbers are of it (RunCLI.stop_if_finished)
             "knn_history": self.knn_history,
         }
 
