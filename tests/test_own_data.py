@@ -343,6 +343,15 @@ def test_rewritten_captions_are_other_data(tmp_path):
     assert len({without, captioned, data_fingerprint(str(folder))}) == 3
 
 
+def test_a_broken_link_among_the_images_is_data_that_is_gone_not_a_crash(tmp_path):
+    # Every run and `knn` on such a folder ended in a FileNotFoundError traceback, after saying it
+    # would skip the link.
+    folder = image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=5)
+    before = data_fingerprint(str(folder))
+    (folder / "cats/broken.png").symlink_to(tmp_path / "missing.png")
+    assert data_fingerprint(str(folder)) != before
+
+
 def test_the_held_out_part_is_disjoint_deterministic_and_a_tenth(tmp_path):
     root = image_folder(tmp_path / "photos", ["a", "b"], per_class=200)
     train, heldout = read_all(f"{root}#train"), read_all(f"{root}#heldout")

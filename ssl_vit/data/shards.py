@@ -820,7 +820,7 @@ def data_fingerprint(spec: str) -> str:
         if isinstance(files, ImageFiles):
             root = Path(files.root)
             for name, label in files.files:
-                entries.append((name, label, *size_and_time(root / name)))
+                entries.append((name, label, *_size_and_time_or_gone(root / name)))
                 caption = root / caption_file(name)
                 if caption.is_file():  # what an image-text objective reads with the image
                     entries.append((caption_file(name), *size_and_time(caption)))
@@ -834,6 +834,15 @@ def data_fingerprint(spec: str) -> str:
 def size_and_time(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
+
+
+def _size_and_time_or_gone(path: Path) -> tuple[int | None, int | None]:
+    """A listed image's size and time; (None, None) for a broken link or a file gone since it was
+    listed, which the loader skips as unreadable and names."""
+    try:
+        return size_and_time(path)
+    except FileNotFoundError:
+        return None, None
 
 
 def split_part(spec: str) -> tuple[str, str | None]:
