@@ -102,12 +102,14 @@ def checksum_path(checkpoint: Path) -> Path:
 def remove_dead_writers_files(folder: str | Path) -> list[Path]:
     """Remove the temporary files that checkpoint writers on this host left when they were killed
     (their process no longer exists); a live writer's, another host's and anything not named as
-    ours are left alone. Returns what was removed."""
+    ours (a checkpoint's or its checksum's) are left alone. Returns what was removed."""
     removed = []
     host = this_host()
     for path in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
         match = _TEMPORARY.fullmatch(path.name)
         if match is None or match["host"] not in (None, host) or process_exists(int(match["pid"])):
+            continue
+        if not match["name"].endswith((".ckpt", ".ckpt.sha256")):  # a file of the user's named alike
             continue
         path.unlink(missing_ok=True)
         removed.append(path)

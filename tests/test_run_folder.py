@@ -103,6 +103,9 @@ def test_only_dead_writers_temporary_files_on_this_host_are_removed(tmp_path):
         "live writer": f".last.ckpt.{host}-{os.getpid()}.tmp",
         "another host's writer": f".last.ckpt.otherhost-{dead_pid}.tmp",
         "not ours": ".notes.tmp",
+        # a user's hidden files in the checkpoint folder, named like a dead writer's (both were removed)
+        "a user's, named as a writer's on this host": f".backup.{host}-{dead_pid}.tmp",
+        "a user's, named as before hosts were": f".thesis.{dead_pid}.tmp",
     }
     for name in files.values():
         (tmp_path / name).write_bytes(b"x")
