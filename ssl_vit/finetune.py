@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,17 @@ class FineTune(L.LightningModule):
             raise UserError("set model.init_from (weights to fine-tune) or model.encoder (an architecture)")
         if num_classes < 2:
             raise UserError(f"model.num_classes is {num_classes}; a classifier needs two or more classes")
+        check_ranges(
+            base_lr=(base_lr, 0, None),
+            min_lr=(min_lr, 0, None),
+            weight_decay=(weight_decay, 0, None),
+            warmup_epochs=(warmup_epochs, 0, None),
+            layer_decay=(layer_decay, 0, 1),
+            drop_path_rate=(drop_path_rate, 0, 1),
+            mixup=(mixup, 0, None),
+            cutmix=(cutmix, 0, None),
+            label_smoothing=(label_smoothing, 0, 0.99),
+        )
         if init_from is not None and (encoder is None or pretrained):  # read only for its architecture or weights
             # the checkpoint a run folder names now, for the record and for a resume to compare
             init_from = self.hparams.init_from = weights_path(init_from)
@@ -347,6 +359,15 @@ class FineTune(L.LightningModule):
             layer_decay=self.hparams.layer_decay,
         )
         return adamw(self, groups, betas=(0.9, 0.999))
+
+
+def check_ranges(**settings: tuple[float, float, float | None]) -> None:
+    """One line for the first setting (name=(value, least, most)) out of its range, before any work:
+    a negative lr trains by gradient ascent, a label smoothing of 1 or more towards wrong labels."""
+    for name, (value, least, most) in settings.items():
+        if not least <= value <= (math.inf if most is None else most):  # NaN fails too
+            bound = f"from {least} to {most}" if most is not None else f"{least} or more"
+            raise UserError(f"model.{name} is {value}; it must be {bound}")
 
 
 def export_classifier(

@@ -356,3 +356,18 @@ def test_a_view_of_another_size_than_the_weights_fine_tunes_at_the_views(exporte
     classifier = timm.create_model(f"local-dir:{tmp_path / 'run/export'}", pretrained=True).eval()
     assert classifier.pretrained_cfg["input_size"] == (3, 64, 64)  # what its users prepare images at
     assert classifier(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("base_lr", -1.0, "model.base_lr is -1.0; it must be 0 or more"),  # trained by gradient ascent
+        ("label_smoothing", 1.5, "model.label_smoothing is 1.5; it must be from 0 to 0.99"),  # towards wrong labels
+        ("drop_path_rate", 1.5, "model.drop_path_rate is 1.5; it must be from 0 to 1"),  # a traceback at the 1st step
+        ("mixup", -1.0, "model.mixup is -1.0; it must be 0 or more"),  # silently no mixup
+        ("layer_decay", -2.0, "model.layer_decay is -2.0; it must be from 0 to 1"),
+    ],
+)
+def test_fine_tuning_settings_out_of_range_are_one_line_before_any_work(setting, value, says):
+    with pytest.raises(UserError, match=re.escape(says)):
+        FineTune(num_classes=3, encoder=TINY_ENCODER, pretrained=False, **{setting: value})
