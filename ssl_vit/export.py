@@ -241,6 +241,8 @@ def card(
     less += ", which it was evaluated on" if held_out and results else ""
     init_from = record.get("recipe", {}).get("init_from")  # a run that continued an earlier one's weights
     started = [f"- started from: `{init_from}` (init_from), whose own training this card does not count"]
+    if record.get("recipe", {}).get("pretrained") is False:  # fine-tuning that took its architecture only
+        started = [f"- architecture of: `{init_from}` (init_from; its weights not used, `pretrained: false`)"]
     lines = [
         f"# {title}",
         "",

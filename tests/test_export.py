@@ -212,6 +212,20 @@ def test_the_card_says_the_training_data_less_the_tenth_the_run_held_out(tmp_pat
     assert training_data(str(tmp_path / "b/train"), {"val_shards": f"{tmp_path}/b/train#heldout"}).endswith(less)
 
 
+def test_a_card_names_what_a_run_took_from_its_init_from():
+    # Fine-tuned with pretrained false, the card said it started from the export's weights too.
+    def started(recipe: dict) -> list[str]:
+        text = card("t", {"recipe": recipe}, [], "", [], "timm", [])
+        return [line for line in text.splitlines() if "init_from" in line]
+
+    assert started({"init_from": "runs/a/export"}) == [
+        "- started from: `runs/a/export` (init_from), whose own training this card does not count"
+    ]
+    assert started({"init_from": "runs/a/export", "pretrained": False}) == [
+        "- architecture of: `runs/a/export` (init_from; its weights not used, `pretrained: false`)"
+    ]
+
+
 def test_an_export_is_prepared_at_its_own_size_by_timms_validation_too(tmp_path):
     """timm's validation resolves a model's test size first: a release's (resnet10t's 224 px) would
     prepare a 32-px student's images at 7 times the size it was trained and evaluated at."""
