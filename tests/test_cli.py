@@ -336,6 +336,10 @@ def test_shards_of_an_empty_folder_or_of_a_file_say_which_and_what_to_do(tmp_pat
     (tmp_path / "photos/a/1.jpg").write_bytes(b"")
     result = in_this_process(tmp_path, "shards", "imagefolder", "photos/a/1.jpg", "out")
     assert result.returncode == 2 and "image folder photos/a/1.jpg is a file; give the folder" in result.stderr
+    # shards inside the folder they read: it then held a shard folder among its classes, and no run read it
+    result = in_this_process(tmp_path, "shards", "imagefolder", "photos", "photos/a/sh")
+    assert result.returncode == 2 and "photos/a/sh is inside photos, which this command reads" in result.stderr
+    assert not (tmp_path / "photos/a/sh").exists()
 
 
 def test_shards_refuses_to_overwrite(workdir):

@@ -575,6 +575,13 @@ def shards(args: list[str]) -> None:
             classes, reads = [], [opts.table, str(Path(opts.table).parent)]
             samples, count = caption_table_samples(opts.table, opts.separator, opts.image_key, opts.caption_key)
         else:
+            for folder in filter(None, (opts.src_dir, opts.masks)):  # beside it: the folder stays images only
+                if Path(folder).resolve() in Path(opts.out_dir).resolve().parents:
+                    raise UserError(
+                        f"{opts.out_dir} is inside {folder}, which this command reads: the shards would sit among the "
+                        f"images, and {folder} would no longer read as an image folder; write them beside it, e.g. "
+                        f"{Path(folder).resolve()}-shards"
+                    )
             classes, samples, count = image_folder_samples(opts.src_dir, masks=opts.masks, labelled=not opts.unlabelled)
             reads = [opts.src_dir, *([opts.masks] if opts.masks else [])]
         size = shard_size(count)
