@@ -297,6 +297,17 @@ def test_validating_on_the_training_images_is_said(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     said = f"warning: {train} holds the very images that the classifier trains on ({train}), so these numbers are"
     assert said in result.stderr
+    # and where the number is kept: the summary and the card said nothing of it
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["val_note"].startswith(f"{train} holds the very images that the classifier trains on")
+    assert "holds the very images" in (tmp_path / "run/export/README.md").read_text()
+    assert summary["settings_changed"] is None
+    # a resume with other settings: the summary names them, as a pretraining run's does (it had no such key)
+    longer = ["--model.num_classes=4", "--trainer.max_steps=2", "--model.min_lr=2e-6"]
+    result = finetune(tmp_path, exported, train, train, tmp_path / "run", *longer)
+    assert result.returncode == 0, result.stderr[-3000:]
+    changed = json.loads((tmp_path / "run/summary.json").read_text())["settings_changed"]
+    assert changed == ["at step 1: model.min_lr 1e-06 -> 2e-06"], changed
 
 
 def test_one_class_stops_fine_tuning_with_one_line(exported, tmp_path):

@@ -485,6 +485,8 @@ class FineTuneCLI(RunCLI):
         for warning in (self.val_note, seen and f"{val} holds {seen}"):
             if warning:
                 Console(stderr=True, soft_wrap=True).print(f"warning: {warning}", highlight=False)
+        # the summary and the card say it too: a validation on training images scores them
+        self.val_note = "; ".join(filter(None, (self.val_note, seen and f"{val} holds {seen}"))) or None
         return super().instantiate_trainer(**kwargs)
 
     def run_name(self) -> str:
@@ -519,7 +521,8 @@ class FineTuneCLI(RunCLI):
             "val_top5": results.get("top5"),  # None of five classes or fewer
             "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
             "val_shards": val,
-            "val_note": self.val_note,  # the classes val lacks, which its accuracy does not count
+            "val_note": self.val_note,  # the classes val lacks, or that it holds training images
+            "settings_changed": getattr(trainer.checkpoint_callback, "settings_changed", None) or None,  # by resumes
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
             "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),
             "export": str(export_dir) if export_dir else None,
