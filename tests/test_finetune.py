@@ -310,6 +310,16 @@ def test_validating_on_the_training_images_is_said(exported, tmp_path):
     assert changed == ["at step 1: model.min_lr 1e-06 -> 2e-06"], changed
 
 
+def test_an_odd_batch_with_mixup_stops_before_any_work(exported, tmp_path):
+    """Mixup pairs a batch's images: it stopped at the first step, leaving the run's logs behind."""
+    train = labelled_shards(tmp_path / "train", 32)
+    result = finetune(
+        tmp_path, exported, train, train, tmp_path / "run", "--model.num_classes=4", "--data.batch_size=7"
+    )
+    assert result.returncode == 2 and "data.batch_size is 7: Mixup and CutMix pair the images" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_one_class_stops_fine_tuning_with_one_line(exported, tmp_path):
     """Not "set model.num_classes to 1", which a classifier of one class then refuses."""
     train = labelled_shards(tmp_path / "fences", 16, ("fences",))

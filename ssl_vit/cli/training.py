@@ -478,6 +478,11 @@ class FineTuneCLI(RunCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         # before the trainer starts printing; what val lacks goes into the summary and the card too
+        if self.model.mixup is not None and self.datamodule.batch_size % 2:  # it stopped at the first step
+            raise UserError(
+                f"data.batch_size is {self.datamodule.batch_size}: Mixup and CutMix pair the images of a batch, so "
+                "give an even number, or turn them off (--model.mixup 0 --model.cutmix 0)"
+            )
         self.val_note = self.datamodule.check_labels(self.model.hparams.num_classes)
         self.model.hparams["label_names"] = self.datamodule.classes()  # what logit i is, as the run trains
         train, val = self.datamodule.evaluation_data()
