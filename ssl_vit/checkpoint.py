@@ -518,6 +518,7 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._sigterm_at_end = None  # Lightning's teardown puts it back, as the handler it found: now inert
         if isinstance(exception, KeyboardInterrupt):  # Ctrl-C may land mid-step: nothing is saved from it
             if training_over(trainer):
                 rank_zero_warn(
@@ -531,7 +532,6 @@ class RunCheckpoint(ModelCheckpoint):
                 f"newest checkpoint ({newest})"
             )
             return
-        self._sigterm_at_end = None  # Lightning's teardown puts it back, as the handler it found
         if not isinstance(exception, SIGTERMException) or self.dirpath is None:
             return
         exception.signum = signal.SIGINT if self.ctrl_c else signal.SIGTERM  # the command's exit status
