@@ -39,6 +39,7 @@ from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError, counted, first_few
 from ssl_vit.eval import Evaluator
 from ssl_vit.eval.encoders import (
+    export_record,
     load_evaluated_encoder,
     own_pooling,
     resolve_run_folder,
@@ -230,13 +231,7 @@ def evaluate(command: str, args: list[str]) -> None:
 def written_from(source: str) -> str:
     """The checkpoint an ssl-vit export was written from, where it still is (the run's own records
     lie beside it); ``source`` itself otherwise."""
-    config = Path(source) / "config.json"
-    if not config.is_file():
-        return source
-    try:
-        checkpoint = json.loads(config.read_text()).get("ssl_vit", {}).get("checkpoint")
-    except (ValueError, AttributeError):  # not an ssl-vit export's
-        return source
+    checkpoint = export_record(source).get("checkpoint")
     return checkpoint if checkpoint and Path(checkpoint).is_file() else source
 
 
@@ -398,7 +393,7 @@ def export(args: list[str]) -> None:
     given = Path(opts.checkpoint)
     if (given / "config.json").is_file():  # an export already: what it was written from is what to export
         run = given.parent if (given.parent / "checkpoints").is_dir() else None
-        written_from = json.loads((given / "config.json").read_text()).get("ssl_vit", {}).get("checkpoint")
+        written_from = export_record(given).get("checkpoint")
         source = run or written_from or "the run or .ckpt it was written from"
         raise UserError(
             f"{given} is an export folder, which holds no checkpoint; export {source} again: ssl-vit export {source} "

@@ -187,10 +187,7 @@ def run_data(source: str) -> tuple[str, str | None] | None:
     if path.is_dir() and (path.parent / "checkpoints").is_dir():  # <run>/export
         path = path.parent
     elif path.is_dir() and (path / "config.json").is_file():
-        try:
-            record = json.loads((path / "config.json").read_text()).get("ssl_vit", {})
-        except (ValueError, AttributeError):  # not JSON, or not an object: no ssl-vit export
-            return None
+        record = export_record(path)
         trained_on = record.get("trained_on")
         return (trained_on, (record.get("data") or {}).get("val_shards")) if trained_on else None
     path = Path(resolve_run_folder(str(path)))
@@ -199,6 +196,16 @@ def run_data(source: str) -> tuple[str, str | None] | None:
     ckpt = read_checkpoint(path, mmap=True)
     data = data_settings(ckpt)
     return (data["train_shards"], data.get("val_shards")) if ckpt.get(RUN_KEY, {}).get("train_shards") else None
+
+
+def export_record(folder: str | Path) -> dict[str, Any]:
+    """What an ``ssl-vit export`` folder records of its run (``config.json``'s ``ssl_vit``: the
+    checkpoint it was written from, the data, the results); {} for any other folder."""
+    try:
+        record = json.loads((Path(folder) / "config.json").read_text()).get("ssl_vit", {})
+    except (OSError, ValueError, AttributeError):  # none, not JSON, or not an object
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def own_pooling(encoder: FrozenEncoder) -> str:
