@@ -293,18 +293,20 @@ class NonFiniteGuard(L.Callback):
 BEFORE_ANY_UPDATE = "Before any update: the model as initialised; the next checks say whether training spreads it."
 
 
-def collapse_advice(step: int, total: int, uniform: bool, init_from: str | None, objective_advice: str) -> str:
-    """What a collapse warning at ``step`` of ``total`` advises. Before any update no setting has
-    acted yet, nor has one when a teacher is uniform within the run's first tenth: the cause is the
-    weights it starts from, or the data as a freshly initialised encoder sees it. Later, the
-    objective's own ``objective_advice``."""
+def collapse_advice(
+    step: int, since: int, total: int, uniform: bool, init_from: str | None, objective_advice: str
+) -> str:
+    """What a collapse warning at ``step`` of ``total``, of a collapse that began at ``since``,
+    advises. Before any update no setting has acted yet, nor has one when a teacher went uniform
+    within the run's first tenth (and stays so): the cause is the weights it starts from, or the
+    data as a freshly initialised encoder sees it. Otherwise, the objective's ``objective_advice``."""
     if step == 0 and init_from:
         return (
             f"Before any update: the weights it starts from ({init_from}) do this already; a run that ended so "
             "passes it on."
         )
-    if uniform and step <= total // 10:
-        when = "Before any update" if step == 0 else "Within the run's first tenth"
+    if uniform and since <= total // 10:
+        when = "Before any update" if step == 0 else f"Uniform since step {since}, within the run's first tenth"
         return (
             f"{when}: the freshly initialised encoder tells these images little apart (small grey images do this "
             "most), and this objective only sharpens what its teacher tells apart, as DINO's own code does; the "

@@ -406,6 +406,7 @@ class SSLMethod(L.LightningModule):
         total = int(trainer.estimated_stepping_batches) if trainer is not None else 1
         step = self.global_step
         if watch.update(step, collapsed=spread < watch.threshold or uniform, repeat_every=max(every, total // 10)):
-            advice = collapse_advice(step, total, uniform, self.hparams.get("init_from"), self.collapse_advice)
+            init_from = self.hparams.get("init_from")
+            advice = collapse_advice(step, watch.since, total, uniform, init_from, self.collapse_advice)
             rank_zero_warn(watch.warning(type(self).__name__, step, spread, uniform, advice))
         self.log("train/collapsed_steps", float(watch.collapsed_steps))
