@@ -275,8 +275,7 @@ def zeroshot(args: list[str]) -> None:
         Console(stderr=True, soft_wrap=True).print(f"warning: {opts.val_shards} holds {seen}")
     if torch.cuda.is_available():
         model = model.cuda()
-    patch = model.encoder.patch_size if hasattr(model, "encoder") else model.patch_size  # CLIP's, an open_clip folder's
-    size = whole_patches(opts.image_size or image_size, patch, image_size)
+    size = whole_patches(opts.image_size or image_size, model.patch_size, image_size)
     settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": size}
     settings = with_files(settings | {"batch_size": opts.batch_size, "num_workers": opts.num_workers})
     start = time.perf_counter()
@@ -419,7 +418,8 @@ def export(args: list[str]) -> None:
         return
     # An ONNX model made for the replaced export need not describe this one: --overwrite drops it; say so.
     replaced_onnx = [name for name in ONNX_FILES if opts.overwrite and (Path(opts.out) / name).is_file()]
-    objective = objective_name(read_checkpoint(checkpoint))
+    ckpt = read_checkpoint(checkpoint)
+    objective = objective_name(ckpt)
     if objective == FINE_TUNING:
         if opts.format != "timm" or opts.role:
             raise UserError(
@@ -431,7 +431,7 @@ def export(args: list[str]) -> None:
         if opts.role not in (None, "student"):  # the teacher is not in the checkpoint: it is its own folder
             raise UserError(
                 f"a distillation run's checkpoint holds its student only (--role student); the teacher is "
-                f"{read_checkpoint(checkpoint)['hyper_parameters'].get('teacher')}, which is exported already"
+                f"{ckpt['hyper_parameters'].get('teacher')}, which is exported already"
             )
         out = export_student(checkpoint, opts.out, overwrite=opts.overwrite, onnx=onnx)
     else:

@@ -159,13 +159,13 @@ class EvaluationCallback(Evaluator, Periodic):
         if the caller has it already."""
         if not self.baseline:
             return
+        now = self.protocol()
         if self.baseline_data and self.baseline_data != (files or self.evaluated_data()):
             why = (
                 f"the evaluation data ({self.train_shards}, {self.val_shards}) changed since the step-0 evaluation "
                 "(images added, removed or rewritten)"
             )
-        elif self.baseline_protocol is not None and self.baseline_protocol != self.protocol():
-            now = self.protocol()
+        elif self.baseline_protocol is not None and self.baseline_protocol != now:
             changed = [f"{k} {v} -> {now.get(k)}" for k, v in self.baseline_protocol.items() if now.get(k) != v]
             why = f"the evaluation settings changed since the step-0 evaluation ({'; '.join(changed)})"
         else:

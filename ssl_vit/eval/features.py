@@ -195,16 +195,16 @@ def architecture(module: nn.Module) -> list[Any]:
     """What a module computes besides its weights' names and shapes: each submodule's class and
     plain settings (a ViT's attention heads, a norm's epsilon), which weights of the same shapes
     share across architectures."""
-    plain = (int, float, bool, str, tuple, type(None))
     return [
-        [name, type(sub).__name__, sorted((k, repr(v)) for k, v in vars(sub).items() if _is_setting(k, v, plain))]
+        [name, type(sub).__name__, sorted((k, repr(v)) for k, v in vars(sub).items() if _is_setting(k, v))]
         for name, sub in module.named_modules()
     ]
 
 
-def _is_setting(name: str, value: Any, plain: tuple[type, ...]) -> bool:
+def _is_setting(name: str, value: Any) -> bool:
     # training (the mode) and fused_attn (how attention runs, not what it computes) change no feature
-    return isinstance(value, plain) and not name.startswith("_") and name not in ("training", "fused_attn")
+    plain = isinstance(value, (int, float, bool, str, tuple, type(None)))
+    return plain and not name.startswith("_") and name not in ("training", "fused_attn")
 
 
 def save_features(path: str | Path, features: FeatureSet) -> None:

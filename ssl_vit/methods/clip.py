@@ -124,6 +124,11 @@ class CLIP(SSLMethod):
         self.logit_scale = nn.Parameter(torch.tensor(init_logit_scale))
         self.caption_tokens = CaptionTokens(context_length)  # what the data module reads captions with
 
+    @property
+    def patch_size(self) -> int:
+        """The image tower's patches, in pixels (an open_clip folder's ``patch_size`` too)."""
+        return self.encoder.patch_size
+
     def embed_images(self, images: Tensor) -> Tensor:
         pooled = self.encoder.vit.forward_head(self.encoder(images).tokens, pre_logits=True)
         return F.normalize(pooled @ self.image_projection, dim=-1)
