@@ -8,6 +8,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -474,7 +475,12 @@ class RunCheckpoint(ModelCheckpoint):
             set_rng_states(rng)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RUN_KEY] = {"folder": str(Path(trainer.default_root_dir).resolve()), "weights_id": self.weights_id}
+        checkpoint[RUN_KEY] = {
+            "folder": str(Path(trainer.default_root_dir).resolve()),
+            "weights_id": self.weights_id,
+            # what the run set out to take, so that a card of its weights can say when it stopped short
+            "planned_steps": planned if math.isfinite(planned := trainer.estimated_stepping_batches) else None,
+        }
         given = {
             "train_shards": getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("train_shards"),
             "init_from": pl_module.hparams.get("init_from"),

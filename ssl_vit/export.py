@@ -250,7 +250,7 @@ def card(
         "",
         *about,
         *(started if init_from else []),
-        f"- optimiser steps: {record.get('step')}",
+        f"- optimiser steps: {record.get('step')}{stopped_short(record)}",
         *(f"- settings changed by a resume {change}" for change in record.get("settings_changed", [])),
         f"- training data: `{record.get('trained_on') or train}`{less}",  # where it was: the card is read elsewhere
         "",
@@ -268,6 +268,14 @@ def card(
         "",
     ]
     return "\n".join(lines)
+
+
+def stopped_short(record: dict[str, Any]) -> str:
+    """What a card adds to its step count when the run stopped before the steps it set out to take."""
+    step, planned = record.get("step"), record.get("planned_steps")
+    if step is None or planned is None or step >= planned:
+        return ""
+    return f" of the {planned} its run was set to take (it stopped before its end; the same command continues it)"
 
 
 def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None) -> TimmViT:
@@ -328,6 +336,7 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         "encoder_role": role,
         "checkpoint": str(checkpoint),
         "step": ckpt.get("global_step"),
+        "planned_steps": ckpt.get(RUN_KEY, {}).get("planned_steps"),
         "recipe": hparams,
         "data": ckpt.get("datamodule_hyper_parameters", {}),
         "trained_on": ckpt.get(RUN_KEY, {}).get("train_shards"),  # where the run found its data

@@ -408,14 +408,18 @@ class PicturesCallback(Periodic):
         self.num_images = num_images
         self.images: Tensor | None = None
         self.losses: list[tuple[int, float]] = []
+        # drawn too, so that a run shorter than the log interval has a curve
+        self.latest: tuple[int, Tensor] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         size = pl_module.evaluated_encoder.image_size
         self.images = held_images(self.shards or trainer.datamodule.evaluation_data()[1], size, self.num_images)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
-        if trainer.global_step % trainer.log_every_n_steps == 0 and outputs is not None:
-            self.losses.append((trainer.global_step, float(outputs["loss"])))
+        if outputs is not None:
+            self.latest = (trainer.global_step, outputs["loss"].detach())
+            if trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step == 1:
+                self.losses.append((trainer.global_step, float(outputs["loss"])))
         super().on_train_batch_end(trainer, pl_module, outputs, *args)
 
     def periodic(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -427,6 +431,8 @@ class PicturesCallback(Periodic):
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        if self.latest is not None and (not self.losses or self.losses[-1][0] < self.latest[0]):
+            self.losses.append((self.latest[0], float(self.latest[1])))
         title = f"{type(pl_module).__name__} training loss"
         save_picture(trainer, "loss", line_chart({"train/loss": self.losses}, title, y_label="loss"))
         if self.images is None:

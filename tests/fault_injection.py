@@ -459,14 +459,20 @@ def case_sigterm(work: Path) -> Outcome:
     term_step = STEPS_PER_EPOCH + 3
     stopped = pretrain(folder, "--config", config, *fault("KillAt", step=term_step, signal="SIGTERM"))
     saved_step, _ = last_state(folder)
+    ref_step, _ = uninterrupted(work)
+    # the stopped run's weights, exported: their card says that the run stopped short (it read as a finished run's)
+    early = export_encoder(folder / "run/checkpoints/last.ckpt", folder / "early-export")
+    said = f"optimiser steps: {term_step} of the {ref_step} its run was set to take"
+    short = said in (early / "README.md").read_text()
     again = pretrain_in_this_process(folder, "--config", config)
     step, _ = last_state(folder)
-    ref_step, _ = uninterrupted(work)
-    ok = stopped.returncode == 128 + signal.SIGTERM and saved_step == term_step and step == ref_step
+    short = short and "its run was set to take" not in (folder / "run/export/README.md").read_text()
+    ok = stopped.returncode == 128 + signal.SIGTERM and saved_step == term_step and step == ref_step and short
     ok = ok and "weights_only" not in stopped.stdout + stopped.stderr  # Lightning's line on a save not told what
     return Outcome(
-        f"save at step {term_step}, exit 143, resume to step {ref_step}",
-        f"rc {stopped.returncode}, saved step {saved_step}, resumed rc {again.returncode} to step {step}",
+        f"save at step {term_step}, exit 143, its card says it stopped short; resume to step {ref_step}",
+        f"rc {stopped.returncode}, saved step {saved_step}, card said so={short}, resumed rc {again.returncode} to "
+        f"step {step}",
         ok and again.returncode == 0,
         "none" if saved_step == term_step and checkpoints_intact(folder) else "yes",
     )

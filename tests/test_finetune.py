@@ -392,3 +392,11 @@ def test_a_view_of_another_size_than_the_weights_fine_tunes_at_the_views(exporte
 def test_fine_tuning_settings_out_of_range_are_one_line_before_any_work(setting, value, says):
     with pytest.raises(UserError, match=re.escape(says)):
         FineTune(num_classes=3, encoder=TINY_ENCODER, pretrained=False, **{setting: value})
+
+
+def test_the_classifier_size_is_the_data_views_and_asking_for_another_says_where_to_set_it(tmp_path):
+    # jsonargparse's own message for a linked key was "int | None is not callable"
+    recipe = str(ROOT / "recipes/quickstart/finetune.yaml")
+    result = in_this_process(tmp_path, "finetune", "--config", recipe, "--model.image_size=48")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "set --data.view.init_args.size N instead" in result.stderr

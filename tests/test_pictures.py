@@ -4,6 +4,7 @@ last block's softmax attention; the plots have titles, labelled axes, legends an
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -166,7 +167,9 @@ def test_the_callback_writes_each_picture_as_a_png(tmp_path, numbered_shards):
     shards, _ = numbered_shards
     factory, view = OBJECTIVES["mae"]
     pictures = PicturesCallback(shards=str(shards), num_images=2)
-    fit_briefly(factory(), view, steps=1, callbacks=[pictures], default_root_dir=str(tmp_path))
+    fit_briefly(factory(), view, steps=3, callbacks=[pictures], default_root_dir=str(tmp_path))
+    # a run shorter than the log interval has its first and last step drawn ("no data yet" before)
+    assert [step for step, _ in pictures.losses] == [1, 3] and all(math.isfinite(y) for _, y in pictures.losses)
     drawn = {p.name.split("-step=")[0]: p for p in (tmp_path / "pictures").glob("*.png")}
     assert set(drawn) == {"loss", "attention", "patch_pca", "reconstruction"}
     with Image.open(drawn["loss"]) as loss:

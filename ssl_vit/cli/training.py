@@ -846,6 +846,8 @@ def pretrain(args: list[str]) -> None:
 
 
 def finetune(args: list[str]) -> None:
+    if any(arg.split("=")[0] == "--model.image_size" for arg in args):  # linked: jsonargparse's message is unreadable
+        raise UserError("finetune takes model.image_size from the data view: set --data.view.init_args.size N instead")
     run(FineTuneCLI, FineTune, LabelledShardDataModule, args)
 
 

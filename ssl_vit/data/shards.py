@@ -135,7 +135,7 @@ def write_shards(
                         largest_mask_label = max(largest_mask_label, _largest_label(mask))
                 if caption is not None:
                     sample[CAPTION_MEMBER] = caption.encode() if isinstance(caption, str) else caption
-                    captions += 1
+                    captions += bool(sample[CAPTION_MEMBER].strip())  # the reader skips an empty one
                 sink.write(sample)
                 count += 1
         shards = sorted(p.name for p in folder.glob("shard-*.tar"))
@@ -356,7 +356,7 @@ def caption_table_samples(
     row; ``--csv-img-key filepath``, ``--csv-caption-key title``; paths relative to the table's
     folder unless absolute), unlabelled, in the table's order. The separator is a comma for
     ``.csv`` and a tab otherwise (open_clip's default), unless given. Every image is checked to
-    exist before anything is written; captions are written as given (the reader counts an empty one).
+    exist before anything is written; captions are written as given (the reader skips an empty one, uncounted here).
     Each image is recorded by its path in the folder that holds them all, as a folder's images are,
     so the table's shards and that folder hold out the same images, wherever the table was read from."""
     table = Path(table)
