@@ -50,7 +50,8 @@ def sinkhorn_knopp_teacher_probs(teacher_out: Tensor, teacher_temp: float, itera
     logits = teacher_out.float() / teacher_temp
     # exp of the logits less their global maximum: the same assignment, without overflow
     q = torch.exp(logits - max_over_ranks(logits.max())).t()  # (K, B)
-    k, total = q.shape[0], q.shape[1] * world()[1]
+    # samples over every rank: iBOT's masked patches differ in number from rank to rank
+    k, total = q.shape[0], sum_over_ranks(logits.new_tensor(q.shape[1]))
     q /= sum_over_ranks(q.sum())
     for _ in range(iterations):
         q /= sum_over_ranks(q.sum(dim=1, keepdim=True)) * k  # each prototype: 1/K of the mass

@@ -336,3 +336,23 @@ def test_the_teacher_momentum_can_be_held_as_the_high_resolution_stage():
         attach_trainer(method, step=0)
     assert [held.ema_momentum(s) for s in (0, 500, 999)] == pytest.approx([0.999] * 3)
     assert default.ema_momentum(0) == pytest.approx(0.999) and default.ema_momentum(1000) == pytest.approx(1.0)
+
+
+def test_the_ema_teacher_runs_in_eval_mode_so_its_targets_carry_no_rope_jitter():
+    """ssl_meta_arch's teacher.eval(): DINOv3's RoPE coordinate rescaling (``rope_rescale_coords``,
+    2 in every ImageNet recipe) is a training-mode augmentation of the student only."""
+    torch.manual_seed(0)
+    method = DINOv3({**TINY_ROPE_ENCODER, "rope_rescale_coords": 2.0}, gram_start=0.5, **HEAD)
+    modes = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, module, *args):
+            modes.append((module.encoder.training, module.teacher_encoder.training, module.teacher_head.training))
+
+    fit_briefly(method, "multicrop", steps=2, callbacks=[Modes()])
+    assert modes == [(True, False, False)] * 2
+    method.train()  # as the pictures and evaluation callbacks put it back after their own eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(method.encoder(x).cls, method.encoder(x).cls)  # the student's positions jitter
+        torch.testing.assert_close(method.teacher_encoder(x).cls, method.teacher_encoder(x).cls, rtol=0, atol=0)

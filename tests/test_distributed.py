@@ -30,6 +30,8 @@ def _rank_main(rank, init_file, inputs, out_dir):
     result = _losses_and_grads(local["z1"], local["z2"], local["q"], local["k"])
     result["center"] = mean_over_ranks(local["t"].mean(0, keepdim=True))
     result["sinkhorn"] = sinkhorn_knopp_teacher_probs(local["t"], 0.1)
+    # iBOT's masked patches: another number on each rank (3 and 5 of the 8)
+    result["sinkhorn_uneven"] = sinkhorn_knopp_teacher_probs(inputs["t"][:3] if rank == 0 else inputs["t"][3:], 0.1)
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -49,3 +51,5 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
     # Sinkhorn-Knopp balances the prototypes over the global batch: each rank's rows are the whole batch's
     sinkhorn = torch.cat([r["sinkhorn"] for r in ranks])
     torch.testing.assert_close(sinkhorn, sinkhorn_knopp_teacher_probs(inputs["t"], 0.1))
+    uneven = torch.cat([r["sinkhorn_uneven"] for r in ranks])
+    torch.testing.assert_close(uneven, sinkhorn_knopp_teacher_probs(inputs["t"], 0.1))

@@ -68,9 +68,10 @@ class SSLMethod(L.LightningModule):
     #: Set (by the command line) when a checkpoint is to be restored over the initial weights:
     #: Lightning restores it only after ``setup``, which would otherwise read ``init_from`` first.
     restoring = False
-    #: Module paths of frozen, already-trained networks (a distillation teacher): kept in eval mode
-    #: (dropout, drop path and BatchNorm statistics as in inference) whatever mode the rest is in.
-    frozen_modules: ClassVar[tuple[str, ...]] = ()
+    #: Module paths kept in eval mode (dropout, drop path, BatchNorm statistics and RoPE coordinates
+    #: as in inference) whatever mode the rest is in: a distillation's frozen teacher, and the EMA
+    #: teachers that the official code runs in eval mode (DINOv2's and DINOv3's).
+    eval_mode_modules: ClassVar[tuple[str, ...]] = ()
     #: What the collapse warnings tell the user to check.
     collapse_advice: ClassVar[str] = "Check the learning rate, temperatures and augmentations."
     #: EMA followers: module path -> the module path it follows (DINO's teacher, MoCo v3's momentum encoder).
@@ -121,20 +122,19 @@ class SSLMethod(L.LightningModule):
         self.resumed = False
         self.checkpoint_loss: float | None = None  # the last step's loss as the resumed checkpoint saved it
 
-    def freeze_modes(self) -> None:
-        """The frozen modules back in eval mode."""
-        for path in self.frozen_modules:
+    def restore_eval_modes(self) -> None:
+        for path in self.eval_mode_modules:
             self.get_submodule(path).eval()
 
     def train(self, mode: bool = True) -> SSLMethod:
         super().train(mode)
-        self.freeze_modes()
+        self.restore_eval_modes()
         return self
 
     def on_fit_start(self) -> None:
-        if self.frozen_modules:  # Lightning warns of modules in eval mode: these are, as meant
+        if self.eval_mode_modules:  # Lightning warns of modules in eval mode: these are, as meant
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-        self.freeze_modes()  # before Lightning records the modes it restores during the fit
+        self.restore_eval_modes()  # before Lightning records the modes it restores during the fit
 
     def build_encoder(self, config: dict[str, Any]) -> nn.Module:
         """The trained encoder from its recipe settings: a ViT (distillation builds any timm model)."""

@@ -150,6 +150,8 @@ class DINOv2(DINO):
             )
             self.teacher_ibot_head = frozen_copy(self.ibot_head)
             self.ema_targets = {**DINO.ema_targets, "teacher_ibot_head": "ibot_head"}
+        # ssl_meta_arch's teacher.eval(): its targets without DINOv3's RoPE coordinate jitter, dropout or drop path
+        self.eval_mode_modules = tuple(dict.fromkeys((*self.eval_mode_modules, *self.ema_targets)))
         self.register_buffer("patch_center", torch.zeros(1, ibot_out_dim if ibot_separate_head else out_dim))
         self._patch_means: list[Tensor] = []
 

@@ -50,7 +50,7 @@ class DINOv3(DINOv2):
             stage's schedule (``dinov3_vit7b16_high_res_adapt.yaml``: 0 -> 1.25e-5 over 10 epochs).
     """
 
-    frozen_modules: ClassVar[tuple[str, ...]] = ("gram_teacher",)
+    eval_mode_modules: ClassVar[tuple[str, ...]] = ("gram_teacher",)
 
     def __init__(
         self,

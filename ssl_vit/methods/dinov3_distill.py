@@ -42,7 +42,7 @@ class DINOv3Distill(DINOv2):
     """
 
     encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
-    frozen_modules = ("teacher_encoder", "teacher_head", "teacher_ibot_head")
+    eval_mode_modules = ("teacher_encoder", "teacher_head", "teacher_ibot_head")
 
     def __init__(
         self,

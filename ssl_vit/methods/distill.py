@@ -70,7 +70,7 @@ class Distill(SSLMethod):
 
     #: FD's runs (``configs/pretrain/fd_pretrain__*_300ep.yaml``, README): 300 epochs, 16 GPUs x 128.
     paper_run = PaperRun(epochs=300, steps_per_epoch=1281167 // 2048)
-    frozen_modules = ("teacher",)
+    eval_mode_modules = ("teacher",)
     encoders: ClassVar[dict[str, str]] = {"student": "encoder"}
     collapse_advice = "Check the learning rate, and the teacher's own features (ssl-vit knn TEACHER)."
     #: ``main_fd.py`` L249-251: lr, warm-up lr and minimum lr x global batch / 512.
