@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -29,7 +30,7 @@ from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError
 from ssl_vit.eval.image_text import class_embeddings, evaluate_image_text, retrieval_recall, zero_shot_accuracy
 from ssl_vit.methods import CLIP
-from ssl_vit.methods.clip import CaptionTokens, open_clip_folder_contents
+from ssl_vit.methods.clip import CaptionTokens, open_clip_folder_contents, open_clip_vision
 from tests.conftest import TINY_ENCODER
 from tests.fault_injection import (
     KNN_AT_BOTH_ENDS,
@@ -112,13 +113,50 @@ def test_open_clips_decay_exemptions_and_optimiser_settings():
     optimizer = method.configure_optimizers()
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {name for name, p in method.named_parameters() if id(p) in decayed}
-    # open_clip's exclude: p.ndim < 2 or "bn"/"ln"/"bias" in the name or logit_scale
+    # open_clip_train's make_wd_exclude: any 1-D parameter (norms, biases, logit_scale), and the names
+    # each tower's no_weight_decay() gives (timm's ViT as open_clip's timm image tower declares them)
+    declared = {f"text.{n}" for n in method.text.no_weight_decay()}
+    declared |= {f"encoder.vit.{n}" for n in method.encoder.vit.no_weight_decay()}
     for name, p in method.named_parameters():
-        excluded = p.ndim < 2 or "bias" in name or "logit_scale" in name or name == "encoder.vit.cls_token"
-        assert (name not in names) == excluded, name
-    assert {"image_projection", "text.token_embedding.weight", "text.positional_embedding"} <= names
+        assert (name not in names) == (p.ndim <= 1 or name in declared), name
+    assert {"encoder.vit.pos_embed", "encoder.vit.cls_token", "text.positional_embedding"} <= declared
+    assert {"image_projection", "text.token_embedding.weight", "encoder.vit.blocks.0.attn.qkv.weight"} <= names
     assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-6 for g in optimizer.param_groups)
     assert method.lr_batch_scale(32768) == method.lr_batch_scale(64) == 1.0  # --lr is the lr at any batch
+
+
+def test_the_image_tower_starts_as_open_clips_vision_transformer_does():
+    """open_clip's VisionTransformer: class and position embeddings drawn at width^-0.5, attention as
+    nn.MultiheadAttention initialises it (Xavier-uniform qkv, zero biases), the rest PyTorch's
+    defaults; compared by each weight's spread with open_clip's own module of the same shape."""
+    width, depth = 384, 1  # a class embedding of 384 draws: its spread known to 4%
+    encoder = {**TINY_ENCODER, "name": "vit_base_patch32_clip_224", "embed_dim": width, "depth": depth}
+    torch.manual_seed(0)
+    method = CLIP(encoder, **TINY_TEXT)
+    ours = open_clip_vision(method.encoder.vit, method.image_projection)[1]
+    theirs = open_clip.transformer.VisionTransformer(32, 4, width, depth, 2, 4.0, output_dim=16).state_dict()
+    for name, tensor in theirs.items():
+        mine = ours[f"visual.{name}"]
+        if tensor.std() == 0:  # zero biases, LayerNorms
+            torch.testing.assert_close(mine, tensor, msg=name)
+        else:  # timm's own draws (0.02, CLS 1e-6) are 1.3 to 90000 times off
+            assert 0.85 < mine.std() / tensor.std() < 1.15, (name, float(mine.std()), float(tensor.std()))
+
+
+def test_the_lr_warms_up_as_open_clips_counting_the_step_being_taken():
+    """open_clip_train/scheduler.py cosine_lr: base x (step + 1) / W while step < W, then
+    0.5 x (1 + cos(pi x (step - W) / (steps - W))) x base."""
+    base, warmup, total = 5e-4, 20, 100
+    method = CLIP(TINY_ENCODER, **TINY_TEXT, base_lr=base, warmup_epochs=2, scale_to_run=False)
+    for step in (0, 1, 10, 18, 19, 20, 21, 60, 99):
+        method._trainer = SimpleNamespace(
+            num_training_batches=10, accumulate_grad_batches=1, estimated_stepping_batches=total, world_size=1
+        )
+        if step < warmup:
+            expected = base * (step + 1) / warmup
+        else:
+            expected = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) * base
+        assert method.learning_rate(step, per_device_batch=4) == pytest.approx(expected, rel=1e-12), step
 
 
 def test_a_short_run_trains_both_towers_and_keeps_the_scale_in_bounds():

@@ -261,13 +261,16 @@ class SSLMethod(L.LightningModule):
             return 1.0
         return math.sqrt(ratio) if self.lr_batch_rule == "sqrt" else ratio
 
+    def warmup_steps(self) -> int:
+        return round(self.run_epochs(self.warmup_epochs) * self.steps_per_epoch())
+
     def learning_rate(self, step: int, per_device_batch: int) -> float:
         scale = self.lr_batch_scale(self.global_batch_size(per_device_batch))
         bounds_scale = scale if self.lr_bounds_scale_with_batch else 1.0
         return warmup_cosine(
             step,
             total_steps=int(self.trainer.estimated_stepping_batches),
-            warmup_steps=round(self.run_epochs(self.warmup_epochs) * self.steps_per_epoch()),
+            warmup_steps=self.warmup_steps(),
             peak=self.base_lr * scale,
             final=self.min_lr * bounds_scale,
             start=self.warmup_lr * bounds_scale,

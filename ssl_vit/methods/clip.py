@@ -111,6 +111,7 @@ class CLIP(SSLMethod):
             encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, scale_to_run=scale_to_run
         )
         width = self.encoder.embed_dim
+        initialise_as_open_clip(self.encoder.vit)
         # open_clip's VisionTransformer.proj: a (width, embed_dim) matrix drawn at width^-0.5
         self.image_projection = nn.Parameter(width**-0.5 * torch.randn(width, embed_dim))
         self.text = TextTransformer(
@@ -151,11 +152,18 @@ class CLIP(SSLMethod):
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.hparams.max_logit_scale)
 
+    def learning_rate(self, step: int, per_device_batch: int) -> float:
+        # open_clip's warm-up counts the step being taken (``_warmup_lr``: lr x (step + 1) / W);
+        # its cosine starts at step W, as the base's does
+        taken = step + 1 if step < self.warmup_steps() else step
+        return super().learning_rate(taken, per_device_batch)
+
     def decays(self, name: str, param: nn.Parameter) -> bool:
-        """open_clip's ``exclude``: no decay for 1-D parameters (norms, biases, its 1-D class
-        embedding, which is timm's (1, 1, D) CLS token here) and the logit scale; the token and
-        position embeddings and projections decay."""
-        return super().decays(name, param) and name != "encoder.vit.cls_token"
+        """open_clip's ``make_wd_exclude``: no decay for 1-D parameters (norms, biases, the logit
+        scale) nor for the names the towers' ``no_weight_decay()`` give: the class embedding
+        (timm's (1, 1, D) CLS token here) and both towers' position embeddings. The token
+        embedding and the projections decay."""
+        return super().decays(name, param) and name not in NOT_DECAYED
 
 
 def clip_from_checkpoint(ckpt: dict[str, Any], checkpoint: str | Path) -> CLIP:
@@ -175,6 +183,34 @@ OPEN_CLIP_FOLDER = OutputKind(
     required=("open_clip_config.json", "open_clip_model.safetensors"),
     record="open_clip_config.json",
 )
+
+
+#: What open_clip's towers exclude from weight decay by name (``no_weight_decay()``), as ssl-vit names them.
+NOT_DECAYED = ("encoder.vit.cls_token", "encoder.vit.pos_embed", "text.positional_embedding")
+
+
+@torch.no_grad()
+def initialise_as_open_clip(vit: VisionTransformer) -> None:
+    """timm's ViT drawn as open_clip's ``VisionTransformer`` is: class and position embeddings at
+    width^-0.5, attention's qkv Xavier-uniform with zero biases, its output projection PyTorch's
+    default with a zero bias (``nn.MultiheadAttention``'s initialisation), the MLP and the patch
+    convolution PyTorch's defaults (its ``init_parameters`` draws nothing else)."""
+    if type(vit) is not VisionTransformer:  # an image tower open_clip has no ViT of (RoPE): its own initialisation
+        return
+    scale = vit.embed_dim**-0.5
+    vit.cls_token.normal_(std=scale)
+    vit.pos_embed.normal_(std=scale)
+    vit.patch_embed.proj.reset_parameters()
+    if vit.patch_embed.proj.bias is not None:  # open_clip's patch convolution has none
+        vit.patch_embed.proj.bias.zero_()
+    for block in vit.blocks:
+        nn.init.xavier_uniform_(block.attn.qkv.weight)
+        block.attn.proj.reset_parameters()
+        for linear in (block.attn.qkv, block.attn.proj):
+            if linear.bias is not None:
+                linear.bias.zero_()
+        block.mlp.fc1.reset_parameters()
+        block.mlp.fc2.reset_parameters()
 
 
 def open_clip_vision(vit: nn.Module, projection: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
