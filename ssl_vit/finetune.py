@@ -284,6 +284,8 @@ class FineTune(L.LightningModule):
             missing, unexpected = self.model.load_state_dict(encoder_state_dict(path, self.model), strict=False)
         except RuntimeError as err:
             raise UserError(f"model.init_from {path} does not fit the classifier: {last_line(err)}") from err
+        if "head.weight" in missing:  # main_finetune.py: the new classifier starts near zero, at std 2e-5
+            nn.init.trunc_normal_(self.model.head.weight, std=2e-5)
         missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
         unexpected = [k for k in unexpected if not k.startswith("norm.")]
         if missing or unexpected:

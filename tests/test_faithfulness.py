@@ -212,6 +212,10 @@ def test_simmim_lr_schedule_scales_peak_warmup_start_and_minimum_by_batch_over_5
     assert method.learning_rate(10, batch) == pytest.approx(warm + 10 * (base - warm) / 20)
     assert method.learning_rate(20, batch) == pytest.approx(base)
     assert method.learning_rate(100, batch) == pytest.approx(low)
+    # main_simmim.py steps the scheduler after each update: updates 0 and 1 both take the start, update k lr(k - 1)
+    for global_step, scheduled in ((0, 0), (1, 0), (2, 1), (57, 56)):
+        trainer.global_step = global_step
+        assert method.schedule_step() == scheduled
 
 
 def test_simmim_clips_the_global_gradient_norm():

@@ -43,6 +43,8 @@ def test_the_pretrained_encoder_arrives_whole(exported):
         if not name.startswith("norm."):  # MAE's fine-tuning replaces the final norm by fc-norm
             torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
     assert model.global_pool == "avg" and model.head.out_features == 7
+    # main_finetune.py's trunc_normal_(model.head.weight, std=2e-5) after loading (timm draws it at 0.02)
+    assert 1.5e-5 < model.head.weight.std() < 2.5e-5
     random = FineTune(num_classes=7, init_from=str(exported), pretrained=False).model
     assert not torch.equal(random.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 

@@ -87,7 +87,8 @@ class SSLMethod(L.LightningModule):
     adam_eps: ClassVar[float] = 1e-8
     #: SimMIM scales its warm-up start and minimum lr by the batch too; the others take them as they are.
     lr_bounds_scale_with_batch: ClassVar[bool] = False
-    #: I-JEPA's schedulers step before each update, so update k uses their value at k + 1.
+    #: I-JEPA's schedulers step before each update, so update k uses their value at k + 1;
+    #: SimMIM's after it, so update k uses k - 1 (and update 0 the start).
     schedule_step_offset: ClassVar[int] = 0
     #: The lr's rise to its peak: linear, or a half-cosine (DINOv3's high-resolution stage sets it).
     lr_warmup_shape: Literal["linear", "cosine"] = "linear"
@@ -353,7 +354,7 @@ class SSLMethod(L.LightningModule):
         _, labels = batch
         if self.resumed or self.global_batch is None:
             self.check_global_batch(len(labels))
-        step = self.global_step + self.schedule_step_offset
+        step = self.schedule_step()
         lr = self.learning_rate(step, per_device_batch=len(labels))
         wd = self.weight_decay
         if self.weight_decay_end is not None:
@@ -364,6 +365,10 @@ class SSLMethod(L.LightningModule):
             if group["weight_decay"]:  # only the decayed groups follow the schedule
                 group["weight_decay"] = wd
         self.log("train/lr", lr, prog_bar=True)
+
+    def schedule_step(self) -> int:
+        """The step of the lr and weight-decay schedules that this optimiser step takes."""
+        return max(0, self.global_step + self.schedule_step_offset)
 
     def pictures(self, images: Tensor) -> dict[str, list[Tensor]]:
         """Named picture grids of what the objective does to ``images`` (normalised, (B, 3, H, W)),

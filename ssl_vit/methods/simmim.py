@@ -41,6 +41,7 @@ class SimMIM(SSLMethod):
 
     lr_batch_divisor: ClassVar[int] = 512
     lr_bounds_scale_with_batch: ClassVar[bool] = True
+    schedule_step_offset: ClassVar[int] = -1  # main_simmim.py: step_update(idx) after optimizer.step()
     # SimMIM never trains the CLS token: its features (evaluated and exported) are the mean of the
     # patch tokens after the final norm (timm's "avg" pooling, without moving the norm after it).
     encoder_defaults: ClassVar[dict[str, Any]] = {"init_values": 0.1, "global_pool": "avg", "fc_norm": False}
