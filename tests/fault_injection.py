@@ -43,13 +43,19 @@ STEPS_PER_EPOCH, EPOCHS = 8, 3  # 128 samples / batch 16
 
 
 class KillAt(L.Callback):
-    """Sends this process ``signal`` right after optimiser step ``step``."""
+    """Sends this process ``signal`` right after optimiser step ``step`` (to the process group as a
+    step ``step`` begins, for "SIGTERM to the group")."""
 
     def __init__(self, step: int, signal: str = "SIGKILL") -> None:
         self.step, self.signal = step, signal
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        # as `timeout` and Slurm's scancel send it: to the loader workers too, at any moment of a step
+        if self.signal == "SIGTERM to the group" and trainer.global_step == self.step - 1:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.signal != "SIGTERM to the group":
             if self.signal == "SIGINT":  # as a terminal sends Ctrl-C: to the loader workers too
                 os.killpg(os.getpgrp(), signal.SIGINT)
             else:
@@ -454,10 +460,13 @@ def case_project_moved(work: Path) -> Outcome:
 
 
 def case_sigterm(work: Path) -> Outcome:
-    """A scheduler's SIGTERM: last.ckpt is saved after the step in flight, the exit code says so."""
+    """A scheduler's SIGTERM, to the process group as `timeout` and Slurm's scancel send it: last.ckpt
+    is saved after the step in flight, the exit code says so. (Before, the loader worker died of it
+    and the run ended in a traceback, unsaved.)"""
     folder, config = new_run(work, "sigterm")
     term_step = STEPS_PER_EPOCH + 3
-    stopped = pretrain(folder, "--config", config, *fault("KillAt", step=term_step, signal="SIGTERM"))
+    group = "SIGTERM to the group"
+    stopped = pretrain(folder, "--config", config, *fault("KillAt", step=term_step, signal=group), terminal=True)
     saved_step, _ = last_state(folder)
     ref_step, _ = uninterrupted(work)
     # the stopped run's weights, exported: their card says that the run stopped short (it read as a finished run's)

@@ -306,13 +306,15 @@ def test_mae_view_output():
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
 
-def test_a_loader_worker_leaves_ctrl_c_to_the_training_process(tmp_path):
-    """At a terminal, Ctrl-C reaches the loader workers too; the training process ends its step
-    and saves, so a worker that died of it would fail that step ("worker exited unexpectedly")."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_loader_worker_leaves_ctrl_c_and_sigterm_to_the_training_process(tmp_path, signum):
+    """At a terminal, Ctrl-C reaches the loader workers too, as does a SIGTERM that `timeout` or
+    Slurm's scancel sends to the process group; the training process ends its step and saves, so a
+    worker that died of it would fail that step ("worker ... is killed by signal: Terminated")."""
     samples = (("png", png_bytes(img), None) for img in random_images(64, size=16, seed=0))
     write_shards(samples, tmp_path / "shards", classes=[], source="test", samples_per_shard=64)
     urls, _ = resolve_shards(str(tmp_path / "shards"))
     batches = iter(DataLoader(ShardDataset(urls, as_array, shuffle_shards=False), batch_size=2, num_workers=1))
     next(batches)
-    os.kill(batches._workers[0].pid, signal.SIGINT)
+    os.kill(batches._workers[0].pid, signum)
     assert len(list(batches)) == 31

@@ -339,8 +339,11 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         info = get_worker_info()
-        if info is not None:  # Ctrl-C at a terminal is the main process's: it ends its step, which reads this worker
+        if info is not None:
+            # Ctrl-C at a terminal, and a SIGTERM to the process group (timeout, Slurm's scancel), are the
+            # main process's: it ends its step, which reads this worker, saves it and stops the workers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         role = (worker + self.start_batch) % num_workers
         reader = f"{self.seed}:{self.epoch}:{self.rank}:{role}"
