@@ -230,17 +230,17 @@ LOCATED = {"train_shards": "train_files", "init_from": "init_files"}
 
 
 def located(key: str, spec: str) -> str:
-    """Where ``spec``, the run's ``train_shards`` or ``init_from``, points; timm's names as written."""
+    """Where ``spec``, the run's ``train_shards``, ``val_shards`` or ``init_from``, points; timm's names as written."""
     return spec if key == "init_from" and spec.startswith("timm:") else data_location(spec)
 
 
 def data_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's data settings, with its ``train_shards`` where the run found them (made
-    absolute as it saved), not as its command line wrote them: relative to a folder that a later
-    command, run from elsewhere, is not in."""
+    """A checkpoint's data settings, with its ``train_shards`` and ``val_shards`` where the run
+    found them (made absolute as it saved), not as its command line wrote them: relative to a
+    folder that a later command, run from elsewhere, is not in."""
     data = dict(ckpt.get("datamodule_hyper_parameters", {}))
-    found = ckpt.get(RUN_KEY, {}).get("train_shards")
-    return data | {"train_shards": found} if found else data
+    run = ckpt.get(RUN_KEY, {})
+    return data | {key: run[key] for key in ("train_shards", "val_shards") if run.get(key)}
 
 
 def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> str | None:
@@ -481,13 +481,15 @@ class RunCheckpoint(ModelCheckpoint):
             # what the run set out to take, so that a card of its weights can say when it stopped short
             "planned_steps": planned if math.isfinite(planned := trainer.estimated_stepping_batches) else None,
         }
+        data = getattr(getattr(trainer, "datamodule", None), "hparams", {})
         given = {
-            "train_shards": getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("train_shards"),
+            "train_shards": data.get("train_shards"),
+            "val_shards": data.get("val_shards"),
             "init_from": pl_module.hparams.get("init_from"),
         }
         checkpoint[RUN_KEY] |= {key: located(key, spec) for key, spec in given.items() if isinstance(spec, str)}
         for key, spec in given.items():  # the same files, moved, are the same data and weights
-            if not isinstance(spec, str) or is_remote(spec) or spec.startswith("timm:"):
+            if key not in LOCATED or not isinstance(spec, str) or is_remote(spec) or spec.startswith("timm:"):
                 continue
             if key not in self._fingerprints:  # once a run: it stats every file
                 try:

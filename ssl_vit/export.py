@@ -338,7 +338,7 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         "step": ckpt.get("global_step"),
         "planned_steps": ckpt.get(RUN_KEY, {}).get("planned_steps"),
         "recipe": hparams,
-        "data": ckpt.get("datamodule_hyper_parameters", {}),
+        "data": data_settings(ckpt),  # where the run found its data, whatever folder this is run from
         "trained_on": ckpt.get(RUN_KEY, {}).get("train_shards"),  # where the run found its data
     }
     # the recipe settings its resumes changed (RunCheckpoint's state), which "recipe" holds only as they ended

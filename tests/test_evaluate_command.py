@@ -17,9 +17,11 @@ from ssl_vit.checkpoint import RUN_KEY
 from ssl_vit.cli import main
 from ssl_vit.data import write_shards
 from ssl_vit.data.shards import resolve_shards
+from ssl_vit.eval.encoders import export_record
 from ssl_vit.eval.report import settings_tag
 from ssl_vit.export import export_encoder
 from tests.conftest import OBJECTIVES, fit_briefly
+from tests.fault_injection import in_this_process, recipe, write_tiny_shards
 from tests.test_own_data import image_folder
 from tests.test_segmentation import colour_region_sample, region_shards  # shards with label maps
 
@@ -303,3 +305,19 @@ def test_an_out_that_is_a_file_stops_before_any_work(capsys, run, tmp_path):
             ]
         )
     assert stopped.value.code == 2 and "is a file; give a folder for the cached features" in capsys.readouterr().err
+
+
+def test_a_run_given_relative_data_is_evaluated_on_its_own_data_from_any_folder(tmp_path):
+    """`--data.val_shards val` was recorded as typed: from another folder holding a `val` of its
+    own, `ssl-vit knn RUN` and the export's provenance read that one (51.1 where the run read 73.3)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, seed in ((a, 0), (b, 1)):
+        write_tiny_shards(folder / "train", seed=seed)
+        write_tiny_shards(folder / "val", seed=seed + 10)
+    recipe(a, Path("train"), **{"data.val_shards": "val", "trainer.max_epochs": 1})
+    trained = in_this_process(a, "pretrain", "--config", "recipe.yaml", "--trainer.default_root_dir", "run")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert export_record(str(a / "run/export"))["data"]["val_shards"] == str(a / "val")
+    scored = in_this_process(b, "knn", str(a / "run"), "--knn_ks", "[5]", "--num_workers", "0")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert f"scored on {a / 'val'}, neighbours from {a / 'train'}" in scored.stdout

@@ -386,7 +386,9 @@ def test_a_resume_names_the_settings_changed_since_its_checkpoint():
 def test_a_checkpoint_is_saved_though_its_data_is_gone(tmp_path):
     """The data's fingerprint is read at the first save; data moved away mid-run must not stop it."""
     trainer = SimpleNamespace(
-        default_root_dir=str(tmp_path), datamodule=SimpleNamespace(hparams={"train_shards": "gone"})
+        default_root_dir=str(tmp_path),
+        datamodule=SimpleNamespace(hparams={"train_shards": "gone"}),
+        estimated_stepping_batches=10,
     )
     checkpoint, model = {}, SimpleNamespace(hparams={"init_from": "gone/export"})
     RunCheckpoint(dirpath=tmp_path).on_save_checkpoint(trainer, model, checkpoint)
