@@ -649,12 +649,21 @@ def checkpoint_encoder(ckpt: dict[str, Any], path: str | Path, role: str | None 
 
 
 def ending_summary(checkpoint: Path) -> dict[str, Any] | None:
-    """The ``summary.json`` of the run that ``checkpoint`` ends, when it names that checkpoint."""
+    """The ``summary.json`` of the run that ``checkpoint`` ends, when it names that checkpoint at
+    its step and weights (not a ``last.ckpt`` that a later session trained on from, and stopped)."""
     for folder in (checkpoint.parent, checkpoint.parent.parent):  # the run folder, or its checkpoints/
         summary = folder / "summary.json"
         if summary.is_file():
             record = json.loads(summary.read_text())
-            return record if Path(record.get("checkpoint") or "").name == checkpoint.name else None
+            if Path(record.get("checkpoint") or "").name != checkpoint.name:
+                return None
+            try:
+                ckpt = read_checkpoint(checkpoint, mmap=True)
+            except UserError:  # not a checkpoint of this run's
+                return None
+            ran = ckpt.get(RUN_KEY, {}).get("weights_id")
+            same = record.get("steps") == ckpt.get("global_step") and record.get("weights_id", ran) == ran
+            return record if same else None
     return None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import pickle
 import socket
@@ -25,6 +26,7 @@ from ssl_vit.checkpoint import (
     AtomicCheckpointIO,
     RunCheckpoint,
     checksum_path,
+    ending_summary,
     file_sha256,
     files_fingerprint,
     located,
@@ -394,3 +396,26 @@ def test_a_checkpoint_is_saved_though_its_data_is_gone(tmp_path):
     RunCheckpoint(dirpath=tmp_path).on_save_checkpoint(trainer, model, checkpoint)
     assert checkpoint[RUN_KEY]["train_files"] is None and checkpoint[RUN_KEY]["train_shards"].endswith("gone")
     assert checkpoint[RUN_KEY]["init_files"] is None and checkpoint[RUN_KEY]["init_from"].endswith("gone/export")
+
+
+def test_the_summary_of_a_run_belongs_to_its_checkpoint_only_at_the_step_it_ended(tmp_path):
+    """A finished run trained further and stopped: its last.ckpt is no longer the weights its
+    summary.json scored (an export of it reported step 8's accuracy for step 19's weights)."""
+    checkpoint = tmp_path / "checkpoints/last.ckpt"
+    checkpoint.parent.mkdir()
+    summary = {"checkpoint": str(checkpoint), "steps": 8, "val_top1": 24.4, "weights_id": "a"}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    hparams = {"encoder": {"name": "vit_tiny_patch16_224"}}
+    torch.save(
+        {"global_step": 8, "state_dict": {}, "hyper_parameters": hparams, RUN_KEY: {"weights_id": "a"}}, checkpoint
+    )
+    assert ending_summary(checkpoint) == summary
+    torch.save(
+        {"global_step": 19, "state_dict": {}, "hyper_parameters": hparams, RUN_KEY: {"weights_id": "a"}}, checkpoint
+    )
+    assert ending_summary(checkpoint) is None
+    # rewound by --ckpt_path, trained again to the same step: other weights
+    torch.save(
+        {"global_step": 8, "state_dict": {}, "hyper_parameters": hparams, RUN_KEY: {"weights_id": "b"}}, checkpoint
+    )
+    assert ending_summary(checkpoint) is None
