@@ -291,6 +291,15 @@ def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None
     return encoder.vit
 
 
+def safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise UserError(
+            f"{path} is not a safetensors file ({err}); pass one written by timm or `ssl-vit export`"
+        ) from err
+
+
 def encoder_state_dict(path: str | Path, vit: TimmViT, resample_patches: bool = True) -> dict[str, torch.Tensor]:
     """timm-keyed encoder weights from an export folder, a timm ``local-dir`` folder, a
     ``.safetensors`` / ``.pth`` state dict or an ssl-vit checkpoint, with position embeddings
@@ -298,23 +307,23 @@ def encoder_state_dict(path: str | Path, vit: TimmViT, resample_patches: bool = 
     resampling: a start for training; ``resample_patches=False`` refuses weights of another patch
     size instead, for evaluating the weights as they are)."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"encoder weights {path} do not exist")
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
             raise UserError(
                 f"{path} has no model.safetensors; ssl-vit reads weights folders in safetensors only "
                 "(other formats can hold pickled code): pass a folder written by `ssl-vit export`"
             )
-        state = load_file(str(path / "model.safetensors"))
+        state = safetensors_file(path / "model.safetensors")
     elif path.suffix == ".safetensors":
-        state = load_file(str(path))
+        state = safetensors_file(path)
     elif path.suffix == ".ckpt":
         ckpt = read_checkpoint(path)
         state = {k[len("vit.") :]: v for k, v in encoder_weights(ckpt, path, None)[0].items()}
-    elif path.is_file():
+    else:
         state = load_weights_file(path, "a weights file", "pass an export folder, a .safetensors or an ssl-vit .ckpt")
         state = state.get("model", state.get("state_dict", state))
-    else:
-        raise UserError(f"encoder weights {path} do not exist")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     theirs, ours = state.get("patch_embed.proj.weight"), vit.patch_embed.proj.weight
     if not resample_patches and theirs is not None and theirs.shape[-2:] != ours.shape[-2:]:

@@ -321,3 +321,17 @@ def test_a_run_given_relative_data_is_evaluated_on_its_own_data_from_any_folder(
     scored = in_this_process(b, "knn", str(a / "run"), "--knn_ks", "[5]", "--num_workers", "0")
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert f"scored on {a / 'val'}, neighbours from {a / 'train'}" in scored.stdout
+
+
+def test_weights_that_are_not_there_or_not_safetensors_are_one_line_before_anything_is_written(tmp_path, run):
+    write_tiny_shards(tmp_path / "shards")
+    recipe(tmp_path, tmp_path / "shards", **{"model.init_args.init_from": "missing.safetensors"})
+    started = in_this_process(tmp_path, "pretrain", "--config", "recipe.yaml")
+    said = "ssl-vit pretrain: error: model.init_args.init_from missing.safetensors does not exist"
+    assert started.returncode == 2 and started.stderr.strip().splitlines()[-1] == said
+    assert not (tmp_path / "run").exists()  # no logs folder left behind
+    (tmp_path / "junk.safetensors").write_text("not tensors")
+    for weights, says in (("missing.safetensors", "do not exist"), ("junk.safetensors", "is not a safetensors file")):
+        data = ["--train_shards", str(run["train"]), "--val_shards", str(run["val"]), "--num_workers", "0"]
+        scored = in_this_process(tmp_path, "knn", str(run["checkpoint"]), "--weights", weights, *data)
+        assert scored.returncode == 2 and says in scored.stderr and "Traceback" not in scored.stderr, scored.stderr

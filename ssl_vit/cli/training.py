@@ -182,6 +182,9 @@ class RunCLI(LightningCLI):
         resumes = bool(config["ckpt_path"]) and Path(config["ckpt_path"]).is_file()
         if hasattr(self.model, "restoring"):  # an objective (SSLMethod): its init_from is not read then
             self.model.restoring = resumes
+        start = getattr(self.model, "init_from", None)
+        if not resumes and start and not start.startswith("timm:") and not Path(start).exists():
+            raise UserError(f"model.init_args.init_from {start} does not exist")  # before anything is written
         if resumes and self.stop_if_finished(Path(config["ckpt_path"]), root) == "end only":
             # Restored at its limit, Lightning would skip the training loop and, with it, the
             # on_train_end hooks that evaluate, draw and check the run's end: run just those.
