@@ -335,3 +335,10 @@ def test_weights_that_are_not_there_or_not_safetensors_are_one_line_before_anyth
         data = ["--train_shards", str(run["train"]), "--val_shards", str(run["val"]), "--num_workers", "0"]
         scored = in_this_process(tmp_path, "knn", str(run["checkpoint"]), "--weights", weights, *data)
         assert scored.returncode == 2 and says in scored.stderr and "Traceback" not in scored.stderr, scored.stderr
+
+
+def test_an_export_evaluated_from_inside_its_folder_writes_its_record_beside_it(capsys, run, monkeypatch):
+    # `cd export && ssl-vit knn .` printed its table, then "PosixPath('.') has an empty name", unwritten
+    monkeypatch.chdir(run["export"])
+    written = evaluate(capsys, "knn", ".", run)
+    assert written.parent == run["export"].parent and written.name.startswith("export.knn.eval-")

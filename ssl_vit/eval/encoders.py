@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -306,7 +307,8 @@ def standalone_record_stem(source: str, out_dir: str | Path | None = None) -> Pa
     """Where a standalone evaluation of ``source`` writes its records: beside a checkpoint
     (``last`` for ``last.ckpt``) or beside an export folder (``export`` for ``runs/x/export``),
     or in the current folder for ``timm:NAME`` (``NAME``); in ``out_dir`` if given."""
-    name = source[len(TIMM_PREFIX) :] if source.startswith(TIMM_PREFIX) else source
-    path = Path(name.rstrip("/"))
+    timm_name = source.startswith(TIMM_PREFIX)
+    # a folder given as "." or ".." is named by where it is: its records go beside it
+    path = Path(source[len(TIMM_PREFIX) :]) if timm_name else Path(os.path.abspath(source))
     stem = path.with_suffix("") if path.suffix == ".ckpt" else path
     return Path(out_dir) / stem.name if out_dir else stem
