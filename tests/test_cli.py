@@ -182,7 +182,9 @@ def test_pretrain_resumes_and_its_evaluation_matches_the_standalone_commands(wor
     provenance = json.loads((workdir / "export/mae/config.json").read_text())["ssl_vit"]
     assert provenance["knn"] == in_run["knn"]["results"] and provenance["step"] == 8
     assert provenance["attentive"] == in_run["attentive"]["results"]
-    assert provenance["objective"] == "MAE" and provenance["data"]["train_shards"] == str((workdir / "data/shapes/train").resolve())
+    assert provenance["objective"] == "MAE" and provenance["data"]["train_shards"] == str(
+        (workdir / "data/shapes/train").resolve()
+    )
     again = in_this_process(workdir, "export", str(ckpt_dir / "last.ckpt"), "export/mae")
     assert again.returncode == 2 and "--overwrite" in again.stderr
 

@@ -154,8 +154,10 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
         (["--model.init_args.teacher=runs/x/export"], "teacher runs/x/export does not exist; pass an ssl-vit .ckpt"),
         (  # the recipe's teacher, for the user's own images
             ["--model.init_args.teacher=runs/{data}/simclr/export", "--data.train_shards=photos"],
-            "teacher runs/photos/simclr/export not found: run `ssl-vit pretrain --config "
-            "recipes/quickstart/simclr.yaml --data.train_shards photos` first",
+            # the recipe by its full path: the command runs outside the checkout
+            f"teacher runs/photos/simclr/export not found: run `ssl-vit pretrain --config {ROOT}/"
+            "recipes/quickstart/simclr.yaml --data.train_shards photos` first, or give a teacher trained on other "
+            "images (--model.init_args.teacher PATH)",
         ),
         (  # a mistyped data folder is no missing teacher
             ["--model.init_args.teacher=runs/{data}/simclr/export", "--data.train_shards=fotos"],
@@ -163,7 +165,7 @@ def distill_args(teacher: Path, *overrides: str) -> list[str]:
         ),
         (  # the quickstart's shapes, not written yet: the teacher's command writes them
             ["--model.init_args.teacher=runs/{data}/simclr/export", "--data.train_shards=data/shapes/train"],
-            "teacher runs/shapes/simclr/export not found: run `ssl-vit pretrain --config recipes/quickstart/simclr",
+            f"teacher runs/shapes/simclr/export not found: run `ssl-vit pretrain --config {ROOT}/recipes/quickstart",
         ),
         (["--model.init_args.teacher=."], "is not a timm model folder"),
         (["--model.init_args.student.name=resnet1"], "timm has no model 'resnet1'; did you mean resnet18"),

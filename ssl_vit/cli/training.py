@@ -39,6 +39,7 @@ from ssl_vit.checkpoint import (
     remove_dead_writers_files,
     resume_mismatch,
 )
+from ssl_vit.cli.tools import SOURCE_TREE
 from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write, seen_images
 from ssl_vit.data.shards import is_remote, resolve_shards, split_part
 from ssl_vit.distributed import log_folder
@@ -383,8 +384,12 @@ class PretrainCLI(RunCLI):
             if not embedded_to_write(config.data.train_shards, getattr(config.data, "generate_embedded", False)):
                 resolve_shards(config.data.train_shards)  # a mistyped data folder is named as that, not as no teacher
             model.teacher = teacher.replace("{data}", data_name(config.data.train_shards))
-            if getattr(model, "teacher_made_by", None):
-                model.teacher_made_by += f" --data.train_shards {config.data.train_shards}"
+            made_by = getattr(model, "teacher_made_by", None)
+            if made_by:
+                command, _, recipe = made_by.partition(" --config ")
+                if recipe and not Path(recipe).exists() and (SOURCE_TREE / recipe).exists():  # run from elsewhere
+                    made_by = f"{command} --config {SOURCE_TREE / recipe}"
+                model.teacher_made_by = f"{made_by} --data.train_shards {config.data.train_shards}"
         elif getattr(model, "teacher_made_by", None):  # the command that makes the recipe's teacher, not this one
             model.teacher_made_by = None
 

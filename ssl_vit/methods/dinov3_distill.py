@@ -150,7 +150,10 @@ def read_teacher(source: str, made_by: str | None = None) -> dict[str, Any]:
     """The teacher checkpoint, or one line saying why it cannot teach."""
     path = Path(source)
     if made_by and not path.exists():
-        raise UserError(f"teacher {source} not found: run `{made_by}` first")
+        raise UserError(
+            f"teacher {source} not found: run `{made_by}` first, or give a teacher trained on other images "
+            "(--model.init_args.teacher PATH)"
+        )
     if not path.is_file():
         raise UserError(
             f"teacher {source} is not a checkpoint file; pass a DINO or DINOv2 .ckpt from `ssl-vit pretrain` "

@@ -266,7 +266,10 @@ def load_teacher(source: str, weights: str | None, made_by: str | None) -> tuple
     """The teacher as ``ssl-vit knn`` loads it, or one line saying why not."""
     if not source.startswith(TIMM_PREFIX) and not Path(source).exists():
         if made_by:
-            raise UserError(f"teacher {source} not found: run `{made_by}` first")
+            raise UserError(
+                f"teacher {source} not found: run `{made_by}` first, or give a teacher trained on other images "
+                "(--model.init_args.teacher PATH)"
+            )
         raise UserError(f"teacher {missing_source(source)}")
     try:
         return load_evaluated_encoder(source, weights)
