@@ -257,6 +257,11 @@ class FineTune(L.LightningModule):
             # the checkpoint a run folder names now, for the record and for a resume to compare
             init_from = self.hparams.init_from = weights_path(init_from)
         config = dict(encoder or architecture(init_from))
+        if config["name"] not in timm.list_models(module=["vision_transformer", "eva"]):  # a distilled CNN student
+            raise UserError(
+                f"ssl-vit finetune fine-tunes ViTs; {init_from or 'model.encoder'} is a {config['name']}: fine-tune "
+                "it with timm (timm.create_model(\"local-dir:EXPORT\", pretrained=True, num_classes=N))"
+            )
         if image_size is not None:  # timm's ViT takes images of its img_size only
             config["img_size"] = image_size
         self.hparams.encoder = dict(config)  # the architecture, in the checkpoint, whatever gave it

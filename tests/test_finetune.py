@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from ssl_vit import export_encoder
@@ -402,3 +403,13 @@ def test_the_classifier_size_is_the_data_views_and_asking_for_another_says_where
     result = in_this_process(tmp_path, "finetune", "--config", recipe, "--model.image_size=48")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "set --data.view.init_args.size N instead" in result.stderr
+
+
+def test_a_distilled_cnn_student_is_refused_in_one_line_naming_timm(tmp_path):
+    # it ended in "ResNet.__init__() got an unexpected keyword argument 'img_size'"
+    folder = tmp_path / "student-export"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet10t", "model_args": {}}))
+    save_file(timm.create_model("resnet10t", num_classes=0).state_dict(), str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match=r"ssl-vit finetune fine-tunes ViTs; .*student-export is a resnet10t"):
+        FineTune(num_classes=3, init_from=str(folder))
