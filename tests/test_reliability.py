@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from ssl_vit.checkpoint import AtomicCheckpointIO, newest_complete_checkpoint, rng_states, set_rng_states
 from ssl_vit.cli.training import default_precision
-from ssl_vit.data.pipeline import ShardDataset, decode_sample, to_rgb
+from ssl_vit.data.pipeline import CorruptSample, ShardDataset, decode_sample, to_rgb
 from ssl_vit.data.shards import image_folder_samples
 from ssl_vit.errors import UserError
 from tests.fault_injection import CASES, WouldRunCode, odd_mode_images, prepare, write_broken_shard
@@ -167,3 +167,19 @@ def test_precision_defaults_to_bf16_on_gpus_and_fp32_on_cpus():
             default_precision("cpu", half, cuda=True)
     with pytest.raises(UserError, match=r"trainer\.precision 64-true is not supported"):  # it failed in a traceback
         default_precision("gpu", "64-true", cuda=True)
+
+
+def test_an_image_of_sides_far_apart_is_left_out_before_it_is_decoded():
+    """A 3 KB PNG of 1,000,000 x 1 passed the pixel cap, and the evaluation view's resize of its
+    short side to 36 px made it 36,000,000 x 36 pixels: 7.4 GB for one image."""
+
+    def png_of(width: int, height: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (width, height), (9, 9, 9)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    with pytest.raises(CorruptSample, match="1000000x1: its sides differ by more than 100 to 1"):
+        decode_sample({"png": png_of(1_000_000, 1)})
+    assert decode_sample({"png": png_of(3, 300)})[0].size == (3, 300)  # a long strip is still read
+    with pytest.raises(CorruptSample, match="3x301"):
+        decode_sample({"png": png_of(3, 301)})

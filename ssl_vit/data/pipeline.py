@@ -91,6 +91,9 @@ MIN_SKIPS_TO_JUDGE = 10
 #: above a 61-megapixel full-frame camera photo (9504 x 6336), below PIL's own decompression-bomb
 #: warning (89 megapixels), and at most 192 MB of RGB per image in each loader worker.
 MAX_IMAGE_PIXELS = 64_000_000
+#: Sides further apart than this are no picture a view can use: the evaluation view resizes the
+#: short side to its crop's, so a 3 KB PNG of 1,000,000 x 1 became 36,000,000 x 36 pixels (7 GB).
+MAX_ASPECT_RATIO = 100
 
 
 class CorruptSample(Exception):
@@ -103,8 +106,9 @@ def decode_sample(
     """An RGB image, upright (see ``upright``), and its integer class (``NO_LABEL`` when the sample
     has no ``cls``, or one that is not an integer).
 
-    An image whose header declares more than ``max_pixels`` is not decoded (a 12000 x 12000 PNG
-    takes hundreds of megabytes however small its file); it is a ``CorruptSample``. (PIL refuses
+    An image whose header declares more than ``max_pixels``, or sides more than ``MAX_ASPECT_RATIO``
+    to 1, is not decoded (a 12000 x 12000 PNG takes hundreds of megabytes however small its file);
+    it is a ``CorruptSample``. (PIL refuses
     images above its own limit, twice its ``MAX_IMAGE_PIXELS``, whatever ``max_pixels`` says.)
 
     With ``min_side``, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale whose short
@@ -124,6 +128,11 @@ def decode_sample(
                     raise CorruptSample(
                         f"{ext} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than "
                         f"max_image_pixels = {max_pixels} (data.max_image_pixels in a recipe)"
+                    )
+                if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+                    raise CorruptSample(
+                        f"{ext} is {width}x{height}: its sides differ by more than {MAX_ASPECT_RATIO} to 1, which the "
+                        "evaluation view would enlarge to its crop's short side; crop it"
                     )
                 if min_side:
                     img.draft("RGB", (min_side, min_side))  # a no-op for formats other than JPEG
