@@ -112,7 +112,7 @@ def write_encoder(
 ) -> Path:
     """``export_encoder``'s output for an encoder already built from the read checkpoint ``ckpt``
     (a distillation run's ViT student, which is no pretraining run's encoder)."""
-    deploy = prepare_deploy(encoder.vit, onnx, data_settings(ckpt)) if onnx else None
+    deploy = prepare_deploy(encoder.vit, onnx, data_settings(ckpt), checkpoint) if onnx else None
     if fmt == "state_dict":
         return replace_output(
             out,

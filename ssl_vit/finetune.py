@@ -260,7 +260,7 @@ class FineTune(L.LightningModule):
         if config["name"] not in timm.list_models(module=["vision_transformer", "eva"]):  # a distilled CNN student
             raise UserError(
                 f"ssl-vit finetune fine-tunes ViTs; {init_from or 'model.encoder'} is a {config['name']}: fine-tune "
-                "it with timm (timm.create_model(\"local-dir:EXPORT\", pretrained=True, num_classes=N))"
+                'it with timm (timm.create_model("local-dir:EXPORT", pretrained=True, num_classes=N))'
             )
         if image_size is not None:  # timm's ViT takes images of its img_size only
             config["img_size"] = image_size

@@ -43,6 +43,7 @@ from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError
 from ssl_vit.eval.evaluator import Evaluator
 from ssl_vit.eval.features import FeatureSet, labelled_only
+from ssl_vit.eval.report import changed_since_run, with_files
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -101,6 +102,7 @@ class Deploy:
     train: str | None
     val: str | None
     note: str = ""
+    changed: str = ""  # the run's images changed since its own evaluation, which its export's card gives
 
 
 def require_onnxruntime() -> None:
@@ -119,11 +121,14 @@ def int8_method(model: nn.Module) -> Int8Method:
     return "static" if convolutions > 1 else "dynamic"
 
 
-def prepare_deploy(model: nn.Module, options: OnnxOptions, data_record: dict[str, Any]) -> Deploy:
+def prepare_deploy(
+    model: nn.Module, options: OnnxOptions, data_record: dict[str, Any], checkpoint: str | Path | None = None
+) -> Deploy:
     """Everything ``write_onnx`` needs to know before anything is written: onnxruntime, the int8
     method for ``model``, and the shards, ``options``' when given (a mistake there stops the
-    export), else the run's evaluation data (``data_record``: its checkpoint's data settings) when
-    they can be read here. A static int8 model without calibration images stops with one line."""
+    export), else the run's evaluation data (``data_record``: its ``checkpoint``'s data settings)
+    when they can be read here, and whether its images changed since the run's evaluation. A
+    static int8 model without calibration images stops with one line."""
     require_onnxruntime()
     method = int8_method(model) if options.int8 else None
     if options.train_shards or options.val_shards:
@@ -147,7 +152,18 @@ def prepare_deploy(model: nn.Module, options: OnnxOptions, data_record: dict[str
             f"--int8 of a convolutional network calibrates on training images, and {note}; pass --train_shards "
             "TRAIN --val_shards VAL (labelled shards or image folders, as for `ssl-vit knn`)"
         )
-    return Deploy(options, method, train, val, note)
+    record = (
+        train
+        and checkpoint
+        and changed_since_run(checkpoint, "knn", with_files({"train_shards": train, "val_shards": val}))
+    )
+    changed = (
+        f"the images changed since the run's own evaluation ({record}): files added, removed or rewritten; the "
+        "ONNX k-NN is of the images as they are now, the card's of the images as they were"
+        if record
+        else ""
+    )
+    return Deploy(options, method, train, val, note, changed)
 
 
 def _run_data(record: dict[str, Any]) -> tuple[str | None, str | None, str]:
@@ -458,7 +474,8 @@ def _knn(
     train, val = (_features(sessions, shards, input_size) for shards in (deploy.train, deploy.val))
     results = {kind: evaluator.knn(train[kind], val[kind]) for kind in sessions}
     k = next(iter(results[next(iter(sessions))]))  # all the training images, where they are fewer than k
-    return {"k": k, "train_shards": deploy.train, "val_shards": deploy.val, "results": results}
+    changed = {"changed": deploy.changed} if deploy.changed else {}
+    return {"k": k, "train_shards": deploy.train, "val_shards": deploy.val, "results": results, **changed}
 
 
 def _top1(

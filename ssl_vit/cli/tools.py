@@ -501,6 +501,8 @@ def print_onnx_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     if "note" in protocol:
         console.print(f"{'top-1' if classifier else 'k-NN'} {protocol['note']}", highlight=False)
+    if "changed" in protocol:
+        console.print(f"warning: {protocol['changed']}", highlight=False)
     fp32, int8 = report["models"]["fp32"], report["models"].get("int8")
     # Small models gain nothing from int8 arithmetic and lose time to its (de)quantisation steps.
     if int8 and (

@@ -299,7 +299,7 @@ def export_student(
     if isinstance(student, ViTEncoder):
         return write_encoder(student, role, ckpt, checkpoint, out, overwrite=overwrite, onnx=onnx)
     config = dict(ckpt["hyper_parameters"]["encoder"])
-    deploy = prepare_deploy(student.model, onnx, data_settings(ckpt)) if onnx else None
+    deploy = prepare_deploy(student.model, onnx, data_settings(ckpt), checkpoint) if onnx else None
     size = ckpt["hyper_parameters"]["image_size"]
     record = {"pretrained_cfg": preprocessing_cfg((size, size)), "ssl_vit": provenance(ckpt, checkpoint, role)}
     model_args = {k: v for k, v in config.items() if k != "name"}
