@@ -200,6 +200,8 @@ def model_card(model: nn.Module, record: dict[str, Any], preprocessing: dict[str
             f"- objective: {record.get('objective')}" + (f" ({role} encoder)" if role not in ("encoder", None) else ""),
             f"- features: {pooled_features(model)} (timm's `forward_head(x, pre_logits=True)`)",
         ]
+        teacher = record.get("recipe", {}).get("teacher")  # a distillation's student
+        about += [f"- distilled from the teacher `{teacher}`"] if isinstance(teacher, str) else []
         (evaluated, results), num_classes = run_evaluation(record), ", num_classes=0"
     cfg = preprocessing
     if {"input_size", "crop_pct", "interpolation", "mean", "std"} <= cfg.keys():  # timm's eval transform, in words

@@ -242,7 +242,9 @@ def test_a_tiny_distillation_run_ends_with_teacher_and_student_side_by_side(teac
     # The student's export is a timm folder that the evaluators (and timm) load as it was trained.
     exported, info = load_evaluated_encoder(str(run / "export"))
     assert isinstance(exported, TimmModelEncoder) and exported.image_size == 16 and info["method"] == "Distill"
-    assert "- features: the last feature map, globally pooled" in (run / "export/README.md").read_text()
+    card = (run / "export/README.md").read_text()
+    assert "- features: the last feature map, globally pooled" in card
+    assert f"- distilled from the teacher `{teacher}`" in card  # the card named no teacher (config.json did)
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     student = Distill(str(teacher), CNN_STUDENT, image_size=16)
     student.on_load_checkpoint(ckpt)
