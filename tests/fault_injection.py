@@ -813,6 +813,8 @@ def case_finished_run_started_again(work: Path) -> Outcome:
     said = "is finished" in result.stderr and "nothing was trained" in result.stderr
     # the limit that stopped it, and not a resume it does not do
     said = said and f"(e.g. --trainer.max_epochs {2 * EPOCHS})" in result.stderr and "resuming" not in result.stderr
+    # the summary it shows lists its export and pictures where they are, not where the run was (a copy here)
+    said = said and "export" in result.stdout and "uninterrupted" not in result.stdout
     new = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p not in files)
     ok = result.returncode == 0 and said and untouched(files) and not new
     return Outcome(

@@ -264,7 +264,7 @@ class RunCLI(LightningCLI):
             )
         failed = bool(summary.get("failed"))
         if self.trainer.is_global_zero:
-            print_run_summary(summary)
+            print_run_summary(moved_paths(summary, ckpt.get(RUN_KEY, {}).get("folder"), root))
             Console(stderr=True, soft_wrap=True).print(
                 f"{root} is finished ({checkpoint.name}: {reached}"
                 + (", and failed: its summary's 'failed' row says why" if failed else "")
@@ -592,6 +592,20 @@ def data_name(train_shards: str) -> str:
 
 #: What a run writes in its folder at its end, beside its export.
 RUN_SUMMARIES = ("summary.json", "distill_summary.json")
+
+
+def moved_paths(summary: dict[str, Any], folder: str | None, root: Path) -> dict[str, Any]:
+    """A run's summary with the paths in its run ``folder`` as it was then given where the run
+    folder is now (``root``): a folder moved whole lists its export and pictures where they are."""
+    if not folder or Path(folder) == root.resolve():
+        return summary
+
+    def where(value: Any) -> Any:
+        if not isinstance(value, str) or not Path(value).resolve().is_relative_to(folder):
+            return value
+        return str(root / Path(value).resolve().relative_to(folder))
+
+    return {key: where(value) for key, value in summary.items()}
 
 
 def check_end_of_run_outputs_are_ours(root: Path, export: bool, resumes: bool) -> None:
