@@ -300,6 +300,12 @@ def zeroshot(args: list[str]) -> None:
             f"each class folder's name ({first_few(names, 6)}): name the folders with the captions' words"
         )
     evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read
+    own = next(filter(None, (changed_since_run(evaluated, kind, settings) for kind in results)), None)
+    if own:
+        Console(stderr=True, soft_wrap=True).print(
+            f"warning: the images or captions changed since the run's own evaluation ({own}): files added, removed "
+            "or rewritten; these numbers are of them as they are now, the run's records of them as they were"
+        )
     stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings, info.get("step"))
     for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):
         Console(soft_wrap=True).print(f"wrote {path}")

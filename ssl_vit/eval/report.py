@@ -240,15 +240,21 @@ def data_hash(train_shards: str | None, val_shards: str | None) -> str:
 
 def changed_since_run(checkpoint: str | Path, kind: str, settings: dict[str, Any]) -> Path | None:
     """The run's own record of ``kind`` beside ``checkpoint`` (``last.knn.json``) when it scored
-    the same data, as located, but other files than the evaluation reads now; else None."""
+    the same data, as located, but other files than the evaluation reads now (for one that reads
+    its val split alone, ``train_shards`` None: the run's training files as they are now, and
+    these); else None."""
     record_path = Path(checkpoint).with_suffix(f".{kind}.json")
     if Path(checkpoint).suffix != ".ckpt" or not record_path.is_file():
         return None
     data = json.loads(record_path.read_text()).get("data", {})
+    # zero-shot reads its val split alone; the run's record hashed both
+    read = {**settings, "train_shards": settings.get("train_shards") or data.get("train_shards")}
     same_place = all(
-        data.get(split) and settings.get(split) and data_location(data[split]) == data_location(settings[split])
+        data.get(split) and read.get(split) and data_location(data[split]) == data_location(read[split])
         for split in ("train_shards", "val_shards")
     )
     then = data.get("files")  # older records carry none: nothing to compare
-    changed = same_place and then and then != settings["files"]
-    return record_path if changed else None
+    if not (same_place and then):
+        return None
+    now = settings["files"] if settings.get("train_shards") else data_hash(read["train_shards"], read["val_shards"])
+    return record_path if then != now else None
