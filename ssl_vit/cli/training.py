@@ -600,8 +600,8 @@ def moved_paths(summary: dict[str, Any], folder: str | None, root: Path) -> dict
     if not folder or Path(folder) == root.resolve():
         return summary
 
-    def where(value: Any) -> Any:
-        if not isinstance(value, str) or not Path(value).resolve().is_relative_to(folder):
+    def where(value: Any) -> Any:  # a path names a folder ("MAE", a name, would resolve into the current one)
+        if not isinstance(value, str) or os.sep not in value or not Path(value).resolve().is_relative_to(folder):
             return value
         return str(root / Path(value).resolve().relative_to(folder))
 
