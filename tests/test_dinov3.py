@@ -207,7 +207,8 @@ def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_lin
     first.parent.mkdir(parents=True)
     fit_briefly(DINOv3(encoder, **HEAD), "multicrop", steps=2).save_checkpoint(first)
     verdict = "its outputs stayed collapsed (2 of 2 steps)"  # as that run's summary records a failed run
-    (first.parent.parent / "summary.json").write_text(json.dumps({"checkpoint": str(first), "failed": verdict}))
+    ended = {"checkpoint": str(first), "steps": 2, "failed": verdict}
+    (first.parent.parent / "summary.json").write_text(json.dumps(ended))
     result = pretrain_recipe_briefly(tmp_path, recipe, shards, stage, callbacks=[KNN_AT_BOTH_ENDS])
     assert result.returncode == 0, result.stderr[-3000:]  # a 2-step run is checked before its first update only
     assert f"(init_from); the run it ends failed: {verdict}" in " ".join(result.stderr.split())
