@@ -648,6 +648,28 @@ def checkpoint_encoder(ckpt: dict[str, Any], path: str | Path, role: str | None 
     return encoder, role
 
 
+def verdict_path(checkpoint: Path) -> Path:
+    """Where a run records, beside its last checkpoint, whether it failed (``last.verdict.json``)."""
+    return checkpoint.with_name(f"{checkpoint.stem}.verdict.json")
+
+
+def write_verdict(checkpoint: Path, step: int, weights_id: str | None, failed: str | None) -> None:
+    record = {"step": step, "weights_id": weights_id, "failed": failed}
+    with file_in_one_step(verdict_path(checkpoint)) as path:
+        path.write_text(json.dumps(record, indent=1))
+
+
+def failed_verdict(checkpoint: Path, ckpt: dict[str, Any]) -> str | None:
+    """Why the run that ended with ``checkpoint`` (read: ``ckpt``) failed, if it did, as it
+    recorded at its end: of these weights at this step only."""
+    path = verdict_path(checkpoint)
+    if not path.is_file():
+        return None
+    record, ran = json.loads(path.read_text()), ckpt.get(RUN_KEY, {}).get("weights_id")
+    same = record.get("step") == ckpt.get("global_step") and record.get("weights_id", ran) == ran
+    return record.get("failed") if same else None
+
+
 def ending_summary(checkpoint: Path) -> dict[str, Any] | None:
     """The ``summary.json`` of the run that ``checkpoint`` ends, when it names that checkpoint at
     its step and weights (not a ``last.ckpt`` that a later session trained on from, and stopped)."""

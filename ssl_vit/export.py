@@ -27,6 +27,7 @@ from ssl_vit.checkpoint import (
     checkpoint_encoder,
     data_settings,
     encoder_weights,
+    failed_verdict,
     load_checkpoint_encoder,
     load_weights_file,
     objective_name,
@@ -253,6 +254,7 @@ def card(
         *about,
         *(started if init_from else []),
         f"- optimiser steps: {record.get('step')}{stopped_short(record)}",
+        *([f"- **the run failed**: {record['failed']}"] if record.get("failed") else []),
         *(f"- settings changed by a resume {change}" for change in record.get("settings_changed", [])),
         f"- training data: `{record.get('trained_on') or train}`{less}",  # where it was: the card is read elsewhere
         "",
@@ -351,6 +353,7 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         "recipe": hparams,
         "data": data_settings(ckpt),  # where the run found its data, whatever folder this is run from
         "trained_on": ckpt.get(RUN_KEY, {}).get("train_shards"),  # where the run found its data
+        "failed": failed_verdict(Path(checkpoint), ckpt),  # as the run ended with these weights, if it failed
     }
     # the recipe settings its resumes changed (RunCheckpoint's state), which "recipe" holds only as they ended
     changes = [c.get("settings_changed") for c in ckpt.get("callbacks", {}).values() if isinstance(c, dict)]

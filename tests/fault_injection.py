@@ -1023,6 +1023,10 @@ def case_collapsed_run_fails(work: Path) -> Outcome:
     failed = pretrain_in_this_process(folder, "--config", config, *fault("CollapsedFrom", step=2))
     summary = json.loads((folder / "run/summary.json").read_text()) if (folder / "run/summary.json").exists() else {}
     said = "run failed" in last_line(failed.stderr) and "collapsed" in str(summary.get("failed"))
+    # the weights say so wherever they go: the run's export, and one written later (they read as a good run's)
+    later = export_encoder(folder / "run/checkpoints/last.ckpt", folder / "later-export")
+    cards = [(export / "README.md").read_text() for export in (folder / "run/export", later)]
+    said = said and all(f"- **the run failed**: {summary['failed']}" in card for card in cards)
     # The same finished run again: exit 3 again, its last line saying it failed; told to keep going, exit 0.
     again = pretrain_in_this_process(folder, "--config", config)
     said_again = "and failed: its summary's 'failed' row says why" in last_line(again.stderr)
@@ -1030,7 +1034,8 @@ def case_collapsed_run_fails(work: Path) -> Outcome:
     ok = failed.returncode == 3 and said and (folder / "run/export/model.safetensors").is_file()
     ok = ok and again.returncode == 3 and said_again and kept_going.returncode == 0
     return Outcome(
-        "finish, export, summary 'failed', exit 3, again 3 saying so; exit 0 with --allow_collapse true",
+        "finish, export (its card saying it failed), summary 'failed', exit 3, again 3 saying so; exit 0 with "
+        "--allow_collapse true",
         f"rc {failed.returncode}, said={said}, again rc {again.returncode} said={said_again}, "
         f"then rc {kept_going.returncode}",
         ok,

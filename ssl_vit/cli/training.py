@@ -38,6 +38,7 @@ from ssl_vit.checkpoint import (
     release_run_folders,
     remove_dead_writers_files,
     resume_mismatch,
+    write_verdict,
 )
 from ssl_vit.cli.tools import SOURCE_TREE
 from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write, seen_images
@@ -412,11 +413,14 @@ class PretrainCLI(RunCLI):
         if not trainer.is_global_zero or trainer.interrupted:
             return
         last = own_newest_checkpoint(trainer.checkpoint_callback)
-        export_dir = None
-        if self.config_init[self.subcommand]["export"] and last is not None:
-            export_dir = self.export_model(last, Path(trainer.default_root_dir) / "export")
+        export = self.config_init[self.subcommand]["export"] and last is not None
+        export_dir = Path(trainer.default_root_dir) / "export" if export else None
         summary = run_summary(trainer, self.model, self.seconds(), last, export_dir)
         summary["failed"] = collapse_verdict(summary, self.collapse_remedy)
+        if last is not None:  # beside the checkpoint, which its exports' cards read: a failed run's weights say so
+            write_verdict(last, trainer.global_step, trainer.checkpoint_callback.weights_id, summary["failed"])
+        if export_dir is not None:
+            self.export_model(last, export_dir)
         # Written before the summary, which marks the end-of-run work done (stop_if_finished).
         report = self.end_of_run_report(summary)
         write_json(Path(trainer.default_root_dir) / "summary.json", summary)
