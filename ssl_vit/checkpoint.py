@@ -480,6 +480,8 @@ class RunCheckpoint(ModelCheckpoint):
             "weights_id": self.weights_id,
             # what the run set out to take, so that a card of its weights can say when it stopped short
             "planned_steps": planned if math.isfinite(planned := trainer.estimated_stepping_batches) else None,
+            # the limits that set it (and the schedules), which a resume may change
+            "limits": {"trainer.max_steps": trainer.max_steps, "trainer.max_epochs": trainer.max_epochs},
         }
         data = getattr(getattr(trainer, "datamodule", None), "hparams", {})
         given = {

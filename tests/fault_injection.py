@@ -851,10 +851,14 @@ def case_moved_run_folder_with_brackets(work: Path) -> Outcome:
     result = pretrain_in_this_process(folder, "--config", config)
     step, _ = last_state(folder)
     resumed = "resuming from" in result.stderr
-    ok = result.returncode == 0 and resumed and step == (EPOCHS + 1) * STEPS_PER_EPOCH
+    # the run's length changed, which its schedules follow: said, and kept in its summary
+    said = f"with settings changed since: trainer.max_epochs {EPOCHS} -> {EPOCHS + 1}" in result.stderr
+    summary = json.loads((folder / "run/summary.json").read_text())
+    said = said and any(f"trainer.max_epochs {EPOCHS} -> {EPOCHS + 1}" in c for c in summary["settings_changed"] or [])
+    ok = result.returncode == 0 and resumed and said and step == (EPOCHS + 1) * STEPS_PER_EPOCH
     return Outcome(
-        f"resume, end at step {(EPOCHS + 1) * STEPS_PER_EPOCH}",
-        f"rc {result.returncode}, resumed={resumed}, step {step}",
+        f"resume saying the longer limit, end at step {(EPOCHS + 1) * STEPS_PER_EPOCH}",
+        f"rc {result.returncode}, resumed={resumed}, said={said}, step {step}",
         ok,
         "none" if checkpoints_intact(folder) else "yes",
     )

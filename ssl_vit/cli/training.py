@@ -206,6 +206,12 @@ class RunCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 resumed = read_checkpoint(Path(config["ckpt_path"]), mmap=True)
                 changed = changed_settings(resumed, self.model, self.datamodule, self.trainer.callbacks)
+                # the run's length, which its schedules follow (a finished run raised to go on says so too)
+                now = {"trainer.max_steps": self.trainer.max_steps, "trainer.max_epochs": self.trainer.max_epochs}
+                limits = resumed.get(RUN_KEY, {}).get("limits", now)
+                changed += [
+                    f"{key} {limits[key]} -> {now[key]}" for key in now if limits.get(key, now[key]) != now[key]
+                ]
                 step = resumed.get("global_step")
                 if changed:  # for the run's summary
                     self.trainer.checkpoint_callback.changes_at_resume = f"at step {step}: {'; '.join(changed)}"
