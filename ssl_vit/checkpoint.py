@@ -279,12 +279,21 @@ def resume_mismatch(path: Path, ckpt: dict[str, Any], run: dict[str, Any]) -> st
     if "val_shards" in run and isinstance(run.get("train_shards"), str) and isinstance(written["train_shards"], str):
         # val_shards decides which images train: all of the data, or all but its held-out tenth
         val = ckpt.get("datamodule_hyper_parameters", {}).get("val_shards")
-        then = evaluation_split(recorded.get("train_shards") or written["train_shards"], val)[0]
+        # as it was at the save: a `val` folder beside the data, appeared since, would make the split now
+        then = (
+            recorded.get("trained_part")
+            or evaluation_split(recorded.get("train_shards") or written["train_shards"], val)[0]
+        )
         now = evaluation_split(run["train_shards"], run["val_shards"])[0]
         if split_part(then)[1] != split_part(now)[1]:
+            why = (
+                f"data.val_shards {val} -> {run['val_shards']}"
+                if val != run["val_shards"]
+                else "a val folder beside it"
+            )
             return (
-                f"it trained on {then}, and this run would train on {now}: data.val_shards {val} -> "
-                f"{run['val_shards']} decides whether the run holds a tenth of its data out"
+                f"it trained on {then}, and this run would train on {now}: {why} decides whether the run holds a "
+                "tenth of its data out"
             )
     folder = recorded.get("folder")
     here = Path(run["folder"]).resolve() if "folder" in run else None
@@ -490,6 +499,9 @@ class RunCheckpoint(ModelCheckpoint):
             "init_from": pl_module.hparams.get("init_from"),
         }
         checkpoint[RUN_KEY] |= {key: located(key, spec) for key, spec in given.items() if isinstance(spec, str)}
+        if isinstance(given["train_shards"], str):  # the images it trains on: all, or all but the held-out tenth
+            trained = evaluation_split(given["train_shards"], given["val_shards"])[0]
+            checkpoint[RUN_KEY]["trained_part"] = located("train_shards", trained)
         for key, spec in given.items():  # the same files, moved, are the same data and weights
             if key not in LOCATED or not isinstance(spec, str) or is_remote(spec) or spec.startswith("timm:"):
                 continue

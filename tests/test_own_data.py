@@ -535,10 +535,17 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
     try:
         again = run(commands[1], user_folder)
         of_export = run([*commands[1][:1], f"{commands[1][1]}/export", *commands[1][2:]], user_folder)
+        # from another folder too: the run's records kept its data as it gave them ("photos#train")
+        (user_folder / "elsewhere").mkdir(exist_ok=True)
+        absolute = [commands[1][0], str(user_folder / commands[1][1]), *commands[1][2:]]
+        from_elsewhere = run(absolute, user_folder / "elsewhere")
     finally:
         added.unlink()
-    assert again.returncode == 0 and "the images changed since the run's own evaluation" in again.stderr
-    assert of_export.returncode == 0 and "the images changed since the run's own evaluation" in of_export.stderr
+    for warned in (again, of_export, from_elsewhere):
+        assert warned.returncode == 0 and "the images changed since the run's own evaluation" in warned.stderr
+    # from inside the export, whose record names its checkpoint as the run gave it (relative to the run's folder)
+    inside = run(["knn", "."], run_folder / "export")
+    assert inside.returncode == 0 and "Traceback" not in inside.stderr, inside.stderr[-2000:]
     assert len(list((run_folder / "checkpoints").glob("last.knn.eval-*.json"))) == 3
     # scored on the very images the neighbours come from: k-NN finds each image itself, and says so
     seen = run([*commands[1], "--val_shards", "photos"], user_folder)

@@ -391,11 +391,14 @@ def test_a_checkpoint_is_saved_though_its_data_is_gone(tmp_path):
         default_root_dir=str(tmp_path),
         datamodule=SimpleNamespace(hparams={"train_shards": "gone"}),
         estimated_stepping_batches=10,
+        max_steps=10,
+        max_epochs=-1,
     )
     checkpoint, model = {}, SimpleNamespace(hparams={"init_from": "gone/export"})
     RunCheckpoint(dirpath=tmp_path).on_save_checkpoint(trainer, model, checkpoint)
     assert checkpoint[RUN_KEY]["train_files"] is None and checkpoint[RUN_KEY]["train_shards"].endswith("gone")
     assert checkpoint[RUN_KEY]["init_files"] is None and checkpoint[RUN_KEY]["init_from"].endswith("gone/export")
+    assert checkpoint[RUN_KEY]["trained_part"].endswith("gone#train")  # what it trains on, to compare at a resume
 
 
 def test_the_summary_of_a_run_belongs_to_its_checkpoint_only_at_the_step_it_ended(tmp_path):
@@ -419,3 +422,21 @@ def test_the_summary_of_a_run_belongs_to_its_checkpoint_only_at_the_step_it_ende
         {"global_step": 8, "state_dict": {}, "hyper_parameters": hparams, RUN_KEY: {"weights_id": "b"}}, checkpoint
     )
     assert ending_summary(checkpoint) is None
+
+
+def test_a_val_folder_that_appeared_beside_the_data_since_is_no_silent_change_of_the_training_images(
+    tmp_path, monkeypatch
+):
+    """`data/val` made after a run on `data/train` started: the resume trained on all of data/train,
+    the held-out tenth its evaluation had scored included, and nothing said so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/train").mkdir(parents=True)
+    ckpt = checkpoint_of(tmp_path / "run")
+    ckpt["datamodule_hyper_parameters"] = {"train_shards": "data/train", "val_shards": None}
+    ckpt[RUN_KEY] = {**ckpt.get(RUN_KEY, {}), "trained_part": f"{tmp_path}/data/train#train"}
+    run = {"objective": "MAE", "encoder": ENCODER, "train_shards": "data/train", "val_shards": None, "init_from": None}
+    path = tmp_path / "run/checkpoints/last.ckpt"
+    assert resume_mismatch(path, ckpt, run) is None
+    (tmp_path / "data/val").mkdir()
+    problem = resume_mismatch(path, ckpt, run)
+    assert problem is not None and "a val folder beside it decides whether the run holds a tenth" in problem

@@ -189,6 +189,11 @@ def write_records(
                 "train_shards": settings["train_shards"],
                 "val_shards": settings["val_shards"],
                 "files": settings.get("files"),  # with_files
+                # where they were, for a command run from another folder to compare with
+                "located": {
+                    split: data_location(settings[split]) if settings[split] else None
+                    for split in ("train_shards", "val_shards")
+                },
             },
             "protocol": {k: settings[k] for k in (*COMMON_SETTINGS, *PROTOCOL_SETTINGS[kind]) if k in settings},
             "results": results[kind],
@@ -243,14 +248,19 @@ def changed_since_run(checkpoint: str | Path, kind: str, settings: dict[str, Any
     the same data, as located, but other files than the evaluation reads now (for one that reads
     its val split alone, ``train_shards`` None: the run's training files as they are now, and
     these); else None."""
+    if Path(checkpoint).suffix != ".ckpt":  # an export folder (".") or timm weights: no run records beside
+        return None
     record_path = Path(checkpoint).with_suffix(f".{kind}.json")
-    if Path(checkpoint).suffix != ".ckpt" or not record_path.is_file():
+    if not record_path.is_file():
         return None
     data = json.loads(record_path.read_text()).get("data", {})
+    where = {
+        split: (data.get("located") or {}).get(split) or data.get(split) for split in ("train_shards", "val_shards")
+    }
     # zero-shot reads its val split alone; the run's record hashed both
-    read = {**settings, "train_shards": settings.get("train_shards") or data.get("train_shards")}
+    read = {**settings, "train_shards": settings.get("train_shards") or where["train_shards"]}
     same_place = all(
-        data.get(split) and read.get(split) and data_location(data[split]) == data_location(read[split])
+        where[split] and read.get(split) and data_location(where[split]) == data_location(read[split])
         for split in ("train_shards", "val_shards")
     )
     then = data.get("files")  # older records carry none: nothing to compare
