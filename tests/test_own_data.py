@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ssl_vit.data import ShardDataModule, ShardDataset, resolve_shards
+from ssl_vit.data.pipeline import evaluation_split
 from ssl_vit.data.shards import (
     FILES_PER_GROUP,
     HELDOUT_FRACTION,
@@ -779,3 +780,14 @@ def test_a_summary_and_records_of_other_weights_at_the_same_step_are_not_taken_f
     assert summary["weights_id"] == ran
     assert summary["final_loss"] == rewound_loss is not None  # its last step's, though this session trained none
     assert json.loads((run / "checkpoints/last.knn.json").read_text())["weights_id"] == ran
+
+
+def test_naming_the_held_out_tenth_as_val_data_trains_on_the_other_nine_tenths(tmp_path, monkeypatch):
+    """`--data.val_shards photos#heldout` trained on all of photos, the scored tenth included, while
+    its card said "less its held-out tenth"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    assert evaluation_split("photos", "photos#heldout") == ("photos#train", "photos#heldout")
+    assert evaluation_split("photos", f"{tmp_path}/photos#heldout") == ("photos#train", f"{tmp_path}/photos#heldout")
+    assert evaluation_split("photos", "other#heldout") == ("photos", "other#heldout")  # another folder's tenth
+    assert evaluation_split("photos#train", "photos#heldout") == ("photos#train", "photos#heldout")

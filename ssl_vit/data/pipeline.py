@@ -612,10 +612,18 @@ def embedded_to_write(train_shards: str, generate_embedded: bool | str) -> str |
 
 
 def evaluation_split(train_shards: str, val_shards: str | None = None, val_to_come: bool = False) -> tuple[str, str]:
-    """The (train, val) data that evaluating on ``train_shards`` reads: ``val_shards`` when given,
+    """The (train, val) data that evaluating on ``train_shards`` reads: ``val_shards`` when given
+    (``train_shards#heldout`` leaves the other nine tenths to train on, as no val_shards does),
     else the ``val`` (or ``valid``, ``validation``) folder beside a ``train`` folder (or the one
     about to be written, ``val_to_come``), else the two parts of ``train_shards``'s held-out split."""
     if val_shards:
+        base, part = split_part(val_shards)
+        if (
+            part == HELDOUT_SUFFIX
+            and not split_part(train_shards)[1]
+            and data_location(base) == data_location(train_shards)
+        ):
+            return train_shards + TRAIN_SUFFIX, val_shards  # its held-out tenth named: the rest trains, as without it
         return train_shards, val_shards
     beside = [Path(train_shards).parent / name for name in VAL_FOLDERS]
     sibling = next((folder for folder in beside if folder.exists()), beside[0])
