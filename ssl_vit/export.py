@@ -279,7 +279,7 @@ def stopped_short(record: dict[str, Any]) -> str:
     step, planned = record.get("step"), record.get("planned_steps")
     if step is None or planned is None or step >= planned:
         return ""
-    return f" of the {planned} its run was set to take (it stopped before its end; the same command continues it)"
+    return f" of the {planned} its run was set to take"
 
 
 def load_encoder(path: str | Path, num_classes: int = 0, role: str | None = None) -> TimmViT:

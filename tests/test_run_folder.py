@@ -372,6 +372,13 @@ def test_a_resume_names_the_settings_changed_since_its_checkpoint():
     # the hint a distillation recipe gives for its missing teacher is no setting (an older run kept the recipe's)
     ckpt["hyper_parameters"]["teacher_made_by"], model.hparams["teacher_made_by"] = "ssl-vit pretrain ...", None
     assert changed_settings(ckpt, model, data) == ["model.base_lr 0.001 -> 0.002", "data.view.init_args.size 32 -> 48"]
+    # the same val folder given by its full path is no change; another folder is
+    ckpt["datamodule_hyper_parameters"]["val_shards"], ckpt[RUN_KEY] = "val", {"val_shards": data_location("val")}
+    data.hparams["val_shards"] = data_location("val")
+    assert changed_settings(ckpt, model, data)[2:] == []
+    data.hparams["val_shards"] = "other"
+    assert changed_settings(ckpt, model, data)[2:] == ["data.val_shards val -> other"]
+    data.hparams["val_shards"] = "val"
     # the evaluation's protocol too: a finished run's table is of the one it kept (its summary, refused)
     from ssl_vit.eval import EvaluationCallback
 

@@ -42,7 +42,7 @@ from ssl_vit.checkpoint import (
 )
 from ssl_vit.cli.tools import SOURCE_TREE
 from ssl_vit.data.pipeline import ShardDataModule, embedded_to_write, seen_images
-from ssl_vit.data.shards import is_remote, resolve_shards, split_part
+from ssl_vit.data.shards import data_location, is_remote, resolve_shards, split_part
 from ssl_vit.distributed import log_folder
 from ssl_vit.encoder import compile_blocks
 from ssl_vit.errors import UserError, cause_of, counted
@@ -348,7 +348,12 @@ def changed_settings(
     # compared by where they are (resume_mismatch), and a teacher by its weights (Distill.resume_problem)
     located = {"data.train_shards", "model.init_from", "model.teacher"}
     hint = {"model.teacher_made_by"}  # what a missing teacher's message names, no setting of the run
-    changed = [key for key in then if key in now and key not in located | hint and then[key] != now[key]]
+    val_then = ckpt.get(RUN_KEY, {}).get("val_shards")  # where it was: the same folder given another way is no change
+    val_now = now.get("data.val_shards")
+    same_val = (
+        {"data.val_shards"} if val_then and isinstance(val_now, str) and data_location(val_now) == val_then else set()
+    )
+    changed = [key for key in then if key in now and key not in located | hint | same_val and then[key] != now[key]]
     lines = [f"{key} {then[key]} -> {now[key]}" for key in changed]
     for callback in callbacks:  # the evaluation's protocol: its numbers are of it (none kept before it was)
         kept = ckpt.get("callbacks", {}).get(callback.state_key, {}).get("protocol")
