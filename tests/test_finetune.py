@@ -310,7 +310,7 @@ def test_validating_on_the_training_images_is_said(exported, tmp_path):
     result = finetune(tmp_path, exported, train, train, tmp_path / "run", *longer)
     assert result.returncode == 0, result.stderr[-3000:]
     changed = json.loads((tmp_path / "run/summary.json").read_text())["settings_changed"]
-    assert changed == ["at step 1: model.min_lr 1e-06 -> 2e-06"], changed
+    assert changed == ["at step 1: model.min_lr 1e-06 -> 2e-06; trainer.max_steps 1 -> 2"], changed  # the length too
 
 
 def test_an_odd_batch_with_mixup_stops_before_any_work(exported, tmp_path):

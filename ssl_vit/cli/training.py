@@ -207,8 +207,9 @@ class RunCLI(LightningCLI):
                 resumed = read_checkpoint(Path(config["ckpt_path"]), mmap=True)
                 changed = changed_settings(resumed, self.model, self.datamodule, self.trainer.callbacks)
                 # the run's length, which its schedules follow (a finished run raised to go on says so too)
-                now = {"trainer.max_steps": self.trainer.max_steps, "trainer.max_epochs": self.trainer.max_epochs}
-                limits = resumed.get(RUN_KEY, {}).get("limits", now)
+                limit = {"trainer.max_steps": self.trainer.max_steps, "trainer.max_epochs": self.trainer.max_epochs}
+                now = {key: -1 if value is None else value for key, value in limit.items()}  # None: no limit, as -1
+                limits = {k: -1 if v is None else v for k, v in resumed.get(RUN_KEY, {}).get("limits", now).items()}
                 changed += [
                     f"{key} {limits[key]} -> {now[key]}" for key in now if limits.get(key, now[key]) != now[key]
                 ]
