@@ -207,11 +207,13 @@ class RunCLI(LightningCLI):
                 resumed = read_checkpoint(Path(config["ckpt_path"]), mmap=True)
                 changed = changed_settings(resumed, self.model, self.datamodule, self.trainer.callbacks)
                 # the run's length, which its schedules follow (a finished run raised to go on says so too)
-                limit = {"trainer.max_steps": self.trainer.max_steps, "trainer.max_epochs": self.trainer.max_epochs}
-                now = {key: -1 if value is None else value for key, value in limit.items()}  # None: no limit, as -1
-                limits = {k: -1 if v is None else v for k, v in resumed.get(RUN_KEY, {}).get("limits", now).items()}
+                asked = {"trainer.max_steps": self.trainer.max_steps, "trainer.max_epochs": self.trainer.max_epochs}
+                now, then = (
+                    {key: -1 if value is None else value for key, value in limits.items()}  # None: no limit, as -1
+                    for limits in (asked, resumed.get(RUN_KEY, {}).get("limits", asked))
+                )
                 changed += [
-                    f"{key} {limits[key]} -> {now[key]}" for key in now if limits.get(key, now[key]) != now[key]
+                    f"{key} {then[key]} -> {value}" for key, value in now.items() if then.get(key, value) != value
                 ]
                 step = resumed.get("global_step")
                 if changed:  # for the run's summary
