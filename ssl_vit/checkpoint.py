@@ -673,20 +673,28 @@ def write_verdict(checkpoint: Path, step: int, weights_id: str | None, failed: s
         path.write_text(json.dumps(record, indent=1))
 
 
+def of_these_weights(record: dict[str, Any], ckpt: dict[str, Any], step_key: str = "step") -> bool:
+    """Whether a run's end-of-run record (its summary, its verdict) is of ``ckpt``'s weights at
+    its step: not of a checkpoint trained on from since, nor of one rewound by --ckpt_path and
+    trained again to the same step (other weights)."""
+    ran = ckpt.get(RUN_KEY, {}).get("weights_id")
+    return record.get(step_key) == ckpt.get("global_step") and record.get("weights_id", ran) == ran
+
+
 def failed_verdict(checkpoint: Path, ckpt: dict[str, Any]) -> str | None:
     """Why the run that ended with ``checkpoint`` (read: ``ckpt``) failed, if it did, as it
     recorded at its end: of these weights at this step only."""
     path = verdict_path(checkpoint)
     if not path.is_file():
         return None
-    record, ran = json.loads(path.read_text()), ckpt.get(RUN_KEY, {}).get("weights_id")
-    same = record.get("step") == ckpt.get("global_step") and record.get("weights_id", ran) == ran
-    return record.get("failed") if same else None
+    record = json.loads(path.read_text())
+    return record.get("failed") if of_these_weights(record, ckpt) else None
 
 
-def ending_summary(checkpoint: Path) -> dict[str, Any] | None:
-    """The ``summary.json`` of the run that ``checkpoint`` ends, when it names that checkpoint at
-    its step and weights (not a ``last.ckpt`` that a later session trained on from, and stopped)."""
+def ending_summary(checkpoint: Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ``summary.json`` of the run that ``checkpoint`` (read: ``ckpt``, or read here) ends,
+    when it names that checkpoint at its step and weights (not a ``last.ckpt`` that a later
+    session trained on from, and stopped)."""
     for folder in (checkpoint.parent, checkpoint.parent.parent):  # the run folder, or its checkpoints/
         summary = folder / "summary.json"
         if summary.is_file():
@@ -694,12 +702,10 @@ def ending_summary(checkpoint: Path) -> dict[str, Any] | None:
             if Path(record.get("checkpoint") or "").name != checkpoint.name:
                 return None
             try:
-                ckpt = read_checkpoint(checkpoint, mmap=True)
+                ckpt = ckpt or read_checkpoint(checkpoint, mmap=True)
             except UserError:  # not a checkpoint of this run's
                 return None
-            ran = ckpt.get(RUN_KEY, {}).get("weights_id")
-            same = record.get("steps") == ckpt.get("global_step") and record.get("weights_id", ran) == ran
-            return record if same else None
+            return record if of_these_weights(record, ckpt, "steps") else None
     return None
 
 

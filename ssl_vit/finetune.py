@@ -431,7 +431,7 @@ def export_finetuned(
             classes = shard_class_names(data["train_shards"])
         except (KeyError, UserError):
             classes = None
-    summary = ending_summary(Path(checkpoint)) or {}
+    summary = ending_summary(Path(checkpoint), ckpt) or {}
     results = {k: summary[f"val_{k}"] for k in ("top1", "top5") if summary.get(f"val_{k}") is not None}
     validated_on = {"val_shards": summary.get("val_shards"), "note": summary.get("val_note")} if results else None
     return export_classifier(module, out, classes, results, checkpoint, overwrite, deploy, validated_on)

@@ -34,6 +34,7 @@ from ssl_vit.checkpoint import (
     ending_summary,
     lock_run_folder,
     newest_complete_checkpoint,
+    of_these_weights,
     read_checkpoint,
     release_run_folders,
     remove_dead_writers_files,
@@ -256,9 +257,8 @@ class RunCLI(LightningCLI):
             return None
         summary_path = root / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        ran = ckpt.get(RUN_KEY, {}).get("weights_id")
         # stopped during its end-of-run evaluation or export; or the summary is of other weights (a rewound run)
-        if not summary or summary.get("steps") != step or summary.get("weights_id", ran) != ran:
+        if not summary or not of_these_weights(summary, ckpt, "steps"):
             if self.trainer.is_global_zero:
                 Console(stderr=True, soft_wrap=True).print(
                     f"{root} trained to its limit ({reached}) but was stopped before its end-of-run evaluation, "
