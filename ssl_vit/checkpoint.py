@@ -388,7 +388,8 @@ class RunCheckpoint(ModelCheckpoint):
     hold the seconds the run has taken to reach them, so that a resumed run's :meth:`seconds`
     counts its earlier sessions too. The final state is saved as soon as training ends, before the
     end-of-run evaluation and export; a run stopped during those does only them when it is started
-    again (``RunCLI.stop_if_finished``)."""
+    again (``RunCLI.stop_if_finished``). A SIGTERM before the session's first step (during the
+    evaluation at its start) stops it at once with nothing to save."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -397,7 +398,7 @@ class RunCheckpoint(ModelCheckpoint):
         # Names the weights a session trains (new at its first step), so that a summary, a record or
         # a card of other weights at the same step (a run rewound by --ckpt_path) is not taken for theirs.
         self.weights_id: str | None = None
-        self._trained = False
+        self._trained = self._training_started = False
         #: The recipe settings a resume changed, one line per resume ("at step 33: data.batch_size
         #: 128 -> 64"), kept in the checkpoints for the run's summary; the command line sets the
         #: resume's own before the checkpoint is restored.
@@ -412,20 +413,21 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._seconds_before, self._session_start = 0.0, time.perf_counter()
-        self.ctrl_c, self._trained = False, False
+        self.ctrl_c, self._trained, self._training_started = False, False, False
         self._sigterm_at_end = None
         if threading.current_thread() is threading.main_thread():
             # Set before Lightning's: it keeps a handler it finds, and calls it after its own (which
-            # only flags the step loop to stop, so the end-of-run work would go on to its end).
+            # only flags the step loop to stop, so the end-of-run work would go on to its end; it is
+            # set after the start-of-run evaluation, and unsets the flag, so a SIGTERM there was lost).
             previous = self._sigterm_before = signal.getsignal(signal.SIGTERM)
             self._sigterm_at_end = lambda signum, frame: self._stop_at_end(trainer, previous, signum, frame)
             signal.signal(signal.SIGTERM, self._sigterm_at_end)
 
     def _stop_at_end(self, trainer: L.Trainer, previous: Any, signum: int, frame: Any) -> None:
-        """SIGTERM once training is over: the final state is saved, so the end-of-run evaluation and
-        export stop at once (a scheduler's kill follows within seconds) and the same command redoes
-        them. Outside a run, the handler that was there before."""
-        if self._sigterm_at_end is not None and training_over(trainer):
+        """SIGTERM before the first step or once training is over: nothing is in flight, or the final
+        state is saved, so the evaluation and export stop at once (a scheduler's kill follows within
+        seconds) and the same command redoes them. Outside a run, the handler that was there before."""
+        if self._sigterm_at_end is not None and (not self._training_started or training_over(trainer)):
             raise SIGTERMException
         if self._sigterm_at_end is None:  # the run is over: act as if this handler had never been set
             signal.signal(signal.SIGTERM, previous)
@@ -436,7 +438,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._ctrl_c_handler = None
+        self._ctrl_c_handler, self._training_started = None, True
         # Python's own handler only: a job started in the background ignores Ctrl-C, and stays so.
         in_main_thread = threading.current_thread() is threading.main_thread()
         if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -542,6 +544,9 @@ class RunCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._sigterm_at_end = None  # Lightning's teardown puts it back, as the handler it found: now inert
         if isinstance(exception, KeyboardInterrupt):  # Ctrl-C may land mid-step: nothing is saved from it
+            if not self._training_started:
+                rank_zero_warn(self._nothing_trained("interrupted", trainer))
+                return
             if training_over(trainer):
                 rank_zero_warn(
                     f"interrupted after the last step ({trainer.global_step}), saved in {self.last_model_path}; run "
@@ -558,6 +563,9 @@ class RunCheckpoint(ModelCheckpoint):
             return
         exception.signum = signal.SIGINT if self.ctrl_c else signal.SIGTERM  # the command's exit status
         stopped = "stopped by Ctrl-C" if self.ctrl_c else "received SIGTERM"
+        if not self._training_started:
+            rank_zero_warn(self._nothing_trained(stopped, trainer))
+            return
         if training_over(trainer) and self._last_global_step_saved == trainer.global_step and self.last_model_path:
             rank_zero_warn(
                 f"{stopped} after the last step ({trainer.global_step}), saved in {self.last_model_path}; run the "
@@ -567,6 +575,13 @@ class RunCheckpoint(ModelCheckpoint):
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path, weights_only=False)  # the whole state (Lightning logs a line when not told)
         rank_zero_warn(f"{stopped} at step {trainer.global_step}: saved {path}; run the same command again to resume")
+
+    @staticmethod
+    def _nothing_trained(stopped: str, trainer: L.Trainer) -> str:
+        """The line for a session stopped before its first step: the state is the one it started
+        from (its global step is not restored yet, so it reads 0 on a resume too)."""
+        again = f"resume from {trainer.ckpt_path}" if trainer.ckpt_path else "start it"
+        return f"{stopped} before the first step: nothing new to save; the same command will {again}"
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:

@@ -76,6 +76,14 @@ class InterruptAtEnd(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class TermBeforeTheFirstStep(L.Callback):
+    """A SIGTERM to the process group once the evaluation at the run's start is done (it is the
+    callback before this one), before the first step."""
+
+    def on_fit_start(self, trainer: L.Trainer, *args) -> None:
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+
 class NaNInputAt(L.Callback):
     """Fills the batch of optimiser step ``step`` with NaN, so its loss and gradients are NaN."""
 
@@ -557,6 +565,33 @@ def case_sigterm_after_the_last_step(work: Path) -> Outcome:
         f"{again.returncode}, summary of step {summary.get('steps')}",
         ok and again.returncode == 0 and done,
         "none" if kept == EPOCHS * STEPS_PER_EPOCH and checkpoints_intact(folder) else "yes",
+    )
+
+
+def case_sigterm_at_the_start_of_a_resume(work: Path) -> Outcome:
+    """A scheduler's SIGTERM while a resumed run evaluates before its first step: it stops at once,
+    exit 143, with its checkpoint as it was, and the same command resumes to the end. (The SIGTERM
+    was lost: the run trained to its end and exited 0, so the job did what its scheduler had
+    stopped.)"""
+    knn = {"class_path": "ssl_vit.eval.EvaluationCallback", "init_args": {"probes": False}}
+    folder, config = new_run(work, "sigterm_at_start", **{"trainer.callbacks": [knn]})
+    first = pretrain(folder, "--config", config, *fault("KillAt", step=3, signal="SIGTERM"))
+    last = folder / "run/checkpoints/last.ckpt"
+    before = last.read_bytes()
+    stopped = pretrain(folder, "--config", config, *fault("TermBeforeTheFirstStep"), terminal=True)
+    kept = last.read_bytes() == before
+    said = f"before the first step: nothing new to save; the same command will resume from {last}"
+    said = said in stopped.stderr
+    again = pretrain_in_this_process(folder, "--config", config)
+    step, _ = last_state(folder)
+    ref_step, _ = uninterrupted(work)
+    ok = first.returncode == stopped.returncode == 128 + signal.SIGTERM and kept and said
+    return Outcome(
+        f"exit 143 before training, said so, step 3 kept as it was; the same command resumes to step {ref_step}",
+        f"rc {first.returncode} then {stopped.returncode}, said={said}, checkpoint as it was={kept}; resumed rc "
+        f"{again.returncode} to step {step}",
+        ok and again.returncode == 0 and step == ref_step,
+        "none" if kept and checkpoints_intact(folder) else "yes",
     )
 
 
@@ -1057,6 +1092,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_ctrl_c,
     case_ctrl_c_after_the_last_step,
     case_sigterm_after_the_last_step,
+    case_sigterm_at_the_start_of_a_resume,
     case_truncated_checkpoint,
     case_checkpoint_with_a_hole,
     case_fresh_start_in_a_used_run_folder,
