@@ -125,8 +125,8 @@ def test_lars_steps_as_maes_lars():
 
 def reference_attentive_classifier(head: AttentiveProbeHead, tokens: torch.Tensor) -> torch.Tensor:
     """V-JEPA's AttentiveClassifier written from its formulas, head by head:
-    q <- q + W_o [softmax(q_h k_h^T / sqrt(d_h)) v_h]_h with k, v from LN(x); q <- q + MLP(LN(q));
-    logits = W q."""
+    q <- q + [softmax(q_h k_h^T / sqrt(d_h)) v_h]_h with k, v from LN(x) (its CrossAttention's
+    forward applies no output projection); q <- q + MLP(LN(q)); logits = W q."""
     d = tokens.shape[-1]
     h = head.num_heads
     x = torch.nn.functional.layer_norm(tokens, (d,), head.norm_tokens.weight, head.norm_tokens.bias)
@@ -139,7 +139,7 @@ def reference_attentive_classifier(head: AttentiveProbeHead, tokens: torch.Tenso
         sl = slice(i * d // h, (i + 1) * d // h)
         weights = torch.softmax(k[..., sl] @ q[sl] / math.sqrt(d // h), dim=1)  # (b, n)
         outs.append((weights.unsqueeze(-1) * v[..., sl]).sum(1))
-    pooled = query + torch.cat(outs, dim=-1) @ head.proj.weight.T + head.proj.bias
+    pooled = query + torch.cat(outs, dim=-1)
     normed = torch.nn.functional.layer_norm(pooled, (d,), head.norm_query.weight, head.norm_query.bias)
     hidden = torch.nn.functional.gelu(normed @ head.mlp.fc1.weight.T + head.mlp.fc1.bias)
     pooled = pooled + hidden @ head.mlp.fc2.weight.T + head.mlp.fc2.bias
@@ -154,7 +154,41 @@ def test_attentive_probe_head_matches_vjepa_reference():
     tokens = torch.randn(3, 10, 32)
     torch.testing.assert_close(head(tokens), reference_attentive_classifier(head, tokens), atol=1e-5, rtol=1e-5)
     fresh = AttentiveProbeHead(dim=32, num_heads=4, num_classes=7)
-    assert fresh.proj.weight.std() < fresh.q.weight.std()  # residual projections rescaled by 1/sqrt(2)
+    assert fresh.mlp.fc2.weight.std() < fresh.q.weight.std()  # the residual MLP's output rescaled by 1/sqrt(2)
+    assert fresh.linear.bias.abs().sum() > 0  # the classifier at PyTorch's default, not the pooler's init
+
+
+def test_attentive_probe_trains_as_vjepa():
+    """V-JEPA's frozen-evaluation loop written out: per step, lr and weight decay set on their
+    cosines (lr to 0; weight decay to 1e-6, on tensors of more than one dimension), the
+    gradient norm clipped at 1, then AdamW. Features scaled up so that the clipping acts."""
+    torch.manual_seed(0)
+    features, labels = 50 * torch.randn(4, 8, 6, 16), torch.randint(0, 3, (4, 8))
+    epochs, steps, lr, wd = 2, 4, 1e-2, 0.5  # a large decay, so that its schedule shows
+
+    def batches(epoch):
+        return zip(features, labels, strict=True)
+
+    torch.manual_seed(1)
+    trained = train_attentive_probe(batches, steps, 16, 4, 3, epochs=epochs, lr=lr, weight_decay=wd)
+    torch.manual_seed(1)
+    head = AttentiveProbeHead(16, 4, 3)
+    groups = [[p for p in head.parameters() if p.ndim > 1], [p for p in head.parameters() if p.ndim == 1]]
+    opt = torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}])
+    total = epochs * steps
+    for step in range(total):
+        cosine = 0.5 * (1 + math.cos(math.pi * step / total))
+        opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = lr * cosine
+        opt.param_groups[0]["weight_decay"] = 1e-6 + (wd - 1e-6) * cosine
+        loss = torch.nn.functional.cross_entropy(head(features[step % steps]), labels[step % steps])
+        opt.zero_grad()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in head.parameters()])
+        for p in head.parameters():
+            p.grad.mul_(min(1.0, 1.0 / (grads.norm().item() + 1e-6)))
+        opt.step()
+    for (name, p), expected in zip(trained.named_parameters(), head.parameters(), strict=True):
+        torch.testing.assert_close(p, expected, msg=name)
 
 
 def test_attentive_probe_finds_the_token_that_carries_the_class():

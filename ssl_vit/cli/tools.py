@@ -48,7 +48,7 @@ from ssl_vit.eval.encoders import (
 )
 from ssl_vit.eval.evaluator import whole_patches
 from ssl_vit.eval.features import Pooling
-from ssl_vit.eval.image_text import PROMPT_TEMPLATES, evaluate_image_text, no_retrieval, no_zero_shot
+from ssl_vit.eval.image_text import evaluate_image_text, no_retrieval, no_zero_shot, prompt_templates
 from ssl_vit.eval.report import (
     COMMON_SETTINGS,
     PROTOCOL_SETTINGS,
@@ -295,8 +295,9 @@ def zeroshot(args: list[str]) -> None:
     title = f"zero-shot evaluation of {opts.model} on {opts.val_shards}"
     print_results(title, results, **(counts or {"classes": len(names) if names else None}))
     if "zeroshot" in results:  # a score far below chance often means folder names unlike the captions' words
+        templates = prompt_templates()
         Console(soft_wrap=True).print(
-            f"zero-shot prompts: open_clip's {len(PROMPT_TEMPLATES)} templates ('{PROMPT_TEMPLATES[1]}', ...) with "
+            f"zero-shot prompts: open_clip's {len(templates)} templates ('{templates[0]('{}')}', ...) with "
             f"each class folder's name ({first_few(names, 6)}): name the folders with the captions' words"
         )
     evaluated = info.get("checkpoint", opts.model)  # a run folder's records go beside the checkpoint read

@@ -5,7 +5,7 @@ Used by the pretraining callback and by ``ssl-vit zeroshot`` alike."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -17,18 +17,16 @@ from ssl_vit.data.pipeline import CaptionTokenizer, View, eval_loader
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.eval.report import label_counts
 
-#: open_clip's ``zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES``: the 7 prompts whose text
-#: embeddings are averaged into one per class (written out here, so that evaluating an open_clip
-#: folder needs no ssl-vit objective).
-PROMPT_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
+
+def prompt_templates() -> tuple[Callable[[str], str], ...]:
+    """The 80 prompts (OpenAI's ImageNet ensemble, "a bad photo of a {}.", ...) whose text embeddings
+    are averaged into one per class: what ``open_clip_train/zero_shot.py`` evaluates with. Read from
+    open_clip, which every image-text model here needs for its tokenizer."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(OPENAI_IMAGENET_TEMPLATES)
+
+
 RECALL_AT = (1, 5, 10)
 
 
@@ -46,11 +44,14 @@ class ImageTextModel(Protocol):
 
 def class_embeddings(model: ImageTextModel, class_names: Sequence[str], device: torch.device) -> Tensor:
     """One embedding per class: the normalised mean of its prompts' normalised text embeddings
-    (open_clip's ``build_zero_shot_classifier``), (classes, D)."""
-    prompts = [template.format(name) for name in class_names for template in PROMPT_TEMPLATES]
-    tokens = torch.stack([model.caption_tokens(prompt)[0] for prompt in prompts]).to(device)
-    per_prompt = model.embed_texts(tokens).reshape(len(class_names), len(PROMPT_TEMPLATES), -1)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+    (open_clip's ``build_zero_shot_classifier``), (classes, D); ten classes' prompts at a time."""
+    templates, per_class = prompt_templates(), []
+    for start in range(0, len(class_names), 10):
+        names = class_names[start : start + 10]
+        prompts = [template(name) for name in names for template in templates]
+        tokens = torch.stack([model.caption_tokens(prompt)[0] for prompt in prompts]).to(device)
+        per_class.append(model.embed_texts(tokens).reshape(len(names), len(templates), -1).mean(dim=1))
+    return F.normalize(torch.cat(per_class), dim=-1)
 
 
 def zero_shot_accuracy(image: Tensor, labels: Tensor, classes: Tensor) -> dict[str, float]:

@@ -65,20 +65,30 @@ def train_probe_head(
     epochs: int,
     peak_lr: float,
     warmup_epochs: float,
+    final_weight_decay: float | None = None,
+    max_grad_norm: float | None = None,
 ) -> nn.Module:
     """The loop every probe shares: cross-entropy on the batches ``epoch_batches(epoch)`` yields,
-    lr set every step (linear warm-up over ``warmup_epochs``, then cosine to 0)."""
+    lr set every step (linear warm-up over ``warmup_epochs``, then cosine to 0); with
+    ``final_weight_decay``, the decayed groups' weight decay goes down a cosine to it; with
+    ``max_grad_norm``, the gradient's norm is clipped to it."""
     device = next(head.parameters()).device
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    decayed = [(group, group["weight_decay"]) for group in opt.param_groups if group.get("weight_decay")]
     step = 0
     head.train()
     for epoch in range(epochs):
         for features, labels in epoch_batches(epoch):
             for group in opt.param_groups:
                 group["lr"] = warmup_cosine(step, total, warmup, peak_lr, 0.0)
+            if final_weight_decay is not None:
+                for group, weight_decay in decayed:
+                    group["weight_decay"] = warmup_cosine(step, total, 0, weight_decay, final_weight_decay)
             loss = nn.functional.cross_entropy(head(features.to(device)), labels.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(head.parameters(), max_grad_norm)
             opt.step()
             step += 1
     if step != total:  # an accuracy of a head trained on fewer batches than counted is not the protocol's
