@@ -32,7 +32,7 @@ from ssl_vit.data.views import EvalView
 from ssl_vit.errors import UserError
 from ssl_vit.eval.image_text import class_embeddings, evaluate_image_text, retrieval_recall, zero_shot_accuracy
 from ssl_vit.methods import CLIP
-from ssl_vit.methods.clip import CaptionTokens, open_clip_folder_contents, open_clip_vision
+from ssl_vit.methods.clip import CaptionTokens, load_image_text_model, open_clip_folder_contents, open_clip_vision
 from tests.conftest import TINY_ENCODER
 from tests.fault_injection import (
     KNN_AT_BOTH_ENDS,
@@ -440,6 +440,27 @@ def test_open_clip_loads_the_model_alone_with_the_same_embeddings(tmp_path, towe
         assert torch.equal(tokenizer(captions), ours)
         torch.testing.assert_close(model.encode_text(ours, normalize=True), method.embed_texts(ours))
     assert model.logit_scale.item() == pytest.approx(method.logit_scale.item())
+
+
+def test_another_open_clip_folder_is_evaluated_on_its_own_preprocessing(tmp_path):
+    """An open_clip folder ssl-vit did not write is scored on the view open_clip's own eval
+    transform makes from its preprocess_cfg (here OpenAI's mean and std, which it does not name,
+    and bilinear resizing); an ssl-vit export on the run's evaluation view. (Every folder was scored
+    on ssl-vit's view with ImageNet's mean and std.)"""
+    torch.manual_seed(0)
+    config, state = open_clip_folder_contents(CLIP(TINY_ENCODER, **{**TINY_TEXT, "vocab_size": 49408}))
+    config["preprocess_cfg"] = {"size": 32, "interpolation": "bilinear"}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    save_file(state, str(tmp_path / "open_clip_model.safetensors"))
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    _, size, info = load_image_text_model(tmp_path)
+    torch.testing.assert_close(EvalView(size, **info["view"])(image), preprocess(image), atol=1e-5, rtol=0)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({**config, "ssl_vit": {"step": 3}}))
+    assert load_image_text_model(tmp_path)[2]["view"] == {}  # ssl-vit's own export: the run's view
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({**config, "preprocess_cfg": {"resize_mode": "squash"}}))
+    with pytest.raises(UserError, match="resizes by 'squash'"):
+        load_image_text_model(tmp_path)
 
 
 def test_an_image_tower_open_clip_cannot_hold_is_refused_in_one_line():

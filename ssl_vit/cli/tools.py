@@ -279,7 +279,7 @@ def zeroshot(args: list[str]) -> None:
     settings = {"train_shards": None, "val_shards": opts.val_shards, "image_size": size}
     settings = with_files(settings | {"batch_size": opts.batch_size, "num_workers": opts.num_workers})
     start = time.perf_counter()
-    view = EvalView(settings["image_size"])
+    view = EvalView(settings["image_size"], **info.get("view", {}))
     names = shard_class_names(opts.val_shards)
     results, counts = evaluate_image_text(model, opts.val_shards, view, names, opts.batch_size, opts.num_workers)
     if not results:

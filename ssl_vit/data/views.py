@@ -348,11 +348,12 @@ class EvalView(v2.Compose):
         crop_pct: float = EVAL_CROP_PCT,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        interpolation: str = "bicubic",
     ) -> None:
         side = math.floor(size / crop_pct)
         super().__init__(
             [
-                v2.Resize(side, interpolation=InterpolationMode.BICUBIC),
+                v2.Resize(side, interpolation=InterpolationMode(interpolation)),
                 v2.CenterCrop(size),
                 *to_normalized_tensor(mean, std),
             ]

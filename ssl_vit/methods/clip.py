@@ -338,8 +338,11 @@ def open_clip_card(record: dict[str, Any]) -> str:
 
 class OpenCLIPFolder(nn.Module):
     """A folder ``open_clip.create_model("local-dir:...")`` loads (as ``export_open_clip`` writes
-    them), with the embeddings and tokenizer the image-text protocols use: the same protocol
-    numbers from the export as from its checkpoint."""
+    them), with the embeddings and tokenizer the image-text protocols use, and the evaluation view
+    its images take (``view``: ``EvalView``'s settings): an ssl-vit export's is the run's, so that
+    it gives the same protocol numbers as its checkpoint; another folder's is its own
+    ``preprocess_cfg`` as open_clip's eval transform reads it (resize the short side to the
+    crop, centre-crop, its mean and std: OpenAI's when it names none)."""
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__()
@@ -348,7 +351,8 @@ class OpenCLIPFolder(nn.Module):
             raise UserError(
                 f"{folder} has no open_clip_config.json; pass a CLIP .ckpt, a run folder or an open_clip folder"
             )
-        model_cfg = json.loads(config_path.read_text()).get("model_cfg", {})
+        config = json.loads(config_path.read_text())
+        model_cfg = config.get("model_cfg", {})
         text_cfg = model_cfg.get("text_cfg", {})
         if text_cfg.get("hf_tokenizer_name"):
             raise UserError(f"{folder} uses a Hugging Face tokenizer; ssl-vit reads captions with open_clip's own")
@@ -356,6 +360,7 @@ class OpenCLIPFolder(nn.Module):
         self.caption_tokens = CaptionTokens(text_cfg.get("context_length", 77))
         self.image_size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
         self.patch_size = model_cfg.get("vision_cfg", {}).get("patch_size")
+        self.view: dict[str, Any] = {} if "ssl_vit" in config else open_clip_eval_view(folder, config)
 
     def embed_images(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images, normalize=True)
@@ -364,14 +369,29 @@ class OpenCLIPFolder(nn.Module):
         return self.model.encode_text(tokens, normalize=True)
 
 
+def open_clip_eval_view(folder: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """``EvalView``'s settings for what open_clip's eval transform does with a folder's
+    ``preprocess_cfg`` (``open_clip.transform.image_transform``, ``resize_mode: shortest``)."""
+    from open_clip.transform import PreprocessCfg
+
+    fields = PreprocessCfg.__dataclass_fields__
+    cfg = PreprocessCfg(**{k: v for k, v in config.get("preprocess_cfg", {}).items() if k in fields})
+    if cfg.resize_mode != "shortest" or cfg.interpolation not in ("bicubic", "bilinear"):
+        raise UserError(
+            f"{folder}'s preprocess_cfg resizes by {cfg.resize_mode!r} with {cfg.interpolation!r}; ssl-vit "
+            "evaluates open_clip folders that resize the shortest side, bicubic or bilinear"
+        )
+    return {"crop_pct": 1.0, "mean": tuple(cfg.mean), "std": tuple(cfg.std), "interpolation": cfg.interpolation}
+
+
 def load_image_text_model(source: str | Path) -> tuple[nn.Module, int, dict[str, Any]]:
     """A CLIP checkpoint or an open_clip folder as an image-text model, its image size, and what
-    it is (for the records)."""
+    it is (for the records; ``view``: the evaluation view's settings other than the default's)."""
     path = Path(source)
     if path.is_dir() and (path / "open_clip_config.json").is_file():
         model = OpenCLIPFolder(path)
         record = json.loads((path / "open_clip_config.json").read_text()).get("ssl_vit", {})  # ssl-vit's exports
-        info = {"method": "CLIP", "format": "open_clip", "step": record.get("step")}
+        info = {"method": "CLIP", "format": "open_clip", "step": record.get("step"), "view": model.view}
         trained_on = record.get("trained_on")
         trained_on = (trained_on, record.get("data", {}).get("val_shards")) if trained_on else None
         return model, model.image_size, info | {"trained_on": trained_on}
