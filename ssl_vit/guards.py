@@ -293,7 +293,7 @@ class NonFiniteGuard(L.Callback):
 BEFORE_ANY_UPDATE = "Before any update: the model as initialised; the next checks say whether training spreads it."
 
 
-def collapse_advice(
+def collapse_warning_advice(
     step: int, since: int, total: int, uniform: bool, init_from: str | None, objective_advice: str
 ) -> str:
     """What a collapse warning at ``step`` of ``total``, of a collapse that began at ``since``,

@@ -20,7 +20,7 @@ from ssl_vit.ema import ema_update
 from ssl_vit.encoder import EncoderConfig, ViTEncoder
 from ssl_vit.errors import UserError, last_line
 from ssl_vit.export import encoder_state_dict
-from ssl_vit.guards import CollapseWatch, collapse_advice
+from ssl_vit.guards import CollapseWatch, collapse_warning_advice
 from ssl_vit.health import embedding_spread, teacher_health
 from ssl_vit.pictures import attention_columns, pca_columns
 from ssl_vit.schedules import PaperRun, cosine_to, scaled_ema_momentum, scaled_epochs, steps_per_epoch, warmup_cosine
@@ -81,7 +81,8 @@ class SSLMethod(L.LightningModule):
     #: lr = base_lr x global batch / lr_batch_divisor (256 in MAE, DINO, MoCo v3; 512 in SimMIM).
     lr_batch_divisor: ClassVar[int] = 256
     #: ``linear`` (the factor above) or ``sqrt``: base_lr x sqrt(global batch / lr_batch_divisor),
-    #: DINOv2's rule for AdamW, which I-JEPA (one lr at one batch, no rule of its own) follows too.
+    #: DINOv2's rule for AdamW, which I-JEPA (one lr at one batch, no rule of its own) follows too;
+    #: ``none``: base_lr as it is, whatever the batch (open_clip's --lr, which CLIP follows).
     lr_batch_rule: ClassVar[Literal["linear", "sqrt", "none"]] = "linear"
     #: AdamW's epsilon: PyTorch's default, or the official code's (open_clip's 1e-6 for ViTs).
     adam_eps: ClassVar[float] = 1e-8
@@ -415,6 +416,6 @@ class SSLMethod(L.LightningModule):
         step = self.global_step
         if watch.update(step, collapsed=spread < watch.threshold or uniform, repeat_every=max(every, total // 10)):
             init_from = self.hparams.get("init_from")
-            advice = collapse_advice(step, watch.since, total, uniform, init_from, self.collapse_advice)
+            advice = collapse_warning_advice(step, watch.since, total, uniform, init_from, self.collapse_advice)
             rank_zero_warn(watch.warning(type(self).__name__, step, spread, uniform, advice))
         self.log("train/collapsed_steps", float(watch.collapsed_steps))
