@@ -79,7 +79,7 @@ READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "cls", "json", MASK_MEMBER, CAPT
 CaptionTokenizer = Callable[[str], tuple[torch.Tensor, bool]]
 NO_LABEL = -1
 UNREADABLE = "__unreadable__"  # why an image file of a folder could not be read, in its sample
-IGNORE_PIXEL = -100  # a label map's 255 ("ignore", VOC's and ADE20K's convention), as cross-entropy skips it
+IGNORE_PIXEL = -100  # a label map's 255 ("ignore", as VOC and mmsegmentation mark it), as cross-entropy skips it
 
 View = Callable[[Image.Image], Any]
 #: A dataset names the first few samples it skips, each only the first time this run meets it

@@ -301,8 +301,8 @@ def image_folder_samples(
     members; every image, sub-folders included). An image's caption, for
     image-text objectives, is the text file beside it (``a/b.txt`` for ``a/b.jpg``), if any.
 
-    With ``masks``, a parallel folder of label maps (ADE20k / VOC style: 8-bit PNGs of class
-    indices, 255 = ignore, the image's size): the map of ``root/a/b.jpg`` is ``masks/a/b.png``.
+    With ``masks``, a parallel folder of label maps (8-bit PNGs of class indices, 255 = ignore as
+    in VOC and mmsegmentation, the image's size): the map of ``root/a/b.jpg`` is ``masks/a/b.png``.
 
     Files keep their original bytes (no re-encoding) and are written in a seeded random order so
     that each shard mixes classes.
