@@ -38,7 +38,7 @@ from ssl_vit.data.shards import HELDOUT_SUFFIX, split_part
 from ssl_vit.data.views import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.encoder import NON_TIMM_SETTINGS, TIMM_VITS, TimmViT, ViTEncoder
 from ssl_vit.errors import UserError
-from ssl_vit.eval.report import RECORD_KINDS
+from ssl_vit.eval.report import RECORD_KINDS, counts_caption
 from ssl_vit.onnx_export import ONNX_FILES, Deploy, OnnxOptions, prepare_deploy, require_onnxruntime, write_onnx
 from ssl_vit.replace import OutputKind, check_replaceable, replace_output
 
@@ -368,6 +368,8 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
         if of_these and results.get("step", record["step"]) == record["step"]:
             record[kind] = results["results"]
             record.setdefault("evaluated_on", results.get("data"))
+            if results.get("counts"):
+                record.setdefault("evaluation_counts", results["counts"])
             if results.get("random_init_results"):
                 record.setdefault("random_init", {})[kind] = results["random_init_results"]
     return record
@@ -375,11 +377,13 @@ def provenance(ckpt: dict[str, Any], checkpoint: str | Path, role: str) -> dict[
 
 def run_evaluation(record: dict[str, Any]) -> tuple[str, list[str]]:
     """What a model card says of the run's evaluation of the exported checkpoint: a heading
-    naming the data, and the end-of-run top-1 (mIoU, R@1) per protocol, with its random
-    initialisation's."""
+    naming the data and what the accuracies count, and the end-of-run top-1 (mIoU, R@1) per
+    protocol, with its random initialisation's."""
     on = record.get("evaluated_on") or {}
     scored = f" on `{on['val_shards']}` (neighbours and probes from `{on['train_shards']}`)" if on else ""
-    return f"Evaluation of this checkpoint by the run{scored}, top-1 %:", _evaluation_lines(record)
+    counts = counts_caption(**record.get("evaluation_counts", {}))
+    counts = f" ({counts})" if counts else ""
+    return f"Evaluation of this checkpoint by the run{scored}, top-1 %{counts}:", _evaluation_lines(record)
 
 
 def _evaluation_lines(record: dict[str, Any]) -> list[str]:

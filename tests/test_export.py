@@ -34,6 +34,7 @@ def checkpoint(request, tmp_path) -> Path:
         "results": {"k=20": {"top1": 50.0, "top5": 90.0}},
         "random_init_results": {"k=20": {"top1": 12.5, "top5": 60.0}},
         "data": {"train_shards": "photos#train", "val_shards": "photos#heldout"},
+        "counts": {"val_images": 8, "classes": 4, "val_classes": 4, "largest_class": 50.0},
     }
     (path.parent / "last.knn.json").write_text(json.dumps(record))
     return path
@@ -86,6 +87,8 @@ def test_export_holds_the_encoder_only_and_its_provenance(checkpoint, tmp_path):
     assert f"optimiser steps: {prov['step']}" in card and 'create_model("local-dir:' in card
     # what the run measured, readable: on which images, and against its random initialisation
     assert "by the run on `photos#heldout` (neighbours and probes from `photos#train`), top-1 %" in card
+    # what the accuracies count: one image is 12.5 points, and one answer for all scores 50
+    assert "top-1 % (8 images of 4 classes, 12 points each; the largest class alone scores 50.0):" in card
     assert "- k-NN: k=20 50.0 (random init: k=20 12.5)\n" in card
     # how a deployment prepares an image, as the evaluation did (timm's transform from config.json)
     said = "- input: RGB, the short side resized to 36 px and the long side in proportion, rounded down (bicubic"

@@ -558,6 +558,9 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
         card = (user_folder / f"runs/photos/{objective}/export/README.md").read_text()
         # where the folder is, not where the run was started from: the card is read from elsewhere
         assert f"- training data: `{photos}`, less its held-out tenth (`#heldout`), which it was evaluated on" in card
+    # what the run's accuracies count, from its own records: the held-out images and their classes
+    card = (user_folder / "runs/photos/simclr/export/README.md").read_text()
+    assert re.search(r"top-1 % \(\d+ images of 3 classes, [\d.]+ points each", card), card
     continued = json.loads((user_folder / "runs/more_photos/simclr/summary.json").read_text())
     card = (user_folder / "runs/more_photos/simclr/export/README.md").read_text()
     assert "- started from: `runs/photos/simclr/export` (init_from), whose own training this card" in card

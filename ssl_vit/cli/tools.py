@@ -224,7 +224,7 @@ def evaluate(command: str, args: list[str]) -> None:
             "rewritten; these numbers are of the images as they are now, the run's records of the images as they were"
         )
     stem, tag = standalone_record_stem(source, out), settings_tag(source, weights, settings, info["step"])
-    for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag):
+    for path in write_records(source, results, info, settings, seconds, stem=stem, tag=tag, counts=counts):
         Console(soft_wrap=True).print(f"wrote {path}")
 
 
@@ -308,7 +308,7 @@ def zeroshot(args: list[str]) -> None:
             "or rewritten; these numbers are of them as they are now, the run's records of them as they were"
         )
     stem, tag = standalone_record_stem(evaluated, opts.out), settings_tag(evaluated, None, settings, info.get("step"))
-    for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag):
+    for path in write_records(evaluated, results, info, settings, seconds, stem=stem, tag=tag, counts=counts):
         Console(soft_wrap=True).print(f"wrote {path}")
 
 

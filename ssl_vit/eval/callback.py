@@ -229,4 +229,5 @@ class EvaluationCallback(Evaluator, Periodic):
             seconds,
             self.baseline,
             baseline_name=self.baseline_name,
+            counts=self.counts,
         )

@@ -92,6 +92,27 @@ def label_counts(labels: Tensor, classes: int) -> dict[str, Any]:
     }
 
 
+def counts_caption(
+    val_images: int | None = None,
+    classes: int | None = None,
+    val_classes: int | None = None,
+    largest_class: float | None = None,
+) -> str | None:
+    """What the accuracies count ("45 images of 3 classes, 2.2 points each; the largest class alone
+    scores 40.0"): on a small held-out part a difference of a point or two may be one image, and
+    on unequal classes one answer for every image scores the largest's share."""
+    if not val_images:
+        return None
+    of_classes = f" of {counted(classes, 'class', 'classes')}" if classes else ""
+    if classes and val_classes is not None and val_classes < classes:
+        of_classes = f" of {val_classes} of the {classes} classes"
+    points = f"{100 / val_images:.2g}" if val_images > 1 else "100"
+    caption = f"{counted(val_images, 'image')}{of_classes}, {points} points each"
+    if largest_class and classes and largest_class > 100 / classes + 0.5:  # unequal classes
+        caption += f"; the largest class alone scores {largest_class:.1f}"
+    return caption
+
+
 def print_results(
     title: str,
     results: Results,
@@ -111,14 +132,7 @@ def print_results(
     console = Console()
     rows = _rows(results)
     if rows:
-        # On a small held-out part a difference of a point or two may be one image.
-        of_classes = f" of {counted(classes, 'class', 'classes')}" if classes else ""
-        if classes and val_classes is not None and val_classes < classes:
-            of_classes = f" of {val_classes} of the {classes} classes"
-        points = f"{100 / val_images:.2g}" if val_images and val_images > 1 else "100"
-        caption = f"{counted(val_images, 'image')}{of_classes}, {points} points each" if val_images else None
-        if caption and largest_class and classes and largest_class > 100 / classes + 0.5:  # unequal classes
-            caption += f"; the largest class alone scores {largest_class:.1f}"
+        caption = counts_caption(val_images, classes, val_classes, largest_class)
         top5 = not classes or classes > 5
         table = Table(title=title, caption=caption, min_width=max(len(title), len(caption or "")))  # each on one line
         columns = [
@@ -169,12 +183,14 @@ def write_records(
     stem: Path | None = None,
     tag: str | None = None,
     baseline_name: str = "random init",
+    counts: dict[str, Any] | None = None,
 ) -> list[Path]:
     """``<stem>.<kind>.json`` for each of ``RECORD_KINDS`` in the results: method, encoder, data,
     protocol settings, accuracies and time, each written atomically. ``stem`` defaults to the
     checkpoint's path without its suffix (the run's own records, ``last.knn.json``); a ``tag``
     gives ``<stem>.<kind>.<tag>.json``, the name a standalone evaluation writes under so that it
-    never replaces the run's records."""
+    never replaces the run's records. ``counts``: what the accuracies count (:func:`label_counts`),
+    kept with them for a model card."""
     checkpoint = Path(checkpoint)
     stem = stem or checkpoint.with_suffix("")
     written = []
@@ -199,6 +215,8 @@ def write_records(
             "results": results[kind],
             "seconds": round(seconds, 2),
         }
+        if counts and kind != "segmentation" and kind != "retrieval":  # those count pixels and pairs
+            record["counts"] = counts
         if baseline and kind in baseline:
             record[f"{baseline_name.replace(' ', '_')}_results"] = baseline[kind]
         written.append(write_json(stem.with_name(".".join([stem.name, kind, *([tag] if tag else []), "json"])), record))
