@@ -794,3 +794,18 @@ def test_naming_the_held_out_tenth_as_val_data_trains_on_the_other_nine_tenths(t
     assert evaluation_split("photos", f"{tmp_path}/photos#heldout") == ("photos#train", f"{tmp_path}/photos#heldout")
     assert evaluation_split("photos", "other#heldout") == ("photos", "other#heldout")  # another folder's tenth
     assert evaluation_split("photos#train", "photos#heldout") == ("photos#train", "photos#heldout")
+
+
+@pytest.mark.parametrize("setting", ["--data.view.init_args.size", "--model.init_args.encoder.img_size"])
+def test_crops_of_another_size_than_the_encoders_stop_before_writing(tmp_path, setting):
+    """The README says to set both sizes; with one alone, the run trained at one size and exported
+    (config.json's input_size) and evaluated at the other, without a word."""
+    folder = image_folder(tmp_path / "photos", ["beach", "hills"], per_class=10)
+    recipe = str(ROOT / "recipes/quickstart/simclr.yaml")
+    data = ["--data.train_shards", str(folder), "--data.batch_size", "8"]
+    result = in_this_process(tmp_path, "pretrain", "--config", recipe, *data, setting, "64")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    crops, encoder = (64, 32) if "view" in setting else (32, 64)
+    said = f"the encoder's img_size is {encoder} px but data.view makes {crops}-px crops"
+    assert said in result.stderr and f"--model.init_args.encoder.img_size {crops} for these crops" in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -68,6 +68,19 @@ COMMANDS = {
 }
 
 
+def check_sizes_agree(model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """A ViT trained on crops of another size than its ``img_size`` runs (its position embeddings
+    are resampled) but is exported, evaluated and deployed at ``img_size``: refused, naming both."""
+    size = getattr(getattr(model, "encoder", None), "image_size", None)  # a ViT objective's encoder
+    sizes = getattr(getattr(datamodule, "view", None), "sizes", None)
+    if size is not None and sizes and size not in sizes:
+        raise UserError(
+            f"the encoder's img_size is {size} px but data.view makes {sizes[0]}-px crops, so the run would train "
+            f"at {sizes[0]} and export and evaluate at {size}; set both (--model.init_args.encoder.img_size "
+            f"{sizes[0]} for these crops)"
+        )
+
+
 class RunCLI(LightningCLI):
     """What every ssl-vit training command shares: atomic checkpoints (each periodic one kept,
     plus ``last.ckpt``), auto-resume from the newest complete one, the non-finite-loss guard, the
@@ -139,6 +152,7 @@ class RunCLI(LightningCLI):
         return type(self.model).__name__.lower()
 
     def before_fit(self) -> None:
+        check_sizes_agree(self.model, self.datamodule)
         if getattr(self.model, "init_from", None):  # before the run's own checkpoints are matched against it
             self.model.init_from = same_data_init_from(self.model.init_from, self.datamodule.train_shards)
             self.model.hparams["init_from"] = self.model.init_from

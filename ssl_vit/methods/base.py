@@ -99,6 +99,7 @@ class SSLMethod(L.LightningModule):
     def __init__(
         self,
         encoder: EncoderConfig,
+        *,
         base_lr: float,
         weight_decay: float,
         warmup_epochs: float,

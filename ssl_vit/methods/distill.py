@@ -97,7 +97,14 @@ class Distill(SSLMethod):
         scale_to_run: bool = True,
     ) -> None:
         super().__init__(
-            student, base_lr, weight_decay, warmup_epochs, min_lr, betas, warmup_lr=warmup_lr, scale_to_run=scale_to_run
+            student,
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            betas=betas,
+            warmup_lr=warmup_lr,
+            scale_to_run=scale_to_run,
         )
         teacher_encoder, self.teacher_info = load_teacher(teacher, teacher_weights, teacher_made_by)
         self.teacher = teacher_encoder.requires_grad_(False).eval()

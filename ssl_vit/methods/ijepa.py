@@ -107,12 +107,12 @@ class IJEPA(SSLMethod):
     ) -> None:
         super().__init__(
             encoder,
-            base_lr,
-            weight_decay,
-            warmup_epochs,
-            min_lr,
-            betas,
-            init_from,
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            betas=betas,
+            init_from=init_from,
             weight_decay_end=weight_decay_end,
             warmup_lr=warmup_lr,
             scale_to_run=scale_to_run,

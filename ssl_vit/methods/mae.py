@@ -91,7 +91,14 @@ class MAE(SSLMethod):
         scale_to_run: bool = True,
     ) -> None:
         super().__init__(
-            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, scale_to_run=scale_to_run
+            encoder,
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            betas=betas,
+            init_from=init_from,
+            scale_to_run=scale_to_run,
         )
         if not 0 < mask_ratio < 1:
             raise UserError(f"model.mask_ratio must be in (0, 1), got {mask_ratio}")

@@ -53,7 +53,14 @@ class MoCoV3(SSLMethod):
         scale_to_run: bool = True,
     ) -> None:
         super().__init__(
-            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, scale_to_run=scale_to_run
+            encoder,
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            betas=betas,
+            init_from=init_from,
+            scale_to_run=scale_to_run,
         )
         enc = self.encoder
         enc.fix_sincos_pos_embed()

@@ -39,7 +39,14 @@ class SimCLR(SSLMethod):
         scale_to_run: bool = True,
     ) -> None:
         super().__init__(
-            encoder, base_lr, weight_decay, warmup_epochs, min_lr, betas, init_from=init_from, scale_to_run=scale_to_run
+            encoder,
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            betas=betas,
+            init_from=init_from,
+            scale_to_run=scale_to_run,
         )
         self.projector = projection_mlp(3, self.encoder.embed_dim, hidden_dim, out_dim)
 

@@ -63,11 +63,11 @@ class SimMIM(SSLMethod):
     ) -> None:
         super().__init__(
             encoder,
-            base_lr,
-            weight_decay,
-            warmup_epochs,
-            min_lr,
-            betas,
+            base_lr=base_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            betas=betas,
             init_from=init_from,
             warmup_lr=warmup_lr,
             scale_to_run=scale_to_run,
