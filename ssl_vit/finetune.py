@@ -8,6 +8,7 @@ epoch. At the end ``ssl-vit finetune`` writes a timm folder *with* the classifie
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -21,13 +22,13 @@ from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_vit.checkpoint import data_settings, ending_summary, read_checkpoint, run_checkpoint
 from ssl_vit.data.pipeline import ShardDataModule, ShardDataset
-from ssl_vit.data.shards import labels_agree, resolve_shards
+from ssl_vit.data.shards import classes_only_in_val, relabelled, resolve_shards, val_labels_as_train
 from ssl_vit.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from ssl_vit.encoder import NON_TIMM_SETTINGS, EncoderConfig
 from ssl_vit.errors import UserError, last_line
@@ -73,16 +74,18 @@ class LabelledShardDataModule(ShardDataModule):
     pretraining evaluates (the val folder beside a train folder, else the held-out tenth, which
     training then leaves out)."""
 
+    #: Train's label of each val class, when val numbers its classes otherwise (``check_labels``).
+    val_labels: list[int] | None = None
+
     def classes(self) -> list[str] | None:
         return shard_class_names(self.train_shards)
 
     def check_labels(self, num_classes: int) -> str | None:
         """Before any work: both splits labelled, with the same classes, exactly the classes the
         model has (a head with more outputs than the shards have classes trains and scores outputs
-        no label names). Labels are positions in each split's class list, so val classes of other
-        names would be scored against the train classes that merely sit at the same places; a val
-        set without train's last classes keeps every label, and is scored (as by ``ssl-vit knn``):
-        what it lacks is returned, for a warning."""
+        no label names). Val's labels are read as train's of the same class name (each split
+        numbers its own classes); a val set without some of train's classes is scored (as by
+        ``ssl-vit knn``): what it lacks is returned, for a warning."""
         classes: dict[str, tuple[str, list[str]]] = {}  # split: (its shards, its classes)
         for split, shards in zip(("train_shards", "val_shards"), self.evaluation_data(), strict=True):
             _, index = resolve_shards(shards)
@@ -96,11 +99,20 @@ class LabelledShardDataModule(ShardDataModule):
         lacking = None
         if len(classes) == 2:
             (train, train_names), (val, val_names) = classes["train_shards"], classes["val_shards"]
-            if not labels_agree(train_names, val_names):
-                raise UserError(classes_differ(train, train_names, val, val_names))
-            if len(val_names) < len(train_names):
-                missing = class_names(train_names[len(val_names) :])
-                lacking = f"data.val_shards {val!r} has no {missing}: its accuracy is over the other classes only"
+            only_val = classes_only_in_val(train_names, val_names)
+            if only_val:
+                raise UserError(
+                    f"data.val_shards {val!r} names classes {class_names(only_val)}, which data.train_shards "
+                    f"{train!r} has not ({class_names(train_names)}); fine-tuning scores train's classes only, so "
+                    "give val class folders of the same names (it may lack some of train's)"
+                )
+            self.val_labels = val_labels_as_train(train_names, val_names)
+            missing = [name for name in train_names if name not in val_names]
+            if missing:
+                lacking = (
+                    f"data.val_shards {val!r} has no {class_names(missing)}: its accuracy is over the other "
+                    "classes only"
+                )
         # the splits agree from here: num_classes is what to change
         split, (shards, names) = next(iter(classes.items()), (None, (None, None)))
         if names is not None and len(names) == 1:
@@ -128,30 +140,19 @@ class LabelledShardDataModule(ShardDataModule):
             max_image_pixels=self.max_image_pixels,
         )
         workers = min(self.num_workers, max(1, len(urls) // world))
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers)
+        collate = functools.partial(collate_as_train, train_labels=self.val_labels)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers, collate_fn=collate)
+
+
+def collate_as_train(samples: list[Any], train_labels: list[int] | None) -> list[Tensor]:
+    """A val batch with its labels as train's (``val_labels_as_train``)."""
+    images, labels = default_collate(samples)
+    return [images, relabelled(labels, train_labels)]
 
 
 def class_names(names: list[str], most: int = 8) -> str:
     """``a, b, c, ...``: the first ``most`` of a list of classes, for a message."""
     return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
-
-
-def classes_differ(train: str, train_classes: list[str], val: str, val_classes: list[str]) -> str:
-    """Why the two splits' classes do not match, naming the classes only one of them has."""
-    extra = [c for c in val_classes if c not in train_classes]
-    missing = [c for c in train_classes if c not in val_classes]
-    if extra and missing:
-        differs = f"names classes {class_names(extra)} where data.train_shards {train!r} has {class_names(missing)}"
-    elif missing:
-        differs = f"has no {class_names(missing)}, which data.train_shards {train!r} has"
-    elif extra:
-        differs = f"names classes {class_names(extra)}, which data.train_shards {train!r} has not"
-    else:
-        differs = f"lists the classes of data.train_shards {train!r} in another order, which numbers them differently"
-    return (
-        f"data.val_shards {val!r} {differs}; fine-tuning needs the same class folders in both (val may lack "
-        "only the last ones)"
-    )
 
 
 def check_labels(labels: Tensor, num_classes: int) -> None:

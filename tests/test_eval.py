@@ -423,16 +423,29 @@ def test_images_without_a_class_in_labelled_shards_are_left_out_and_counted(tmp_
     assert caplog.text.count("4 of 20 images have no class and are left out of k-NN and the probes") == 1
 
 
+def test_val_labels_are_read_as_trains_by_class_name(tmp_path):
+    """Each split numbers its own classes: a val set of train's very images without class c1 numbers
+    c2 as 1 and c3 as 2. Each val image's nearest neighbour is itself, so k=1 scores 100 when the
+    labels are read by name; by place, every c2 and c3 image was scored against c1 or c2."""
+    samples = list(png_samples(24, seed=7))
+    train, val = tmp_path / "train", tmp_path / "val"
+    write_shards(((ext, data, i % 4) for ext, data, i in samples), train, ["c0", "c1", "c2", "c3"], "test")
+    kept = [(ext, data, i % 4) for ext, data, i in samples if i % 4 != 1]
+    write_shards(((ext, data, {0: 0, 2: 1, 3: 2}[c]) for ext, data, c in kept), val, ["c0", "c2", "c3"], "test")
+    evaluator = Evaluator(str(train), str(val), num_workers=0, knn_ks=[1])
+    assert evaluator.run(ViTEncoder(**TINY_ENCODER), probe=False)["knn"]["k=1"]["top1"] == 100.0
+
+
 def test_bad_evaluation_data_is_a_clear_error(tmp_path):
     encoder = ViTEncoder(**TINY_ENCODER)
     unlabelled = labelled_shards(tmp_path / "unlabelled", 10, 2, seed=4, with_labels=False)
     with pytest.raises(UserError, match="has no image with a class; k-NN and the probes need labelled images"):
         Evaluator(unlabelled, unlabelled, num_workers=0).features(encoder)
     train = labelled_shards(tmp_path / "train", 20, 4, seed=5)
-    other = tmp_path / "other"  # as many classes, other names: scored by place, they would be wrongly matched
+    other = tmp_path / "other"  # a class train lacks: no neighbour or probe output can be of it
     write_shards(((s[0], s[1], s[2] % 4) for s in png_samples(20, seed=6)), other, ["d0", "c1", "c2", "c3"], "test")
     for check in (lambda e: e.run(encoder), lambda e: e.check_shards()):  # the second before any image is read
-        with pytest.raises(UserError, match=r"names classes d0; c1; c2; c3 where .* has c0; c1; c2; c3"):
+        with pytest.raises(UserError, match=r"names classes d0 that .* has not \(c0; c1; c2; c3\)"):
             check(Evaluator(train, str(other), num_workers=0))
     # a val set without the last classes keeps every class's place: scored
     fewer = labelled_shards(tmp_path / "val", 20, 3, seed=6)

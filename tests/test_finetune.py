@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed
 from ssl_vit import export_encoder
 from ssl_vit.data import EvalView, write_shards
 from ssl_vit.errors import UserError
-from ssl_vit.finetune import FineTune
+from ssl_vit.finetune import FineTune, FineTuneView, LabelledShardDataModule
 from tests.conftest import OBJECTIVES, TINY_ENCODER, fit_briefly, png_bytes, random_images
 from tests.fault_injection import in_this_process
 
@@ -212,31 +212,40 @@ def test_a_class_count_other_than_the_shards_stops_fine_tuning_with_one_line(exp
         assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
-def test_val_classes_other_than_trains_stop_fine_tuning_with_one_line(exported, tmp_path):
-    """Labels are positions in each split's class list: val folders of other names (or another
-    order) would be scored against whichever train class sorts to the same place. Named before
+def test_val_classes_train_lacks_stop_fine_tuning_with_one_line(exported, tmp_path):
+    """A val class of a name train lacks has no output to be scored against. Named before
     model.num_classes, whose advice would otherwise follow one split, then the other."""
     photos = ("fences", "gardens", "sunsets")
     train = labelled_shards(tmp_path / "photos", 32, photos)
-    cases = {  # val's classes, num_classes: what the line says of val
-        (("abend", "garten", "zaun"), 3): "names classes abend, garten, zaun where data.train_shards {train!r} has "
-        "fences, gardens, sunsets",
-        (("fences", "sunsets"), 3): "has no gardens, which data.train_shards {train!r} has",
-        (("gardens", "sunsets"), 2): "has no fences, which data.train_shards {train!r} has",
-        (("fences", "gardens", "snow", "sunsets"), 4): "names classes snow, which data.train_shards {train!r} has not",
-        (
-            ("sunsets", "gardens", "fences"),
-            3,
-        ): "lists the classes of data.train_shards {train!r} in another order, which numbers them differently",
+    cases = {  # val's classes, num_classes: the classes the line names
+        (("abend", "garten", "zaun"), 3): "abend, garten, zaun",
+        (("fences", "gardens", "snow", "sunsets"), 4): "snow",
     }
-    for i, ((classes, num_classes), says) in enumerate(cases.items()):
+    for i, ((classes, num_classes), named) in enumerate(cases.items()):
         val = labelled_shards(tmp_path / f"val{i}", 16, classes)
         overrides = [f"--model.num_classes={num_classes}", "--trainer.max_steps=1"]
         result = finetune(tmp_path, exported, train, val, tmp_path / "run", *overrides)
         assert result.returncode == 2, (classes, result.stderr[-3000:])
-        assert f"data.val_shards {val!r} {says.format(train=train)}; fine-tuning needs the same class" in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        said = f"data.val_shards {val!r} names classes {named}, which data.train_shards {train!r} has not (fences"
+        assert said in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_val_labels_are_read_as_trains_by_class_name(tmp_path):
+    """Each split numbers its own classes: a val set without gardens numbers sunsets 1 where train
+    has it 2, and was scored against train's gardens (or refused, whatever its order)."""
+    train = labelled_shards(tmp_path / "photos", 12, ("fences", "gardens", "sunsets"))
+    for name, classes in (("lacking", ("fences", "sunsets")), ("reordered", ("sunsets", "fences", "gardens"))):
+        val = labelled_shards(tmp_path / name, 8, classes)
+        data = LabelledShardDataModule(train, FineTuneView(32), val, batch_size=8, num_workers=0)
+        assert data.check_labels(3) == (
+            f"data.val_shards {val!r} has no gardens: its accuracy is over the other classes only"
+            if name == "lacking"
+            else None
+        )
+        _, labels = next(iter(data.val_dataloader()))
+        as_train = [("fences", "gardens", "sunsets").index(classes[i % len(classes)]) for i in range(8)]
+        assert sorted(labels.tolist()) == sorted(as_train), name
 
 
 def test_a_val_set_without_the_last_classes_is_scored_and_said(exported, tmp_path):

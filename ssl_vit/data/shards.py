@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
+import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import ExifTags, Image, ImageOps
@@ -697,10 +698,25 @@ _scans: dict[tuple[str, int, int], _ShardScan] = {}
 _names_as_labels: dict[str, str] = {}
 
 
-def labels_agree(train_classes: list[str], val_classes: list[str]) -> bool:
-    """Whether val's labels mean train's classes: a label is a class's place in its folder's
-    sorted list, the same for every class of a val set that lacks only train's last classes."""
-    return val_classes == train_classes[: len(val_classes)]
+def val_labels_as_train(train_classes: list[str], val_classes: list[str]) -> list[int] | None:
+    """Train's label of each of val's classes, by name: a label is a class's place in its own
+    split's list, so a val set without some of train's classes (a class with no val images)
+    numbers the others differently. None when every val label is train's already; val's classes
+    must all be train's (:func:`classes_only_in_val`)."""
+    labels = [train_classes.index(name) for name in val_classes]
+    return None if labels == list(range(len(labels))) else labels
+
+
+def classes_only_in_val(train_classes: list[str], val_classes: list[str]) -> list[str]:
+    return [name for name in val_classes if name not in train_classes]
+
+
+def relabelled(labels: torch.Tensor, train_labels: list[int] | None) -> torch.Tensor:
+    """Val's ``labels`` as train's (``val_labels_as_train``); those without a class (-1) as they are."""
+    if train_labels is None:
+        return labels
+    mapped = torch.tensor(train_labels, dtype=labels.dtype, device=labels.device)[labels.clamp(min=0)]
+    return torch.where(labels >= 0, mapped, labels)
 
 
 def names_as_labels(spec: str) -> str | None:

@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 
 from ssl_vit.data.pipeline import ShardDataset, eval_loader
-from ssl_vit.data.shards import MASK_MEMBER, labels_agree, names_as_labels, resolve_shards, split_part
+from ssl_vit.data.shards import (
+    MASK_MEMBER,
+    classes_only_in_val,
+    names_as_labels,
+    relabelled,
+    resolve_shards,
+    split_part,
+    val_labels_as_train,
+)
 from ssl_vit.data.views import EvalView, MAEView
 from ssl_vit.errors import UserError, first_few
 from ssl_vit.eval.attentive import train_attentive_probe
@@ -238,22 +246,32 @@ class Evaluator:
         return False
 
     def indexed_classes(self) -> list[str]:
-        """The class names the splits' indexes give (none when neither is indexed); splits that
-        name different classes stop here, before any image is read."""
+        """The class names the splits' indexes give (train's; none when neither is indexed); a val
+        split naming classes that train lacks stops here, before any image is read."""
+        classes = self._split_classes()
+        if len(classes) == 2:
+            only_val = classes_only_in_val(classes["train"], classes["val"])
+            if only_val:
+                raise UserError(
+                    f"{self.val_shards} names classes {first_few(only_val, 6)} that {self.train_shards} has not "
+                    f"({first_few(classes['train'], 6)}): k-NN and the probes score train's classes only, so give "
+                    "val class folders of the same names (it may lack some of train's)"
+                )
+        return classes.get("train") or classes.get("val") or []
+
+    def val_labels(self) -> list[int] | None:
+        """Train's label of each val class (by name), when val numbers its classes otherwise."""
+        self.indexed_classes()  # val's classes are train's
+        classes = self._split_classes()
+        return val_labels_as_train(classes["train"], classes["val"]) if len(classes) == 2 else None
+
+    def _split_classes(self) -> dict[str, list[str]]:
         classes = {}
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
             _, index = resolve_shards(shards)
             if index and index.classes:
-                classes[split] = index.classes
-        if len(classes) == 2 and classes["train"] != classes["val"]:
-            train, val = classes["train"], classes["val"]
-            if not labels_agree(train, val):
-                raise UserError(
-                    f"{self.val_shards} names classes {first_few(val, 6)} where {self.train_shards} has "
-                    f"{first_few(train, 6)}: k-NN and the probes score the classes by their place in each list, "
-                    "so give both the same class folders"
-                )
-        return classes.get("train") or classes.get("val") or []
+                classes[split] = list(index.classes)
+        return classes
 
     def num_classes(self, train: FeatureSet, val: FeatureSet) -> int:
         n = len(self.indexed_classes()) or int(train.labels.max()) + 1
@@ -297,7 +315,8 @@ class Evaluator:
             if cached:
                 save_features(cached, feats)
             result.append(feats)
-        return result[0], result[1]
+        train, val = result
+        return train, val._replace(labels=relabelled(val.labels, self.val_labels()))
 
     def _attentive_reads_cached_tokens(self) -> bool:
         # With last_blocks > 1 the pooled pass reads the blocks through another path than the
@@ -503,8 +522,9 @@ class Evaluator:
                 loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
             else:
                 loader = eval_loader(urls, view, batch_size, self.num_workers, masks=masks)
+            as_train = None if masks or split == "train" else self.val_labels()
             encoder.eval()
             for images, labels in loader:
-                yield frozen_features(encoder, images, pooling, self.last_blocks), labels.long()
+                yield frozen_features(encoder, images, pooling, self.last_blocks), relabelled(labels.long(), as_train)
 
         return batches
