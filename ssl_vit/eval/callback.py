@@ -88,7 +88,7 @@ class EvaluationCallback(Evaluator, Periodic):
                     train, val = self.features(encoder, tokens=probe)
                     self.counts = accuracy_counts(train, val)
                     results = self.results(encoder, train, val, probe=probe)
-                    self.draw(trainer, results, val, names)
+                    self.draw(trainer, results, val, self.indexed_classes() or names)  # val's labels are train's
                 if isinstance(pl_module, ImageTextModel):  # zero-shot and retrieval need no probe
                     view = EvalView(self._image_size(encoder))
                     image_text, _ = evaluate_image_text(  # counted by the k-NN's features already
