@@ -61,18 +61,23 @@ def test_a_messy_folder_reads_every_image_format_and_says_what_it_leaves_out(tmp
     (tmp_path / "photos/stray.txt").write_text("the caption of stray.png, left out with it")
     (tmp_path / "photos/Thumbs.db").write_bytes(b"\0")
     (tmp_path / "photos/.DS_Store").write_bytes(b"\0")  # hidden: not worth a word
+    (tmp_path / "photos/@eaDir/red cars").mkdir(parents=True)  # a NAS's thumbnails: no class, no word
+    Image.fromarray(images[0]).save(tmp_path / "photos/@eaDir/red cars/a.bmp.jpg")
+    (tmp_path / "photos/café/IMG_1.HEIC").write_bytes(b"\0")  # a phone's photo Pillow does not read
+    Image.fromarray(images[1]).save(tmp_path / "photos/café/g.jfif", format="JPEG")  # Windows' JPEG name
     Image.fromarray(images[0]).save(tmp_path / "photos/stray.png")
     with caplog.at_level(logging.WARNING, logger="ssl_vit.data.shards"):
         urls, index = resolve_shards(str(tmp_path / "photos"))
         resolve_shards(str(tmp_path / "photos"))  # said once, not at every look
-    assert index.classes == ["café", "red cars"] and index.num_samples == 6  # the empty folder is no class
+    assert index.classes == ["café", "red cars"] and index.num_samples == 7  # the empty folder is no class
     (said,) = [r.getMessage() for r in caplog.records]
-    assert "1 file that is not an image (.db)" in said and "'empty folder'" in said
+    assert "1 file that is not an image (.db: Thumbs.db)" in said and "'empty folder'" in said
+    assert "1 photo in .heic, which Pillow does not read (café: 1): convert them to JPEG or PNG" in said
     beside_none = "2 text files beside no image of their name (café/e.JPG.txt; notes.txt; an image's caption is"
     assert f"{beside_none} photo.txt beside photo.jpg)" in said
-    assert "1 image beside the class folders" in said and "1 sub-folder without images" in said
+    assert "1 image beside the class folders, in no class (stray.png)" in said and "1 sub-folder without" in said
     got = read_all(urls)
-    assert sorted(label for _, label in got) == [0, 0, 0, 1, 1, 1]
+    assert sorted(label for _, label in got) == [0, 0, 0, 0, 1, 1, 1]
     pixels = {np.asarray(img).tobytes() for img, _ in got}
     assert all(images[i].tobytes() in pixels for i in (0, 1, 2, 5))  # lossless formats come back exactly
 

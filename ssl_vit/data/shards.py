@@ -7,6 +7,7 @@ class names by index, shard names, source), so a recipe can name just the folder
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import hashlib
@@ -45,7 +46,13 @@ SHARD_FOLDER = OutputKind(
     required=(INDEX_FILE,),
     record=INDEX_FILE,
 )
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "jfif", "jpe", "png", "webp", "bmp", "gif", "tif", "tiff")
+#: Photos in formats Pillow does not read (a phone's HEIC, a camera's RAW): named apart, with what to do.
+UNREAD_PHOTO_EXTENSIONS = frozenset(
+    ("heic", "heif", "avif", "jxl", "dng", "cr2", "cr3", "nef", "arw", "raf", "orf", "rw2", "pef", "srw")
+)
+#: Folders of thumbnails and metadata that NAS and archive tools add beside the photos, never classes.
+TOOL_FOLDERS = frozenset(("@eaDir", "__MACOSX"))
 MASK_MEMBER = "seg.png"  # a sample's label map for dense probes: 8-bit PNG of class indices
 CAPTION_MEMBER = "txt"  # a sample's caption, UTF-8 (image-text objectives: CLIP)
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # a data path naming one shard file
@@ -186,7 +193,7 @@ def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str
     visible = [path for path in listing if not _hidden(path)]
     images = [path for path in visible if extension(path) in IMAGE_EXTENSIONS]
     with_images = {path.split("/", 1)[0] for path in images if "/" in path}
-    sub_folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    sub_folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
     classes = [name for name in sub_folders if name in with_images]
     splits = [name for name in classes if name in SPLIT_FOLDERS]
     if "train" in splits and len(splits) > 1:  # torchvision's layout, given one level too high
@@ -205,6 +212,9 @@ def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str
     if not files:  # what is there instead, which may be the mistake (a folder of .heic, or of zips)
         kinds = sorted({f".{extension(path)}" if extension(path) else Path(path).name for path in visible})
         found = f"it holds {counted(len(visible), 'file')}, none an image: {first_few(kinds)}"
+        unread = sorted(kind for kind in kinds if kind.lstrip(".") in UNREAD_PHOTO_EXTENSIONS)
+        if unread:
+            found += f" (Pillow does not read {', '.join(unread)}: convert them to JPEG or PNG)"
         raise NoImages(found if visible else "it is empty")
     class_of = {os.path.realpath(root / name): name for name in classes}
     links = {name: class_of.get(os.path.realpath(root / name)) for name in sub_folders if name not in label}
@@ -239,7 +249,7 @@ def _files_under(root: Path) -> list[str]:
 
 
 def _hidden(relative: str) -> bool:
-    return any(part.startswith(".") for part in relative.split("/"))
+    return any(part.startswith(".") or part in TOOL_FOLDERS for part in relative.split("/"))
 
 
 def extension(path: str) -> str:
@@ -265,8 +275,17 @@ def _say_what_is_left_out(
     # captions misnamed (photo.jpg.txt), or notes; an unread image's own caption goes unsaid with it
     images = {os.path.splitext(path)[0] for path in visible if extension(path) in IMAGE_EXTENSIONS}
     texts = [path for path in unread if extension(path) == "txt" and os.path.splitext(path)[0] not in images]
-    other = [path for path in unread if path not in beside and extension(path) != "txt"]
+    photos = [path for path in unread if extension(path) in UNREAD_PHOTO_EXTENSIONS]
+    other = [path for path in unread if path not in beside and extension(path) != "txt" and path not in photos]
     parts = []
+    if photos:
+        kinds = sorted({f".{extension(path)}" for path in photos})
+        per_folder = collections.Counter(path.rsplit("/", 1)[0] if "/" in path else "." for path in photos)
+        where = ", ".join(f"{folder}: {n}" for folder, n in per_folder.most_common(5))
+        parts.append(
+            f"{counted(len(photos), 'photo')} in {', '.join(kinds)}, which Pillow does not read ({where}): "
+            "convert them to JPEG or PNG to train on them"
+        )
     if texts:
         parts.append(
             f"{counted(len(texts), 'text file')} beside no image of {'its' if len(texts) == 1 else 'their'} name "
@@ -276,10 +295,10 @@ def _say_what_is_left_out(
         kinds = sorted({Path(path).suffix.lower() or Path(path).name for path in other})
         parts.append(
             f"{counted(len(other), 'file')} that {'is not an image' if len(other) == 1 else 'are not images'} "
-            f"({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''})"
+            f"({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''}: {first_few(other)})"
         )
     if beside:
-        parts.append(f"{counted(len(beside), 'image')} beside the class folders, in no class")
+        parts.append(f"{counted(len(beside), 'image')} beside the class folders, in no class ({first_few(beside)})")
     empty = [name for name, target in left_out.items() if target is None]
     links = [f"{name!r} -> {target!r}" for name, target in left_out.items() if target is not None]
     if empty:
