@@ -374,14 +374,18 @@ def test_a_folder_and_the_shards_written_from_it_hold_out_the_same_images(tmp_pa
         assert sorted(from_folder) == sorted(from_shards) and from_folder
 
 
-def test_shards_leave_out_an_image_that_does_not_decode_and_name_it(tmp_path, caplog):
+def test_shards_leave_out_an_image_that_does_not_decode_and_name_it(tmp_path, caplog, monkeypatch):
+    """And name the images written that every run would skip as too large (written without a word)."""
     root = image_folder(tmp_path / "photos", ["a", "b"], per_class=5)
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    Image.new("RGB", (300, 200)).save(root / "b" / "panorama.png")
+    monkeypatch.setattr("ssl_vit.data.pipeline.MAX_IMAGE_PIXELS", 50_000)  # 300 x 200 is more
     with caplog.at_level(logging.WARNING):
         result = in_this_process(tmp_path, "shards", "imagefolder", "photos", "shards")
-    assert result.returncode == 0 and "wrote 10 samples of 2 classes in 10 shards" in result.stdout
-    assert "left out 1 image that does not decode (a/broken.jpg: undecodable jpg: " in caplog.text
-    assert json.loads((tmp_path / "shards/dataset.json").read_text())["num_samples"] == 10
+    assert result.returncode == 0 and "wrote 11 samples of 2 classes in 11 shards" in result.stdout
+    assert "left out 1 image that the loader would skip (a/broken.jpg: undecodable jpg: " in caplog.text
+    assert "wrote 1 image of more than 0 megapixels (b/panorama.png: 300x200), which runs skip" in caplog.text
+    assert json.loads((tmp_path / "shards/dataset.json").read_text())["num_samples"] == 11
 
 
 def test_the_held_out_part_of_shards_is_split_by_sample(numbered_shards):

@@ -107,9 +107,9 @@ def decode_sample(
     has no ``cls``, or one that is not an integer).
 
     An image whose header declares more than ``max_pixels``, or sides more than ``MAX_ASPECT_RATIO``
-    to 1, is not decoded (a 12000 x 12000 PNG takes hundreds of megabytes however small its file);
-    it is a ``CorruptSample``. (PIL refuses
-    images above its own limit, twice its ``MAX_IMAGE_PIXELS``, whatever ``max_pixels`` says.)
+    to 1, is not decoded (a 12000 x 12000 PNG takes hundreds of megabytes however small its file):
+    it is a ``CorruptSample``. PIL refuses images above its own limit, twice its
+    ``MAX_IMAGE_PIXELS``, whatever ``max_pixels`` says.
 
     With ``min_side``, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale whose short
     side is still at least ``min_side`` (libjpeg's scaled IDCT, PIL's draft mode): a 4000 x 3000
@@ -152,18 +152,31 @@ def decode_sample(
 
 def decodable_samples(samples: Iterable[Sample]) -> Iterator[Sample]:
     """The samples whose image decodes as the loader decodes it; the others are left out of the
-    shards being written, and named in one line at the end (found once, not skipped every epoch)."""
-    broken = []
+    shards being written, and named in one line at the end (found once, not skipped every epoch).
+    Images over ``MAX_IMAGE_PIXELS`` are written (a recipe may raise ``data.max_image_pixels``),
+    and named in a line of their own: with the default, every run skips them."""
+    broken, large = [], []
     for sample in samples:
+        name = sample[5] if len(sample) > 5 else "an image"
         try:  # at an eighth of a JPEG's size: enough to find a broken file, a fraction of the work
             decode_sample({sample[0]: sample[1]}, min_side=64, max_pixels=sys.maxsize)
         except CorruptSample as err:
-            broken.append(f"{sample[5] if len(sample) > 5 else 'an image'}: {err}")
+            broken.append(f"{name}: {err}")
             continue
+        with Image.open(io.BytesIO(sample[1])) as img:  # the header: decode_sample's image is reduced
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                large.append(f"{name}: {img.width}x{img.height}")
         yield sample
     if broken:
-        do = "does" if len(broken) == 1 else "do"
-        log.warning("left out %s that %s not decode (%s)", counted(len(broken), "image"), do, first_few(broken))
+        log.warning("left out %s that the loader would skip (%s)", counted(len(broken), "image"), first_few(broken))
+    if large:
+        log.warning(
+            "wrote %s of more than %d megapixels (%s), which runs skip unless a recipe raises data.max_image_pixels; "
+            "shrink them to train and evaluate on them",
+            counted(len(large), "image"),
+            MAX_IMAGE_PIXELS // 1_000_000,
+            first_few(large),
+        )
 
 
 def no_sample_read(shards: list[Shard]) -> str:
