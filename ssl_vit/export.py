@@ -194,7 +194,9 @@ def model_card(model: nn.Module, record: dict[str, Any], preprocessing: dict[str
         on = record.get("validated_on") or {}
         results += [f"- {on['note']}"] if results and on.get("note") else []
         images = f"`{on['val_shards']}`" if on.get("val_shards") else "the run's validation images"
-        evaluated, num_classes = f"Accuracy of this checkpoint on {images} (%):", ""
+        counts = counts_caption(on.get("images"), model.num_classes, largest_class=on.get("majority_class_top1"))
+        counts = f"; {counts}" if counts else ""
+        evaluated, num_classes = f"Accuracy of this checkpoint on {images} (%{counts}):", ""
     else:
         role = record.get("encoder_role")  # named where the objective has several (DINO's teacher)
         about = [

@@ -23,7 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
-from torchmetrics.aggregation import SumMetric
+from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_vit.checkpoint import data_settings, ending_summary, read_checkpoint, run_checkpoint
@@ -142,6 +142,14 @@ class LabelledShardDataModule(ShardDataModule):
         workers = min(self.num_workers, max(1, len(urls) // world))
         collate = functools.partial(collate_as_train, train_labels=self.val_labels)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers, collate_fn=collate)
+
+
+def validated_on_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tuning run's accuracy counts, from its summary, for its export's card."""
+    keys = {"val_shards": "val_shards", "note": "val_note", "images": "val_images"}
+    return {k: summary.get(key) for k, key in keys.items()} | {
+        "majority_class_top1": summary.get("val_majority_class_top1")
+    }
 
 
 def collate_as_train(samples: list[Any], train_labels: list[int] | None) -> list[Tensor]:
@@ -281,7 +289,7 @@ class FineTune(L.LightningModule):
         # top-5 of five classes or fewer is 100 whatever the model: not measured
         ks = (1, 5) if num_classes > 5 else (1,)
         self.accuracies = nn.ModuleDict({f"top{k}": MulticlassAccuracy(num_classes, k, average="micro") for k in ks})
-        self.val_images = SumMetric()  # what the accuracies count, summed over devices
+        self.validated_labels = CatMetric()  # what the accuracies count, from every device
 
     def load_encoder(self, path: str) -> None:
         """The pretrained encoder into the classifier: everything but the new head and fc-norm
@@ -321,12 +329,15 @@ class FineTune(L.LightningModule):
         logits = self.model(images)
         for accuracy in self.accuracies.values():
             accuracy.update(logits, labels)
-        self.val_images.update(len(labels))
+        self.validated_labels.update(labels)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{name}": 100 * m.compute() for name, m in self.accuracies.items()}, prog_bar=True)
-        self.log("val/images", self.val_images.compute())
-        for metric in (*self.accuracies.values(), self.val_images):
+        labels = self.validated_labels.compute().long()
+        self.log("val/images", float(len(labels)))
+        # what answering the largest class for every image scores: the accuracy to beat
+        self.log("val/majority_class_top1", 100 * labels.bincount().max().float() / len(labels))
+        for metric in (*self.accuracies.values(), self.validated_labels):
             metric.reset()
 
     def peak_lr(self, per_device_batch: int) -> float:
@@ -434,5 +445,5 @@ def export_finetuned(
             classes = None
     summary = ending_summary(Path(checkpoint), ckpt) or {}
     results = {k: summary[f"val_{k}"] for k in ("top1", "top5") if summary.get(f"val_{k}") is not None}
-    validated_on = {"val_shards": summary.get("val_shards"), "note": summary.get("val_note")} if results else None
+    validated_on = validated_on_record(summary) if results else None
     return export_classifier(module, out, classes, results, checkpoint, overwrite, deploy, validated_on)

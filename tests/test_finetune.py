@@ -262,7 +262,10 @@ def test_a_val_set_without_the_last_classes_is_scored_and_said(exported, tmp_pat
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["val_note"] == note and summary["val_shards"] == val  # where the number is copied from
     card = (tmp_path / "run/export/README.md").read_text()
-    assert f"Accuracy of this checkpoint on `{val}` (%):" in card and f"- {note}" in card
+    # what the accuracy counts, and what answering one class for every image scores (it had no baseline)
+    assert summary["val_images"] == 16 and summary["val_majority_class_top1"] == 50.0
+    counts = "16 images of 3 classes, 6.2 points each; the largest class alone scores 50.0"
+    assert f"Accuracy of this checkpoint on `{val}` (%; {counts}):" in card and f"- {note}" in card
     result = finetune(tmp_path, exported, train, val, tmp_path / "run2", "--model.num_classes=2")
     assert result.returncode == 2
     assert "has 3 classes (fences, gardens, sunsets) but model.num_classes is 2; set model.num_classes to 3" in (

@@ -53,7 +53,7 @@ from ssl_vit.eval.report import (
     write_json,
 )
 from ssl_vit.export import EXPORT_FOLDER, export_encoder
-from ssl_vit.finetune import FineTune, LabelledShardDataModule, export_classifier
+from ssl_vit.finetune import FineTune, LabelledShardDataModule, export_classifier, validated_on_record
 from ssl_vit.guards import NonFiniteGuard
 from ssl_vit.health import HealthCallback
 from ssl_vit.methods.base import SSLMethod
@@ -546,14 +546,6 @@ class FineTuneCLI(RunCLI):
         metrics = trainer.callback_metrics
         results = {k: round(float(metrics[f"val/{k}"]), 3) for k in ("top1", "top5") if f"val/{k}" in metrics}
         val = self.datamodule.evaluation_data()[1]  # what the accuracy counts
-        export_dir = None
-        if self.config_init[self.subcommand]["export"]:
-            out = Path(trainer.default_root_dir) / "export"
-            checkpoint = own_newest_checkpoint(trainer.checkpoint_callback)
-            validated_on = {"val_shards": val, "note": self.val_note}
-            export_dir = export_classifier(
-                self.model, out, self.model.hparams["label_names"], results, checkpoint, validated_on=validated_on
-            )
         hp = self.model.hparams
         summary = {
             "objective": "fine-tuning",
@@ -565,14 +557,26 @@ class FineTuneCLI(RunCLI):
             "val_top1": results.get("top1"),
             "val_top5": results.get("top5"),  # None of five classes or fewer
             "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
+            # what answering the largest class for every image scores: the accuracy to beat
+            "val_majority_class_top1": round(float(metrics["val/majority_class_top1"]), 1)
+            if "val/majority_class_top1" in metrics
+            else None,
             "val_shards": val,
             "val_note": self.val_note,  # the classes val lacks, or that it holds training images
             "settings_changed": getattr(trainer.checkpoint_callback, "settings_changed", None) or None,  # by resumes
             "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
             "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),
-            "export": str(export_dir) if export_dir else None,
+            "export": None,
             "logs": log_folder(trainer),
         }
+        if self.config_init[self.subcommand]["export"]:
+            out = Path(trainer.default_root_dir) / "export"
+            checkpoint = own_newest_checkpoint(trainer.checkpoint_callback)
+            classes = self.model.hparams["label_names"]
+            validated_on = validated_on_record(summary)
+            summary["export"] = str(
+                export_classifier(self.model, out, classes, results, checkpoint, validated_on=validated_on)
+            )
         write_json(Path(trainer.default_root_dir) / "summary.json", summary)
         print_run_summary(summary)
 
