@@ -516,9 +516,14 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
         result = run(args, user_folder)
         assert result.returncode == 0, f"ssl-vit {' '.join(args)}:\n{result.stderr[-3000:]}"
         assert "Traceback" not in result.stderr
-        if args == commands[0]:  # nothing to warn of on a labelled folder (it has no label maps: a line says so)
+        if (
+            args == commands[0]
+        ):  # nothing to warn of on a labelled folder (it has no segmentation label maps: a line says so)
             assert "warning" not in result.stderr.lower(), result.stderr
-            assert "the dense probe is skipped: photos#heldout has no label maps (seg.png)" in result.stderr
+            assert (
+                "the dense probe is skipped: photos#heldout has no segmentation label maps (`ssl-vit shards"
+                in result.stderr
+            )
             _, held = resolve_shards(str(user_folder / "photos#heldout"))  # the line that says what is read
             said = f"data: {150 - held.num_samples} images of photos#train in 3 classes (cats; dogs; owls) for training"
             assert f"{said}; {held.num_samples} of photos#heldout for evaluation" in result.stderr
@@ -813,3 +818,10 @@ def test_crops_of_another_size_than_the_encoders_stop_before_writing(tmp_path, s
     said = f"the encoder's img_size is {encoder} px but data.view makes {crops}-px crops"
     assert said in result.stderr and f"--model.init_args.encoder.img_size {crops} for these crops" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_empty_val_folder_beside_train_is_named_with_both_ways_out(tmp_path):
+    image_folder(tmp_path / "tv/train", ["a", "b"], per_class=5)
+    (tmp_path / "tv/val").mkdir()
+    with pytest.raises(UserError, match=r"\(it is empty\).*; or remove it, and runs evaluate on the held-out tenth"):
+        resolve_shards(str(tmp_path / "tv/val"))

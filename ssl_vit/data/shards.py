@@ -796,9 +796,16 @@ def _image_folder(root: Path) -> tuple[list[str | ImageFiles], ShardIndex]:
     try:
         classes, files = image_files(root)
     except NoImages as what:
+        train = root.parent / "train"  # runs evaluate on a val folder beside train: an empty one too
+        beside = (
+            f"; or remove it, and runs evaluate on the held-out tenth of {train}"
+            if root.name in VAL_FOLDERS and train.is_dir()
+            else ""
+        )
         raise UserError(
             f"no shards found at {str(root)!r}, nor images ({what}): write shards there with `ssl-vit shards`, or put "
             f"{'/'.join(IMAGE_EXTENSIONS)} images in it (one sub-folder per class, or none for unlabelled images)"
+            f"{beside}"
         ) from None
     random.Random(0).shuffle(files)  # each group mixes classes
     return group_files(str(root), files), ShardIndex(len(files), classes, [], f"image folder {root}")

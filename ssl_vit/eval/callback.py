@@ -130,7 +130,10 @@ class EvaluationCallback(Evaluator, Periodic):
             elif self.segmentation and self.without_label_maps():
                 self.segmentation = False
                 # most folders have none: a line of information, not a warning on every user's run
-                rank_zero_info(f"the dense probe is skipped: {self.val_shards} has no label maps (seg.png)")
+                rank_zero_info(
+                    f"the dense probe is skipped: {self.val_shards} has no segmentation label maps (`ssl-vit shards "
+                    "imagefolder IMAGES OUT --masks MAPS` writes images with theirs)"
+                )
         if self.pooling.startswith("cls") and not pl_module.evaluated_encoder.has_class_token:
             raise UserError(f"trainer.callbacks EvaluationCallback pooling {self.pooling}: {NO_CLASS_TOKEN}")
 
