@@ -197,9 +197,11 @@ def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str
     classes = [name for name in sub_folders if name in with_images]
     splits = [name for name in classes if name in SPLIT_FOLDERS]
     if "train" in splits and len(splits) > 1:  # torchvision's layout, given one level too high
+        other = next(name for name in splits if name != "train")
         raise UserError(
             f"{root} holds the folders {' and '.join(splits)}, a dataset's splits, not its classes; give "
-            f"{root / 'train'} as the data (a val folder beside it is what runs evaluate on)"
+            f"{root / 'train'} as the data (a val folder beside it is what runs evaluate on); `ssl-vit shards "
+            f"imagefolder` writes each split apart: {root / 'train'} to OUT/train, {root / other} to OUT/{other}"
         )
     beside = [path for path in images if "/" not in path]
     if len(classes) == 1 and beside:  # one sub-folder among loose images is no class layout: read them all
