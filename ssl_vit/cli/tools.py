@@ -527,13 +527,13 @@ def shards(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ssl-vit shards", description=COMMANDS["shards"])
     sub = parser.add_subparsers(dest="source", required=True)
     emb = sub.add_parser("embedded", help="an embedded dataset: writes OUT_DIR/train and OUT_DIR/val")
-    emb.add_argument("out_dir")
+    emb.add_argument("out_dir", help="a new folder for the shards (train/ and val/ in it)")
     emb.add_argument("--dataset", choices=list(DATASETS), default="shapes")
     emb.add_argument("--seed", type=int, default=0)
     folder = sub.add_parser("imagefolder", help="an ImageFolder tree (one sub-folder per class) -> OUT_DIR")
-    folder.add_argument("src_dir")
-    folder.add_argument("out_dir")
-    folder.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    folder.add_argument("src_dir", help="the folder of images: one sub-folder per class, or none (unlabelled)")
+    folder.add_argument("out_dir", help="a new folder for the shards and their dataset.json")
+    folder.add_argument("--max-shard-bytes", type=int, default=1 << 30, help="the largest tar file (default 1 GiB)")
     folder.add_argument(
         "--masks", default=None, help="a parallel folder of label maps (PNG of class indices) for dense probes"
     )
@@ -547,11 +547,11 @@ def shards(args: list[str]) -> None:
         "captions", help="a CSV/TSV of image paths and captions (open_clip's --csv-* layout) -> OUT_DIR, for CLIP"
     )
     table.add_argument("table", help="a header row, then one image path (relative to the table's folder) and caption")
-    table.add_argument("out_dir")
+    table.add_argument("out_dir", help="a new folder for the shards and their dataset.json")
     table.add_argument("--separator", default=None, help="default: a comma for .csv, a tab otherwise")
     table.add_argument("--image-key", default="filepath", help="the column of image paths (open_clip's default)")
     table.add_argument("--caption-key", default="title", help="the column of captions (open_clip's default)")
-    table.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    table.add_argument("--max-shard-bytes", type=int, default=1 << 30, help="the largest tar file (default 1 GiB)")
     for p in (emb, folder, table):
         p.add_argument(
             "--samples-per-shard",

@@ -118,6 +118,8 @@ def decode_sample(
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         raise CorruptSample(sample.get(UNREADABLE, f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})"))
+    if not sample[ext]:
+        raise CorruptSample(f"{ext} is an empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # max_pixels is checked below, with what to do about it: PIL's own warning would repeat it
