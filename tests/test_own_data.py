@@ -825,3 +825,14 @@ def test_an_empty_val_folder_beside_train_is_named_with_both_ways_out(tmp_path):
     (tmp_path / "tv/val").mkdir()
     with pytest.raises(UserError, match=r"\(it is empty\).*; or remove it, and runs evaluate on the held-out tenth"):
         resolve_shards(str(tmp_path / "tv/val"))
+
+
+def test_a_val_class_train_lacks_stops_the_run_before_writing(tmp_path):
+    """Named in one line; Lightning's log folder, made before the callbacks' setup, was left behind."""
+    image_folder(tmp_path / "tv/train", ["a", "b"], per_class=10)
+    image_folder(tmp_path / "tv/val", ["a", "snow"], per_class=2)
+    recipe = str(ROOT / "recipes/quickstart/simclr.yaml")
+    data = ["--data.train_shards", "tv/train", "--data.batch_size", "8"]
+    result = in_this_process(tmp_path, "pretrain", "--config", recipe, *data)
+    assert result.returncode == 2 and "tv/val names classes snow that tv/train has not (a; b)" in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -153,6 +153,9 @@ class RunCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_sizes_agree(self.model, self.datamodule)
+        for callback in self.trainer.callbacks:  # before Lightning makes the log folder (data to be written: after)
+            if isinstance(callback, EvaluationCallback) and not self.datamodule.embedded_to_write():
+                callback.check_data(self.datamodule, self.model)
         if getattr(self.model, "init_from", None):  # before the run's own checkpoints are matched against it
             self.model.init_from = same_data_init_from(self.model.init_from, self.datamodule.train_shards)
             self.model.hparams["init_from"] = self.model.init_from

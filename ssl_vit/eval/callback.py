@@ -115,10 +115,17 @@ class EvaluationCallback(Evaluator, Periodic):
         save_picture(trainer, "embedding_pca", embedding_picture(val.features, val.labels, title, class_names=names))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_data(trainer.datamodule, pl_module)
+        if self.pooling.startswith("cls") and not pl_module.evaluated_encoder.has_class_token:
+            raise UserError(f"trainer.callbacks EvaluationCallback pooling {self.pooling}: {NO_CLASS_TOKEN}")
+
+    def check_data(self, datamodule: L.LightningDataModule, pl_module: L.LightningModule) -> None:
+        """The evaluation data, checked: a mistake stops the run. Called by the command line before
+        anything is written too (Lightning makes the log folder before ``setup``)."""
         if not self.follows_data:
-            self.check_shards()  # shards the recipe names: a mistake there stops the run
+            self.check_shards()  # shards the recipe names
         elif not self.train_shards:
-            self.train_shards, self.val_shards = trainer.datamodule.evaluation_data()
+            self.train_shards, self.val_shards = datamodule.evaluation_data()
             self.skipped = self.unlabelled()
             if not self.skipped:
                 self.indexed_classes()  # a val folder with other classes than train's stops before any work
@@ -134,8 +141,6 @@ class EvaluationCallback(Evaluator, Periodic):
                     f"the dense probe is skipped: {self.val_shards} has no segmentation label maps (`ssl-vit shards "
                     "imagefolder IMAGES OUT --masks MAPS` writes images with theirs)"
                 )
-        if self.pooling.startswith("cls") and not pl_module.evaluated_encoder.has_class_token:
-            raise UserError(f"trainer.callbacks EvaluationCallback pooling {self.pooling}: {NO_CLASS_TOKEN}")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and trainer.ckpt_path is None:  # a resumed run restores the baseline instead
