@@ -525,8 +525,8 @@ def test_the_readme_own_images_commands_run_as_written(user_folder):
                 in result.stderr
             )
             _, held = resolve_shards(str(user_folder / "photos#heldout"))  # the line that says what is read
-            said = f"data: {150 - held.num_samples} images of photos#train in 3 classes (cats; dogs; owls) for training"
-            assert f"{said}; {held.num_samples} of photos#heldout for evaluation" in result.stderr
+            said = f"data: {150 - held.num_samples} images of photos#train in 3 classes (cats "
+            assert said in result.stderr and f"; {held.num_samples} of photos#heldout for evaluation" in result.stderr
     run_folder = user_folder / "runs/photos/simclr"
     assert {"checkpoints", "export", "pictures", "summary.json"} <= {p.name for p in run_folder.iterdir()}
     assert json.loads((run_folder / "summary.json").read_text())["knn_k20_top1"] is not None
@@ -727,9 +727,12 @@ def test_the_data_line_counts_a_folders_parts_and_estimates_a_shard_folders(tmp_
     """A folder's held-out tenth is known by its files; tar shards are split by each sample's key
     as it is read, so their parts' counts are the expected share, and said to be."""
     folder = image_folder(tmp_path / "photos", ["cats", "dogs"], per_class=30)
-    _, held = resolve_shards(f"{folder}#heldout")
+    held_files, held = resolve_shards(f"{folder}#heldout")
+    kept = [30 - sum(label == c for group in held_files for _, label in group.files) for c in (0, 1)]
     said = ShardDataModule(train_shards=str(folder), view=EvalView(32)).describe()
-    assert said == f"{60 - held.num_samples} images of {folder}#train in 2 classes (cats; dogs) for training; " + (
+    # each class's images, so that one nearly empty (its photos in a format not read) shows
+    classes = f"2 classes (cats {kept[0]}; dogs {kept[1]})"
+    assert said == f"{60 - held.num_samples} images of {folder}#train in {classes} for training; " + (
         f"{held.num_samples} of {folder}#heldout for evaluation"
     )
     samples = (("png", png_bytes(img), i % 2) for i, img in enumerate(random_images(60, size=16)))

@@ -879,7 +879,11 @@ class ShardDataModule(L.LightningDataModule):
         about = "about " if split_part(train)[1] and not all(isinstance(u, ImageFiles) for u in urls) else ""
         classes = ", no class labels"
         if index.classes:  # named: sub-folders that are no classes (dates, batches) show here
-            classes = f" in {counted(len(index.classes), 'class', 'classes')} ({first_few(index.classes, 4)})"
+            names = list(index.classes)
+            if all(isinstance(u, ImageFiles) for u in urls):  # a folder's images per class: a class nearly empty shows
+                per_class = collections.Counter(label for u in urls for _, label in u.files)
+                names = [f"{name} {per_class[i]:,}" for i, name in enumerate(names)]
+            classes = f" in {counted(len(index.classes), 'class', 'classes')} ({first_few(names, 4)})"
         try:
             _, held = resolve_shards(val)
         except UserError:  # no evaluation data: what the evaluation callback says in its own line
