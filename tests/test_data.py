@@ -257,7 +257,8 @@ def test_missing_shards_are_a_clear_error(tmp_path: Path):
     (tmp_path / "notes").mkdir()
     for name in ("notes/a.txt", "b.TXT", "c.heic", "README"):
         (tmp_path / name).write_text("")
-    with pytest.raises(UserError, match=r"nor images \(it holds 4 files, none an image: .heic; .txt; README\)"):
+    said = r"nor images \(it holds 4 files, none an image: .heic; .txt; README; Pillow does not read .heic: convert"
+    with pytest.raises(UserError, match=said):
         resolve_shards(str(tmp_path))
     for name in ("notes/a.txt", "b.TXT", "c.heic", "README"):
         (tmp_path / name).unlink()

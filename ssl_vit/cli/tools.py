@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ssl_vit.checkpoint import (
     FINE_TUNING,
-    ending_summary,
+    failed_verdict,
     objective_name,
     read_checkpoint,
     run_checkpoint,
@@ -407,7 +407,7 @@ def export(args: list[str]) -> None:
         )
     checkpoint = run_checkpoint(given) if given.is_dir() else opts.checkpoint
     check_not_another_checkpoints_run_export(Path(opts.out), Path(checkpoint))
-    failed = failed_run(Path(checkpoint))
+    failed = failed_verdict(Path(checkpoint), read_checkpoint(checkpoint, mmap=True))
     if failed:
         Console(stderr=True, soft_wrap=True).print(f"warning: {checkpoint} ends a run that failed: {failed}")
     if opts.format == "open_clip":
@@ -459,11 +459,6 @@ def export(args: list[str]) -> None:
         again = "--onnx --int8" if "model.int8.onnx" in gone else "--onnx"
         names = " and ".join([", ".join(gone[:-1]), gone[-1]] if len(gone) > 1 else gone)
         console.print(f"--overwrite removed {names}, made for the export it replaced; {again} writes them for this one")
-
-
-def failed_run(checkpoint: Path) -> str | None:
-    """Why the run that ``checkpoint`` ends failed (its ``summary.json``'s verdict), if it did."""
-    return (ending_summary(checkpoint) or {}).get("failed")
 
 
 def print_onnx_report(report: dict[str, Any], console: Console) -> None:

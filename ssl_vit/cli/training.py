@@ -31,7 +31,7 @@ from ssl_vit.checkpoint import (
     RunCheckpoint,
     checkpoint_problem,
     checkpoints_in,
-    ending_summary,
+    failed_verdict,
     lock_run_folder,
     newest_complete_checkpoint,
     of_these_weights,
@@ -252,7 +252,8 @@ class RunCLI(LightningCLI):
                 )
             if getattr(self.model, "init_from", None):
                 start = Path(self.model.init_from)
-                failed = (ending_summary(start) or {}).get("failed") if start.is_file() else None
+                ckpt = start.is_file() and start.suffix == ".ckpt"  # a run's checkpoint: its verdict beside it
+                failed = failed_verdict(start, read_checkpoint(start, mmap=True)) if ckpt else None
                 note = f"; the run it ends failed: {failed}" if failed else ""
                 Console(stderr=True, soft_wrap=True).print(f"the encoder starts from {start} (init_from){note}")
         self.started = time.perf_counter()

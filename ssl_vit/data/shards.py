@@ -216,7 +216,7 @@ def _classify(root: Path, listing: list[str]) -> tuple[list[str], list[tuple[str
         found = f"it holds {counted(len(visible), 'file')}, none an image: {first_few(kinds)}"
         unread = sorted(kind for kind in kinds if kind.lstrip(".") in UNREAD_PHOTO_EXTENSIONS)
         if unread:
-            found += f" (Pillow does not read {', '.join(unread)}: convert them to JPEG or PNG)"
+            found += f"; Pillow does not read {', '.join(unread)}: convert them to JPEG or PNG"
         raise NoImages(found if visible else "it is empty")
     class_of = {os.path.realpath(root / name): name for name in classes}
     links = {name: class_of.get(os.path.realpath(root / name)) for name in sub_folders if name not in label}
