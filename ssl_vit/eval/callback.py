@@ -115,11 +115,11 @@ class EvaluationCallback(Evaluator, Periodic):
         save_picture(trainer, "embedding_pca", embedding_picture(val.features, val.labels, title, class_names=names))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.check_data(trainer.datamodule, pl_module)
+        self.check_data(getattr(trainer, "datamodule", None), pl_module)
         if self.pooling.startswith("cls") and not pl_module.evaluated_encoder.has_class_token:
             raise UserError(f"trainer.callbacks EvaluationCallback pooling {self.pooling}: {NO_CLASS_TOKEN}")
 
-    def check_data(self, datamodule: L.LightningDataModule, pl_module: L.LightningModule) -> None:
+    def check_data(self, datamodule: L.LightningDataModule | None, pl_module: L.LightningModule) -> None:
         """The evaluation data, checked: a mistake stops the run. Called by the command line before
         anything is written too (Lightning makes the log folder before ``setup``)."""
         if not self.follows_data:
