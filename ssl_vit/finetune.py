@@ -290,6 +290,7 @@ class FineTune(L.LightningModule):
         ks = (1, 5) if num_classes > 5 else (1,)
         self.accuracies = nn.ModuleDict({f"top{k}": MulticlassAccuracy(num_classes, k, average="micro") for k in ks})
         self.validated_labels = CatMetric()  # what the accuracies count, from every device
+        self.validated_at: int | None = None  # the step of the last validation
 
     def load_encoder(self, path: str) -> None:
         """The pretrained encoder into the classifier: everything but the new head and fc-norm
@@ -332,6 +333,8 @@ class FineTune(L.LightningModule):
         self.validated_labels.update(labels)
 
     def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:  # the weights these accuracies are of
+            self.validated_at = self.global_step
         self.log_dict({f"val/{name}": 100 * m.compute() for name, m in self.accuracies.items()}, prog_bar=True)
         labels = self.validated_labels.compute().long()
         self.log("val/images", float(len(labels)))

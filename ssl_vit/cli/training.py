@@ -545,7 +545,9 @@ class FineTuneCLI(RunCLI):
         trainer = self.trainer
         if not trainer.is_global_zero or trainer.interrupted:
             return
-        if "val/top1" not in trainer.callback_metrics:  # a run that did only its end this session (stop_if_finished)
+        # Lightning validates at the last step only in an epoch check_val_every_n_epoch validates, and
+        # not at all in a session that did only the run's end (stop_if_finished): the last weights' accuracy
+        if self.model.validated_at != trainer.global_step:
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         metrics = trainer.callback_metrics
         results = {k: round(float(metrics[f"val/{k}"]), 3) for k in ("top1", "top5") if f"val/{k}" in metrics}
@@ -559,6 +561,7 @@ class FineTuneCLI(RunCLI):
             "steps": trainer.global_step,
             "seconds": round(self.seconds(), 1),
             "val_top1": results.get("top1"),
+            "val_step": self.model.validated_at,  # the step whose weights the accuracies are of: the last
             "val_top5": results.get("top5"),  # None of five classes or fewer
             "val_images": int(metrics["val/images"]) if "val/images" in metrics else None,
             # what answering the largest class for every image scores: the accuracy to beat
