@@ -547,10 +547,11 @@ class RunCheckpoint(ModelCheckpoint):
             if not self._training_started:
                 rank_zero_warn(self._nothing_trained("interrupted", trainer))
                 return
-            if training_over(trainer):
+            if training_over(trainer) and self.dirpath is not None:  # its last update is whole: saved if not yet
+                path = self._last_step_saved(trainer)
                 rank_zero_warn(
-                    f"interrupted after the last step ({trainer.global_step}), saved in {self.last_model_path}; run "
-                    "the same command again to do the end-of-run evaluation and export"
+                    f"interrupted after the last step ({trainer.global_step}), saved in {path}; run the same command "
+                    "again to do the end-of-run evaluation and export"
                 )
                 return
             newest = self.last_model_path or "none yet: it would start afresh"
@@ -566,15 +567,23 @@ class RunCheckpoint(ModelCheckpoint):
         if not self._training_started:
             rank_zero_warn(self._nothing_trained(stopped, trainer))
             return
-        if training_over(trainer) and self._last_global_step_saved == trainer.global_step and self.last_model_path:
+        if training_over(trainer):
             rank_zero_warn(
-                f"{stopped} after the last step ({trainer.global_step}), saved in {self.last_model_path}; run the "
-                "same command again to do the end-of-run evaluation and export"
+                f"{stopped} after the last step ({trainer.global_step}), saved in {self._last_step_saved(trainer)}; "
+                "run the same command again to do the end-of-run evaluation and export"
             )
             return
+        path = self._last_step_saved(trainer)
+        rank_zero_warn(f"{stopped} at step {trainer.global_step}: saved {path}; run the same command again to resume")
+
+    def _last_step_saved(self, trainer: L.Trainer) -> str:
+        """``last.ckpt`` of the step the run is at, saved now unless it was already (a run stopped
+        in the validation at its last step's end, before the epoch's end saved it)."""
+        if self._last_global_step_saved == trainer.global_step and self.last_model_path:
+            return self.last_model_path
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path, weights_only=False)  # the whole state (Lightning logs a line when not told)
-        rank_zero_warn(f"{stopped} at step {trainer.global_step}: saved {path}; run the same command again to resume")
+        return str(path)
 
     @staticmethod
     def _nothing_trained(stopped: str, trainer: L.Trainer) -> str:

@@ -76,6 +76,24 @@ class InterruptAtEnd(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class InterruptAtTheLastStepsEnd(L.Callback):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) as the last step ends, before
+    the epoch's end saves it: where a fine-tuning run validates."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == trainer.max_steps:
+            os.killpg(os.getpgrp(), signal.SIGINT)
+
+
+class InterruptTheLastValidation(L.Callback):
+    """Ctrl-C (to the process group) while fine-tuning validates its last step, before the epoch's
+    end saves it."""
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == trainer.max_steps and not trainer.sanity_checking:
+            os.killpg(os.getpgrp(), signal.SIGINT)
+
+
 class TermBeforeTheFirstStep(L.Callback):
     """A SIGTERM to the process group once the evaluation at the run's start is done (it is the
     callback before this one), before the first step."""
@@ -542,6 +560,26 @@ def case_ctrl_c_after_the_last_step(work: Path) -> Outcome:
         f"{summary.get('steps')} with k-NN {summary.get('knn_k20_top1')}, ended={done}",
         ok,
         "none" if kept == EPOCHS * STEPS_PER_EPOCH else "yes",
+    )
+
+
+def case_ctrl_c_as_the_last_step_ends(work: Path) -> Outcome:
+    """Ctrl-C as the last step ends, before the epoch's end saves it (where fine-tuning validates):
+    the last step is saved and named, the loader's workers stopped, and the same command does the
+    end. (It said "saved in ;", saved nothing, and waited for ever on a loader worker at exit.)"""
+    folder, config = new_run(work, "ctrl_c_last_step", **{"trainer.max_steps": 20})  # mid-epoch: workers at work
+    stopped = pretrain(folder, "--config", config, *fault("InterruptAtTheLastStepsEnd"), terminal=True)
+    last = folder / "run/checkpoints/last.ckpt"
+    kept = last_state(folder)[0] if last.is_file() else None
+    said = f"interrupted after the last step (20), saved in {last}" in " ".join(stopped.stderr.split())
+    again = pretrain_in_this_process(folder, "--config", config)
+    done = (folder / "run/summary.json").is_file() and "doing them now" in again.stderr
+    ok = stopped.returncode == 128 + signal.SIGINT and kept == 20 and said and again.returncode == 0 and done
+    return Outcome(
+        "save step 20 and name it, exit 130; the same command does the end",
+        f"rc {stopped.returncode}, kept step {kept}, said={said}; then rc {again.returncode}, end done={done}",
+        ok,
+        "none" if kept == 20 else "yes",
     )
 
 
@@ -1091,6 +1129,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_sigterm,
     case_ctrl_c,
     case_ctrl_c_after_the_last_step,
+    case_ctrl_c_as_the_last_step_ends,
     case_sigterm_after_the_last_step,
     case_sigterm_at_the_start_of_a_resume,
     case_truncated_checkpoint,

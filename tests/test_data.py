@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ssl_vit.cli import stop_loader_workers
 from ssl_vit.data import ShardDataset, ShardIndex, image_folder_samples, resolve_shards, write_shards
 from ssl_vit.data.embedded import DATASETS, embedded_samples
 from ssl_vit.data.shards import image_files
@@ -326,3 +327,21 @@ def test_a_loader_worker_leaves_ctrl_c_and_sigterm_to_the_training_process(tmp_p
     next(batches)
     os.kill(batches._workers[0].pid, signum)
     assert len(list(batches)) == 31
+
+
+def test_loader_workers_left_running_are_stopped_when_a_command_ends(tmp_path):
+    """Workers ignore SIGTERM, so multiprocessing's terminate() at exit could not stop those of an
+    epoch a Ctrl-C interrupted, and the process waited on them for ever (a fine-tuning run stopped
+    in its last validation)."""
+    samples = (("png", png_bytes(img), None) for img in random_images(64, size=16, seed=0))
+    write_shards(samples, tmp_path / "shards", classes=[], source="test", samples_per_shard=64)
+    urls, _ = resolve_shards(str(tmp_path / "shards"))
+    batches = iter(DataLoader(ShardDataset(urls, as_array, shuffle_shards=False), batch_size=2, num_workers=1))
+    next(batches)  # an epoch begun, its worker serving
+    worker = batches._workers[0]
+    worker.terminate()  # what multiprocessing does to its daemon children at exit
+    worker.join(timeout=2)
+    assert worker.is_alive()
+    stop_loader_workers()
+    worker.join(timeout=10)
+    assert not worker.is_alive()

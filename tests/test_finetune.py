@@ -2,9 +2,12 @@
 formula, and ``ssl-vit finetune`` writes a classifier timm loads and predicts with."""
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -446,3 +449,28 @@ def test_the_accuracy_reported_is_of_the_last_steps_weights(exported, tmp_path):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (validated,) = trainer.validate(module, datamodule=data, verbose=False)
     assert summary["val_top1"] == pytest.approx(validated["val/top1"], abs=1e-3)
+
+
+def test_ctrl_c_in_the_last_validation_saves_the_last_step_and_exits(exported, tmp_path):
+    """Ctrl-C at a terminal while fine-tuning validates its last step, before the epoch's end saves
+    it: that step is saved and named, and the command exits 130. (It said "saved in ;", saved
+    nothing, and then waited for ever on a loader worker that ignores the SIGTERM of its exit.)"""
+    train, val = labelled_shards(tmp_path / "train", 64), labelled_shards(tmp_path / "val", 32)
+    fault = "--trainer.callbacks+=tests.fault_injection.InterruptTheLastValidation"
+    args = finetune_args(
+        exported, train, val, tmp_path / "run", "--model.num_classes=4", "--trainer.max_steps=6", fault
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "ssl_vit.cli", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,  # as at a terminal: the Ctrl-C goes to its process group
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert f"interrupted after the last step (6), saved in {last}" in " ".join(result.stderr.split())
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 6

@@ -27,6 +27,7 @@ import errno
 import importlib
 import importlib.metadata
 import inspect
+import multiprocessing
 import os
 import re
 import signal
@@ -162,6 +163,26 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+    finally:
+        stop_loader_workers()
+
+
+def stop_loader_workers() -> None:
+    """Kill the daemon processes (data loader workers) still running when a command ends, as
+    multiprocessing means to at exit: loader workers ignore SIGTERM (a SIGTERM to the process group
+    is the training process's to act on), so the terminate() it sends cannot stop those of an
+    epoch a signal interrupted, and the process would wait for them for ever."""
+    daemons = [child for child in multiprocessing.active_children() if child.daemon]
+    if not daemons:
+        return
+    torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's would raise: a worker was killed
+    try:
+        for child in daemons:
+            child.kill()
+            child.join(timeout=10)
+    finally:
+        if torch_handler is not None:  # None: one set outside Python, which cannot be put back
+            signal.signal(signal.SIGCHLD, torch_handler)
 
 
 def run_command(argv: list[str]) -> None:
