@@ -139,10 +139,13 @@ def run_summary(
     representation and how many steps that had collapsed (:class:`HealthCallback`), and where
     things are."""
     accuracy = {}
+    weights = getattr(trainer.checkpoint_callback, "weights_id", None)  # RunCheckpoint's
     for kind in RECORD_KINDS:
         record = Path(trainer.checkpoint_callback.dirpath) / f"last.{kind}.json"
         record = json.loads(record.read_text()) if record.exists() else {}
-        if record.get("step") != trainer.global_step:  # not this run's end-of-run evaluation
+        # not this run's end-of-run evaluation: of an earlier step, or of other weights at this step
+        # (a run rewound by --ckpt_path whose evaluation leaves this protocol out)
+        if record.get("step") != trainer.global_step or record.get("weights_id", weights) != weights:
             continue
         results = record["results"]
         accuracy[kind] = results.get("k=20", {}) if kind == "knn" else results  # no k=20: fewer training images
