@@ -197,10 +197,21 @@ def _checkpoint_problem(path: Path, *versions: tuple[int, int, int] | None) -> s
 
 
 def checkpoints_in(*places: tuple[str | Path, str]) -> list[Path]:
-    """The checkpoints in each ``(folder, pattern)``, newest first. Folders are taken literally
-    (a ``[`` in a run's path is a character, not a glob pattern)."""
+    """The checkpoints in each ``(folder, pattern)``, newest first: by when the run saved them, as
+    each records, else by the file's time (a copy made without keeping times, ``cp -r``, put an
+    early checkpoint first). Folders are taken literally (a ``[`` in a run's path is a character,
+    not a glob pattern)."""
     found = {p for folder, pattern in places if Path(folder).is_dir() for p in Path(folder).glob(pattern)}
-    return sorted((p for p in found if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted((p for p in found if p.is_file()), key=saved_at, reverse=True)
+
+
+def saved_at(path: Path) -> float:
+    """When a run saved the checkpoint ``path``, as it recorded; the file's time for others."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return float(ckpt[RUN_KEY]["saved_at"])
+    except Exception:  # not whole, not ssl-vit's, or saved before the record: its file's time
+        return path.stat().st_mtime
 
 
 def newest_complete_checkpoint(*places: tuple[str | Path, str]) -> Path | None:
@@ -487,6 +498,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_KEY] = {
+            "saved_at": time.time(),  # which is newest, whatever a copy did to the files' times
             "folder": str(Path(trainer.default_root_dir).resolve()),
             "weights_id": self.weights_id,
             # what the run set out to take, so that a card of its weights can say when it stopped short

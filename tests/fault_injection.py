@@ -898,6 +898,27 @@ def case_finished_run_started_again(work: Path) -> Outcome:
     )
 
 
+def case_run_copied_without_file_times(work: Path) -> Outcome:
+    """A finished run copied with `cp -r`, which gives the files new times in any order: the same
+    command says it is finished, and `ssl-vit export` exports its last step. (The first epoch's
+    checkpoint came out newest: the run trained from step 8 again, and knn, export and finetune
+    took step 8's weights.)"""
+    folder, config, files = copy_of_uninterrupted(work, "copied")
+    first = next((folder / "run/checkpoints").glob("*step=8*.ckpt"))
+    os.utime(first, (first.stat().st_atime, first.stat().st_mtime + 3600))  # written last by the copy
+    result = pretrain_in_this_process(folder, "--config", config)
+    exported = in_this_process(folder, "export", "run", "out")
+    card = (folder / "out/README.md").read_text() if exported.returncode == 0 else ""
+    finished = result.returncode == 0 and "is finished" in result.stderr and "resuming" not in result.stderr
+    last_step = f"optimiser steps: {EPOCHS * STEPS_PER_EPOCH}\n" in card
+    return Outcome(
+        f"say it is finished; export step {EPOCHS * STEPS_PER_EPOCH}",
+        f"rc {result.returncode}, finished={finished}; export of the last step={last_step}",
+        finished and last_step and untouched(files),
+        "none" if untouched(files) else "yes",
+    )
+
+
 def case_finished_run_started_again_with_other_settings(work: Path) -> Outcome:
     """A finished run started again with another lr (a sweep in one run folder): showing the
     summary it finished with would pass its numbers off as the new lr's. It refuses in one line
@@ -1137,6 +1158,7 @@ CASES: list[Callable[[Path], Outcome]] = [
     case_fresh_start_in_a_used_run_folder,
     case_finished_run_started_again,
     case_finished_run_started_again_with_other_settings,
+    case_run_copied_without_file_times,
     case_moved_run_folder_with_brackets,
     case_another_runs_checkpoints,
     case_broken_data,
