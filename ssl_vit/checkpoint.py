@@ -205,6 +205,20 @@ def checkpoints_in(*places: tuple[str | Path, str]) -> list[Path]:
     return sorted((p for p in found if p.is_file()), key=saved_at, reverse=True)
 
 
+def trainer_settings(trainer: L.Trainer) -> dict[str, Any]:
+    """The trainer's settings that shape what a run trains (no limit: -1), for a resume to compare."""
+    return {
+        "trainer.max_steps": trainer.max_steps,
+        "trainer.max_epochs": -1 if trainer.max_epochs is None else trainer.max_epochs,
+        "trainer.gradient_clip_val": trainer.gradient_clip_val,
+        "trainer.gradient_clip_algorithm": str(trainer.gradient_clip_algorithm),
+        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "trainer.precision": str(trainer.precision),
+        "trainer.limit_train_batches": trainer.limit_train_batches,
+        "devices x nodes": trainer.num_devices * trainer.num_nodes,  # the global batch
+    }
+
+
 def saved_at(path: Path) -> float:
     """When a run saved the checkpoint ``path``, as it recorded; the file's time for others."""
     try:
@@ -503,8 +517,8 @@ class RunCheckpoint(ModelCheckpoint):
             "weights_id": self.weights_id,
             # what the run set out to take, so that a card of its weights can say when it stopped short
             "planned_steps": planned if math.isfinite(planned := trainer.estimated_stepping_batches) else None,
-            # the limits that set it (and the schedules), which a resume may change
-            "limits": {"trainer.max_steps": trainer.max_steps, "trainer.max_epochs": trainer.max_epochs},
+            # what shapes its training, which a resume may change: its length (and schedules), clipping, batch
+            "trainer": trainer_settings(trainer),
         }
         data = getattr(getattr(trainer, "datamodule", None), "hparams", {})
         given = {

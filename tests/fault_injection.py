@@ -939,14 +939,16 @@ def case_finished_run_started_again_with_other_settings(work: Path) -> Outcome:
 
 def case_moved_run_folder_with_brackets(work: Path) -> Outcome:
     """A finished run's folder moved to a path with glob characters ('exp[1]'), then trained one
-    epoch longer: it resumes its own last checkpoint (the path is not a pattern)."""
+    epoch longer with gradient clipping: it resumes its own last checkpoint (the path is not a
+    pattern), naming both changes (a trainer setting other than the limits went unsaid)."""
     folder, _, _ = copy_of_uninterrupted(work, "exp[1]")
     config = str(recipe(folder, work / "shards", **{"trainer.max_epochs": EPOCHS + 1}))
-    result = pretrain_in_this_process(folder, "--config", config)
+    result = pretrain_in_this_process(folder, "--config", config, "--trainer.gradient_clip_val=0.25")
     step, _ = last_state(folder)
     resumed = "resuming from" in result.stderr
-    # the run's length changed, which its schedules follow: said, and kept in its summary
+    # the run's length changed, which its schedules follow, and its clipping: said, and kept in its summary
     said = f"with settings changed since: trainer.max_epochs {EPOCHS} -> {EPOCHS + 1}" in result.stderr
+    said = said and "; trainer.gradient_clip_val None -> 0.25" in result.stderr
     summary = json.loads((folder / "run/summary.json").read_text())
     said = said and any(f"trainer.max_epochs {EPOCHS} -> {EPOCHS + 1}" in c for c in summary["settings_changed"] or [])
     ok = result.returncode == 0 and resumed and said and step == (EPOCHS + 1) * STEPS_PER_EPOCH

@@ -39,6 +39,7 @@ from ssl_vit.checkpoint import (
     release_run_folders,
     remove_dead_writers_files,
     resume_mismatch,
+    trainer_settings,
     write_verdict,
 )
 from ssl_vit.cli.tools import SOURCE_TREE
@@ -224,12 +225,10 @@ class RunCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 resumed = read_checkpoint(Path(config["ckpt_path"]), mmap=True)
                 changed = changed_settings(resumed, self.model, self.datamodule, self.trainer.callbacks)
-                # the run's length, which its schedules follow (a finished run raised to go on says so too)
-                asked = {"trainer.max_steps": self.trainer.max_steps, "trainer.max_epochs": self.trainer.max_epochs}
-                now, then = (
-                    {key: -1 if value is None else value for key, value in limits.items()}  # None: no limit, as -1
-                    for limits in (asked, resumed.get(RUN_KEY, {}).get("limits", asked))
-                )
+                # its length, which its schedules follow (a finished run raised to go on says so too),
+                # clipping and batch; a checkpoint older than a setting's record is not compared on it
+                now = trainer_settings(self.trainer)
+                then = resumed.get(RUN_KEY, {}).get("trainer", {})
                 changed += [
                     f"{key} {then[key]} -> {value}" for key, value in now.items() if then.get(key, value) != value
                 ]
