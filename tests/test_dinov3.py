@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ssl_vit import export_encoder
-from ssl_vit.checkpoint import load_checkpoint_encoder
+from ssl_vit.checkpoint import load_checkpoint_encoder, write_verdict
 from ssl_vit.data import MixedResolutionViews, MultiCropViews, ShardDataset, resolve_shards
 from ssl_vit.errors import UserError
 from ssl_vit.losses import gram_loss
@@ -206,9 +206,8 @@ def test_the_high_resolution_stage_continues_a_finished_run_from_the_command_lin
     first = tmp_path / "runs/photos/dinov3/checkpoints/last.ckpt"
     first.parent.mkdir(parents=True)
     fit_briefly(DINOv3(encoder, **HEAD), "multicrop", steps=2).save_checkpoint(first)
-    verdict = "its outputs stayed collapsed (2 of 2 steps)"  # as that run's summary records a failed run
-    ended = {"checkpoint": str(first), "steps": 2, "failed": verdict}
-    (first.parent.parent / "summary.json").write_text(json.dumps(ended))
+    verdict = "its outputs stayed collapsed (2 of 2 steps)"  # as a failed run records it beside its checkpoint
+    write_verdict(first, 2, None, verdict)
     result = pretrain_recipe_briefly(tmp_path, recipe, shards, stage, callbacks=[KNN_AT_BOTH_ENDS])
     assert result.returncode == 0, result.stderr[-3000:]  # a 2-step run is checked before its first update only
     assert f"(init_from); the run it ends failed: {verdict}" in " ".join(result.stderr.split())

@@ -400,6 +400,13 @@ def test_a_checkpoint_is_saved_though_its_data_is_gone(tmp_path):
         estimated_stepping_batches=10,
         max_steps=10,
         max_epochs=-1,
+        gradient_clip_val=None,
+        gradient_clip_algorithm=None,
+        accumulate_grad_batches=1,
+        precision="32-true",
+        limit_train_batches=1.0,
+        num_devices=1,
+        num_nodes=1,
     )
     checkpoint, model = {}, SimpleNamespace(hparams={"init_from": "gone/export"})
     RunCheckpoint(dirpath=tmp_path).on_save_checkpoint(trainer, model, checkpoint)
