@@ -335,11 +335,12 @@ class FineTune(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:  # the weights these accuracies are of
             self.validated_at = self.global_step
-        self.log_dict({f"val/{name}": 100 * m.compute() for name, m in self.accuracies.items()}, prog_bar=True)
-        labels = self.validated_labels.compute().long()
-        self.log("val/images", float(len(labels)))
+        accuracies = {f"val/{name}": 100 * m.compute() for name, m in self.accuracies.items()}  # every rank's
+        self.log_dict(accuracies, prog_bar=True, sync_dist=True)
+        labels = self.validated_labels.compute().long()  # every rank's: the same on each, so a mean keeps it
+        self.log("val/images", float(len(labels)), sync_dist=True)
         # what answering the largest class for every image scores: the accuracy to beat
-        self.log("val/majority_class_top1", 100 * labels.bincount().max().float() / len(labels))
+        self.log("val/majority_class_top1", 100 * labels.bincount().max().float() / len(labels), sync_dist=True)
         for metric in (*self.accuracies.values(), self.validated_labels):
             metric.reset()
 

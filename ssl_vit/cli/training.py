@@ -542,12 +542,15 @@ class FineTuneCLI(RunCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
-        if not trainer.is_global_zero or trainer.interrupted:
+        if trainer.interrupted:
             return
         # Lightning validates at the last step only in an epoch check_val_every_n_epoch validates, and
-        # not at all in a session that did only the run's end (stop_if_finished): the last weights' accuracy
+        # not at all in a session that did only the run's end (stop_if_finished): the last weights'
+        # accuracy, on every rank (the validation gathers its counts from all of them)
         if self.model.validated_at != trainer.global_step:
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if not trainer.is_global_zero:
+            return
         metrics = trainer.callback_metrics
         results = {k: round(float(metrics[f"val/{k}"]), 3) for k in ("top1", "top5") if f"val/{k}" in metrics}
         val = self.datamodule.evaluation_data()[1]  # what the accuracy counts
