@@ -282,7 +282,7 @@ def _say_what_is_left_out(
     parts = []
     if photos:
         kinds = sorted({f".{extension(path)}" for path in photos})
-        per_folder = collections.Counter(path.rsplit("/", 1)[0] if "/" in path else "." for path in photos)
+        per_folder = collections.Counter(path.rsplit("/", 1)[0] if "/" in path else "top level" for path in photos)
         where = ", ".join(f"{folder}: {n}" for folder, n in per_folder.most_common(5))
         parts.append(
             f"{counted(len(photos), 'photo')} in {', '.join(kinds)}, which Pillow does not read ({where}): "
