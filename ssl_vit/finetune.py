@@ -146,9 +146,11 @@ class LabelledShardDataModule(ShardDataModule):
 
 def validated_on_record(summary: dict[str, Any]) -> dict[str, Any]:
     """What a fine-tuning run's accuracy counts, from its summary, for its export's card."""
-    keys = {"val_shards": "val_shards", "note": "val_note", "images": "val_images"}
-    return {k: summary.get(key) for k, key in keys.items()} | {
-        "majority_class_top1": summary.get("val_majority_class_top1")
+    return {
+        "val_shards": summary.get("val_shards"),
+        "note": summary.get("val_note"),
+        "images": summary.get("val_images"),
+        "majority_class_top1": summary.get("val_majority_class_top1"),
     }
 
 

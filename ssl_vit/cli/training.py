@@ -554,6 +554,7 @@ class FineTuneCLI(RunCLI):
         metrics = trainer.callback_metrics
         results = {k: round(float(metrics[f"val/{k}"]), 3) for k in ("top1", "top5") if f"val/{k}" in metrics}
         val = self.datamodule.evaluation_data()[1]  # what the accuracy counts
+        checkpoint = own_newest_checkpoint(trainer.checkpoint_callback)
         hp = self.model.hparams
         summary = {
             "objective": "fine-tuning",
@@ -573,14 +574,13 @@ class FineTuneCLI(RunCLI):
             "val_shards": val,
             "val_note": self.val_note,  # the classes val lacks, or that it holds training images
             "settings_changed": getattr(trainer.checkpoint_callback, "settings_changed", None) or None,  # by resumes
-            "checkpoint": str(own_newest_checkpoint(trainer.checkpoint_callback)),
+            "checkpoint": str(checkpoint),
             "weights_id": getattr(trainer.checkpoint_callback, "weights_id", None),
             "export": None,
             "logs": log_folder(trainer),
         }
         if self.config_init[self.subcommand]["export"]:
             out = Path(trainer.default_root_dir) / "export"
-            checkpoint = own_newest_checkpoint(trainer.checkpoint_callback)
             classes = self.model.hparams["label_names"]
             validated_on = validated_on_record(summary)
             summary["export"] = str(

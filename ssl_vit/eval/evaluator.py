@@ -249,28 +249,27 @@ class Evaluator:
         """The class names the splits' indexes give (train's; none when neither is indexed); a val
         split naming classes that train lacks stops here, before any image is read."""
         classes = self._split_classes()
-        if len(classes) == 2:
-            only_val = classes_only_in_val(classes["train"], classes["val"])
-            if only_val:
-                raise UserError(
-                    f"{self.val_shards} names classes {first_few(only_val, 6)} that {self.train_shards} has not "
-                    f"({first_few(classes['train'], 6)}): k-NN and the probes score train's classes only, so give "
-                    "val class folders of the same names (it may lack some of train's)"
-                )
         return classes.get("train") or classes.get("val") or []
 
     def val_labels(self) -> list[int] | None:
         """Train's label of each val class (by name), when val numbers its classes otherwise."""
-        self.indexed_classes()  # val's classes are train's
         classes = self._split_classes()
         return val_labels_as_train(classes["train"], classes["val"]) if len(classes) == 2 else None
 
     def _split_classes(self) -> dict[str, list[str]]:
+        """Each indexed split's class names, val's checked to be train's."""
         classes = {}
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
             _, index = resolve_shards(shards)
             if index and index.classes:
                 classes[split] = list(index.classes)
+        only_val = classes_only_in_val(classes["train"], classes["val"]) if len(classes) == 2 else []
+        if only_val:
+            raise UserError(
+                f"{self.val_shards} names classes {first_few(only_val, 6)} that {self.train_shards} has not "
+                f"({first_few(classes['train'], 6)}): k-NN and the probes score train's classes only, so give "
+                "val class folders of the same names (it may lack some of train's)"
+            )
         return classes
 
     def num_classes(self, train: FeatureSet, val: FeatureSet) -> int:
